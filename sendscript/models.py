@@ -1,0 +1,234 @@
+"""Pydantic models of what crosses a boundary: queue items, Mongo documents, task logs."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from bson import ObjectId
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from sendscript.status import RecordStatus, TaskStatus
+
+
+def utcnow() -> datetime:
+    # Mongo stores milliseconds; truncating here keeps in-memory and stored values equal.
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def new_id() -> str:
+    return str(ObjectId())
+
+
+def id_from_tag(prefix: str, tag: str) -> str:
+    """A task id derived from an intake tag, so re-ingesting an item after a crash
+    finds the task it already stored instead of creating a second one."""
+    return hashlib.blake2b(f"{prefix}:{tag}".encode(), digest_size=12).hexdigest()
+
+
+def parse_when(value: Any) -> datetime | None:
+    """ISO-8601 string or epoch seconds (int, float or numeric string) to aware UTC."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, bool):
+        raise ValueError("expected ISO-8601 or epoch seconds, got a boolean")
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(float(value), UTC)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return datetime.fromtimestamp(float(text), UTC)
+        except ValueError:
+            pass
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    raise ValueError(f"expected ISO-8601 or epoch seconds, got {type(value).__name__}")
+
+
+class TaskSpec(BaseModel):
+    """A producer's request for one script run on one device (queue item or SDK call)."""
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+
+    device_id: str = Field(min_length=1, max_length=200)
+    script: dict[str, Any]
+    priority: int = Field(5, ge=0, le=10)
+    run_at: datetime | None = None
+    dedupe_key: str | None = Field(None, max_length=500)
+    max_retries: int = Field(3, ge=0, le=100)
+    timeout_s: float = Field(300.0, gt=0, le=7 * 86400)
+    expire_at: datetime | None = None
+    queue: str = Field("default", min_length=1, max_length=100)
+
+    @field_validator("run_at", "expire_at", mode="before")
+    @classmethod
+    def _when(cls, value: Any) -> datetime | None:
+        return parse_when(value)
+
+    @field_validator("device_id", mode="before")
+    @classmethod
+    def _device_is_text(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            raise ValueError("device_id must be a string")
+        return value
+
+
+class TaskRef(BaseModel):
+    """A queue item naming a task the producer already stored."""
+
+    model_config = ConfigDict(extra="ignore")
+    task_id: str = Field(min_length=1, max_length=200)
+
+
+class Task(BaseModel):
+    """One document of `script_tasks`."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    id: str = Field(alias="_id")
+    device_id: str
+    script: dict[str, Any]
+    priority: int = 5
+    status: TaskStatus = TaskStatus.PENDING
+    run_at: datetime | None = None
+    attempt: int = 0
+    max_retries: int = 3
+    timeout_s: float = 300.0
+    dedupe_key: str | None = None
+    expire_at: datetime | None = None
+    queue: str = "default"
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+    last_error: str | None = None
+    # Extensions beyond the contract: which master holds it queued, the current
+    # attempt's record and worker.
+    master: str | None = None
+    record_id: str | None = None
+    worker: str | None = None
+
+    @classmethod
+    def from_spec(
+        cls, spec: TaskSpec, *, task_id: str | None = None, now: datetime | None = None
+    ) -> Task:
+        now = now or utcnow()
+        due = spec.run_at is None or spec.run_at <= now
+        return cls(
+            _id=task_id or new_id(),
+            device_id=spec.device_id,
+            script=spec.script,
+            priority=spec.priority,
+            status=TaskStatus.PENDING if due else TaskStatus.WAITING,
+            run_at=spec.run_at or now,
+            max_retries=spec.max_retries,
+            timeout_s=spec.timeout_s,
+            dedupe_key=spec.dedupe_key,
+            expire_at=spec.expire_at,
+            queue=spec.queue,
+            created_at=now,
+            updated_at=now,
+        )
+
+    def to_doc(self) -> dict[str, Any]:
+        doc = self.model_dump(by_alias=True, exclude_none=True)
+        doc["status"] = str(self.status)
+        return doc
+
+
+class ExecRecord(BaseModel):
+    """One document of `task_exec_records`: one dispatch attempt."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    id: str = Field(alias="_id")
+    task_id: str
+    attempt: int
+    device_id: str
+    lock_value: int
+    worker: str
+    started_at: datetime
+    sent_at: datetime | None = None
+    finished_at: datetime | None = None
+    status: RecordStatus = RecordStatus.RUNNING
+    error: str | None = None
+
+    def to_doc(self) -> dict[str, Any]:
+        doc = self.model_dump(by_alias=True, exclude_none=True)
+        doc["status"] = str(self.status)
+        return doc
+
+
+class LogType(StrEnum):
+    SUCCESS = "SUCCESS"
+    ERROR = "ERROR"
+    SYSTEM_ERROR = "SYSTEM_ERROR"
+    INFO = "INFO"
+    PROGRESS = "PROGRESS"
+
+
+RESULT_TYPES = frozenset({LogType.SUCCESS, LogType.ERROR, LogType.SYSTEM_ERROR})
+
+
+class TaskLogMessage(BaseModel):
+    """A device's task log as published on Pulsar (camelCase or snake_case)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    record_id: str = Field(min_length=1, validation_alias=AliasChoices("recordId", "record_id"))
+    task_id: str = Field(min_length=1, validation_alias=AliasChoices("taskId", "task_id"))
+    device_id: str = Field(min_length=1, validation_alias=AliasChoices("deviceId", "device_id"))
+    log_type: LogType = Field(validation_alias=AliasChoices("logType", "log_type"))
+    message: str = ""
+    timestamp: int = Field(ge=0)
+
+    @field_validator("log_type", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("message", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        return "" if value is None else value if isinstance(value, str) else str(value)
+
+    @property
+    def log_id(self) -> str:
+        """Same log delivered twice -> same id, so saving it twice stores it once."""
+        digest = hashlib.blake2b(
+            f"{self.log_type}|{self.timestamp}|{self.message}".encode(), digest_size=8
+        ).hexdigest()
+        return f"{self.record_id}:{digest}"
+
+    def to_doc(self, received_at: datetime) -> dict[str, Any]:
+        return {
+            "_id": self.log_id,
+            "record_id": self.record_id,
+            "task_id": self.task_id,
+            "device_id": self.device_id,
+            "log_type": str(self.log_type),
+            "message": self.message,
+            "timestamp": datetime.fromtimestamp(self.timestamp / 1000, UTC),
+            "received_at": received_at,
+        }
+
+
+def describe_error(exc: ValidationError) -> str:
+    """A one-line reason from a validation error: what a person reads in quarantine."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in err["loc"]) or "item"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+

@@ -1,0 +1,110 @@
+"""The reliable intake queue in Redis.
+
+Producers LPUSH onto `ready`. A master moves items into a processing list of its
+own and tags each with a unique sequence in the same atomic step, so an item
+re-read after a crash is recognised and stored once. An item leaves the
+processing list only when its task is stored in Mongo (or it is quarantined).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import redis.asyncio
+
+from sendscript.keys import Keys
+
+# KEYS: staging, ready, processing, seq; ARGV[1]: how many at most.
+TAKE = """
+local out = {}
+local n = tonumber(ARGV[1])
+local now = redis.call('TIME')
+local function take(src)
+  while #out < n do
+    local item = redis.call('RPOP', src)
+    if not item then return end
+    local seq = redis.call('INCR', KEYS[4])
+    local entry = seq .. '.' .. now[1] .. now[2] .. ' ' .. item
+    redis.call('LPUSH', KEYS[3], entry)
+    out[#out + 1] = entry
+  end
+end
+take(KEYS[1])
+take(KEYS[2])
+return out
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One tagged item of a processing list."""
+
+    raw_entry: bytes
+
+    @property
+    def tag(self) -> str:
+        return self.raw_entry.split(b" ", 1)[0].decode()
+
+    @property
+    def item(self) -> bytes:
+        parts = self.raw_entry.split(b" ", 1)
+        return parts[1] if len(parts) > 1 else b""
+
+
+class IntakeQueue:
+    def __init__(self, client: redis.asyncio.Redis, keys: Keys, master_id: str) -> None:
+        self._redis = client
+        self._keys = keys
+        self._staging = keys.staging(master_id)
+        self._processing = keys.processing(master_id)
+        self._master_id = master_id
+        self._take = client.register_script(TAKE)
+
+    async def take(self, limit: int) -> list[Entry]:
+        keys = [self._staging, self._keys.ready, self._processing, self._keys.intake_seq]
+        return [Entry(e) for e in await self._take(keys=keys, args=[limit])]
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Block until an item arrives (it lands in staging, for `take`)."""
+        moved = await self._redis.blmove(
+            self._keys.ready, self._staging, timeout_s, "RIGHT", "LEFT"
+        )
+        return moved is not None
+
+    async def unfinished(self) -> list[Entry]:
+        """Entries taken before a crash and never acknowledged, oldest first."""
+        entries = await self._redis.lrange(self._processing, 0, -1)
+        return [Entry(e) for e in reversed(entries)]
+
+    async def ack(self, done: list[Entry], quarantined: list[tuple[Entry, str]]) -> None:
+        """Drop stored entries; move refused ones to quarantine with their reasons."""
+        if not done and not quarantined:
+            return
+        at = datetime.now(UTC).isoformat()
+        pipe = self._redis.pipeline(transaction=True)
+        for entry in done:
+            pipe.lrem(self._processing, 1, entry.raw_entry)
+        for entry, reason in quarantined:
+            record = {
+                "item": entry.item.decode("utf-8", "replace"),
+                "reason": reason,
+                "master": self._master_id,
+                "at": at,
+            }
+            pipe.lpush(self._keys.quarantine, json.dumps(record))
+            pipe.lrem(self._processing, 1, entry.raw_entry)
+        if quarantined:
+            pipe.hincrby(self._keys.stats, "quarantined", len(quarantined))
+        await pipe.execute()
+
+    async def hand_back(self, task_ids: list[str]) -> None:
+        """Put task ids at the head of the ready queue, for any master to take next."""
+        if task_ids:
+            await self._redis.rpush(
+                self._keys.ready, *[json.dumps({"task_id": t}) for t in task_ids]
+            )
+
+    async def backlog(self) -> int:
+        return int(await self._redis.llen(self._keys.ready))

@@ -1,0 +1,87 @@
+"""Counts round trips to Redis and Mongo per process, for the performance budget.
+
+Every client made by `sendscript.connect` counts here. Each process adds its
+counts to one Redis hash now and then, so a benchmark reads the service's total
+without asking any process.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections import Counter
+from typing import Any
+
+import redis
+import redis.asyncio
+from pymongo import monitoring
+
+_counts: Counter[str] = Counter()
+_flushed: Counter[str] = Counter()
+# Set while the counters themselves are written, so that write is not counted.
+_quiet: contextvars.ContextVar[bool] = contextvars.ContextVar("roundtrips_quiet", default=False)
+# Commands pymongo sends for its own upkeep rather than for our work.
+_MONGO_UPKEEP = frozenset({"hello", "ismaster", "isMaster", "ping", "endSessions", "buildInfo"})
+
+
+def count(server: str) -> None:
+    if not _quiet.get():
+        _counts[server] += 1
+
+
+def snapshot() -> dict[str, int]:
+    return dict(_counts)
+
+
+class CountingAsyncConnection(redis.asyncio.Connection):
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        count("redis")
+        await super().send_packed_command(command, check_health)
+
+
+class CountingConnection(redis.Connection):
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        count("redis")
+        super().send_packed_command(command, check_health)
+
+
+class MongoCommandCounter(monitoring.CommandListener):
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name not in _MONGO_UPKEEP:
+            count("mongo")
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+async def flush(client: redis.asyncio.Redis, hash_key: str, role: str) -> None:
+    """Add what this process counted since the last flush to the shared hash."""
+    delta = {k: v - _flushed[k] for k, v in _counts.items() if v != _flushed[k]}
+    if not delta:
+        return
+    token = _quiet.set(True)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for server, n in delta.items():
+            pipe.hincrby(hash_key, f"{role}:{server}", n)
+        await pipe.execute()
+    finally:
+        _quiet.reset(token)
+    _flushed.update(delta)
+
+
+def flush_sync(client: redis.Redis, hash_key: str, role: str) -> None:
+    delta = {k: v - _flushed[k] for k, v in _counts.items() if v != _flushed[k]}
+    if not delta:
+        return
+    token = _quiet.set(True)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for server, n in delta.items():
+            pipe.hincrby(hash_key, f"{role}:{server}", n)
+        pipe.execute()
+    finally:
+        _quiet.reset(token)
+    _flushed.update(delta)

@@ -1,0 +1,123 @@
+"""Everything on one host: embedded servers where no URL is set, then the roles.
+
+Used by `sendscript up` and `sendscript demo`, and by tests and benchmarks that
+want the service as a user would run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+import redis
+
+from sendscript.embedded import SERVERS, URL_SETTING, EmbeddedServers, free_port
+from sendscript.processes import RoleProcess, wait_until
+from sendscript.settings import Settings
+
+
+class LocalStack:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        workers: int | None = None,
+        sim_args: Sequence[str] = (),
+        data_dir: Path | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.workers = workers or settings.workers
+        self.sim_args = list(sim_args)
+        self.data_dir = Path(data_dir or settings.data_dir).absolute()
+        self.extra_env = extra_env or {}
+        self.servers: EmbeddedServers | None = None
+        self.roles: dict[str, RoleProcess] = {}
+        self.env: dict[str, str] = {}
+        self.central_url = settings.central_url
+
+    def start(self, log_dir: Path | None) -> None:
+        missing = [n for n in SERVERS if not getattr(self.settings, URL_SETTING[n])]
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        env["SENDSCRIPT_WORKERS"] = str(self.workers)
+        if missing:
+            self.servers = EmbeddedServers(self.data_dir, missing)
+            env.update(self.servers.env())
+            self.servers.start()
+        try:
+            if not self.central_url:
+                port = free_port()
+                self.central_url = f"http://127.0.0.1:{port}"
+                env["SENDSCRIPT_CENTRAL_URL"] = self.central_url
+                self.env = env
+                self.start_role("simulator", ["simulate", "--port", str(port), *self.sim_args],
+                                log_dir)
+                wait_until(self._simulator_up, 60, what="the simulator")
+            self.env = env
+            self.start_role("consumer", ["consumer"], log_dir)
+            self.start_role("master", ["master"], log_dir)
+            wait_until(self._master_up, 90, 0.2, what="the master and its workers")
+        except Exception:
+            self.stop()
+            raise
+
+    def start_role(self, name: str, args: list[str], log_dir: Path | None) -> RoleProcess:
+        self.roles[name] = RoleProcess(name, args, self.env, log_dir).start()
+        return self.roles[name]
+
+    @property
+    def effective(self) -> Settings:
+        """Settings as the roles see them (embedded URLs filled in)."""
+        overrides = {k.removeprefix("SENDSCRIPT_").lower(): v for k, v in self.env.items()
+                     if k.startswith("SENDSCRIPT_")}
+        return self.settings.model_copy(update={
+            k: v for k, v in overrides.items() if k in Settings.model_fields
+            and k in ("redis_url", "mongo_url", "pulsar_url", "central_url")
+        })
+
+    def _simulator_up(self) -> bool:
+        try:
+            return httpx.get(f"{self.central_url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _master_up(self) -> bool:
+        for name in ("master", "consumer"):
+            role = self.roles.get(name)
+            if role is not None and not role.running:
+                raise RuntimeError(f"{name} exited during start:\n{role.log_tail()}")
+        settings = self.effective
+        client = redis.Redis.from_url(settings.redis_url or "", socket_timeout=2)
+        try:
+            raw = client.hget(settings.keys.masters, settings.master_id)
+            return raw is not None and json.loads(raw).get("workers_alive") == self.workers
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def simulator_stats(self) -> dict:
+        return httpx.get(f"{self.central_url}/stats", timeout=10).json()
+
+    def describe(self) -> str:
+        s = self.effective
+        parts = [f"redis {s.redis_url}", f"mongo {s.mongo_url}", f"pulsar {s.pulsar_url}",
+                 f"central {self.central_url}"]
+        if self.servers:
+            parts.append(f"data in {self.data_dir}")
+        return ", ".join(parts)
+
+    def dead_roles(self) -> list[str]:
+        return [name for name, role in self.roles.items() if not role.running]
+
+    def stop(self) -> None:
+        for name in ("master", "consumer", "simulator"):
+            role = self.roles.get(name)
+            if role is not None:
+                role.stop(timeout_s=max(30.0, self.settings.shutdown_grace_s + 10))
+        if self.servers is not None:
+            self.servers.stop()

@@ -1,0 +1,153 @@
+"""The task and exec-record state machines: every status change is built here.
+
+Each transition is a compare-and-set in Mongo: the filter names the expected
+status (and attempt where it matters). A CAS that matches nothing means another
+actor won the race; callers treat that as an answer, not an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+
+class TaskStatus(StrEnum):
+    WAITING = "waiting"
+    PENDING = "pending"
+    RUNNING = "running"
+    SENT = "sent"
+    SUCCESS = "success"
+    FAILED = "failed"
+    RETRY_WAITING = "retry_waiting"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+class RecordStatus(StrEnum):
+    RUNNING = "running"
+    SENT = "sent"
+    SUCCESS = "success"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+
+
+S = TaskStatus
+TERMINAL: frozenset[TaskStatus] = frozenset({S.SUCCESS, S.FAILED, S.CANCELLED, S.EXPIRED})
+ACTIVE: frozenset[TaskStatus] = frozenset(TaskStatus) - TERMINAL
+
+# A device result for attempt k may arrive after the master put the task back
+# (its worker died mid-send) while the attempt number is still k: applying it
+# then saves running the script twice. Hence pending/retry_waiting -> terminal.
+TASK_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
+    S.WAITING: frozenset({S.PENDING, S.CANCELLED, S.EXPIRED}),
+    S.PENDING: frozenset(
+        {S.RUNNING, S.WAITING, S.SUCCESS, S.FAILED, S.CANCELLED, S.EXPIRED}
+    ),
+    S.RUNNING: frozenset(
+        {S.SENT, S.PENDING, S.SUCCESS, S.FAILED, S.RETRY_WAITING, S.CANCELLED}
+    ),
+    S.SENT: frozenset({S.SUCCESS, S.FAILED, S.RETRY_WAITING, S.CANCELLED}),
+    S.RETRY_WAITING: frozenset({S.PENDING, S.SUCCESS, S.FAILED, S.CANCELLED, S.EXPIRED}),
+    S.SUCCESS: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+    S.EXPIRED: frozenset(),
+}
+
+R = RecordStatus
+RECORD_TERMINAL: frozenset[RecordStatus] = frozenset({R.SUCCESS, R.FAILED, R.TIMEOUT, R.CANCELLED})
+RECORD_TRANSITIONS: dict[RecordStatus, frozenset[RecordStatus]] = {
+    R.RUNNING: frozenset({R.SENT, R.SUCCESS, R.FAILED, R.TIMEOUT, R.CANCELLED}),
+    R.SENT: frozenset({R.SUCCESS, R.FAILED, R.TIMEOUT, R.CANCELLED}),
+    R.SUCCESS: frozenset(),
+    R.FAILED: frozenset(),
+    R.TIMEOUT: frozenset(),
+    R.CANCELLED: frozenset(),
+}
+
+
+class InvalidTransition(ValueError):
+    pass
+
+
+def _sources(
+    frm: TaskStatus | RecordStatus | Iterable[Any],
+) -> list[Any]:
+    if isinstance(frm, StrEnum):
+        return [frm]
+    return sorted(frm)
+
+
+def _check(table: dict[Any, frozenset[Any]], sources: list[Any], to: Any) -> None:
+    for src in sources:
+        if to not in table[src]:
+            raise InvalidTransition(f"{src} -> {to} is not a transition")
+
+
+def task_cas(
+    task_id: str,
+    frm: TaskStatus | Iterable[TaskStatus],
+    to: TaskStatus,
+    now: datetime,
+    *,
+    attempt: int | None = None,
+    set_: dict[str, Any] | None = None,
+    unset: Iterable[str] = (),
+    inc: dict[str, int] | None = None,
+    extra_filter: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(filter, update) for moving one task from `frm` to `to`."""
+    sources = _sources(frm)
+    _check(TASK_TRANSITIONS, sources, to)
+    flt: dict[str, Any] = {"_id": task_id}
+    flt["status"] = sources[0] if len(sources) == 1 else {"$in": [str(s) for s in sources]}
+    if attempt is not None:
+        flt["attempt"] = attempt
+    if extra_filter:
+        flt.update(extra_filter)
+    fields: dict[str, Any] = {"status": str(to), "updated_at": now}
+    if to in TERMINAL:
+        fields["finished_at"] = now
+    if set_:
+        fields.update(set_)
+    update: dict[str, Any] = {"$set": fields}
+    if inc:
+        update["$inc"] = inc
+    if unset:
+        update["$unset"] = {name: "" for name in unset}
+    return flt, update
+
+
+def record_cas(
+    record_id: str,
+    frm: RecordStatus | Iterable[RecordStatus],
+    to: RecordStatus,
+    now: datetime,
+    *,
+    set_: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(filter, update) for moving one exec record from `frm` to `to`."""
+    sources = _sources(frm)
+    _check(RECORD_TRANSITIONS, sources, to)
+    flt: dict[str, Any] = {"_id": record_id}
+    flt["status"] = sources[0] if len(sources) == 1 else {"$in": [str(s) for s in sources]}
+    fields: dict[str, Any] = {"status": str(to)}
+    if to in RECORD_TERMINAL:
+        fields["finished_at"] = now
+    if set_:
+        fields.update(set_)
+    return flt, {"$set": fields}
+
+
+def record_sent(record_id: str, sent_at: datetime) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Stamp `sent_at` on a record and move it running -> sent if it is still running.
+
+    The device may report before the worker gets here; then the record is already
+    final and keeps its status, but the time it was sent is still worth keeping.
+    """
+    _check(RECORD_TRANSITIONS, [R.RUNNING], R.SENT)
+    status = {"$cond": [{"$eq": ["$status", str(R.RUNNING)]}, str(R.SENT), "$status"]}
+    return {"_id": record_id}, [{"$set": {"sent_at": sent_at, "status": status}}]

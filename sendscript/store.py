@@ -1,0 +1,205 @@
+"""Mongo repositories: `script_tasks`, `task_exec_records`, `task_logs`.
+
+Every status change goes through `sendscript.status` (task_cas / record_cas);
+this module only runs them, one at a time or in bulk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pymongo import ASCENDING, IndexModel, UpdateOne
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError
+
+from sendscript.models import ExecRecord, Task
+from sendscript.status import RecordStatus, TaskStatus, record_cas, task_cas
+
+TASKS = "script_tasks"
+RECORDS = "task_exec_records"
+LOGS = "task_logs"
+DUPLICATE_KEY = 11000
+
+# Few indexes on purpose: every index is paid on every status change.
+TASK_INDEXES = [
+    # due and delayed tasks, sweeps by status, restore of a master's pending tasks
+    IndexModel([("status", ASCENDING), ("run_at", ASCENDING)]),
+]
+RECORD_INDEXES = [
+    # one record per attempt, and a task's history
+    IndexModel([("task_id", ASCENDING), ("attempt", ASCENDING)], unique=True),
+]
+LOG_INDEXES = [
+    IndexModel([("task_id", ASCENDING), ("timestamp", ASCENDING)]),
+]
+
+
+async def ensure_indexes(db: AsyncDatabase) -> None:
+    await db[TASKS].create_indexes(TASK_INDEXES)
+    await db[RECORDS].create_indexes(RECORD_INDEXES)
+    await db[LOGS].create_indexes(LOG_INDEXES)
+
+
+def duplicate_indexes(exc: BulkWriteError) -> set[int]:
+    """Indexes of the documents refused as duplicates; re-raise anything else."""
+    errors = exc.details.get("writeErrors", [])
+    if any(e.get("code") != DUPLICATE_KEY for e in errors) or exc.details.get(
+        "writeConcernErrors"
+    ):
+        raise exc
+    return {e["index"] for e in errors}
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A worker's bid to run attempt `attempt + 1` of a pending task."""
+
+    task_id: str
+    attempt: int
+    record_id: str
+    worker: str
+
+
+class TaskStore:
+    def __init__(self, db: AsyncDatabase) -> None:
+        self.col = db[TASKS]
+
+    async def insert_many(self, tasks: Sequence[Task]) -> set[str]:
+        """Store tasks; returns the ids that were stored already."""
+        if not tasks:
+            return set()
+        try:
+            await self.col.insert_many([t.to_doc() for t in tasks], ordered=False)
+        except BulkWriteError as exc:
+            return {tasks[i].id for i in duplicate_indexes(exc)}
+        return set()
+
+    async def get(self, task_id: str) -> Task | None:
+        doc = await self.col.find_one({"_id": task_id})
+        return Task.model_validate(doc) if doc else None
+
+    async def find_many(self, task_ids: Iterable[str]) -> list[Task]:
+        ids = list(task_ids)
+        if not ids:
+            return []
+        return [Task.model_validate(d) async for d in self.col.find({"_id": {"$in": ids}})]
+
+    async def adopt(self, task_ids: Sequence[str], master_id: str) -> None:
+        """Mark queued tasks as held by this master (for its restart, and for sweeps)."""
+        if task_ids:
+            await self.col.update_many(
+                {"_id": {"$in": list(task_ids)}, "status": str(TaskStatus.PENDING)},
+                {"$set": {"master": master_id}},
+            )
+
+    async def disown(self, task_ids: Sequence[str], master_id: str) -> None:
+        if task_ids:
+            await self.col.update_many(
+                {"_id": {"$in": list(task_ids)}, "master": master_id},
+                {"$unset": {"master": ""}},
+            )
+
+    async def held_by(self, master_id: str, status: TaskStatus) -> list[Task]:
+        cursor = self.col.find({"status": str(status), "master": master_id})
+        return [Task.model_validate(d) async for d in cursor]
+
+    async def claim_many(self, claims: Sequence[Claim], now: datetime) -> list[bool]:
+        """pending -> running for each claim, bumping the attempt; which ones won."""
+        ops = []
+        for c in claims:
+            flt, upd = task_cas(
+                c.task_id,
+                TaskStatus.PENDING,
+                TaskStatus.RUNNING,
+                now,
+                attempt=c.attempt,
+                set_={"attempt": c.attempt + 1, "record_id": c.record_id, "worker": c.worker},
+            )
+            ops.append(UpdateOne(flt, upd))
+        result = await self.col.bulk_write(ops, ordered=False)
+        if result.matched_count == len(claims):
+            return [True] * len(claims)
+        # Someone else won some of them: read back which ones carry our record id.
+        current = {
+            d["_id"]: d.get("record_id")
+            async for d in self.col.find(
+                {"_id": {"$in": [c.task_id for c in claims]}}, {"record_id": 1}
+            )
+        }
+        return [current.get(c.task_id) == c.record_id for c in claims]
+
+    async def run_updates(self, updates: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> int:
+        """Run (filter, update) CAS pairs in one round trip; how many matched."""
+        if not updates:
+            return 0
+        result = await self.col.bulk_write([UpdateOne(f, u) for f, u in updates], ordered=False)
+        return result.matched_count
+
+    async def cas(self, flt: dict[str, Any], update: dict[str, Any]) -> bool:
+        result = await self.col.update_one(flt, update)
+        return result.matched_count == 1
+
+    async def count_by_status(self) -> dict[str, int]:
+        cursor = await self.col.aggregate([{"$group": {"_id": "$status", "n": {"$sum": 1}}}])
+        return {d["_id"]: d["n"] async for d in cursor}
+
+
+class RecordStore:
+    def __init__(self, db: AsyncDatabase) -> None:
+        self.col = db[RECORDS]
+
+    async def insert_many(self, records: Sequence[ExecRecord]) -> list[bool]:
+        """Store records; False where that (task, attempt) has a record already."""
+        if not records:
+            return []
+        try:
+            await self.col.insert_many([r.to_doc() for r in records], ordered=False)
+        except BulkWriteError as exc:
+            dups = duplicate_indexes(exc)
+            return [i not in dups for i in range(len(records))]
+        return [True] * len(records)
+
+    async def find_many(self, record_ids: Iterable[str]) -> dict[str, ExecRecord]:
+        ids = list(record_ids)
+        if not ids:
+            return {}
+        return {
+            d["_id"]: ExecRecord.model_validate(d)
+            async for d in self.col.find({"_id": {"$in": ids}})
+        }
+
+    async def run_updates(self, updates: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> int:
+        if not updates:
+            return 0
+        result = await self.col.bulk_write([UpdateOne(f, u) for f, u in updates], ordered=False)
+        return result.matched_count
+
+    async def finish(
+        self, record_id: str, to: RecordStatus, now: datetime, error: str | None = None
+    ) -> bool:
+        flt, upd = record_cas(
+            record_id,
+            {RecordStatus.RUNNING, RecordStatus.SENT},
+            to,
+            now,
+            set_={"error": error} if error else None,
+        )
+        return (await self.col.update_one(flt, upd)).matched_count == 1
+
+
+class LogStore:
+    def __init__(self, db: AsyncDatabase) -> None:
+        self.col = db[LOGS]
+
+    async def insert_many(self, docs: Sequence[dict[str, Any]]) -> int:
+        """Save logs; one saved before (a redelivery) is skipped. How many are new."""
+        if not docs:
+            return 0
+        try:
+            await self.col.insert_many(list(docs), ordered=False)
+        except BulkWriteError as exc:
+            return len(docs) - len(duplicate_indexes(exc))
+        return len(docs)

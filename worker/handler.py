@@ -1,0 +1,166 @@
+"""One task, from device lock to central-control, as a worker runs it.
+
+lock device (fence) -> CAS pending->running, attempt+1 -> insert exec record ->
+POST central-control -> CAS running->sent. Each Mongo and Redis step is
+coalesced across the tasks the worker holds at once (group commit), so a busy
+worker pays one round trip per step per batch, not per task.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import redis.asyncio
+from loguru import logger
+from pymongo.asynchronous.database import AsyncDatabase
+
+from sendscript.batching import Coalescer
+from sendscript.central import CentralClient, CentralError
+from sendscript.ipc import TaskDone, TaskHandle
+from sendscript.keys import Keys
+from sendscript.locks import DeviceLocks
+from sendscript.models import ExecRecord, new_id, utcnow
+from sendscript.status import RecordStatus, TaskStatus, record_sent, task_cas
+from sendscript.store import Claim, RecordStore, TaskStore
+
+
+class ScriptHandler:
+    def __init__(
+        self,
+        *,
+        redis_client: redis.asyncio.Redis,
+        db: AsyncDatabase,
+        central: CentralClient,
+        keys: Keys,
+        worker_name: str,
+        lock_margin_s: float,
+    ) -> None:
+        self.worker_name = worker_name
+        self.lock_margin_s = lock_margin_s
+        self.central = central
+        self.tasks = TaskStore(db)
+        self.records = RecordStore(db)
+        locks = DeviceLocks(redis_client, keys)
+        self._acquire = Coalescer(locks.acquire_many)
+        self._release = Coalescer(self._release_batch)
+        self._locks = locks
+        self._claim = Coalescer(self._claim_batch)
+        self._insert = Coalescer(self.records.insert_many)
+        self._mark_sent = Coalescer(self._mark_sent_batch)
+
+    async def handle(self, h: TaskHandle) -> TaskDone:
+        if h.attempt > h.max_retries:
+            return await self._exhausted(h)
+        try:
+            fence = await self._acquire((h.device_id, self._lock_ttl_ms(h)))
+        except Exception as exc:
+            return self._done(h, "error", error=f"lock: {exc!r}")
+        if not fence:
+            return self._done(h, "busy")
+        record_id = new_id()
+        try:
+            won = await self._claim(Claim(h.task_id, h.attempt, record_id, self.worker_name))
+        except Exception as exc:
+            await self._release_quietly(h.device_id, fence)
+            return self._done(h, "error", error=f"claim: {exc!r}")
+        if not won:
+            await self._release_quietly(h.device_id, fence)
+            return self._done(h, "stale")
+        attempt = h.attempt + 1
+        started = utcnow()
+        record = ExecRecord(
+            _id=record_id, task_id=h.task_id, attempt=attempt, device_id=h.device_id,
+            lock_value=fence, worker=self.worker_name, started_at=started,
+        )
+        try:
+            stored = await self._insert(record)
+        except Exception as exc:
+            return await self._unclaim(h, fence, attempt, f"record: {exc!r}")
+        if not stored:
+            return await self._unclaim(h, fence, attempt, "record exists for this attempt")
+        try:
+            await self.central.send_script(
+                device_id=h.device_id, task_id=h.task_id, record_id=record_id, script=h.script
+            )
+        except CentralError as exc:
+            return await self._send_failed(h, fence, attempt, record_id, exc)
+        try:
+            await self._mark_sent((h.task_id, attempt, record_id, utcnow()))
+        except Exception as exc:
+            # Sent is sent: the device will report, and the consumer applies a
+            # result to a task still marked running.
+            logger.warning("task {} sent but not marked sent: {!r}", h.task_id, exc)
+        return self._done(h, "sent", attempt=attempt, fence=fence)
+
+    def _lock_ttl_ms(self, h: TaskHandle) -> int:
+        return int((h.timeout_s + self.lock_margin_s) * 1000)
+
+    def _done(self, h: TaskHandle, outcome: str, *, attempt: int | None = None,
+              fence: int | None = None, error: str | None = None) -> TaskDone:
+        return TaskDone(task_id=h.task_id, device_id=h.device_id, outcome=outcome,
+                        attempt=h.attempt if attempt is None else attempt,
+                        fence=fence, error=error)
+
+    async def _claim_batch(self, claims: list[Claim]) -> list[bool]:
+        return await self.tasks.claim_many(claims, utcnow())
+
+    async def _mark_sent_batch(self, items: list[tuple[str, int, str, datetime]]) -> list[None]:
+        now = utcnow()
+        task_updates = [
+            task_cas(task_id, TaskStatus.RUNNING, TaskStatus.SENT, now, attempt=attempt,
+                     extra_filter={"record_id": record_id})
+            for task_id, attempt, record_id, _ in items
+        ]
+        record_updates = [record_sent(record_id, sent_at) for _, _, record_id, sent_at in items]
+        await self.tasks.run_updates(task_updates)
+        await self.records.run_updates(record_updates)
+        return [None] * len(items)
+
+    async def _release_batch(self, releases: list[tuple[str, int]]) -> list[None]:
+        await self._locks.release_many(releases)
+        return [None] * len(releases)
+
+    async def _release_quietly(self, device_id: str, fence: int) -> None:
+        try:
+            await self._release((device_id, fence))
+        except Exception as exc:  # the lock's TTL frees the device in the end
+            logger.warning("could not release lock of {} (fence {}): {!r}", device_id, fence, exc)
+
+    async def _unclaim(self, h: TaskHandle, fence: int, attempt: int, error: str) -> TaskDone:
+        """Nothing was sent: give the task back as pending for another attempt."""
+        try:
+            await self.tasks.cas(*task_cas(
+                h.task_id, TaskStatus.RUNNING, TaskStatus.PENDING, utcnow(), attempt=attempt,
+                set_={"last_error": error},
+            ))
+        except Exception as exc:
+            logger.warning("task {} left running after {}: {!r}", h.task_id, error, exc)
+        await self._release_quietly(h.device_id, fence)
+        return self._done(h, "error", attempt=attempt, error=error)
+
+    async def _send_failed(
+        self, h: TaskHandle, fence: int, attempt: int, record_id: str, exc: CentralError
+    ) -> TaskDone:
+        now = utcnow()
+        reason = str(exc)
+        try:
+            await self.records.finish(record_id, RecordStatus.FAILED, now, reason)
+            await self.tasks.cas(*task_cas(
+                h.task_id, TaskStatus.RUNNING, TaskStatus.FAILED, now, attempt=attempt,
+                set_={"last_error": reason},
+            ))
+        except Exception as err:
+            logger.warning("task {} failed ({}) but not recorded: {!r}", h.task_id, reason, err)
+        await self._release_quietly(h.device_id, fence)
+        return self._done(h, "failed", attempt=attempt, error=reason)
+
+    async def _exhausted(self, h: TaskHandle) -> TaskDone:
+        reason = f"attempts exhausted ({h.attempt} of {h.max_retries + 1})"
+        try:
+            await self.tasks.cas(*task_cas(
+                h.task_id, TaskStatus.PENDING, TaskStatus.FAILED, utcnow(), attempt=h.attempt,
+                set_={"last_error": reason},
+            ))
+        except Exception as exc:
+            return self._done(h, "error", error=f"fail: {exc!r}")
+        return self._done(h, "failed", error=reason)

@@ -1,0 +1,135 @@
+"""The worker process: reads TaskHandles from its pipe, runs them, answers TaskDone.
+
+Started by the master with the `spawn` context; opens its own connections. It
+stops when the master says so, when its pipe closes (the master died), or on
+SIGTERM, and always finishes the tasks it holds first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from multiprocessing.connection import Connection
+from typing import Any
+
+from loguru import logger
+
+from sendscript import connect, log, roundtrips
+from sendscript.central import CentralClient
+from sendscript.ipc import Shutdown, TaskDone, TaskHandle, WorkerExit, WorkerOnline
+from sendscript.settings import Settings
+from worker.handler import ScriptHandler
+
+
+def main(worker_id: int, conn: Connection, settings_data: dict[str, Any]) -> None:
+    """Process entry point (the target the master spawns)."""
+    # Ctrl-C reaches the whole process group; only the master decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    settings = Settings(**settings_data)
+    log.configure(f"worker-{worker_id}", level=settings.log_level, json=settings.log_json)
+    try:
+        asyncio.run(WorkerProcess(worker_id, conn, settings).run())
+    except Exception:
+        logger.exception("worker crashed")
+        raise SystemExit(1) from None
+
+
+class WorkerProcess:
+    def __init__(self, worker_id: int, conn: Connection, settings: Settings) -> None:
+        self.worker_id = worker_id
+        self.conn = conn
+        self.settings = settings
+        self.name = f"{settings.master_id}/w{worker_id}:{os.getpid()}"
+        self.inflight: set[asyncio.Task[None]] = set()
+        self.stopping = asyncio.Event()
+        self.exit_reason = "shutdown"
+        self.handler: ScriptHandler | None = None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        redis_client = connect.redis_async(self.settings)
+        mongo = connect.mongo_async(self.settings)
+        central = CentralClient(
+            self.settings.central_url or "",
+            connect_timeout_s=self.settings.central_connect_timeout_s,
+            timeout_s=self.settings.central_timeout_s,
+            max_connections=self.settings.worker_concurrency,
+        )
+        self.handler = ScriptHandler(
+            redis_client=redis_client, db=connect.database(mongo), central=central,
+            keys=self.settings.keys, worker_name=self.name,
+            lock_margin_s=self.settings.lock_margin_s,
+        )
+        loop.add_signal_handler(signal.SIGTERM, self._stop, "SIGTERM")
+        loop.add_reader(self.conn.fileno(), self._on_readable)
+        self._send(WorkerOnline(worker_id=self.worker_id, pid=os.getpid()))
+        logger.info("worker {} online", self.name)
+        flusher = asyncio.create_task(self._flush_counters(redis_client))
+        try:
+            await self.stopping.wait()
+            loop.remove_reader(self.conn.fileno())
+            if self.inflight:
+                await asyncio.wait(self.inflight)
+        finally:
+            flusher.cancel()
+            await self._flush_once(redis_client)
+            self._send(WorkerExit(worker_id=self.worker_id, pid=os.getpid(),
+                                  reason=self.exit_reason, exitcode=0))
+            await central.aclose()
+            await redis_client.aclose()
+            await mongo.close()
+        logger.info("worker {} exits ({})", self.name, self.exit_reason)
+
+    def _stop(self, reason: str) -> None:
+        if not self.stopping.is_set():
+            self.exit_reason = reason
+            self.stopping.set()
+
+    def _on_readable(self) -> None:
+        try:
+            while self.conn.poll():
+                self._on_message(self.conn.recv())
+        except (EOFError, OSError):
+            asyncio.get_running_loop().remove_reader(self.conn.fileno())
+            self._stop("master gone")
+
+    def _on_message(self, msg: object) -> None:
+        if isinstance(msg, TaskHandle):
+            task = asyncio.create_task(self._run_one(msg))
+            self.inflight.add(task)
+            task.add_done_callback(self.inflight.discard)
+        elif isinstance(msg, Shutdown):
+            self._stop(msg.reason)
+        else:
+            logger.error("unexpected message from master: {!r}", msg)
+
+    async def _run_one(self, handle: TaskHandle) -> None:
+        assert self.handler is not None
+        try:
+            done = await self.handler.handle(handle)
+        except Exception as exc:  # a bug must not take the worker down with it
+            logger.exception("task {} raised", handle.task_id)
+            done = TaskDone(task_id=handle.task_id, device_id=handle.device_id,
+                            outcome="error", attempt=handle.attempt, error=repr(exc))
+        if done.outcome in ("failed", "error"):
+            logger.info("task {} on {}: {} ({})", done.task_id, done.device_id, done.outcome,
+                        done.error)
+        self._send(done)
+
+    def _send(self, msg: object) -> None:
+        try:
+            self.conn.send(msg)
+        except (BrokenPipeError, OSError):
+            self._stop("master gone")
+
+    async def _flush_counters(self, client: Any) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            await self._flush_once(client)
+
+    async def _flush_once(self, client: Any) -> None:
+        try:
+            await roundtrips.flush(client, self.settings.keys.roundtrips, "worker")
+        except Exception as exc:
+            logger.debug("round-trip counters not flushed: {!r}", exc)
