@@ -54,6 +54,7 @@ def simulate(
     silent_rate: Annotated[float, typer.Option(help="Share of runs never reported.")] = 0.0,
     duplicate_rate: Annotated[float, typer.Option(help="Share of results sent twice.")] = 0.0,
     accept_delay_ms: Annotated[float, typer.Option(help="Answer sends this late.")] = 0.0,
+    progress: Annotated[bool, typer.Option(help="Report PROGRESS halfway through.")] = True,
     seed: int | None = None,
 ) -> None:
     """Run a simulated farm: the central-control API plus devices reporting to Pulsar."""
@@ -68,7 +69,7 @@ def simulate(
     config = FarmConfig(
         run_ms=run_ms, jitter=jitter, fail_rate=fail_rate, system_error_rate=system_error_rate,
         http_error_rate=http_error_rate, silent_rate=silent_rate, duplicate_rate=duplicate_rate,
-        accept_delay_ms=accept_delay_ms,
+        accept_delay_ms=accept_delay_ms, progress=progress,
     )
     sim = Simulator(settings.pulsar_url or "", settings.task_log_topic, config, seed=seed)
     asyncio.run(sim.serve(host, port))
