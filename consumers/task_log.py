@@ -282,7 +282,7 @@ class TaskLogConsumer:
 
 
 def run(settings: Settings) -> int:
-    from sendscript import log
+    from sendscript import runtime
 
-    log.configure("consumer", level=settings.log_level, json=settings.log_json)
+    runtime.setup(settings, "consumer")
     return asyncio.run(TaskLogConsumer(settings).run())

@@ -16,10 +16,13 @@ from typing import Any
 from loguru import logger
 
 from master.board import DeviceBoard
+from master.delays import DelayedTasks
 from master.events import DeviceFreeListener, LockChecker
-from master.heartbeat import Heartbeat
+from master.expiry import Expiry
+from master.heartbeat import Heartbeat, dead_masters
 from master.intake import Intake
 from master.pool import WorkerPool, WorkerSlot
+from master.scheduler import Scheduler
 from sendscript import connect
 from sendscript.backoff import Backoff
 from sendscript.ipc import TaskDone, TaskHandle
@@ -28,7 +31,7 @@ from sendscript.models import Task, utcnow
 from sendscript.queue import IntakeQueue
 from sendscript.settings import Settings
 from sendscript.status import TaskStatus, task_cas
-from sendscript.store import TaskStore, ensure_indexes
+from sendscript.store import GROUPS, TaskStore, ensure_indexes
 
 ERROR_COOLDOWN_S = 2.0
 
@@ -45,7 +48,7 @@ class Master:
     def __init__(self, settings: Settings) -> None:
         settings.require("redis_url", "mongo_url", "central_url")
         self.settings = settings
-        self.board = DeviceBoard()
+        self.board = DeviceBoard(settings.queues)
         self.stop_event = asyncio.Event()
         self.accepting = True
         self.outcomes: Counter[str] = Counter()
@@ -65,16 +68,22 @@ class Master:
         self.tasks = TaskStore(db)
         self.queue = IntakeQueue(self.redis, s.keys, s.master_id)
         self.locks = DeviceLocks(self.redis, s.keys)
-        self.intake = Intake(s, self.queue, self.tasks, self._on_tasks)
+        self.intake = Intake(s, self.queue, self.tasks, db[GROUPS], self._on_tasks,
+                             self._on_scheduled, self._count)
         self.pool = WorkerPool(s, on_done=self._on_done, on_lost=self._on_lost,
                                on_change=self._kick)
         self.listener = DeviceFreeListener(self.redis, s.keys.device_free_channel,
                                            self._on_free, self._check_locks_soon)
         self.checker = LockChecker(self.locks, self.board.waiting_on_locks, self._on_lock_gone,
                                    s.free_check_interval_s)
+        self.delayed = DelayedTasks(s, self.tasks, lambda: dead_masters(self.redis, s),
+                                    self._on_tasks)
+        self.scheduler = Scheduler(s, db, self.tasks, self._on_tasks)
+        self.expiry = Expiry(s, self.board, self.tasks, self.redis, self._kick)
         self.heartbeat = Heartbeat(self.redis, s, self.report)
 
-        await self._until_ok("mongo indexes", lambda: ensure_indexes(db))
+        await self._until_ok("mongo indexes", lambda: ensure_indexes(
+            db, max(s.retention_success_s, s.retention_failed_s)))
         logger.info("master {} starting {} worker(s) x {} tasks", s.master_id, s.workers,
                     s.worker_concurrency)
         self.pool.start()
@@ -84,6 +93,9 @@ class Master:
             asyncio.create_task(self.listener.run(self.stop_event), name="device-free"),
             asyncio.create_task(self.checker.run(self.stop_event), name="lock-check"),
             asyncio.create_task(self.heartbeat.run(self.stop_event), name="heartbeat"),
+            asyncio.create_task(self.delayed.run(self.stop_event), name="delayed"),
+            asyncio.create_task(self.scheduler.run(self.stop_event), name="scheduler"),
+            asyncio.create_task(self.expiry.run(self.stop_event), name="expiry"),
         ]
         await self.stop_event.wait()
         await self._shutdown()
@@ -111,6 +123,12 @@ class Master:
             await asyncio.wait_for(self._idle.wait(), grace)
         except TimeoutError:
             logger.warning("{} task(s) still in flight after {}s", self.pool.inflight(), grace)
+        try:
+            released = await self.delayed.release()
+            if released:
+                logger.info("released {} delayed task(s) for other masters", released)
+        except Exception as exc:  # still ours in Mongo; a loader takes them when we are dead
+            logger.warning("could not release delayed tasks: {!r}", exc)
         queued = self.board.drain()
         if queued:
             ids = [t.id for t in queued]
@@ -144,9 +162,16 @@ class Master:
 
     # -- dispatch ------------------------------------------------------------------------
     def _on_tasks(self, tasks: list[Task]) -> None:
-        added = sum(self.board.add(t) for t in tasks)
+        added = [t for t in tasks if self.board.add(t)]
         if added:
+            self.expiry.track(added)
             self._kick()
+
+    async def _on_scheduled(self, tasks: list[Task]) -> None:
+        await self.delayed.offer(tasks)
+
+    async def _count(self, name: str, n: int) -> None:
+        await self.redis.hincrby(self.settings.keys.stats, name, n)
 
     def _kick(self) -> None:
         if not self._dispatch_scheduled:
@@ -157,13 +182,21 @@ class Master:
         self._dispatch_scheduled = False
         if not self.accepting:
             return
+        now = utcnow()
+        expired: list[Task] = []
         while self.pool.free_capacity() > 0:
             task = self.board.next()
             if task is None:
-                return
+                break
+            if self.expiry.is_expired(task, now):
+                self.board.finished(task.device_id)
+                expired.append(task)
+                continue
             slot = self.pool.select(task.device_id)
             if slot is None or not self.pool.dispatch(slot, task_handle(task)):
                 self._cool_down(task)
+        if expired:
+            asyncio.get_running_loop().create_task(self.expiry.expire(expired, now))
 
     def _cool_down(self, task: Task) -> None:
         self.board.failed_to_start(task)
@@ -250,11 +283,16 @@ class Master:
             "outcomes": dict(self.outcomes),
             "device_free_events": self.listener.received,
             "freed_by_lock_check": self.checker.freed,
+            "delayed_held": len(self.delayed.heap),
+            "delayed_fired": self.delayed.fired,
+            "schedule_fires": self.scheduler.fired,
+            "expired": self.expiry.expired,
+            "running_by_queue": dict(self.board.running_by_queue),
         }
 
 
 def run(settings: Settings) -> int:
-    from sendscript import log
+    from sendscript import runtime
 
-    log.configure("master", level=settings.log_level, json=settings.log_json)
+    runtime.setup(settings, "master")
     return asyncio.run(Master(settings).run())

@@ -5,13 +5,16 @@ the script sent, the device stays held by that attempt's lock fence until the
 consumer announces the fence freed (or the fallback check finds the lock gone).
 Within a device, higher priority goes first, then older. Across devices, the
 device whose head task has the highest priority (then the oldest) goes first.
+The board also counts, per named queue, the tasks that hold a device (dispatched
+or sent and not yet freed), so the master can cap what a queue runs at once.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from sendscript.models import Task
@@ -32,6 +35,7 @@ class Device:
     blocked: bool = False  # someone else holds the lock
     cooling: bool = False  # an error just happened; wait for wake()
     freed_fence: int = 0  # newest fence announced free
+    holder_queue: str | None = None  # queue of our task that holds the device
 
     @property
     def free(self) -> bool:
@@ -52,12 +56,16 @@ class Device:
 
 
 class DeviceBoard:
-    def __init__(self) -> None:
+    def __init__(self, caps: dict[str, int] | None = None) -> None:
+        self.caps = dict(caps or {})  # queue -> most tasks holding devices at once
         self.devices: dict[str, Device] = {}
         self._ready: list[tuple[SortKey, str]] = []
-        self._queued: dict[str, SortKey] = {}  # task id -> key, for duplicates
+        self._queued: dict[str, tuple[SortKey, str]] = {}  # task id -> (key, device id)
         self._seq = itertools.count()
         self._back_seq = itertools.count(-1, -1)  # put back: ahead of every queued peer
+        self.running_by_queue: Counter[str] = Counter()
+        # Ready entries whose head task's queue is at its cap, until a slot frees.
+        self._parked: dict[str, list[tuple[SortKey, str]]] = {}
 
     # -- adding and taking -------------------------------------------------
     def add(self, task: Task) -> bool:
@@ -74,10 +82,8 @@ class DeviceBoard:
         if task.id not in self._queued:
             self._push(task, key)
 
-    def next(self, allow: Callable[[Task], bool] | None = None) -> Task | None:
+    def next(self) -> Task | None:
         """The next task to dispatch, marking its device in flight; None if none may go."""
-        skipped: list[tuple[SortKey, str]] = []
-        found: Task | None = None
         while self._ready:
             key, device_id = heapq.heappop(self._ready)
             device = self.devices.get(device_id)
@@ -86,17 +92,16 @@ class DeviceBoard:
             head_key, task = device.queue[0]
             if head_key != key:
                 continue  # stale entry; the current head has its own
-            if allow is not None and not allow(task):
-                skipped.append((key, device_id))
+            if self._at_cap(task.queue):
+                self._parked.setdefault(task.queue, []).append((key, device_id))
                 continue
             heapq.heappop(device.queue)
             del self._queued[task.id]
             device.inflight = task
-            found = task
-            break
-        for entry in skipped:
-            heapq.heappush(self._ready, entry)
-        return found
+            device.holder_queue = task.queue
+            self.running_by_queue[task.queue] += 1
+            return task
+        return None
 
     # -- what happened to a dispatched task ----------------------------------
     def sent(self, device_id: str, fence: int) -> None:
@@ -104,6 +109,8 @@ class DeviceBoard:
         device.inflight = None
         if device.freed_fence < fence:
             device.held_fence = fence
+        else:
+            self._end_hold(device)
         self._settle(device)
 
     def busy(self, task: Task) -> None:
@@ -111,12 +118,14 @@ class DeviceBoard:
         device = self._device(task.device_id)
         device.inflight = None
         device.blocked = True
+        self._end_hold(device)
         self.put_back(task)
 
     def finished(self, device_id: str) -> None:
         """The attempt ended (failed, stale) and its lock was released."""
         device = self._device(device_id)
         device.inflight = None
+        self._end_hold(device)
         self._settle(device)
 
     def failed_to_start(self, task: Task) -> None:
@@ -124,12 +133,14 @@ class DeviceBoard:
         device = self._device(task.device_id)
         device.inflight = None
         device.cooling = True
+        self._end_hold(device)
         self.put_back(task)
 
     def lost(self, task: Task | None, device_id: str) -> None:
         """The worker died holding the task: whatever lock it took decides what's next."""
         device = self._device(device_id)
         device.inflight = None
+        self._end_hold(device)
         if task is not None:
             self.put_back(task)
         self._settle(device)
@@ -144,6 +155,7 @@ class DeviceBoard:
         was_free = device.free
         if device.held_fence is not None and fence >= device.held_fence:
             device.held_fence = None
+            self._end_hold(device)
         if device.blocked:
             device.blocked = False  # try again; the lock tells us if it is taken anew
         self._settle(device)
@@ -155,7 +167,9 @@ class DeviceBoard:
         if device is None or device.inflight is not None:
             return False
         was_free = device.free
-        device.held_fence = None
+        if device.held_fence is not None:
+            device.held_fence = None
+            self._end_hold(device)
         device.blocked = False
         self._settle(device)
         return device.free and not was_free
@@ -174,6 +188,22 @@ class DeviceBoard:
             if d.queue and d.inflight is None and (d.held_fence is not None or d.blocked)
         ]
 
+    def remove(self, task_id: str) -> Task | None:
+        """Take one queued (not dispatched) task off the board."""
+        entry = self._queued.pop(task_id, None)
+        if entry is None:
+            return None
+        key, device_id = entry
+        device = self.devices[device_id]
+        index = next(i for i, (k, _) in enumerate(device.queue) if k == key)
+        _, task = device.queue.pop(index)
+        heapq.heapify(device.queue)
+        if device.free and device.queue and index == 0:
+            heapq.heappush(self._ready, (device.queue[0][0], device.id))
+        if device.idle:
+            del self.devices[device.id]
+        return task
+
     def queued_tasks(self) -> Iterator[Task]:
         for device in self.devices.values():
             for _, task in device.queue:
@@ -186,6 +216,7 @@ class DeviceBoard:
             device.queue.clear()
         self._queued.clear()
         self._ready.clear()
+        self._parked.clear()
         for device_id in [d.id for d in self.devices.values() if d.idle]:
             del self.devices[device_id]
         return tasks
@@ -217,9 +248,25 @@ class DeviceBoard:
     def _push(self, task: Task, key: SortKey) -> None:
         device = self._device(task.device_id)
         heapq.heappush(device.queue, (key, task))
-        self._queued[task.id] = key
+        self._queued[task.id] = (key, device.id)
         if device.free and device.queue[0][0] == key:
             heapq.heappush(self._ready, (key, device.id))
+
+    def _at_cap(self, queue: str) -> bool:
+        cap = self.caps.get(queue)
+        return cap is not None and self.running_by_queue[queue] >= cap
+
+    def _end_hold(self, device: Device) -> None:
+        queue = device.holder_queue
+        if queue is None:
+            return
+        device.holder_queue = None
+        self.running_by_queue[queue] -= 1
+        if self.running_by_queue[queue] <= 0:
+            del self.running_by_queue[queue]
+        if not self._at_cap(queue):
+            for entry in self._parked.pop(queue, []):
+                heapq.heappush(self._ready, entry)
 
     def _settle(self, device: Device) -> None:
         if device.idle:

@@ -1,32 +1,46 @@
-"""Takes items off the Redis ready list, stores their tasks, hands them to the board.
+"""Takes items off the Redis ready list, stores their tasks, hands them on.
 
 An item is acknowledged (removed from this master's processing list) only after
 its task is in Mongo, so a crash at any point loses nothing: the restarted
-master reads its processing list first, and the tag-derived task id makes the
-second store find the first.
+master reads its processing list first, and the tag-derived task ids make the
+second store find the first. Due tasks go to the device board; delayed ones to
+the delay heap; a fan-out item becomes one task per device under one batch id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 from loguru import logger
 from pydantic import ValidationError
+from pymongo.asynchronous.collection import AsyncCollection
 
 from sendscript.backoff import Backoff
-from sendscript.models import Task, TaskRef, TaskSpec, describe_error, id_from_tag, utcnow
+from sendscript.groups import devices_of
+from sendscript.models import (
+    FanoutSpec,
+    Task,
+    TaskRef,
+    TaskSpec,
+    describe_error,
+    id_from_tag,
+    utcnow,
+)
 from sendscript.queue import Entry, IntakeQueue
 from sendscript.settings import Settings
-from sendscript.status import TaskStatus
+from sendscript.status import SCHEDULED, TaskStatus
 from sendscript.store import TaskStore
 
 WAIT_S = 1.0  # how long one blocking wait lasts; bounds how fast a stop is noticed
+Item = TaskSpec | FanoutSpec | TaskRef
 
 
-def parse_item(raw: bytes) -> TaskSpec | TaskRef:
-    """A queue item as a task spec or a reference; ValueError says what is wrong."""
+def parse_item(raw: bytes) -> Item:
+    """A queue item as a task spec, a fan-out or a reference; ValueError says what is wrong."""
     try:
         obj = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -36,9 +50,21 @@ def parse_item(raw: bytes) -> TaskSpec | TaskRef:
     try:
         if "task_id" in obj and "device_id" not in obj:
             return TaskRef.model_validate(obj)
+        if "device_id" not in obj and ("device_ids" in obj or "group" in obj):
+            return FanoutSpec.model_validate(obj)
         return TaskSpec.model_validate(obj)
     except ValidationError as exc:
         raise ValueError(describe_error(exc)) from None
+
+
+@dataclass
+class Batch:
+    """One intake batch, sorted out."""
+
+    fresh: list[Task] = field(default_factory=list)
+    refs: dict[str, list[Entry]] = field(default_factory=dict)
+    done: list[Entry] = field(default_factory=list)
+    bad: list[tuple[Entry, str]] = field(default_factory=list)
 
 
 class Intake:
@@ -47,14 +73,21 @@ class Intake:
         settings: Settings,
         queue: IntakeQueue,
         tasks: TaskStore,
+        groups: AsyncCollection,
         on_tasks: Callable[[list[Task]], None],
+        on_scheduled: Callable[[list[Task]], Awaitable[None]],
+        on_count: Callable[[str, int], Awaitable[None]],
     ) -> None:
         self.settings = settings
         self.queue = queue
         self.tasks = tasks
+        self.groups = groups
         self.on_tasks = on_tasks
+        self.on_scheduled = on_scheduled
+        self.on_count = on_count
         self.taken = 0
         self.quarantined = 0
+        self.deduplicated = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = Backoff(base_s=0.2, cap_s=10.0)
@@ -84,44 +117,75 @@ class Intake:
             await self.ingest(entries)
 
     async def ingest(self, entries: list[Entry]) -> None:
-        now = utcnow()
-        prefix = self.settings.key_prefix
-        fresh: dict[str, Task] = {}
-        refs: dict[str, list[Entry]] = {}
-        done: list[Entry] = []
-        bad: list[tuple[Entry, str]] = []
-        for entry in entries:
-            try:
-                parsed = parse_item(entry.item)
-            except ValueError as exc:
-                bad.append((entry, str(exc)))
-                continue
-            if isinstance(parsed, TaskRef):
-                refs.setdefault(parsed.task_id, []).append(entry)
-                continue
-            task = Task.from_spec(parsed, task_id=id_from_tag(prefix, entry.tag), now=now)
-            task.master = self.settings.master_id
-            fresh[task.id] = task
-            done.append(entry)
-
-        stored_before = await self.tasks.insert_many(list(fresh.values()))
-        lookup = set(refs) | stored_before
+        batch = await self._sort(entries)
+        stored = await self.tasks.store(batch.fresh)
+        lookup = set(batch.refs) | {t.id for t in stored.stored_before}
         found = {t.id: t for t in await self.tasks.find_many(lookup)}
-        for task_id, ref_entries in refs.items():
+        for task_id, ref_entries in batch.refs.items():
             if task_id in found:
-                done.extend(ref_entries)
+                batch.done.extend(ref_entries)
             else:
-                bad.extend((e, f"no task with task_id {task_id!r}") for e in ref_entries)
+                batch.bad.extend((e, f"no task with task_id {task_id!r}") for e in ref_entries)
 
-        ready = [t for t in fresh.values() if t.id not in stored_before]
-        ready += [found[i] for i in lookup if i in found]
-        pending = [t for t in ready if t.status == TaskStatus.PENDING]
-        adopt = [t.id for t in pending if t.master != self.settings.master_id]
-        await self.tasks.adopt(adopt, self.settings.master_id)
-        await self.queue.ack(done, bad)
-        for entry, reason in bad:
+        tasks = stored.created + [found[i] for i in lookup if i in found]
+        pending = [t for t in tasks if t.status == TaskStatus.PENDING]
+        scheduled = [t for t in tasks if t.status in SCHEDULED]
+        await self.tasks.adopt([t.id for t in pending if t.master != self.settings.master_id],
+                               self.settings.master_id)
+        await self.queue.ack(batch.done, batch.bad)
+        for entry, reason in batch.bad:
             logger.warning("quarantined queue item {!r}: {}", entry.item[:200], reason)
+        for ours, existing in stored.deduplicated.items():
+            logger.info("duplicate submission {} -> existing task {}", ours, existing)
+        if stored.deduplicated:
+            await self.on_count("deduplicated", len(stored.deduplicated))
         self.taken += len(entries)
-        self.quarantined += len(bad)
+        self.quarantined += len(batch.bad)
+        self.deduplicated += len(stored.deduplicated)
         if pending:
             self.on_tasks(pending)
+        if scheduled:
+            await self.on_scheduled(scheduled)
+
+    async def _sort(self, entries: list[Entry]) -> Batch:
+        batch = Batch()
+        now = utcnow()
+        horizon = now + timedelta(seconds=self.settings.delay_horizon_s)
+        parsed: list[tuple[Entry, Item]] = []
+        for entry in entries:
+            try:
+                parsed.append((entry, parse_item(entry.item)))
+            except ValueError as exc:
+                batch.bad.append((entry, str(exc)))
+        groups = await self._groups({p.group for _, p in parsed
+                                     if isinstance(p, FanoutSpec) and p.group})
+        prefix, me = self.settings.key_prefix, self.settings.master_id
+        for entry, item in parsed:
+            if isinstance(item, TaskRef):
+                batch.refs.setdefault(item.task_id, []).append(entry)
+                continue
+            if isinstance(item, TaskSpec):
+                specs = [(item, id_from_tag(prefix, entry.tag))]
+                batch_id = None
+            else:
+                devices = item.device_ids or groups.get(item.group or "")
+                if not devices:
+                    batch.bad.append((entry, f"device group {item.group!r} is unknown or empty"))
+                    continue
+                specs = [(item.for_device(d), id_from_tag(prefix, f"{entry.tag}:{d}"))
+                         for d in dict.fromkeys(devices)]
+                batch_id = id_from_tag(prefix, entry.tag)
+            for spec, task_id in specs:
+                task = Task.from_spec(spec, task_id=task_id, now=now, batch_id=batch_id)
+                # Far-future tasks stay unheld: whichever master loads them in time fires them.
+                if task.status == TaskStatus.PENDING or (task.run_at and task.run_at <= horizon):
+                    task.master = me
+                batch.fresh.append(task)
+            batch.done.append(entry)
+        return batch
+
+    async def _groups(self, names: set[str | None]) -> dict[str, list[str]]:
+        wanted = [n for n in names if n]
+        if not wanted:
+            return {}
+        return devices_of([d async for d in self.groups.find({"_id": {"$in": wanted}})])

@@ -17,8 +17,15 @@ from sendscript.settings import Settings
 
 app = typer.Typer(help="Dispatch scripts to the phones of a device farm.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
-task_app = typer.Typer(help="Look at tasks.", no_args_is_help=True)
+task_app = typer.Typer(help="Look at and cancel tasks.", no_args_is_help=True)
+schedule_app = typer.Typer(help="Recurring scripts: cron or interval.", no_args_is_help=True)
+group_app = typer.Typer(help="Device groups, targets of fan-outs and schedules.",
+                        no_args_is_help=True)
+batch_app = typer.Typer(help="Fan-out batches.", no_args_is_help=True)
 app.add_typer(task_app, name="task")
+app.add_typer(schedule_app, name="schedule")
+app.add_typer(group_app, name="group")
+app.add_typer(batch_app, name="batch")
 console = Console()
 
 
@@ -117,33 +124,50 @@ def submit(
     dedupe_key: str | None = None,
     max_retries: int = 3,
     timeout_s: float = 300.0,
+    expire_at: Annotated[str | None, typer.Option(help="Expire if not started by then.")] = None,
     queue: str = "default",
+    group: Annotated[str | None, typer.Option(help="Fan out to every device of a group.")]
+    = None,
+    device_list: Annotated[str | None, typer.Option(help="Fan out: comma-separated devices.")]
+    = None,
     count: Annotated[int, typer.Option(help="Submit this many tasks...")] = 1,
     devices: Annotated[int, typer.Option(help="...spread over this many devices.")] = 1,
     device_prefix: str = "device-",
 ) -> None:
-    """Submit one task, or --count N spread over --devices K."""
+    """Submit one task; a fan-out (--group or --device-list); or --count N over --devices K."""
     from sendscript.client import SendScriptClient
 
     try:
         script_obj = json.loads(script)
     except json.JSONDecodeError as exc:
         raise typer.BadParameter(f"--script is not JSON: {exc}") from None
-    if device_id is None and count == 1 and devices == 1:
-        raise typer.BadParameter("name a device, or use --count and --devices")
-    specs = []
-    for i in range(count):
-        target = device_id if device_id and devices == 1 else f"{device_prefix}{i % devices}"
-        specs.append({
-            "device_id": target, "script": script_obj, "priority": priority, "run_at": run_at,
-            "dedupe_key": dedupe_key if count == 1 else None, "max_retries": max_retries,
-            "timeout_s": timeout_s, "queue": queue,
-        })
+    template = {"script": script_obj, "priority": priority, "run_at": run_at,
+                "max_retries": max_retries, "timeout_s": timeout_s, "expire_at": expire_at,
+                "queue": queue}
     with SendScriptClient(_settings()) as client:
+        if group or device_list:
+            targets = [d.strip() for d in (device_list or "").split(",") if d.strip()] or None
+            try:
+                batch = client.submit_fanout(devices=targets, group=group,
+                                             dedupe_key=dedupe_key, **template)
+            except ValueError as exc:
+                console.print(f"[red]{exc}[/red]")
+                raise typer.Exit(1) from None
+            new = sum(t.created for t in batch.tasks)
+            console.print(f"batch {batch.batch_id}: {len(batch.tasks)} task(s), {new} new")
+            return
+        if device_id is None and count == 1 and devices == 1:
+            raise typer.BadParameter("name a device, use --group / --device-list, or --count")
+        specs = []
+        for i in range(count):
+            target = device_id if device_id and devices == 1 else f"{device_prefix}{i % devices}"
+            specs.append({"device_id": target, **template,
+                          "dedupe_key": dedupe_key if count == 1 else None})
         submitted = client.submit_many(specs)
     if len(submitted) == 1:
         s = submitted[0]
-        console.print(f"{s.task_id} {s.status}" + ("" if s.created else " (existing task)"))
+        console.print(f"{s.task_id} {s.status}" + ("" if s.created else
+                                                    " (existing task with this dedupe key)"))
     else:
         console.print(f"submitted {len(submitted)} tasks over {devices} device(s)")
 
@@ -184,6 +208,202 @@ def task_list(
         table.add_row(t.id, t.device_id, str(t.status), str(t.priority), str(t.attempt),
                       _t(t.created_at), _t(t.finished_at), (t.last_error or "")[:60])
     console.print(table)
+
+
+@task_app.command("cancel")
+def task_cancel(task_id: str) -> None:
+    """Cancel a task: at once if not yet sent; a sent one's result will not be applied."""
+    from sendscript.client import SendScriptClient
+
+    with SendScriptClient(_settings()) as client:
+        try:
+            was = client.cancel(task_id)
+        except KeyError:
+            console.print(f"[red]no task {task_id}[/red]")
+            raise typer.Exit(1) from None
+    if was is None:
+        console.print(f"{task_id} had already finished; nothing to cancel")
+        raise typer.Exit(1)
+    console.print(f"{task_id} cancelled (was {was})")
+
+
+@batch_app.command("info")
+def batch_info(batch_id: str) -> None:
+    """Progress of a fan-out batch, per status."""
+    from sendscript.client import SendScriptClient
+
+    with SendScriptClient(_settings()) as client:
+        counts = client.batch_info(batch_id)
+    if not counts:
+        console.print(f"[red]no batch {batch_id}[/red]")
+        raise typer.Exit(1)
+    table = Table("status", "tasks", title=f"batch {batch_id}")
+    for name, n in sorted(counts.items()):
+        table.add_row(name, str(n))
+    table.add_row("total", str(sum(counts.values())))
+    console.print(table)
+
+
+@batch_app.command("cancel")
+def batch_cancel(batch_id: str) -> None:
+    """Cancel every unfinished task of a batch."""
+    from sendscript.client import SendScriptClient
+
+    with SendScriptClient(_settings()) as client:
+        n = client.cancel_batch(batch_id)
+    console.print(f"cancelled {n} task(s) of batch {batch_id}")
+
+
+@group_app.command("add")
+def group_add(name: str, devices: list[str]) -> None:
+    """Add devices to a group (creating it)."""
+    from sendscript.client import SendScriptClient
+
+    with SendScriptClient(_settings()) as client:
+        try:
+            members = client.group_add(name, devices)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    console.print(f"group {name}: {len(members)} device(s)")
+
+
+@group_app.command("list")
+def group_list() -> None:
+    """Every group and its devices."""
+    from sendscript.client import SendScriptClient
+
+    with SendScriptClient(_settings()) as client:
+        groups = client.groups()
+    table = Table("group", "devices", "members")
+    for name, members in groups.items():
+        shown = ", ".join(members[:10]) + (" ..." if len(members) > 10 else "")
+        table.add_row(name, str(len(members)), shown)
+    console.print(table)
+
+
+@group_app.command("remove")
+def group_remove(
+    name: str,
+    devices: Annotated[list[str] | None, typer.Argument(help="Devices to drop; none = all.")]
+    = None,
+) -> None:
+    """Remove devices from a group, or the whole group."""
+    from sendscript.client import SendScriptClient
+
+    with SendScriptClient(_settings()) as client:
+        ok = client.group_remove(name, devices or [])
+    if not ok:
+        console.print(f"[red]no group {name}[/red]")
+        raise typer.Exit(1)
+    console.print(f"group {name}: " + (f"removed {len(devices)} device(s)" if devices
+                                       else "removed"))
+
+
+@schedule_app.command("add")
+def schedule_add(
+    name: str,
+    script: Annotated[str, typer.Option(help="Script as JSON.")],
+    cron: Annotated[str | None, typer.Option(
+        help="Cron: 5 fields, or 6 with seconds first ('*/5 * * * * *').")] = None,
+    every: Annotated[float | None, typer.Option(help="Interval in seconds.")] = None,
+    tz: Annotated[str, typer.Option(help="Time zone of the cron expression.")] = "UTC",
+    device: Annotated[list[str] | None, typer.Option(help="Target device (repeatable).")]
+    = None,
+    group: Annotated[str | None, typer.Option(help="Target device group.")] = None,
+    misfire: Annotated[str, typer.Option(help="fire_once or skip.")] = "fire_once",
+    priority: int = 5,
+    max_retries: int = 3,
+    timeout_s: float = 300.0,
+    queue: str = "default",
+    paused: Annotated[bool, typer.Option(help="Create it disabled.")] = False,
+) -> None:
+    """Add a cron or interval schedule."""
+    from pydantic import ValidationError
+
+    from sendscript.client import SendScriptClient
+    from sendscript.models import describe_error
+    from sendscript.schedules import Schedule
+
+    try:
+        schedule = Schedule.model_validate({
+            "_id": name, "cron": cron, "interval_s": every, "timezone": tz,
+            "template": {"script": json.loads(script), "priority": priority,
+                         "max_retries": max_retries, "timeout_s": timeout_s, "queue": queue},
+            "device_ids": device or None, "group": group, "misfire": misfire,
+            "enabled": not paused,
+        })
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"--script is not JSON: {exc}") from None
+    except ValidationError as exc:
+        raise typer.BadParameter(describe_error(exc)) from None
+    with SendScriptClient(_settings()) as client:
+        try:
+            client.schedule_add(schedule)
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(1) from None
+    console.print(f"schedule {name} added; next fire {schedule.next_fire_at}")
+
+
+@schedule_app.command("list")
+def schedule_list() -> None:
+    """Every schedule, when it fires next and how often it fired."""
+    from sendscript.client import SendScriptClient
+
+    with SendScriptClient(_settings()) as client:
+        schedules = client.schedules()
+    table = Table("schedule", "rule", "targets", "enabled", "next fire", "last fire", "fires",
+                  "missed")
+    for sc in schedules:
+        rule = sc.cron or f"every {sc.interval_s:g}s"
+        targets = f"group {sc.group}" if sc.group else ", ".join(sc.device_ids or [])
+        table.add_row(sc.name, f"{rule} ({sc.timezone})", targets[:40],
+                      "yes" if sc.enabled else "paused", str(sc.next_fire_at),
+                      str(sc.last_fire_at or ""), str(sc.fires), str(sc.missed))
+    console.print(table)
+
+
+@schedule_app.command("show")
+def schedule_show(name: str) -> None:
+    """One schedule in full."""
+    from sendscript.client import SendScriptClient
+
+    with SendScriptClient(_settings()) as client:
+        sc = client.schedule_get(name)
+    if sc is None:
+        console.print(f"[red]no schedule {name}[/red]")
+        raise typer.Exit(1)
+    console.print_json(sc.model_dump_json(by_alias=True))
+
+
+def _schedule_switch(name: str, action: str) -> None:
+    from sendscript.client import SendScriptClient
+
+    with SendScriptClient(_settings()) as client:
+        ok = getattr(client, f"schedule_{action}")(name)
+    if not ok:
+        console.print(f"[red]no schedule {name}[/red]")
+        raise typer.Exit(1)
+    console.print(f"schedule {name}: {action}d" if action != "resume" else
+                  f"schedule {name}: resumed")
+
+
+@schedule_app.command("pause")
+def schedule_pause(name: str) -> None:
+    """Stop firing (the schedule stays)."""
+    _schedule_switch(name, "pause")
+
+
+@schedule_app.command("resume")
+def schedule_resume(name: str) -> None:
+    """Fire again from now on."""
+    _schedule_switch(name, "resume")
+
+
+@schedule_app.command("remove")
+def schedule_remove(name: str) -> None:
+    """Delete a schedule (tasks it created stay)."""
+    _schedule_switch(name, "remove")
 
 
 @app.command()

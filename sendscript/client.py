@@ -17,12 +17,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from pymongo import DESCENDING
+from pymongo.errors import BulkWriteError
 
 from sendscript import connect, roundtrips
-from sendscript.models import Task, TaskSpec, utcnow
+from sendscript.groups import check_name
+from sendscript.models import FanoutSpec, Task, TaskSpec, new_id, utcnow
+from sendscript.schedules import Schedule
 from sendscript.settings import Settings
-from sendscript.status import TaskStatus
-from sendscript.store import DUPLICATE_KEY, RECORDS, TASKS
+from sendscript.status import CANCELLABLE, TaskStatus, configure_retention, task_cas
+from sendscript.store import GROUPS, RECORDS, SCHEDULES, TASKS, all_indexes, split_duplicates
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,12 @@ class Submitted:
     created: bool = True  # False when an existing task was returned instead
 
 
+@dataclass(frozen=True)
+class Batch:
+    batch_id: str
+    tasks: list[Submitted]
+
+
 class SendScriptClient:
     def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
         self.settings = settings or Settings(**overrides)
@@ -39,6 +48,11 @@ class SendScriptClient:
         self._mongo = connect.mongo_sync(self.settings)
         self._db = connect.database(self._mongo)
         self._keys = self.settings.keys
+        configure_retention(self.settings.retention_success_s, self.settings.retention_failed_s)
+        # The dedupe key's unique index must exist before the first task is stored.
+        retention = max(self.settings.retention_success_s, self.settings.retention_failed_s)
+        for name, indexes in all_indexes(retention).items():
+            self._db[name].create_indexes(indexes)
 
     def submit(
         self,
@@ -61,25 +75,67 @@ class SendScriptClient:
         return self.submit_many([spec])[0]
 
     def submit_many(self, specs: Iterable[TaskSpec | dict[str, Any]]) -> list[Submitted]:
-        """Store many tasks in one write and push them in one call."""
+        """Store many tasks in one write and push them in one call, in the given order.
+
+        A spec whose dedupe key belongs to an unfinished task is not stored again:
+        its entry names the existing task, with `created=False`.
+        """
         now = utcnow()
         tasks = [
             Task.from_spec(s if isinstance(s, TaskSpec) else TaskSpec.model_validate(s), now=now)
             for s in specs
         ]
-        if not tasks:
-            return []
-        from pymongo.errors import BulkWriteError
+        return self._store_and_push(tasks)
 
-        try:
-            self._db[TASKS].insert_many([t.to_doc() for t in tasks], ordered=False)
-        except BulkWriteError as exc:  # ids are fresh ObjectIds: only real errors land here
-            if any(e.get("code") != DUPLICATE_KEY for e in exc.details.get("writeErrors", [])):
-                raise
-        due = [t.id for t in tasks if t.status == TaskStatus.PENDING]
-        if due:
-            self._redis.lpush(self._keys.ready, *[json.dumps({"task_id": i}) for i in due])
-        return [Submitted(t.id, str(t.status)) for t in tasks]
+    def submit_fanout(
+        self,
+        script: dict[str, Any],
+        *,
+        devices: Sequence[str] | None = None,
+        group: str | None = None,
+        **template: Any,
+    ) -> Batch:
+        """One submission for many devices (a list, or a stored group): a task each,
+        under one batch id."""
+        spec = FanoutSpec(script=script, device_ids=list(devices) if devices else None,
+                          group=group, **template)
+        targets = spec.device_ids or self.group_devices(spec.group or "")
+        if not targets:
+            raise ValueError(f"device group {group!r} is unknown or empty")
+        batch_id = new_id()
+        now = utcnow()
+        tasks = [Task.from_spec(spec.for_device(d), now=now, batch_id=batch_id)
+                 for d in dict.fromkeys(targets)]
+        return Batch(batch_id, self._store_and_push(tasks))
+
+    def _store_and_push(self, tasks: list[Task], chunk: int = 1000) -> list[Submitted]:
+        out: list[Submitted] = []
+        for start in range(0, len(tasks), chunk):
+            part = tasks[start:start + chunk]
+            dedupe: set[int] = set()
+            try:
+                self._db[TASKS].insert_many([t.to_doc() for t in part], ordered=False)
+            except BulkWriteError as exc:
+                same_id, dedupe = split_duplicates(exc)
+                if same_id:  # fresh ObjectIds never collide; something else is wrong
+                    raise
+            existing = {}
+            if dedupe:
+                keys = [part[i].dedupe_active for i in dedupe]
+                existing = {d["dedupe_active"]: d for d in self._db[TASKS].find(
+                    {"dedupe_active": {"$in": keys}}, {"dedupe_active": 1, "status": 1})}
+            for i, task in enumerate(part):
+                if i in dedupe and task.dedupe_active in existing:
+                    doc = existing[task.dedupe_active]
+                    out.append(Submitted(doc["_id"], doc["status"], created=False))
+                else:
+                    out.append(Submitted(task.id, str(task.status)))
+            # Delayed tasks too: a master holding them in its horizon fires them on time.
+            pushed = [t.id for i, t in enumerate(part) if i not in dedupe]
+            if pushed:
+                self._redis.lpush(self._keys.ready,
+                                  *[json.dumps({"task_id": i}) for i in pushed])
+        return out
 
     def push_raw(self, items: Sequence[dict[str, Any] | str]) -> None:
         """Push queue items as a non-Python producer would (raw JSON on the list)."""
@@ -98,6 +154,103 @@ class SendScriptClient:
         flt = {"status": status} if status else {}
         cursor = self._db[TASKS].find(flt).sort("created_at", DESCENDING).limit(limit)
         return [Task.model_validate(d) for d in cursor]
+
+    # -- cancel -----------------------------------------------------------------------
+    def cancel(self, task_id: str, reason: str = "cancelled") -> str | None:
+        """Cancel one task. The status it was cancelled from, or None if it had ended.
+
+        A task already sent stays on its device; its result, when it comes, is
+        recorded on the exec record but not applied to the task.
+        """
+        doc = self._db[TASKS].find_one({"_id": task_id}, {"status": 1})
+        if doc is None:
+            raise KeyError(task_id)
+        status = TaskStatus(doc["status"])
+        if status not in CANCELLABLE:
+            return None
+        flt, update = task_cas(task_id, status, TaskStatus.CANCELLED, utcnow(),
+                               set_={"last_error": reason})
+        if self._db[TASKS].update_one(flt, update).matched_count:
+            return str(status)
+        return self.cancel(task_id, reason)  # it moved on meanwhile: look again
+
+    def cancel_batch(self, batch_id: str, reason: str = "batch cancelled") -> int:
+        flt, update = task_cas({"batch_id": batch_id}, CANCELLABLE, TaskStatus.CANCELLED,
+                               utcnow(), set_={"last_error": reason})
+        return self._db[TASKS].update_many(flt, update).modified_count
+
+    def batch_info(self, batch_id: str) -> dict[str, int]:
+        """Tasks of a fan-out batch by status."""
+        rows = self._db[TASKS].aggregate([
+            {"$match": {"batch_id": batch_id}},
+            {"$group": {"_id": "$status", "n": {"$sum": 1}}},
+        ])
+        return {r["_id"]: r["n"] for r in rows}
+
+    # -- device groups ------------------------------------------------------------------
+    def group_add(self, name: str, devices: Sequence[str]) -> list[str]:
+        check_name(name)
+        clean = [d.strip() for d in devices if d.strip()]
+        self._db[GROUPS].update_one(
+            {"_id": name},
+            {"$addToSet": {"devices": {"$each": clean}}, "$set": {"updated_at": utcnow()}},
+            upsert=True,
+        )
+        return self.group_devices(name)
+
+    def group_remove(self, name: str, devices: Sequence[str] = ()) -> bool:
+        """Remove devices from a group, or the whole group when none are named."""
+        if devices:
+            result = self._db[GROUPS].update_one(
+                {"_id": name}, {"$pull": {"devices": {"$in": list(devices)}},
+                                "$set": {"updated_at": utcnow()}})
+            return result.matched_count == 1
+        return self._db[GROUPS].delete_one({"_id": name}).deleted_count == 1
+
+    def group_devices(self, name: str) -> list[str]:
+        doc = self._db[GROUPS].find_one({"_id": name})
+        return list(doc.get("devices", [])) if doc else []
+
+    def groups(self) -> dict[str, list[str]]:
+        return {d["_id"]: d.get("devices", []) for d in self._db[GROUPS].find().sort("_id", 1)}
+
+    # -- schedules ----------------------------------------------------------------------
+    def schedule_add(self, schedule: Schedule) -> Schedule:
+        from pymongo.errors import DuplicateKeyError
+
+        try:
+            self._db[SCHEDULES].insert_one(schedule.to_doc())
+        except DuplicateKeyError:
+            raise ValueError(f"a schedule named {schedule.name!r} exists") from None
+        return schedule
+
+    def schedule_get(self, name: str) -> Schedule | None:
+        doc = self._db[SCHEDULES].find_one({"_id": name})
+        return Schedule.model_validate(doc) if doc else None
+
+    def schedules(self) -> list[Schedule]:
+        return [Schedule.model_validate(d) for d in self._db[SCHEDULES].find().sort("_id", 1)]
+
+    def schedule_pause(self, name: str) -> bool:
+        return self._db[SCHEDULES].update_one(
+            {"_id": name}, {"$set": {"enabled": False, "updated_at": utcnow()}}
+        ).matched_count == 1
+
+    def schedule_resume(self, name: str) -> bool:
+        """Enable again from now on: fire times that passed while paused are not made up."""
+        schedule = self.schedule_get(name)
+        if schedule is None:
+            return False
+        now = utcnow()
+        self._db[SCHEDULES].update_one(
+            {"_id": name},
+            {"$set": {"enabled": True, "next_fire_at": schedule.rule().next_fire(now),
+                      "updated_at": now}},
+        )
+        return True
+
+    def schedule_remove(self, name: str) -> bool:
+        return self._db[SCHEDULES].delete_one({"_id": name}).deleted_count == 1
 
     def flush_counters(self, role: str = "producer") -> None:
         roundtrips.flush_sync(self._redis, self._keys.roundtrips, role)

@@ -133,6 +133,7 @@ class RedisServer(ServerProcess):
 
 class MongoServer(ServerProcess):
     name = "mongo"
+    ttl_sweep_s = 60.0  # how often expired documents (retention) are deleted
 
     @property
     def url(self) -> str:
@@ -140,8 +141,8 @@ class MongoServer(ServerProcess):
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "secantus", "--host", "127.0.0.1", "--port", str(self.port),
-            "--storage-path", str(self.data_dir / "db"), "--log-level", "WARNING",
+            sys.executable, "-m", "sendscript.embedded", "mongo", "--port", str(self.port),
+            "--storage-path", str(self.data_dir / "db"), "--ttl-sweep-s", str(self.ttl_sweep_s),
         ]
 
     def ready(self) -> bool:
@@ -189,11 +190,14 @@ URL_SETTING = {"redis": "redis_url", "mongo": "mongo_url", "pulsar": "pulsar_url
 class EmbeddedServers:
     """The servers sendscript needs, started together, stopped together."""
 
-    def __init__(self, data_dir: Path | str, names: Iterable[str] = SERVERS) -> None:
+    def __init__(self, data_dir: Path | str, names: Iterable[str] = SERVERS, *,
+                 ttl_sweep_s: float | None = None) -> None:
         self.data_dir = Path(data_dir).absolute()
         self.servers: dict[str, ServerProcess] = {
             name: SERVER_CLASSES[name](self.data_dir) for name in names
         }
+        if ttl_sweep_s is not None and "mongo" in self.servers:
+            self.servers["mongo"].ttl_sweep_s = ttl_sweep_s  # type: ignore[attr-defined]
 
     def start(self) -> dict[str, str]:
         """Start every server (in parallel where it helps); their URLs by setting name."""
@@ -230,3 +234,37 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra)
     return env
+
+
+def serve_mongo(port: int, storage_path: str, ttl_sweep_s: float) -> None:
+    """SecantusDB in this process (its own CLI does not pass the TTL sweep interval)."""
+    import logging
+    import threading
+
+    from secantus import SecantusDBServer
+
+    logging.basicConfig(level=logging.WARNING)
+    server = SecantusDBServer(host="127.0.0.1", port=port, storage_path=storage_path,
+                              ttl_sweep_seconds=ttl_sweep_s)
+    stopped = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        stopped.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    server.start()
+    stopped.wait()
+    server.stop()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="embedded servers for sendscript")
+    parser.add_argument("server", choices=["mongo"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--storage-path", required=True)
+    parser.add_argument("--ttl-sweep-s", type=float, default=60.0)
+    args = parser.parse_args()
+    serve_mongo(args.port, args.storage_path, args.ttl_sweep_s)

@@ -15,6 +15,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from sendscript.status import RecordStatus, TaskStatus
@@ -57,16 +58,15 @@ def parse_when(value: Any) -> datetime | None:
     raise ValueError(f"expected ISO-8601 or epoch seconds, got {type(value).__name__}")
 
 
-class TaskSpec(BaseModel):
-    """A producer's request for one script run on one device (queue item or SDK call)."""
+class TaskTemplate(BaseModel):
+    """What a task runs and how, without the device: shared by specs, fan-outs, schedules."""
 
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
 
-    device_id: str = Field(min_length=1, max_length=200)
     script: dict[str, Any]
     priority: int = Field(5, ge=0, le=10)
     run_at: datetime | None = None
-    dedupe_key: str | None = Field(None, max_length=500)
+    dedupe_key: str | None = Field(None, min_length=1, max_length=500)
     max_retries: int = Field(3, ge=0, le=100)
     timeout_s: float = Field(300.0, gt=0, le=7 * 86400)
     expire_at: datetime | None = None
@@ -77,12 +77,41 @@ class TaskSpec(BaseModel):
     def _when(cls, value: Any) -> datetime | None:
         return parse_when(value)
 
+
+class TaskSpec(TaskTemplate):
+    """A producer's request for one script run on one device (queue item or SDK call)."""
+
+    device_id: str = Field(min_length=1, max_length=200)
+
     @field_validator("device_id", mode="before")
     @classmethod
     def _device_is_text(cls, value: Any) -> Any:
         if not isinstance(value, str):
             raise ValueError("device_id must be a string")
         return value
+
+
+class FanoutSpec(TaskTemplate):
+    """One submission for many devices: a list, or a device group by name."""
+
+    device_ids: list[str] | None = Field(None, min_length=1, max_length=100_000)
+    group: str | None = Field(None, min_length=1, max_length=200)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> FanoutSpec:
+        if (self.device_ids is None) == (self.group is None):
+            raise ValueError("give exactly one of device_ids or group")
+        if self.device_ids is not None and any(
+            not isinstance(d, str) or not d.strip() for d in self.device_ids
+        ):
+            raise ValueError("device_ids must be non-empty strings")
+        return self
+
+    def for_device(self, device_id: str) -> TaskSpec:
+        data = self.model_dump(exclude={"device_ids", "group"})
+        if self.dedupe_key:
+            data["dedupe_key"] = f"{self.dedupe_key}:{device_id}"
+        return TaskSpec(device_id=device_id, **data)
 
 
 class TaskRef(BaseModel):
@@ -114,14 +143,20 @@ class Task(BaseModel):
     finished_at: datetime | None = None
     last_error: str | None = None
     # Extensions beyond the contract: which master holds it queued, the current
-    # attempt's record and worker.
+    # attempt's record and worker, its fan-out batch, the dedupe key while the task
+    # is not finished (a unique index), and when retention deletes it.
     master: str | None = None
     record_id: str | None = None
     worker: str | None = None
+    batch_id: str | None = None
+    schedule: str | None = None
+    dedupe_active: str | None = None
+    purge_at: datetime | None = None
 
     @classmethod
     def from_spec(
-        cls, spec: TaskSpec, *, task_id: str | None = None, now: datetime | None = None
+        cls, spec: TaskSpec, *, task_id: str | None = None, now: datetime | None = None,
+        batch_id: str | None = None,
     ) -> Task:
         now = now or utcnow()
         due = spec.run_at is None or spec.run_at <= now
@@ -135,10 +170,12 @@ class Task(BaseModel):
             max_retries=spec.max_retries,
             timeout_s=spec.timeout_s,
             dedupe_key=spec.dedupe_key,
+            dedupe_active=spec.dedupe_key,
             expire_at=spec.expire_at,
             queue=spec.queue,
             created_at=now,
             updated_at=now,
+            batch_id=batch_id,
         )
 
     def to_doc(self) -> dict[str, Any]:

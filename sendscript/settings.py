@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sendscript.keys import Keys
 
@@ -53,8 +55,39 @@ class Settings(BaseSettings):
     mongo_timeout_s: float = Field(10.0, gt=0)
     pulsar_timeout_s: float = Field(10.0, gt=0)
 
+    # Scheduling.
+    delay_horizon_s: float = Field(60.0, gt=0)  # waiting tasks due this soon are held in memory
+    delay_load_interval_s: float = Field(20.0, gt=0)
+    schedule_reload_s: float = Field(5.0, gt=0)
+    misfire_grace_s: float = Field(2.0, ge=0)
+    # Named queues: at most this many of a queue's tasks running at once, per master
+    # ("high=50,bulk=10"), and how long a task may wait before it expires ("bulk=600").
+    queues: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
+    queue_max_wait: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
+    expiry_check_interval_s: float = Field(1.0, gt=0)
+
+    # Retention of finished tasks, their records and logs (TTL indexes).
+    retention_success_s: float = Field(7 * 86400, gt=0)
+    retention_failed_s: float = Field(30 * 86400, gt=0)
+
     log_level: str = "INFO"
     log_json: bool = False
+
+    @field_validator("queues", "queue_max_wait", mode="before")
+    @classmethod
+    def _parse_pairs(cls, value: Any) -> Any:
+        """`name=number,name=number` (the env form), a JSON object, or a mapping."""
+        if not isinstance(value, str):
+            return value
+        if value.strip().startswith("{"):
+            return json.loads(value)
+        pairs: dict[str, str] = {}
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            name, sep, number = part.partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"expected name=number, got {part!r}")
+            pairs[name.strip()] = number.strip()
+        return pairs
 
     @property
     def dlq_topic(self) -> str:

@@ -8,7 +8,8 @@ actor won the race; callers treat that as an answer, not an error.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -73,6 +74,27 @@ class InvalidTransition(ValueError):
     pass
 
 
+@dataclass
+class Retention:
+    """How long finished tasks and records are kept (a TTL index reads `purge_at`)."""
+
+    success_s: float = 7 * 86400
+    failed_s: float = 30 * 86400
+
+    def purge_at(self, status: str, now: datetime) -> datetime:
+        keep = self.success_s if status in (S.SUCCESS, R.SUCCESS) else self.failed_s
+        return now + timedelta(seconds=keep)
+
+
+RETENTION = Retention()
+
+
+def configure_retention(success_s: float, failed_s: float) -> None:
+    """Set once per process from the settings, before any task finishes."""
+    RETENTION.success_s = success_s
+    RETENTION.failed_s = failed_s
+
+
 def _sources(
     frm: TaskStatus | RecordStatus | Iterable[Any],
 ) -> list[Any]:
@@ -87,8 +109,14 @@ def _check(table: dict[Any, frozenset[Any]], sources: list[Any], to: Any) -> Non
             raise InvalidTransition(f"{src} -> {to} is not a transition")
 
 
+CANCELLABLE: frozenset[TaskStatus] = frozenset(
+    {S.WAITING, S.PENDING, S.RETRY_WAITING, S.RUNNING, S.SENT}
+)
+SCHEDULED: frozenset[TaskStatus] = frozenset({S.WAITING, S.RETRY_WAITING})
+
+
 def task_cas(
-    task_id: str,
+    task_id: str | list[str] | dict[str, Any],
     frm: TaskStatus | Iterable[TaskStatus],
     to: TaskStatus,
     now: datetime,
@@ -99,18 +127,27 @@ def task_cas(
     inc: dict[str, int] | None = None,
     extra_filter: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(filter, update) for moving one task from `frm` to `to`."""
+    """(filter, update) moving a task from `frm` to `to`: one id, a list of ids
+    (for update_many), or a filter naming the tasks (a batch)."""
     sources = _sources(frm)
     _check(TASK_TRANSITIONS, sources, to)
-    flt: dict[str, Any] = {"_id": task_id}
+    if isinstance(task_id, dict):
+        flt: dict[str, Any] = dict(task_id)
+    elif isinstance(task_id, list):
+        flt = {"_id": {"$in": task_id}}
+    else:
+        flt = {"_id": task_id}
     flt["status"] = sources[0] if len(sources) == 1 else {"$in": [str(s) for s in sources]}
     if attempt is not None:
         flt["attempt"] = attempt
     if extra_filter:
         flt.update(extra_filter)
     fields: dict[str, Any] = {"status": str(to), "updated_at": now}
+    unset = list(unset)
     if to in TERMINAL:
         fields["finished_at"] = now
+        fields["purge_at"] = RETENTION.purge_at(to, now)
+        unset.append("dedupe_active")  # the dedupe key is free again once the task is over
     if set_:
         fields.update(set_)
     update: dict[str, Any] = {"$set": fields}
@@ -137,6 +174,7 @@ def record_cas(
     fields: dict[str, Any] = {"status": str(to)}
     if to in RECORD_TERMINAL:
         fields["finished_at"] = now
+        fields["purge_at"] = RETENTION.purge_at(to, now)
     if set_:
         fields.update(set_)
     return flt, {"$set": fields}

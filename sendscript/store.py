@@ -7,7 +7,7 @@ this module only runs them, one at a time or in bulk.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -16,31 +16,49 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
 from sendscript.models import ExecRecord, Task
-from sendscript.status import RecordStatus, TaskStatus, record_cas, task_cas
+from sendscript.status import SCHEDULED, RecordStatus, TaskStatus, record_cas, task_cas
 
 TASKS = "script_tasks"
 RECORDS = "task_exec_records"
 LOGS = "task_logs"
+SCHEDULES = "schedules"
+GROUPS = "device_groups"
 DUPLICATE_KEY = 11000
+MIN_FIELDS = {"_id": 1, "run_at": 1, "status": 1, "master": 1}
 
 # Few indexes on purpose: every index is paid on every status change.
 TASK_INDEXES = [
     # due and delayed tasks, sweeps by status, restore of a master's pending tasks
     IndexModel([("status", ASCENDING), ("run_at", ASCENDING)]),
+    # a dedupe key is unique among unfinished tasks (the field is unset when they end)
+    IndexModel([("dedupe_active", ASCENDING)], unique=True,
+               partialFilterExpression={"dedupe_active": {"$type": "string"}}),
+    IndexModel([("batch_id", ASCENDING)],
+               partialFilterExpression={"batch_id": {"$type": "string"}}),
+    # retention: set when a task finishes
+    IndexModel([("purge_at", ASCENDING)], expireAfterSeconds=0),
 ]
 RECORD_INDEXES = [
     # one record per attempt, and a task's history
     IndexModel([("task_id", ASCENDING), ("attempt", ASCENDING)], unique=True),
-]
-LOG_INDEXES = [
-    IndexModel([("task_id", ASCENDING), ("timestamp", ASCENDING)]),
+    IndexModel([("purge_at", ASCENDING)], expireAfterSeconds=0),
 ]
 
 
-async def ensure_indexes(db: AsyncDatabase) -> None:
-    await db[TASKS].create_indexes(TASK_INDEXES)
-    await db[RECORDS].create_indexes(RECORD_INDEXES)
-    await db[LOGS].create_indexes(LOG_INDEXES)
+def log_indexes(retention_s: float) -> list[IndexModel]:
+    return [
+        IndexModel([("task_id", ASCENDING), ("timestamp", ASCENDING)]),
+        IndexModel([("received_at", ASCENDING)], expireAfterSeconds=int(retention_s)),
+    ]
+
+
+def all_indexes(log_retention_s: float) -> dict[str, list[IndexModel]]:
+    return {TASKS: TASK_INDEXES, RECORDS: RECORD_INDEXES, LOGS: log_indexes(log_retention_s)}
+
+
+async def ensure_indexes(db: AsyncDatabase, log_retention_s: float = 30 * 86400) -> None:
+    for name, indexes in all_indexes(log_retention_s).items():
+        await db[name].create_indexes(indexes)
 
 
 def duplicate_indexes(exc: BulkWriteError) -> set[int]:
@@ -51,6 +69,29 @@ def duplicate_indexes(exc: BulkWriteError) -> set[int]:
     ):
         raise exc
     return {e["index"] for e in errors}
+
+
+def split_duplicates(exc: BulkWriteError) -> tuple[set[int], set[int]]:
+    """Refused inserts: (stored before under the same id, refused for their dedupe key)."""
+    same_id: set[int] = set()
+    dedupe: set[int] = set()
+    duplicate_indexes(exc)  # re-raises anything that is not a duplicate
+    for err in exc.details.get("writeErrors", []):
+        pattern = err.get("keyPattern") or {}
+        if "dedupe_active" in pattern or "dedupe_active" in err.get("errmsg", ""):
+            dedupe.add(err["index"])
+        else:
+            same_id.add(err["index"])
+    return same_id, dedupe
+
+
+@dataclass
+class Stored:
+    """What became of tasks handed to `TaskStore.store`."""
+
+    created: list[Task] = field(default_factory=list)
+    stored_before: list[Task] = field(default_factory=list)  # same id: a re-ingest
+    deduplicated: dict[str, str] = field(default_factory=dict)  # our id -> existing task id
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,15 +108,28 @@ class TaskStore:
     def __init__(self, db: AsyncDatabase) -> None:
         self.col = db[TASKS]
 
-    async def insert_many(self, tasks: Sequence[Task]) -> set[str]:
-        """Store tasks; returns the ids that were stored already."""
-        if not tasks:
-            return set()
-        try:
-            await self.col.insert_many([t.to_doc() for t in tasks], ordered=False)
-        except BulkWriteError as exc:
-            return {tasks[i].id for i in duplicate_indexes(exc)}
-        return set()
+    async def store(self, tasks: Sequence[Task], chunk: int = 1000) -> Stored:
+        """Insert tasks; say which were new, stored before, or refused as duplicates."""
+        out = Stored()
+        for start in range(0, len(tasks), chunk):
+            part = tasks[start:start + chunk]
+            try:
+                await self.col.insert_many([t.to_doc() for t in part], ordered=False)
+                same_id: set[int] = set()
+                dedupe: set[int] = set()
+            except BulkWriteError as exc:
+                same_id, dedupe = split_duplicates(exc)
+            for i, task in enumerate(part):
+                if i in same_id:
+                    out.stored_before.append(task)
+                elif i not in dedupe:
+                    out.created.append(task)
+            if dedupe:
+                keys = {part[i].dedupe_active: part[i].id for i in dedupe}
+                async for doc in self.col.find({"dedupe_active": {"$in": list(keys)}},
+                                               {"dedupe_active": 1}):
+                    out.deduplicated[keys[doc["dedupe_active"]]] = doc["_id"]
+        return out
 
     async def get(self, task_id: str) -> Task | None:
         doc = await self.col.find_one({"_id": task_id})
@@ -104,6 +158,55 @@ class TaskStore:
 
     async def held_by(self, master_id: str, status: TaskStatus) -> list[Task]:
         cursor = self.col.find({"status": str(status), "master": master_id})
+        return [Task.model_validate(d) async for d in cursor]
+
+    async def scheduled_due(
+        self, before: datetime, masters: Sequence[str | None], limit: int
+    ) -> list[dict[str, Any]]:
+        """Waiting / retry-waiting tasks due before `before`, held by one of `masters`."""
+        cursor = self.col.find(
+            {"status": {"$in": [str(s) for s in SCHEDULED]}, "run_at": {"$lte": before},
+             "master": {"$in": list(masters)}},
+            MIN_FIELDS,
+        ).limit(limit)
+        return [d async for d in cursor]
+
+    async def claim_scheduled(
+        self, task_ids: Sequence[str], master_id: str, masters: Sequence[str | None]
+    ) -> list[dict[str, Any]]:
+        """Take scheduled tasks held by nobody, by us, or by a dead master; what we now hold."""
+        if not task_ids:
+            return []
+        ids = list(task_ids)
+        await self.col.update_many(
+            {"_id": {"$in": ids}, "status": {"$in": [str(s) for s in SCHEDULED]},
+             "master": {"$in": list(masters)}},
+            {"$set": {"master": master_id}},
+        )
+        cursor = self.col.find(
+            {"_id": {"$in": ids}, "status": {"$in": [str(s) for s in SCHEDULED]},
+             "master": master_id},
+            MIN_FIELDS,
+        )
+        return [d async for d in cursor]
+
+    async def release_scheduled(self, task_ids: Sequence[str], master_id: str) -> None:
+        if task_ids:
+            await self.col.update_many(
+                {"_id": {"$in": list(task_ids)}, "master": master_id,
+                 "status": {"$in": [str(s) for s in SCHEDULED]}},
+                {"$unset": {"master": ""}},
+            )
+
+    async def fire(self, task_ids: Sequence[str], master_id: str, now: datetime) -> list[Task]:
+        """Scheduled -> pending for those of ours that are due; the tasks now pending."""
+        flt, update = task_cas(
+            list(task_ids), SCHEDULED, TaskStatus.PENDING, now,
+            extra_filter={"master": master_id, "run_at": {"$lte": now}},
+        )
+        await self.col.update_many(flt, update)
+        cursor = self.col.find({"_id": {"$in": list(task_ids)}, "master": master_id,
+                                "status": str(TaskStatus.PENDING)})
         return [Task.model_validate(d) async for d in cursor]
 
     async def claim_many(self, claims: Sequence[Claim], now: datetime) -> list[bool]:

@@ -46,6 +46,8 @@ def settings_env(settings: Settings, **extra: Any) -> dict[str, str]:
     for name, value in settings.model_dump().items():
         if value is None:
             continue
+        if isinstance(value, dict):
+            value = ",".join(f"{k}={v}" for k, v in value.items())
         env[f"SENDSCRIPT_{name.upper()}"] = str(value)
     for name, value in extra.items():
         env[f"SENDSCRIPT_{name.upper()}"] = str(value)

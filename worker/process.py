@@ -15,7 +15,7 @@ from typing import Any
 
 from loguru import logger
 
-from sendscript import connect, log, roundtrips
+from sendscript import connect, roundtrips, runtime
 from sendscript.central import CentralClient
 from sendscript.ipc import Shutdown, TaskDone, TaskHandle, WorkerExit, WorkerOnline
 from sendscript.settings import Settings
@@ -27,7 +27,7 @@ def main(worker_id: int, conn: Connection, settings_data: dict[str, Any]) -> Non
     # Ctrl-C reaches the whole process group; only the master decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     settings = Settings(**settings_data)
-    log.configure(f"worker-{worker_id}", level=settings.log_level, json=settings.log_json)
+    runtime.setup(settings, f"worker-{worker_id}")
     try:
         asyncio.run(WorkerProcess(worker_id, conn, settings).run())
     except Exception:

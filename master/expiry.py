@@ -1,0 +1,99 @@
+"""Expiry: a task not started by its deadline becomes `expired`, counted as a drop.
+
+The deadline is the task's `expire_at`, or its queue's `max_wait` after it was due,
+whichever comes first. Only tasks with a deadline are tracked, in a heap by
+deadline; the sweep takes those that are still queued off the board.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from collections import Counter
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+import redis.asyncio
+from loguru import logger
+
+from master.board import DeviceBoard
+from sendscript.backoff import Backoff
+from sendscript.models import Task, utcnow
+from sendscript.settings import Settings
+from sendscript.status import TaskStatus, task_cas
+from sendscript.store import TaskStore
+
+
+def deadline(task: Task, max_wait: dict[str, float]) -> datetime | None:
+    limits = [task.expire_at] if task.expire_at else []
+    if task.queue in max_wait:
+        due = task.run_at or task.created_at
+        limits.append(due + timedelta(seconds=max_wait[task.queue]))
+    return min(limits) if limits else None
+
+
+class Expiry:
+    def __init__(self, settings: Settings, board: DeviceBoard, tasks: TaskStore,
+                 client: redis.asyncio.Redis, on_change: Callable[[], None]) -> None:
+        self.settings = settings
+        self.board = board
+        self.tasks = tasks
+        self.redis = client
+        self.on_change = on_change
+        self._heap: list[tuple[float, str]] = []
+        self.expired = 0
+
+    def track(self, tasks: list[Task]) -> None:
+        for task in tasks:
+            when = deadline(task, self.settings.queue_max_wait)
+            if when is not None:
+                heapq.heappush(self._heap, (when.timestamp(), task.id))
+
+    def is_expired(self, task: Task, now: datetime) -> bool:
+        when = deadline(task, self.settings.queue_max_wait)
+        return when is not None and when <= now
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = Backoff(base_s=0.5, cap_s=10.0)
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), self.settings.expiry_check_interval_s)
+            except TimeoutError:
+                pass
+            try:
+                await self.sweep()
+                backoff.succeeded("expiry")
+            except Exception as exc:
+                await backoff.failed("expiry", exc)
+
+    async def sweep(self) -> int:
+        now = utcnow()
+        due: list[Task] = []
+        while self._heap and self._heap[0][0] <= now.timestamp():
+            _, task_id = heapq.heappop(self._heap)
+            task = self.board.remove(task_id)
+            if task is not None:
+                due.append(task)
+        if due:
+            await self.expire(due, now)
+            self.on_change()
+        return len(due)
+
+    async def expire(self, tasks: list[Task], now: datetime) -> None:
+        """pending -> expired with the reason; count the drops per queue."""
+        by_queue: Counter[str] = Counter()
+        for task in tasks:
+            when = deadline(task, self.settings.queue_max_wait)
+            reason = f"expired: not started by {when.isoformat() if when else now.isoformat()}"
+            if await self.tasks.cas(*task_cas(task.id, TaskStatus.PENDING, TaskStatus.EXPIRED,
+                                              now, set_={"last_error": reason})):
+                by_queue[task.queue] += 1
+        if by_queue:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hincrby(self.settings.keys.stats, "expired", sum(by_queue.values()))
+            for queue, n in by_queue.items():
+                pipe.hincrby(self.settings.keys.stats, f"expired:{queue}", n)
+            await pipe.execute()
+            self.expired += sum(by_queue.values())
+            logger.info("expired {} task(s) not started in time: {}", sum(by_queue.values()),
+                        dict(by_queue))

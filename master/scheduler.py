@@ -1,0 +1,124 @@
+"""Cron and interval schedules: every master runs this; each fire is created once.
+
+At a schedule's fire time a master creates the fire's tasks (ids derived from the
+schedule, the fire time and the device, so a second master creating the same fire
+finds them stored and queues nothing), queues those it created, then moves the
+schedule's `next_fire_at` on by compare-and-set. A master that was down over
+several fire times applies the schedule's misfire policy when it comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import datetime
+
+from loguru import logger
+from pymongo.asynchronous.database import AsyncDatabase
+
+from sendscript.backoff import Backoff
+from sendscript.cron import plan
+from sendscript.groups import devices_of
+from sendscript.models import Task, utcnow
+from sendscript.schedules import Schedule, fire_tasks
+from sendscript.settings import Settings
+from sendscript.store import GROUPS, SCHEDULES, TaskStore
+
+MAX_SLEEP_S = 1.0
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, db: AsyncDatabase, tasks: TaskStore,
+                 on_tasks: Callable[[list[Task]], None]) -> None:
+        self.settings = settings
+        self.schedules = db[SCHEDULES]
+        self.groups = db[GROUPS]
+        self.tasks = tasks
+        self.on_tasks = on_tasks
+        self.fired = 0
+        self.created = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = Backoff(base_s=0.5, cap_s=10.0)
+        loaded_at = 0.0
+        schedules: list[Schedule] = []
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            try:
+                if loop.time() - loaded_at >= self.settings.schedule_reload_s:
+                    schedules = await self._load()
+                    loaded_at = loop.time()
+                now = utcnow()
+                due = [s for s in schedules if s.next_fire_at and s.next_fire_at <= now]
+                for schedule in due:
+                    await self.fire(schedule, now)
+                if due:
+                    schedules = await self._load()
+                    loaded_at = loop.time()
+                backoff.succeeded("scheduler")
+            except Exception as exc:
+                await backoff.failed("scheduler", exc)
+                continue
+            wait = self._until_next(schedules, loaded_at, loop.time())
+            try:
+                await asyncio.wait_for(stop.wait(), wait)
+            except TimeoutError:
+                pass
+
+    async def _load(self) -> list[Schedule]:
+        found = []
+        async for doc in self.schedules.find({"enabled": True}):
+            try:
+                found.append(Schedule.model_validate(doc))
+            except ValueError as exc:
+                logger.error("schedule {!r} is invalid and will not fire: {}", doc.get("_id"), exc)
+        return found
+
+    def _until_next(self, schedules: list[Schedule], loaded_at: float, now_mono: float) -> float:
+        reload_in = self.settings.schedule_reload_s - (now_mono - loaded_at)
+        wait = max(0.0, reload_in)
+        now = utcnow()
+        for s in schedules:
+            if s.next_fire_at is not None:
+                wait = min(wait, max(0.0, (s.next_fire_at - now).total_seconds()))
+        return min(wait, MAX_SLEEP_S) if schedules else max(0.05, wait)
+
+    async def fire(self, schedule: Schedule, now: datetime) -> int:
+        """Create the due fire(s) of one schedule; how many tasks this master created."""
+        assert schedule.next_fire_at is not None
+        p = plan(schedule.rule(), schedule.next_fire_at, now, schedule.misfire,
+                 self.settings.misfire_grace_s)
+        if p.missed:
+            logger.warning("schedule {}: {} fire time(s) missed; policy {} fires {}",
+                           schedule.name, p.missed, schedule.misfire, len(p.fires))
+        devices = await self._targets(schedule)
+        created: list[Task] = []
+        for fire_at in p.fires:
+            tasks = fire_tasks(schedule, fire_at, devices, self.settings.key_prefix,
+                               self.settings.master_id, now)
+            stored = await self.tasks.store(tasks)
+            created += stored.created
+        moved = await self.schedules.update_one(
+            {"_id": schedule.name, "next_fire_at": schedule.next_fire_at},
+            {"$set": {"next_fire_at": p.next_fire_at, "updated_at": now,
+                      **({"last_fire_at": p.fires[-1]} if p.fires else {})},
+             "$inc": {"fires": len(p.fires), "missed": p.missed}},
+        )
+        if created:
+            self.created += len(created)
+            self.fired += len(p.fires)
+            logger.info("schedule {} fired at {}: {} task(s)", schedule.name,
+                        [f.isoformat() for f in p.fires], len(created))
+            self.on_tasks(created)
+        elif moved.matched_count:
+            logger.debug("schedule {}: fire already created by another master", schedule.name)
+        return len(created)
+
+    async def _targets(self, schedule: Schedule) -> list[str]:
+        if schedule.device_ids is not None:
+            return schedule.device_ids
+        doc = await self.groups.find_one({"_id": schedule.group})
+        devices = devices_of([doc]).get(schedule.group or "", []) if doc else []
+        if not devices:
+            logger.warning("schedule {}: group {!r} has no devices", schedule.name, schedule.group)
+        return devices

@@ -1,0 +1,12 @@
+"""What every sendscript process sets up before it works."""
+
+from __future__ import annotations
+
+from sendscript import log
+from sendscript.settings import Settings
+from sendscript.status import configure_retention
+
+
+def setup(settings: Settings, role: str) -> None:
+    log.configure(role, level=settings.log_level, json=settings.log_json)
+    configure_retention(settings.retention_success_s, settings.retention_failed_s)
