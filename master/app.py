@@ -16,7 +16,7 @@ from typing import Any
 from loguru import logger
 
 from master.board import DeviceBoard
-from master.delays import DelayedTasks
+from master.delays import DelayedTasks, percentiles
 from master.events import DeviceFreeListener, LockChecker
 from master.expiry import Expiry
 from master.heartbeat import Heartbeat, dead_masters
@@ -52,6 +52,7 @@ class Master:
         self.stop_event = asyncio.Event()
         self.accepting = True
         self.outcomes: Counter[str] = Counter()
+        self.started_at = utcnow()
         self._dispatch_scheduled = False
         self._background: list[asyncio.Task[None]] = []
         self._idle = asyncio.Event()  # set once stopping and no task is in flight
@@ -78,9 +79,9 @@ class Master:
                                    s.free_check_interval_s)
         self.delayed = DelayedTasks(s, self.tasks, lambda: dead_masters(self.redis, s),
                                     self._on_tasks)
-        self.scheduler = Scheduler(s, db, self.tasks, self._on_tasks)
+        self.scheduler = Scheduler(s, db, self.tasks, self._on_tasks, self.started_at)
         self.expiry = Expiry(s, self.board, self.tasks, self.redis, self._kick)
-        self.heartbeat = Heartbeat(self.redis, s, self.report)
+        self.heartbeat = Heartbeat(self.redis, s, self.report, self.started_at)
 
         await self._until_ok("mongo indexes", lambda: ensure_indexes(
             db, max(s.retention_success_s, s.retention_failed_s)))
@@ -285,6 +286,7 @@ class Master:
             "freed_by_lock_check": self.checker.freed,
             "delayed_held": len(self.delayed.heap),
             "delayed_fired": self.delayed.fired,
+            "delayed_fire_lateness": percentiles(self.delayed.lateness),
             "schedule_fires": self.scheduler.fired,
             "expired": self.expiry.expired,
             "running_by_queue": dict(self.board.running_by_queue),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import timedelta
 from typing import Any
@@ -41,13 +42,14 @@ class DelayHeap:
         heapq.heappush(self._heap, (due, task_id))
         return True
 
-    def pop_due(self, now: float) -> list[str]:
-        due: list[str] = []
+    def pop_due(self, now: float) -> list[tuple[str, float]]:
+        """(task id, due time) of every task due by `now`."""
+        due: list[tuple[str, float]] = []
         while self._heap and self._heap[0][0] <= now:
-            _, task_id = heapq.heappop(self._heap)
+            when, task_id = heapq.heappop(self._heap)
             if task_id in self._ids:
                 self._ids.discard(task_id)
-                due.append(task_id)
+                due.append((task_id, when))
         return due
 
     def next_due(self) -> float | None:
@@ -82,6 +84,8 @@ class DelayedTasks:
         self.on_due = on_due
         self.heap = DelayHeap()
         self.fired = 0
+        # Seconds from due time to pending, for the most recent fires.
+        self.lateness: deque[float] = deque(maxlen=10_000)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due: float | None = None
         self._firing: asyncio.Task[None] | None = None
@@ -146,7 +150,8 @@ class DelayedTasks:
 
     async def _fire(self) -> None:
         backoff = Backoff(base_s=0.2, cap_s=5.0)
-        while ids := self.heap.pop_due(time.time()):
+        while due := self.heap.pop_due(time.time()):
+            ids = [task_id for task_id, _ in due]
             while True:
                 try:
                     pending = await self.tasks.fire(ids, self.settings.master_id, utcnow())
@@ -154,6 +159,9 @@ class DelayedTasks:
                     break
                 except Exception as exc:
                     await backoff.failed("fire delayed tasks", exc)
+            fired_at = time.time()
+            fired = {t.id for t in pending}
+            self.lateness.extend(fired_at - when for task_id, when in due if task_id in fired)
             self.fired += len(pending)
             if pending:
                 self.on_due(pending)
@@ -166,3 +174,12 @@ class DelayedTasks:
         ids = self.heap.drain()
         await self.tasks.release_scheduled(ids, self.settings.master_id)
         return len(ids)
+
+
+def percentiles(values: Iterable[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    if not ordered:
+        return {}
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50_ms": pick(0.5) * 1000, "p99_ms": pick(0.99) * 1000,
+            "max_ms": ordered[-1] * 1000}

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import redis.asyncio
@@ -19,11 +20,11 @@ from sendscript.settings import Settings
 
 class Heartbeat:
     def __init__(self, client: redis.asyncio.Redis, settings: Settings,
-                 report: Callable[[], dict[str, Any]]) -> None:
+                 report: Callable[[], dict[str, Any]], started_at: datetime) -> None:
         self.client = client
         self.settings = settings
         self.report = report
-        self.started_at = utcnow().isoformat()
+        self.started_at = started_at.isoformat()
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = Backoff(base_s=0.5, cap_s=10.0)

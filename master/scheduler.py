@@ -29,7 +29,7 @@ MAX_SLEEP_S = 1.0
 
 class Scheduler:
     def __init__(self, settings: Settings, db: AsyncDatabase, tasks: TaskStore,
-                 on_tasks: Callable[[list[Task]], None]) -> None:
+                 on_tasks: Callable[[list[Task]], None], online_since: datetime) -> None:
         self.settings = settings
         self.schedules = db[SCHEDULES]
         self.groups = db[GROUPS]
@@ -37,6 +37,8 @@ class Scheduler:
         self.on_tasks = on_tasks
         self.fired = 0
         self.created = 0
+        # Fire times before this master started are ones no master fired in time.
+        self.online_since = online_since
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = Backoff(base_s=0.5, cap_s=10.0)
@@ -87,10 +89,11 @@ class Scheduler:
         """Create the due fire(s) of one schedule; how many tasks this master created."""
         assert schedule.next_fire_at is not None
         p = plan(schedule.rule(), schedule.next_fire_at, now, schedule.misfire,
-                 self.settings.misfire_grace_s)
+                 self.settings.misfire_grace_s, self.online_since)
         if p.missed:
-            logger.warning("schedule {}: {} fire time(s) missed; policy {} fires {}",
-                           schedule.name, p.missed, schedule.misfire, len(p.fires))
+            logger.warning("schedule {}: {} fire time(s) missed; policy {}: {} catch-up run",
+                           schedule.name, p.missed, schedule.misfire,
+                           1 if schedule.misfire == "fire_once" else 0)
         devices = await self._targets(schedule)
         created: list[Task] = []
         for fire_at in p.fires:

@@ -38,6 +38,8 @@ class Coalescer(Generic[In, Out]):
             del self._pending[: self._max_batch]
             try:
                 results = await self._run_batch([item for item, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"batch of {len(batch)} gave {len(results)} results")
             except Exception as exc:  # every caller gets the failure of its batch
                 for _, future in batch:
                     if not future.done():

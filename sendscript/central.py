@@ -13,14 +13,22 @@ from typing import Any
 import httpx
 
 RETRYABLE_STATUS = frozenset({408, 429})
+# Failures before the request left: the script cannot have reached the farm.
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
 class CentralError(Exception):
-    def __init__(self, reason: str, retryable: bool, status: int | None = None) -> None:
+    """A send that was not accepted. `maybe_sent`: the request may have reached
+    central-control and the device may be running the script (a read timeout, a
+    dropped connection after the request went out); nobody can tell."""
+
+    def __init__(self, reason: str, retryable: bool, status: int | None = None, *,
+                 maybe_sent: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retryable = retryable
         self.status = status
+        self.maybe_sent = maybe_sent
 
     def __str__(self) -> str:
         kind = "retryable" if self.retryable else "final"
@@ -72,10 +80,14 @@ class CentralClient:
                 "script": script}
         try:
             response = await self._http.post("/api/script/send", json=body)
+        except NOT_SENT as exc:
+            raise CentralError(f"not sent ({type(exc).__name__}: {exc})", True) from exc
         except httpx.TimeoutException as exc:
-            raise CentralError(f"timeout ({type(exc).__name__})", True) from exc
+            raise CentralError(f"timeout ({type(exc).__name__})", True,
+                               maybe_sent=True) from exc
         except httpx.TransportError as exc:
-            raise CentralError(f"connection error ({type(exc).__name__}: {exc})", True) from exc
+            raise CentralError(f"connection error ({type(exc).__name__}: {exc})", True,
+                               maybe_sent=True) from exc
         check_response(response)
 
     async def aclose(self) -> None:

@@ -65,12 +65,13 @@ class Plan:
 
 
 def plan(rule: Rule, next_fire_at: datetime, now: datetime, misfire: Misfire,
-         grace_s: float) -> Plan:
+         grace_s: float, online_since: datetime | None = None) -> Plan:
     """What to fire at `now` for a schedule whose next fire time is `next_fire_at`.
 
-    A fire time no later than `grace_s` ago is on time and fires. Older ones were
-    missed (every master was down): `fire_once` fires one run for the whole
-    missed window (the latest fire time), `skip` fires none of them.
+    A due fire time was missed if it passed before this master came online
+    (`online_since`: no master fired it in time) or is more than `grace_s` late.
+    The others are on time and fire. Of the missed ones, `fire_once` fires one run
+    for the whole window (at its latest fire time); `skip` fires none.
     """
     if next_fire_at > now:
         return Plan([], next_fire_at, 0)
@@ -81,10 +82,12 @@ def plan(rule: Rule, next_fire_at: datetime, now: datetime, misfire: Misfire,
             break
         due.append(t)
     upcoming = rule.next_fire(max(due[-1], now))
-    late = [t for t in due if (now - t).total_seconds() > grace_s]
-    on_time = [t for t in due if (now - t).total_seconds() <= grace_s]
-    if not late:
-        return Plan(due, upcoming, 0)
-    if misfire == "fire_once":
-        return Plan([due[-1]], upcoming, len(due) - 1)
-    return Plan(on_time, upcoming, len(late))
+
+    def missed(t: datetime) -> bool:
+        late = (now - t).total_seconds() > grace_s
+        return late or (online_since is not None and t < online_since)
+
+    late = [t for t in due if missed(t)]
+    on_time = [t for t in due if not missed(t)]
+    catch_up = [late[-1]] if late and misfire == "fire_once" else []
+    return Plan(catch_up + on_time, upcoming, len(late))

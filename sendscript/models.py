@@ -37,6 +37,13 @@ def id_from_tag(prefix: str, tag: str) -> str:
     return hashlib.blake2b(f"{prefix}:{tag}".encode(), digest_size=12).hexdigest()
 
 
+def _from_epoch(seconds: float) -> datetime:
+    try:
+        return datetime.fromtimestamp(seconds, UTC)
+    except (OverflowError, OSError, ValueError):
+        raise ValueError(f"epoch seconds out of range: {seconds!r}") from None
+
+
 def parse_when(value: Any) -> datetime | None:
     """ISO-8601 string or epoch seconds (int, float or numeric string) to aware UTC."""
     if value is None or value == "":
@@ -46,13 +53,15 @@ def parse_when(value: Any) -> datetime | None:
     if isinstance(value, bool):
         raise ValueError("expected ISO-8601 or epoch seconds, got a boolean")
     if isinstance(value, int | float):
-        return datetime.fromtimestamp(float(value), UTC)
+        return _from_epoch(float(value))
     if isinstance(value, str):
         text = value.strip()
         try:
-            return datetime.fromtimestamp(float(text), UTC)
+            number = float(text)
         except ValueError:
-            pass
+            number = None
+        if number is not None:
+            return _from_epoch(number)
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
         return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     raise ValueError(f"expected ISO-8601 or epoch seconds, got {type(value).__name__}")
@@ -215,6 +224,7 @@ class LogType(StrEnum):
     PROGRESS = "PROGRESS"
 
 
+MAX_EPOCH_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 RESULT_TYPES = frozenset({LogType.SUCCESS, LogType.ERROR, LogType.SYSTEM_ERROR})
 
 
@@ -228,7 +238,7 @@ class TaskLogMessage(BaseModel):
     device_id: str = Field(min_length=1, validation_alias=AliasChoices("deviceId", "device_id"))
     log_type: LogType = Field(validation_alias=AliasChoices("logType", "log_type"))
     message: str = ""
-    timestamp: int = Field(ge=0)
+    timestamp: int = Field(ge=0, le=MAX_EPOCH_MS)
 
     @field_validator("log_type", mode="before")
     @classmethod

@@ -102,8 +102,9 @@ class IntakeQueue:
     async def hand_back(self, task_ids: list[str]) -> None:
         """Put task ids at the head of the ready queue, for any master to take next."""
         if task_ids:
+            # RPUSH puts the last argument nearest the taking end: reverse to keep order.
             await self._redis.rpush(
-                self._keys.ready, *[json.dumps({"task_id": t}) for t in task_ids]
+                self._keys.ready, *[json.dumps({"task_id": t}) for t in reversed(task_ids)]
             )
 
     async def backlog(self) -> int:

@@ -89,6 +89,17 @@ class Settings(BaseSettings):
             pairs[name.strip()] = number.strip()
         return pairs
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as `SENDSCRIPT_*` variables, for a child process."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, dict):
+                value = ",".join(f"{k}={v}" for k, v in value.items())
+            env[f"SENDSCRIPT_{name.upper()}"] = str(value)
+        return env
+
     @property
     def dlq_topic(self) -> str:
         return self.dead_letter_topic or f"{self.task_log_topic}-DLQ"

@@ -137,6 +137,7 @@ class Simulator:
         self.producer: apulsar.Producer | None = None
         self.client: apulsar.Client | None = None
         self.jobs: set[asyncio.Task[None]] = set()
+        self._connecting = asyncio.Lock()
         self.app = self._make_app()
 
     def _make_app(self) -> FastAPI:
@@ -202,10 +203,12 @@ class Simulator:
         backoff = Backoff(base_s=0.2, cap_s=5.0)
         while True:
             try:
-                if self.producer is None:
-                    await self._connect()
-                assert self.producer is not None
-                await self.producer.send(data)
+                async with self._connecting:  # one client, however many publish at once
+                    if self.producer is None:
+                        await self._connect()
+                producer = self.producer
+                assert producer is not None
+                await producer.send(data)
                 self.farm.counters["published"] += 1
                 backoff.succeeded("simulator publish")
                 return

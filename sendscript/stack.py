@@ -42,6 +42,7 @@ class LocalStack:
     def start(self, log_dir: Path | None) -> None:
         missing = [n for n in SERVERS if not getattr(self.settings, URL_SETTING[n])]
         env = dict(os.environ)
+        env.update(self.settings.to_env())
         env.update(self.extra_env)
         env["SENDSCRIPT_WORKERS"] = str(self.workers)
         if missing:

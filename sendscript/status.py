@@ -180,12 +180,18 @@ def record_cas(
     return flt, {"$set": fields}
 
 
-def record_sent(record_id: str, sent_at: datetime) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def record_sent(
+    record_id: str, sent_at: datetime, send_error: str | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Stamp `sent_at` on a record and move it running -> sent if it is still running.
 
     The device may report before the worker gets here; then the record is already
     final and keeps its status, but the time it was sent is still worth keeping.
+    `send_error` notes a send whose answer was lost (it may have been accepted).
     """
     _check(RECORD_TRANSITIONS, [R.RUNNING], R.SENT)
     status = {"$cond": [{"$eq": ["$status", str(R.RUNNING)]}, str(R.SENT), "$status"]}
-    return {"_id": record_id}, [{"$set": {"sent_at": sent_at, "status": status}}]
+    fields: dict[str, Any] = {"sent_at": sent_at, "status": status}
+    if send_error:
+        fields["send_error"] = send_error
+    return {"_id": record_id}, [{"$set": fields}]

@@ -119,16 +119,20 @@ class TaskStore:
                 dedupe: set[int] = set()
             except BulkWriteError as exc:
                 same_id, dedupe = split_duplicates(exc)
+            if dedupe:
+                keys = {part[i].dedupe_active: i for i in dedupe}
+                async for doc in self.col.find({"dedupe_active": {"$in": list(keys)}},
+                                               {"dedupe_active": 1}):
+                    i = keys[doc["dedupe_active"]]
+                    if doc["_id"] == part[i].id:  # our own task, stored before a crash
+                        same_id.add(i)
+                    else:
+                        out.deduplicated[part[i].id] = doc["_id"]
             for i, task in enumerate(part):
                 if i in same_id:
                     out.stored_before.append(task)
                 elif i not in dedupe:
                     out.created.append(task)
-            if dedupe:
-                keys = {part[i].dedupe_active: part[i].id for i in dedupe}
-                async for doc in self.col.find({"dedupe_active": {"$in": list(keys)}},
-                                               {"dedupe_active": 1}):
-                    out.deduplicated[keys[doc["dedupe_active"]]] = doc["_id"]
         return out
 
     async def get(self, task_id: str) -> Task | None:

@@ -43,12 +43,7 @@ def unique_settings(servers: EmbeddedServers, **overrides: Any) -> Settings:
 
 def settings_env(settings: Settings, **extra: Any) -> dict[str, str]:
     env = dict(os.environ)
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        if isinstance(value, dict):
-            value = ",".join(f"{k}={v}" for k, v in value.items())
-        env[f"SENDSCRIPT_{name.upper()}"] = str(value)
+    env.update(settings.to_env())
     for name, value in extra.items():
         env[f"SENDSCRIPT_{name.upper()}"] = str(value)
     return env

@@ -83,9 +83,17 @@ class ScriptHandler:
                 device_id=h.device_id, task_id=h.task_id, record_id=record_id, script=h.script
             )
         except CentralError as exc:
-            return await self._send_failed(h, fence, attempt, record_id, exc)
+            if not exc.maybe_sent:
+                return await self._send_failed(h, fence, attempt, record_id, exc)
+            # The device may be running it: keep the lock and wait for its result,
+            # as for a send that was accepted (the result timeout covers silence).
+            logger.warning("task {}: {}; treated as sent, device {} stays locked",
+                           h.task_id, exc, h.device_id)
+            note: str | None = str(exc)
+        else:
+            note = None
         try:
-            await self._mark_sent((h.task_id, attempt, record_id, utcnow()))
+            await self._mark_sent((h.task_id, attempt, record_id, utcnow(), note))
         except Exception as exc:
             # Sent is sent: the device will report, and the consumer applies a
             # result to a task still marked running.
@@ -104,14 +112,17 @@ class ScriptHandler:
     async def _claim_batch(self, claims: list[Claim]) -> list[bool]:
         return await self.tasks.claim_many(claims, utcnow())
 
-    async def _mark_sent_batch(self, items: list[tuple[str, int, str, datetime]]) -> list[None]:
+    async def _mark_sent_batch(
+        self, items: list[tuple[str, int, str, datetime, str | None]]
+    ) -> list[None]:
         now = utcnow()
         task_updates = [
             task_cas(task_id, TaskStatus.RUNNING, TaskStatus.SENT, now, attempt=attempt,
                      extra_filter={"record_id": record_id})
-            for task_id, attempt, record_id, _ in items
+            for task_id, attempt, record_id, _, _ in items
         ]
-        record_updates = [record_sent(record_id, sent_at) for _, _, record_id, sent_at in items]
+        record_updates = [record_sent(record_id, sent_at, note)
+                          for _, _, record_id, sent_at, note in items]
         await self.tasks.run_updates(task_updates)
         await self.records.run_updates(record_updates)
         return [None] * len(items)

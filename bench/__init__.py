@@ -1,0 +1,1 @@
+"""Benchmarks of sendscript, run against the whole service on embedded servers."""

@@ -1,0 +1,298 @@
+"""TaskLogConsumer.process on real Pulsar messages, with real Redis and Mongo behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pulsar
+import pulsar.asyncio as apulsar
+import pytest
+import redis.asyncio
+from pymongo.asynchronous.database import AsyncDatabase
+
+from consumers.task_log import TaskLogConsumer
+from sendscript.locks import DeviceLocks
+from sendscript.models import ExecRecord, Task, new_id, utcnow
+from sendscript.settings import Settings
+from sendscript.status import RecordStatus, TaskStatus
+from sendscript.store import LOGS, RECORDS, TASKS, LogStore, RecordStore, TaskStore
+from tests.integration.conftest import FreeEvents
+
+RECEIVE_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Rig:
+    consumer: TaskLogConsumer
+    settings: Settings
+    db: AsyncDatabase
+    redis: redis.asyncio.Redis
+    locks: DeviceLocks
+    source: apulsar.Consumer
+    producer: apulsar.Producer
+    dlq: apulsar.Consumer
+
+    async def deliver(self, payloads: Sequence[bytes | dict[str, Any]]) -> list[pulsar.Message]:
+        """Publish payloads on the task-log topic and receive them back as Pulsar gives them."""
+        for payload in payloads:
+            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            await self.producer.send(data)
+        got = [await asyncio.wait_for(self.source.receive(), RECEIVE_TIMEOUT_S)
+               for _ in payloads]
+        for msg in got:
+            await self.source.acknowledge(msg)
+        return got
+
+    async def dead_letters(self, n: int) -> list[pulsar.Message]:
+        return [await asyncio.wait_for(self.dlq.receive(), RECEIVE_TIMEOUT_S) for _ in range(n)]
+
+    async def sent_task(self, device: str, *, attempt: int = 1) -> tuple[str, str, int]:
+        """A task a worker has sent: task `sent`, its record `sent`, the device locked."""
+        [fence] = await self.locks.acquire_many([(device, 60_000)])
+        assert fence > 0
+        task_id, record_id, now = new_id(), new_id(), utcnow()
+        task = Task(_id=task_id, device_id=device, script={"id": "tap"}, status=TaskStatus.SENT,
+                    attempt=attempt, record_id=record_id, worker="w-1", master="m-1")
+        record = ExecRecord(_id=record_id, task_id=task_id, attempt=attempt, device_id=device,
+                            lock_value=fence, worker="w-1", started_at=now, sent_at=now,
+                            status=RecordStatus.SENT)
+        await self.db[TASKS].insert_one(task.to_doc())
+        await self.db[RECORDS].insert_one(record.to_doc())
+        return task_id, record_id, fence
+
+    async def snapshot(self) -> dict[str, Any]:
+        return {
+            name: [d async for d in self.db[name].find({}).sort("_id")]
+            for name in (TASKS, RECORDS, LOGS)
+        }
+
+
+def log(task_id: str, record_id: str, device: str, kind: str, message: str = "",
+        ts: int | None = None) -> dict[str, Any]:
+    return {"recordId": record_id, "taskId": task_id, "deviceId": device, "logType": kind,
+            "message": message, "timestamp": ts if ts is not None else int(time.time() * 1000)}
+
+
+@pytest.fixture
+async def rig(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase,
+    pulsar_client: apulsar.Client,
+) -> AsyncIterator[Rig]:
+    consumer = TaskLogConsumer(settings)
+    # What run() sets up before it consumes.
+    consumer.redis = redis_client
+    consumer.tasks, consumer.records, consumer.logs = TaskStore(db), RecordStore(db), LogStore(db)
+    consumer.locks = DeviceLocks(redis_client, settings.keys)
+    consumer.dlq = await pulsar_client.create_producer(settings.dlq_topic)
+    source = await pulsar_client.subscribe(
+        settings.task_log_topic, "test", consumer_type=pulsar.ConsumerType.Shared,
+        initial_position=pulsar.InitialPosition.Earliest,
+    )
+    dlq = await pulsar_client.subscribe(
+        settings.dlq_topic, "test", initial_position=pulsar.InitialPosition.Earliest,
+    )
+    producer = await pulsar_client.create_producer(settings.task_log_topic)
+    yield Rig(consumer, settings, db, redis_client, DeviceLocks(redis_client, settings.keys),
+              source, producer, dlq)
+    await producer.close()
+    await source.close()
+    await dlq.close()
+    await consumer.dlq.close()
+
+
+async def test_success_applies_to_task_and_record_and_frees_the_device(
+    rig: Rig, free_events: FreeEvents
+) -> None:
+    task_id, record_id, fence = await rig.sent_task("dev-1")
+    before = utcnow()
+    batch = await rig.deliver([
+        log(task_id, record_id, "dev-1", "INFO", "started", 1_000),
+        log(task_id, record_id, "dev-1", "SUCCESS", "all done", 2_000),
+    ])
+
+    result = await rig.consumer.process(batch)
+
+    assert (result.saved, result.applied, result.released, result.dead_lettered) == (2, 1, 1, 0)
+    assert result.unknown_records == []
+    task = await rig.db[TASKS].find_one({"_id": task_id})
+    assert task is not None
+    assert task["status"] == "success"
+    assert task["finished_at"] >= before and task["updated_at"] >= before
+    assert task.get("last_error") is None
+    assert task["attempt"] == 1
+    rec = await rig.db[RECORDS].find_one({"_id": record_id})
+    assert rec is not None
+    assert rec["status"] == "success" and rec["finished_at"] >= before
+    assert rec.get("error") is None
+    logs = [d async for d in rig.db[LOGS].find({"record_id": record_id}).sort("timestamp")]
+    assert [(d["log_type"], d["message"]) for d in logs] == [
+        ("INFO", "started"), ("SUCCESS", "all done")]
+    assert all(d["task_id"] == task_id and d["device_id"] == "dev-1" for d in logs)
+    assert await rig.locks.holders(["dev-1"]) == [None]
+    assert await free_events.collect() == [{"device_id": "dev-1", "fence": fence}]
+
+
+async def test_applying_the_same_batch_twice_changes_nothing(
+    rig: Rig, free_events: FreeEvents
+) -> None:
+    t1, r1, _ = await rig.sent_task("dev-1")
+    t2, r2, _ = await rig.sent_task("dev-2")
+    payloads = [
+        log(t1, r1, "dev-1", "PROGRESS", "50%", 1_000),
+        log(t1, r1, "dev-1", "SUCCESS", "ok", 2_000),
+        log(t2, r2, "dev-2", "ERROR", "crashed", 2_500),
+    ]
+    batch = await rig.deliver(payloads)
+    await rig.consumer.process(batch)
+    after_first = await rig.snapshot()
+    await free_events.collect()
+    # The freed device is locked again by its next task before the redelivery.
+    [next_fence] = await rig.locks.acquire_many([("dev-1", 60_000)])
+
+    again = await rig.consumer.process(batch)                       # the same messages
+    dup = await rig.consumer.process(await rig.deliver(payloads))   # published twice
+
+    for result in (again, dup):
+        assert (result.saved, result.applied, result.released) == (0, 0, 0)
+    assert await rig.snapshot() == after_first
+    assert await rig.locks.holders(["dev-1", "dev-2"]) == [next_fence, None]
+    # Only dev-2, whose lock is gone, is announced again; dev-1 is someone else's now.
+    assert {e["device_id"] for e in await free_events.collect()} == {"dev-2"}
+
+
+async def test_a_duplicate_within_one_batch_is_applied_once(rig: Rig) -> None:
+    task_id, record_id, _ = await rig.sent_task("dev-1")
+    msg = log(task_id, record_id, "dev-1", "SUCCESS", "ok", 5_000)
+    result = await rig.consumer.process(await rig.deliver([msg, msg]))
+    assert (result.saved, result.applied, result.released) == (1, 1, 1)
+    assert await rig.db[LOGS].count_documents({}) == 1
+    assert (await rig.db[TASKS].find_one({"_id": task_id}))["status"] == "success"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("kind", ["ERROR", "SYSTEM_ERROR", "error"])
+async def test_error_marks_task_and_record_failed(rig: Rig, kind: str) -> None:
+    task_id, record_id, _ = await rig.sent_task("dev-1")
+    result = await rig.consumer.process(
+        await rig.deliver([log(task_id, record_id, "dev-1", kind, "screen locked")]))
+
+    assert (result.applied, result.released) == (1, 1)
+    expected = f"{kind.upper()}: screen locked"
+    task = await rig.db[TASKS].find_one({"_id": task_id})
+    assert task is not None
+    assert task["status"] == "failed" and task["last_error"] == expected
+    assert task["finished_at"] is not None
+    rec = await rig.db[RECORDS].find_one({"_id": record_id})
+    assert rec is not None
+    assert rec["status"] == "failed" and rec["error"] == expected
+    assert await rig.locks.holders(["dev-1"]) == [None]
+
+
+async def test_snake_case_messages_are_accepted(rig: Rig) -> None:
+    task_id, record_id, _ = await rig.sent_task("dev-1")
+    msg = {"record_id": record_id, "task_id": task_id, "device_id": "dev-1",
+           "log_type": "SUCCESS", "message": None, "timestamp": 7}
+    result = await rig.consumer.process(await rig.deliver([msg]))
+    assert (result.saved, result.applied, result.dead_lettered) == (1, 1, 0)
+
+
+async def test_result_for_unknown_record_is_saved_not_applied(rig: Rig) -> None:
+    task_id, _, fence = await rig.sent_task("dev-1")
+    before = await rig.snapshot()
+
+    result = await rig.consumer.process(
+        await rig.deliver([log(task_id, "no-such-record", "dev-1", "SUCCESS", "ok", 3_000)]))
+
+    assert result.saved == 1 and result.applied == 0 and result.released == 0
+    assert result.unknown_records == ["no-such-record"]
+    after = await rig.snapshot()
+    assert after[TASKS] == before[TASKS] and after[RECORDS] == before[RECORDS]
+    [saved] = after[LOGS]
+    assert saved["record_id"] == "no-such-record" and saved["log_type"] == "SUCCESS"
+    assert await rig.locks.holders(["dev-1"]) == [fence]
+
+
+async def test_a_late_result_of_an_old_attempt_leaves_the_new_attempt_alone(rig: Rig) -> None:
+    task_id, old_record, _ = await rig.sent_task("dev-1")
+    # The old attempt ended without its result (e.g. timed out); attempt 2 is now sent.
+    old_fence_gone = await rig.redis.delete(rig.settings.keys.device_lock("dev-1"))
+    assert old_fence_gone == 1
+    [fence2] = await rig.locks.acquire_many([("dev-1", 60_000)])
+    record2 = new_id()
+    await rig.db[RECORDS].insert_one(ExecRecord(
+        _id=record2, task_id=task_id, attempt=2, device_id="dev-1", lock_value=fence2,
+        worker="w-2", started_at=utcnow(), status=RecordStatus.SENT).to_doc())
+    await rig.db[TASKS].update_one({"_id": task_id},
+                                   {"$set": {"attempt": 2, "record_id": record2}})
+
+    result = await rig.consumer.process(
+        await rig.deliver([log(task_id, old_record, "dev-1", "ERROR", "late")]))
+
+    assert result.applied == 0
+    task = await rig.db[TASKS].find_one({"_id": task_id})
+    assert task is not None and task["status"] == "sent" and task["attempt"] == 2
+    assert (await rig.db[RECORDS].find_one({"_id": record2}))["status"] == "sent"  # type: ignore[index]
+    assert await rig.locks.holders(["dev-1"]) == [fence2], "the new attempt keeps its device"
+
+
+async def test_a_task_put_back_after_its_worker_died_takes_success_not_error(
+    rig: Rig,
+) -> None:
+    put_back = []
+    for device in ("dev-ok", "dev-err"):
+        task_id, record_id, _ = await rig.sent_task(device)
+        # The worker died mid-send; the master put the task back, same attempt.
+        await rig.db[TASKS].update_one({"_id": task_id}, {"$set": {"status": "pending"}})
+        await rig.db[RECORDS].update_one({"_id": record_id}, {"$set": {"status": "running"}})
+        put_back.append((task_id, record_id))
+    (ok_task, ok_rec), (err_task, err_rec) = put_back
+
+    result = await rig.consumer.process(await rig.deliver([
+        log(ok_task, ok_rec, "dev-ok", "SUCCESS", "ran"),
+        log(err_task, err_rec, "dev-err", "ERROR", "did not run"),
+    ]))
+
+    assert result.applied == 1 and result.released == 2
+    # The device did run it: running it again would be the mistake.
+    assert (await rig.db[TASKS].find_one({"_id": ok_task}))["status"] == "success"  # type: ignore[index]
+    # An error does not end a task that is queued to run again.
+    assert (await rig.db[TASKS].find_one({"_id": err_task}))["status"] == "pending"  # type: ignore[index]
+    assert (await rig.db[RECORDS].find_one({"_id": err_rec}))["status"] == "failed"  # type: ignore[index]
+
+
+async def test_malformed_messages_go_to_the_dead_letter_topic(rig: Rig) -> None:
+    task_id, record_id, _ = await rig.sent_task("dev-1")
+    bad: list[tuple[bytes, str]] = [
+        (b"{oops", "not JSON"),
+        (b"\xff\xfe", "not JSON"),
+        (b"[1, 2]", "expected a JSON object, got list"),
+        (json.dumps({"taskId": "t", "deviceId": "d", "logType": "SUCCESS",
+                     "timestamp": 1}).encode(), "recordId"),
+        (json.dumps(log("t", "r", "d", "BOGUS")).encode(), "log"),
+        (json.dumps(log("t", "r", "d", "INFO", ts=-5)).encode(), "timestamp"),
+    ]
+    good = log(task_id, record_id, "dev-1", "SUCCESS", "fine")
+    batch = await rig.deliver([item for item, _ in bad] + [good])
+
+    result = await rig.consumer.process(batch)
+
+    assert result.dead_lettered == len(bad)
+    assert result.applied == 1 and result.saved == 1, "the good message of the batch applies"
+    letters = await rig.dead_letters(len(bad))
+    by_data = {}
+    for letter in letters:
+        payload = json.loads(letter.data())
+        assert payload["topic"].endswith(rig.settings.task_log_topic.split("/")[-1])
+        assert payload["message_id"]
+        assert letter.properties()["reason"] == payload["reason"][:500]
+        by_data[payload["data"]] = payload["reason"]
+    for item, expected in bad:
+        reason = by_data[item.decode("utf-8", "replace")]
+        assert expected in reason, (item, reason)
+    stats = await rig.redis.hget(rig.settings.keys.stats, "dead_lettered")
+    assert stats == str(len(bad)).encode()
+    assert await rig.db[LOGS].count_documents({}) == 1

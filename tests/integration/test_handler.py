@@ -1,0 +1,255 @@
+"""ScriptHandler.handle with real Redis and Mongo and a real HTTP central-control."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import redis.asyncio
+from pymongo.asynchronous.database import AsyncDatabase
+
+from consumers.task_log import result_updates
+from sendscript.central import CentralClient
+from sendscript.ipc import TaskHandle
+from sendscript.locks import DeviceLocks
+from sendscript.models import Task, TaskLogMessage, new_id, utcnow
+from sendscript.settings import Settings
+from sendscript.status import TaskStatus
+from sendscript.store import RECORDS, TASKS, RecordStore, TaskStore
+from tests.integration.conftest import Central
+from worker.handler import ScriptHandler
+
+WORKER = "w-test"
+MARGIN_S = 60.0
+SCRIPT = {"id": "tap", "args": {"x": 1}}
+
+
+@pytest.fixture
+async def handler(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase, central: Central
+) -> AsyncIterator[ScriptHandler]:
+    client = CentralClient(central.url, connect_timeout_s=2, timeout_s=5)
+    yield ScriptHandler(redis_client=redis_client, db=db, central=client, keys=settings.keys,
+                        worker_name=WORKER, lock_margin_s=MARGIN_S)
+    await client.aclose()
+
+
+@pytest.fixture
+def locks(settings: Settings, redis_client: redis.asyncio.Redis) -> DeviceLocks:
+    return DeviceLocks(redis_client, settings.keys)
+
+
+async def stored_task(db: AsyncDatabase, device: str = "dev-1", **fields: Any) -> TaskHandle:
+    task = Task(_id=new_id(), device_id=device, script=SCRIPT, timeout_s=30, **fields)
+    await db[TASKS].insert_one(task.to_doc())
+    return TaskHandle(task_id=task.id, device_id=device, attempt=task.attempt,
+                      max_retries=task.max_retries, timeout_s=task.timeout_s,
+                      priority=task.priority, queue=task.queue, script=task.script)
+
+
+async def test_sent(
+    settings: Settings, handler: ScriptHandler, db: AsyncDatabase, central: Central,
+    locks: DeviceLocks, redis_client: redis.asyncio.Redis,
+) -> None:
+    h = await stored_task(db)
+    before = utcnow()
+
+    done = await handler.handle(h)
+
+    assert done.outcome == "sent" and done.error is None
+    assert done.attempt == 1 and done.fence is not None and done.fence > 0
+    task = await db[TASKS].find_one({"_id": h.task_id})
+    assert task is not None
+    assert task["status"] == "sent" and task["attempt"] == 1 and task["worker"] == WORKER
+    [rec] = [d async for d in db[RECORDS].find({"task_id": h.task_id})]
+    assert task["record_id"] == rec["_id"]
+    assert rec["attempt"] == 1 and rec["device_id"] == "dev-1" and rec["worker"] == WORKER
+    assert rec["lock_value"] == done.fence
+    assert rec["status"] == "sent"
+    assert before <= rec["started_at"] <= rec["sent_at"] <= utcnow() + timedelta(seconds=1)
+    assert await locks.holders(["dev-1"]) == [done.fence]
+    ttl = await redis_client.pttl(settings.keys.device_lock("dev-1"))
+    expected_ttl = int((30 + MARGIN_S) * 1000)
+    assert expected_ttl - 5_000 < ttl <= expected_ttl, "TTL longer than the task's timeout"
+    assert central.requests == [{
+        "method": "POST", "path": "/api/script/send",
+        "json": {"deviceId": "dev-1", "taskId": h.task_id, "recordId": rec["_id"],
+                 "script": SCRIPT},
+    }]
+
+
+async def test_busy_device_leaves_the_task_untouched(
+    handler: ScriptHandler, db: AsyncDatabase, central: Central, locks: DeviceLocks
+) -> None:
+    h = await stored_task(db)
+    [other] = await locks.acquire_many([("dev-1", 60_000)])
+    before = await db[TASKS].find_one({"_id": h.task_id})
+
+    done = await handler.handle(h)
+
+    assert done.outcome == "busy" and done.attempt == 0
+    assert await db[TASKS].find_one({"_id": h.task_id}) == before
+    assert await db[RECORDS].count_documents({}) == 0
+    assert central.requests == []
+    assert await locks.holders(["dev-1"]) == [other]
+
+
+async def test_stale_task_releases_the_lock(
+    handler: ScriptHandler, db: AsyncDatabase, central: Central, locks: DeviceLocks
+) -> None:
+    running = await stored_task(db, "dev-1", status=TaskStatus.RUNNING, attempt=1)
+    moved_on = await stored_task(db, "dev-2", attempt=2)
+    stale_handle = moved_on.model_copy(update={"attempt": 1})
+    before = [d async for d in db[TASKS].find({}).sort("_id")]
+
+    done = await asyncio.gather(handler.handle(running), handler.handle(stale_handle))
+
+    assert [d.outcome for d in done] == ["stale", "stale"]
+    assert [d async for d in db[TASKS].find({}).sort("_id")] == before
+    assert await db[RECORDS].count_documents({}) == 0
+    assert central.requests == []
+    assert await locks.holders(["dev-1", "dev-2"]) == [None, None]
+
+
+async def test_central_refusal_fails_the_task_and_releases_the_lock(
+    handler: ScriptHandler, db: AsyncDatabase, central: Central, locks: DeviceLocks
+) -> None:
+    central.reply(400, {"success": False, "message": "unknown script"})
+    h = await stored_task(db)
+
+    done = await handler.handle(h)
+
+    assert done.outcome == "failed" and done.attempt == 1
+    assert done.error is not None and "400" in done.error
+    task = await db[TASKS].find_one({"_id": h.task_id})
+    assert task is not None
+    assert task["status"] == "failed" and task["attempt"] == 1
+    assert "HTTP 400" in task["last_error"] and "unknown script" in task["last_error"]
+    assert task["finished_at"] is not None
+    [rec] = [d async for d in db[RECORDS].find({"task_id": h.task_id})]
+    assert rec["status"] == "failed" and rec["error"] == task["last_error"]
+    assert rec.get("sent_at") is None
+    assert await locks.holders(["dev-1"]) == [None]
+    assert len(central.requests) == 1
+
+
+async def test_accepted_without_success_is_a_refusal(
+    handler: ScriptHandler, db: AsyncDatabase, central: Central, locks: DeviceLocks
+) -> None:
+    central.reply(200, {"success": False, "message": "device offline"})
+    h = await stored_task(db)
+    done = await handler.handle(h)
+    assert done.outcome == "failed"
+    task = await db[TASKS].find_one({"_id": h.task_id})
+    assert task is not None and task["status"] == "failed"
+    assert "device offline" in task["last_error"]
+    assert await locks.holders(["dev-1"]) == [None]
+
+
+async def test_attempts_exhausted(
+    handler: ScriptHandler, db: AsyncDatabase, central: Central, locks: DeviceLocks
+) -> None:
+    h = await stored_task(db, attempt=4, max_retries=3)
+
+    done = await handler.handle(h)
+
+    assert done.outcome == "failed" and done.error is not None
+    assert "attempts exhausted" in done.error
+    task = await db[TASKS].find_one({"_id": h.task_id})
+    assert task is not None
+    assert task["status"] == "failed" and task["attempt"] == 4
+    assert task["last_error"].startswith("attempts exhausted")
+    assert task["finished_at"] is not None
+    assert central.requests == []
+    assert await db[RECORDS].count_documents({}) == 0
+    assert await locks.holders(["dev-1"]) == [None]
+
+
+async def test_last_allowed_attempt_is_still_sent(
+    handler: ScriptHandler, db: AsyncDatabase, central: Central
+) -> None:
+    h = await stored_task(db, attempt=3, max_retries=3)
+    done = await handler.handle(h)
+    assert done.outcome == "sent" and done.attempt == 4
+    assert len(central.requests) == 1
+
+
+async def test_one_device_one_script_across_concurrent_handles(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase, central: Central,
+    handler: ScriptHandler, locks: DeviceLocks,
+) -> None:
+    # Two workers (two handlers) and three tasks for one device, all at once.
+    client = CentralClient(central.url, connect_timeout_s=2, timeout_s=5)
+    other = ScriptHandler(redis_client=redis_client, db=db, central=client, keys=settings.keys,
+                          worker_name="w-other", lock_margin_s=MARGIN_S)
+    try:
+        handles = [await stored_task(db) for _ in range(3)]
+        done = await asyncio.gather(handler.handle(handles[0]), other.handle(handles[1]),
+                                    handler.handle(handles[2]), other.handle(handles[0]))
+    finally:
+        await client.aclose()
+    outcomes = sorted(d.outcome for d in done)
+    assert outcomes == ["busy", "busy", "busy", "sent"]
+    assert len(central.requests) == 1
+    [winner] = [d for d in done if d.outcome == "sent"]
+    assert await locks.holders(["dev-1"]) == [winner.fence]
+    assert await db[TASKS].count_documents({"status": "pending"}) == 2
+
+
+async def test_a_result_before_the_send_is_marked_keeps_the_result(
+    settings: Settings, handler: ScriptHandler, db: AsyncDatabase, central: Central,
+    locks: DeviceLocks,
+) -> None:
+    """The device reports SUCCESS while central-control is still answering the worker."""
+    records, tasks = RecordStore(db), TaskStore(db)
+
+    async def device_reports(body: dict[str, Any]) -> None:
+        msg = TaskLogMessage(recordId=body["recordId"], taskId=body["taskId"],
+                             deviceId=body["deviceId"], logType="SUCCESS", timestamp=1)
+        found = await records.find_many([msg.record_id])
+        task_updates, record_updates, releases = result_updates([msg], found, utcnow())
+        await locks.release_many(releases)
+        assert await tasks.run_updates(task_updates) == 1
+        assert await records.run_updates(record_updates) == 1
+
+    central.on_request = device_reports
+    h = await stored_task(db)
+
+    done = await handler.handle(h)
+
+    assert done.outcome == "sent"
+    task = await db[TASKS].find_one({"_id": h.task_id})
+    assert task is not None and task["status"] == "success"
+    [rec] = [d async for d in db[RECORDS].find({"task_id": h.task_id})]
+    assert rec["status"] == "success", "the result is not overwritten by 'sent'"
+    assert rec["sent_at"] is not None, "the send time is still kept"
+    assert await locks.holders(["dev-1"]) == [None]
+
+
+async def test_a_timed_out_send_keeps_the_device_locked(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase, central: Central,
+    locks: DeviceLocks,
+) -> None:
+    central.delay_s = 1.0  # central-control takes the script, answers too late
+    client = CentralClient(central.url, connect_timeout_s=1, timeout_s=0.3)
+    slow = ScriptHandler(redis_client=redis_client, db=db, central=client, keys=settings.keys,
+                         worker_name=WORKER, lock_margin_s=MARGIN_S)
+    try:
+        first = await stored_task(db)
+        done = await slow.handle(first)
+        assert len(central.requests) == 1, "central-control received the script"
+        # Nobody can tell whether it was accepted: it counts as sent, the device stays
+        # locked for its result (or the result timeout), and the record says why.
+        assert done.outcome == "sent" and done.fence is not None
+        assert (await locks.holders(["dev-1"]))[0] == done.fence
+        task = await db[TASKS].find_one({"_id": first.task_id})
+        assert task is not None and task["status"] == "sent"
+        [rec] = [d async for d in db[RECORDS].find({"task_id": first.task_id})]
+        assert "timeout" in rec["send_error"] and rec["status"] == "sent"
+        second = await stored_task(db)
+        assert (await slow.handle(second)).outcome == "busy"
+    finally:
+        await client.aclose()

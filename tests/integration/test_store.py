@@ -1,0 +1,256 @@
+"""Mongo repositories on a real MongoDB-protocol server: inserts, claims, records, logs."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+from pymongo.asynchronous.database import AsyncDatabase
+
+from sendscript.models import ExecRecord, LogType, Task, TaskLogMessage, new_id, utcnow
+from sendscript.status import TaskStatus, task_cas
+from sendscript.store import (
+    LOGS,
+    RECORDS,
+    TASKS,
+    Claim,
+    LogStore,
+    RecordStore,
+    TaskStore,
+    ensure_indexes,
+)
+
+
+def task(task_id: str | None = None, **fields: Any) -> Task:
+    values: dict[str, Any] = {"_id": task_id or new_id(), "device_id": "dev-1",
+                              "script": {"id": "tap"}}
+    values.update(fields)
+    return Task(**values)
+
+
+def record(task_id: str, attempt: int, **fields: Any) -> ExecRecord:
+    values: dict[str, Any] = {"_id": new_id(), "task_id": task_id, "attempt": attempt,
+                              "device_id": "dev-1", "lock_value": 1, "worker": "w",
+                              "started_at": utcnow()}
+    values.update(fields)
+    return ExecRecord(**values)
+
+
+async def test_ensure_indexes_is_idempotent_and_makes_records_unique(db: AsyncDatabase) -> None:
+    await ensure_indexes(db)  # the fixture ran it once already
+    info = await db[RECORDS].index_information()
+    unique = [spec for spec in info.values() if spec.get("unique")]
+    assert [spec["key"] for spec in unique] == [[("task_id", 1), ("attempt", 1)]]
+    task_keys = [spec["key"] for spec in (await db[TASKS].index_information()).values()]
+    assert [("status", 1), ("run_at", 1)] in task_keys
+    log_keys = [spec["key"] for spec in (await db[LOGS].index_information()).values()]
+    assert [("task_id", 1), ("timestamp", 1)] in log_keys
+
+
+async def put(db: AsyncDatabase, *tasks: Task) -> None:
+    """Arrange: tasks stored as they are, whatever the store's own insert does."""
+    await db[TASKS].insert_many([t.to_doc() for t in tasks])
+
+
+async def test_store_says_what_was_stored_before(db: AsyncDatabase) -> None:
+    tasks = TaskStore(db)
+    t1, t2 = task("t1", priority=1), task("t2", priority=2)
+    first = await tasks.store([t1, t2])
+    assert [t.id for t in first.created] == ["t1", "t2"]
+    assert first.stored_before == [] and first.deduplicated == {}
+
+    again = task("t2", priority=9)
+    second = await tasks.store([again, task("t3")])
+    assert [t.id for t in second.created] == ["t3"]
+    assert [t.id for t in second.stored_before] == ["t2"]
+    assert (await tasks.store([])).created == []
+
+    stored = {t.id: t for t in await tasks.find_many(["t1", "t2", "t3", "nope"])}
+    assert set(stored) == {"t1", "t2", "t3"}
+    assert stored["t2"].priority == 2, "the first stored task is kept, not overwritten"
+    assert stored["t1"] == t1
+    assert await db[TASKS].count_documents({}) == 3
+
+
+async def test_store_in_chunks_keeps_each_task_in_its_place(db: AsyncDatabase) -> None:
+    tasks = TaskStore(db)
+    await put(db, task("t2"), task("t5"))
+    result = await tasks.store([task(f"t{i}") for i in range(7)], chunk=3)
+    assert sorted(t.id for t in result.created) == ["t0", "t1", "t3", "t4", "t6"]
+    assert sorted(t.id for t in result.stored_before) == ["t2", "t5"]
+    assert await db[TASKS].count_documents({}) == 7
+
+
+async def test_store_refuses_a_second_unfinished_task_with_the_same_dedupe_key(
+    db: AsyncDatabase,
+) -> None:
+    tasks = TaskStore(db)
+
+    def keyed(task_id: str, key: str) -> Task:
+        return task(task_id, dedupe_key=key, dedupe_active=key)
+
+    first = await tasks.store([keyed("t1", "k1")])
+    assert [t.id for t in first.created] == ["t1"]
+    again = await tasks.store([keyed("t2", "k1"), keyed("t3", "k2"), keyed("t4", "k2")])
+    assert [t.id for t in again.created] == ["t3"]
+    assert again.deduplicated == {"t2": "t1", "t4": "t3"}
+    assert again.stored_before == []
+    assert {d["_id"] async for d in db[TASKS].find({})} == {"t1", "t3"}
+
+    # Once t1 is finished its key is free again.
+    flt, upd = task_cas("t1", TaskStatus.PENDING, TaskStatus.CANCELLED, utcnow())
+    assert await tasks.cas(flt, upd)
+    third = await tasks.store([keyed("t5", "k1")])
+    assert [t.id for t in third.created] == ["t5"] and third.deduplicated == {}
+
+
+async def test_storing_a_keyed_task_again_is_stored_before_not_a_duplicate(
+    db: AsyncDatabase,
+) -> None:
+    tasks = TaskStore(db)
+    keyed = task("t1", dedupe_key="k1", dedupe_active="k1")
+    assert [t.id for t in (await tasks.store([keyed])).created] == ["t1"]
+    again = await tasks.store([keyed])
+    assert again.deduplicated == {}
+    assert [t.id for t in again.stored_before] == ["t1"]
+
+
+async def test_claim_moves_pending_to_running(db: AsyncDatabase) -> None:
+    tasks = TaskStore(db)
+    stored = task("t1")
+    await put(db, stored)
+    now = utcnow() + timedelta(seconds=1)
+
+    assert await tasks.claim_many([Claim("t1", 0, "rec-1", "w-1")], now) == [True]
+
+    doc = await db[TASKS].find_one({"_id": "t1"})
+    assert doc is not None
+    assert doc["status"] == "running"
+    assert doc["attempt"] == 1
+    assert doc["record_id"] == "rec-1"
+    assert doc["worker"] == "w-1"
+    assert doc["updated_at"] == now
+    assert "finished_at" not in doc
+    # The same attempt cannot be claimed twice.
+    assert await tasks.claim_many([Claim("t1", 0, "rec-2", "w-2")], now) == [False]
+    assert (await tasks.get("t1")).record_id == "rec-1"  # type: ignore[union-attr]
+
+
+async def test_concurrent_claims_of_one_task_have_one_winner(db: AsyncDatabase) -> None:
+    tasks = TaskStore(db)
+    ids = [f"t{i}" for i in range(20)]
+    await put(db, *[task(i) for i in ids])
+    now = utcnow()
+
+    # Two workers race for every task, each in a batch of its own.
+    a, b = await asyncio.gather(
+        tasks.claim_many([Claim(i, 0, f"a-{i}", "w-a") for i in ids], now),
+        tasks.claim_many([Claim(i, 0, f"b-{i}", "w-b") for i in ids], now),
+    )
+    for task_id, won_a, won_b in zip(ids, a, b, strict=True):
+        assert won_a != won_b, f"{task_id}: a={won_a} b={won_b}"
+    docs = {d["_id"]: d async for d in db[TASKS].find({})}
+    for task_id, won_a in zip(ids, a, strict=True):
+        winner = "a" if won_a else "b"
+        assert docs[task_id]["record_id"] == f"{winner}-{task_id}"
+        assert docs[task_id]["worker"] == f"w-{winner}"
+        assert docs[task_id]["attempt"] == 1
+        assert docs[task_id]["status"] == "running"
+
+
+async def test_two_claims_in_one_batch_have_one_winner(db: AsyncDatabase) -> None:
+    tasks = TaskStore(db)
+    await put(db, task("t1"), task("t2"))
+    won = await tasks.claim_many(
+        [Claim("t1", 0, "r-x", "w"), Claim("t1", 0, "r-y", "w"), Claim("t2", 0, "r-z", "w")],
+        utcnow(),
+    )
+    assert won[2] is True
+    assert sorted(won[:2]) == [False, True]
+    winner = "r-x" if won[0] else "r-y"
+    assert (await tasks.get("t1")).record_id == winner  # type: ignore[union-attr]
+
+
+async def test_claim_with_a_stale_attempt_loses(db: AsyncDatabase) -> None:
+    tasks = TaskStore(db)
+    await put(db, task("t1", attempt=2), task("t2", status=TaskStatus.SENT))
+    before = await db[TASKS].find_one({"_id": "t1"})
+
+    won = await tasks.claim_many(
+        [Claim("t1", 1, "r-old", "w"), Claim("t2", 0, "r-2", "w"), Claim("gone", 0, "r-3", "w")],
+        utcnow() + timedelta(seconds=1),
+    )
+    assert won == [False, False, False]
+    assert await db[TASKS].find_one({"_id": "t1"}) == before
+    assert (await tasks.get("t2")).status == TaskStatus.SENT  # type: ignore[union-attr]
+
+    assert await tasks.claim_many([Claim("t1", 2, "r-new", "w")], utcnow()) == [True]
+    assert (await tasks.get("t1")).attempt == 3  # type: ignore[union-attr]
+
+
+async def test_one_record_per_task_attempt(db: AsyncDatabase) -> None:
+    records = RecordStore(db)
+    first = record("t1", 1)
+    assert await records.insert_many([first]) == [True]
+
+    # A second record for (t1, 1) is refused; the others of the batch are stored.
+    second, other = record("t1", 1, worker="w-late"), record("t1", 2)
+    assert await records.insert_many([second, other]) == [False, True]
+    # Two for the same attempt in one batch: one is stored.
+    twin_a, twin_b = record("t2", 1), record("t2", 1)
+    assert await records.insert_many([twin_a, twin_b]) == [True, False]
+    assert await records.insert_many([]) == []
+
+    stored = await records.find_many([first.id, second.id, other.id, twin_a.id, twin_b.id])
+    assert set(stored) == {first.id, other.id, twin_a.id}
+    assert stored[first.id] == first
+    assert await db[RECORDS].count_documents({"task_id": "t1", "attempt": 1}) == 1
+
+
+async def test_a_redelivered_log_is_stored_once(db: AsyncDatabase) -> None:
+    logs = LogStore(db)
+    now = utcnow()
+
+    def log(kind: LogType, message: str, ts: int) -> dict[str, Any]:
+        return TaskLogMessage(recordId="r1", taskId="t1", deviceId="d1", logType=kind,
+                              message=message, timestamp=ts).to_doc(now)
+
+    one, two = log(LogType.INFO, "started", 1000), log(LogType.SUCCESS, "done", 2000)
+    assert await logs.insert_many([one, two]) == 2
+    three = log(LogType.PROGRESS, "50%", 1500)
+    assert await logs.insert_many([two, three, one]) == 1
+    assert await logs.insert_many([three]) == 0
+    assert await logs.insert_many([]) == 0
+    assert await db[LOGS].count_documents({}) == 3
+    assert await db[LOGS].find_one({"_id": two["_id"]}) == two
+
+
+async def test_adopt_disown_held_by(db: AsyncDatabase) -> None:
+    tasks = TaskStore(db)
+    await put(db, task("t1"), task("t2"), task("t3", status=TaskStatus.RUNNING),
+              task("t4", status=TaskStatus.WAITING))
+
+    async def held(master: str) -> set[str]:
+        return {t.id for t in await tasks.held_by(master, TaskStatus.PENDING)}
+
+    await tasks.adopt(["t1", "t2", "t3", "t4"], "m1")
+    assert await held("m1") == {"t1", "t2"}
+    docs = {d["_id"]: d async for d in db[TASKS].find({})}
+    assert "master" not in docs["t3"] and "master" not in docs["t4"], "only pending is adopted"
+
+    await tasks.adopt(["t2"], "m2")  # another master takes t2 over (e.g. handed back)
+    assert await held("m1") == {"t1"}
+    assert await held("m2") == {"t2"}
+
+    await tasks.disown(["t1", "t2"], "m1")  # m1 lets go of what it holds, not of m2's
+    assert await held("m1") == set()
+    assert await held("m2") == {"t2"}
+    assert "master" not in (await db[TASKS].find_one({"_id": "t1"}))  # type: ignore[operator]
+    await tasks.adopt([], "m1")
+    await tasks.disown([], "m2")
+    assert await held("m2") == {"t2"}
+    # held_by filters by status too.
+    await db[TASKS].update_one({"_id": "t2"}, {"$set": {"status": "running"}})
+    assert await held("m2") == set()
+    assert [t.id for t in await tasks.held_by("m2", TaskStatus.RUNNING)] == ["t2"]
