@@ -31,6 +31,7 @@ from sendscript import connect, roundtrips
 from sendscript.backoff import Backoff
 from sendscript.locks import DeviceLocks
 from sendscript.models import RESULT_TYPES, LogType, TaskLogMessage, describe_error, utcnow
+from sendscript.retry import Decision, decide, failure_cas, log_retryable
 from sendscript.settings import Settings
 from sendscript.status import RecordStatus, TaskStatus, record_cas, task_cas
 from sendscript.store import LogStore, RecordStore, TaskStore
@@ -67,33 +68,60 @@ class BatchResult:
     applied: int = 0
     dead_lettered: int = 0
     released: int = 0
+    retries: int = 0
     unknown_records: list[str] = field(default_factory=list)
 
 
+@dataclass
+class ResultWrites:
+    """What a batch of result logs changes."""
+
+    tasks: list[tuple[dict, dict]] = field(default_factory=list)
+    records: list[tuple[dict, dict]] = field(default_factory=list)
+    releases: list[tuple[str, int]] = field(default_factory=list)
+    retries: list[str] = field(default_factory=list)  # task ids that wait for a retry
+
+
 def result_updates(
-    results: Sequence[TaskLogMessage], records: dict[str, Any], now: datetime
-) -> tuple[list[tuple[dict, dict]], list[tuple[dict, dict]], list[tuple[str, int]]]:
-    """CAS updates for tasks and records, and the locks to release, for result logs."""
-    task_updates: list[tuple[dict, dict]] = []
-    record_updates: list[tuple[dict, dict]] = []
-    releases: list[tuple[str, int]] = []
+    results: Sequence[TaskLogMessage],
+    records: dict[str, Any],
+    tasks: dict[str, dict[str, Any]],
+    settings: Settings,
+    now: datetime,
+) -> ResultWrites:
+    """CAS updates for tasks and records, locks to release and retries, for result logs.
+
+    `tasks` holds the retry fields (max_retries, queue, retry_base_s) of the tasks
+    with a failed result; a task missing there is failed without a retry.
+    """
+    out = ResultWrites()
     for msg in results:
         record = records.get(msg.record_id)
         if record is None:
             continue
-        ok = msg.log_type == LogType.SUCCESS
-        task_to = TaskStatus.SUCCESS if ok else TaskStatus.FAILED
-        record_to = RecordStatus.SUCCESS if ok else RecordStatus.FAILED
-        error = None if ok else f"{msg.log_type}: {msg.message}"[:1000]
-        task_updates.append(task_cas(
-            record.task_id, APPLIES_TO[msg.log_type], task_to, now, attempt=record.attempt,
-            set_={"last_error": error} if error else None,
-        ))
-        record_updates.append(record_cas(
-            msg.record_id, OPEN_RECORD, record_to, now, set_={"error": error} if error else None,
-        ))
-        releases.append((record.device_id, record.lock_value))
-    return task_updates, record_updates, releases
+        out.releases.append((record.device_id, record.lock_value))
+        if msg.log_type == LogType.SUCCESS:
+            out.tasks.append(task_cas(record.task_id, APPLIES_TO[msg.log_type],
+                                      TaskStatus.SUCCESS, now, attempt=record.attempt))
+            out.records.append(record_cas(msg.record_id, OPEN_RECORD, RecordStatus.SUCCESS, now))
+            continue
+        error = f"{msg.log_type}{f' [{msg.code}]' if msg.code else ''}: {msg.message}"[:1000]
+        task = tasks.get(record.task_id)
+        if task is None:
+            decision = Decision(False, error)
+        else:
+            policy = settings.retry_policy(task.get("max_retries", 0),
+                                           task.get("queue", "default"),
+                                           task.get("retry_base_s"))
+            retryable = log_retryable(msg.log_type, msg.code, settings.final_error_codes)
+            decision = decide(policy, record.attempt, retryable, error, now)
+        out.tasks.append(failure_cas(record.task_id, APPLIES_TO[msg.log_type], record.attempt,
+                                     decision, now))
+        out.records.append(record_cas(msg.record_id, OPEN_RECORD, RecordStatus.FAILED, now,
+                                      set_={"error": error}))
+        if decision.retry:
+            out.retries.append(record.task_id)
+    return out
 
 
 class TaskLogConsumer:
@@ -103,6 +131,7 @@ class TaskLogConsumer:
         self.stop_event = asyncio.Event()
         self.totals = BatchResult()
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.backoff = Backoff(base_s=0.2, cap_s=5.0)
 
     async def run(self) -> int:
         s = self.settings
@@ -194,10 +223,13 @@ class TaskLogConsumer:
         try:
             result = await self.process(batch)
         except Exception as exc:
-            logger.warning("batch of {} not applied, negatively acked: {!r}", len(batch), exc)
             for msg in batch:
                 await consumer.negative_acknowledge(msg)
+            # Redelivery comes back soon; wait longer each time a server stays away.
+            await self.backoff.failed("consumer: apply task logs (batches negatively acked)",
+                                      exc)
             return
+        self.backoff.succeeded("consumer: apply task logs (batches negatively acked)")
         for msg in batch:
             await consumer.acknowledge(msg)
         self._add(result)
@@ -225,13 +257,20 @@ class TaskLogConsumer:
         )
         if finals:
             result.unknown_records = [m.record_id for m in finals if m.record_id not in records]
-            task_updates, record_updates, releases = result_updates(finals, records, now)
+            failed_tasks = {records[m.record_id].task_id for m in finals
+                            if m.record_id in records and m.log_type != LogType.SUCCESS}
+            tasks = await self.tasks.retry_fields(failed_tasks)
+            writes = result_updates(finals, records, tasks, self.settings, now)
             # The device has finished: free it first, so its next task starts while
             # we write. A crash before the writes leaves them to the redelivery.
-            result.released = await self.locks.release_many(releases)
+            result.released = await self.locks.release_many(writes.releases)
             result.applied, _ = await asyncio.gather(
-                self.tasks.run_updates(task_updates), self.records.run_updates(record_updates)
+                self.tasks.run_updates(writes.tasks), self.records.run_updates(writes.records)
             )
+            if writes.retries:  # any master takes them and fires them at their time
+                await self.redis.lpush(self.settings.keys.ready,
+                                       *[json.dumps({"task_id": t}) for t in writes.retries])
+                result.retries += len(writes.retries)
         if result.unknown_records:
             logger.warning("results for unknown exec records (saved, not applied): {}",
                            result.unknown_records[:10])
@@ -254,6 +293,7 @@ class TaskLogConsumer:
         t.applied += r.applied
         t.dead_lettered += r.dead_lettered
         t.released += r.released
+        t.retries += r.retries
 
     async def _flush_counters_forever(self) -> None:
         while True:

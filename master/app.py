@@ -19,10 +19,12 @@ from master.board import DeviceBoard
 from master.delays import DelayedTasks, percentiles
 from master.events import DeviceFreeListener, LockChecker
 from master.expiry import Expiry
-from master.heartbeat import Heartbeat, dead_masters
+from master.heartbeat import Heartbeat
 from master.intake import Intake
 from master.pool import WorkerPool, WorkerSlot
+from master.recovery import Recovery
 from master.scheduler import Scheduler
+from master.sweeper import Sweeper
 from sendscript import connect
 from sendscript.backoff import Backoff
 from sendscript.ipc import TaskDone, TaskHandle
@@ -31,7 +33,7 @@ from sendscript.models import Task, utcnow
 from sendscript.queue import IntakeQueue
 from sendscript.settings import Settings
 from sendscript.status import TaskStatus, task_cas
-from sendscript.store import GROUPS, TaskStore, ensure_indexes
+from sendscript.store import GROUPS, RecordStore, TaskStore, ensure_indexes
 
 ERROR_COOLDOWN_S = 2.0
 
@@ -40,7 +42,7 @@ def task_handle(task: Task) -> TaskHandle:
     return TaskHandle(
         task_id=task.id, device_id=task.device_id, attempt=task.attempt,
         max_retries=task.max_retries, timeout_s=task.timeout_s, priority=task.priority,
-        queue=task.queue, script=task.script,
+        queue=task.queue, script=task.script, retry_base_s=task.retry_base_s,
     )
 
 
@@ -56,6 +58,7 @@ class Master:
         self._dispatch_scheduled = False
         self._background: list[asyncio.Task[None]] = []
         self._idle = asyncio.Event()  # set once stopping and no task is in flight
+        self._jobs: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle -------------------------------------------------------------------
     async def run(self) -> int:
@@ -77,8 +80,11 @@ class Master:
                                            self._on_free, self._check_locks_soon)
         self.checker = LockChecker(self.locks, self.board.waiting_on_locks, self._on_lock_gone,
                                    s.free_check_interval_s)
-        self.delayed = DelayedTasks(s, self.tasks, lambda: dead_masters(self.redis, s),
-                                    self._on_tasks)
+        self.recovery = Recovery(s, self.redis, self.tasks, RecordStore(db))
+        self.delayed = DelayedTasks(
+            s, self.tasks, lambda: self.recovery.dead_masters(exclude=s.master_id),
+            self._on_tasks)
+        self.sweeper = Sweeper(s, self.redis, self.recovery, self.intake.ingest)
         self.scheduler = Scheduler(s, db, self.tasks, self._on_tasks, self.started_at)
         self.expiry = Expiry(s, self.board, self.tasks, self.redis, self._kick)
         self.heartbeat = Heartbeat(self.redis, s, self.report, self.started_at)
@@ -97,6 +103,7 @@ class Master:
             asyncio.create_task(self.delayed.run(self.stop_event), name="delayed"),
             asyncio.create_task(self.scheduler.run(self.stop_event), name="scheduler"),
             asyncio.create_task(self.expiry.run(self.stop_event), name="expiry"),
+            asyncio.create_task(self.sweeper.run(self.stop_event), name="sweeper"),
         ]
         await self.stop_event.wait()
         await self._shutdown()
@@ -197,7 +204,19 @@ class Master:
             if slot is None or not self.pool.dispatch(slot, task_handle(task)):
                 self._cool_down(task)
         if expired:
-            asyncio.get_running_loop().create_task(self.expiry.expire(expired, now))
+            self._spawn(self.expiry.expire(expired, now), "expire tasks")
+
+    def _spawn(self, coro: Any, what: str) -> None:
+        """Run a side job; its failure is logged, never lost in an unread task."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._jobs.add(task)
+
+        def _done(t: asyncio.Task[Any]) -> None:
+            self._jobs.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                logger.warning("{} failed: {!r}", what, t.exception())
+
+        task.add_done_callback(_done)
 
     def _cool_down(self, task: Task) -> None:
         self.board.failed_to_start(task)
@@ -223,6 +242,10 @@ class Master:
                 self.board.busy(task)
             case "stale" | "failed":
                 self.board.finished(done.device_id)
+            case "retry":
+                self.board.finished(done.device_id)
+                if done.run_at is not None:
+                    self.delayed.hold(done.task_id, done.run_at)
             case "error":
                 self._cool_down(task)
         self._note_idle()
@@ -241,12 +264,12 @@ class Master:
             self._kick()
 
     def _check_locks_soon(self) -> None:
-        asyncio.get_running_loop().create_task(self.checker.check())
+        self._spawn(self.checker.check(), "lock check")
 
     def _on_lost(self, slot: WorkerSlot, handles: list[TaskHandle]) -> None:
         self.outcomes["lost"] += len(handles)
         self._note_idle()
-        asyncio.get_running_loop().create_task(self._recover_lost(slot.name, handles))
+        self._spawn(self._recover_lost(slot.name, handles), "recover a dead worker's tasks")
 
     async def _recover_lost(self, worker_name: str, handles: list[TaskHandle]) -> None:
         """A worker died holding these: give claimed ones back as pending, then requeue."""
@@ -290,6 +313,10 @@ class Master:
             "schedule_fires": self.scheduler.fired,
             "expired": self.expiry.expired,
             "running_by_queue": dict(self.board.running_by_queue),
+            "leader": self.sweeper.lease.leading,
+            "sweeps": self.sweeper.sweeps,
+            "recovered": dict(self.sweeper.totals),
+            "worker_names": [w.name for w in self.pool.online()],
         }
 
 

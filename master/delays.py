@@ -15,7 +15,7 @@ import heapq
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from loguru import logger
@@ -125,6 +125,11 @@ class DelayedTasks:
         if soon:
             me = self.settings.master_id
             self._hold(await self.tasks.claim_scheduled(soon, me, [None, me]))
+
+    def hold(self, task_id: str, run_at: datetime) -> None:
+        """A task this master already holds in Mongo (a retry its worker decided)."""
+        self.heap.push(task_id, run_at.timestamp())
+        self._arm()
 
     def _hold(self, docs: list[dict[str, Any]]) -> None:
         for doc in docs:

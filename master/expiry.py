@@ -41,6 +41,7 @@ class Expiry:
         self.redis = client
         self.on_change = on_change
         self._heap: list[tuple[float, str]] = []
+        self._unwritten: list[Task] = []  # off the board, not yet marked (a server was away)
         self.expired = 0
 
     def track(self, tasks: list[Task]) -> None:
@@ -68,7 +69,7 @@ class Expiry:
 
     async def sweep(self) -> int:
         now = utcnow()
-        due: list[Task] = []
+        due, self._unwritten = self._unwritten, []
         while self._heap and self._heap[0][0] <= now.timestamp():
             _, task_id = heapq.heappop(self._heap)
             task = self.board.remove(task_id)
@@ -80,13 +81,20 @@ class Expiry:
         return len(due)
 
     async def expire(self, tasks: list[Task], now: datetime) -> None:
-        """pending -> expired with the reason; count the drops per queue."""
+        """pending -> expired with the reason; count the drops per queue. What cannot
+        be written now is kept for the next sweep."""
         by_queue: Counter[str] = Counter()
-        for task in tasks:
+        for i, task in enumerate(tasks):
             when = deadline(task, self.settings.queue_max_wait)
             reason = f"expired: not started by {when.isoformat() if when else now.isoformat()}"
-            if await self.tasks.cas(*task_cas(task.id, TaskStatus.PENDING, TaskStatus.EXPIRED,
-                                              now, set_={"last_error": reason})):
+            try:
+                changed = await self.tasks.cas(*task_cas(
+                    task.id, TaskStatus.PENDING, TaskStatus.EXPIRED, now,
+                    set_={"last_error": reason}))
+            except Exception:
+                self._unwritten.extend(tasks[i:])
+                raise
+            if changed:
                 by_queue[task.queue] += 1
         if by_queue:
             pipe = self.redis.pipeline(transaction=False)

@@ -66,16 +66,3 @@ class Heartbeat:
         pipe.delete(keys.master_alive(self.settings.master_id))
         await pipe.execute()
 
-
-async def dead_masters(client: redis.asyncio.Redis, settings: Settings) -> list[str]:
-    """Masters that heartbeated once and whose heartbeat has since expired."""
-    keys = settings.keys
-    ids = [k.decode() for k in await client.hkeys(keys.masters)]
-    ids = [i for i in ids if i != settings.master_id]
-    if not ids:
-        return []
-    pipe = client.pipeline(transaction=False)
-    for master_id in ids:
-        pipe.exists(keys.master_alive(master_id))
-    alive = await pipe.execute()
-    return [i for i, up in zip(ids, alive, strict=True) if not up]

@@ -1,9 +1,11 @@
-"""The worker pool: spawn, watch, reap and restart worker processes.
+"""The worker pool: spawn, watch, reap, recycle and restart worker processes.
 
 Modelled on gunicorn's arbiter: each worker is a `spawn`ed process with a duplex
 pipe; its exit is noticed at once through its process sentinel, its in-flight
 tasks are handed back to the master, and it is replaced, with a growing delay
-when it keeps dying young.
+when workers keep dying young. A worker past its task or memory limit says it is
+retiring: it gets no more tasks, a replacement starts at once, and it exits when
+it has finished what it holds.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from multiprocessing.process import BaseProcess
 from loguru import logger
 
 from master.balancer import select_worker
-from sendscript.ipc import Shutdown, TaskDone, TaskHandle, WorkerExit, WorkerOnline
+from sendscript.ipc import (
+    Shutdown,
+    TaskDone,
+    TaskHandle,
+    WorkerExit,
+    WorkerOnline,
+    WorkerRetiring,
+)
 from sendscript.settings import Settings
 
 YOUNG_DEATH_S = 10.0  # a worker dying sooner than this counts toward backoff
@@ -36,6 +45,7 @@ class WorkerSlot:
         self.capacity = capacity
         self.name = f"{master_id}/w{worker_id}:{process.pid}"
         self.online = False
+        self.retiring: str | None = None
         self.inflight: dict[str, TaskHandle] = {}
         self.devices: Counter[str] = Counter()
         self.started_at = time.monotonic()
@@ -78,18 +88,30 @@ class WorkerPool:
         self.ctx = multiprocessing.get_context("spawn")
         self.slots: dict[int, WorkerSlot] = {}
         self.stopping = False
-        self._young_deaths: Counter[int] = Counter()
-        self._restarts: dict[int, asyncio.TimerHandle] = {}
+        self.recycled = 0
+        self._next_id = 0
+        self._young_deaths = 0
+        self._restart: asyncio.TimerHandle | None = None
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
-        for worker_id in range(self.settings.workers):
-            self.spawn(worker_id)
+        self._fill()
 
-    def spawn(self, worker_id: int) -> WorkerSlot:
+    def _serving(self) -> list[WorkerSlot]:
+        """Workers that count toward the pool size: not retiring, not exiting."""
+        return [s for s in self.slots.values() if s.retiring is None and s.exit_reason is None]
+
+    def _fill(self) -> None:
+        """Spawn workers until the pool has its size (unless a restart is held back)."""
+        self._restart = None
+        while not self.stopping and len(self._serving()) < self.settings.workers:
+            self.spawn()
+
+    def spawn(self) -> WorkerSlot:
         from worker.process import main as worker_main
 
-        self._restarts.pop(worker_id, None)
+        worker_id = self._next_id
+        self._next_id += 1
         parent_end, child_end = self.ctx.Pipe(duplex=True)
         process = self.ctx.Process(
             target=worker_main,
@@ -110,9 +132,8 @@ class WorkerPool:
     async def stop(self, grace_s: float) -> None:
         """Ask every worker to finish what it holds and exit; kill what outlives grace."""
         self.stopping = True
-        for handle in self._restarts.values():
-            handle.cancel()
-        self._restarts.clear()
+        if self._restart is not None:
+            self._restart.cancel()
         slots = list(self.slots.values())
         for slot in slots:
             self._send(slot, Shutdown(reason="master stopping"))
@@ -132,7 +153,8 @@ class WorkerPool:
 
     # -- dispatch ------------------------------------------------------------------
     def online(self) -> list[WorkerSlot]:
-        return [s for s in self.slots.values() if s.online and s.exit_reason is None]
+        """Workers that take tasks."""
+        return [s for s in self._serving() if s.online]
 
     def free_capacity(self) -> int:
         return sum(max(0, s.capacity - s.load) for s in self.online())
@@ -166,10 +188,24 @@ class WorkerPool:
             slot.online = True
             logger.info("worker {} online", slot.name)
             self.on_change()
+        elif isinstance(msg, WorkerRetiring):
+            self.retire(slot, msg.reason)
         elif isinstance(msg, WorkerExit):
             slot.exit_reason = msg.reason
         else:
             logger.error("unexpected message from {}: {!r}", slot.name, msg)
+
+    def retire(self, slot: WorkerSlot, reason: str) -> None:
+        """Recycle a worker: no new tasks, a replacement now, exit once drained."""
+        if slot.retiring is not None:
+            return
+        slot.retiring = reason
+        self.recycled += 1
+        logger.info("recycling worker {} ({}); it finishes {} task(s) first", slot.name, reason,
+                    slot.load)
+        self._send(slot, Shutdown(reason=f"recycled: {reason}"))
+        self._fill()
+        self.on_change()
 
     def _on_exit(self, slot: WorkerSlot) -> None:
         """The process is gone: read what it said last, hand back its tasks, replace it."""
@@ -200,26 +236,23 @@ class WorkerPool:
 
     def _restart_later(self, slot: WorkerSlot) -> None:
         lived = time.monotonic() - slot.started_at
-        if lived < YOUNG_DEATH_S and slot.exit_reason is None:
-            self._young_deaths[slot.worker_id] += 1
+        planned = slot.exit_reason is not None and not slot.process.exitcode
+        if planned or lived >= YOUNG_DEATH_S:
+            self._young_deaths = 0
         else:
-            self._young_deaths[slot.worker_id] = 0
-        deaths = self._young_deaths[slot.worker_id]
-        if deaths == 0:
-            self.spawn(slot.worker_id)
+            self._young_deaths += 1
+        if self._young_deaths == 0:
+            self._fill()
             return
-        delay = min(self.settings.worker_restart_backoff_max_s, 0.5 * 2 ** (deaths - 1))
+        if self._restart is not None:
+            return  # a restart is already scheduled
+        delay = min(self.settings.worker_restart_backoff_max_s,
+                    0.5 * 2 ** (self._young_deaths - 1))
         logger.error(
-            "worker {} keeps dying ({} times in a row, each within {:.0f}s of start); "
-            "restarting in {:.1f}s", slot.worker_id, deaths, YOUNG_DEATH_S, delay,
+            "workers keep dying ({} in a row, each within {:.0f}s of start); "
+            "next start in {:.1f}s", self._young_deaths, YOUNG_DEATH_S, delay,
         )
-        self._restarts[slot.worker_id] = asyncio.get_running_loop().call_later(
-            delay, self._restart_if_running, slot.worker_id
-        )
-
-    def _restart_if_running(self, worker_id: int) -> None:
-        if not self.stopping and worker_id not in self.slots:
-            self.spawn(worker_id)
+        self._restart = asyncio.get_running_loop().call_later(delay, self._fill)
 
     def _send(self, slot: WorkerSlot, msg: object) -> bool:
         try:

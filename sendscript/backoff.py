@@ -33,29 +33,53 @@ def exponential_delay(
     return max(0.0, min(cap_s, raw * (1 + r)))
 
 
+class OutageLog:
+    """Says "down" at the first failure and "back" at the first success after it;
+    quiet in between, however many calls fail."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failures = 0
+        self.since: float | None = None
+
+    def failed(self, exc: object) -> None:
+        self.failures += 1
+        if self.failures == 1:
+            self.since = time.monotonic()
+            logger.warning("{}: {!r}; retrying with backoff until it answers", self.what, exc)
+        else:
+            logger.debug("{}: still failing ({}): {!r}", self.what, self.failures, exc)
+
+    def ok(self) -> None:
+        if self.failures:
+            took = time.monotonic() - (self.since or time.monotonic())
+            logger.info("{}: recovered after {} failed tries ({:.1f}s)", self.what,
+                        self.failures, took)
+            self.failures = 0
+            self.since = None
+
+
 class Backoff:
+    """For a loop that talks to a server: log the outage once, sleep more each time."""
+
     def __init__(self, *, base_s: float = 0.2, cap_s: float = 10.0, factor: float = 2.0) -> None:
         self.base_s = base_s
         self.cap_s = cap_s
         self.factor = factor
-        self.failures = 0
-        self.since: float | None = None
+        self._logs: dict[str, OutageLog] = {}
+
+    @property
+    def failures(self) -> int:
+        return max((log.failures for log in self._logs.values()), default=0)
 
     async def failed(self, what: str, exc: BaseException) -> None:
-        self.failures += 1
-        if self.failures == 1:
-            self.since = time.monotonic()
-            logger.warning("{}: {!r}; retrying with backoff until it answers", what, exc)
-        else:
-            logger.debug("{}: still failing ({}): {!r}", what, self.failures, exc)
+        log = self._logs.setdefault(what, OutageLog(what))
+        log.failed(exc)
         await asyncio.sleep(
-            exponential_delay(self.failures, base_s=self.base_s, factor=self.factor,
+            exponential_delay(log.failures, base_s=self.base_s, factor=self.factor,
                               cap_s=self.cap_s)
         )
 
     def succeeded(self, what: str) -> None:
-        if self.failures:
-            took = time.monotonic() - (self.since or time.monotonic())
-            logger.info("{}: recovered after {} failed tries ({:.1f}s)", what, self.failures, took)
-            self.failures = 0
-            self.since = None
+        if what in self._logs:
+            self._logs[what].ok()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -11,8 +12,9 @@ from pydantic import BaseModel, ConfigDict
 #   busy   - the device lock is held by someone else; the task is untouched
 #   stale  - the task was no longer pending (another actor won); nothing done
 #   failed - the attempt ended in failure and was recorded; the lock is released
+#   retry  - the attempt failed and the task waits (retry_waiting) until `run_at`
 #   error  - an infrastructure error before the task was claimed; try again later
-Outcome = Literal["sent", "busy", "stale", "failed", "error"]
+Outcome = Literal["sent", "busy", "stale", "failed", "retry", "error"]
 
 
 class _Msg(BaseModel):
@@ -33,6 +35,7 @@ class TaskHandle(_Msg):
     priority: int
     queue: str
     script: dict[str, Any]
+    retry_base_s: float | None = None
 
 
 class TaskDone(_Msg):
@@ -42,6 +45,14 @@ class TaskDone(_Msg):
     attempt: int  # the task's attempt counter as the worker left it
     fence: int | None = None
     error: str | None = None
+    run_at: datetime | None = None  # for a retry
+
+
+class WorkerRetiring(_Msg):
+    """Worker -> master: replace me (task or memory limit); I take no more tasks."""
+
+    worker_id: int
+    reason: str
 
 
 class Shutdown(_Msg):

@@ -80,6 +80,7 @@ class TaskTemplate(BaseModel):
     timeout_s: float = Field(300.0, gt=0, le=7 * 86400)
     expire_at: datetime | None = None
     queue: str = Field("default", min_length=1, max_length=100)
+    retry_base_s: float | None = Field(None, ge=0, le=86400)  # else the queue's default
 
     @field_validator("run_at", "expire_at", mode="before")
     @classmethod
@@ -147,6 +148,7 @@ class Task(BaseModel):
     dedupe_key: str | None = None
     expire_at: datetime | None = None
     queue: str = "default"
+    retry_base_s: float | None = None
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
@@ -182,6 +184,7 @@ class Task(BaseModel):
             dedupe_active=spec.dedupe_key,
             expire_at=spec.expire_at,
             queue=spec.queue,
+            retry_base_s=spec.retry_base_s,
             created_at=now,
             updated_at=now,
             batch_id=batch_id,
@@ -239,6 +242,9 @@ class TaskLogMessage(BaseModel):
     log_type: LogType = Field(validation_alias=AliasChoices("logType", "log_type"))
     message: str = ""
     timestamp: int = Field(ge=0, le=MAX_EPOCH_MS)
+    # An ERROR's code; codes listed in SENDSCRIPT_FINAL_ERROR_CODES are not retried.
+    code: str | None = Field(None, max_length=200,
+                             validation_alias=AliasChoices("code", "errorCode", "error_code"))
 
     @field_validator("log_type", mode="before")
     @classmethod
@@ -249,6 +255,11 @@ class TaskLogMessage(BaseModel):
     @classmethod
     def _text(cls, value: Any) -> Any:
         return "" if value is None else value if isinstance(value, str) else str(value)
+
+    @field_validator("code", mode="before")
+    @classmethod
+    def _code(cls, value: Any) -> Any:
+        return None if value in (None, "") else str(value)
 
     @property
     def log_id(self) -> str:

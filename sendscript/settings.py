@@ -12,6 +12,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sendscript.keys import Keys
+from sendscript.retry import RetryPolicy
 
 
 class Settings(BaseSettings):
@@ -66,6 +67,24 @@ class Settings(BaseSettings):
     queue_max_wait: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
     expiry_check_interval_s: float = Field(1.0, gt=0)
 
+    # Retries: a failed attempt waits base * factor^(attempt-1), capped, jittered.
+    retry_base_s: float = Field(5.0, ge=0)
+    retry_factor: float = Field(2.0, ge=1)
+    retry_cap_s: float = Field(600.0, ge=0)
+    retry_jitter: float = Field(0.2, ge=0, le=1)
+    queue_retry_base_s: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
+    # ERROR log codes that mean "do not retry" (comma-separated).
+    final_error_codes: Annotated[frozenset[str], NoDecode] = frozenset()
+
+    # Recovery: the leader's sweeps (result timeouts, dead masters, orphans).
+    leader_lease_s: float = Field(15.0, gt=0)
+    sweep_interval_s: float = Field(5.0, gt=0)
+    orphan_grace_s: float = Field(30.0, ge=0)
+
+    # Worker recycling, like gunicorn's max_requests and PM2's max_memory_restart.
+    worker_max_tasks: int = Field(0, ge=0)  # 0: never
+    worker_max_memory_mb: float = Field(0.0, ge=0)  # 0: never
+
     # Retention of finished tasks, their records and logs (TTL indexes).
     retention_success_s: float = Field(7 * 86400, gt=0)
     retention_failed_s: float = Field(30 * 86400, gt=0)
@@ -73,7 +92,14 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = False
 
-    @field_validator("queues", "queue_max_wait", mode="before")
+    @field_validator("final_error_codes", mode="before")
+    @classmethod
+    def _codes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return frozenset(c.strip() for c in value.split(",") if c.strip())
+        return value
+
+    @field_validator("queues", "queue_max_wait", "queue_retry_base_s", mode="before")
     @classmethod
     def _parse_pairs(cls, value: Any) -> Any:
         """`name=number,name=number` (the env form), a JSON object, or a mapping."""
@@ -97,8 +123,20 @@ class Settings(BaseSettings):
                 continue
             if isinstance(value, dict):
                 value = ",".join(f"{k}={v}" for k, v in value.items())
+            elif isinstance(value, frozenset | set):
+                value = ",".join(sorted(value))
             env[f"SENDSCRIPT_{name.upper()}"] = str(value)
         return env
+
+    def retry_policy(self, max_retries: int, queue: str,
+                     base_s: float | None = None) -> RetryPolicy:
+        """A task's policy: its own base delay, else its queue's, else the default."""
+        return RetryPolicy(
+            max_retries=max_retries,
+            base_s=base_s if base_s is not None
+            else self.queue_retry_base_s.get(queue, self.retry_base_s),
+            factor=self.retry_factor, cap_s=self.retry_cap_s, jitter=self.retry_jitter,
+        )
 
     @property
     def dlq_topic(self) -> str:

@@ -41,6 +41,8 @@ TASK_INDEXES = [
 RECORD_INDEXES = [
     # one record per attempt, and a task's history
     IndexModel([("task_id", ASCENDING), ("attempt", ASCENDING)], unique=True),
+    # which attempt holds a device lock (recovery of orphaned locks)
+    IndexModel([("lock_value", ASCENDING)]),
     IndexModel([("purge_at", ASCENDING)], expireAfterSeconds=0),
 ]
 
@@ -144,6 +146,15 @@ class TaskStore:
         if not ids:
             return []
         return [Task.model_validate(d) async for d in self.col.find({"_id": {"$in": ids}})]
+
+    async def retry_fields(self, task_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """What a retry decision needs of each task."""
+        ids = list(task_ids)
+        if not ids:
+            return {}
+        cursor = self.col.find({"_id": {"$in": ids}},
+                               {"max_retries": 1, "queue": 1, "retry_base_s": 1})
+        return {d["_id"]: d async for d in cursor}
 
     async def adopt(self, task_ids: Sequence[str], master_id: str) -> None:
         """Mark queued tasks as held by this master (for its restart, and for sweeps)."""

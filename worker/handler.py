@@ -17,9 +17,10 @@ from pymongo.asynchronous.database import AsyncDatabase
 from sendscript.batching import Coalescer
 from sendscript.central import CentralClient, CentralError
 from sendscript.ipc import TaskDone, TaskHandle
-from sendscript.keys import Keys
 from sendscript.locks import DeviceLocks
 from sendscript.models import ExecRecord, new_id, utcnow
+from sendscript.retry import central_retryable, decide, failure_cas
+from sendscript.settings import Settings
 from sendscript.status import RecordStatus, TaskStatus, record_sent, task_cas
 from sendscript.store import Claim, RecordStore, TaskStore
 
@@ -31,12 +32,13 @@ class ScriptHandler:
         redis_client: redis.asyncio.Redis,
         db: AsyncDatabase,
         central: CentralClient,
-        keys: Keys,
+        settings: Settings,
         worker_name: str,
-        lock_margin_s: float,
     ) -> None:
+        keys = settings.keys
+        self.settings = settings
         self.worker_name = worker_name
-        self.lock_margin_s = lock_margin_s
+        self.lock_margin_s = settings.lock_margin_s
         self.central = central
         self.tasks = TaskStore(db)
         self.records = RecordStore(db)
@@ -104,10 +106,11 @@ class ScriptHandler:
         return int((h.timeout_s + self.lock_margin_s) * 1000)
 
     def _done(self, h: TaskHandle, outcome: str, *, attempt: int | None = None,
-              fence: int | None = None, error: str | None = None) -> TaskDone:
+              fence: int | None = None, error: str | None = None,
+              run_at: datetime | None = None) -> TaskDone:
         return TaskDone(task_id=h.task_id, device_id=h.device_id, outcome=outcome,
                         attempt=h.attempt if attempt is None else attempt,
-                        fence=fence, error=error)
+                        fence=fence, error=error, run_at=run_at)
 
     async def _claim_batch(self, claims: list[Claim]) -> list[bool]:
         return await self.tasks.claim_many(claims, utcnow())
@@ -152,18 +155,22 @@ class ScriptHandler:
     async def _send_failed(
         self, h: TaskHandle, fence: int, attempt: int, record_id: str, exc: CentralError
     ) -> TaskDone:
+        """Central-control did not take it: record why, then retry later or fail."""
         now = utcnow()
-        reason = str(exc)
+        policy = self.settings.retry_policy(h.max_retries, h.queue, h.retry_base_s)
+        decision = decide(policy, attempt, central_retryable(exc.retryable, exc.status),
+                          str(exc), now)
         try:
-            await self.records.finish(record_id, RecordStatus.FAILED, now, reason)
-            await self.tasks.cas(*task_cas(
-                h.task_id, TaskStatus.RUNNING, TaskStatus.FAILED, now, attempt=attempt,
-                set_={"last_error": reason},
-            ))
+            await self.records.finish(record_id, RecordStatus.FAILED, now, str(exc))
+            await self.tasks.cas(*failure_cas(h.task_id, [TaskStatus.RUNNING], attempt, decision,
+                                              now, master=self.settings.master_id))
         except Exception as err:
-            logger.warning("task {} failed ({}) but not recorded: {!r}", h.task_id, reason, err)
+            logger.warning("task {} failed ({}) but not recorded: {!r}", h.task_id, exc, err)
         await self._release_quietly(h.device_id, fence)
-        return self._done(h, "failed", attempt=attempt, error=reason)
+        if decision.retry:
+            return self._done(h, "retry", attempt=attempt, error=decision.reason,
+                              run_at=decision.run_at)
+        return self._done(h, "failed", attempt=attempt, error=decision.reason)
 
     async def _exhausted(self, h: TaskHandle) -> TaskDone:
         reason = f"attempts exhausted ({h.attempt} of {h.max_retries + 1})"

@@ -16,8 +16,16 @@ from typing import Any
 from loguru import logger
 
 from sendscript import connect, roundtrips, runtime
+from sendscript.backoff import OutageLog
 from sendscript.central import CentralClient
-from sendscript.ipc import Shutdown, TaskDone, TaskHandle, WorkerExit, WorkerOnline
+from sendscript.ipc import (
+    Shutdown,
+    TaskDone,
+    TaskHandle,
+    WorkerExit,
+    WorkerOnline,
+    WorkerRetiring,
+)
 from sendscript.settings import Settings
 from worker.handler import ScriptHandler
 
@@ -45,6 +53,9 @@ class WorkerProcess:
         self.stopping = asyncio.Event()
         self.exit_reason = "shutdown"
         self.handler: ScriptHandler | None = None
+        self.handled = 0
+        self.retiring = False
+        self.outage = OutageLog("worker: redis/mongo")
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -58,14 +69,14 @@ class WorkerProcess:
         )
         self.handler = ScriptHandler(
             redis_client=redis_client, db=connect.database(mongo), central=central,
-            keys=self.settings.keys, worker_name=self.name,
-            lock_margin_s=self.settings.lock_margin_s,
+            settings=self.settings, worker_name=self.name,
         )
         loop.add_signal_handler(signal.SIGTERM, self._stop, "SIGTERM")
         loop.add_reader(self.conn.fileno(), self._on_readable)
         self._send(WorkerOnline(worker_id=self.worker_id, pid=os.getpid()))
         logger.info("worker {} online", self.name)
         flusher = asyncio.create_task(self._flush_counters(redis_client))
+        watcher = asyncio.create_task(self._watch_memory())
         try:
             await self.stopping.wait()
             loop.remove_reader(self.conn.fileno())
@@ -73,6 +84,7 @@ class WorkerProcess:
                 await asyncio.wait(self.inflight)
         finally:
             flusher.cancel()
+            watcher.cancel()
             await self._flush_once(redis_client)
             self._send(WorkerExit(worker_id=self.worker_id, pid=os.getpid(),
                                   reason=self.exit_reason, exitcode=0))
@@ -112,10 +124,38 @@ class WorkerProcess:
             logger.exception("task {} raised", handle.task_id)
             done = TaskDone(task_id=handle.task_id, device_id=handle.device_id,
                             outcome="error", attempt=handle.attempt, error=repr(exc))
-        if done.outcome in ("failed", "error"):
-            logger.info("task {} on {}: {} ({})", done.task_id, done.device_id, done.outcome,
-                        done.error)
+        if done.outcome == "error":  # a server is away: say so once, not per task
+            self.outage.failed(done.error)
+        else:
+            self.outage.ok()
+            if done.outcome in ("failed", "retry"):
+                logger.info("task {} on {}: {} ({})", done.task_id, done.device_id,
+                            done.outcome, done.error)
         self._send(done)
+        self.handled += 1
+        limit = self.settings.worker_max_tasks
+        if limit and self.handled >= limit:
+            self._retire(f"handled {self.handled} tasks (max {limit})")
+
+    def _retire(self, reason: str) -> None:
+        """Ask to be replaced; the master stops sending tasks and tells us to stop."""
+        if not self.retiring:
+            self.retiring = True
+            logger.info("worker {} retiring: {}", self.name, reason)
+            self._send(WorkerRetiring(worker_id=self.worker_id, reason=reason))
+
+    async def _watch_memory(self) -> None:
+        limit_mb = self.settings.worker_max_memory_mb
+        if not limit_mb:
+            return
+        import psutil
+
+        me = psutil.Process()
+        while not self.retiring:
+            rss_mb = me.memory_info().rss / 2**20
+            if rss_mb > limit_mb:
+                self._retire(f"memory {rss_mb:.0f} MB over {limit_mb:g} MB")
+            await asyncio.sleep(1.0)
 
     def _send(self, msg: object) -> None:
         try:

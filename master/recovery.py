@@ -1,0 +1,221 @@
+"""Recovery of abandoned work, one named procedure per kind (rq's registries idea).
+
+- `time_out_results`: tasks sent (or stuck running) past their `timeout_s` get a
+  retry or fail, their record is marked `timeout`, their device lock is released
+  by its fence.
+- `recover_dead_master`: a master whose heartbeat expired: its processing list is
+  taken over and stored, the tasks it held go back to the ready queue, its entry
+  is removed.
+- `requeue_orphans`: pending tasks no master holds (a producer stored one and died
+  before pushing its id) are pushed to the ready queue.
+- `release_orphan_locks`: a device lock whose fence no unfinished attempt holds,
+  seen twice one sweep apart, is released.
+
+Every step is a compare-and-set or an idempotent move, so two masters running
+one by mistake, or a crash half way, do no harm. The leader runs them
+(`master.sweeper`); `sendscript recover` runs them by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import redis.asyncio
+from loguru import logger
+
+from sendscript.keys import Keys
+from sendscript.locks import DeviceLocks
+from sendscript.models import ExecRecord
+from sendscript.queue import TAKE, Entry
+from sendscript.retry import decide, failure_cas
+from sendscript.settings import Settings
+from sendscript.status import SCHEDULED, RecordStatus, TaskStatus, record_cas
+from sendscript.store import RecordStore, TaskStore
+
+OPEN = [str(TaskStatus.RUNNING), str(TaskStatus.SENT)]
+OPEN_RECORD = frozenset({RecordStatus.RUNNING, RecordStatus.SENT})
+
+# KEYS: dead staging, dead processing, my processing, seq. Moves the dead master's
+# tagged entries as they are (same tags, same task ids), and tags its staging item.
+ADOPT = """
+local out = {}
+while true do
+  local entry = redis.call('RPOP', KEYS[2])
+  if not entry then break end
+  redis.call('LPUSH', KEYS[3], entry)
+  out[#out + 1] = entry
+end
+local now = redis.call('TIME')
+while true do
+  local item = redis.call('RPOP', KEYS[1])
+  if not item then break end
+  local entry = redis.call('INCR', KEYS[4]) .. '.' .. now[1] .. now[2] .. ' ' .. item
+  redis.call('LPUSH', KEYS[3], entry)
+  out[#out + 1] = entry
+end
+return out
+"""
+assert "INCR" in TAKE  # the same tagging as an ordinary take
+
+
+@dataclass
+class Found:
+    """What a recovery pass found (and, unless dry, fixed)."""
+
+    timed_out: list[str] = field(default_factory=list)
+    retried: list[str] = field(default_factory=list)
+    dead_masters: list[str] = field(default_factory=list)
+    adopted_entries: int = 0
+    requeued: list[str] = field(default_factory=list)
+    orphan_locks: list[tuple[str, int]] = field(default_factory=list)
+
+    def any(self) -> bool:
+        return bool(self.timed_out or self.dead_masters or self.adopted_entries
+                    or self.requeued or self.orphan_locks)
+
+
+class Recovery:
+    def __init__(self, settings: Settings, client: redis.asyncio.Redis, tasks: TaskStore,
+                 records: RecordStore) -> None:
+        self.settings = settings
+        self.keys: Keys = settings.keys
+        self.redis = client
+        self.tasks = tasks
+        self.records = records
+        self.locks = DeviceLocks(client, self.keys)
+        self._adopt = client.register_script(ADOPT)
+        self._suspect_locks: set[tuple[str, int]] = set()
+
+    # -- result timeouts ---------------------------------------------------------------
+    async def time_out_results(self, now: datetime, found: Found, dry: bool = False) -> None:
+        fields = {"record_id": 1, "attempt": 1, "updated_at": 1, "timeout_s": 1, "status": 1,
+                  "max_retries": 1, "queue": 1, "retry_base_s": 1, "device_id": 1}
+        overdue = [
+            d async for d in self.tasks.col.find({"status": {"$in": OPEN}}, fields)
+            if d["updated_at"] + timedelta(seconds=d.get("timeout_s", 300.0)) <= now
+        ]
+        if not overdue:
+            return
+        found.timed_out += [d["_id"] for d in overdue]
+        if dry:
+            return
+        records = await self.records.find_many(d["record_id"] for d in overdue
+                                               if d.get("record_id"))
+        task_updates, record_updates, releases, retries = [], [], [], []
+        for doc in overdue:
+            reason = f"result timeout: no result within {doc.get('timeout_s', 300.0):g}s"
+            policy = self.settings.retry_policy(doc.get("max_retries", 0),
+                                                doc.get("queue", "default"),
+                                                doc.get("retry_base_s"))
+            decision = decide(policy, doc["attempt"], True, reason, now)
+            task_updates.append(failure_cas(doc["_id"], [TaskStatus(s) for s in OPEN],
+                                            doc["attempt"], decision, now))
+            record: ExecRecord | None = records.get(doc.get("record_id", ""))
+            if record is not None:
+                record_updates.append(record_cas(record.id, OPEN_RECORD, RecordStatus.TIMEOUT,
+                                                 now, set_={"error": reason}))
+                releases.append((record.device_id, record.lock_value))
+            if decision.retry:
+                retries.append(doc["_id"])
+        await self.tasks.run_updates(task_updates)
+        await self.records.run_updates(record_updates)
+        await self.locks.release_many(releases)
+        await self._push(retries)
+        found.retried += retries
+        await self.redis.hincrby(self.keys.stats, "result_timeouts", len(overdue))
+        logger.warning("result timeout for {} task(s); {} will retry", len(overdue),
+                       len(retries))
+
+    # -- dead masters ------------------------------------------------------------------
+    async def dead_masters(self, exclude: str | None = None) -> list[str]:
+        ids = [k.decode() for k in await self.redis.hkeys(self.keys.masters)]
+        ids = [i for i in ids if i != exclude]
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for master_id in ids:
+            pipe.exists(self.keys.master_alive(master_id))
+        alive = await pipe.execute()
+        return [i for i, up in zip(ids, alive, strict=True) if not up]
+
+    async def recover_dead_master(self, dead_id: str, my_id: str, ingest: Any,
+                                  found: Found, dry: bool = False) -> None:
+        """Take over what a dead master held. `ingest(entries)` stores adopted entries."""
+        found.dead_masters.append(dead_id)
+        if dry:
+            found.adopted_entries += await self.redis.llen(self.keys.processing(dead_id))
+            found.adopted_entries += await self.redis.llen(self.keys.staging(dead_id))
+            return
+        raw = await self._adopt(keys=[self.keys.staging(dead_id), self.keys.processing(dead_id),
+                                      self.keys.processing(my_id), self.keys.intake_seq])
+        if raw:
+            await ingest([Entry(e) for e in raw])
+            found.adopted_entries += len(raw)
+        held = [d["_id"] async for d in self.tasks.col.find(
+            {"master": dead_id, "status": {"$in": [str(TaskStatus.PENDING),
+                                                   *[str(s) for s in SCHEDULED]]}},
+            {"_id": 1})]
+        if held:
+            await self.tasks.col.update_many({"_id": {"$in": held}, "master": dead_id},
+                                             {"$unset": {"master": ""}})
+            await self._push(held)
+            found.requeued += held
+        await self.redis.hdel(self.keys.masters, dead_id)
+        logger.warning("recovered dead master {}: {} queue item(s), {} task(s) requeued",
+                       dead_id, len(raw), len(held))
+
+    # -- orphans ----------------------------------------------------------------------------
+    async def requeue_orphans(self, now: datetime, found: Found, dry: bool = False) -> None:
+        """Pending tasks nobody holds, older than the grace (their push may be lost)."""
+        cutoff = now - timedelta(seconds=self.settings.orphan_grace_s)
+        ids = [d["_id"] async for d in self.tasks.col.find(
+            {"status": str(TaskStatus.PENDING), "master": None, "updated_at": {"$lte": cutoff}},
+            {"_id": 1}).limit(10_000)]
+        if not ids:
+            return
+        found.requeued += ids
+        if not dry:
+            # Touch them, so the next sweep waits a grace again before pushing twice.
+            await self.tasks.col.update_many({"_id": {"$in": ids}, "master": None},
+                                             {"$set": {"updated_at": now}})
+            await self._push(ids)
+            logger.warning("requeued {} pending task(s) no master held", len(ids))
+
+    async def release_orphan_locks(self, found: Found, dry: bool = False,
+                                   confirm: bool = True) -> None:
+        """Locks whose fence no open exec record holds. With `confirm`, a lock is
+        released only when the previous pass saw it orphaned too (a worker may be
+        between taking a lock and recording its attempt)."""
+        held: dict[str, int] = {}
+        async for key in self.redis.scan_iter(match=self.keys.device_lock_pattern, count=1000):
+            device = key.decode().removeprefix(self.keys.device_lock(""))
+            value = await self.redis.get(key)
+            if value is not None:
+                held[device] = int(value)
+        if not held:
+            self._suspect_locks = set()
+            return
+        # A fence is in use while its exec record is open; a fence with no record is a
+        # worker that died between taking the lock and recording the attempt.
+        fenced = {(r["device_id"], r["lock_value"]) async for r in self.records.col.find(
+            {"lock_value": {"$in": list(held.values())},
+             "status": {"$in": [str(s) for s in OPEN_RECORD]}},
+            {"device_id": 1, "lock_value": 1})}
+        orphans = {(d, f) for d, f in held.items() if (d, f) not in fenced}
+        sure = orphans & self._suspect_locks if confirm else orphans
+        self._suspect_locks = orphans
+        if not sure:
+            return
+        found.orphan_locks += sorted(sure)
+        if not dry:
+            await self.locks.release_many(sorted(sure))
+            logger.warning("released {} orphaned device lock(s): {}", len(sure),
+                           sorted(sure)[:10])
+
+    async def _push(self, task_ids: list[str]) -> None:
+        for start in range(0, len(task_ids), 1000):
+            chunk = task_ids[start:start + 1000]
+            await self.redis.lpush(self.keys.ready, *[json.dumps({"task_id": t}) for t in chunk])
