@@ -31,6 +31,7 @@ from sendscript import connect, roundtrips
 from sendscript.backoff import Backoff
 from sendscript.locks import DeviceLocks
 from sendscript.models import RESULT_TYPES, LogType, TaskLogMessage, describe_error, utcnow
+from sendscript.pulsar_log import pulsar_logger
 from sendscript.retry import Decision, decide, failure_cas, log_retryable
 from sendscript.settings import Settings
 from sendscript.status import RecordStatus, TaskStatus, record_cas, task_cas
@@ -76,10 +77,21 @@ class BatchResult:
 class ResultWrites:
     """What a batch of result logs changes."""
 
-    tasks: list[tuple[dict, dict]] = field(default_factory=list)
+    tasks: list[tuple[dict, dict]] = field(default_factory=list)  # in message order
+    # Which of `tasks` end a failed attempt: (index, task id, waits for a retry). They
+    # are applied one by one, so a retry is queued only where the task did move.
+    failures: list[tuple[int, str, bool]] = field(default_factory=list)
     records: list[tuple[dict, dict]] = field(default_factory=list)
     releases: list[tuple[str, int]] = field(default_factory=list)
-    retries: list[str] = field(default_factory=list)  # task ids that wait for a retry
+
+    @property
+    def retries(self) -> list[str]:
+        """Tasks to queue for a retry, if their update applies."""
+        return [task_id for _, task_id, retry in self.failures if retry]
+
+    def successes(self) -> list[tuple[dict, dict]]:
+        failed = {i for i, _, _ in self.failures}
+        return [u for i, u in enumerate(self.tasks) if i not in failed]
 
 
 def result_updates(
@@ -115,12 +127,11 @@ def result_updates(
                                            task.get("retry_base_s"))
             retryable = log_retryable(msg.log_type, msg.code, settings.final_error_codes)
             decision = decide(policy, record.attempt, retryable, error, now)
+        out.failures.append((len(out.tasks), record.task_id, decision.retry))
         out.tasks.append(failure_cas(record.task_id, APPLIES_TO[msg.log_type], record.attempt,
                                      decision, now))
         out.records.append(record_cas(msg.record_id, OPEN_RECORD, RecordStatus.FAILED, now,
                                       set_={"error": error}))
-        if decision.retry:
-            out.retries.append(record.task_id)
     return out
 
 
@@ -171,7 +182,7 @@ class TaskLogConsumer:
             s.pulsar_url,
             operation_timeout_seconds=int(s.pulsar_timeout_s),
             connection_timeout_ms=int(s.pulsar_timeout_s * 1000),
-            logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn),
+            logger=pulsar_logger("consumer"),
         )
         try:
             consumer = await client.subscribe(
@@ -265,12 +276,19 @@ class TaskLogConsumer:
             # we write. A crash before the writes leaves them to the redelivery.
             result.released = await self.locks.release_many(writes.releases)
             result.applied, _ = await asyncio.gather(
-                self.tasks.run_updates(writes.tasks), self.records.run_updates(writes.records)
+                self.tasks.run_updates(writes.successes()),
+                self.records.run_updates(writes.records),
             )
-            if writes.retries:  # any master takes them and fires them at their time
+            retries = []
+            for index, task_id, retry in writes.failures:
+                if await self.tasks.cas(*writes.tasks[index]):
+                    result.applied += 1
+                    if retry:
+                        retries.append(task_id)
+            if retries:  # any master takes them and fires them at their time
                 await self.redis.lpush(self.settings.keys.ready,
-                                       *[json.dumps({"task_id": t}) for t in writes.retries])
-                result.retries += len(writes.retries)
+                                       *[json.dumps({"task_id": t}) for t in retries])
+                result.retries += len(retries)
         if result.unknown_records:
             logger.warning("results for unknown exec records (saved, not applied): {}",
                            result.unknown_records[:10])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from loguru import logger
@@ -30,7 +31,7 @@ from sendscript.backoff import Backoff
 from sendscript.ipc import TaskDone, TaskHandle
 from sendscript.locks import DeviceLocks
 from sendscript.models import Task, utcnow
-from sendscript.queue import IntakeQueue
+from sendscript.queue import Entry, IntakeQueue
 from sendscript.settings import Settings
 from sendscript.status import TaskStatus, task_cas
 from sendscript.store import GROUPS, RecordStore, TaskStore, ensure_indexes
@@ -72,7 +73,8 @@ class Master:
         self.tasks = TaskStore(db)
         self.queue = IntakeQueue(self.redis, s.keys, s.master_id)
         self.locks = DeviceLocks(self.redis, s.keys)
-        self.intake = Intake(s, self.queue, self.tasks, db[GROUPS], self._on_tasks,
+        self.groups = db[GROUPS]
+        self.intake = Intake(s, self.queue, self.tasks, self.groups, self._on_tasks,
                              self._on_scheduled, self._count)
         self.pool = WorkerPool(s, on_done=self._on_done, on_lost=self._on_lost,
                                on_change=self._kick)
@@ -84,7 +86,7 @@ class Master:
         self.delayed = DelayedTasks(
             s, self.tasks, lambda: self.recovery.dead_masters(exclude=s.master_id),
             self._on_tasks)
-        self.sweeper = Sweeper(s, self.redis, self.recovery, self.intake.ingest)
+        self.sweeper = Sweeper(s, self.redis, self.recovery, self._ingest_for)
         self.scheduler = Scheduler(s, db, self.tasks, self._on_tasks, self.started_at)
         self.expiry = Expiry(s, self.board, self.tasks, self.redis, self._kick)
         self.heartbeat = Heartbeat(self.redis, s, self.report, self.started_at)
@@ -174,6 +176,12 @@ class Master:
         if added:
             self.expiry.track(added)
             self._kick()
+
+    def _ingest_for(self, dead_id: str) -> Callable[[list[Entry]], Awaitable[None]]:
+        """Store a dead master's queue items as ours, acknowledging them on its list."""
+        intake = Intake(self.settings, IntakeQueue(self.redis, self.settings.keys, dead_id),
+                        self.tasks, self.groups, self._on_tasks, self._on_scheduled, self._count)
+        return intake.ingest
 
     async def _on_scheduled(self, tasks: list[Task]) -> None:
         await self.delayed.offer(tasks)
@@ -317,6 +325,7 @@ class Master:
             "sweeps": self.sweeper.sweeps,
             "recovered": dict(self.sweeper.totals),
             "worker_names": [w.name for w in self.pool.online()],
+            "workers_recycled": self.pool.recycled,
         }
 
 

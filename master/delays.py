@@ -89,6 +89,7 @@ class DelayedTasks:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due: float | None = None
         self._firing: asyncio.Task[None] | None = None
+        self._loaded_once = False
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = Backoff(base_s=0.5, cap_s=10.0)
@@ -105,13 +106,18 @@ class DelayedTasks:
                 pass
 
     async def load(self) -> int:
-        """Claim what is due within the horizon: unheld, ours, or a dead master's."""
+        """Claim what is due within the horizon: unheld, a dead master's, and (on the
+        first load after a start) what this master held before."""
         horizon = utcnow() + timedelta(seconds=self.settings.delay_horizon_s)
-        masters: list[str | None] = [None, self.settings.master_id, *await self.dead_masters()]
+        masters: list[str | None] = [None, *await self.dead_masters()]
+        if not self._loaded_once:  # later, ours are in the heap already
+            masters.append(self.settings.master_id)
         docs = await self.tasks.scheduled_due(horizon, masters, LOAD_LIMIT)
         new = [d["_id"] for d in docs if d["_id"] not in self.heap]
-        claimed = await self.tasks.claim_scheduled(new, self.settings.master_id, masters)
+        claimed = await self.tasks.claim_scheduled(
+            new, self.settings.master_id, [*masters, self.settings.master_id])
         self._hold(claimed)
+        self._loaded_once = True
         if claimed:
             logger.info("holding {} delayed task(s) due within {:.0f}s", len(claimed),
                         self.settings.delay_horizon_s)

@@ -88,17 +88,22 @@ class Intake:
         self.taken = 0
         self.quarantined = 0
         self.deduplicated = 0
+        self._recheck = True
+
+    def recheck(self) -> None:
+        """Read the processing list again on the next pass (a batch was not stored)."""
+        self._recheck = True
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = Backoff(base_s=0.2, cap_s=10.0)
-        recovered = False
+        self._recheck = True  # what a crash left in processing comes first
         while True:
             try:
-                if not recovered:
+                if self._recheck:
+                    self._recheck = False
                     if leftovers := await self.queue.unfinished():
                         logger.info("taking back {} item(s) left in processing", len(leftovers))
                         await self.ingest(leftovers)
-                    recovered = True
                 if stop.is_set():
                     await self._drain()
                     return
@@ -109,6 +114,7 @@ class Intake:
                     await self.queue.wait(WAIT_S)
                 backoff.succeeded("intake")
             except Exception as exc:
+                self._recheck = True  # the batch stays in processing: take it again
                 await backoff.failed("intake", exc)
 
     async def _drain(self) -> None:

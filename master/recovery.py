@@ -19,9 +19,9 @@ one by mistake, or a crash half way, do no harm. The leader runs them
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 
 import redis.asyncio
 from loguru import logger
@@ -29,37 +29,17 @@ from loguru import logger
 from sendscript.keys import Keys
 from sendscript.locks import DeviceLocks
 from sendscript.models import ExecRecord
-from sendscript.queue import TAKE, Entry
+from sendscript.queue import Entry, IntakeQueue
 from sendscript.retry import decide, failure_cas
 from sendscript.settings import Settings
 from sendscript.status import SCHEDULED, RecordStatus, TaskStatus, record_cas
-from sendscript.store import RecordStore, TaskStore
+from sendscript.store import RecordStore, TaskStore, chunks
 
 OPEN = [str(TaskStatus.RUNNING), str(TaskStatus.SENT)]
+# Given a dead master's id: a function that stores entries of its processing list
+# and acknowledges them there.
+IngestFor = Callable[[str], Callable[[list[Entry]], Awaitable[None]]]
 OPEN_RECORD = frozenset({RecordStatus.RUNNING, RecordStatus.SENT})
-
-# KEYS: dead staging, dead processing, my processing, seq. Moves the dead master's
-# tagged entries as they are (same tags, same task ids), and tags its staging item.
-ADOPT = """
-local out = {}
-while true do
-  local entry = redis.call('RPOP', KEYS[2])
-  if not entry then break end
-  redis.call('LPUSH', KEYS[3], entry)
-  out[#out + 1] = entry
-end
-local now = redis.call('TIME')
-while true do
-  local item = redis.call('RPOP', KEYS[1])
-  if not item then break end
-  local entry = redis.call('INCR', KEYS[4]) .. '.' .. now[1] .. now[2] .. ' ' .. item
-  redis.call('LPUSH', KEYS[3], entry)
-  out[#out + 1] = entry
-end
-return out
-"""
-assert "INCR" in TAKE  # the same tagging as an ordinary take
-
 
 @dataclass
 class Found:
@@ -86,7 +66,6 @@ class Recovery:
         self.tasks = tasks
         self.records = records
         self.locks = DeviceLocks(client, self.keys)
-        self._adopt = client.register_script(ADOPT)
         self._suspect_locks: set[tuple[str, int]] = set()
 
     # -- result timeouts ---------------------------------------------------------------
@@ -120,14 +99,18 @@ class Recovery:
                 releases.append((record.device_id, record.lock_value))
             if decision.retry:
                 retries.append(doc["_id"])
-        await self.tasks.run_updates(task_updates)
+        # One by one, to know which this master won: another may be sweeping too.
+        won = [await self.tasks.cas(flt, upd) for flt, upd in task_updates]
+        mine = {doc["_id"] for doc, ok in zip(overdue, won, strict=True) if ok}
         await self.records.run_updates(record_updates)
         await self.locks.release_many(releases)
+        retries = [t for t in retries if t in mine]
         await self._push(retries)
         found.retried += retries
-        await self.redis.hincrby(self.keys.stats, "result_timeouts", len(overdue))
-        logger.warning("result timeout for {} task(s); {} will retry", len(overdue),
-                       len(retries))
+        if mine:
+            await self.redis.hincrby(self.keys.stats, "result_timeouts", len(mine))
+            logger.warning("result timeout for {} task(s); {} will retry", len(mine),
+                           len(retries))
 
     # -- dead masters ------------------------------------------------------------------
     async def dead_masters(self, exclude: str | None = None) -> list[str]:
@@ -141,31 +124,40 @@ class Recovery:
         alive = await pipe.execute()
         return [i for i, up in zip(ids, alive, strict=True) if not up]
 
-    async def recover_dead_master(self, dead_id: str, my_id: str, ingest: Any,
-                                  found: Found, dry: bool = False) -> None:
-        """Take over what a dead master held. `ingest(entries)` stores adopted entries."""
+    async def recover_dead_master(self, dead_id: str, ingest_for: IngestFor, found: Found,
+                                  dry: bool = False) -> None:
+        """Take over what a dead master held.
+
+        Its queue items are stored from where they are (its staging item is tagged
+        into its processing list first); `ingest_for(dead_id)` stores entries and
+        acknowledges them on the dead master's list, so a failure half way leaves
+        them there for the next sweep.
+        """
         found.dead_masters.append(dead_id)
+        queue = IntakeQueue(self.redis, self.keys, dead_id)
         if dry:
             found.adopted_entries += await self.redis.llen(self.keys.processing(dead_id))
             found.adopted_entries += await self.redis.llen(self.keys.staging(dead_id))
             return
-        raw = await self._adopt(keys=[self.keys.staging(dead_id), self.keys.processing(dead_id),
-                                      self.keys.processing(my_id), self.keys.intake_seq])
-        if raw:
-            await ingest([Entry(e) for e in raw])
-            found.adopted_entries += len(raw)
+        await queue.tag_staging()
+        entries = await queue.unfinished()
+        if entries:
+            await ingest_for(dead_id)(entries)
+            found.adopted_entries += len(entries)
         held = [d["_id"] async for d in self.tasks.col.find(
             {"master": dead_id, "status": {"$in": [str(TaskStatus.PENDING),
                                                    *[str(s) for s in SCHEDULED]]}},
             {"_id": 1})]
-        if held:
-            await self.tasks.col.update_many({"_id": {"$in": held}, "master": dead_id},
+        for part in chunks(held):
+            await self.tasks.col.update_many({"_id": {"$in": part}, "master": dead_id},
                                              {"$unset": {"master": ""}})
-            await self._push(held)
-            found.requeued += held
+        await self._push(held)
+        found.requeued += held
+        if await self.redis.llen(self.keys.processing(dead_id)):
+            return  # not all stored: the next sweep takes them again
         await self.redis.hdel(self.keys.masters, dead_id)
         logger.warning("recovered dead master {}: {} queue item(s), {} task(s) requeued",
-                       dead_id, len(raw), len(held))
+                       dead_id, len(entries), len(held))
 
     # -- orphans ----------------------------------------------------------------------------
     async def requeue_orphans(self, now: datetime, found: Found, dry: bool = False) -> None:
@@ -219,3 +211,60 @@ class Recovery:
         for start in range(0, len(task_ids), 1000):
             chunk = task_ids[start:start + 1000]
             await self.redis.lpush(self.keys.ready, *[json.dumps({"task_id": t}) for t in chunk])
+
+
+async def recover_once(settings: Settings, *, dry: bool, lock_confirm_s: float) -> Found:
+    """What `sendscript recover` does: every recovery procedure once, by hand.
+
+    Entries adopted from dead masters are stored and their tasks pushed to the
+    ready queue for a running master. Orphaned locks are confirmed by a second
+    look after `lock_confirm_s`.
+    """
+    import asyncio
+
+    from master.intake import Intake
+    from sendscript import connect
+    from sendscript.models import Task, utcnow
+    from sendscript.store import GROUPS
+
+    me = f"recover-{settings.master_id}"
+    client = connect.redis_async(settings)
+    mongo = connect.mongo_async(settings)
+    try:
+        db = connect.database(mongo)
+        tasks, records = TaskStore(db), RecordStore(db)
+        recovery = Recovery(settings, client, tasks, records)
+
+        async def push(found_tasks: list[Task]) -> None:
+            await tasks.disown([t.id for t in found_tasks], me)
+            await recovery._push([t.id for t in found_tasks])
+
+        pushed: list[Task] = []
+
+        async def count(name: str, n: int) -> None:
+            await client.hincrby(settings.keys.stats, name, n)
+
+        def ingest_for(dead_id: str) -> Callable[[list[Entry]], Awaitable[None]]:
+            return Intake(settings.model_copy(update={"master_id": me}),
+                          IntakeQueue(client, settings.keys, dead_id), tasks, db[GROUPS],
+                          pushed.extend, push, count).ingest
+
+        found = Found()
+        now = utcnow()
+        await recovery.time_out_results(now, found, dry)
+        for dead in await recovery.dead_masters():
+            await recovery.recover_dead_master(dead, ingest_for, found, dry)
+        if pushed:
+            await push(pushed)
+        await recovery.requeue_orphans(now, found, dry)
+        await recovery.release_orphan_locks(found, dry=True, confirm=False)
+        if found.orphan_locks and not dry:
+            first_look = found.orphan_locks
+            found.orphan_locks = []
+            await asyncio.sleep(lock_confirm_s)
+            recovery._suspect_locks = set(first_look)
+            await recovery.release_orphan_locks(found)
+        return found
+    finally:
+        await client.aclose()
+        await mongo.close()

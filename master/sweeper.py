@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Awaitable, Callable
 
 import redis.asyncio
 from loguru import logger
 
-from master.recovery import Found, Recovery
+from master.recovery import Found, IngestFor, Recovery
 from sendscript.backoff import Backoff
 from sendscript.models import utcnow
-from sendscript.queue import Entry
 from sendscript.settings import Settings
 
 # Renew if ours, take it if free; 1 when we hold it after the call.
@@ -66,10 +64,10 @@ class LeaderLease:
 
 class Sweeper:
     def __init__(self, settings: Settings, client: redis.asyncio.Redis, recovery: Recovery,
-                 ingest: Callable[[list[Entry]], Awaitable[None]]) -> None:
+                 ingest_for: IngestFor) -> None:
         self.settings = settings
         self.recovery = recovery
-        self.ingest = ingest
+        self.ingest_for = ingest_for
         self.lease = LeaderLease(client, f"{settings.key_prefix}:leader", settings.master_id,
                                  settings.leader_lease_s)
         self.sweeps = 0
@@ -100,7 +98,7 @@ class Sweeper:
         r = self.recovery
         await r.time_out_results(now, found)
         for dead in await r.dead_masters(exclude=self.settings.master_id):
-            await r.recover_dead_master(dead, self.settings.master_id, self.ingest, found)
+            await r.recover_dead_master(dead, self.ingest_for, found)
         await r.requeue_orphans(now, found)
         await r.release_orphan_locks(found)
         self.sweeps += 1

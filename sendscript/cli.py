@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from sendscript.settings import Settings
 
@@ -62,6 +62,8 @@ def simulate(
     duplicate_rate: Annotated[float, typer.Option(help="Share of results sent twice.")] = 0.0,
     accept_delay_ms: Annotated[float, typer.Option(help="Answer sends this late.")] = 0.0,
     progress: Annotated[bool, typer.Option(help="Report PROGRESS halfway through.")] = True,
+    error_code: Annotated[str | None, typer.Option(help="Code carried by ERROR results.")]
+    = None,
     seed: int | None = None,
 ) -> None:
     """Run a simulated farm: the central-control API plus devices reporting to Pulsar."""
@@ -76,7 +78,7 @@ def simulate(
     config = FarmConfig(
         run_ms=run_ms, jitter=jitter, fail_rate=fail_rate, system_error_rate=system_error_rate,
         http_error_rate=http_error_rate, silent_rate=silent_rate, duplicate_rate=duplicate_rate,
-        accept_delay_ms=accept_delay_ms, progress=progress,
+        accept_delay_ms=accept_delay_ms, progress=progress, error_code=error_code,
     )
     sim = Simulator(settings.pulsar_url or "", settings.task_log_topic, config, seed=seed)
     asyncio.run(sim.serve(host, port))
@@ -135,7 +137,10 @@ def submit(
     device_prefix: str = "device-",
 ) -> None:
     """Submit one task; a fan-out (--group or --device-list); or --count N over --devices K."""
+    from pydantic import ValidationError
+
     from sendscript.client import SendScriptClient
+    from sendscript.models import TaskSpec, describe_error
 
     try:
         script_obj = json.loads(script)
@@ -150,6 +155,8 @@ def submit(
             try:
                 batch = client.submit_fanout(devices=targets, group=group,
                                              dedupe_key=dedupe_key, **template)
+            except ValidationError as exc:
+                raise typer.BadParameter(describe_error(exc)) from None
             except ValueError as exc:
                 console.print(f"[red]{exc}[/red]")
                 raise typer.Exit(1) from None
@@ -158,11 +165,14 @@ def submit(
             return
         if device_id is None and count == 1 and devices == 1:
             raise typer.BadParameter("name a device, use --group / --device-list, or --count")
-        specs = []
-        for i in range(count):
-            target = device_id if device_id and devices == 1 else f"{device_prefix}{i % devices}"
-            specs.append({"device_id": target, **template,
-                          "dedupe_key": dedupe_key if count == 1 else None})
+        try:
+            specs = [TaskSpec.model_validate({
+                "device_id": device_id if device_id and devices == 1
+                else f"{device_prefix}{i % devices}",
+                **template, "dedupe_key": dedupe_key if count == 1 else None,
+            }) for i in range(count)]
+        except ValidationError as exc:
+            raise typer.BadParameter(describe_error(exc)) from None
         submitted = client.submit_many(specs)
     if len(submitted) == 1:
         s = submitted[0]
@@ -184,8 +194,8 @@ def task_info(task_id: str) -> None:
             raise typer.Exit(1)
         console.print_json(task.model_dump_json(by_alias=True))
         records = client.records(task_id)
-    table = Table("attempt", "record", "worker", "lock", "status", "started", "sent", "finished",
-                  "error", title="exec records")
+    table = Table("attempt", Column("record", no_wrap=True, min_width=24), "worker", "lock",
+                  "status", "started", "sent", "finished", "error", title="exec records")
     for r in records:
         table.add_row(str(r["attempt"]), r["_id"], r.get("worker", ""), str(r.get("lock_value")),
                       r.get("status", ""), _t(r.get("started_at")), _t(r.get("sent_at")),
@@ -203,7 +213,8 @@ def task_list(
 
     with SendScriptClient(_settings()) as client:
         tasks = client.list(status, limit)
-    table = Table("task", "device", "status", "prio", "attempt", "created", "finished", "error")
+    table = Table("device", "status", "prio", "attempt", "created", "finished", "error")
+    table.columns.insert(0, Column("task", no_wrap=True, min_width=24))
     for t in tasks:
         table.add_row(t.id, t.device_id, str(t.status), str(t.priority), str(t.attempt),
                       _t(t.created_at), _t(t.finished_at), (t.last_error or "")[:60])
@@ -225,6 +236,66 @@ def task_cancel(task_id: str) -> None:
         console.print(f"{task_id} had already finished; nothing to cancel")
         raise typer.Exit(1)
     console.print(f"{task_id} cancelled (was {was})")
+
+
+@task_app.command("retry")
+def task_retry(
+    task_id: Annotated[str | None, typer.Argument(help="One task to run again.")] = None,
+    status: Annotated[str | None, typer.Option(
+        help="Or every task in this status: failed, expired or cancelled.")] = None,
+    since: Annotated[str | None, typer.Option(help="...finished since (ISO-8601).")] = None,
+    queue: Annotated[str | None, typer.Option(help="...of this queue.")] = None,
+    attempts: Annotated[int | None, typer.Option(
+        help="Attempts to grant (default: the task's own max_retries + 1).")] = None,
+) -> None:
+    """Run a failed, expired or cancelled task again (or all of one status)."""
+    from sendscript.client import SendScriptClient
+
+    if (task_id is None) == (status is None):
+        raise typer.BadParameter("name a task, or use --status (with --since / --queue)")
+    with SendScriptClient(_settings()) as client:
+        if task_id is not None:
+            try:
+                ok = client.retry(task_id, attempts)
+            except ValueError as exc:
+                console.print(f"[red]{exc}[/red]")
+                raise typer.Exit(1) from None
+            if not ok:
+                console.print(f"[red]{task_id} is not failed, expired or cancelled[/red]")
+                raise typer.Exit(1)
+            console.print(f"{task_id} queued again")
+            return
+        retried, skipped = client.retry_many(status or "", since, queue, attempts)
+    console.print(f"queued {retried} task(s) again"
+                  + (f"; {skipped} skipped (dedupe key taken)" if skipped else ""))
+
+
+@app.command()
+def recover(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show, change nothing.")] = False,
+    lock_confirm_s: Annotated[float, typer.Option(
+        help="Look at orphaned locks twice, this far apart.")] = 5.0,
+) -> None:
+    """Show and fix stuck work: overdue results, dead masters' queues and tasks,
+    pending tasks no master holds, device locks no attempt holds."""
+    import asyncio
+
+    from master.recovery import recover_once
+
+    found = asyncio.run(recover_once(_settings(), dry=dry_run, lock_confirm_s=lock_confirm_s))
+    verb = "found" if dry_run else "fixed"
+    table = Table("what", verb, "examples", title="sendscript recover")
+    table.add_row("results overdue (timed out)", str(len(found.timed_out)),
+                  ", ".join(found.timed_out[:3]))
+    table.add_row("  of which retried", str(len(found.retried)), "")
+    table.add_row("dead masters", str(len(found.dead_masters)), ", ".join(found.dead_masters[:3]))
+    table.add_row("  queue items taken over", str(found.adopted_entries), "")
+    table.add_row("tasks requeued", str(len(found.requeued)), ", ".join(found.requeued[:3]))
+    table.add_row("orphaned device locks", str(len(found.orphan_locks)),
+                  ", ".join(f"{d} (fence {f})" for d, f in found.orphan_locks[:3]))
+    console.print(table)
+    if not found.any():
+        console.print("nothing stuck")
 
 
 @batch_app.command("info")
@@ -250,6 +321,9 @@ def batch_cancel(batch_id: str) -> None:
     from sendscript.client import SendScriptClient
 
     with SendScriptClient(_settings()) as client:
+        if not client.batch_info(batch_id):
+            console.print(f"[red]no batch {batch_id}[/red]")
+            raise typer.Exit(1)
         n = client.cancel_batch(batch_id)
     console.print(f"cancelled {n} task(s) of batch {batch_id}")
 
@@ -291,12 +365,13 @@ def group_remove(
     from sendscript.client import SendScriptClient
 
     with SendScriptClient(_settings()) as client:
+        before = set(client.group_devices(name))
         ok = client.group_remove(name, devices or [])
+        gone = len(before - set(client.group_devices(name))) if devices else 0
     if not ok:
         console.print(f"[red]no group {name}[/red]")
         raise typer.Exit(1)
-    console.print(f"group {name}: " + (f"removed {len(devices)} device(s)" if devices
-                                       else "removed"))
+    console.print(f"group {name}: " + (f"removed {gone} device(s)" if devices else "removed"))
 
 
 @schedule_app.command("add")

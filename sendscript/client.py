@@ -21,10 +21,16 @@ from pymongo.errors import BulkWriteError
 
 from sendscript import connect, roundtrips
 from sendscript.groups import check_name
-from sendscript.models import FanoutSpec, Task, TaskSpec, new_id, utcnow
+from sendscript.models import FanoutSpec, Task, TaskSpec, new_id, parse_when, utcnow
 from sendscript.schedules import Schedule
 from sendscript.settings import Settings
-from sendscript.status import CANCELLABLE, TaskStatus, configure_retention, task_cas
+from sendscript.status import (
+    CANCELLABLE,
+    TaskStatus,
+    configure_retention,
+    manual_retry,
+    task_cas,
+)
 from sendscript.store import GROUPS, RECORDS, SCHEDULES, TASKS, all_indexes, split_duplicates
 
 
@@ -173,6 +179,39 @@ class SendScriptClient:
         if self._db[TASKS].update_one(flt, update).matched_count:
             return str(status)
         return self.cancel(task_id, reason)  # it moved on meanwhile: look again
+
+    def retry(self, task_id: str, attempts: int | None = None) -> bool:
+        """Run a failed, expired or cancelled task again (by hand). False if it is not
+        in one of those statuses. Raises ValueError if its dedupe key is taken."""
+        from pymongo.errors import DuplicateKeyError
+
+        flt, update = manual_retry(task_id, utcnow(), attempts)
+        try:
+            changed = self._db[TASKS].update_one(flt, update).matched_count == 1
+        except DuplicateKeyError:
+            raise ValueError(f"task {task_id}: its dedupe key belongs to an unfinished "
+                             "task") from None
+        if changed:
+            self._redis.lpush(self._keys.ready, json.dumps({"task_id": task_id}))
+        return changed
+
+    def retry_many(self, status: str, since: Any = None, queue: str | None = None,
+                   attempts: int | None = None, limit: int = 100_000) -> tuple[int, int]:
+        """Retry every task of a status (failed, expired, cancelled) finished since a
+        time. (retried, skipped for a dedupe key now taken)."""
+        flt: dict[str, Any] = {"status": status}
+        if since is not None:
+            flt["finished_at"] = {"$gte": parse_when(since)}
+        if queue:
+            flt["queue"] = queue
+        ids = [d["_id"] for d in self._db[TASKS].find(flt, {"_id": 1}).limit(limit)]
+        retried = skipped = 0
+        for task_id in ids:
+            try:
+                retried += self.retry(task_id, attempts)
+            except ValueError:
+                skipped += 1
+        return retried, skipped
 
     def cancel_batch(self, batch_id: str, reason: str = "batch cancelled") -> int:
         flt, update = task_cas({"batch_id": batch_id}, CANCELLABLE, TaskStatus.CANCELLED,

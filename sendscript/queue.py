@@ -66,6 +66,11 @@ class IntakeQueue:
         keys = [self._staging, self._keys.ready, self._processing, self._keys.intake_seq]
         return [Entry(e) for e in await self._take(keys=keys, args=[limit])]
 
+    async def tag_staging(self) -> list[Entry]:
+        """Tag what waits in staging into the processing list (a takeover's first step)."""
+        keys = [self._staging, self._staging, self._processing, self._keys.intake_seq]
+        return [Entry(e) for e in await self._take(keys=keys, args=[1_000_000])]
+
     async def wait(self, timeout_s: float) -> bool:
         """Block until an item arrives (it lands in staging, for `take`)."""
         moved = await self._redis.blmove(

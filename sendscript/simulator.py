@@ -17,7 +17,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import pulsar
 import pulsar.asyncio as apulsar
 import uvicorn
 from fastapi import FastAPI, Request
@@ -26,6 +25,7 @@ from loguru import logger
 from pydantic import BaseModel, Field
 
 from sendscript.backoff import Backoff
+from sendscript.pulsar_log import pulsar_logger
 
 
 class FarmConfig(BaseModel):
@@ -38,6 +38,7 @@ class FarmConfig(BaseModel):
     duplicate_rate: float = Field(0.0, ge=0, le=1)
     accept_delay_ms: float = Field(0.0, ge=0)
     progress: bool = True
+    error_code: str | None = None  # the code ERROR results carry
 
 
 @dataclass
@@ -121,11 +122,14 @@ class Farm:
         }
 
 
-def log_message(run: Run, log_type: str, message: str) -> bytes:
-    return json.dumps({
+def log_message(run: Run, log_type: str, message: str, code: str | None = None) -> bytes:
+    body = {
         "recordId": run.record_id, "taskId": run.task_id, "deviceId": run.device_id,
         "logType": log_type, "message": message, "timestamp": int(time.time() * 1000),
-    }).encode()
+    }
+    if code:
+        body["code"] = code
+    return json.dumps(body).encode()
 
 
 class Simulator:
@@ -193,7 +197,8 @@ class Simulator:
             return
         text = {"SUCCESS": "done", "ERROR": "script error: element not found",
                 "SYSTEM_ERROR": "device system error"}[outcome]
-        data = log_message(run, outcome, text)
+        code = self.farm.config.error_code if outcome == "ERROR" else None
+        data = log_message(run, outcome, text, code)
         await self._publish(data)
         if self.farm.rand.random() < self.farm.config.duplicate_rate:
             self.farm.counters["duplicates"] += 1
@@ -219,7 +224,7 @@ class Simulator:
     async def _connect(self) -> None:
         self.client = apulsar.Client(self.pulsar_url, operation_timeout_seconds=10,
                                      connection_timeout_ms=5000,
-                                     logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn))
+                                     logger=pulsar_logger("simulator"))
         self.producer = await self.client.create_producer(
             self.topic, batching_enabled=True, batching_max_publish_delay_ms=5,
             send_timeout_millis=10000,

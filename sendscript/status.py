@@ -195,3 +195,26 @@ def record_sent(
     if send_error:
         fields["send_error"] = send_error
     return {"_id": record_id}, [{"$set": fields}]
+
+
+RETRYABLE_BY_HAND: frozenset[TaskStatus] = frozenset({S.FAILED, S.EXPIRED, S.CANCELLED})
+
+
+def manual_retry(
+    task_id: str, now: datetime, attempts: int | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """An operator's override of a final status: failed / expired / cancelled -> pending.
+
+    The task keeps its history (attempt count, records) and gets `attempts` more
+    tries (default: its original budget, max_retries + 1), so the limit of sends
+    per task stays `max_retries + 1` with the raised max_retries.
+    """
+    more: Any = attempts if attempts is not None else {"$add": ["$max_retries", 1]}
+    flt = {"_id": task_id, "status": {"$in": sorted(str(x) for x in RETRYABLE_BY_HAND)}}
+    return flt, [
+        {"$set": {"status": str(S.PENDING), "updated_at": now, "run_at": now,
+                  "max_retries": {"$add": ["$attempt", more, -1]},
+                  "dedupe_active": "$dedupe_key", "retried_by_hand": {
+                      "$add": [{"$ifNull": ["$retried_by_hand", 0]}, 1]}}},
+        {"$unset": ["finished_at", "purge_at", "master"]},
+    ]

@@ -63,6 +63,16 @@ async def ensure_indexes(db: AsyncDatabase, log_retention_s: float = 30 * 86400)
         await db[name].create_indexes(indexes)
 
 
+# Long `$in` lists are slow on some servers (quadratic on the embedded one): queries
+# by id go in chunks of this many.
+ID_CHUNK = 250
+
+
+def chunks(ids: Iterable[str], size: int = ID_CHUNK) -> list[list[str]]:
+    items = list(ids)
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 def duplicate_indexes(exc: BulkWriteError) -> set[int]:
     """Indexes of the documents refused as duplicates; re-raise anything else."""
     errors = exc.details.get("writeErrors", [])
@@ -142,34 +152,26 @@ class TaskStore:
         return Task.model_validate(doc) if doc else None
 
     async def find_many(self, task_ids: Iterable[str]) -> list[Task]:
-        ids = list(task_ids)
-        if not ids:
-            return []
-        return [Task.model_validate(d) async for d in self.col.find({"_id": {"$in": ids}})]
+        return [Task.model_validate(d) for part in chunks(task_ids)
+                async for d in self.col.find({"_id": {"$in": part}})]
 
     async def retry_fields(self, task_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         """What a retry decision needs of each task."""
-        ids = list(task_ids)
-        if not ids:
-            return {}
-        cursor = self.col.find({"_id": {"$in": ids}},
-                               {"max_retries": 1, "queue": 1, "retry_base_s": 1})
-        return {d["_id"]: d async for d in cursor}
+        return {d["_id"]: d for part in chunks(task_ids) async for d in self.col.find(
+            {"_id": {"$in": part}}, {"max_retries": 1, "queue": 1, "retry_base_s": 1})}
 
     async def adopt(self, task_ids: Sequence[str], master_id: str) -> None:
         """Mark queued tasks as held by this master (for its restart, and for sweeps)."""
-        if task_ids:
+        for part in chunks(task_ids):
             await self.col.update_many(
-                {"_id": {"$in": list(task_ids)}, "status": str(TaskStatus.PENDING)},
+                {"_id": {"$in": part}, "status": str(TaskStatus.PENDING)},
                 {"$set": {"master": master_id}},
             )
 
     async def disown(self, task_ids: Sequence[str], master_id: str) -> None:
-        if task_ids:
+        for part in chunks(task_ids):
             await self.col.update_many(
-                {"_id": {"$in": list(task_ids)}, "master": master_id},
-                {"$unset": {"master": ""}},
-            )
+                {"_id": {"$in": part}, "master": master_id}, {"$unset": {"master": ""}})
 
     async def held_by(self, master_id: str, status: TaskStatus) -> list[Task]:
         cursor = self.col.find({"status": str(status), "master": master_id})
@@ -190,39 +192,39 @@ class TaskStore:
         self, task_ids: Sequence[str], master_id: str, masters: Sequence[str | None]
     ) -> list[dict[str, Any]]:
         """Take scheduled tasks held by nobody, by us, or by a dead master; what we now hold."""
-        if not task_ids:
-            return []
-        ids = list(task_ids)
-        await self.col.update_many(
-            {"_id": {"$in": ids}, "status": {"$in": [str(s) for s in SCHEDULED]},
-             "master": {"$in": list(masters)}},
-            {"$set": {"master": master_id}},
-        )
-        cursor = self.col.find(
-            {"_id": {"$in": ids}, "status": {"$in": [str(s) for s in SCHEDULED]},
-             "master": master_id},
-            MIN_FIELDS,
-        )
-        return [d async for d in cursor]
+        scheduled = [str(s) for s in SCHEDULED]
+        held: list[dict[str, Any]] = []
+        for part in chunks(task_ids):
+            await self.col.update_many(
+                {"_id": {"$in": part}, "status": {"$in": scheduled},
+                 "master": {"$in": list(masters)}},
+                {"$set": {"master": master_id}},
+            )
+            held += [d async for d in self.col.find(
+                {"_id": {"$in": part}, "status": {"$in": scheduled}, "master": master_id},
+                MIN_FIELDS)]
+        return held
 
     async def release_scheduled(self, task_ids: Sequence[str], master_id: str) -> None:
-        if task_ids:
+        for part in chunks(task_ids):
             await self.col.update_many(
-                {"_id": {"$in": list(task_ids)}, "master": master_id,
+                {"_id": {"$in": part}, "master": master_id,
                  "status": {"$in": [str(s) for s in SCHEDULED]}},
                 {"$unset": {"master": ""}},
             )
 
     async def fire(self, task_ids: Sequence[str], master_id: str, now: datetime) -> list[Task]:
         """Scheduled -> pending for those of ours that are due; the tasks now pending."""
-        flt, update = task_cas(
-            list(task_ids), SCHEDULED, TaskStatus.PENDING, now,
-            extra_filter={"master": master_id, "run_at": {"$lte": now}},
-        )
-        await self.col.update_many(flt, update)
-        cursor = self.col.find({"_id": {"$in": list(task_ids)}, "master": master_id,
-                                "status": str(TaskStatus.PENDING)})
-        return [Task.model_validate(d) async for d in cursor]
+        pending: list[Task] = []
+        for part in chunks(task_ids):
+            flt, update = task_cas(
+                part, SCHEDULED, TaskStatus.PENDING, now,
+                extra_filter={"master": master_id, "run_at": {"$lte": now}},
+            )
+            await self.col.update_many(flt, update)
+            pending += [Task.model_validate(d) async for d in self.col.find(
+                {"_id": {"$in": part}, "master": master_id, "status": str(TaskStatus.PENDING)})]
+        return pending
 
     async def claim_many(self, claims: Sequence[Claim], now: datetime) -> list[bool]:
         """pending -> running for each claim, bumping the attempt; which ones won."""
@@ -281,13 +283,8 @@ class RecordStore:
         return [True] * len(records)
 
     async def find_many(self, record_ids: Iterable[str]) -> dict[str, ExecRecord]:
-        ids = list(record_ids)
-        if not ids:
-            return {}
-        return {
-            d["_id"]: ExecRecord.model_validate(d)
-            async for d in self.col.find({"_id": {"$in": ids}})
-        }
+        return {d["_id"]: ExecRecord.model_validate(d) for part in chunks(record_ids)
+                async for d in self.col.find({"_id": {"$in": part}})}
 
     async def run_updates(self, updates: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> int:
         if not updates:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+import psutil
 from loguru import logger
 
 from sendscript import connect, roundtrips, runtime
@@ -56,6 +58,7 @@ class WorkerProcess:
         self.handled = 0
         self.retiring = False
         self.outage = OutageLog("worker: redis/mongo")
+        self._memory_checked = 0.0
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -76,7 +79,6 @@ class WorkerProcess:
         self._send(WorkerOnline(worker_id=self.worker_id, pid=os.getpid()))
         logger.info("worker {} online", self.name)
         flusher = asyncio.create_task(self._flush_counters(redis_client))
-        watcher = asyncio.create_task(self._watch_memory())
         try:
             await self.stopping.wait()
             loop.remove_reader(self.conn.fileno())
@@ -84,7 +86,6 @@ class WorkerProcess:
                 await asyncio.wait(self.inflight)
         finally:
             flusher.cancel()
-            watcher.cancel()
             await self._flush_once(redis_client)
             self._send(WorkerExit(worker_id=self.worker_id, pid=os.getpid(),
                                   reason=self.exit_reason, exitcode=0))
@@ -136,6 +137,7 @@ class WorkerProcess:
         limit = self.settings.worker_max_tasks
         if limit and self.handled >= limit:
             self._retire(f"handled {self.handled} tasks (max {limit})")
+        self._check_memory()
 
     def _retire(self, reason: str) -> None:
         """Ask to be replaced; the master stops sending tasks and tells us to stop."""
@@ -144,18 +146,16 @@ class WorkerProcess:
             logger.info("worker {} retiring: {}", self.name, reason)
             self._send(WorkerRetiring(worker_id=self.worker_id, reason=reason))
 
-    async def _watch_memory(self) -> None:
+    def _check_memory(self) -> None:
+        """After a task, at most once a second: over the memory limit, retire."""
         limit_mb = self.settings.worker_max_memory_mb
-        if not limit_mb:
+        now = time.monotonic()
+        if not limit_mb or self.retiring or now - self._memory_checked < 1.0:
             return
-        import psutil
-
-        me = psutil.Process()
-        while not self.retiring:
-            rss_mb = me.memory_info().rss / 2**20
-            if rss_mb > limit_mb:
-                self._retire(f"memory {rss_mb:.0f} MB over {limit_mb:g} MB")
-            await asyncio.sleep(1.0)
+        self._memory_checked = now
+        rss_mb = psutil.Process().memory_info().rss / 2**20
+        if rss_mb > limit_mb:
+            self._retire(f"memory {rss_mb:.0f} MB over {limit_mb:g} MB")
 
     def _send(self, msg: object) -> None:
         try:

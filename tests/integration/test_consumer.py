@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import pulsar
@@ -51,19 +52,26 @@ class Rig:
     async def dead_letters(self, n: int) -> list[pulsar.Message]:
         return [await asyncio.wait_for(self.dlq.receive(), RECEIVE_TIMEOUT_S) for _ in range(n)]
 
-    async def sent_task(self, device: str, *, attempt: int = 1) -> tuple[str, str, int]:
+    async def sent_task(self, device: str, *, attempt: int = 1,
+                        max_retries: int = 3) -> tuple[str, str, int]:
         """A task a worker has sent: task `sent`, its record `sent`, the device locked."""
         [fence] = await self.locks.acquire_many([(device, 60_000)])
         assert fence > 0
         task_id, record_id, now = new_id(), new_id(), utcnow()
         task = Task(_id=task_id, device_id=device, script={"id": "tap"}, status=TaskStatus.SENT,
-                    attempt=attempt, record_id=record_id, worker="w-1", master="m-1")
+                    attempt=attempt, max_retries=max_retries, record_id=record_id,
+                    worker="w-1", master="m-1")
         record = ExecRecord(_id=record_id, task_id=task_id, attempt=attempt, device_id=device,
                             lock_value=fence, worker="w-1", started_at=now, sent_at=now,
                             status=RecordStatus.SENT)
         await self.db[TASKS].insert_one(task.to_doc())
         await self.db[RECORDS].insert_one(record.to_doc())
         return task_id, record_id, fence
+
+    async def ready(self) -> list[Any]:
+        """The ready list, oldest item first."""
+        items = await self.redis.lrange(self.settings.keys.ready, 0, -1)
+        return [json.loads(i) for i in reversed(items)]
 
     async def snapshot(self) -> dict[str, Any]:
         return {
@@ -174,22 +182,109 @@ async def test_a_duplicate_within_one_batch_is_applied_once(rig: Rig) -> None:
     assert (await rig.db[TASKS].find_one({"_id": task_id}))["status"] == "success"  # type: ignore[index]
 
 
-@pytest.mark.parametrize("kind", ["ERROR", "SYSTEM_ERROR", "error"])
-async def test_error_marks_task_and_record_failed(rig: Rig, kind: str) -> None:
-    task_id, record_id, _ = await rig.sent_task("dev-1")
-    result = await rig.consumer.process(
-        await rig.deliver([log(task_id, record_id, "dev-1", kind, "screen locked")]))
+@pytest.mark.parametrize("kind", ["ERROR", "error"])
+async def test_an_error_with_a_final_code_fails_the_task(
+    rig: Rig, free_events: FreeEvents, kind: str
+) -> None:
+    rig.settings.final_error_codes = frozenset({"E_NO_APP", "E_BAD_SCRIPT"})
+    task_id, record_id, fence = await rig.sent_task("dev-1")
+    msg = {**log(task_id, record_id, "dev-1", kind, "screen locked"), "errorCode": "E_NO_APP"}
 
-    assert (result.applied, result.released) == (1, 1)
-    expected = f"{kind.upper()}: screen locked"
+    result = await rig.consumer.process(await rig.deliver([msg]))
+
+    assert (result.applied, result.released, result.retries) == (1, 1, 0)
+    expected = "ERROR [E_NO_APP]: screen locked"
     task = await rig.db[TASKS].find_one({"_id": task_id})
     assert task is not None
     assert task["status"] == "failed" and task["last_error"] == expected
-    assert task["finished_at"] is not None
+    assert task["finished_at"] is not None and task["attempt"] == 1
     rec = await rig.db[RECORDS].find_one({"_id": record_id})
     assert rec is not None
     assert rec["status"] == "failed" and rec["error"] == expected
     assert await rig.locks.holders(["dev-1"]) == [None]
+    assert await free_events.collect() == [{"device_id": "dev-1", "fence": fence}]
+    assert await rig.ready() == [], "a final failure is not queued again"
+
+
+@pytest.mark.parametrize("kind", ["ERROR", "SYSTEM_ERROR", "error"])
+async def test_an_error_on_the_last_attempt_fails_the_task(rig: Rig, kind: str) -> None:
+    task_id, record_id, _ = await rig.sent_task("dev-1", attempt=4, max_retries=3)
+
+    result = await rig.consumer.process(
+        await rig.deliver([log(task_id, record_id, "dev-1", kind, "screen locked")]))
+
+    assert (result.applied, result.released, result.retries) == (1, 1, 0)
+    error = f"{kind.upper()}: screen locked"
+    task = await rig.db[TASKS].find_one({"_id": task_id})
+    assert task is not None
+    assert task["status"] == "failed"
+    assert task["last_error"] == f"{error} (attempts exhausted: 4 of 4)"
+    assert task["finished_at"] is not None
+    rec = await rig.db[RECORDS].find_one({"_id": record_id})
+    assert rec is not None
+    assert rec["status"] == "failed" and rec["error"] == error
+    assert await rig.locks.holders(["dev-1"]) == [None]
+    assert await rig.ready() == []
+
+
+@pytest.mark.parametrize(("kind", "code"), [
+    ("ERROR", None), ("error", "E_FLAKY"), ("SYSTEM_ERROR", None), ("SYSTEM_ERROR", "E_NO_APP"),
+])
+async def test_an_error_with_attempts_left_waits_for_a_retry(
+    rig: Rig, free_events: FreeEvents, kind: str, code: str | None
+) -> None:
+    rig.settings.final_error_codes = frozenset({"E_NO_APP"})  # ERROR only; SYSTEM_ERROR retries
+    task_id, record_id, fence = await rig.sent_task("dev-1", attempt=2, max_retries=3)
+    msg = log(task_id, record_id, "dev-1", kind, "adb lost")
+    if code is not None:
+        msg["error_code"] = code
+    before = utcnow()
+
+    result = await rig.consumer.process(await rig.deliver([msg]))
+
+    assert (result.applied, result.released, result.retries) == (1, 1, 1)
+    error = f"{kind.upper()}{f' [{code}]' if code else ''}: adb lost"
+    task = await rig.db[TASKS].find_one({"_id": task_id})
+    assert task is not None
+    assert task["status"] == "retry_waiting" and task["attempt"] == 2
+    assert task["last_error"] == error
+    assert task.get("finished_at") is None
+    assert "master" not in task, "any master may take the retry"
+    # After attempt 2 with the default schedule: 5 s * 2 = 10 s, +/- 20 %.
+    assert before + timedelta(seconds=8) <= task["run_at"] <= utcnow() + timedelta(seconds=12)
+    rec = await rig.db[RECORDS].find_one({"_id": record_id})
+    assert rec is not None and rec["status"] == "failed" and rec["error"] == error
+    assert await rig.locks.holders(["dev-1"]) == [None]
+    assert await free_events.collect() == [{"device_id": "dev-1", "fence": fence}]
+    assert await rig.ready() == [{"task_id": task_id}]
+
+
+async def redeliver_a_retry(rig: Rig) -> tuple[str, dict[str, Any], list[Any]]:
+    """A SYSTEM_ERROR applied once, then the same batch again and the message published
+    twice. Returns the task id, the Mongo state after the first time, and the results."""
+    task_id, record_id, _ = await rig.sent_task("dev-1")
+    payloads = [log(task_id, record_id, "dev-1", "SYSTEM_ERROR", "reboot", 1_000)]
+    batch = await rig.deliver(payloads)
+    first = await rig.consumer.process(batch)
+    assert (first.applied, first.retries) == (1, 1)
+    after_first = await rig.snapshot()
+    assert after_first[TASKS][0]["status"] == "retry_waiting"
+    again = await rig.consumer.process(batch)
+    dup = await rig.consumer.process(await rig.deliver(payloads))
+    return task_id, after_first, [again, dup]
+
+
+async def test_a_redelivered_retry_is_not_applied_again(rig: Rig) -> None:
+    _, after_first, results = await redeliver_a_retry(rig)
+    for result in results:
+        assert (result.saved, result.applied, result.released) == (0, 0, 0)
+    assert await rig.snapshot() == after_first
+
+
+async def test_a_redelivered_retry_is_not_queued_again(rig: Rig) -> None:
+    task_id, _, results = await redeliver_a_retry(rig)
+    assert await rig.ready() == [{"task_id": task_id}], "one push per retry"
+    assert [r.retries for r in results] == [0, 0]
 
 
 async def test_snake_case_messages_are_accepted(rig: Rig) -> None:
@@ -262,6 +357,18 @@ async def test_a_task_put_back_after_its_worker_died_takes_success_not_error(
     # An error does not end a task that is queued to run again.
     assert (await rig.db[TASKS].find_one({"_id": err_task}))["status"] == "pending"  # type: ignore[index]
     assert (await rig.db[RECORDS].find_one({"_id": err_rec}))["status"] == "failed"  # type: ignore[index]
+
+
+async def test_an_error_that_applies_to_nothing_queues_nothing(rig: Rig) -> None:
+    task_id, record_id, _ = await rig.sent_task("dev-1")
+    await rig.db[TASKS].update_one({"_id": task_id}, {"$set": {"status": "pending"}})
+    result = await rig.consumer.process(
+        await rig.deliver([log(task_id, record_id, "dev-1", "ERROR", "did not run")]))
+    assert result.applied == 0 and result.released == 1
+    assert (await rig.db[TASKS].find_one({"_id": task_id}))["status"] == "pending"  # type: ignore[index]
+    assert (await rig.db[RECORDS].find_one({"_id": record_id}))["status"] == "failed"  # type: ignore[index]
+    assert await rig.ready() == []
+    assert result.retries == 0
 
 
 async def test_malformed_messages_go_to_the_dead_letter_topic(rig: Rig) -> None:

@@ -13,13 +13,14 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from consumers.task_log import result_updates
 from sendscript.central import CentralClient
+from sendscript.embedded import free_port
 from sendscript.ipc import TaskHandle
 from sendscript.locks import DeviceLocks
 from sendscript.models import Task, TaskLogMessage, new_id, utcnow
 from sendscript.settings import Settings
 from sendscript.status import TaskStatus
 from sendscript.store import RECORDS, TASKS, RecordStore, TaskStore
-from tests.integration.conftest import Central
+from tests.integration.conftest import Central, FreeEvents
 from worker.handler import ScriptHandler
 
 WORKER = "w-test"
@@ -27,13 +28,18 @@ MARGIN_S = 60.0
 SCRIPT = {"id": "tap", "args": {"x": 1}}
 
 
+def handler_settings(settings: Settings) -> Settings:
+    """The test's settings with a known lock margin."""
+    return settings.model_copy(update={"lock_margin_s": MARGIN_S})
+
+
 @pytest.fixture
 async def handler(
     settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase, central: Central
 ) -> AsyncIterator[ScriptHandler]:
     client = CentralClient(central.url, connect_timeout_s=2, timeout_s=5)
-    yield ScriptHandler(redis_client=redis_client, db=db, central=client, keys=settings.keys,
-                        worker_name=WORKER, lock_margin_s=MARGIN_S)
+    yield ScriptHandler(redis_client=redis_client, db=db, central=client,
+                        settings=handler_settings(settings), worker_name=WORKER)
     await client.aclose()
 
 
@@ -47,7 +53,8 @@ async def stored_task(db: AsyncDatabase, device: str = "dev-1", **fields: Any) -
     await db[TASKS].insert_one(task.to_doc())
     return TaskHandle(task_id=task.id, device_id=device, attempt=task.attempt,
                       max_retries=task.max_retries, timeout_s=task.timeout_s,
-                      priority=task.priority, queue=task.queue, script=task.script)
+                      priority=task.priority, queue=task.queue, script=task.script,
+                      retry_base_s=task.retry_base_s)
 
 
 async def test_sent(
@@ -183,8 +190,8 @@ async def test_one_device_one_script_across_concurrent_handles(
 ) -> None:
     # Two workers (two handlers) and three tasks for one device, all at once.
     client = CentralClient(central.url, connect_timeout_s=2, timeout_s=5)
-    other = ScriptHandler(redis_client=redis_client, db=db, central=client, keys=settings.keys,
-                          worker_name="w-other", lock_margin_s=MARGIN_S)
+    other = ScriptHandler(redis_client=redis_client, db=db, central=client,
+                          settings=handler_settings(settings), worker_name="w-other")
     try:
         handles = [await stored_task(db) for _ in range(3)]
         done = await asyncio.gather(handler.handle(handles[0]), other.handle(handles[1]),
@@ -210,10 +217,11 @@ async def test_a_result_before_the_send_is_marked_keeps_the_result(
         msg = TaskLogMessage(recordId=body["recordId"], taskId=body["taskId"],
                              deviceId=body["deviceId"], logType="SUCCESS", timestamp=1)
         found = await records.find_many([msg.record_id])
-        task_updates, record_updates, releases = result_updates([msg], found, utcnow())
-        await locks.release_many(releases)
-        assert await tasks.run_updates(task_updates) == 1
-        assert await records.run_updates(record_updates) == 1
+        writes = result_updates([msg], found, {}, settings, utcnow())
+        assert writes.retries == []
+        await locks.release_many(writes.releases)
+        assert await tasks.run_updates(writes.tasks) == 1
+        assert await records.run_updates(writes.records) == 1
 
     central.on_request = device_reports
     h = await stored_task(db)
@@ -235,8 +243,8 @@ async def test_a_timed_out_send_keeps_the_device_locked(
 ) -> None:
     central.delay_s = 1.0  # central-control takes the script, answers too late
     client = CentralClient(central.url, connect_timeout_s=1, timeout_s=0.3)
-    slow = ScriptHandler(redis_client=redis_client, db=db, central=client, keys=settings.keys,
-                         worker_name=WORKER, lock_margin_s=MARGIN_S)
+    slow = ScriptHandler(redis_client=redis_client, db=db, central=client,
+                         settings=handler_settings(settings), worker_name=WORKER)
     try:
         first = await stored_task(db)
         done = await slow.handle(first)
@@ -253,3 +261,142 @@ async def test_a_timed_out_send_keeps_the_device_locked(
         assert (await slow.handle(second)).outcome == "busy"
     finally:
         await client.aclose()
+
+
+# -- retries -------------------------------------------------------------------------------------
+def retry_settings(settings: Settings, **changes: Any) -> Settings:
+    fields: dict[str, Any] = {"lock_margin_s": MARGIN_S, "retry_base_s": 20.0,
+                              "retry_factor": 2.0, "retry_cap_s": 600.0, "retry_jitter": 0.2}
+    fields.update(changes)
+    return settings.model_copy(update=fields)
+
+
+@pytest.mark.parametrize("status", [503, 429, 408, 409, 500])
+async def test_a_retryable_refusal_waits_for_a_retry(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase, central: Central,
+    locks: DeviceLocks, free_events: FreeEvents, status: int,
+) -> None:
+    central.reply(status, {"success": False, "message": "try later"})
+    client = CentralClient(central.url, connect_timeout_s=2, timeout_s=5)
+    handler = ScriptHandler(redis_client=redis_client, db=db, central=client,
+                            settings=retry_settings(settings), worker_name=WORKER)
+    try:
+        h = await stored_task(db, attempt=1, max_retries=3)
+        before = utcnow()
+        done = await handler.handle(h)
+        after = utcnow()
+    finally:
+        await client.aclose()
+
+    # Attempt 2 failed: 20 s * 2 = 40 s, +/- 20 %.
+    assert done.outcome == "retry" and done.attempt == 2 and done.fence is None
+    assert done.error is not None and f"HTTP {status}" in done.error
+    assert done.run_at is not None
+    assert before + timedelta(seconds=32) <= done.run_at <= after + timedelta(seconds=48)
+    task = await db[TASKS].find_one({"_id": h.task_id})
+    assert task is not None
+    assert task["status"] == "retry_waiting" and task["attempt"] == 2
+    assert abs(task["run_at"] - done.run_at) < timedelta(milliseconds=1)
+    assert task["last_error"] == done.error
+    assert task["master"] == settings.master_id, "held by this master, whose heap fires it"
+    assert task.get("finished_at") is None
+    [rec] = [d async for d in db[RECORDS].find({"task_id": h.task_id})]
+    assert rec["attempt"] == 2 and rec["status"] == "failed" and f"HTTP {status}" in rec["error"]
+    assert rec.get("sent_at") is None
+    assert await locks.holders(["dev-1"]) == [None]
+    assert await free_events.collect() == [{"device_id": "dev-1", "fence": rec["lock_value"]}]
+    assert len(central.requests) == 1
+
+
+async def test_a_connection_refused_is_retried_and_nothing_was_sent(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase, locks: DeviceLocks,
+) -> None:
+    client = CentralClient(f"http://127.0.0.1:{free_port()}", connect_timeout_s=1, timeout_s=1)
+    handler = ScriptHandler(redis_client=redis_client, db=db, central=client,
+                            settings=retry_settings(settings), worker_name=WORKER)
+    try:
+        h = await stored_task(db)
+        done = await handler.handle(h)
+    finally:
+        await client.aclose()
+    assert done.outcome == "retry" and done.attempt == 1
+    assert done.error is not None and "not sent" in done.error
+    task = await db[TASKS].find_one({"_id": h.task_id})
+    assert task is not None and task["status"] == "retry_waiting"
+    [rec] = [d async for d in db[RECORDS].find({"task_id": h.task_id})]
+    assert rec["status"] == "failed" and "send_error" not in rec
+    assert await locks.holders(["dev-1"]) == [None]
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 422])
+async def test_a_final_refusal_fails_at_once_with_attempts_left(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase, central: Central,
+    locks: DeviceLocks, status: int,
+) -> None:
+    central.reply(status, {"success": False})
+    client = CentralClient(central.url, connect_timeout_s=2, timeout_s=5)
+    handler = ScriptHandler(redis_client=redis_client, db=db, central=client,
+                            settings=retry_settings(settings), worker_name=WORKER)
+    try:
+        h = await stored_task(db, max_retries=5)
+        done = await handler.handle(h)
+    finally:
+        await client.aclose()
+    assert done.outcome == "failed" and done.run_at is None and done.attempt == 1
+    task = await db[TASKS].find_one({"_id": h.task_id})
+    assert task is not None
+    assert task["status"] == "failed" and task["finished_at"] is not None
+    assert f"HTTP {status}" in task["last_error"] and "exhausted" not in task["last_error"]
+    assert await locks.holders(["dev-1"]) == [None]
+
+
+async def test_a_retryable_refusal_on_the_last_attempt_fails(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase, central: Central,
+    locks: DeviceLocks,
+) -> None:
+    central.reply(503, {"success": False})
+    client = CentralClient(central.url, connect_timeout_s=2, timeout_s=5)
+    handler = ScriptHandler(redis_client=redis_client, db=db, central=client,
+                            settings=retry_settings(settings), worker_name=WORKER)
+    try:
+        h = await stored_task(db, attempt=3, max_retries=3)
+        done = await handler.handle(h)
+    finally:
+        await client.aclose()
+    assert done.outcome == "failed" and done.attempt == 4 and done.run_at is None
+    assert done.error is not None and done.error.endswith("(attempts exhausted: 4 of 4)")
+    task = await db[TASKS].find_one({"_id": h.task_id})
+    assert task is not None
+    assert task["status"] == "failed" and task["attempt"] == 4
+    assert task["last_error"] == done.error and "HTTP 503" in task["last_error"]
+    assert task["finished_at"] is not None
+    [rec] = [d async for d in db[RECORDS].find({"task_id": h.task_id})]
+    assert rec["status"] == "failed" and rec["attempt"] == 4
+    assert await locks.holders(["dev-1"]) == [None]
+    assert len(central.requests) == 1, "max_retries + 1 sends in all, no more"
+
+
+@pytest.mark.parametrize(("task_base", "queue", "low", "high"), [
+    (100.0, "bulk", 80.0, 120.0),   # the task's own base
+    (None, "bulk", 400.0, 600.0),   # its queue's
+    (None, "other", 16.0, 24.0),    # the default
+])
+async def test_the_retry_delay_takes_the_task_then_the_queue_then_the_default_base(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase, central: Central,
+    task_base: float | None, queue: str, low: float, high: float,
+) -> None:
+    central.reply(503, {"success": False})
+    client = CentralClient(central.url, connect_timeout_s=2, timeout_s=5)
+    handler = ScriptHandler(
+        redis_client=redis_client, db=db, central=client, worker_name=WORKER,
+        settings=retry_settings(settings, queue_retry_base_s={"bulk": 500.0}),
+    )
+    try:
+        h = await stored_task(db, queue=queue, retry_base_s=task_base)
+        before = utcnow()
+        done = await handler.handle(h)
+    finally:
+        await client.aclose()
+    assert done.outcome == "retry" and done.run_at is not None
+    assert before + timedelta(seconds=low) <= done.run_at
+    assert done.run_at <= utcnow() + timedelta(seconds=high)

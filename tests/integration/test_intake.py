@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
 
 import redis.asyncio
+from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from master.intake import Intake
+from sendscript.embedded import free_port
 from sendscript.models import Task, id_from_tag
 from sendscript.queue import Entry, IntakeQueue
 from sendscript.settings import Settings
@@ -323,3 +326,34 @@ async def test_nothing_but_refusals_calls_no_board(
     await intake.ingest(entries)
     assert board.calls == []
     assert len(await quarantine(redis_client, settings)) == 1
+
+
+async def test_a_batch_that_failed_to_store_is_stored_once_mongo_is_back(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase,
+) -> None:
+    intake, _, board = make(settings, redis_client, db)
+    away: AsyncMongoClient = AsyncMongoClient(
+        f"mongodb://127.0.0.1:{free_port()}/t", serverSelectionTimeoutMS=200,
+        connectTimeoutMS=200, tz_aware=True)
+    intake.tasks = TaskStore(away.get_default_database())  # Mongo is away...
+    await redis_client.lpush(settings.keys.ready, spec("d1"))
+    stop = asyncio.Event()
+    run = asyncio.create_task(intake.run(stop))
+    try:
+        processing = settings.keys.processing(settings.master_id)
+        deadline = time.monotonic() + 5
+        while not await redis_client.llen(processing):
+            assert time.monotonic() < deadline, "the item was never taken"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the batch is being stored on the unreachable server
+        intake.tasks = TaskStore(db)  # ...and back
+        deadline = time.monotonic() + 2.5
+        while not await db[TASKS].count_documents({"device_id": "d1"}):
+            assert time.monotonic() < deadline, "the taken item was never stored"
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(run, 10)
+        await away.close()
+    assert [t.device_id for t in board.calls[-1]] == ["d1"]
+    assert await redis_client.llen(processing) == 0

@@ -1,0 +1,637 @@
+"""Delayed-task scheduling: how late the master fires, and what holding costs it.
+
+    python -m bench.scheduling                      # both parts
+    python -m bench.scheduling --lateness --tasks 1000 --spread 20
+    python -m bench.scheduling --memory --held 100000 --json
+
+Each part starts its own fresh `LocalStack` (embedded Redis, SecantusDB and
+pulsar-lite in a temporary directory, the simulated farm, the consumer and the
+master with its workers) and tears it down afterwards.
+
+1. Lateness (`--lateness`). One warm-up task goes through the whole service,
+   then `--tasks` delayed tasks are submitted with the SDK (`submit_many`),
+   their `run_at` spread evenly over `--spread` seconds starting `--start`
+   seconds from now, over `--devices` devices (round robin, so a device's tasks
+   are `devices * spread / tasks` seconds apart and never queue behind each
+   other). When every task is terminal it reports
+   (a) fire lateness as the master measures it (`delayed_fire_lateness` in its
+       heartbeat: due time -> the waiting -> pending compare-and-set returned),
+   (b) start lateness from Mongo: the exec record's `started_at` minus the
+       task's `run_at` (p50 / p99 / max), with the tasks started early
+       (`started_at < run_at`; must be 0) and the tasks with more than one exec
+       record (must be 0).
+   Mongo stores datetimes to the millisecond, so (b) has 1 ms resolution.
+
+2. Memory (`--memory`). With the horizon widened (`SENDSCRIPT_DELAY_HORIZON_S`,
+   default 300 s), the idle master's RSS is read (psutil, the master process
+   itself, not its workers), then `--held` waiting tasks due `--due-min` ..
+   `--due-max` seconds from now are submitted with `submit_many` in chunks of
+   1000: each chunk is one `insert_many` into `script_tasks` plus one LPUSH of
+   `{"task_id": ...}` references, so the master claims them through its
+   intake (Redis ready list -> `offer` -> `claim_scheduled`), not through its
+   periodic loader. Two master settings are changed for this part, because
+   SecantusDB runs `{"_id": {"$in": ids}}` in time quadratic in len(ids)
+   (about 0.04 s for 200 ids, 0.8 s for 1,000, 24 s for 5,000; real MongoDB
+   does not): `--intake-batch` (SENDSCRIPT_INTAKE_BATCH, default 100 instead
+   of 200) keeps each intake claim small, and `--load-interval`
+   (SENDSCRIPT_DELAY_LOAD_INTERVAL_S, default 600 s instead of 20 s) keeps
+   the periodic loader, which claims every unheld task it finds in one
+   `update_many`, from meeting tens of thousands of tasks stored but not yet
+   taken by the intake. Neither changes what the heap holds per task. Once the
+   heartbeat says `delayed_held == --held`, the run waits `--settle` seconds,
+   reads the RSS again and reports the difference, in MiB and in bytes per held
+   task, with the peak RSS (VmHWM) of the master over its whole life. The
+   tasks are due after the measurement ends; if one fires during it, the part
+   fails. The stack is then stopped: the master gets SIGTERM, on which it
+   releases every held task in one `update_many` (on SecantusDB, with tens of
+   thousands of ids, that does not finish in minutes), and SIGKILL past
+   `--stop-timeout`; the data directory is thrown away.
+
+Exits 1 when a task started early, ran twice, did not finish or never started
+(lateness), or when the heap never reached `--held` or fired during the
+measurement (memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis
+from pymongo import MongoClient
+from rich.console import Console
+from rich.table import Table
+
+from bench.throughput import (
+    TERMINAL_NAMES,
+    _json_safe,
+    percentile,
+    status_counts,
+    wait_for,
+    warm_up,
+)
+from sendscript import connect
+from sendscript.client import SendScriptClient
+from sendscript.settings import Settings
+from sendscript.stack import LocalStack
+from sendscript.store import RECORDS, TASKS
+
+LATENESS_SCRIPT = "bench-delayed"
+MEMORY_SCRIPT = "bench-held"
+MIB = 1024 * 1024
+
+console = Console(stderr=True)
+
+
+@dataclass
+class Options:
+    lateness: bool
+    memory: bool
+    # Part 1.
+    tasks: int
+    devices: int
+    start_s: float
+    spread_s: float
+    run_ms: float
+    workers: int
+    timeout_s: float
+    # Part 2.
+    held: int
+    horizon_s: float
+    due_min_s: float
+    due_max_s: float
+    chunk: int
+    intake_batch: int
+    load_interval_s: float
+    settle_s: float
+    stop_timeout_s: float
+    # Both.
+    heartbeat_s: float
+    keep: bool
+    json: bool
+
+
+@dataclass
+class LatenessResult:
+    tasks: int
+    devices: int
+    workers: int
+    start_s: float
+    spread_s: float
+    run_ms: float
+    submit_s: float  # first submit_many call -> last one returned
+    first_due_after_submit_s: float  # slack between the end of submitting and the first run_at
+    statuses: dict[str, int]
+    not_terminal: int
+    fired_by_master: int  # the heartbeat's delayed_fired
+    fire_lateness_ms: dict[str, float]  # the heartbeat's delayed_fire_lateness
+    start_lateness_ms: dict[str, float]  # started_at - run_at, first record of each task
+    started: int  # tasks with at least one exec record
+    never_started: int
+    early: int  # exec records with started_at < run_at
+    duplicates: int  # tasks with more than one exec record
+    overlaps: int
+    role_exit_codes: dict[str, int | None]
+    ok: bool
+
+
+@dataclass
+class MemoryResult:
+    held: int
+    horizon_s: float
+    due_min_s: float
+    due_max_s: float
+    intake: str
+    intake_batch: int
+    load_interval_s: float
+    master_pid: int
+    rss_idle_bytes: int
+    rss_held_bytes: int
+    rss_delta_mib: float
+    bytes_per_task: float
+    rss_peak_bytes: int | None  # VmHWM: the master's peak RSS since it started
+    rss_samples_mib: list[float]  # during the settle, one every 0.5 s
+    submit_s: float  # producer: first chunk -> last chunk stored and pushed
+    held_after_s: float  # first chunk -> heartbeat delayed_held == held
+    fired_during: int  # delayed_fired while measuring (must be 0)
+    heartbeat: dict[str, Any]
+    stop_s: float
+    stop_graceful: bool
+    ok: bool
+
+
+@dataclass
+class Report:
+    lateness: LatenessResult | None = None
+    memory: MemoryResult | None = None
+    errors: dict[str, str] = field(default_factory=dict)
+    durations_s: dict[str, float] = field(default_factory=dict)  # each part, start to end
+
+    @property
+    def ok(self) -> bool:
+        return (not self.errors
+                and (self.lateness is None or self.lateness.ok)
+                and (self.memory is None or self.memory.ok))
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+def stats_ms(values: Sequence[float]) -> dict[str, float]:
+    """p50 / p99 / max of seconds, in ms (nearest rank); NaN for no values."""
+    return {"p50_ms": percentile(values, 0.50) * 1000,
+            "p99_ms": percentile(values, 0.99) * 1000,
+            "max_ms": max(values) * 1000 if values else math.nan}
+
+
+def chunked(items: Sequence[dict[str, Any]], size: int) -> Iterator[Sequence[dict[str, Any]]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def heartbeat(client: redis.Redis, settings: Settings) -> dict[str, Any]:
+    """The master's last heartbeat (empty before the first one)."""
+    raw = client.hget(settings.keys.masters, settings.master_id)
+    return json.loads(raw) if raw else {}
+
+
+def rss(proc: psutil.Process) -> int:
+    return int(proc.memory_info().rss)
+
+
+def peak_rss(pid: int) -> int | None:
+    """VmHWM of a process (Linux), in bytes."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def new_stack(opts: Options, prefix: str, extra_env: dict[str, str],
+              sim_args: Sequence[str] = ()) -> tuple[LocalStack, Path]:
+    base = Settings(
+        redis_url=None, mongo_url=None, pulsar_url=None, central_url=None,
+        workers=opts.workers, heartbeat_interval_s=opts.heartbeat_s,
+    )
+    data_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    env = {
+        "SENDSCRIPT_LOG_LEVEL": "WARNING",
+        "SENDSCRIPT_HEARTBEAT_INTERVAL_S": str(opts.heartbeat_s),
+        **extra_env,
+    }
+    stack = LocalStack(base, workers=opts.workers, data_dir=data_dir,
+                       sim_args=list(sim_args), extra_env=env)
+    console.print(f"starting embedded servers and roles under {data_dir} ...")
+    t0 = time.monotonic()
+    stack.start(log_dir=data_dir / "logs")
+    console.print(f"up in {time.monotonic() - t0:.1f}s: {stack.describe()}")
+    return stack, data_dir
+
+
+def tear_down(stack: LocalStack, data_dir: Path, ok: bool, keep: bool) -> None:
+    stack.stop()
+    if ok and not keep:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        return
+    for name, role in stack.roles.items():
+        if tail := role.log_tail(15).strip():
+            console.print(f"--- last lines of {name}.log\n{tail}", markup=False)
+    console.print(f"logs and data kept in {data_dir}")
+
+
+# -- part 1: lateness ----------------------------------------------------------------------
+
+def run_lateness(opts: Options) -> LatenessResult:
+    stack, data_dir = new_stack(opts, "sendscript-bench-sched-", {},
+                                ["--run-ms", str(opts.run_ms)])
+    ok = False
+    try:
+        result = _measure_lateness(stack, opts)
+        ok = result.ok
+        return result
+    finally:
+        tear_down(stack, data_dir, ok, opts.keep)
+
+
+def _measure_lateness(stack: LocalStack, opts: Options) -> LatenessResult:
+    settings = stack.effective
+    inspect_redis = redis.Redis.from_url(settings.redis_url or "")
+    mongo: MongoClient[Any] = MongoClient(settings.mongo_url, tz_aware=True)
+    db = mongo.get_default_database(connect.DEFAULT_DB)
+    try:
+        wait_for(lambda: inspect_redis.hlen(settings.keys.consumers) > 0, 30, "the consumer")
+        console.print("warming up with 1 task ...")
+        warm_up(settings, db, 1, timeout_s=120)
+
+        n = opts.tasks
+        t0 = time.time() + opts.start_s
+        specs = [{
+            "device_id": f"dev-{i % opts.devices:05d}",
+            "script": {"id": LATENESS_SCRIPT, "args": {"i": i}},
+            "run_at": t0 + opts.spread_s * i / n,
+        } for i in range(n)]
+        console.print(f"submitting {n} delayed tasks over {opts.devices} devices, due "
+                      f"{opts.start_s:g}..{opts.start_s + opts.spread_s:g}s from now ...")
+        ids: list[str] = []
+        with SendScriptClient(settings) as client:
+            first = time.time()
+            for part in chunked(specs, 1000):
+                ids.extend(s.task_id for s in client.submit_many(part))
+            submitted = time.time()
+        slack = t0 - submitted
+        console.print(f"submitted in {submitted - first:.2f}s "
+                      f"({slack:.2f}s before the first is due); waiting")
+        if slack < 0:
+            console.print("[yellow]submitting took longer than --start: the first tasks were "
+                          "due before they were stored[/yellow]")
+
+        deadline = time.monotonic() + max(0.0, t0 + opts.spread_s - time.time()) \
+            + opts.timeout_s
+        counts = _wait_terminal(stack, db, n, deadline)
+        # The heartbeat that follows the last fire (it beats every heartbeat_s).
+        hb: dict[str, Any] = {}
+        try:
+            wait_for(lambda: (hb.update(heartbeat(inspect_redis, settings))
+                              or hb.get("delayed_fired", 0) >= n),
+                     3 * opts.heartbeat_s + 5, "a heartbeat with every fire", interval_s=0.2)
+        except TimeoutError as exc:
+            console.print(f"[yellow]{exc}[/yellow]")
+        farm = stack.simulator_stats()
+
+        tasks = {d["_id"]: d["run_at"] for d in db[TASKS].find(
+            {"_id": {"$in": ids}}, {"run_at": 1})}
+        starts: dict[str, list[datetime]] = {}
+        for rec in db[RECORDS].find({"task_id": {"$in": ids}}, {"task_id": 1, "started_at": 1}):
+            starts.setdefault(rec["task_id"], []).append(rec["started_at"])
+        codes = {name: stack.roles[name].stop(timeout_s=max(30.0, settings.shutdown_grace_s
+                                                             + 10))
+                 for name in ("master", "consumer") if name in stack.roles}
+    finally:
+        inspect_redis.close()
+        mongo.close()
+
+    late: list[float] = []
+    early = 0
+    for task_id, started in starts.items():
+        run_at = tasks.get(task_id)
+        if run_at is None:
+            continue
+        early += sum(1 for s in started if s < run_at)
+        late.append((min(started) - run_at).total_seconds())
+    duplicates = sum(1 for started in starts.values() if len(started) > 1)
+    never_started = sum(1 for task_id in ids if task_id not in starts)
+    terminal = sum(v for k, v in counts.items() if k in TERMINAL_NAMES)
+    overlaps = int(farm.get("overlaps", 0))
+    fire = hb.get("delayed_fire_lateness") or {}
+    return LatenessResult(
+        tasks=n, devices=opts.devices, workers=opts.workers, start_s=opts.start_s,
+        spread_s=opts.spread_s, run_ms=opts.run_ms,
+        submit_s=submitted - first, first_due_after_submit_s=slack,
+        statuses=counts, not_terminal=n - terminal,
+        fired_by_master=int(hb.get("delayed_fired", 0)),
+        fire_lateness_ms={k: float(fire.get(k, math.nan)) for k in ("p50_ms", "p99_ms", "max_ms")},
+        start_lateness_ms=stats_ms(late),
+        started=len(starts), never_started=never_started, early=early, duplicates=duplicates,
+        overlaps=overlaps, role_exit_codes=codes,
+        ok=early == 0 and duplicates == 0 and never_started == 0 and terminal == n
+        and overlaps == 0,
+    )
+
+
+def _wait_terminal(stack: LocalStack, db: Any, n: int, deadline: float) -> dict[str, int]:
+    last_report = 0.0
+    while True:
+        counts = status_counts(db, LATENESS_SCRIPT)
+        done = sum(v for k, v in counts.items() if k in TERMINAL_NAMES)
+        if done >= n:
+            return counts
+        if dead := stack.dead_roles():
+            console.print(f"[red]role(s) exited during the run: {', '.join(dead)}[/red]")
+            return counts
+        now = time.monotonic()
+        if now > deadline:
+            console.print("[red]timed out waiting for the tasks to finish[/red]")
+            return counts
+        if now - last_report > 5:
+            last_report = now
+            console.print(f"  {done}/{n} terminal  "
+                          + " ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+        time.sleep(0.5)
+
+
+# -- part 2: memory ------------------------------------------------------------------------
+
+def run_memory(opts: Options) -> MemoryResult:
+    stack, data_dir = new_stack(opts, "sendscript-bench-mem-", {
+        "SENDSCRIPT_DELAY_HORIZON_S": str(opts.horizon_s),
+        "SENDSCRIPT_INTAKE_BATCH": str(opts.intake_batch),
+        "SENDSCRIPT_DELAY_LOAD_INTERVAL_S": str(opts.load_interval_s),
+    })
+    ok = False
+    try:
+        result = _measure_memory(stack, opts)
+        ok = result.ok
+        return result
+    finally:
+        tear_down(stack, data_dir, ok, opts.keep)
+
+
+def _measure_memory(stack: LocalStack, opts: Options) -> MemoryResult:
+    settings = stack.effective
+    inspect_redis = redis.Redis.from_url(settings.redis_url or "")
+    pid = stack.roles["master"].pid
+    proc = psutil.Process(pid)
+    n = opts.held
+    try:
+        hb = heartbeat(inspect_redis, settings)
+        if hb.get("pid") != pid:
+            raise RuntimeError(f"the heartbeat names pid {hb.get('pid')}, "
+                               f"the master role is pid {pid}")
+        time.sleep(opts.settle_s)  # idle: whatever start-up allocated is in
+        idle = rss(proc)
+        console.print(f"master pid {pid} idle RSS {idle / MIB:.1f} MiB")
+
+        t0 = time.time()
+        span = opts.due_max_s - opts.due_min_s
+        specs = [{
+            "device_id": f"dev-{i % opts.devices:05d}",
+            "script": {"id": MEMORY_SCRIPT, "args": {"i": i}},
+            "run_at": t0 + opts.due_min_s + span * i / n,
+        } for i in range(n)]
+        console.print(f"submitting {n} waiting tasks due {opts.due_min_s:g}..{opts.due_max_s:g}s "
+                      f"from now in chunks of {opts.chunk} (insert_many + LPUSH of ids) ...")
+        with SendScriptClient(settings) as client:
+            for part in chunked(specs, opts.chunk):
+                client.submit_many(part)
+        submitted = time.time()
+        del specs
+        gc.collect()
+        console.print(f"stored and pushed in {submitted - t0:.1f}s; waiting for the master "
+                      "to hold them all")
+
+        fire_deadline = t0 + opts.due_min_s
+        last_report = 0.0
+        while True:
+            hb = heartbeat(inspect_redis, settings)
+            held = int(hb.get("delayed_held", 0))
+            if held >= n:
+                break
+            now = time.time()
+            if stack.dead_roles():
+                raise RuntimeError(f"role(s) exited: {', '.join(stack.dead_roles())}")
+            if now + opts.settle_s + 1 > fire_deadline:
+                raise TimeoutError(f"the master held {held}/{n} tasks "
+                                   f"{now - t0:.0f}s after the first submit; the first are "
+                                   f"due at {opts.due_min_s:g}s")
+            if now - last_report > 5:
+                last_report = now
+                console.print(f"  held {held}/{n}  ({now - t0:.0f}s, master RSS "
+                              f"{rss(proc) / MIB:.1f} MiB)")
+            time.sleep(0.5)
+        held_after = time.time() - t0
+        console.print(f"all {n} held after {held_after:.1f}s; settling {opts.settle_s:g}s")
+
+        samples: list[int] = []
+        end = time.monotonic() + opts.settle_s
+        while time.monotonic() < end:
+            samples.append(rss(proc))
+            time.sleep(0.5)
+        samples.append(rss(proc))
+        held_rss = samples[-1]
+        peak = peak_rss(pid)
+        hb = heartbeat(inspect_redis, settings)
+        fired = int(hb.get("delayed_fired", 0))
+        still_held = int(hb.get("delayed_held", 0))
+        if time.time() > fire_deadline:
+            console.print("[red]the measurement ran past the first due time[/red]")
+    finally:
+        inspect_redis.close()
+
+    # Stop the master here, timed: on SIGTERM it releases every held task in Mongo.
+    t_stop = time.monotonic()
+    role = stack.roles["master"]
+    code = role.stop(timeout_s=opts.stop_timeout_s)
+    stop_s = time.monotonic() - t_stop
+    graceful = code == 0
+    console.print(f"master stopped in {stop_s:.1f}s "
+                  f"({'gracefully' if graceful else f'exit code {code}'})")
+
+    delta = held_rss - idle
+    return MemoryResult(
+        held=n, horizon_s=opts.horizon_s, due_min_s=opts.due_min_s, due_max_s=opts.due_max_s,
+        intake="SDK submit_many (insert_many + LPUSH of task ids) -> master intake claims",
+        intake_batch=opts.intake_batch, load_interval_s=opts.load_interval_s,
+        master_pid=pid,
+        rss_idle_bytes=idle, rss_held_bytes=held_rss, rss_delta_mib=delta / MIB,
+        bytes_per_task=delta / n, rss_peak_bytes=peak,
+        rss_samples_mib=[round(s / MIB, 1) for s in samples],
+        submit_s=submitted - t0, held_after_s=held_after,
+        fired_during=fired,
+        heartbeat={k: hb.get(k) for k in ("delayed_held", "delayed_fired", "taken", "queued")},
+        stop_s=stop_s, stop_graceful=graceful,
+        ok=fired == 0 and still_held == n,
+    )
+
+
+# -- output ------------------------------------------------------------------------------
+
+def _ms(stats: dict[str, float]) -> str:
+    return " / ".join("-" if math.isnan(stats.get(k, math.nan)) else f"{stats[k]:.0f}"
+                      for k in ("p50_ms", "p99_ms", "max_ms"))
+
+
+def _flag(n: int) -> str:
+    return f"[red]{n}[/red]" if n else "0"
+
+
+def render(report: Report) -> None:
+    out = Console()
+    if (r := report.lateness) is not None:
+        t = Table(title="delayed-task lateness", show_header=False)
+        t.add_row("tasks / devices / workers", f"{r.tasks} / {r.devices} / {r.workers}")
+        t.add_row("due", f"{r.start_s:g} .. {r.start_s + r.spread_s:g} s after submit start")
+        t.add_row("submit time", f"{r.submit_s:.2f} s "
+                                 f"(first due {r.first_due_after_submit_s:.2f} s later)")
+        t.add_row("fired by the master", str(r.fired_by_master))
+        t.add_row("fire lateness p50 / p99 / max (master)", f"{_ms(r.fire_lateness_ms)} ms")
+        t.add_row("start lateness p50 / p99 / max (Mongo)", f"{_ms(r.start_lateness_ms)} ms")
+        t.add_row("statuses", " ".join(f"{k}={v}" for k, v in sorted(r.statuses.items())))
+        t.add_row("not terminal", _flag(r.not_terminal))
+        t.add_row("never started", _flag(r.never_started))
+        t.add_row("started early", _flag(r.early))
+        t.add_row("more than one exec record", _flag(r.duplicates))
+        t.add_row("overlaps seen by the farm", _flag(r.overlaps))
+        t.add_row("role exit codes", " ".join(f"{k}={v}" for k, v in r.role_exit_codes.items()))
+        t.add_row("result", "[green]ok[/green]" if r.ok else "[red]FAILED[/red]")
+        out.print(t)
+    if (m := report.memory) is not None:
+        t = Table(title="master memory for held delayed tasks", show_header=False)
+        t.add_row("held tasks", f"{m.held} (due {m.due_min_s:g}..{m.due_max_s:g} s, "
+                                f"horizon {m.horizon_s:g} s)")
+        t.add_row("intake", f"{m.intake} (intake batch {m.intake_batch}, "
+                            f"loader every {m.load_interval_s:g} s)")
+        t.add_row("submit time / all held after", f"{m.submit_s:.1f} s / {m.held_after_s:.1f} s")
+        t.add_row("master RSS idle", f"{m.rss_idle_bytes / MIB:.1f} MiB")
+        t.add_row("master RSS holding", f"{m.rss_held_bytes / MIB:.1f} MiB")
+        t.add_row("delta", f"{m.rss_delta_mib:.1f} MiB = {m.bytes_per_task:.0f} bytes per task "
+                           f"({m.rss_delta_mib * 100_000 / m.held:.1f} MiB per 100,000)")
+        if m.rss_peak_bytes is not None:
+            t.add_row("master peak RSS (VmHWM)", f"{m.rss_peak_bytes / MIB:.1f} MiB")
+        t.add_row("RSS while settling (MiB)", " ".join(f"{s:g}" for s in m.rss_samples_mib))
+        t.add_row("fired during the measurement", _flag(m.fired_during))
+        t.add_row("master stop (releases held tasks)",
+                  f"{m.stop_s:.1f} s, {'graceful' if m.stop_graceful else 'not graceful'}")
+        t.add_row("result", "[green]ok[/green]" if m.ok else "[red]FAILED[/red]")
+        out.print(t)
+    for part, error in report.errors.items():
+        out.print(f"[red]{part} failed: {error}[/red]")
+    out.print("run time: " + ", ".join(f"{k} {v:.0f} s" for k, v in report.durations_s.items()))
+
+
+# -- command line ------------------------------------------------------------------------
+
+def parse_args(argv: Sequence[str] | None = None) -> Options:
+    p = argparse.ArgumentParser(prog="python -m bench.scheduling", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lateness", action="store_true", help="run part 1 (default: both)")
+    p.add_argument("--memory", action="store_true", help="run part 2 (default: both)")
+    g = p.add_argument_group("part 1: lateness")
+    g.add_argument("--tasks", type=int, default=1000, help="delayed tasks (default 1000)")
+    g.add_argument("--devices", type=int, default=200, help="devices (default 200)")
+    g.add_argument("--start", type=float, default=3.0,
+                   help="seconds from now to the first due time (default 3)")
+    g.add_argument("--spread", type=float, default=20.0,
+                   help="seconds over which the due times are spread (default 20)")
+    g.add_argument("--run-ms", type=float, default=50.0,
+                   help="simulated script run time in ms (default 50)")
+    g.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    g.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds to wait after the last due time (default 120)")
+    g = p.add_argument_group("part 2: memory")
+    g.add_argument("--held", type=int, default=100_000,
+                   help="waiting tasks for the master to hold (default 100000)")
+    g.add_argument("--horizon", type=float, default=300.0,
+                   help="SENDSCRIPT_DELAY_HORIZON_S for the roles (default 300)")
+    g.add_argument("--due-min", type=float, default=240.0,
+                   help="first due time, seconds after the first submit (default 240)")
+    g.add_argument("--due-max", type=float, default=250.0,
+                   help="last due time, seconds after the first submit (default 250)")
+    g.add_argument("--chunk", type=int, default=1000,
+                   help="tasks per submit_many call (default 1000)")
+    g.add_argument("--intake-batch", type=int, default=100,
+                   help="SENDSCRIPT_INTAKE_BATCH for the master (default 100; see above)")
+    g.add_argument("--load-interval", type=float, default=600.0,
+                   help="SENDSCRIPT_DELAY_LOAD_INTERVAL_S for the master (default 600: "
+                        "the periodic loader runs once, at start; see above)")
+    g.add_argument("--settle", type=float, default=5.0,
+                   help="seconds to let the idle / holding master settle before reading "
+                        "RSS (default 5)")
+    g.add_argument("--stop-timeout", type=float, default=10.0,
+                   help="seconds the holding master gets to stop before SIGKILL (default 10)")
+    p.add_argument("--heartbeat", type=float, default=1.0,
+                   help="roles' heartbeat interval in s (default 1)")
+    p.add_argument("--keep", action="store_true", help="keep the data and logs directories")
+    p.add_argument("--json", action="store_true", help="also print one JSON result line")
+    a = p.parse_args(argv)
+    if min(a.tasks, a.devices, a.workers, a.held, a.chunk, a.intake_batch) < 1:
+        p.error("--tasks, --devices, --workers, --held, --chunk and --intake-batch must be "
+                "at least 1")
+    if a.start < 0 or a.spread < 0 or a.run_ms < 0 or a.settle < 0:
+        p.error("--start, --spread, --run-ms and --settle must not be negative")
+    if not 0 < a.due_min <= a.due_max < a.horizon:
+        p.error("need 0 < --due-min <= --due-max < --horizon (held tasks are due "
+                "within the horizon)")
+    both = not a.lateness and not a.memory
+    return Options(
+        lateness=a.lateness or both, memory=a.memory or both,
+        tasks=a.tasks, devices=a.devices, start_s=a.start, spread_s=a.spread,
+        run_ms=a.run_ms, workers=a.workers, timeout_s=a.timeout,
+        held=a.held, horizon_s=a.horizon, due_min_s=a.due_min, due_max_s=a.due_max,
+        chunk=a.chunk, intake_batch=a.intake_batch, load_interval_s=a.load_interval,
+        settle_s=a.settle, stop_timeout_s=a.stop_timeout,
+        heartbeat_s=a.heartbeat, keep=a.keep, json=a.json,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = parse_args(argv)
+    report = Report()
+    if opts.lateness:
+        t0 = time.monotonic()
+        try:
+            report.lateness = run_lateness(opts)
+        except Exception as exc:
+            report.errors["lateness"] = f"{type(exc).__name__}: {exc}"
+        report.durations_s["lateness"] = time.monotonic() - t0
+    if opts.memory:
+        t0 = time.monotonic()
+        try:
+            report.memory = run_memory(opts)
+        except Exception as exc:
+            report.errors["memory"] = f"{type(exc).__name__}: {exc}"
+        report.durations_s["memory"] = time.monotonic() - t0
+    render(report)
+    if opts.json:
+        line = {"lateness": asdict(report.lateness) if report.lateness else None,
+                "memory": asdict(report.memory) if report.memory else None,
+                "errors": report.errors, "durations_s": report.durations_s, "ok": report.ok}
+        print(json.dumps(_json_safe(line), default=str))
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
