@@ -6,6 +6,9 @@
 - `recover_dead_master`: a master whose heartbeat expired: its processing list is
   taken over and stored, the tasks it held go back to the ready queue, its entry
   is removed.
+- `release_stuck_running`: a task left `running` by a worker that lost it before
+  sending (no record, or its device lock not held by its attempt's fence) goes
+  back to pending.
 - `requeue_orphans`: pending tasks no master holds (a producer stored one and died
   before pushing its id) are pushed to the ready queue.
 - `release_orphan_locks`: a device lock whose fence no unfinished attempt holds,
@@ -19,6 +22,7 @@ one by mistake, or a crash half way, do no harm. The leader runs them
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -32,7 +36,7 @@ from sendscript.models import ExecRecord
 from sendscript.queue import Entry, IntakeQueue
 from sendscript.retry import decide, failure_cas
 from sendscript.settings import Settings
-from sendscript.status import SCHEDULED, RecordStatus, TaskStatus, record_cas
+from sendscript.status import SCHEDULED, RecordStatus, TaskStatus, record_cas, task_cas
 from sendscript.store import RecordStore, TaskStore, chunks
 
 OPEN = [str(TaskStatus.RUNNING), str(TaskStatus.SENT)]
@@ -66,7 +70,8 @@ class Recovery:
         self.tasks = tasks
         self.records = records
         self.locks = DeviceLocks(client, self.keys)
-        self._suspect_locks: set[tuple[str, int]] = set()
+        # (device, fence) -> when first seen orphaned (monotonic seconds)
+        self._suspect_locks: dict[tuple[str, int], float] = {}
 
     # -- result timeouts ---------------------------------------------------------------
     async def time_out_results(self, now: datetime, found: Found, dry: bool = False) -> None:
@@ -111,6 +116,41 @@ class Recovery:
             await self.redis.hincrby(self.keys.stats, "result_timeouts", len(mine))
             logger.warning("result timeout for {} task(s); {} will retry", len(mine),
                            len(retries))
+
+    # -- stuck running ------------------------------------------------------------------
+    async def release_stuck_running(self, now: datetime, found: Found, dry: bool = False) -> None:
+        cutoff = now - timedelta(seconds=self.settings.running_stuck_s)
+        stuck = [d async for d in self.tasks.col.find(
+            {"status": str(TaskStatus.RUNNING), "updated_at": {"$lte": cutoff}},
+            {"record_id": 1, "attempt": 1, "device_id": 1})]
+        if not stuck:
+            return
+        records = await self.records.find_many(d["record_id"] for d in stuck
+                                               if d.get("record_id"))
+        holders = await self.locks.holders([d["device_id"] for d in stuck])
+        lost = []
+        for doc, holder in zip(stuck, holders, strict=True):
+            record = records.get(doc.get("record_id", ""))
+            if record is not None and holder == record.lock_value:
+                continue  # it may be on the device: the result timeout decides
+            lost.append((doc, record))
+        found.requeued += [doc["_id"] for doc, _ in lost]
+        if dry or not lost:
+            return
+        back = []
+        for doc, record in lost:
+            flt, update = task_cas(doc["_id"], TaskStatus.RUNNING, TaskStatus.PENDING, now,
+                                   attempt=doc["attempt"], unset=("master",),
+                                   set_={"last_error": "its worker lost it before sending"})
+            if await self.tasks.cas(flt, update):
+                back.append(doc["_id"])
+                if record is not None:
+                    await self.records.finish(record.id, RecordStatus.FAILED, now,
+                                              "abandoned before sending")
+        await self._push(back)
+        if back:
+            logger.warning("{} task(s) stuck running without a send went back to pending",
+                           len(back))
 
     # -- dead masters ------------------------------------------------------------------
     async def dead_masters(self, exclude: str | None = None) -> list[str]:
@@ -177,35 +217,36 @@ class Recovery:
             logger.warning("requeued {} pending task(s) no master held", len(ids))
 
     async def release_orphan_locks(self, found: Found, dry: bool = False,
-                                   confirm: bool = True) -> None:
+                                   confirm: bool = True, grace_s: float | None = None) -> None:
         """Locks whose fence no open exec record holds. With `confirm`, a lock is
-        released only when the previous pass saw it orphaned too (a worker may be
-        between taking a lock and recording its attempt)."""
+        released only after it has looked orphaned for `orphan_lock_grace_s` (a
+        worker may be between taking a lock and recording its attempt)."""
         held: dict[str, int] = {}
         async for key in self.redis.scan_iter(match=self.keys.device_lock_pattern, count=1000):
             device = key.decode().removeprefix(self.keys.device_lock(""))
             value = await self.redis.get(key)
             if value is not None:
                 held[device] = int(value)
-        if not held:
-            self._suspect_locks = set()
-            return
         # A fence is in use while its exec record is open; a fence with no record is a
         # worker that died between taking the lock and recording the attempt.
         fenced = {(r["device_id"], r["lock_value"]) async for r in self.records.col.find(
             {"lock_value": {"$in": list(held.values())},
              "status": {"$in": [str(s) for s in OPEN_RECORD]}},
-            {"device_id": 1, "lock_value": 1})}
+            {"device_id": 1, "lock_value": 1})} if held else set()
         orphans = {(d, f) for d, f in held.items() if (d, f) not in fenced}
-        sure = orphans & self._suspect_locks if confirm else orphans
-        self._suspect_locks = orphans
+        now = time.monotonic()
+        self._suspect_locks = {o: self._suspect_locks.get(o, now) for o in orphans}
+        grace = self.settings.orphan_lock_grace_s if grace_s is None else grace_s
+        sure = sorted(o for o, since in self._suspect_locks.items()
+                      if not confirm or now - since >= grace)
         if not sure:
             return
-        found.orphan_locks += sorted(sure)
+        found.orphan_locks += sure
         if not dry:
-            await self.locks.release_many(sorted(sure))
-            logger.warning("released {} orphaned device lock(s): {}", len(sure),
-                           sorted(sure)[:10])
+            await self.locks.release_many(sure)
+            for o in sure:
+                self._suspect_locks.pop(o, None)
+            logger.warning("released {} orphaned device lock(s): {}", len(sure), sure[:10])
 
     async def _push(self, task_ids: list[str]) -> None:
         for start in range(0, len(task_ids), 1000):
@@ -252,6 +293,7 @@ async def recover_once(settings: Settings, *, dry: bool, lock_confirm_s: float) 
         found = Found()
         now = utcnow()
         await recovery.time_out_results(now, found, dry)
+        await recovery.release_stuck_running(now, found, dry)
         for dead in await recovery.dead_masters():
             await recovery.recover_dead_master(dead, ingest_for, found, dry)
         if pushed:
@@ -259,11 +301,10 @@ async def recover_once(settings: Settings, *, dry: bool, lock_confirm_s: float) 
         await recovery.requeue_orphans(now, found, dry)
         await recovery.release_orphan_locks(found, dry=True, confirm=False)
         if found.orphan_locks and not dry:
-            first_look = found.orphan_locks
+            # A second look this far apart; only what both looks saw is released.
             found.orphan_locks = []
             await asyncio.sleep(lock_confirm_s)
-            recovery._suspect_locks = set(first_look)
-            await recovery.release_orphan_locks(found)
+            await recovery.release_orphan_locks(found, grace_s=lock_confirm_s)
         return found
     finally:
         await client.aclose()

@@ -97,6 +97,7 @@ class Sweeper:
         now = utcnow()
         r = self.recovery
         await r.time_out_results(now, found)
+        await r.release_stuck_running(now, found)
         for dead in await r.dead_masters(exclude=self.settings.master_id):
             await r.recover_dead_master(dead, self.ingest_for, found)
         await r.requeue_orphans(now, found)

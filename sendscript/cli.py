@@ -273,8 +273,9 @@ def task_retry(
 @app.command()
 def recover(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show, change nothing.")] = False,
-    lock_confirm_s: Annotated[float, typer.Option(
-        help="Look at orphaned locks twice, this far apart.")] = 5.0,
+    lock_confirm_s: Annotated[float | None, typer.Option(
+        help="Look at orphaned locks twice, this far apart "
+             "(default: SENDSCRIPT_ORPHAN_LOCK_GRACE_S).")] = None,
 ) -> None:
     """Show and fix stuck work: overdue results, dead masters' queues and tasks,
     pending tasks no master holds, device locks no attempt holds."""
@@ -282,7 +283,9 @@ def recover(
 
     from master.recovery import recover_once
 
-    found = asyncio.run(recover_once(_settings(), dry=dry_run, lock_confirm_s=lock_confirm_s))
+    settings = _settings()
+    confirm = settings.orphan_lock_grace_s if lock_confirm_s is None else lock_confirm_s
+    found = asyncio.run(recover_once(settings, dry=dry_run, lock_confirm_s=confirm))
     verb = "found" if dry_run else "fixed"
     table = Table("what", verb, "examples", title="sendscript recover")
     table.add_row("results overdue (timed out)", str(len(found.timed_out)),

@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     leader_lease_s: float = Field(15.0, gt=0)
     sweep_interval_s: float = Field(5.0, gt=0)
     orphan_grace_s: float = Field(30.0, ge=0)
+    # A task `running` this long whose device lock does not hold its attempt's fence
+    # was never sent (its worker lost it half way): it goes back to pending.
+    running_stuck_s: float = Field(60.0, gt=0)
+    # A device lock no open attempt holds is released once seen orphaned this long
+    # (longer than a worker may take between locking and recording its attempt).
+    orphan_lock_grace_s: float = Field(30.0, ge=0)
 
     # Worker recycling, like gunicorn's max_requests and PM2's max_memory_restart.
     worker_max_tasks: int = Field(0, ge=0)  # 0: never

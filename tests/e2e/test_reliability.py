@@ -25,7 +25,7 @@ FAST = {
     "heartbeat_ttl_s": 2.0, "delay_load_interval_s": 1.0, "retry_base_s": 0.3,
     "retry_factor": 2.0, "retry_cap_s": 5.0, "retry_jitter": 0.0, "sweep_interval_s": 0.5,
     "leader_lease_s": 3.0, "orphan_grace_s": 2.0, "free_check_interval_s": 1.0,
-    "final_error_codes": frozenset({"E_FINAL"}),
+    "final_error_codes": frozenset({"E_FINAL"}), "running_stuck_s": 3.0,
 }
 
 

@@ -394,12 +394,13 @@ async def test_orphaned_locks_are_released_on_the_second_pass(
     await db[RECORDS].update_one({"_id": finished_rec}, {"$set": {"status": "success"}})
 
     first = Found()
-    await recovery.release_orphan_locks(first)
+    await recovery.release_orphan_locks(first, grace_s=0.5)
     assert first.orphan_locks == []
     assert await locks.holders(["dev-bare", "dev-held", "dev-done"]) == [bare, held, done]
 
+    await asyncio.sleep(0.6)  # orphaned for longer than the grace now
     second = Found()
-    await recovery.release_orphan_locks(second)
+    await recovery.release_orphan_locks(second, grace_s=0.5)
     assert second.orphan_locks == sorted([("dev-bare", bare), ("dev-done", done)])
     assert await locks.holders(["dev-bare", "dev-held", "dev-done"]) == [None, held, None]
     events = await free_events.collect()
@@ -407,7 +408,7 @@ async def test_orphaned_locks_are_released_on_the_second_pass(
         [("dev-bare", bare), ("dev-done", done)])
 
     third = Found()
-    await recovery.release_orphan_locks(third)
+    await recovery.release_orphan_locks(third, grace_s=0.5)
     assert third.orphan_locks == []
     assert await locks.holders(["dev-held"]) == [held]
 
@@ -417,15 +418,17 @@ async def test_a_lock_taken_anew_between_passes_is_not_released(
     locks: DeviceLocks,
 ) -> None:
     [old] = await locks.acquire_many([("dev-1", 600_000)])
-    await recovery.release_orphan_locks(Found())
+    await recovery.release_orphan_locks(Found(), grace_s=0.3)
     # Its holder finished; another worker locked the device and is about to record it.
     await locks.release_many([("dev-1", old)])
     [new] = await locks.acquire_many([("dev-1", 600_000)])
+    await asyncio.sleep(0.4)
     found = Found()
-    await recovery.release_orphan_locks(found)
+    await recovery.release_orphan_locks(found, grace_s=0.3)
     assert found.orphan_locks == [] and await locks.holders(["dev-1"]) == [new]
+    await asyncio.sleep(0.4)  # the new fence too, once it has looked orphaned long enough
     found = Found()
-    await recovery.release_orphan_locks(found)
+    await recovery.release_orphan_locks(found, grace_s=0.3)
     assert found.orphan_locks == [("dev-1", new)]
 
 
