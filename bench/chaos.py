@@ -66,8 +66,9 @@ class Report:
     submitted_raw: int = 0
     tasks: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
-    kills: Counter[str] = field(default_factory=Counter)
-    restarts: Counter[str] = field(default_factory=Counter)
+    kills: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    restarts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    failed_reasons: dict[str, int] = field(default_factory=dict)
     lost: int = 0
     overlaps: int = 0
     refused_busy: int = 0
@@ -79,11 +80,19 @@ class Report:
     dead_lettered_without_reason: int = 0
     settle_s: float = 0.0
     sends: int = 0
+    # Raw items a producer pushed again after a push whose answer it lost: each may
+    # have landed twice. Tasks beyond one per raw item must be explained by these.
+    raw_pushes_retried: int = 0
+    raw_duplicates: int = 0
+    # Tasks the SDK stored though the call raised (the push after the store failed):
+    # not counted as submitted, found and run by the orphan sweep all the same.
+    stored_unreported: int = 0
 
     def ok(self) -> bool:
         return not (self.lost or self.overlaps or self.refused_busy or self.duplicate_sends
                     or self.excess_sends or self.quarantined_without_reason
-                    or self.dead_lettered_without_reason)
+                    or self.dead_lettered_without_reason
+                    or self.raw_duplicates > self.raw_pushes_retried)
 
 
 class Chaos:
@@ -148,21 +157,28 @@ class Chaos:
         """Submit at a steady rate, half SDK, half raw JSON; retry through outages."""
         client: SendScriptClient | None = None
         n = 0
+        pending_raw: list[str] | None = None  # a raw batch whose push may have failed
         interval = 10 / self.rate  # a batch of 10 every interval
         next_at = time.monotonic()
         while not self._stop_load.is_set():
             # A short result timeout: a silent device holds its lock seconds, not minutes.
             specs = [{"device_id": f"dev-{self.rand.randrange(self.devices):03d}",
-                      "script": {"id": "chaos", "args": {"n": n + i}}, "timeout_s": 4.0}
+                      "script": {"id": "chaos", "args": {"n": n + i}}, "timeout_s": 6.0}
                      for i in range(10)]
             try:
                 if client is None:
                     client = SendScriptClient(self.settings)
-                if n % 20 == 0:
+                if pending_raw is not None:  # push it again: at least once
+                    self.report.raw_pushes_retried += len(pending_raw)
+                    client.push_raw(pending_raw)
+                    pending_raw = None
+                elif n % 20 == 0:
                     raw = [json.dumps({**s, "script": {"id": "chaos", "args": {
                         "raw": self.raw_sent + i}}}) for i, s in enumerate(specs)]
-                    client.push_raw(raw)
                     self.raw_sent += len(raw)
+                    pending_raw = raw
+                    client.push_raw(raw)
+                    pending_raw = None
                 else:
                     self.sdk_ids += [s.task_id for s in client.submit_many(specs)]
                 n += 10
@@ -283,15 +299,24 @@ class Chaos:
         mongo = MongoClient(self.settings.mongo_url)
         db = mongo.get_default_database("sendscript")
         tasks = {d["_id"]: d for d in db.script_tasks.find(
-            {}, {"status": 1, "script": 1, "attempt": 1, "max_retries": 1})}
+            {}, {"status": 1, "script": 1, "attempt": 1, "max_retries": 1, "last_error": 1})}
         rep.tasks = len(tasks)
         rep.statuses = dict(Counter(d["status"] for d in tasks.values()))
+        reasons = Counter(_reason(d.get("last_error") or "") for d in tasks.values()
+                          if d["status"] == "failed")
+        rep.failed_reasons = dict(reasons.most_common(8))
         rep.submitted_sdk, rep.submitted_raw = len(self.sdk_ids), self.raw_sent
 
         def resolved(doc: dict[str, Any] | None) -> bool:
             return doc is not None and (doc["status"] in TERMINAL or doc["status"] in SCHEDULED)
 
         lost = [i for i in self.sdk_ids if not resolved(tasks.get(i))]
+        known = set(self.sdk_ids)
+        rep.stored_unreported = sum(1 for i, d in tasks.items() if i not in known
+                                    and "raw" not in d["script"].get("args", {}))
+        raw_tasks = Counter(d["script"]["args"]["raw"] for d in tasks.values()
+                            if "raw" in d["script"].get("args", {}))
+        rep.raw_duplicates = sum(n - 1 for n in raw_tasks.values())
         raw_seen = {d["script"]["args"]["raw"] for d in tasks.values()
                     if "raw" in d["script"].get("args", {}) and resolved(d)}
         lost_raw = self.raw_sent - len(raw_seen & set(range(self.raw_sent)))
@@ -339,6 +364,12 @@ class Chaos:
         return "\n".join(f"--- {name}\n{role.log_tail(40)}" for name, role in self.roles.items())
 
 
+def _reason(error: str) -> str:
+    """The kind of a failure, without its ids and numbers."""
+    head = error.split(" (attempts exhausted")[0]
+    return head.split(":")[0] + (": " + head.split(":")[1].strip()[:40] if ":" in head else "")
+
+
 def run_chaos(workdir: Path, *, duration_s: float, kill_every_s: float, restart_every_s: float,
               down_s: float = 2.0, devices: int = 40, rate: float = 20.0, seed: int = 1,
               settle_timeout_s: float = 180.0) -> Report:
@@ -361,6 +392,11 @@ def print_report(report: Report) -> None:
     print(f"  lost {report.lost}; overlaps {report.overlaps} (farm 409s "
           f"{report.refused_busy}); duplicate sends {report.duplicate_sends}; "
           f"tasks over max_retries+1 sends {report.excess_sends}")
+    print(f"  tasks the SDK stored though its call failed (run by the orphan sweep): "
+          f"{report.stored_unreported}")
+    print(f"  raw items stored twice {report.raw_duplicates} (pushed again by the producer "
+          f"after a lost answer: {report.raw_pushes_retried})")
+    print(f"  failed tasks by reason (after max_retries + 1 attempts): {report.failed_reasons}")
     print(f"  quarantined {report.quarantined} ({report.quarantined_without_reason} without "
           f"reason); dead-lettered {report.dead_lettered} "
           f"({report.dead_lettered_without_reason} without reason)")
@@ -386,7 +422,7 @@ def main() -> int:
                            devices=args.devices, rate=args.rate, seed=args.seed)
     print_report(report)
     if args.json:
-        print(json.dumps(asdict(report), default=dict))
+        print(json.dumps(asdict(report)))
     return 0 if report.ok() else 1
 
 
