@@ -30,7 +30,14 @@ from pydantic import ValidationError
 from sendscript import connect, roundtrips
 from sendscript.backoff import Backoff
 from sendscript.locks import DeviceLocks
-from sendscript.models import RESULT_TYPES, LogType, TaskLogMessage, describe_error, utcnow
+from sendscript.models import (
+    RESULT_TYPES,
+    LogType,
+    TaskLogMessage,
+    describe_error,
+    parse_json_object,
+    utcnow,
+)
 from sendscript.pulsar_log import pulsar_logger
 from sendscript.retry import Decision, decide, failure_cas, log_retryable
 from sendscript.settings import Settings
@@ -51,12 +58,7 @@ OPEN_RECORD = frozenset({RecordStatus.RUNNING, RecordStatus.SENT})
 
 def parse_message(data: bytes) -> TaskLogMessage:
     """A task-log message, or ValueError with the reason it is refused."""
-    try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"not JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    obj = parse_json_object(data)
     try:
         return TaskLogMessage.model_validate(obj)
     except ValidationError as exc:

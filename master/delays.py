@@ -20,7 +20,7 @@ from typing import Any
 
 from loguru import logger
 
-from sendscript.backoff import Backoff
+from sendscript.backoff import Backoff, every
 from sendscript.models import Task, utcnow
 from sendscript.settings import Settings
 from sendscript.store import TaskStore
@@ -92,18 +92,7 @@ class DelayedTasks:
         self._loaded_once = False
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = Backoff(base_s=0.5, cap_s=10.0)
-        while not stop.is_set():
-            try:
-                await self.load()
-                backoff.succeeded("delayed-task loader")
-            except Exception as exc:
-                await backoff.failed("delayed-task loader", exc)
-                continue
-            try:
-                await asyncio.wait_for(stop.wait(), self.settings.delay_load_interval_s)
-            except TimeoutError:
-                pass
+        await every(stop, self.settings.delay_load_interval_s, "delayed-task loader", self.load)
 
     async def load(self) -> int:
         """Claim what is due within the horizon: unheld, a dead master's, and (on the

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import redis.asyncio
 from loguru import logger
 
-from sendscript.backoff import Backoff
+from sendscript.backoff import Backoff, every
 from sendscript.locks import DeviceLocks
 
 OnFree = Callable[[str, int], None]
@@ -75,17 +75,7 @@ class LockChecker:
         self.freed = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = Backoff(base_s=0.5, cap_s=10.0)
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), self.interval_s)
-            except TimeoutError:
-                pass
-            try:
-                await self.check()
-                backoff.succeeded("lock check")
-            except Exception as exc:
-                await backoff.failed("lock check", exc)
+        await every(stop, self.interval_s, "lock check", self.check, wait_first=True)
 
     async def check(self) -> int:
         devices = self.waiting()

@@ -17,7 +17,7 @@ import redis.asyncio
 from loguru import logger
 
 from master.board import DeviceBoard
-from sendscript.backoff import Backoff
+from sendscript.backoff import every
 from sendscript.models import Task, utcnow
 from sendscript.settings import Settings
 from sendscript.status import TaskStatus, task_cas
@@ -55,17 +55,8 @@ class Expiry:
         return when is not None and when <= now
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = Backoff(base_s=0.5, cap_s=10.0)
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), self.settings.expiry_check_interval_s)
-            except TimeoutError:
-                pass
-            try:
-                await self.sweep()
-                backoff.succeeded("expiry")
-            except Exception as exc:
-                await backoff.failed("expiry", exc)
+        await every(stop, self.settings.expiry_check_interval_s, "expiry", self.sweep,
+                    wait_first=True)
 
     async def sweep(self) -> int:
         now = utcnow()

@@ -13,7 +13,7 @@ from typing import Any
 import redis.asyncio
 
 from sendscript import roundtrips
-from sendscript.backoff import Backoff
+from sendscript.backoff import every
 from sendscript.models import utcnow
 from sendscript.settings import Settings
 
@@ -27,18 +27,7 @@ class Heartbeat:
         self.started_at = started_at.isoformat()
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = Backoff(base_s=0.5, cap_s=10.0)
-        while not stop.is_set():
-            try:
-                await self.beat()
-                backoff.succeeded("heartbeat")
-            except Exception as exc:
-                await backoff.failed("heartbeat", exc)
-                continue
-            try:
-                await asyncio.wait_for(stop.wait(), self.settings.heartbeat_interval_s)
-            except TimeoutError:
-                pass
+        await every(stop, self.settings.heartbeat_interval_s, "heartbeat", self.beat)
 
     async def beat(self) -> None:
         keys = self.settings.keys

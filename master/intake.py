@@ -10,7 +10,6 @@ the delay heap; a fan-out item becomes one task per device under one batch id.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -28,6 +27,7 @@ from sendscript.models import (
     TaskSpec,
     describe_error,
     id_from_tag,
+    parse_json_object,
     utcnow,
 )
 from sendscript.queue import Entry, IntakeQueue
@@ -41,12 +41,7 @@ Item = TaskSpec | FanoutSpec | TaskRef
 
 def parse_item(raw: bytes) -> Item:
     """A queue item as a task spec, a fan-out or a reference; ValueError says what is wrong."""
-    try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"not JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    obj = parse_json_object(raw)
     try:
         if "task_id" in obj and "device_id" not in obj:
             return TaskRef.model_validate(obj)

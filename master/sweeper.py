@@ -15,7 +15,7 @@ import redis.asyncio
 from loguru import logger
 
 from master.recovery import Found, IngestFor, Recovery
-from sendscript.backoff import Backoff
+from sendscript.backoff import every
 from sendscript.models import utcnow
 from sendscript.settings import Settings
 
@@ -74,23 +74,15 @@ class Sweeper:
         self.totals: Counter[str] = Counter()
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = Backoff(base_s=0.5, cap_s=10.0)
-        while not stop.is_set():
-            try:
-                if await self.lease.hold():
-                    await self.sweep()
-                backoff.succeeded("sweeps")
-            except Exception as exc:
-                await backoff.failed("sweeps", exc)
-                continue
-            try:
-                await asyncio.wait_for(stop.wait(), self.settings.sweep_interval_s)
-            except TimeoutError:
-                pass
+        await every(stop, self.settings.sweep_interval_s, "sweeps", self._lead_and_sweep)
         try:
             await self.lease.let_go()
         except Exception as exc:
             logger.debug("leader lease not released: {!r}", exc)
+
+    async def _lead_and_sweep(self) -> None:
+        if await self.lease.hold():
+            await self.sweep()
 
     async def sweep(self) -> Found:
         found = Found()

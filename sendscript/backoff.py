@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from loguru import logger
 
@@ -83,3 +85,30 @@ class Backoff:
     def succeeded(self, what: str) -> None:
         if what in self._logs:
             self._logs[what].ok()
+
+
+async def stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait up to `seconds`; True if `stop` was set meanwhile."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+        return True
+    except TimeoutError:
+        return False
+
+
+async def every(stop: asyncio.Event, interval_s: float, what: str,
+                step: Callable[[], Awaitable[Any]], *, wait_first: bool = False) -> None:
+    """Run `step` every `interval_s` until `stop` is set. A failing step is retried
+    with backoff, and the outage is logged once, its end once."""
+    backoff = Backoff(base_s=0.5, cap_s=10.0)
+    if wait_first and await stopped_within(stop, interval_s):
+        return
+    while not stop.is_set():
+        try:
+            await step()
+            backoff.succeeded(what)
+        except Exception as exc:
+            await backoff.failed(what, exc)
+            continue
+        if await stopped_within(stop, interval_s):
+            return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -280,6 +281,17 @@ class TaskLogMessage(BaseModel):
             "timestamp": datetime.fromtimestamp(self.timestamp / 1000, UTC),
             "received_at": received_at,
         }
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """Bytes from a queue or a topic as a JSON object, or ValueError with the reason."""
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def describe_error(exc: ValidationError) -> str:

@@ -56,32 +56,32 @@ class MongoCommandCounter(monitoring.CommandListener):
         pass
 
 
+def _take_unflushed(pipe: Any, hash_key: str, role: str) -> dict[str, int]:
+    """Queue HINCRBYs for what was counted since the last flush; the deltas."""
+    delta = {k: v - _flushed[k] for k, v in _counts.items() if v != _flushed[k]}
+    for server, n in delta.items():
+        pipe.hincrby(hash_key, f"{role}:{server}", n)
+    return delta
+
+
 async def flush(client: redis.asyncio.Redis, hash_key: str, role: str) -> None:
     """Add what this process counted since the last flush to the shared hash."""
-    delta = {k: v - _flushed[k] for k, v in _counts.items() if v != _flushed[k]}
-    if not delta:
-        return
     token = _quiet.set(True)
     try:
         pipe = client.pipeline(transaction=False)
-        for server, n in delta.items():
-            pipe.hincrby(hash_key, f"{role}:{server}", n)
-        await pipe.execute()
+        if delta := _take_unflushed(pipe, hash_key, role):
+            await pipe.execute()
+            _flushed.update(delta)
     finally:
         _quiet.reset(token)
-    _flushed.update(delta)
 
 
 def flush_sync(client: redis.Redis, hash_key: str, role: str) -> None:
-    delta = {k: v - _flushed[k] for k, v in _counts.items() if v != _flushed[k]}
-    if not delta:
-        return
     token = _quiet.set(True)
     try:
         pipe = client.pipeline(transaction=False)
-        for server, n in delta.items():
-            pipe.hincrby(hash_key, f"{role}:{server}", n)
-        pipe.execute()
+        if delta := _take_unflushed(pipe, hash_key, role):
+            pipe.execute()
+            _flushed.update(delta)
     finally:
         _quiet.reset(token)
-    _flushed.update(delta)
