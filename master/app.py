@@ -133,12 +133,10 @@ class Master:
             await asyncio.wait_for(self._idle.wait(), grace)
         except TimeoutError:
             logger.warning("{} task(s) still in flight after {}s", self.pool.inflight(), grace)
-        try:
-            released = await self.delayed.release()
-            if released:
-                logger.info("released {} delayed task(s) for other masters", released)
-        except Exception as exc:  # still ours in Mongo; a loader takes them when we are dead
-            logger.warning("could not release delayed tasks: {!r}", exc)
+        # Delayed tasks we hold stay ours in Mongo: a restart loads them again, and
+        # once our heartbeat is gone the leader hands them to the others. Releasing
+        # them one by one here would make a stop as slow as the heap is large.
+        self.delayed.stop()
         queued = self.board.drain()
         if queued:
             ids = [t.id for t in queued]

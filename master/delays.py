@@ -167,13 +167,12 @@ class DelayedTasks:
                 self.on_due(pending)
         self._arm()
 
-    async def release(self) -> int:
-        """On shutdown: let go of held tasks so another master takes them at once."""
+    def stop(self) -> None:
+        """Fire nothing more (on shutdown; the tasks stay held by us in Mongo)."""
         if self._timer is not None:
             self._timer.cancel()
-        ids = self.heap.drain()
-        await self.tasks.release_scheduled(ids, self.settings.master_id)
-        return len(ids)
+            self._timer = None
+        self.heap.drain()
 
 
 def percentiles(values: Iterable[float]) -> dict[str, float]:

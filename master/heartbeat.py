@@ -48,10 +48,9 @@ class Heartbeat:
         await roundtrips.flush(self.client, keys.roundtrips, "master")
 
     async def remove(self) -> None:
+        """Stop being alive. The entry in the masters hash stays: to the others this
+        master is now dead, and the leader takes over what it still holds."""
         keys = self.settings.keys
         await roundtrips.flush(self.client, keys.roundtrips, "master")
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hdel(keys.masters, self.settings.master_id)
-        pipe.delete(keys.master_alive(self.settings.master_id))
-        await pipe.execute()
+        await self.client.delete(keys.master_alive(self.settings.master_id))
 

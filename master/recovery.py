@@ -32,12 +32,12 @@ from loguru import logger
 
 from sendscript.keys import Keys
 from sendscript.locks import DeviceLocks
-from sendscript.models import ExecRecord
+from sendscript.models import ExecRecord, utcnow
 from sendscript.queue import Entry, IntakeQueue
 from sendscript.retry import decide, failure_cas
 from sendscript.settings import Settings
 from sendscript.status import SCHEDULED, RecordStatus, TaskStatus, record_cas, task_cas
-from sendscript.store import RecordStore, TaskStore, chunks
+from sendscript.store import RecordStore, TaskStore
 
 OPEN = [str(TaskStatus.RUNNING), str(TaskStatus.SENT)]
 # Given a dead master's id: a function that stores entries of its processing list
@@ -184,13 +184,19 @@ class Recovery:
         if entries:
             await ingest_for(dead_id)(entries)
             found.adopted_entries += len(entries)
-        held = [d["_id"] async for d in self.tasks.col.find(
+        # What it held in Mongo is nobody's now. Pushed: what is due or soon due, so a
+        # master takes it at once; the loaders find later delayed tasks in time.
+        soon = utcnow() + timedelta(seconds=self.settings.delay_horizon_s)
+        docs = [d async for d in self.tasks.col.find(
             {"master": dead_id, "status": {"$in": [str(TaskStatus.PENDING),
                                                    *[str(s) for s in SCHEDULED]]}},
-            {"_id": 1})]
-        for part in chunks(held):
-            await self.tasks.col.update_many({"_id": {"$in": part}, "master": dead_id},
-                                             {"$unset": {"master": ""}})
+            {"_id": 1, "status": 1, "run_at": 1})]
+        await self.tasks.col.update_many({"master": dead_id,
+                                          "status": {"$in": [str(TaskStatus.PENDING),
+                                                             *[str(s) for s in SCHEDULED]]}},
+                                         {"$unset": {"master": ""}})
+        held = [d["_id"] for d in docs if d["status"] == str(TaskStatus.PENDING)
+                or d.get("run_at") is None or d["run_at"] <= soon]
         await self._push(held)
         found.requeued += held
         if await self.redis.llen(self.keys.processing(dead_id)):

@@ -95,7 +95,10 @@ class LocalStack:
         client = redis.Redis.from_url(settings.redis_url or "", socket_timeout=2)
         try:
             raw = client.hget(settings.keys.masters, settings.master_id)
-            return raw is not None and json.loads(raw).get("workers_alive") == self.workers
+            info = json.loads(raw) if raw else {}
+            # The pid tells our master from the entry an earlier run left behind.
+            return (info.get("pid") == self.roles["master"].pid
+                    and info.get("workers_alive") == self.workers)
         except redis.RedisError:
             return False
         finally:

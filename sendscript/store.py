@@ -205,14 +205,6 @@ class TaskStore:
                 MIN_FIELDS)]
         return held
 
-    async def release_scheduled(self, task_ids: Sequence[str], master_id: str) -> None:
-        for part in chunks(task_ids):
-            await self.col.update_many(
-                {"_id": {"$in": part}, "master": master_id,
-                 "status": {"$in": [str(s) for s in SCHEDULED]}},
-                {"$unset": {"master": ""}},
-            )
-
     async def fire(self, task_ids: Sequence[str], master_id: str, now: datetime) -> list[Task]:
         """Scheduled -> pending for those of ours that are due; the tasks now pending."""
         pending: list[Task] = []

@@ -137,7 +137,9 @@ class Roles:
     def _master_up(self, proc: RoleProcess, master_id: str, workers: int) -> bool:
         assert proc.running, f"master exited:\n{proc.log_tail()}"
         info = self.master_info(master_id)
-        return info is not None and info.get("workers_alive") == workers
+        # The pid tells this master from the entry a stopped one leaves behind.
+        return (info is not None and info.get("pid") == proc.pid
+                and info.get("workers_alive") == workers)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):

@@ -217,7 +217,8 @@ def test_sigterm_master_exits_cleanly_with_nothing_in_processing(
     keys = settings.keys
     assert inspect.redis.llen(keys.processing(settings.master_id)) == 0
     assert inspect.redis.llen(keys.staging(settings.master_id)) == 0
-    assert inspect.redis.hget(keys.masters, settings.master_id) is None
+    # Not alive any more: to the others it is a dead master to take over from.
+    assert not inspect.redis.exists(keys.master_alive(settings.master_id))
     counts = inspect.counts()
     assert counts.get("running", 0) == 0, counts
     # Nothing lost: every task not started waits in the ready queue for the next
