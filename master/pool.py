@@ -79,9 +79,11 @@ OnChange = Callable[[], None]
 
 class WorkerPool:
     def __init__(
-        self, settings: Settings, *, on_done: OnDone, on_lost: OnLost, on_change: OnChange
+        self, settings: Settings, *, on_done: OnDone, on_lost: OnLost, on_change: OnChange,
+        target: Callable[..., None] | None = None,
     ) -> None:
         self.settings = settings
+        self.target = target  # the worker's entry point; worker.process.main by default
         self.on_done = on_done
         self.on_lost = on_lost
         self.on_change = on_change
@@ -110,11 +112,12 @@ class WorkerPool:
     def spawn(self) -> WorkerSlot:
         from worker.process import main as worker_main
 
+        target = self.target or worker_main
         worker_id = self._next_id
         self._next_id += 1
         parent_end, child_end = self.ctx.Pipe(duplex=True)
         process = self.ctx.Process(
-            target=worker_main,
+            target=target,
             args=(worker_id, child_end, self.settings.model_dump()),
             name=f"sendscript-worker-{worker_id}",
         )

@@ -72,11 +72,12 @@ class SendScriptClient:
         timeout_s: float = 300.0,
         expire_at: Any = None,
         queue: str = "default",
+        retry_base_s: float | None = None,
     ) -> Submitted:
         spec = TaskSpec(
             device_id=device_id, script=script, priority=priority, run_at=run_at,
             dedupe_key=dedupe_key, max_retries=max_retries, timeout_s=timeout_s,
-            expire_at=expire_at, queue=queue,
+            expire_at=expire_at, queue=queue, retry_base_s=retry_base_s,
         )
         return self.submit_many([spec])[0]
 

@@ -294,6 +294,24 @@ def test_dedupe_fanout_cancel_and_expiry(
         assert third.created and third.task_id != one.task_id
 
 
+def test_cancel_a_task_waiting_for_its_retry(
+    settings: Settings, roles: Roles, inspect: Inspect
+) -> None:
+    roles.simulator(run_ms=10, progress=False, http_error_rate=1.0)
+    roles.consumer()
+    roles.master()
+    with SendScriptClient(settings) as client:
+        task_id = client.submit("rw-1", {"id": "x"}, retry_base_s=60.0).task_id
+        wait_for(lambda: inspect.db.script_tasks.find_one({"_id": task_id})["status"]
+                 == "retry_waiting", 20, "the first attempt to fail")
+        assert client.cancel(task_id) == "retry_waiting"
+    roles.configure_farm(http_error_rate=0.0)
+    time.sleep(2)
+    task = inspect.db.script_tasks.find_one({"_id": task_id})
+    assert task["status"] == "cancelled" and task["attempt"] == 1
+    assert roles.farm()["requests"] == 1  # never sent again
+
+
 def client_batch_done(settings: Settings, batch_id: str) -> bool:
     with SendScriptClient(settings) as client:
         return client.batch_info(batch_id) == {"success": 50}
