@@ -113,6 +113,8 @@ def up(
                 break
             time.sleep(0.5)
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut it short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stack.stop()
     console.print("stopped")
 
@@ -529,6 +531,8 @@ def demo(
     """Start everything on embedded servers, run a few hundred tasks, print a summary."""
     from sendscript.demo import run_demo
 
+    # SIGTERM unwinds like Ctrl-C, so the servers and roles it started are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     settings = _settings()
     code = run_demo(settings, tasks=tasks, devices=devices, workers=workers, run_ms=run_ms,
                     fail_rate=fail_rate, timeout_s=timeout_s,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -46,6 +47,9 @@ def run_demo(settings: Settings, *, tasks: int, devices: int, workers: int, run_
         console.print(f"[green]up[/green]: {stack.describe()}")
         ok = _run(stack, tasks=tasks, devices=devices, timeout_s=timeout_s)
     finally:
+        # Once cleaning up, a second Ctrl-C or SIGTERM must not leave servers behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stack.stop()
     if ok:
         shutil.rmtree(data_dir, ignore_errors=True)

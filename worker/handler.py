@@ -14,6 +14,7 @@ import redis.asyncio
 from loguru import logger
 from pymongo.asynchronous.database import AsyncDatabase
 
+from sendscript.backoff import OutageLog
 from sendscript.batching import Coalescer
 from sendscript.central import CentralClient, CentralError
 from sendscript.ipc import TaskDone, TaskHandle
@@ -49,6 +50,8 @@ class ScriptHandler:
         self._claim = Coalescer(self._claim_batch)
         self._insert = Coalescer(self.records.insert_many)
         self._mark_sent = Coalescer(self._mark_sent_batch)
+        # Best-effort writes after a step that counts: their failures say "down" once.
+        self.writes = OutageLog("worker: bookkeeping writes")
 
     async def handle(self, h: TaskHandle) -> TaskDone:
         if h.attempt > h.max_retries:
@@ -96,10 +99,11 @@ class ScriptHandler:
             note = None
         try:
             await self._mark_sent((h.task_id, attempt, record_id, utcnow(), note))
+            self.writes.ok()
         except Exception as exc:
             # Sent is sent: the device will report, and the consumer applies a
             # result to a task still marked running.
-            logger.warning("task {} sent but not marked sent: {!r}", h.task_id, exc)
+            self.writes.failed(f"task {h.task_id} sent but not marked sent: {exc!r}")
         return self._done(h, "sent", attempt=attempt, fence=fence)
 
     def _lock_ttl_ms(self, h: TaskHandle) -> int:
@@ -138,7 +142,7 @@ class ScriptHandler:
         try:
             await self._release((device_id, fence))
         except Exception as exc:  # the lock's TTL frees the device in the end
-            logger.warning("could not release lock of {} (fence {}): {!r}", device_id, fence, exc)
+            self.writes.failed(f"lock of {device_id} (fence {fence}) not released: {exc!r}")
 
     async def _unclaim(self, h: TaskHandle, fence: int, attempt: int, error: str) -> TaskDone:
         """Nothing was sent: give the task back as pending for another attempt."""
@@ -148,7 +152,8 @@ class ScriptHandler:
                 set_={"last_error": error},
             ))
         except Exception as exc:
-            logger.warning("task {} left running after {}: {!r}", h.task_id, error, exc)
+            # The sweeps give back a task stuck running with no send behind it.
+            self.writes.failed(f"task {h.task_id} left running after {error}: {exc!r}")
         await self._release_quietly(h.device_id, fence)
         return self._done(h, "error", attempt=attempt, error=error)
 
@@ -165,7 +170,7 @@ class ScriptHandler:
             await self.tasks.cas(*failure_cas(h.task_id, [TaskStatus.RUNNING], attempt, decision,
                                               now, master=self.settings.master_id))
         except Exception as err:
-            logger.warning("task {} failed ({}) but not recorded: {!r}", h.task_id, exc, err)
+            self.writes.failed(f"task {h.task_id} failed ({exc}) but not recorded: {err!r}")
         await self._release_quietly(h.device_id, fence)
         if decision.retry:
             return self._done(h, "retry", attempt=attempt, error=decision.reason,
