@@ -62,11 +62,11 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import psutil
 import redis
@@ -78,8 +78,8 @@ from bench.throughput import (
     TERMINAL_NAMES,
     _json_safe,
     percentile,
-    status_counts,
     wait_for,
+    wait_terminal,
     warm_up,
 )
 from sendscript import connect
@@ -255,16 +255,29 @@ def tear_down(stack: LocalStack, data_dir: Path, ok: bool, keep: bool) -> None:
 
 # -- part 1: lateness ----------------------------------------------------------------------
 
-def run_lateness(opts: Options) -> LatenessResult:
-    stack, data_dir = new_stack(opts, "sendscript-bench-sched-", {},
-                                ["--run-ms", str(opts.run_ms)])
+class _HasOk(Protocol):
+    ok: bool
+
+
+R = TypeVar("R", bound=_HasOk)
+
+
+def measured(stack: LocalStack, data_dir: Path, opts: Options,
+             measure: Callable[[LocalStack, Options], R]) -> R:
+    """Run one part on its own stack and tear the stack down (kept on failure)."""
     ok = False
     try:
-        result = _measure_lateness(stack, opts)
+        result = measure(stack, opts)
         ok = result.ok
         return result
     finally:
         tear_down(stack, data_dir, ok, opts.keep)
+
+
+def run_lateness(opts: Options) -> LatenessResult:
+    stack, data_dir = new_stack(opts, "sendscript-bench-sched-", {},
+                                ["--run-ms", str(opts.run_ms)])
+    return measured(stack, data_dir, opts, _measure_lateness)
 
 
 def _measure_lateness(stack: LocalStack, opts: Options) -> LatenessResult:
@@ -299,9 +312,8 @@ def _measure_lateness(stack: LocalStack, opts: Options) -> LatenessResult:
             console.print("[yellow]submitting took longer than --start: the first tasks were "
                           "due before they were stored[/yellow]")
 
-        deadline = time.monotonic() + max(0.0, t0 + opts.spread_s - time.time()) \
-            + opts.timeout_s
-        counts = _wait_terminal(stack, db, n, deadline)
+        wait_s = max(0.0, t0 + opts.spread_s - time.time()) + opts.timeout_s
+        counts = wait_terminal(stack, db, n, wait_s, LATENESS_SCRIPT)
         # The heartbeat that follows the last fire (it beats every heartbeat_s).
         hb: dict[str, Any] = {}
         try:
@@ -352,27 +364,6 @@ def _measure_lateness(stack: LocalStack, opts: Options) -> LatenessResult:
     )
 
 
-def _wait_terminal(stack: LocalStack, db: Any, n: int, deadline: float) -> dict[str, int]:
-    last_report = 0.0
-    while True:
-        counts = status_counts(db, LATENESS_SCRIPT)
-        done = sum(v for k, v in counts.items() if k in TERMINAL_NAMES)
-        if done >= n:
-            return counts
-        if dead := stack.dead_roles():
-            console.print(f"[red]role(s) exited during the run: {', '.join(dead)}[/red]")
-            return counts
-        now = time.monotonic()
-        if now > deadline:
-            console.print("[red]timed out waiting for the tasks to finish[/red]")
-            return counts
-        if now - last_report > 5:
-            last_report = now
-            console.print(f"  {done}/{n} terminal  "
-                          + " ".join(f"{k}={v}" for k, v in sorted(counts.items())))
-        time.sleep(0.5)
-
-
 # -- part 2: memory ------------------------------------------------------------------------
 
 def run_memory(opts: Options) -> MemoryResult:
@@ -381,13 +372,7 @@ def run_memory(opts: Options) -> MemoryResult:
         "SENDSCRIPT_INTAKE_BATCH": str(opts.intake_batch),
         "SENDSCRIPT_DELAY_LOAD_INTERVAL_S": str(opts.load_interval_s),
     })
-    ok = False
-    try:
-        result = _measure_memory(stack, opts)
-        ok = result.ok
-        return result
-    finally:
-        tear_down(stack, data_dir, ok, opts.keep)
+    return measured(stack, data_dir, opts, _measure_memory)
 
 
 def _measure_memory(stack: LocalStack, opts: Options) -> MemoryResult:

@@ -223,26 +223,27 @@ def warm_up(settings: Settings, db: Any, n: int, timeout_s: float) -> None:
     wait_for(done, timeout_s, f"{n} warm-up task(s)", interval_s=0.2)
 
 
-def wait_terminal(stack: LocalStack, db: Any, opts: Options) -> dict[str, int]:
-    """Poll Mongo until every task is terminal, the timeout passes or a role dies."""
-    deadline = time.monotonic() + opts.timeout_s
+def wait_terminal(stack: LocalStack, db: Any, n: int, timeout_s: float,
+                  script_id: str = BENCH_SCRIPT) -> dict[str, int]:
+    """Poll Mongo until `n` tasks of the script are terminal, the timeout passes or a
+    role dies; the counts by status."""
+    deadline = time.monotonic() + timeout_s
     last_report = 0.0
-    counts: dict[str, int] = {}
     while True:
-        counts = status_counts(db)
-        done = sum(n for s, n in counts.items() if s in TERMINAL_NAMES)
-        if done >= opts.tasks:
+        counts = status_counts(db, script_id)
+        done = sum(v for k, v in counts.items() if k in TERMINAL_NAMES)
+        if done >= n:
             return counts
         if dead := stack.dead_roles():
             console.print(f"[red]role(s) exited during the run: {', '.join(dead)}[/red]")
             return counts
         now = time.monotonic()
         if now > deadline:
-            console.print(f"[red]timed out after {opts.timeout_s:.0f}s[/red]")
+            console.print(f"[red]timed out after {timeout_s:.0f}s[/red]")
             return counts
         if now - last_report > 5:
             last_report = now
-            console.print(f"  {done}/{opts.tasks} terminal  "
+            console.print(f"  {done}/{n} terminal  "
                           + " ".join(f"{k}={v}" for k, v in sorted(counts.items())))
         time.sleep(0.5)
 
@@ -327,7 +328,7 @@ def _measure(stack: LocalStack, opts: Options) -> Result:
                       f"({opts.producer}) ...")
         prod = submit_all(settings, opts)
         console.print(f"submitted in {prod.last_submit - prod.first_submit:.2f}s; waiting")
-        counts = wait_terminal(stack, db, opts)
+        counts = wait_terminal(stack, db, opts.tasks, opts.timeout_s)
         lat, last_finished = latencies_and_end(db)
         farm = stack.simulator_stats()
 
