@@ -34,8 +34,8 @@ import pulsar
 import redis
 
 from sendscript.client import SendScriptClient
-from sendscript.embedded import EmbeddedServers, free_port
-from sendscript.processes import RoleProcess, wait_until
+from sendscript.dev.embedded import EmbeddedServers, free_port
+from sendscript.dev.processes import RoleProcess, wait_until
 from sendscript.settings import Settings
 
 TERMINAL = {"success", "failed", "cancelled", "expired"}

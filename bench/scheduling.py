@@ -84,8 +84,8 @@ from bench.throughput import (
 )
 from sendscript import connect
 from sendscript.client import SendScriptClient
+from sendscript.dev.stack import LocalStack
 from sendscript.settings import Settings
-from sendscript.stack import LocalStack
 from sendscript.store import RECORDS, TASKS
 
 LATENESS_SCRIPT = "bench-delayed"

@@ -47,8 +47,8 @@ from rich.table import Table
 
 from sendscript import connect, roundtrips
 from sendscript.client import SendScriptClient
+from sendscript.dev.stack import LocalStack
 from sendscript.settings import Settings
-from sendscript.stack import LocalStack
 from sendscript.status import TERMINAL, TaskStatus
 from sendscript.store import TASKS
 

@@ -70,7 +70,7 @@ def simulate(
     import asyncio
 
     from sendscript import log
-    from sendscript.simulator import FarmConfig, Simulator
+    from sendscript.dev.simulator import FarmConfig, Simulator
 
     settings = _settings()
     settings.require("pulsar_url")
@@ -91,7 +91,7 @@ def up(
 ) -> None:
     """Everything on one host: embedded servers where no URL is set, master, consumer,
     and the simulated farm where no central-control URL is set. Ctrl-C stops it all."""
-    from sendscript.stack import LocalStack
+    from sendscript.dev.stack import LocalStack
 
     settings = _settings()
     stack = LocalStack(settings, workers=workers, sim_args=["--run-ms", str(run_ms)])
@@ -529,7 +529,7 @@ def demo(
     = None,
 ) -> None:
     """Start everything on embedded servers, run a few hundred tasks, print a summary."""
-    from sendscript.demo import run_demo
+    from sendscript.dev.demo import run_demo
 
     # SIGTERM unwinds like Ctrl-C, so the servers and roles it started are stopped.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

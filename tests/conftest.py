@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sendscript.embedded import EmbeddedServers
+from sendscript.dev.embedded import EmbeddedServers
 from sendscript.settings import Settings
 from tests.support import Inspect, Roles, unique_settings
 

@@ -14,8 +14,8 @@ import httpx
 import redis
 from pymongo import MongoClient
 
-from sendscript.embedded import EmbeddedServers, free_port
-from sendscript.processes import RoleProcess
+from sendscript.dev.embedded import EmbeddedServers, free_port
+from sendscript.dev.processes import RoleProcess
 from sendscript.settings import Settings
 
 

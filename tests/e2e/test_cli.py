@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from sendscript.client import SendScriptClient
-from sendscript.embedded import EmbeddedServers
+from sendscript.dev.embedded import EmbeddedServers
 from sendscript.settings import Settings
 from tests.support import Inspect, Roles, settings_env, unique_settings, wait_for
 
@@ -400,7 +400,7 @@ def test_up_runs_everything_and_stops_cleanly_on_sigint(tmp_path: Path) -> None:
 
         children = psutil.Process(up.pid).children(recursive=True)
         commands = [" ".join(c.cmdline()) for c in children]
-        for role in ("redis-server", "sendscript.embedded mongo", "pulsar-lite",
+        for role in ("redis-server", "sendscript.dev.embedded mongo", "pulsar-lite",
                      "sendscript simulate", "sendscript consumer", "sendscript master"):
             assert any(role in c for c in commands), (role, commands)
         assert sum("spawn_main" in c for c in commands) == 2, commands  # the workers

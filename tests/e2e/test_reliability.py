@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sendscript.client import SendScriptClient
-from sendscript.embedded import EmbeddedServers
+from sendscript.dev.embedded import EmbeddedServers
 from sendscript.models import Task, TaskSpec, id_from_tag, utcnow
 from sendscript.settings import Settings
 from tests.support import Inspect, Roles, settings_env, unique_settings, wait_for

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from sendscript.client import SendScriptClient
-from sendscript.embedded import EmbeddedServers
+from sendscript.dev.embedded import EmbeddedServers
 from sendscript.schedules import Schedule
 from sendscript.settings import Settings
 from tests.support import Inspect, Roles, unique_settings, wait_for

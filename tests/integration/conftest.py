@@ -17,7 +17,7 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from sendscript import connect
-from sendscript.embedded import EmbeddedServers
+from sendscript.dev.embedded import EmbeddedServers
 from sendscript.settings import Settings
 from sendscript.store import ensure_indexes
 

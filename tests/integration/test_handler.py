@@ -13,7 +13,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from consumers.task_log import result_updates
 from sendscript.central import CentralClient
-from sendscript.embedded import free_port
+from sendscript.dev.embedded import free_port
 from sendscript.ipc import TaskHandle
 from sendscript.locks import DeviceLocks
 from sendscript.models import Task, TaskLogMessage, new_id, utcnow

@@ -12,7 +12,7 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from master.intake import Intake
-from sendscript.embedded import free_port
+from sendscript.dev.embedded import free_port
 from sendscript.models import Task, id_from_tag
 from sendscript.queue import Entry, IntakeQueue
 from sendscript.settings import Settings

@@ -18,7 +18,7 @@ from pymongo.errors import ServerSelectionTimeoutError
 from master.intake import Intake
 from master.recovery import Found, Recovery
 from master.sweeper import LeaderLease, Sweeper
-from sendscript.embedded import free_port
+from sendscript.dev.embedded import free_port
 from sendscript.locks import DeviceLocks
 from sendscript.models import ExecRecord, Task, TaskSpec, id_from_tag, new_id, utcnow
 from sendscript.queue import Entry, IntakeQueue

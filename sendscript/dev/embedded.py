@@ -141,7 +141,7 @@ class MongoServer(ServerProcess):
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "sendscript.embedded", "mongo", "--port", str(self.port),
+            sys.executable, "-m", "sendscript.dev.embedded", "mongo", "--port", str(self.port),
             "--storage-path", str(self.data_dir / "db"), "--ttl-sweep-s", str(self.ttl_sweep_s),
         ]
 

@@ -14,8 +14,8 @@ from rich.table import Table
 
 from sendscript import connect
 from sendscript.client import SendScriptClient
+from sendscript.dev.stack import LocalStack
 from sendscript.settings import Settings
-from sendscript.stack import LocalStack
 from sendscript.status import TERMINAL
 from sendscript.store import TASKS
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import redis
 
-from sendscript.embedded import SERVERS, URL_SETTING, EmbeddedServers, free_port
-from sendscript.processes import RoleProcess, wait_until
+from sendscript.dev.embedded import SERVERS, URL_SETTING, EmbeddedServers, free_port
+from sendscript.dev.processes import RoleProcess, wait_until
 from sendscript.settings import Settings
 
 
