@@ -74,13 +74,18 @@ class Backoff:
     def failures(self) -> int:
         return max((log.failures for log in self._logs.values()), default=0)
 
-    async def failed(self, what: str, exc: BaseException) -> None:
+    async def failed(self, what: str, exc: BaseException,
+                     stop: asyncio.Event | None = None) -> bool:
+        """Log the failure and wait before the next try; with `stop`, the wait ends
+        as soon as it is set (True then: give up, the process is stopping)."""
         log = self._logs.setdefault(what, OutageLog(what))
         log.failed(exc)
-        await asyncio.sleep(
-            exponential_delay(log.failures, base_s=self.base_s, factor=self.factor,
-                              cap_s=self.cap_s)
-        )
+        delay = exponential_delay(log.failures, base_s=self.base_s, factor=self.factor,
+                                  cap_s=self.cap_s)
+        if stop is None:
+            await asyncio.sleep(delay)
+            return False
+        return await stopped_within(stop, delay)
 
     def succeeded(self, what: str) -> None:
         if what in self._logs:
@@ -108,7 +113,7 @@ async def every(stop: asyncio.Event, interval_s: float, what: str,
             await step()
             backoff.succeeded(what)
         except Exception as exc:
-            await backoff.failed(what, exc)
+            await backoff.failed(what, exc, stop)
             continue
         if await stopped_within(stop, interval_s):
             return
