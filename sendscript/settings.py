@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     retention_success_s: float = Field(7 * 86400, gt=0)
     retention_failed_s: float = Field(30 * 86400, gt=0)
 
+    # Submissions (issue 8): the largest script accepted, as its BSON size in bytes
+    # (what Mongo stores; at most its 16 MiB document limit), and how long a finished
+    # task keeps its dedupe key (0: only while it is unfinished).
+    max_script_bytes: int = Field(1024 * 1024, ge=1, le=16 * 1024 * 1024)
+    dedupe_window_s: float = Field(86400.0, ge=0)
+
     log_level: str = "INFO"
     log_json: bool = False
 
