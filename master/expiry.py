@@ -2,7 +2,8 @@
 
 The deadline is the task's `expire_at`, or its queue's `max_wait` after it was due,
 whichever comes first. Only tasks with a deadline are tracked, in a heap by
-deadline; the sweep takes those that are still queued off the board.
+deadline; the sweep asks for those still queued to be withdrawn from the board,
+and the gate drops one that reaches dispatch past its deadline.
 """
 
 from __future__ import annotations
@@ -10,18 +11,20 @@ from __future__ import annotations
 import asyncio
 import heapq
 from collections import Counter
-from collections.abc import Callable
 from datetime import datetime, timedelta
 
 import redis.asyncio
 from loguru import logger
 
-from master.board import DeviceBoard
+from master.bus import GO, Bus, Drop, TasksQueued, TasksWithdrawn, Verdict, WithdrawRequested
+from master.jobs import Jobs
 from sendscript.backoff import every
 from sendscript.models import Task, utcnow
 from sendscript.settings import Settings
 from sendscript.status import TaskStatus, task_cas
 from sendscript.store import TaskStore
+
+EXPIRED = "expired"
 
 
 def deadline(task: Task, max_wait: dict[str, float]) -> datetime | None:
@@ -33,47 +36,58 @@ def deadline(task: Task, max_wait: dict[str, float]) -> datetime | None:
 
 
 class Expiry:
-    def __init__(self, settings: Settings, board: DeviceBoard, tasks: TaskStore,
-                 client: redis.asyncio.Redis, on_change: Callable[[], None]) -> None:
+    """Tracks queued tasks' deadlines; a gate that drops expired tasks at dispatch."""
+
+    def __init__(self, settings: Settings, bus: Bus, tasks: TaskStore,
+                 client: redis.asyncio.Redis, jobs: Jobs) -> None:
         self.settings = settings
-        self.board = board
+        self.bus = bus
         self.tasks = tasks
         self.redis = client
-        self.on_change = on_change
+        self.jobs = jobs
         self._heap: list[tuple[float, str]] = []
-        self._unwritten: list[Task] = []  # off the board, not yet marked (a server was away)
+        self._unwritten: list[Task] = []  # off the board, not yet marked expired
         self.expired = 0
+        bus.subscribe(TasksQueued, self._track)
+        bus.subscribe(TasksWithdrawn, self._on_withdrawn)
+        bus.add_gate(self)
 
-    def track(self, tasks: list[Task]) -> None:
-        for task in tasks:
+    def _track(self, event: TasksQueued) -> None:
+        for task in event.tasks:
             when = deadline(task, self.settings.queue_max_wait)
             if when is not None:
                 heapq.heappush(self._heap, (when.timestamp(), task.id))
 
-    def is_expired(self, task: Task, now: datetime) -> bool:
+    def admit(self, task: Task, now: datetime) -> Verdict:
         when = deadline(task, self.settings.queue_max_wait)
-        return when is not None and when <= now
+        return Drop(EXPIRED) if when is not None and when <= now else GO
+
+    def _on_withdrawn(self, event: TasksWithdrawn) -> None:
+        if event.reason == EXPIRED:
+            self._unwritten.extend(event.tasks)
+            self.jobs.spawn(self.write(), "mark tasks expired")
 
     async def run(self, stop: asyncio.Event) -> None:
         await every(stop, self.settings.expiry_check_interval_s, "expiry", self.sweep,
                     wait_first=True)
 
     async def sweep(self) -> int:
-        now = utcnow()
-        due, self._unwritten = self._unwritten, []
-        while self._heap and self._heap[0][0] <= now.timestamp():
-            _, task_id = heapq.heappop(self._heap)
-            task = self.board.remove(task_id)
-            if task is not None:
-                due.append(task)
+        """Withdraw the queued tasks whose deadline passed, then mark them expired."""
+        now = utcnow().timestamp()
+        due: list[str] = []
+        while self._heap and self._heap[0][0] <= now:
+            due.append(heapq.heappop(self._heap)[1])
         if due:
-            await self.expire(due, now)
-            self.on_change()
-        return len(due)
+            self.bus.emit(WithdrawRequested(due, EXPIRED))
+        return await self.write()
 
-    async def expire(self, tasks: list[Task], now: datetime) -> None:
+    async def write(self) -> int:
         """pending -> expired with the reason; count the drops per queue. What cannot
         be written now is kept for the next sweep."""
+        tasks, self._unwritten = self._unwritten, []
+        if not tasks:
+            return 0
+        now = utcnow()
         by_queue: Counter[str] = Counter()
         for i, task in enumerate(tasks):
             when = deadline(task, self.settings.queue_max_wait)
@@ -96,3 +110,4 @@ class Expiry:
             self.expired += sum(by_queue.values())
             logger.info("expired {} task(s) not started in time: {}", sum(by_queue.values()),
                         dict(by_queue))
+        return len(tasks)

@@ -12,7 +12,9 @@
 - `requeue_orphans`: pending tasks no master holds (a producer stored one and died
   before pushing its id) are pushed to the ready queue.
 - `release_orphan_locks`: a device lock whose fence no unfinished attempt holds,
-  seen twice one sweep apart, is released.
+  and held no attempt for `orphan_lock_grace_s`, is released.
+- `return_lost_tasks`: the tasks a worker held when it died (or was killed as
+  hung): those it had claimed go back to pending; run by the master at once.
 
 Every step is a compare-and-set or an idempotent move, so two masters running
 one by mistake, or a crash half way, do no harm. The leader runs them
@@ -32,7 +34,7 @@ from loguru import logger
 
 from sendscript.keys import Keys
 from sendscript.locks import DeviceLocks
-from sendscript.models import ExecRecord, utcnow
+from sendscript.models import ExecRecord, Task, utcnow
 from sendscript.queue import Entry, IntakeQueue
 from sendscript.retry import decide, failure_cas
 from sendscript.settings import Settings
@@ -72,6 +74,20 @@ class Recovery:
         self.locks = DeviceLocks(client, self.keys)
         # (device, fence) -> when first seen orphaned (monotonic seconds)
         self._suspect_locks: dict[tuple[str, int], float] = {}
+
+    # -- a dead worker's tasks -------------------------------------------------------------
+    async def return_lost_tasks(self, worker: str, task_ids: list[str]) -> list[Task]:
+        """running -> pending for the tasks `worker` had claimed; the tasks of
+        `task_ids` that are pending now (to queue again). One it had sent stays
+        sent: its device reports, or the result timeout applies."""
+        now = utcnow()
+        for task_id in task_ids:
+            await self.tasks.cas(*task_cas(
+                task_id, TaskStatus.RUNNING, TaskStatus.PENDING, now,
+                extra_filter={"worker": worker}, set_={"last_error": f"worker {worker} died"},
+            ))
+        return [t for t in await self.tasks.find_many(task_ids)
+                if t.status == TaskStatus.PENDING]
 
     # -- result timeouts ---------------------------------------------------------------
     async def time_out_results(self, now: datetime, found: Found, dry: bool = False) -> None:
@@ -271,7 +287,6 @@ async def recover_once(settings: Settings, *, dry: bool, lock_confirm_s: float) 
 
     from master.intake import Intake
     from sendscript import connect
-    from sendscript.models import Task, utcnow
     from sendscript.store import GROUPS
 
     me = f"recover-{settings.master_id}"

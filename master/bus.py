@@ -1,0 +1,203 @@
+"""The master's event seam: typed events, one emitter, and gates before dispatch.
+
+The master's parts do not call each other. Whatever happens — tasks taken in,
+queued on the board, dispatched, answered, a device freed, a worker lost, the
+master stopping — is emitted once as an event, and every part that cares
+subscribes to it (in the spirit of dramatiq's middleware hooks and supervisor's
+`notify`). Protections and metrics plug in the same way.
+
+Handlers run synchronously, in subscription order, on the master's loop; a
+handler with I/O to do starts a job (`master.jobs.Jobs`) and returns. A
+handler that raises is logged and skipped: one bad subscriber never stops
+dispatch or the other subscribers.
+
+Gates are asked, in order, whether a task may be dispatched now, right before it
+goes to a worker: `Go`, `Hold` (keep it queued and ask again later; it uses no
+attempt) or `Drop` (take it off the board with a reason, e.g. expired).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, Protocol, TypeVar
+
+from loguru import logger
+
+from sendscript.ipc import TaskDone, TaskHandle
+from sendscript.models import Task
+
+# -- events ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TasksTaken:
+    """Due tasks handed to the master: from intake, the delay heap, a schedule, a
+    restart's restore or recovery. Not yet on the board."""
+
+    tasks: list[Task]
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class TasksQueued:
+    """Tasks now waiting on the board for their device (new ones only)."""
+
+    tasks: list[Task]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskDispatched:
+    task: Task
+    worker: str
+    waited_s: float  # on the board, since it was queued (or put back)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskAnswered:
+    """A worker's answer for a dispatched task, with the outcome and its timings."""
+
+    task: Task
+    answer: TaskDone
+    worker: str
+    waited_s: float  # on the board before dispatch
+    handled_s: float  # dispatch to answer: lock, claim, record, POST
+
+    @property
+    def outcome(self) -> str:
+        return self.answer.outcome
+
+
+@dataclass(frozen=True, slots=True)
+class TasksWithdrawn:
+    """Queued tasks taken off the board without being dispatched."""
+
+    tasks: list[Task]
+    reason: str  # e.g. "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class WithdrawRequested:
+    """Ask the board to take these queued tasks off (those it still has)."""
+
+    task_ids: list[str]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceFreed:
+    device_id: str
+    fence: int | None  # None: the fallback check found the lock gone
+    via: Literal["event", "lock-check"]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCooled:
+    """A device's cool-down after an error is over: it may be tried again."""
+
+    device_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLost:
+    """A worker died (or was killed) holding these tasks."""
+
+    worker: str
+    handles: list[TaskHandle]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkRecovered:
+    """A lost worker's tasks, as Mongo now has them: the pending ones go back on the
+    board; the device of every one is no longer in flight."""
+
+    worker: str
+    devices: list[str]
+    pending: list[Task]
+
+
+@dataclass(frozen=True, slots=True)
+class CapacityChanged:
+    """Workers came online, retired or exited: dispatch may go on."""
+
+
+@dataclass(frozen=True, slots=True)
+class MasterStopping:
+    why: str
+
+
+# -- gates --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Go:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Not now: the task stays queued, uses no attempt; asked again after `retry_s`."""
+
+    reason: str
+    retry_s: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """Never: the task leaves the board; subscribers of TasksWithdrawn act on it."""
+
+    reason: str
+
+
+Verdict = Go | Hold | Drop
+GO = Go()
+
+
+class Gate(Protocol):
+    def admit(self, task: Task, now: datetime) -> Verdict: ...
+
+
+# -- the emitter ------------------------------------------------------------------------
+
+E = TypeVar("E")
+
+
+@dataclass
+class Bus:
+    _handlers: dict[type, list[Callable[[Any], None]]] = field(
+        default_factory=lambda: defaultdict(list))
+    gates: list[Gate] = field(default_factory=list)
+    emitted: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def subscribe(self, kind: type[E], handler: Callable[[E], None]) -> None:
+        self._handlers[kind].append(handler)
+
+    def add_gate(self, gate: Gate) -> None:
+        self.gates.append(gate)
+
+    def emit(self, event: object) -> None:
+        self.emitted[type(event).__name__] += 1
+        for handler in self._handlers.get(type(event), ()):
+            try:
+                handler(event)
+            except Exception:
+                logger.exception("subscriber {} failed on {}", _name(handler),
+                                 type(event).__name__)
+
+    def admit(self, task: Task, now: datetime) -> Verdict:
+        """The first gate that does not say Go decides; a failing gate holds the task."""
+        for gate in self.gates:
+            try:
+                verdict = gate.admit(task, now)
+            except Exception:
+                logger.exception("gate {} failed on task {}", type(gate).__name__, task.id)
+                return Hold(f"gate {type(gate).__name__} failed")
+            if not isinstance(verdict, Go):
+                return verdict
+        return GO
+
+
+def _name(handler: Callable[..., Any]) -> str:
+    return getattr(handler, "__qualname__", repr(handler))
