@@ -3,35 +3,78 @@
 `{prefix}:lock:device:{id}` holds a value from `INCR {prefix}:lock:fence`. Only
 the holder of that value can delete it (compare-and-delete in Lua), so a late or
 repeated release can never free a device another attempt has since locked.
+
+Fences only ever increase, even across a Redis restart that lost its last
+writes: the acquire script hands out no fence until the running Redis (its run
+id) has adopted a fence epoch, and adopting one raises the counter to the
+epoch's floor (see `sendscript.fencing`). `{prefix}:lock:epoch` is a hash of the
+adopted `run_id` and `epoch`. In the steady state an acquire batch is one round
+trip; after a restart, the first acquire of each process adopts an epoch (one
+Mongo bump, two more Redis round trips).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import redis.asyncio
 
+from sendscript.fencing import fence_floor
 from sendscript.keys import Keys
 
-# KEYS[1] fence counter, KEYS[2..] lock keys; ARGV[i] the TTL (ms) of lock i.
-# Returns, per lock, the new fence, or 0 where the device is already locked.
-ACQUIRE = """
-local out = {}
-for i = 2, #KEYS do
+# The run id of the server running the script: new on every Redis restart.
+_RUN_ID = "string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')"
+
+# KEYS[1] fence counter, KEYS[2] epoch hash, KEYS[3..] lock keys;
+# ARGV[i] the TTL (ms) of lock KEYS[i + 2].
+# Returns, per lock, the new fence, or 0 where the device is already locked; or,
+# when this Redis run has adopted no epoch yet, {-1, run_id} and changes nothing.
+ACQUIRE = f"""
+local run_id = {_RUN_ID}
+if redis.call('HGET', KEYS[2], 'run_id') ~= run_id then
+  return {{-1, run_id}}
+end
+local out = {{}}
+for i = 3, #KEYS do
   if redis.call('EXISTS', KEYS[i]) == 1 then
-    out[i - 1] = 0
+    out[i - 2] = 0
   else
     local fence = redis.call('INCR', KEYS[1])
-    redis.call('SET', KEYS[i], fence, 'PX', ARGV[i - 1])
-    out[i - 1] = fence
+    redis.call('SET', KEYS[i], fence, 'PX', ARGV[i - 2])
+    out[i - 2] = fence
   end
 end
 return out
 """
 
+# KEYS[1] epoch hash, KEYS[2] fence counter; ARGV[1] the run id the acquire saw,
+# ARGV[2] the epoch taken since, ARGV[3] its fence floor (decimal).
+# Adopts the epoch for this run and raises the counter to the floor (never lowers
+# it) in one step. Returns 1, or 0 and changes nothing if Redis has restarted
+# since ARGV[1] was seen: the epoch was taken before this run began and may be
+# below one adopted on a run in between, so the caller must take a new one.
+ADOPT = f"""
+local run_id = {_RUN_ID}
+if run_id ~= ARGV[1] then
+  return 0
+end
+local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
+if tonumber(ARGV[2]) > epoch then
+  epoch = tonumber(ARGV[2])
+end
+redis.call('HSET', KEYS[1], 'run_id', run_id, 'epoch', string.format('%d', epoch))
+if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[3]) then
+  redis.call('SET', KEYS[2], ARGV[3])
+end
+return 1
+"""
+
 # KEYS lock keys; ARGV[1] the device-free channel, then (fence, device_id) per key.
 # Deletes each lock still holding its fence and announces every device whose lock
 # is gone (released now, or already), so masters waiting on it dispatch at once.
+# The fence goes into the event as the digits it came as: cjson would print a
+# number with 14 significant digits, and epoch-sized fences have more.
 RELEASE = """
 local released = 0
 for i = 1, #KEYS do
@@ -43,27 +86,73 @@ for i = 1, #KEYS do
     released = released + 1
   end
   if value == fence or not value then
-    redis.call('PUBLISH', ARGV[1], cjson.encode({device_id = device, fence = tonumber(fence)}))
+    redis.call('PUBLISH', ARGV[1],
+      '{"device_id":' .. cjson.encode(device) .. ',"fence":' .. fence .. '}')
   end
 end
 return released
 """
 
+# Restarts in a row an acquire rides out before giving up (each costs a new epoch).
+MAX_ADOPTIONS = 5
+
+
+class EpochSource(Protocol):
+    async def bump(self) -> int:
+        """A new epoch, above every one given before (e.g. `fencing.MongoEpochs`)."""
+        ...
+
+
+class FenceEpochError(RuntimeError):
+    """Redis kept restarting while an epoch was being adopted."""
+
+
+def epoch_key(keys: Keys) -> str:
+    """Hash `run_id`, `epoch`: the fence epoch this Redis run has adopted."""
+    return f"{keys.prefix}:lock:epoch"
+
 
 class DeviceLocks:
-    def __init__(self, client: redis.asyncio.Redis, keys: Keys) -> None:
+    """Acquire, release and read device locks.
+
+    A process that acquires must pass `epochs` (the durable epoch source); without
+    it a restarted Redis is adopted at epoch 0, which does not raise the counter:
+    fences are then only as durable as Redis, as they were before epochs. Release
+    and `holders` never need it.
+    """
+
+    def __init__(self, client: redis.asyncio.Redis, keys: Keys,
+                 epochs: EpochSource | None = None) -> None:
         self._redis = client
         self._keys = keys
+        self._epochs = epochs
         self._acquire = client.register_script(ACQUIRE)
+        self._adopt = client.register_script(ADOPT)
         self._release = client.register_script(RELEASE)
+        self.adoptions = 0  # epochs this instance adopted (tests and logs read it)
 
     async def acquire_many(self, requests: Sequence[tuple[str, int]]) -> list[int]:
         """(device_id, ttl_ms) each -> fence, or 0 where the device is locked."""
         if not requests:
             return []
-        keys = [self._keys.lock_fence] + [self._keys.device_lock(d) for d, _ in requests]
-        fences = await self._acquire(keys=keys, args=[int(ttl) for _, ttl in requests])
-        return [int(f) for f in fences]
+        keys = ([self._keys.lock_fence, epoch_key(self._keys)]
+                + [self._keys.device_lock(d) for d, _ in requests])
+        args = [int(ttl) for _, ttl in requests]
+        for _ in range(MAX_ADOPTIONS + 1):
+            fences = await self._acquire(keys=keys, args=args)
+            if not (fences and int(fences[0]) == -1):
+                return [int(f) for f in fences]
+            run_id = fences[1]
+            await self._adopt_epoch(run_id.decode() if isinstance(run_id, bytes) else run_id)
+        raise FenceEpochError(f"Redis restarted {MAX_ADOPTIONS} times during one acquire")
+
+    async def _adopt_epoch(self, run_id: str) -> None:
+        # Taken after this run was seen: above every epoch adopted on an earlier run.
+        epoch = await self._epochs.bump() if self._epochs is not None else 0
+        adopted = await self._adopt(keys=[epoch_key(self._keys), self._keys.lock_fence],
+                                    args=[run_id, epoch, fence_floor(epoch)])
+        if int(adopted):
+            self.adoptions += 1
 
     async def release_many(self, releases: Sequence[tuple[str, int]]) -> int:
         """(device_id, fence) each; keep one release per device, the newest fence."""
@@ -76,7 +165,7 @@ class DeviceLocks:
         keys = [self._keys.device_lock(d) for d in newest]
         args: list[str | int] = [self._keys.device_free_channel]
         for device, fence in newest.items():
-            args += [fence, device]
+            args += [int(fence), device]  # the script puts these digits into JSON as they are
         return int(await self._release(keys=keys, args=args))
 
     async def holders(self, devices: Sequence[str]) -> list[int | None]:

@@ -1,12 +1,17 @@
-"""DeviceLocks on a real Redis: fenced acquire, compare-and-delete release, device-free events."""
+"""DeviceLocks on a real Redis: fenced acquire, compare-and-delete release, device-free
+events, and fence epochs (Mongo) that keep fences rising across a Redis that lost writes."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis.asyncio
+from pymongo.asynchronous.database import AsyncDatabase
 
-from sendscript.locks import DeviceLocks
+from sendscript import connect, roundtrips
+from sendscript.fencing import EPOCHS, MAX_EPOCH, MongoEpochs, fence_floor
+from sendscript.locks import ADOPT, DeviceLocks, epoch_key
 from sendscript.settings import Settings
 from tests.integration.conftest import FreeEvents
 
@@ -129,3 +134,178 @@ async def test_expired_lock_frees_the_device(
     await asyncio.sleep(0.25)
     [second] = await locks.acquire_many([("dev-a", TTL_MS)])
     assert second > first
+
+
+# -- fence epochs: fences keep rising across a Redis that lost writes ----------------
+#
+# A restart is what the scripts see through the run id: the shared Redis cannot be
+# restarted here (other tests use it), so a restart that lost writes is staged by
+# what it leaves behind: an epoch hash naming another run id, and a counter that
+# went back. tests/e2e/test_redis_crash.py does it with a real SIGKILL.
+
+DEVICES = [f"dev-{i}" for i in range(4)]
+
+
+async def run_id_of(client: redis.asyncio.Redis) -> str:
+    return str((await client.info("server"))["run_id"])
+
+
+async def stage_restart(client: redis.asyncio.Redis, settings: Settings,
+                        counter: int | None) -> None:
+    """What a restart that lost writes leaves: the hash of an earlier run, the
+    counter gone back to `counter` (None: lost altogether)."""
+    await client.hset(epoch_key(settings.keys), "run_id", "0" * 40)
+    if counter is None:
+        await client.delete(settings.keys.lock_fence)
+    else:
+        await client.set(settings.keys.lock_fence, counter)
+
+
+async def stored_epoch(db: AsyncDatabase, settings: Settings) -> int | None:
+    doc = await db[EPOCHS].find_one({"_id": settings.key_prefix})
+    return None if doc is None else int(doc["epoch"])
+
+
+async def test_first_acquire_adopts_an_epoch_then_stays_one_round_trip(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase
+) -> None:
+    locks = DeviceLocks(redis_client, settings.keys, MongoEpochs(db, settings.key_prefix))
+    [first] = await locks.acquire_many([("dev-a", TTL_MS)])
+    # A fresh prefix looks like a Redis that lost everything: epoch 1 is taken.
+    assert first == fence_floor(1) + 1
+    assert await stored_epoch(db, settings) == 1
+    assert await redis_client.hgetall(epoch_key(settings.keys)) == {
+        b"run_id": (await run_id_of(redis_client)).encode(), b"epoch": b"1"}
+    assert locks.adoptions == 1
+
+    # Adopted: later acquires neither bump the epoch nor run the adopt script.
+    before = roundtrips.snapshot().get("redis", 0)
+    fences = await locks.acquire_many([("dev-b", TTL_MS), ("dev-c", TTL_MS)])
+    assert fences == [first + 1, first + 2]
+    assert roundtrips.snapshot().get("redis", 0) - before == 1, "one round trip per batch"
+    assert await stored_epoch(db, settings) == 1 and locks.adoptions == 1
+    # The lock keys still hold the fence itself, large as it is.
+    assert await redis_client.get(settings.keys.device_lock("dev-c")) == str(fences[1]).encode()
+
+
+@pytest.mark.parametrize("counter", [None, 5, "last"], ids=["all-lost", "went-back", "kept"])
+async def test_a_restart_raises_fences_above_all_handed_out_before(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase,
+    counter: int | str | None,
+) -> None:
+    locks = DeviceLocks(redis_client, settings.keys, MongoEpochs(db, settings.key_prefix))
+    before: list[int] = []
+    for _ in range(3):
+        fences = await locks.acquire_many([(f"dev-{i}", TTL_MS) for i in range(4)])
+        assert await locks.release_many(list(zip(DEVICES, fences, strict=True))) == 4
+        before += fences
+    before += await locks.acquire_many([(d, TTL_MS) for d in DEVICES])
+    last = max(before)
+    # all-lost: the whole dataset; went-back: the epoch hash survived, the last
+    # INCRs did not; kept: a restart that lost nothing (a harmless bump).
+    await stage_restart(redis_client, settings, last if counter == "last" else counter)
+    # The locks of before were lost with the rest (or expired meanwhile).
+    await redis_client.delete(*[settings.keys.device_lock(d) for d in DEVICES])
+
+    after = await locks.acquire_many([(d, TTL_MS) for d in DEVICES])
+    assert min(after) > last
+    assert after[0] == fence_floor(2) + 1
+    assert await stored_epoch(db, settings) == 2
+    assert await redis_client.hget(epoch_key(settings.keys), "run_id") == (
+        await run_id_of(redis_client)).encode()
+
+    # The hazard itself: a stale release by a fence of before frees nothing now.
+    assert await locks.release_many(list(zip(DEVICES * 4, before, strict=True))) == 0
+    assert await locks.holders(DEVICES) == after
+
+
+async def test_processes_seeing_the_restart_together_only_raise_the_counter(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase
+) -> None:
+    # Each "process" has its own client and its own epoch source, as workers do.
+    clients = [connect.redis_async(settings) for _ in range(4)]
+    try:
+        workers = [DeviceLocks(c, settings.keys, MongoEpochs(db, settings.key_prefix))
+                   for c in clients]
+        first = await asyncio.gather(*[w.acquire_many([(f"dev-{n}-0", TTL_MS)])
+                                       for n, w in enumerate(workers)])
+        last = max(f for [f] in first)
+        await stage_restart(redis_client, settings, 1)
+
+        after = await asyncio.gather(*[w.acquire_many([(f"dev-{n}-{k}", TTL_MS)
+                                                       for k in range(1, 4)])
+                                       for n, w in enumerate(workers)])
+        fences = [f for batch in after for f in batch]
+        assert len(set(fences)) == len(fences) and min(fences) > last
+        bumps = await stored_epoch(db, settings)
+        assert bumps is not None and bumps >= 2
+        # Whoever adopted last, the hash keeps the highest epoch taken, and every
+        # fence is above the floor of the first epoch taken after the restart.
+        stored = await redis_client.hgetall(epoch_key(settings.keys))
+        assert int(stored[b"epoch"]) == bumps
+        assert min(fences) > fence_floor(2)
+    finally:
+        for c in clients:
+            await c.aclose()
+
+
+async def test_adopt_refuses_a_run_it_did_not_see_and_never_lowers_the_counter(
+    settings: Settings, redis_client: redis.asyncio.Redis
+) -> None:
+    adopt = redis_client.register_script(ADOPT)
+    keys = [epoch_key(settings.keys), settings.keys.lock_fence]
+    await redis_client.set(settings.keys.lock_fence, fence_floor(7) + 10)
+
+    # Redis restarted since the acquire saw "another run": the epoch was taken too
+    # early to be trusted, nothing changes.
+    assert await adopt(keys=keys, args=["f" * 40, 9, fence_floor(9)]) == 0
+    assert await redis_client.exists(epoch_key(settings.keys)) == 0
+    assert int(await redis_client.get(settings.keys.lock_fence)) == fence_floor(7) + 10
+
+    run_id = await run_id_of(redis_client)
+    # A lower epoch than the counter already passed: adopted, counter kept.
+    assert await adopt(keys=keys, args=[run_id, 3, fence_floor(3)]) == 1
+    assert int(await redis_client.get(settings.keys.lock_fence)) == fence_floor(7) + 10
+    # A higher one raises it; a late lower one after it keeps the higher epoch.
+    assert await adopt(keys=keys, args=[run_id, 8, fence_floor(8)]) == 1
+    assert await adopt(keys=keys, args=[run_id, 4, fence_floor(4)]) == 1
+    assert int(await redis_client.get(settings.keys.lock_fence)) == fence_floor(8)
+    assert await redis_client.hgetall(epoch_key(settings.keys)) == {
+        b"run_id": run_id.encode(), b"epoch": b"8"}
+
+
+async def test_without_an_epoch_source_a_restart_is_adopted_at_epoch_zero(
+    settings: Settings, redis_client: redis.asyncio.Redis
+) -> None:
+    # Release-only roles and tests: fences are then as durable as Redis, no more.
+    locks = DeviceLocks(redis_client, settings.keys)
+    assert await locks.acquire_many([("dev-a", TTL_MS)]) == [1]
+    await stage_restart(redis_client, settings, 0)
+    assert await locks.acquire_many([("dev-b", TTL_MS)]) == [1]
+    assert locks.adoptions == 2
+
+
+async def test_epochs_are_distinct_and_increasing_under_concurrent_bumps(
+    settings: Settings, db: AsyncDatabase
+) -> None:
+    epochs = [MongoEpochs(db, settings.key_prefix) for _ in range(3)]
+    got = await asyncio.gather(*[epochs[i % 3].bump() for i in range(12)])
+    assert sorted(got) == list(range(1, 13))
+    # Prefixes sharing a database keep epochs of their own.
+    assert await MongoEpochs(db, settings.key_prefix + "-other").bump() == 1
+
+
+async def test_events_carry_large_fences_exactly(
+    settings: Settings, redis_client: redis.asyncio.Redis, free_events: FreeEvents
+) -> None:
+    locks = DeviceLocks(redis_client, settings.keys)
+    await locks.acquire_many([("dev-0", TTL_MS)])
+    # The last epoch's fences: more digits than cjson prints exactly.
+    await redis_client.set(settings.keys.lock_fence, fence_floor(MAX_EPOCH) + 12_345)
+    [big] = await locks.acquire_many([("dev-big", TTL_MS)])
+    assert big == fence_floor(MAX_EPOCH) + 12_346 and big < 2 ** 53
+    assert await locks.holders(["dev-big"]) == [big]
+    assert await locks.release_many([("dev-big", big), ("dev-gone", big - 1)]) == 1
+    events = await free_events.collect()
+    assert sorted(events, key=lambda e: e["device_id"]) == [
+        {"device_id": "dev-big", "fence": big}, {"device_id": "dev-gone", "fence": big - 1}]
