@@ -17,6 +17,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from sendscript.backoff import OutageLog
 from sendscript.batching import Coalescer
 from sendscript.central import CentralClient, CentralError
+from sendscript.fencing import MongoEpochs
 from sendscript.ipc import TaskDone, TaskHandle
 from sendscript.locks import DeviceLocks
 from sendscript.models import ExecRecord, new_id, utcnow
@@ -43,7 +44,8 @@ class ScriptHandler:
         self.central = central
         self.tasks = TaskStore(db)
         self.records = RecordStore(db)
-        locks = DeviceLocks(redis_client, keys)
+        # Fences from an epoch kept in Mongo: they keep rising across Redis data loss.
+        locks = DeviceLocks(redis_client, keys, MongoEpochs(db, keys.prefix))
         self._acquire = Coalescer(locks.acquire_many)
         self._release = Coalescer(self._release_batch)
         self._locks = locks
