@@ -5,6 +5,11 @@ its task is in Mongo, so a crash at any point loses nothing: the restarted
 master reads its processing list first, and the tag-derived task ids make the
 second store find the first. Due tasks go to the device board; delayed ones to
 the delay heap; a fan-out item becomes one task per device under one batch id.
+
+No item can stall the others: one that cannot be parsed, or whose task the store
+refuses for good (too large, not encodable, refused by the server), is quarantined
+with the reason and the rest of its batch is stored. Only errors retrying can cure
+(a server away or timing out) leave the batch in processing for the next try.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from sendscript.backoff import Backoff
 from sendscript.groups import devices_of
 from sendscript.models import (
+    MAX_SCRIPT_BYTES,
     FanoutSpec,
     Task,
     TaskRef,
@@ -39,15 +45,17 @@ WAIT_S = 1.0  # how long one blocking wait lasts; bounds how fast a stop is noti
 Item = TaskSpec | FanoutSpec | TaskRef
 
 
-def parse_item(raw: bytes) -> Item:
-    """A queue item as a task spec, a fan-out or a reference; ValueError says what is wrong."""
+def parse_item(raw: bytes, max_script_bytes: int | None = None) -> Item:
+    """A queue item as a task spec, a fan-out or a reference; ValueError says what is
+    wrong. A script over `max_script_bytes` (BSON) or not storable is refused here."""
     obj = parse_json_object(raw)
+    context = {MAX_SCRIPT_BYTES: max_script_bytes} if max_script_bytes else None
     try:
         if "task_id" in obj and "device_id" not in obj:
             return TaskRef.model_validate(obj)
         if "device_id" not in obj and ("device_ids" in obj or "group" in obj):
-            return FanoutSpec.model_validate(obj)
-        return TaskSpec.model_validate(obj)
+            return FanoutSpec.model_validate(obj, context=context)
+        return TaskSpec.model_validate(obj, context=context)
     except ValidationError as exc:
         raise ValueError(describe_error(exc)) from None
 
@@ -57,6 +65,7 @@ class Batch:
     """One intake batch, sorted out."""
 
     fresh: list[Task] = field(default_factory=list)
+    owners: list[tuple[Entry, list[str]]] = field(default_factory=list)  # entry, its task ids
     refs: dict[str, list[Entry]] = field(default_factory=dict)
     done: list[Entry] = field(default_factory=list)
     bad: list[tuple[Entry, str]] = field(default_factory=list)
@@ -83,10 +92,6 @@ class Intake:
         self.taken = 0
         self.quarantined = 0
         self.deduplicated = 0
-        self._recheck = True
-
-    def recheck(self) -> None:
-        """Read the processing list again on the next pass (a batch was not stored)."""
         self._recheck = True
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -120,6 +125,12 @@ class Intake:
     async def ingest(self, entries: list[Entry]) -> None:
         batch = await self._sort(entries)
         stored = await self.tasks.store(batch.fresh)
+        for entry, task_ids in batch.owners:
+            reason = next((stored.refused[i] for i in task_ids if i in stored.refused), None)
+            if reason is None:
+                batch.done.append(entry)
+            else:
+                batch.bad.append((entry, reason))
         lookup = set(batch.refs) | {t.id for t in stored.stored_before}
         found = {t.id: t for t in await self.tasks.find_many(lookup)}
         for task_id, ref_entries in batch.refs.items():
@@ -155,7 +166,7 @@ class Intake:
         parsed: list[tuple[Entry, Item]] = []
         for entry in entries:
             try:
-                parsed.append((entry, parse_item(entry.item)))
+                parsed.append((entry, parse_item(entry.item, self.settings.max_script_bytes)))
             except ValueError as exc:
                 batch.bad.append((entry, str(exc)))
         groups = await self._groups({p.group for _, p in parsed
@@ -182,7 +193,7 @@ class Intake:
                 if task.status == TaskStatus.PENDING or (task.run_at and task.run_at <= horizon):
                     task.master = me
                 batch.fresh.append(task)
-            batch.done.append(entry)
+            batch.owners.append((entry, [task_id for _, task_id in specs]))
         return batch
 
     async def _groups(self, names: set[str | None]) -> dict[str, list[str]]:

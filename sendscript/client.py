@@ -7,6 +7,11 @@
 
 Storing before pushing means a crash between the two leaves a stored `pending`
 task that the master's orphan sweep finds; pushing first could lose it.
+
+A spec the store would refuse for good (a script over SENDSCRIPT_MAX_SCRIPT_BYTES,
+a value BSON cannot hold, a document the server refuses) raises ValueError and
+nothing is stored for it; a dedupe key held by a task (unfinished, or finished
+within SENDSCRIPT_DEDUPE_WINDOW_S) answers that task with `created=False`.
 """
 
 from __future__ import annotations
@@ -17,21 +22,44 @@ from dataclasses import dataclass
 from typing import Any
 
 from pymongo import DESCENDING
-from pymongo.errors import BulkWriteError
+from pymongo.errors import DuplicateKeyError
 
 from sendscript import connect, roundtrips
 from sendscript.groups import check_name
-from sendscript.models import FanoutSpec, Task, TaskSpec, new_id, parse_when, utcnow
+from sendscript.models import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_PRIORITY,
+    DEFAULT_QUEUE,
+    DEFAULT_TIMEOUT_S,
+    MAX_SCRIPT_BYTES,
+    FanoutSpec,
+    Task,
+    TaskSpec,
+    new_id,
+    parse_when,
+    script_refusal,
+    utcnow,
+)
+from sendscript.queue import push_refs
 from sendscript.schedules import Schedule
 from sendscript.settings import Settings
 from sendscript.status import (
     CANCELLABLE,
+    TERMINAL,
     TaskStatus,
     configure_retention,
     manual_retry,
     task_cas,
 )
-from sendscript.store import GROUPS, RECORDS, SCHEDULES, TASKS, all_indexes, split_duplicates
+from sendscript.store import (
+    GROUPS,
+    RECORDS,
+    SCHEDULES,
+    TASKS,
+    all_indexes,
+    run_plan_sync,
+    store_plan,
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +75,17 @@ class Batch:
     tasks: list[Submitted]
 
 
+class SubmitRefused(ValueError):
+    """The store refused some specs of a `submit_many` for good after the others were
+    stored: `reasons` by index; `results` has None at those indexes."""
+
+    def __init__(self, reasons: dict[int, str], results: list[Submitted | None]) -> None:
+        first = min(reasons)
+        super().__init__(f"{len(reasons)} spec(s) refused; spec {first}: {reasons[first]}")
+        self.reasons = reasons
+        self.results = results
+
+
 class SendScriptClient:
     def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
         self.settings = settings or Settings(**overrides)
@@ -54,7 +93,9 @@ class SendScriptClient:
         self._mongo = connect.mongo_sync(self.settings)
         self._db = connect.database(self._mongo)
         self._keys = self.settings.keys
-        configure_retention(self.settings.retention_success_s, self.settings.retention_failed_s)
+        configure_retention(self.settings.retention_success_s, self.settings.retention_failed_s,
+                            self.settings.dedupe_window_s)
+        self._context = {MAX_SCRIPT_BYTES: self.settings.max_script_bytes}
         # The dedupe key's unique index must exist before the first task is stored.
         retention = max(self.settings.retention_success_s, self.settings.retention_failed_s)
         for name, indexes in all_indexes(retention).items():
@@ -65,16 +106,16 @@ class SendScriptClient:
         device_id: str,
         script: dict[str, Any],
         *,
-        priority: int = 5,
+        priority: int = DEFAULT_PRIORITY,
         run_at: Any = None,
         dedupe_key: str | None = None,
-        max_retries: int = 3,
-        timeout_s: float = 300.0,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         expire_at: Any = None,
-        queue: str = "default",
+        queue: str = DEFAULT_QUEUE,
         retry_base_s: float | None = None,
     ) -> Submitted:
-        spec = TaskSpec(
+        spec = dict(
             device_id=device_id, script=script, priority=priority, run_at=run_at,
             dedupe_key=dedupe_key, max_retries=max_retries, timeout_s=timeout_s,
             expire_at=expire_at, queue=queue, retry_base_s=retry_base_s,
@@ -84,15 +125,29 @@ class SendScriptClient:
     def submit_many(self, specs: Iterable[TaskSpec | dict[str, Any]]) -> list[Submitted]:
         """Store many tasks in one write and push them in one call, in the given order.
 
-        A spec whose dedupe key belongs to an unfinished task is not stored again:
-        its entry names the existing task, with `created=False`.
+        A spec whose dedupe key a task holds (unfinished, or finished within the
+        dedupe window) is not stored again: its entry names the existing task, with
+        `created=False`. A spec that cannot be stored raises ValueError before
+        anything is stored; one the server refuses raises SubmitRefused (the others
+        are stored and pushed).
         """
         now = utcnow()
-        tasks = [
-            Task.from_spec(s if isinstance(s, TaskSpec) else TaskSpec.model_validate(s), now=now)
-            for s in specs
-        ]
-        return self._store_and_push(tasks)
+        tasks = [Task.from_spec(self._spec(s, i), now=now) for i, s in enumerate(specs)]
+        results = self._store_and_push(tasks)
+        reasons = {i: r for i, r in enumerate(results) if isinstance(r, str)}
+        answers = [None if isinstance(r, str) else r for r in results]
+        if reasons:
+            raise SubmitRefused(reasons, answers)
+        return [r for r in answers if r is not None]
+
+    def _spec(self, spec: TaskSpec | dict[str, Any], index: int) -> TaskSpec:
+        """A spec validated with this client's limits; ValueError names the spec."""
+        if isinstance(spec, TaskSpec):
+            reason = script_refusal(spec.script, self.settings.max_script_bytes)
+            if reason:
+                raise ValueError(f"spec {index}: {reason}")
+            return spec
+        return TaskSpec.model_validate(spec, context=self._context)
 
     def submit_fanout(
         self,
@@ -104,8 +159,9 @@ class SendScriptClient:
     ) -> Batch:
         """One submission for many devices (a list, or a stored group): a task each,
         under one batch id."""
-        spec = FanoutSpec(script=script, device_ids=list(devices) if devices else None,
-                          group=group, **template)
+        spec = FanoutSpec.model_validate(
+            dict(script=script, device_ids=list(devices) if devices else None, group=group,
+                 **template), context=self._context)
         targets = spec.device_ids or self.group_devices(spec.group or "")
         if not targets:
             raise ValueError(f"device group {group!r} is unknown or empty")
@@ -113,40 +169,39 @@ class SendScriptClient:
         now = utcnow()
         tasks = [Task.from_spec(spec.for_device(d), now=now, batch_id=batch_id)
                  for d in dict.fromkeys(targets)]
-        return Batch(batch_id, self._store_and_push(tasks))
+        results = self._store_and_push(tasks)
+        # One batch id: refused, the fan-out is refused whole and nothing of it is kept.
+        if reason := next((r for r in results if isinstance(r, str)), None):
+            raise ValueError(f"fan-out refused: {reason}")
+        return Batch(batch_id, [r for r in results if not isinstance(r, str)])
 
-    def _store_and_push(self, tasks: list[Task], chunk: int = 1000) -> list[Submitted]:
-        out: list[Submitted] = []
-        for start in range(0, len(tasks), chunk):
-            part = tasks[start:start + chunk]
-            dedupe: set[int] = set()
-            try:
-                self._db[TASKS].insert_many([t.to_doc() for t in part], ordered=False)
-            except BulkWriteError as exc:
-                same_id, dedupe = split_duplicates(exc)
-                if same_id:  # fresh ObjectIds never collide; something else is wrong
-                    raise
-            existing = {}
-            if dedupe:
-                keys = [part[i].dedupe_active for i in dedupe]
-                existing = {d["dedupe_active"]: d for d in self._db[TASKS].find(
-                    {"dedupe_active": {"$in": keys}}, {"dedupe_active": 1, "status": 1})}
-            for i, task in enumerate(part):
-                if i in dedupe and task.dedupe_active in existing:
-                    doc = existing[task.dedupe_active]
-                    out.append(Submitted(doc["_id"], doc["status"], created=False))
-                else:
-                    out.append(Submitted(task.id, str(task.status)))
-            # Delayed tasks too: a master holding them in its horizon fires them on time.
-            pushed = [t.id for i, t in enumerate(part) if i not in dedupe]
-            if pushed:
-                self._redis.lpush(self._keys.ready,
-                                  *[json.dumps({"task_id": i}) for i in pushed])
+    def _store_and_push(self, tasks: list[Task]) -> list[Submitted | str]:
+        """Store (the one store plan, run on this client's sync collection), then push
+        the new ones; per task its answer, or the reason the store refused it."""
+        window = self.settings.dedupe_window_s
+        stored = run_plan_sync(self._db[TASKS], store_plan(tasks, utcnow(), window))
+        if stored.stored_before:  # fresh ObjectIds never collide; something else is wrong
+            raise RuntimeError(f"task id {stored.stored_before[0].id} exists already")
+        created = {t.id for t in stored.created}
+        out: list[Submitted | str] = []
+        for task in tasks:
+            if task.id in stored.refused:
+                out.append(stored.refused[task.id])
+            elif task.id in stored.deduplicated:
+                existing = stored.deduplicated[task.id]
+                out.append(Submitted(existing, stored.existing_status[existing], created=False))
+            else:
+                out.append(Submitted(task.id, str(task.status)))
+        # Delayed tasks too: a master holding them in its horizon fires them on time.
+        pushed = [t.id for t in tasks if t.id in created]
+        for start in range(0, len(pushed), 1000):
+            push_refs(self._redis, self._keys.ready, pushed[start:start + 1000])
         return out
 
-    def push_raw(self, items: Sequence[dict[str, Any] | str]) -> None:
+    def push_raw(self, items: Sequence[dict[str, Any] | str | bytes]) -> None:
         """Push queue items as a non-Python producer would (raw JSON on the list)."""
-        payloads = [i if isinstance(i, str) else json.dumps(i, default=str) for i in items]
+        payloads = [i if isinstance(i, str | bytes) else json.dumps(i, default=str)
+                    for i in items]
         if payloads:
             self._redis.lpush(self._keys.ready, *payloads)
 
@@ -183,18 +238,35 @@ class SendScriptClient:
 
     def retry(self, task_id: str, attempts: int | None = None) -> bool:
         """Run a failed, expired or cancelled task again (by hand). False if it is not
-        in one of those statuses. Raises ValueError if its dedupe key is taken."""
-        from pymongo.errors import DuplicateKeyError
-
+        in one of those statuses. Raises ValueError if its dedupe key belongs to an
+        unfinished task; a finished task holding it (within the dedupe window) gives
+        it up: the operator's retry wins, and later duplicates answer this task."""
         flt, update = manual_retry(task_id, utcnow(), attempts)
-        try:
-            changed = self._db[TASKS].update_one(flt, update).matched_count == 1
-        except DuplicateKeyError:
-            raise ValueError(f"task {task_id}: its dedupe key belongs to an unfinished "
-                             "task") from None
+        for _ in range(2):
+            try:
+                changed = self._db[TASKS].update_one(flt, update).matched_count == 1
+                break
+            except DuplicateKeyError:
+                if not self._release_finished_holder(task_id):
+                    raise ValueError(f"task {task_id}: its dedupe key belongs to an "
+                                     "unfinished task") from None
+        else:
+            raise ValueError(f"task {task_id}: its dedupe key keeps changing hands")
         if changed:
-            self._redis.lpush(self._keys.ready, json.dumps({"task_id": task_id}))
+            push_refs(self._redis, self._keys.ready, [task_id])
         return changed
+
+    def _release_finished_holder(self, task_id: str) -> bool:
+        """Free the dedupe key of `task_id` from a finished task holding it."""
+        doc = self._db[TASKS].find_one({"_id": task_id}, {"dedupe_key": 1})
+        key = doc.get("dedupe_key") if doc else None
+        if not key:
+            return False
+        released = self._db[TASKS].update_one(
+            {"dedupe_active": key, "_id": {"$ne": task_id},
+             "status": {"$in": sorted(str(s) for s in TERMINAL)}},
+            {"$unset": {"dedupe_active": ""}})
+        return released.matched_count == 1
 
     def retry_many(self, status: str, since: Any = None, queue: str | None = None,
                    attempts: int | None = None, limit: int = 100_000) -> tuple[int, int]:
@@ -256,8 +328,8 @@ class SendScriptClient:
 
     # -- schedules ----------------------------------------------------------------------
     def schedule_add(self, schedule: Schedule) -> Schedule:
-        from pymongo.errors import DuplicateKeyError
-
+        if reason := script_refusal(schedule.template.script, self.settings.max_script_bytes):
+            raise ValueError(reason)
         try:
             self._db[SCHEDULES].insert_one(schedule.to_doc())
         except DuplicateKeyError:

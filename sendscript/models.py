@@ -8,18 +8,44 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+import bson
 from bson import ObjectId
+from bson.errors import BSONError
 from pydantic import (
     AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from sendscript.status import RecordStatus, TaskStatus
+
+# A task's defaults, the one definition the SDK, the CLI and the models use.
+DEFAULT_PRIORITY = 5
+DEFAULT_MAX_RETRIES = 3
+DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_QUEUE = "default"
+# The validation context key naming the largest script accepted (BSON bytes). The
+# boundaries where producers submit (intake, SDK) pass it; tasks built from what is
+# already stored (schedules, fan-out copies) are not measured again.
+MAX_SCRIPT_BYTES = "max_script_bytes"
+
+
+def script_refusal(script: dict[str, Any], max_bytes: int) -> str | None:
+    """Why a script is refused, or None: it cannot be encoded as BSON (an int beyond
+    8 bytes, a lone surrogate, a NUL in a key), or its BSON size is over `max_bytes`."""
+    try:
+        size = len(bson.encode(script))
+    except (BSONError, OverflowError, ValueError) as exc:  # ValueError: bad UTF-8
+        return f"script cannot be stored: {type(exc).__name__}: {exc}"[:500]
+    if size > max_bytes:
+        return (f"script is {size} bytes as BSON, over the limit of {max_bytes} bytes "
+                "(SENDSCRIPT_MAX_SCRIPT_BYTES)")
+    return None
 
 
 def utcnow() -> datetime:
@@ -74,19 +100,27 @@ class TaskTemplate(BaseModel):
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
 
     script: dict[str, Any]
-    priority: int = Field(5, ge=0, le=10)
+    priority: int = Field(DEFAULT_PRIORITY, ge=0, le=10)
     run_at: datetime | None = None
     dedupe_key: str | None = Field(None, min_length=1, max_length=500)
-    max_retries: int = Field(3, ge=0, le=100)
-    timeout_s: float = Field(300.0, gt=0, le=7 * 86400)
+    max_retries: int = Field(DEFAULT_MAX_RETRIES, ge=0, le=100)
+    timeout_s: float = Field(DEFAULT_TIMEOUT_S, gt=0, le=7 * 86400)
     expire_at: datetime | None = None
-    queue: str = Field("default", min_length=1, max_length=100)
+    queue: str = Field(DEFAULT_QUEUE, min_length=1, max_length=100)
     retry_base_s: float | None = Field(None, ge=0, le=86400)  # else the queue's default
 
     @field_validator("run_at", "expire_at", mode="before")
     @classmethod
     def _when(cls, value: Any) -> datetime | None:
         return parse_when(value)
+
+    @field_validator("script")
+    @classmethod
+    def _storable(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        limit = (info.context or {}).get(MAX_SCRIPT_BYTES)
+        if limit is not None and (reason := script_refusal(value, limit)):
+            raise ValueError(reason)
+        return value
 
 
 class TaskSpec(TaskTemplate):
@@ -140,23 +174,24 @@ class Task(BaseModel):
     id: str = Field(alias="_id")
     device_id: str
     script: dict[str, Any]
-    priority: int = 5
+    priority: int = DEFAULT_PRIORITY
     status: TaskStatus = TaskStatus.PENDING
     run_at: datetime | None = None
     attempt: int = 0
-    max_retries: int = 3
-    timeout_s: float = 300.0
+    max_retries: int = DEFAULT_MAX_RETRIES
+    timeout_s: float = DEFAULT_TIMEOUT_S
     dedupe_key: str | None = None
     expire_at: datetime | None = None
-    queue: str = "default"
+    queue: str = DEFAULT_QUEUE
     retry_base_s: float | None = None
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
     last_error: str | None = None
     # Extensions beyond the contract: which master holds it queued, the current
-    # attempt's record and worker, its fan-out batch, the dedupe key while the task
-    # is not finished (a unique index), and when retention deletes it.
+    # attempt's record and worker, its fan-out batch, the dedupe key while it holds
+    # it (a unique index: while unfinished, and SENDSCRIPT_DEDUPE_WINDOW_S after),
+    # and when retention deletes it.
     master: str | None = None
     record_id: str | None = None
     worker: str | None = None

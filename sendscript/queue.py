@@ -9,8 +9,10 @@ processing list only when its task is stored in Mongo (or it is quarantined).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import redis.asyncio
 
@@ -35,6 +37,35 @@ take(KEYS[1])
 take(KEYS[2])
 return out
 """
+
+
+# A quarantined item is kept whole up to this size; past it, its first this many
+# bytes and its size (a 17 MB item in the quarantine list would be a burden too).
+QUARANTINE_ITEM_BYTES = 8 * 1024
+
+
+def ref_item(task_id: str) -> str:
+    """The queue item naming a stored task: `{"task_id": ...}` (the contract)."""
+    return json.dumps({"task_id": task_id})
+
+
+def push_refs(client: Any, ready_key: str, task_ids: Iterable[str]) -> Any:
+    """LPUSH a reference per task, first id taken first; with a sync redis client
+    this pushes, with an async one it returns the awaitable. None if no ids."""
+    items = [ref_item(t) for t in task_ids]
+    return client.lpush(ready_key, *items) if items else None
+
+
+def quarantine_record(item: bytes, reason: str, master: str, at: str) -> dict[str, Any]:
+    """`{"item", "reason", "master", "at"}`; an item over QUARANTINE_ITEM_BYTES is
+    kept truncated, with its size in `item_bytes` and in the reason."""
+    record: dict[str, Any] = {"item": item[:QUARANTINE_ITEM_BYTES].decode("utf-8", "replace"),
+                              "reason": reason, "master": master, "at": at}
+    if len(item) > QUARANTINE_ITEM_BYTES:
+        record["reason"] = (f"{reason} (item of {len(item)} bytes: only its first "
+                            f"{QUARANTINE_ITEM_BYTES} bytes are kept here)")
+        record["item_bytes"] = len(item)
+    return record
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +123,7 @@ class IntakeQueue:
         for entry in done:
             pipe.lrem(self._processing, 1, entry.raw_entry)
         for entry, reason in quarantined:
-            record = {
-                "item": entry.item.decode("utf-8", "replace"),
-                "reason": reason,
-                "master": self._master_id,
-                "at": at,
-            }
+            record = quarantine_record(entry.item, reason, self._master_id, at)
             pipe.lpush(self._keys.quarantine, json.dumps(record))
             pipe.lrem(self._processing, 1, entry.raw_entry)
         if quarantined:
@@ -108,9 +134,7 @@ class IntakeQueue:
         """Put task ids at the head of the ready queue, for any master to take next."""
         if task_ids:
             # RPUSH puts the last argument nearest the taking end: reverse to keep order.
-            await self._redis.rpush(
-                self._keys.ready, *[json.dumps({"task_id": t}) for t in reversed(task_ids)]
-            )
+            await self._redis.rpush(self._keys.ready, *[ref_item(t) for t in reversed(task_ids)])
 
     async def backlog(self) -> int:
         return int(await self._redis.llen(self._keys.ready))

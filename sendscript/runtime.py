@@ -9,4 +9,5 @@ from sendscript.status import configure_retention
 
 def setup(settings: Settings, role: str) -> None:
     log.configure(role, level=settings.log_level, json=settings.log_json)
-    configure_retention(settings.retention_success_s, settings.retention_failed_s)
+    configure_retention(settings.retention_success_s, settings.retention_failed_s,
+                        settings.dedupe_window_s)

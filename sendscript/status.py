@@ -76,10 +76,12 @@ class InvalidTransition(ValueError):
 
 @dataclass
 class Retention:
-    """How long finished tasks and records are kept (a TTL index reads `purge_at`)."""
+    """How long finished tasks and records are kept (a TTL index reads `purge_at`), and
+    how long a finished task keeps its dedupe key (0: released as it finishes)."""
 
     success_s: float = 7 * 86400
     failed_s: float = 30 * 86400
+    dedupe_window_s: float = 86400
 
     def purge_at(self, status: str, now: datetime) -> datetime:
         keep = self.success_s if status in (S.SUCCESS, R.SUCCESS) else self.failed_s
@@ -89,10 +91,14 @@ class Retention:
 RETENTION = Retention()
 
 
-def configure_retention(success_s: float, failed_s: float) -> None:
+def configure_retention(
+    success_s: float, failed_s: float, dedupe_window_s: float | None = None
+) -> None:
     """Set once per process from the settings, before any task finishes."""
     RETENTION.success_s = success_s
     RETENTION.failed_s = failed_s
+    if dedupe_window_s is not None:
+        RETENTION.dedupe_window_s = dedupe_window_s
 
 
 def _sources(
@@ -147,7 +153,11 @@ def task_cas(
     if to in TERMINAL:
         fields["finished_at"] = now
         fields["purge_at"] = RETENTION.purge_at(to, now)
-        unset.append("dedupe_active")  # the dedupe key is free again once the task is over
+        if RETENTION.dedupe_window_s <= 0:
+            # No window: the key is free as the task ends. With a window the finished
+            # task keeps it, and a later duplicate releases it once the window has
+            # passed (release_dedupe): no extra write when a task finishes.
+            unset.append("dedupe_active")
     if set_:
         fields.update(set_)
     update: dict[str, Any] = {"$set": fields}
@@ -218,3 +228,27 @@ def manual_retry(
                       "$add": [{"$ifNull": ["$retried_by_hand", 0]}, 1]}}},
         {"$unset": ["finished_at", "purge_at", "master"]},
     ]
+
+
+def release_dedupe(
+    task_id: str, key: str, now: datetime, window_s: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(filter, update) freeing the dedupe key of a task that finished more than
+    `window_s` ago, so that a new submission with that key can be stored. The filter
+    names the key, a final status and the age: a task retried by hand meanwhile, or
+    finished too recently, keeps its key. Not a status change."""
+    return (
+        {"_id": task_id, "dedupe_active": key, "status": {"$in": sorted(str(x) for x in TERMINAL)},
+         "finished_at": {"$lte": now - timedelta(seconds=window_s)}},
+        {"$unset": {"dedupe_active": ""}},
+    )
+
+
+def dedupe_released(doc: dict[str, Any], now: datetime, window_s: float) -> bool:
+    """Whether the task `doc` (status, finished_at) no longer holds its dedupe key."""
+    finished = doc.get("finished_at")
+    if doc.get("status") not in TERMINAL or finished is None:
+        return False
+    if finished.tzinfo is None:  # pymongo answers naive UTC unless told otherwise
+        finished = finished.replace(tzinfo=now.tzinfo)
+    return finished <= now - timedelta(seconds=window_s)

@@ -6,17 +6,29 @@ this module only runs them, one at a time or in bulk.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from pymongo import ASCENDING, IndexModel, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError
 
-from sendscript.models import ExecRecord, Task
-from sendscript.status import SCHEDULED, RecordStatus, TaskStatus, record_cas, task_cas
+from sendscript.models import ExecRecord, Task, utcnow
+from sendscript.refusals import encoding_refusal, permanent_write_errors, transient_write_errors
+from sendscript.status import (
+    RETENTION,
+    SCHEDULED,
+    RecordStatus,
+    TaskStatus,
+    dedupe_released,
+    record_cas,
+    release_dedupe,
+    task_cas,
+)
 
 TASKS = "script_tasks"
 RECORDS = "task_exec_records"
@@ -30,7 +42,8 @@ MIN_FIELDS = {"_id": 1, "run_at": 1, "status": 1, "master": 1}
 TASK_INDEXES = [
     # due and delayed tasks, sweeps by status, restore of a master's pending tasks
     IndexModel([("status", ASCENDING), ("run_at", ASCENDING)]),
-    # a dedupe key is unique among unfinished tasks (the field is unset when they end)
+    # a dedupe key is unique among the tasks holding it: unfinished ones, and finished
+    # ones within SENDSCRIPT_DEDUPE_WINDOW_S (released by the next duplicate after it)
     IndexModel([("dedupe_active", ASCENDING)], unique=True,
                partialFilterExpression={"dedupe_active": {"$type": "string"}}),
     IndexModel([("batch_id", ASCENDING)],
@@ -83,27 +96,190 @@ def duplicate_indexes(exc: BulkWriteError) -> set[int]:
     return {e["index"] for e in errors}
 
 
-def split_duplicates(exc: BulkWriteError) -> tuple[set[int], set[int]]:
-    """Refused inserts: (stored before under the same id, refused for their dedupe key)."""
-    same_id: set[int] = set()
-    dedupe: set[int] = set()
-    duplicate_indexes(exc)  # re-raises anything that is not a duplicate
-    for err in exc.details.get("writeErrors", []):
-        pattern = err.get("keyPattern") or {}
-        if "dedupe_active" in pattern or "dedupe_active" in err.get("errmsg", ""):
-            dedupe.add(err["index"])
-        else:
-            same_id.add(err["index"])
-    return same_id, dedupe
+def _dedupe_refusal(err: dict[str, Any]) -> bool:
+    pattern = err.get("keyPattern") or {}
+    return "dedupe_active" in pattern or "dedupe_active" in err.get("errmsg", "")
 
 
 @dataclass
 class Stored:
-    """What became of tasks handed to `TaskStore.store`."""
+    """What became of tasks handed to `TaskStore.store` (or the SDK)."""
 
     created: list[Task] = field(default_factory=list)
     stored_before: list[Task] = field(default_factory=list)  # same id: a re-ingest
     deduplicated: dict[str, str] = field(default_factory=dict)  # our id -> existing task id
+    existing_status: dict[str, str] = field(default_factory=dict)  # existing id -> status
+    # Our id -> why the store refuses it for good (too large, not encodable, refused
+    # by the server). A fan-out batch is refused whole: none of its tasks is kept.
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+# The store's steps, written once as a generator of operations (a plan) that an async
+# driver (TaskStore) and a sync one (the SDK) run against their own collection.
+@dataclass(frozen=True, slots=True)
+class InsertOp:
+    """insert_many, unordered; answers the BulkWriteError or None."""
+
+    docs: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class FindOp:
+    """find; answers the list of documents."""
+
+    filter: dict[str, Any]
+    projection: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateOp:
+    """update_one; answers the matched count."""
+
+    filter: dict[str, Any]
+    update: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteOp:
+    """delete_many; answers the deleted count."""
+
+    filter: dict[str, Any]
+
+
+StoreOp = InsertOp | FindOp | UpdateOp | DeleteOp
+StorePlan = Generator[StoreOp, Any, Stored]
+# A key may change hands between our insert and our look-up (its holder finished with
+# no window, or another producer released it first): insert again, this many times.
+DEDUPE_ROUNDS = 4
+
+
+def _unit(task: Task) -> str:
+    """What is refused together: a fan-out batch, else the task alone."""
+    return f"batch:{task.batch_id}" if task.batch_id else f"task:{task.id}"
+
+
+def store_plan(
+    tasks: Sequence[Task], now: datetime, window_s: float, chunk: int = 1000
+) -> StorePlan:
+    """Store tasks: new ones are inserted; one stored before under the same id (a
+    re-ingest) is said so; one whose dedupe key a task holds is answered with that
+    task, unless it finished more than `window_s` ago, when its key is released and
+    ours is stored. A document the store refuses for good is refused with the reason
+    (with its whole fan-out batch) and the others are stored. An error retrying can
+    cure (server away, transient codes) is raised: the caller tries the batch again,
+    and the ids make that second try find the first."""
+    out = Stored()
+    for start in range(0, len(tasks), chunk):
+        yield from _store_chunk(list(tasks[start:start + chunk]), now, window_s, out)
+    return out
+
+
+def _store_chunk(
+    part: list[Task], now: datetime, window_s: float, out: Stored
+) -> Generator[StoreOp, Any, None]:
+    docs = [t.to_doc() for t in part]
+    refused: dict[str, str] = {}  # unit -> reason
+    for task, doc in zip(part, docs, strict=True):
+        if reason := encoding_refusal(doc):
+            refused.setdefault(_unit(task), reason)
+    todo = [i for i, t in enumerate(part) if _unit(t) not in refused]
+    inserted: set[int] = set()
+    same_id: set[int] = set()
+    for _ in range(DEDUPE_ROUNDS):
+        if not todo:
+            break
+        exc = yield InsertOp([docs[i] for i in todo])
+        errors: dict[int, dict[str, Any]] = {}
+        if exc is not None:
+            if transient_write_errors(exc):
+                raise exc
+            for j, reason in permanent_write_errors(exc).items():
+                refused.setdefault(_unit(part[todo[j]]), reason)
+            errors = {todo[e["index"]]: e for e in exc.details.get("writeErrors", [])}
+        dedupe = [i for i, e in errors.items() if e.get("code") == DUPLICATE_KEY
+                  and _dedupe_refusal(e)]
+        same_id |= {i for i, e in errors.items() if e.get("code") == DUPLICATE_KEY
+                    and not _dedupe_refusal(e)}
+        inserted |= {i for i in todo if i not in errors}
+        todo = []
+        if not dedupe:
+            break
+        keys: dict[str, list[int]] = {}  # several of ours may share a key
+        for i in dedupe:
+            keys.setdefault(str(part[i].dedupe_active), []).append(i)
+        holders = yield FindOp({"dedupe_active": {"$in": list(keys)}},
+                               {"dedupe_active": 1, "status": 1, "finished_at": 1})
+        held = {d["dedupe_active"]: d for d in holders}
+        for key, mine in keys.items():
+            doc = held.get(key)
+            if doc is not None and dedupe_released(doc, now, window_s):
+                # Whoever wins this compare-and-set, the key is free: insert again.
+                yield UpdateOp(*release_dedupe(doc["_id"], key, now, window_s))
+                doc = None
+            for i in mine:
+                if doc is None:  # free now: the first of ours takes it, the rest dedupe
+                    todo.append(i)
+                elif doc["_id"] == part[i].id:  # our own task, stored before a crash
+                    same_id.add(i)
+                else:
+                    out.deduplicated[part[i].id] = doc["_id"]
+                    out.existing_status[doc["_id"]] = doc["status"]
+    if todo:
+        raise RuntimeError(f"{len(todo)} dedupe key(s) kept changing hands; try again")
+    undo = [part[i].id for i in inserted if _unit(part[i]) in refused]
+    if undo:  # fan-out siblings of a refused task: the batch is refused whole
+        yield DeleteOp({"_id": {"$in": undo}, "attempt": 0})
+    for i, task in enumerate(part):
+        unit = _unit(task)
+        if unit in refused:
+            out.refused[task.id] = refused[unit]
+            out.deduplicated.pop(task.id, None)
+        elif i in same_id:
+            out.stored_before.append(task)
+        elif i in inserted:
+            out.created.append(task)
+
+
+async def run_plan_async(col: AsyncCollection, plan: StorePlan) -> Stored:
+    answer: Any = None
+    while True:
+        try:
+            op = plan.send(answer)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        if isinstance(op, InsertOp):
+            try:
+                await col.insert_many(op.docs, ordered=False)
+                answer = None
+            except BulkWriteError as exc:
+                answer = exc
+        elif isinstance(op, FindOp):
+            answer = [d async for d in col.find(op.filter, op.projection)]
+        elif isinstance(op, UpdateOp):
+            answer = (await col.update_one(op.filter, op.update)).matched_count
+        else:
+            answer = (await col.delete_many(op.filter)).deleted_count
+
+
+def run_plan_sync(col: Collection, plan: StorePlan) -> Stored:
+    answer: Any = None
+    while True:
+        try:
+            op = plan.send(answer)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        if isinstance(op, InsertOp):
+            try:
+                col.insert_many(op.docs, ordered=False)
+                answer = None
+            except BulkWriteError as exc:
+                answer = exc
+        elif isinstance(op, FindOp):
+            answer = list(col.find(op.filter, op.projection))
+        elif isinstance(op, UpdateOp):
+            answer = col.update_one(op.filter, op.update).matched_count
+        else:
+            answer = col.delete_many(op.filter).deleted_count
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,35 +293,16 @@ class Claim:
 
 
 class TaskStore:
-    def __init__(self, db: AsyncDatabase) -> None:
+    def __init__(self, db: AsyncDatabase, dedupe_window_s: float | None = None) -> None:
         self.col = db[TASKS]
+        self.dedupe_window_s = dedupe_window_s  # None: the process's (configure_retention)
 
     async def store(self, tasks: Sequence[Task], chunk: int = 1000) -> Stored:
-        """Insert tasks; say which were new, stored before, or refused as duplicates."""
-        out = Stored()
-        for start in range(0, len(tasks), chunk):
-            part = tasks[start:start + chunk]
-            try:
-                await self.col.insert_many([t.to_doc() for t in part], ordered=False)
-                same_id: set[int] = set()
-                dedupe: set[int] = set()
-            except BulkWriteError as exc:
-                same_id, dedupe = split_duplicates(exc)
-            if dedupe:
-                keys = {part[i].dedupe_active: i for i in dedupe}
-                async for doc in self.col.find({"dedupe_active": {"$in": list(keys)}},
-                                               {"dedupe_active": 1}):
-                    i = keys[doc["dedupe_active"]]
-                    if doc["_id"] == part[i].id:  # our own task, stored before a crash
-                        same_id.add(i)
-                    else:
-                        out.deduplicated[part[i].id] = doc["_id"]
-            for i, task in enumerate(part):
-                if i in same_id:
-                    out.stored_before.append(task)
-                elif i not in dedupe:
-                    out.created.append(task)
-        return out
+        """Insert tasks; say which were new, stored before, duplicates or refused
+        (see `store_plan`)."""
+        window = RETENTION.dedupe_window_s if self.dedupe_window_s is None \
+            else self.dedupe_window_s
+        return await run_plan_async(self.col, store_plan(tasks, utcnow(), window, chunk))
 
     async def get(self, task_id: str) -> Task | None:
         doc = await self.col.find_one({"_id": task_id})

@@ -6,10 +6,11 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
 from sendscript.models import ExecRecord, LogType, Task, TaskLogMessage, new_id, utcnow
-from sendscript.status import TaskStatus, task_cas
+from sendscript.status import RETENTION, TaskStatus, task_cas
 from sendscript.store import (
     LOGS,
     RECORDS,
@@ -98,11 +99,12 @@ async def test_store_refuses_a_second_unfinished_task_with_the_same_dedupe_key(
     assert again.stored_before == []
     assert {d["_id"] async for d in db[TASKS].find({})} == {"t1", "t3"}
 
-    # Once t1 is finished its key is free again.
+    # Finished, t1 keeps its key for the dedupe window: a late duplicate is answered.
     flt, upd = task_cas("t1", TaskStatus.PENDING, TaskStatus.CANCELLED, utcnow())
     assert await tasks.cas(flt, upd)
     third = await tasks.store([keyed("t5", "k1")])
-    assert [t.id for t in third.created] == ["t5"] and third.deduplicated == {}
+    assert third.created == [] and third.deduplicated == {"t5": "t1"}
+    assert third.existing_status == {"t1": "cancelled"}
 
 
 async def test_storing_a_keyed_task_again_is_stored_before_not_a_duplicate(
@@ -254,3 +256,105 @@ async def test_adopt_disown_held_by(db: AsyncDatabase) -> None:
     await db[TASKS].update_one({"_id": "t2"}, {"$set": {"status": "running"}})
     assert await held("m2") == set()
     assert [t.id for t in await tasks.held_by("m2", TaskStatus.RUNNING)] == ["t2"]
+
+
+def keyed(task_id: str, key: str, **fields: Any) -> Task:
+    return task(task_id, dedupe_key=key, dedupe_active=key, **fields)
+
+
+async def finish(tasks: TaskStore, task_id: str, ago_s: float = 0) -> None:
+    """Cancel a pending task (any terminal transition), finished `ago_s` seconds ago."""
+    flt, upd = task_cas(task_id, TaskStatus.PENDING, TaskStatus.CANCELLED,
+                        utcnow() - timedelta(seconds=ago_s))
+    assert await tasks.cas(flt, upd)
+
+
+async def test_a_finished_tasks_key_is_released_once_its_window_has_passed(
+    db: AsyncDatabase,
+) -> None:
+    tasks = TaskStore(db, dedupe_window_s=3600)
+    await tasks.store([keyed("recent", "k1"), keyed("old", "k2")])
+    await finish(tasks, "recent", ago_s=3000)
+    await finish(tasks, "old", ago_s=4000)
+
+    result = await tasks.store([keyed("n1", "k1"), keyed("n2", "k2"), keyed("n3", "k2")])
+
+    assert result.deduplicated == {"n1": "recent", "n3": "n2"}
+    assert [t.id for t in result.created] == ["n2"]
+    docs = {d["_id"]: d async for d in db[TASKS].find({}, {"dedupe_active": 1})}
+    assert docs["recent"]["dedupe_active"] == "k1"
+    assert "dedupe_active" not in docs["old"], "the old holder gave its key up"
+    assert docs["n2"]["dedupe_active"] == "k2"
+
+
+@pytest.fixture
+def no_window() -> Any:
+    """This process finishes tasks as with SENDSCRIPT_DEDUPE_WINDOW_S=0."""
+    before = RETENTION.dedupe_window_s
+    RETENTION.dedupe_window_s = 0
+    yield
+    RETENTION.dedupe_window_s = before
+
+
+async def test_window_zero_frees_the_key_as_the_task_finishes(
+    db: AsyncDatabase, no_window: None
+) -> None:
+    tasks = TaskStore(db)
+    await tasks.store([keyed("t1", "k1")])
+    await finish(tasks, "t1")
+    assert "dedupe_active" not in await db[TASKS].find_one({"_id": "t1"})
+
+    again = await tasks.store([keyed("t2", "k1")])
+    assert [t.id for t in again.created] == ["t2"] and again.deduplicated == {}
+
+
+async def test_a_store_without_window_releases_a_key_a_finisher_kept(db: AsyncDatabase) -> None:
+    # A consumer configured with a window keeps the key; a store with none frees it.
+    await TaskStore(db).store([keyed("t1", "k1")])
+    await finish(TaskStore(db), "t1")
+    again = await TaskStore(db, dedupe_window_s=0).store([keyed("t2", "k1")])
+    assert [t.id for t in again.created] == ["t2"] and again.deduplicated == {}
+
+
+async def test_an_unfinished_holder_keeps_its_key_whatever_its_age(db: AsyncDatabase) -> None:
+    tasks = TaskStore(db, dedupe_window_s=0)
+    await tasks.store([keyed("t1", "k1", created_at=utcnow() - timedelta(days=3))])
+    again = await tasks.store([keyed("t2", "k1")])
+    assert again.deduplicated == {"t2": "t1"} and again.created == []
+
+
+async def test_documents_the_store_refuses_are_refused_and_the_rest_stored(
+    db: AsyncDatabase,
+) -> None:
+    tasks = TaskStore(db)
+    huge = task("huge", script={"blob": "x" * (16 * 1024 * 1024)})
+    wide = task("wide", script={"n": 2**70})
+    surrogate = task("surrogate", script={"s": "\ud800"})
+    good = [task(f"g{i}") for i in range(3)]
+
+    result = await tasks.store([good[0], huge, good[1], wide, surrogate, good[2]])
+
+    assert [t.id for t in result.created] == ["g0", "g1", "g2"]
+    assert set(result.refused) == {"huge", "wide", "surrogate"}
+    assert "over the store's limit of 16777216 bytes" in result.refused["huge"]
+    assert "8-byte ints" in result.refused["wide"]
+    assert "surrogates not allowed" in result.refused["surrogate"]
+    assert {d["_id"] async for d in db[TASKS].find({})} == {"g0", "g1", "g2"}
+
+
+async def test_a_server_refusal_refuses_the_document_and_its_whole_fanout(
+    db: AsyncDatabase,
+) -> None:
+    # The server's own refusal (a validator: code 121), not one the encoder sees first.
+    await db.command("collMod", TASKS, validator={"device_id": {"$ne": "dev-bad"}})
+    tasks = TaskStore(db)
+    fanout = [task(f"f-{d}", device_id=d, batch_id="b1") for d in ("dev-a", "dev-bad", "dev-c")]
+    alone = task("alone", device_id="dev-bad")
+
+    result = await tasks.store([task("g0"), *fanout, alone, task("g1")])
+
+    assert [t.id for t in result.created] == ["g0", "g1"]
+    assert set(result.refused) == {"f-dev-a", "f-dev-bad", "f-dev-c", "alone"}
+    assert "code 121" in result.refused["f-dev-a"] and "code 121" in result.refused["alone"]
+    assert {d["_id"] async for d in db[TASKS].find({})} == {"g0", "g1"}, \
+        "the fan-out's stored siblings were taken back"
