@@ -13,6 +13,12 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
+from sendscript.models import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_PRIORITY,
+    DEFAULT_QUEUE,
+    DEFAULT_TIMEOUT_S,
+)
 from sendscript.settings import Settings
 
 app = typer.Typer(help="Dispatch scripts to the phones of a device farm.", no_args_is_help=True,
@@ -123,13 +129,13 @@ def up(
 def submit(
     device_id: Annotated[str | None, typer.Argument(help="Target device.")] = None,
     script: Annotated[str, typer.Option(help="Script as JSON.")] = '{"id": "demo", "args": {}}',
-    priority: int = 5,
+    priority: int = DEFAULT_PRIORITY,
     run_at: Annotated[str | None, typer.Option(help="ISO-8601 or epoch seconds.")] = None,
     dedupe_key: str | None = None,
-    max_retries: int = 3,
-    timeout_s: float = 300.0,
+    max_retries: int = DEFAULT_MAX_RETRIES,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
     expire_at: Annotated[str | None, typer.Option(help="Expire if not started by then.")] = None,
-    queue: str = "default",
+    queue: str = DEFAULT_QUEUE,
     group: Annotated[str | None, typer.Option(help="Fan out to every device of a group.")]
     = None,
     device_list: Annotated[str | None, typer.Option(help="Fan out: comma-separated devices.")]
@@ -391,10 +397,10 @@ def schedule_add(
     = None,
     group: Annotated[str | None, typer.Option(help="Target device group.")] = None,
     misfire: Annotated[str, typer.Option(help="fire_once or skip.")] = "fire_once",
-    priority: int = 5,
-    max_retries: int = 3,
-    timeout_s: float = 300.0,
-    queue: str = "default",
+    priority: int = DEFAULT_PRIORITY,
+    max_retries: int = DEFAULT_MAX_RETRIES,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    queue: str = DEFAULT_QUEUE,
     paused: Annotated[bool, typer.Option(help="Create it disabled.")] = False,
 ) -> None:
     """Add a cron or interval schedule."""
