@@ -36,7 +36,6 @@ class Scheduler:
         self.tasks = tasks
         self.on_tasks = on_tasks
         self.fired = 0
-        self.created = 0
         # Fire times before this master started are ones no master fired in time.
         self.online_since = online_since
 
@@ -108,7 +107,6 @@ class Scheduler:
              "$inc": {"fires": len(p.fires), "missed": p.missed}},
         )
         if created:
-            self.created += len(created)
             self.fired += len(p.fires)
             logger.info("schedule {} fired at {}: {} task(s)", schedule.name,
                         [f.isoformat() for f in p.fires], len(created))
