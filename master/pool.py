@@ -6,6 +6,11 @@ tasks are handed back to the master, and it is replaced, with a growing delay
 when workers keep dying young. A worker past its task or memory limit says it is
 retiring: it gets no more tasks, a replacement starts at once, and it exits when
 it has finished what it holds.
+
+A worker that hangs instead of dying (its loop blocked, or a send that never
+returns) is found by `master.watchdog` from its pipe heartbeat and the age of
+the oldest task it holds, killed with SIGKILL, and then handled like any dead
+worker: its tasks go through `on_lost`, and it is replaced.
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ from multiprocessing.process import BaseProcess
 from loguru import logger
 
 from master.balancer import select_worker
+from master.watchdog import hung_reason, limits
 from sendscript.ipc import (
     Shutdown,
     TaskDone,
     TaskHandle,
     WorkerExit,
+    WorkerHeartbeat,
     WorkerOnline,
     WorkerRetiring,
 )
@@ -46,10 +53,14 @@ class WorkerSlot:
         self.name = f"{master_id}/w{worker_id}:{process.pid}"
         self.online = False
         self.retiring: str | None = None
+        # In the order they were handed over: the first is the oldest.
         self.inflight: dict[str, TaskHandle] = {}
+        self.handed_at: dict[str, float] = {}
         self.devices: Counter[str] = Counter()
         self.started_at = time.monotonic()
+        self.last_seen = self.started_at  # any message from it counts as a heartbeat
         self.exit_reason: str | None = None
+        self.hung: str | None = None  # why it was killed as hung
         self.exited = asyncio.Event()
 
     @property
@@ -61,10 +72,18 @@ class WorkerSlot:
 
     def take(self, handle: TaskHandle) -> None:
         self.inflight[handle.task_id] = handle
+        self.handed_at[handle.task_id] = time.monotonic()
         self.devices[handle.device_id] += 1
+
+    def oldest(self) -> tuple[str, float] | None:
+        """(task id, when handed over) of the task it has held longest."""
+        for task_id, at in self.handed_at.items():
+            return task_id, at
+        return None
 
     def drop(self, task_id: str) -> TaskHandle | None:
         handle = self.inflight.pop(task_id, None)
+        self.handed_at.pop(task_id, None)
         if handle is not None:
             self.devices[handle.device_id] -= 1
             if self.devices[handle.device_id] <= 0:
@@ -87,6 +106,7 @@ class WorkerPool:
         self.on_done = on_done
         self.on_lost = on_lost
         self.on_change = on_change
+        self.limits = limits(settings)  # a too-short task limit stops the master here
         self.ctx = multiprocessing.get_context("spawn")
         self.slots: dict[int, WorkerSlot] = {}
         self.stopping = False
@@ -94,14 +114,18 @@ class WorkerPool:
         self._next_id = 0
         self._young_deaths = 0
         self._restart: asyncio.TimerHandle | None = None
+        self._watch: asyncio.TimerHandle | None = None
+        self.killed_hung = 0
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
         self._fill()
+        self._watch = asyncio.get_running_loop().call_later(self.limits.check_s, self._check)
 
     def _serving(self) -> list[WorkerSlot]:
-        """Workers that count toward the pool size: not retiring, not exiting."""
-        return [s for s in self.slots.values() if s.retiring is None and s.exit_reason is None]
+        """Workers that count toward the pool size: not retiring, not exiting, not hung."""
+        return [s for s in self.slots.values()
+                if s.retiring is None and s.exit_reason is None and s.hung is None]
 
     def _fill(self) -> None:
         """Spawn workers until the pool has its size (unless a restart is held back)."""
@@ -137,6 +161,8 @@ class WorkerPool:
         self.stopping = True
         if self._restart is not None:
             self._restart.cancel()
+        # The watchdog keeps watching: a worker that hangs while draining is killed
+        # now, and its tasks recovered, rather than at the end of the grace.
         slots = list(self.slots.values())
         for slot in slots:
             self._send(slot, Shutdown(reason="master stopping"))
@@ -153,6 +179,38 @@ class WorkerPool:
                 slot.process.kill()
                 slot.process.join(2)
             self._on_exit(slot)
+        if self._watch is not None:
+            self._watch.cancel()
+
+    # -- hung workers ----------------------------------------------------------------
+    def _check(self) -> None:
+        """The watchdog's tick: kill every worker that is hung."""
+        now = time.monotonic()
+        for slot in list(self.slots.values()):
+            if slot.hung is not None:
+                continue
+            # Read what is waiting first: a master that was itself busy must not
+            # take heartbeats it has not read yet for silence.
+            self._on_readable(slot)
+            reason = hung_reason(now, online=slot.online, last_seen=slot.last_seen,
+                                 oldest_task=slot.oldest(), limits=self.limits)
+            if reason is not None:
+                self.kill_hung(slot, reason)
+        self._watch = asyncio.get_running_loop().call_later(self.limits.check_s, self._check)
+
+    def kill_hung(self, slot: WorkerSlot, reason: str) -> None:
+        """SIGKILL a hung worker; its exit hands its tasks back (`_on_exit`)."""
+        slot.hung = reason
+        self.killed_hung += 1
+        held = ", ".join(f"{h.task_id} (device {h.device_id}, attempt {h.attempt})"
+                         for h in slot.inflight.values())
+        logger.error("worker {} is hung: {}; killing it (SIGKILL). It held {} task(s){}{}",
+                     slot.name, reason, slot.load, ": " if held else "", held)
+        try:
+            slot.process.kill()  # SIGKILL also ends a stopped (SIGSTOP) process
+        except (OSError, ValueError) as exc:  # already gone: its sentinel fires anyway
+            logger.warning("could not kill worker {}: {!r}", slot.name, exc)
+        self.on_change()
 
     # -- dispatch ------------------------------------------------------------------
     def online(self) -> list[WorkerSlot]:
@@ -177,6 +235,8 @@ class WorkerPool:
 
     # -- events from workers ---------------------------------------------------------
     def _on_readable(self, slot: WorkerSlot) -> None:
+        if slot.conn.closed:
+            return
         try:
             while slot.conn.poll():
                 self._on_message(slot, slot.conn.recv())
@@ -184,6 +244,9 @@ class WorkerPool:
             asyncio.get_running_loop().remove_reader(slot.conn.fileno())
 
     def _on_message(self, slot: WorkerSlot, msg: object) -> None:
+        slot.last_seen = time.monotonic()
+        if isinstance(msg, WorkerHeartbeat):
+            return
         if isinstance(msg, TaskDone):
             if slot.drop(msg.task_id) is not None:
                 self.on_done(slot, msg)
@@ -224,9 +287,13 @@ class WorkerPool:
         slot.exited.set()
         lost = list(slot.inflight.values())
         slot.inflight.clear()
+        slot.handed_at.clear()
         slot.devices.clear()
         code = slot.process.exitcode
-        if slot.exit_reason is None or code:
+        if slot.hung is not None:
+            logger.error("worker {} killed as hung (exit code {}); recovering its {} task(s) "
+                         "as a dead worker's", slot.name, code, len(lost))
+        elif slot.exit_reason is None or code:
             logger.error("worker {} died (exit code {}) holding {} task(s)", slot.name, code,
                          len(lost))
         else:

@@ -1,9 +1,16 @@
 """The farm's central-control API: send one script to one device.
 
 `POST {central_url}/api/script/send` with `{"deviceId", "taskId", "recordId",
-"script"}`; 2xx with `{"success": true}` means accepted. Timeouts, connection
-errors, 408, 429 and 5xx are retryable; other 4xx (and a 2xx that says
-`success: false`) are not.
+"script"}`; 2xx with `{"success": true}` means accepted. Every failure becomes a
+`CentralError` saying two things, decided here and nowhere else:
+
+- whether it is worth another attempt (`retryable`): timeouts, connection
+  errors, 408, 409 (the device is busy), 429 and 5xx are; other 4xx and a 2xx
+  that says `success: false` are not;
+- how far the request got: `never_sent` (it provably never left: connect
+  refused, connect timeout, no pooled connection in time), `maybe_sent` (it was
+  written and the answer was lost: read timeout, dropped connection), or
+  neither (central-control answered and refused it).
 """
 
 from __future__ import annotations
@@ -12,23 +19,29 @@ from typing import Any
 
 import httpx
 
-RETRYABLE_STATUS = frozenset({408, 429})
+DEVICE_BUSY = 409  # the device is running another script: try again later
+RETRYABLE_STATUS = frozenset({408, DEVICE_BUSY, 429})
 # Failures before the request left: the script cannot have reached the farm.
 NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
 class CentralError(Exception):
-    """A send that was not accepted. `maybe_sent`: the request may have reached
-    central-control and the device may be running the script (a read timeout, a
-    dropped connection after the request went out); nobody can tell."""
+    """A send that was not accepted.
+
+    `never_sent`: the request provably never left this process, so the attempt
+    did not happen. `maybe_sent`: the request may have reached central-control
+    and the device may be running the script; nobody can tell."""
 
     def __init__(self, reason: str, retryable: bool, status: int | None = None, *,
-                 maybe_sent: bool = False) -> None:
+                 maybe_sent: bool = False, never_sent: bool = False) -> None:
         super().__init__(reason)
+        if maybe_sent and never_sent:
+            raise ValueError("a send cannot be both maybe sent and never sent")
         self.reason = reason
         self.retryable = retryable
         self.status = status
         self.maybe_sent = maybe_sent
+        self.never_sent = never_sent
 
     def __str__(self) -> str:
         kind = "retryable" if self.retryable else "final"
@@ -40,6 +53,16 @@ def classify_status(status: int) -> bool | None:
     if 200 <= status < 300:
         return None
     return status in RETRYABLE_STATUS or status >= 500
+
+
+def transport_error(exc: httpx.TransportError) -> CentralError:
+    """What a failed HTTP exchange means for the attempt (no answer was read)."""
+    if isinstance(exc, NOT_SENT):
+        return CentralError(f"not sent ({type(exc).__name__}: {exc})", True, never_sent=True)
+    if isinstance(exc, httpx.TimeoutException):
+        return CentralError(f"timeout ({type(exc).__name__})", True, maybe_sent=True)
+    return CentralError(f"connection error ({type(exc).__name__}: {exc})", True,
+                        maybe_sent=True)
 
 
 def check_response(response: httpx.Response) -> None:
@@ -80,14 +103,8 @@ class CentralClient:
                 "script": script}
         try:
             response = await self._http.post("/api/script/send", json=body)
-        except NOT_SENT as exc:
-            raise CentralError(f"not sent ({type(exc).__name__}: {exc})", True) from exc
-        except httpx.TimeoutException as exc:
-            raise CentralError(f"timeout ({type(exc).__name__})", True,
-                               maybe_sent=True) from exc
         except httpx.TransportError as exc:
-            raise CentralError(f"connection error ({type(exc).__name__}: {exc})", True,
-                               maybe_sent=True) from exc
+            raise transport_error(exc) from exc
         check_response(response)
 
     async def aclose(self) -> None:

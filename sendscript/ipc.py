@@ -14,7 +14,16 @@ from pydantic import BaseModel, ConfigDict
 #   failed - the attempt ended in failure and was recorded; the lock is released
 #   retry  - the attempt failed and the task waits (retry_waiting) until `run_at`
 #   error  - an infrastructure error before the task was claimed; try again later
-Outcome = Literal["sent", "busy", "stale", "failed", "retry", "error"]
+#   unsent - central-control was unreachable and the request provably never left:
+#            the attempt was undone (record deleted, task pending with its attempt
+#            counter restored, lock released); try again soon, no attempt used
+Outcome = Literal["sent", "busy", "stale", "failed", "retry", "error", "unsent"]
+
+
+def heartbeat_interval_s(worker_timeout_s: float) -> float:
+    """How often a worker says it is alive: often enough that a few lost beats
+    never add up to the master's silence limit."""
+    return min(1.0, worker_timeout_s / 5)
 
 
 class _Msg(BaseModel):
@@ -24,6 +33,13 @@ class _Msg(BaseModel):
 class WorkerOnline(_Msg):
     worker_id: int
     pid: int
+
+
+class WorkerHeartbeat(_Msg):
+    """Worker -> master, every `heartbeat_interval_s` from the worker's event loop:
+    a worker that stops sending these is hung (its loop cannot run)."""
+
+    worker_id: int
 
 
 class TaskHandle(_Msg):

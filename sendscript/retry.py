@@ -1,9 +1,11 @@
 """Retry policy: which failures are worth another attempt, and when. Pure.
 
-Retryable: central-control timeouts and connection errors, 408/429/5xx, a device
-busy (409), SYSTEM_ERROR logs, ERROR logs whose code is not marked final, result
-timeouts. Final: other 4xx, ERROR logs whose code is marked final, and a task
-out of attempts. A retry waits base * factor^(attempt-1), capped, with jitter.
+Retryable: central-control failures its client marks retryable (the one rule of
+which HTTP statuses and transport errors those are, 409 included, lives in
+`sendscript.central`), SYSTEM_ERROR logs, ERROR logs whose code is not marked
+final, result timeouts. Final: what the client marks final, ERROR logs whose
+code is marked final, and a task out of attempts. A retry waits
+base * factor^(attempt-1), capped, with jitter.
 """
 
 from __future__ import annotations
@@ -17,8 +19,6 @@ from typing import Any
 from sendscript.backoff import exponential_delay
 from sendscript.models import LogType
 from sendscript.status import TaskStatus, task_cas
-
-DEVICE_BUSY = 409
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,6 @@ class Decision:
     retry: bool
     reason: str
     run_at: datetime | None = None
-
-
-def central_retryable(retryable: bool, status: int | None) -> bool:
-    return retryable or status == DEVICE_BUSY
 
 
 def log_retryable(log_type: LogType, code: str | None, final_codes: frozenset[str]) -> bool:

@@ -95,6 +95,14 @@ class Settings(BaseSettings):
     retention_success_s: float = Field(7 * 86400, gt=0)
     retention_failed_s: float = Field(30 * 86400, gt=0)
 
+    # Hung workers (gunicorn's worker timeout; see master/watchdog.py): a worker whose
+    # pipe heartbeat is silent this long is killed (SIGKILL) and its tasks recovered
+    # as a dead worker's. So is one holding a task longer than worker_task_timeout_s:
+    # 0 derives that from the handler's steps and their timeouts; set, it must be
+    # longer than that derived bound.
+    worker_timeout_s: float = Field(30.0, gt=0)
+    worker_task_timeout_s: float = Field(0.0, ge=0)
+
     # Submissions (issue 8): the largest script accepted, as its BSON size in bytes
     # (what Mongo stores; at most its 16 MiB document limit), and how long a finished
     # task keeps its dedupe key (0: only while it is unfinished).

@@ -1,9 +1,12 @@
 """One task, from device lock to central-control, as a worker runs it.
 
 lock device (fence) -> CAS pending->running, attempt+1 -> insert exec record ->
-POST central-control -> CAS running->sent. Each Mongo and Redis step is
-coalesced across the tasks the worker holds at once (group commit), so a busy
-worker pays one round trip per step per batch, not per task.
+POST central-control -> CAS running->sent. A POST that provably never left
+(central-control unreachable) undoes the attempt instead: the record goes, the
+task is pending again with its attempt counter as before, the lock is released.
+Each Mongo and Redis step is coalesced across the tasks the worker holds at once
+(group commit), so a busy worker pays one round trip per step per batch, not per
+task.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from sendscript.fencing import MongoEpochs
 from sendscript.ipc import TaskDone, TaskHandle
 from sendscript.locks import DeviceLocks
 from sendscript.models import ExecRecord, new_id, utcnow
-from sendscript.retry import central_retryable, decide, failure_cas
+from sendscript.retry import decide, failure_cas
 from sendscript.settings import Settings
 from sendscript.status import RecordStatus, TaskStatus, record_sent, task_cas
 from sendscript.store import Claim, RecordStore, TaskStore
@@ -90,6 +93,8 @@ class ScriptHandler:
                 device_id=h.device_id, task_id=h.task_id, record_id=record_id, script=h.script
             )
         except CentralError as exc:
+            if exc.never_sent:
+                return await self._unsent(h, fence, attempt, record_id, exc)
             if not exc.maybe_sent:
                 return await self._send_failed(h, fence, attempt, record_id, exc)
             # The device may be running it: keep the lock and wait for its result,
@@ -159,14 +164,38 @@ class ScriptHandler:
         await self._release_quietly(h.device_id, fence)
         return self._done(h, "error", attempt=attempt, error=error)
 
+    async def _unsent(
+        self, h: TaskHandle, fence: int, attempt: int, record_id: str, exc: CentralError
+    ) -> TaskDone:
+        """The request never left: the attempt did not happen, so undo it.
+
+        The record goes first: its (task_id, attempt) is unique, and a record left
+        behind would refuse the next claim of this attempt number. If the task's
+        compare-and-set then fails, the task stays running with no record, which
+        the stuck-running sweep gives back (at the cost of one attempt)."""
+        error = str(exc)
+        try:
+            await self.records.col.delete_one({"_id": record_id,
+                                               "status": str(RecordStatus.RUNNING)})
+            await self.tasks.cas(*task_cas(
+                h.task_id, TaskStatus.RUNNING, TaskStatus.PENDING, utcnow(), attempt=attempt,
+                extra_filter={"record_id": record_id}, inc={"attempt": -1},
+                set_={"last_error": error}, unset=("record_id", "worker"),
+            ))
+        except Exception as err:
+            self.writes.failed(f"task {h.task_id} not sent ({error}) and not undone: {err!r}")
+            await self._release_quietly(h.device_id, fence)
+            return self._done(h, "error", attempt=attempt, error=f"undo: {err!r}")
+        await self._release_quietly(h.device_id, fence)
+        return self._done(h, "unsent", error=error)
+
     async def _send_failed(
         self, h: TaskHandle, fence: int, attempt: int, record_id: str, exc: CentralError
     ) -> TaskDone:
         """Central-control did not take it: record why, then retry later or fail."""
         now = utcnow()
         policy = self.settings.retry_policy(h.max_retries, h.queue, h.retry_base_s)
-        decision = decide(policy, attempt, central_retryable(exc.retryable, exc.status),
-                          str(exc), now)
+        decision = decide(policy, attempt, exc.retryable, str(exc), now)
         try:
             await self.records.finish(record_id, RecordStatus.FAILED, now, str(exc))
             await self.tasks.cas(*failure_cas(h.task_id, [TaskStatus.RUNNING], attempt, decision,

@@ -2,7 +2,10 @@
 
 Started by the master with the `spawn` context; opens its own connections. It
 stops when the master says so, when its pipe closes (the master died), or on
-SIGTERM, and always finishes the tasks it holds first.
+SIGTERM, and finishes the tasks it holds first, for as long as the master's
+shutdown grace allows (a server being down must not keep it past the grace: what
+it still holds then is recovered by the master as a dead worker's). Its event
+loop sends a heartbeat on the pipe: a worker whose loop cannot run is found hung.
 """
 
 from __future__ import annotations
@@ -25,11 +28,15 @@ from sendscript.ipc import (
     TaskDone,
     TaskHandle,
     WorkerExit,
+    WorkerHeartbeat,
     WorkerOnline,
     WorkerRetiring,
+    heartbeat_interval_s,
 )
 from sendscript.settings import Settings
 from worker.handler import ScriptHandler
+
+CLOSE_S = 2.0  # each client's close, bounded: a server that is down must not hold the exit
 
 
 def main(worker_id: int, conn: Connection, settings_data: dict[str, Any]) -> None:
@@ -58,6 +65,7 @@ class WorkerProcess:
         self.handled = 0
         self.retiring = False
         self.outage = OutageLog("worker: redis/mongo")
+        self.unreachable = OutageLog("worker: central-control unreachable")
         self._memory_checked = 0.0
 
     async def run(self) -> None:
@@ -78,21 +86,52 @@ class WorkerProcess:
         loop.add_reader(self.conn.fileno(), self._on_readable)
         self._send(WorkerOnline(worker_id=self.worker_id, pid=os.getpid()))
         logger.info("worker {} online", self.name)
+        beats = asyncio.create_task(self._heartbeats())
         flusher = asyncio.create_task(self._flush_counters(redis_client))
         try:
             await self.stopping.wait()
             loop.remove_reader(self.conn.fileno())
-            if self.inflight:
-                await asyncio.wait(self.inflight)
+            await self._drain()
         finally:
             flusher.cancel()
             await self._flush_once(redis_client)
             self._send(WorkerExit(worker_id=self.worker_id, pid=os.getpid(),
                                   reason=self.exit_reason, exitcode=0))
-            await central.aclose()
-            await redis_client.aclose()
-            await mongo.close()
+            for what, close in (("central-control", central.aclose), ("redis", redis_client.aclose),
+                                ("mongo", mongo.close)):
+                try:
+                    await asyncio.wait_for(close(), CLOSE_S)
+                except Exception as exc:
+                    logger.warning("worker {}: {} client not closed: {!r}", self.name, what, exc)
+            beats.cancel()
         logger.info("worker {} exits ({})", self.name, self.exit_reason)
+
+    def drain_limit_s(self) -> float:
+        """How long the tasks held at stop may take: what is left of the master's
+        grace once the counters are flushed and the clients closed."""
+        s = self.settings
+        return max(0.0, s.shutdown_grace_s - s.redis_timeout_s - 3 * CLOSE_S - 1.0)
+
+    async def _drain(self) -> None:
+        if not self.inflight:
+            return
+        _, late = await asyncio.wait(self.inflight, timeout=self.drain_limit_s())
+        if not late:
+            return
+        # No answer goes out for these: the master recovers them when we exit, as
+        # it recovers a dead worker's tasks (whatever step each had reached).
+        logger.warning("worker {}: {} task(s) still running at the end of the shutdown grace; "
+                       "leaving them to the master's recovery", self.name, len(late))
+        for task in late:
+            task.cancel()
+        await asyncio.wait(late, timeout=CLOSE_S)
+
+    async def _heartbeats(self) -> None:
+        interval = heartbeat_interval_s(self.settings.worker_timeout_s)
+        beat = WorkerHeartbeat(worker_id=self.worker_id)
+        while True:
+            self._send(beat)
+            await asyncio.sleep(interval)
 
     def _stop(self, reason: str) -> None:
         if not self.stopping.is_set():
@@ -127,8 +166,13 @@ class WorkerProcess:
                             outcome="error", attempt=handle.attempt, error=repr(exc))
         if done.outcome == "error":  # a server is away: say so once, not per task
             self.outage.failed(done.error)
+        elif done.outcome == "unsent":  # Redis and Mongo answered; central-control did not
+            self.outage.ok()
+            self.unreachable.failed(done.error)
         else:
             self.outage.ok()
+            if done.outcome in ("sent", "failed", "retry"):
+                self.unreachable.ok()
             if done.outcome in ("failed", "retry"):
                 logger.info("task {} on {}: {} ({})", done.task_id, done.device_id,
                             done.outcome, done.error)

@@ -308,10 +308,86 @@ async def test_a_retryable_refusal_waits_for_a_retry(
     assert len(central.requests) == 1
 
 
-async def test_a_connection_refused_is_retried_and_nothing_was_sent(
+class CentralOnPort(Central):
+    """The stand-in central-control, started on a port chosen beforehand (one the
+    worker's client has been failing to reach)."""
+
+    async def start_on(self, port: int) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", port)
+        self.url = f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("attempt", [0, 2])
+async def test_a_connection_refused_undoes_the_attempt(
     settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase, locks: DeviceLocks,
+    free_events: FreeEvents, attempt: int,
 ) -> None:
     client = CentralClient(f"http://127.0.0.1:{free_port()}", connect_timeout_s=1, timeout_s=1)
+    handler = ScriptHandler(redis_client=redis_client, db=db, central=client,
+                            settings=retry_settings(settings), worker_name=WORKER)
+    try:
+        h = await stored_task(db, attempt=attempt, max_retries=3)
+        done = await handler.handle(h)
+    finally:
+        await client.aclose()
+    # The request never left: no attempt happened, and nothing of it is left behind.
+    assert done.outcome == "unsent" and done.attempt == attempt and done.fence is None
+    assert done.error is not None and "not sent (ConnectError" in done.error
+    task = await db[TASKS].find_one({"_id": h.task_id})
+    assert task is not None
+    assert task["status"] == "pending" and task["attempt"] == attempt
+    assert "record_id" not in task and "worker" not in task
+    assert task["last_error"] == done.error and task.get("finished_at") is None
+    assert await db[RECORDS].count_documents({"task_id": h.task_id}) == 0
+    assert await locks.holders(["dev-1"]) == [None], "the device is not held"
+    [freed] = await free_events.collect()
+    assert freed["device_id"] == "dev-1"
+
+
+async def test_central_unreachable_for_a_while_uses_no_attempt(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase, locks: DeviceLocks,
+) -> None:
+    port = free_port()
+    client = CentralClient(f"http://127.0.0.1:{port}", connect_timeout_s=1, timeout_s=5)
+    handler = ScriptHandler(redis_client=redis_client, db=db, central=client,
+                            settings=retry_settings(settings), worker_name=WORKER)
+    central = CentralOnPort()
+    try:
+        h = await stored_task(db, max_retries=1)
+        # More tries than the task has attempts: none of them counts.
+        outcomes = [(await handler.handle(h)).outcome for _ in range(4)]
+        assert outcomes == ["unsent"] * 4
+        await central.start_on(port)
+        done = await handler.handle(h)
+    finally:
+        await client.aclose()
+        if central._server is not None:
+            await central.stop()
+    assert done.outcome == "sent" and done.attempt == 1
+    task = await db[TASKS].find_one({"_id": h.task_id})
+    assert task is not None and task["status"] == "sent" and task["attempt"] == 1
+    [rec] = [d async for d in db[RECORDS].find({"task_id": h.task_id})]
+    assert rec["attempt"] == 1 and rec["status"] == "sent" and task["record_id"] == rec["_id"]
+    assert [r["json"]["recordId"] for r in central.requests] == [rec["_id"]]
+    assert await locks.holders(["dev-1"]) == [done.fence]
+
+
+async def test_a_task_moved_on_during_an_unsent_attempt_is_left_alone(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase, locks: DeviceLocks,
+) -> None:
+    """Cancelled while the worker was failing to connect: the undo matches nothing,
+    the cancel stands, and the lock is still released."""
+    port = free_port()
+    cancelled = asyncio.Event()
+
+    class Cancelling(CentralClient):
+        async def send_script(self, **kw: Any) -> None:
+            await db[TASKS].update_one({"_id": kw["task_id"]},
+                                       {"$set": {"status": "cancelled"}})
+            cancelled.set()
+            await super().send_script(**kw)
+
+    client = Cancelling(f"http://127.0.0.1:{port}", connect_timeout_s=1, timeout_s=1)
     handler = ScriptHandler(redis_client=redis_client, db=db, central=client,
                             settings=retry_settings(settings), worker_name=WORKER)
     try:
@@ -319,12 +395,9 @@ async def test_a_connection_refused_is_retried_and_nothing_was_sent(
         done = await handler.handle(h)
     finally:
         await client.aclose()
-    assert done.outcome == "retry" and done.attempt == 1
-    assert done.error is not None and "not sent" in done.error
+    assert cancelled.is_set() and done.outcome == "unsent"
     task = await db[TASKS].find_one({"_id": h.task_id})
-    assert task is not None and task["status"] == "retry_waiting"
-    [rec] = [d async for d in db[RECORDS].find({"task_id": h.task_id})]
-    assert rec["status"] == "failed" and "send_error" not in rec
+    assert task is not None and task["status"] == "cancelled" and task["attempt"] == 1
     assert await locks.holders(["dev-1"]) == [None]
 
 

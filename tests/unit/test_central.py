@@ -14,7 +14,14 @@ from typing import Any
 import httpx
 import pytest
 
-from sendscript.central import CentralClient, CentralError, check_response, classify_status
+from sendscript.central import (
+    DEVICE_BUSY,
+    CentralClient,
+    CentralError,
+    check_response,
+    classify_status,
+    transport_error,
+)
 
 
 # -- classification ---------------------------------------------------------------------------
@@ -23,14 +30,60 @@ def test_classify_2xx_is_success(status: int) -> None:
     assert classify_status(status) is None
 
 
-@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504, 599])
+@pytest.mark.parametrize("status", [408, 409, 429, 500, 502, 503, 504, 599])
 def test_classify_retryable(status: int) -> None:
     assert classify_status(status) is True
 
 
-@pytest.mark.parametrize("status", [400, 401, 403, 404, 405, 409, 410, 413, 422, 499, 301, 302])
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 405, 410, 413, 422, 499, 301, 302])
 def test_classify_final(status: int) -> None:
     assert classify_status(status) is False
+
+
+def test_a_busy_device_is_retryable_and_the_only_rule_says_so() -> None:
+    # 409: the device runs another script. One rule, here: the error the client
+    # raises is what the retry policy reads, with nothing widening it elsewhere.
+    assert DEVICE_BUSY == 409 and classify_status(409) is True
+    with pytest.raises(CentralError) as info:
+        check_response(response(409, b'{"success": false, "error": "device busy"}'))
+    assert info.value.retryable is True and info.value.status == 409
+    assert not info.value.maybe_sent and not info.value.never_sent
+
+
+# -- how far a failed request got -------------------------------------------------------------
+REQUEST = httpx.Request("POST", "http://central/api/script/send")
+
+
+@pytest.mark.parametrize("exc", [
+    httpx.ConnectError("[Errno 111] Connection refused", request=REQUEST),
+    httpx.ConnectTimeout("timed out", request=REQUEST),
+    httpx.PoolTimeout("no connection", request=REQUEST),
+])
+def test_errors_before_the_request_left_are_never_sent(exc: httpx.TransportError) -> None:
+    err = transport_error(exc)
+    assert err.never_sent is True and err.maybe_sent is False
+    assert err.retryable is True and err.status is None
+    assert err.reason.startswith(f"not sent ({type(exc).__name__}")
+
+
+@pytest.mark.parametrize("exc", [
+    httpx.ReadTimeout("timed out", request=REQUEST),
+    httpx.WriteTimeout("timed out", request=REQUEST),
+    httpx.ReadError("reset", request=REQUEST),
+    httpx.WriteError("broken pipe", request=REQUEST),
+    httpx.RemoteProtocolError("Server disconnected without sending a response", request=REQUEST),
+])
+def test_errors_after_the_request_may_have_left_are_maybe_sent(
+    exc: httpx.TransportError,
+) -> None:
+    err = transport_error(exc)
+    assert err.maybe_sent is True and err.never_sent is False
+    assert err.retryable is True and err.status is None
+
+
+def test_an_error_is_never_both_maybe_and_never_sent() -> None:
+    with pytest.raises(ValueError):
+        CentralError("x", True, maybe_sent=True, never_sent=True)
 
 
 def response(status: int, body: bytes, content_type: str = "application/json") -> httpx.Response:
@@ -83,6 +136,7 @@ class Canned:
     content_type: str = "application/json"
     answer: bool = True  # False: read the request, never answer
     requests: list[tuple[str, str, dict[str, str], bytes]] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set at the first request
 
 
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 408: "Request Timeout",
@@ -105,6 +159,7 @@ async def http_server(canned: Canned) -> AsyncIterator[str]:
                     headers[name.strip().lower()] = value.strip()
             body = await reader.readexactly(int(headers.get("content-length", "0")))
             canned.requests.append((method, path, headers, body))
+            canned.arrived.set()
             if not canned.answer:
                 held.append(writer)
                 await reader.read()  # until the client gives up and closes
@@ -219,3 +274,32 @@ async def test_send_script_connection_refused_is_retryable() -> None:
     assert info.value.status is None
     assert "not sent" in info.value.reason
     assert info.value.maybe_sent is False  # nothing left: safe to send again
+    assert info.value.never_sent is True
+
+
+async def test_send_script_read_timeout_is_maybe_sent() -> None:
+    canned = Canned(answer=False)
+    async with http_server(canned) as url, client(url, timeout_s=0.3) as c:
+        with pytest.raises(CentralError) as info:
+            await c.send_script(**SEND)
+    assert info.value.maybe_sent is True and info.value.never_sent is False
+    assert len(canned.requests) == 1
+
+
+async def test_send_script_waiting_for_a_pooled_connection_is_never_sent() -> None:
+    # One connection, held by a request that is never answered: the second send
+    # waits for the pool and gives up before writing anything.
+    canned = Canned(answer=False)
+    async with http_server(canned) as url:
+        c = CentralClient(url, connect_timeout_s=1.0, timeout_s=0.5, max_connections=1)
+        try:
+            first = asyncio.create_task(c.send_script(**SEND))
+            await asyncio.wait_for(canned.arrived.wait(), 5)
+            with pytest.raises(CentralError) as info:
+                await c.send_script(**{**SEND, "task_id": "t-2"})
+            with pytest.raises(CentralError):
+                await first
+        finally:
+            await c.aclose()
+    assert info.value.never_sent is True and "PoolTimeout" in info.value.reason
+    assert [json.loads(r[3])["taskId"] for r in canned.requests] == ["t-1"]

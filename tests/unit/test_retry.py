@@ -14,7 +14,6 @@ from sendscript.models import LogType, Task, TaskLogMessage, TaskSpec
 from sendscript.retry import (
     Decision,
     RetryPolicy,
-    central_retryable,
     decide,
     failure_cas,
     log_retryable,
@@ -40,22 +39,11 @@ def settings(**changes: Any) -> Settings:
     (400, False), (401, False), (403, False), (404, False), (422, False),
 ])
 def test_central_status_classes(status: int, retryable: bool) -> None:
-    # What the client says of the status, widened by the policy (409: the device is busy).
-    classified = classify_status(status)
-    assert classified is not None
-    assert central_retryable(classified, status) is retryable
-
-
-@pytest.mark.parametrize(("retryable", "status", "expected"), [
-    (True, None, True),    # timeout or connection error: no status
-    (False, None, False),  # a refusal with no status
-    (False, 200, False),   # 2xx saying success: false
-    (False, 409, True),    # device busy
-])
-def test_central_retryable_without_a_retryable_status(
-    retryable: bool, status: int | None, expected: bool
-) -> None:
-    assert central_retryable(retryable, status) is expected
+    # The client's classification is the policy's: nothing widens it (409: device busy).
+    assert classify_status(status) is retryable
+    decision = decide(RetryPolicy(max_retries=3), 1, classify_status(status) is True,
+                      f"HTTP {status}", NOW)
+    assert decision.retry is retryable
 
 
 FINAL = frozenset({"E_NO_APP", "E_BAD_SCRIPT"})
@@ -174,7 +162,8 @@ def test_failure_cas_for_a_final_failure() -> None:
     assert fields["status"] == "failed" and fields["last_error"] == "HTTP 400"
     assert fields["finished_at"] == NOW and fields["purge_at"] > NOW
     assert "run_at" not in fields and "master" not in fields
-    assert update["$unset"] == {"dedupe_active": ""}
+    # What happens to the dedupe key as a task ends is status.py's (tests/unit/test_status.py).
+    assert "master" not in update.get("$unset", {})
 
 
 # -- settings: which base applies, and their env form ------------------------------------------
