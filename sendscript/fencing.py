@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
 from pymongo.write_concern import WriteConcern
 
 EPOCHS = "lock_epochs"
@@ -53,10 +54,19 @@ class MongoEpochs:
 
         Off the hot path (once per Redis restart per acquiring process), so the
         atomic read-your-increment is worth its cost here."""
-        doc = await self.col.find_one_and_update(
-            {"_id": self.prefix}, {"$inc": {"epoch": 1}},
-            upsert=True, return_document=ReturnDocument.AFTER,
-        )
-        epoch = int(doc["epoch"])
-        fence_floor(epoch)  # refuse an epoch that would make fences inexact
-        return epoch
+        for _ in range(2):
+            doc = await self.col.find_one_and_update(
+                {"_id": self.prefix}, {"$inc": {"epoch": 1}}, return_document=ReturnDocument.AFTER,
+            )
+            if doc is not None:
+                epoch = int(doc["epoch"])
+                fence_floor(epoch)  # refuse an epoch that would make fences inexact
+                return epoch
+            # The prefix's first epoch. Not an upsert: SecantusDB answers None to all
+            # but one of concurrent upserts of one document. An insert that loses the
+            # race changes nothing, and never lowers an epoch.
+            try:
+                await self.col.insert_one({"_id": self.prefix, "epoch": 0})
+            except DuplicateKeyError:
+                pass
+        raise RuntimeError(f"lock epoch document {self.prefix!r} vanished while bumped")

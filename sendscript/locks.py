@@ -26,13 +26,16 @@ from sendscript.keys import Keys
 # The run id of the server running the script: new on every Redis restart.
 _RUN_ID = "string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')"
 
-# KEYS[1] fence counter, KEYS[2] epoch hash, KEYS[3..] lock keys;
-# ARGV[i] the TTL (ms) of lock KEYS[i + 2].
+# KEYS[1] fence counter, KEYS[2] epoch hash, KEYS[3..] lock keys; ARGV[1] the lowest
+# epoch the caller accepts (1 with an epoch source, 0 without), ARGV[i + 1] the TTL
+# (ms) of lock KEYS[i + 2].
 # Returns, per lock, the new fence, or 0 where the device is already locked; or,
-# when this Redis run has adopted no epoch yet, {-1, run_id} and changes nothing.
+# when this Redis run has adopted no epoch (or only one below ARGV[1]) yet,
+# {-1, run_id} and changes nothing.
 ACQUIRE = f"""
 local run_id = {_RUN_ID}
-if redis.call('HGET', KEYS[2], 'run_id') ~= run_id then
+local adopted = redis.call('HMGET', KEYS[2], 'run_id', 'epoch')
+if adopted[1] ~= run_id or (tonumber(adopted[2]) or -1) < tonumber(ARGV[1]) then
   return {{-1, run_id}}
 end
 local out = {{}}
@@ -41,7 +44,7 @@ for i = 3, #KEYS do
     out[i - 2] = 0
   else
     local fence = redis.call('INCR', KEYS[1])
-    redis.call('SET', KEYS[i], fence, 'PX', ARGV[i - 2])
+    redis.call('SET', KEYS[i], fence, 'PX', ARGV[i - 1])
     out[i - 2] = fence
   end
 end
@@ -49,19 +52,23 @@ return out
 """
 
 # KEYS[1] epoch hash, KEYS[2] fence counter; ARGV[1] the run id the acquire saw,
-# ARGV[2] the epoch taken since, ARGV[3] its fence floor (decimal).
+# ARGV[2] the epoch taken since (0 without an epoch source), ARGV[3] its fence
+# floor (decimal).
 # Adopts the epoch for this run and raises the counter to the floor (never lowers
-# it) in one step. Returns 1, or 0 and changes nothing if Redis has restarted
-# since ARGV[1] was seen: the epoch was taken before this run began and may be
-# below one adopted on a run in between, so the caller must take a new one.
+# it) in one step; within one run the hash keeps the highest epoch adopted, while
+# an epoch adopted on an earlier run counts for nothing. Returns 1, or 0 and
+# changes nothing if Redis has restarted since ARGV[1] was seen: the epoch was
+# taken before this run began and may be below one adopted on a run in between,
+# so the caller must take a new one.
 ADOPT = f"""
 local run_id = {_RUN_ID}
 if run_id ~= ARGV[1] then
   return 0
 end
-local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
-if tonumber(ARGV[2]) > epoch then
-  epoch = tonumber(ARGV[2])
+local adopted = redis.call('HMGET', KEYS[1], 'run_id', 'epoch')
+local epoch = tonumber(ARGV[2])
+if adopted[1] == run_id and (tonumber(adopted[2]) or -1) > epoch then
+  epoch = tonumber(adopted[2])
 end
 redis.call('HSET', KEYS[1], 'run_id', run_id, 'epoch', string.format('%d', epoch))
 if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[3]) then
@@ -115,10 +122,12 @@ def epoch_key(keys: Keys) -> str:
 class DeviceLocks:
     """Acquire, release and read device locks.
 
-    A process that acquires must pass `epochs` (the durable epoch source); without
-    it a restarted Redis is adopted at epoch 0, which does not raise the counter:
-    fences are then only as durable as Redis, as they were before epochs. Release
-    and `holders` never need it.
+    A process that acquires passes `epochs`, the durable epoch source. Without one,
+    a restarted Redis is adopted at epoch 0, which does not raise the counter:
+    fences are then only as durable as Redis, as they were before epochs. That is
+    for release-only roles and tests; it is still safe beside processes that have
+    a source, because they do not accept a run adopted at epoch 0 and adopt a real
+    epoch over it (the counter only rises). Release and `holders` need no epochs.
     """
 
     def __init__(self, client: redis.asyncio.Redis, keys: Keys,
@@ -137,7 +146,7 @@ class DeviceLocks:
             return []
         keys = ([self._keys.lock_fence, epoch_key(self._keys)]
                 + [self._keys.device_lock(d) for d, _ in requests])
-        args = [int(ttl) for _, ttl in requests]
+        args = [1 if self._epochs is not None else 0] + [int(ttl) for _, ttl in requests]
         for _ in range(MAX_ADOPTIONS + 1):
             fences = await self._acquire(keys=keys, args=args)
             if not (fences and int(fences[0]) == -1):

@@ -129,9 +129,16 @@ async def test_expired_lock_frees_the_device(
     settings: Settings, redis_client: redis.asyncio.Redis
 ) -> None:
     locks = DeviceLocks(redis_client, settings.keys)
+    key = settings.keys.device_lock("dev-a")
     [first] = await locks.acquire_many([("dev-a", 100)])
     assert first > 0
-    await asyncio.sleep(0.25)
+    assert await redis_client.pttl(key) <= 100  # held with the TTL asked for (-2 once gone)
+    for _ in range(250):  # nobody releases it: wait for Redis to expire the key
+        if not await redis_client.exists(key):
+            break
+        await asyncio.sleep(0.02)
+    else:
+        pytest.fail("the lock did not expire")
     [second] = await locks.acquire_many([("dev-a", TTL_MS)])
     assert second > first
 
@@ -272,17 +279,32 @@ async def test_adopt_refuses_a_run_it_did_not_see_and_never_lowers_the_counter(
     assert int(await redis_client.get(settings.keys.lock_fence)) == fence_floor(8)
     assert await redis_client.hgetall(epoch_key(settings.keys)) == {
         b"run_id": run_id.encode(), b"epoch": b"8"}
+    # An epoch adopted on an earlier run is no floor for this one: the new one stands.
+    await redis_client.hset(epoch_key(settings.keys), "run_id", "0" * 40)
+    assert await adopt(keys=keys, args=[run_id, 2, fence_floor(2)]) == 1
+    assert await redis_client.hget(epoch_key(settings.keys), "epoch") == b"2"
+    assert int(await redis_client.get(settings.keys.lock_fence)) == fence_floor(8)
 
 
 async def test_without_an_epoch_source_a_restart_is_adopted_at_epoch_zero(
-    settings: Settings, redis_client: redis.asyncio.Redis
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase
 ) -> None:
     # Release-only roles and tests: fences are then as durable as Redis, no more.
-    locks = DeviceLocks(redis_client, settings.keys)
-    assert await locks.acquire_many([("dev-a", TTL_MS)]) == [1]
+    bare = DeviceLocks(redis_client, settings.keys)
+    assert await bare.acquire_many([("dev-a", TTL_MS)]) == [1]
+    await redis_client.hset(epoch_key(settings.keys), "epoch", 5)  # an earlier run's epoch
     await stage_restart(redis_client, settings, 0)
-    assert await locks.acquire_many([("dev-b", TTL_MS)]) == [1]
-    assert locks.adoptions == 2
+    assert await bare.acquire_many([("dev-b", TTL_MS)]) == [1]
+    assert bare.adoptions == 2
+    # The earlier run's epoch is not carried over: the run counts as adopted at 0...
+    assert await redis_client.hget(epoch_key(settings.keys), "epoch") == b"0"
+
+    # ... which a process with an epoch source does not accept: it adopts a real
+    # epoch over it, and from then on both get fences above its floor.
+    sourced = DeviceLocks(redis_client, settings.keys, MongoEpochs(db, settings.key_prefix))
+    assert await sourced.acquire_many([("dev-c", TTL_MS)]) == [fence_floor(1) + 1]
+    assert await bare.acquire_many([("dev-d", TTL_MS)]) == [fence_floor(1) + 2]
+    assert (sourced.adoptions, bare.adoptions) == (1, 2)
 
 
 async def test_epochs_are_distinct_and_increasing_under_concurrent_bumps(
