@@ -128,3 +128,29 @@ def test_reason_is_not_a_pydantic_error() -> None:
 def test_out_of_range_epoch_is_a_value_error(data: bytes) -> None:
     with pytest.raises(ValueError, match=r"^(run_at|expire_at):"):
         parse_item(data)
+
+
+# -- storable scripts ---------------------------------------------------------------------
+def test_a_script_over_the_limit_is_refused_with_its_size() -> None:
+    item = raw({"device_id": "d1", "script": {"blob": "x" * 2000}})
+    assert isinstance(parse_item(item), TaskSpec)  # no limit given
+    with pytest.raises(ValueError, match=r"script: script is 2\d\d\d bytes as BSON, over the "
+                                         r"limit of 1024 bytes \(SENDSCRIPT_MAX_SCRIPT_BYTES\)"):
+        parse_item(item, max_script_bytes=1024)
+
+
+def test_a_fanout_script_over_the_limit_is_refused() -> None:
+    item = raw({"device_ids": ["a", "b"], "script": {"blob": "x" * 2000}})
+    with pytest.raises(ValueError, match="over the limit of 1024 bytes"):
+        parse_item(item, max_script_bytes=1024)
+
+
+@pytest.mark.parametrize(("data", "words"), [
+    (b'{"device_id": "d1", "script": {"n": 123456789012345678901234567890}}', "8-byte ints"),
+    (b'{"device_id": "d1", "script": {"s": "\\ud800"}}', "surrogates not allowed"),
+    (b'{"device_id": "d1", "script": {"\\udfff": 1}}', "unicode string"),  # pydantic's check
+    (b'{"device_id": "d1", "script": {"a\\u0000b": 1}}', "NULL byte"),
+])
+def test_a_script_bson_cannot_hold_is_refused_at_parse(data: bytes, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        parse_item(data, max_script_bytes=1024 * 1024)

@@ -5,11 +5,18 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import bson
 import pytest
 from pydantic import ValidationError
 
 from sendscript.models import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_PRIORITY,
+    DEFAULT_QUEUE,
+    DEFAULT_TIMEOUT_S,
+    MAX_SCRIPT_BYTES,
     ExecRecord,
+    FanoutSpec,
     LogType,
     Task,
     TaskLogMessage,
@@ -17,6 +24,7 @@ from sendscript.models import (
     describe_error,
     id_from_tag,
     parse_when,
+    script_refusal,
 )
 from sendscript.status import RecordStatus, TaskStatus
 
@@ -267,3 +275,43 @@ def test_describe_error_names_nested_location() -> None:
         TaskLogMessage.model_validate({**CAMEL, "timestamp": -1})
     text = describe_error(info.value)
     assert text == "timestamp: Input should be greater than or equal to 0"
+
+
+# -- defaults and the script limit ---------------------------------------------------------
+def test_one_definition_of_the_task_defaults() -> None:
+    assert (DEFAULT_PRIORITY, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, DEFAULT_QUEUE) == (
+        5, 3, 300.0, "default")
+    task = Task(_id="t", device_id="d", script={})
+    assert (task.priority, task.max_retries, task.timeout_s, task.queue) == (
+        DEFAULT_PRIORITY, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, DEFAULT_QUEUE)
+
+
+def test_script_refusal_measures_bson_bytes() -> None:
+    script = {"blob": "x" * 100}
+    size = len(bson.encode(script))
+    assert script_refusal(script, size) is None
+    assert script_refusal(script, size - 1) == (
+        f"script is {size} bytes as BSON, over the limit of {size - 1} bytes "
+        "(SENDSCRIPT_MAX_SCRIPT_BYTES)")
+
+
+@pytest.mark.parametrize(("script", "words"), [
+    ({"n": 2**64}, "8-byte ints"),
+    ({"s": "\ud800"}, "surrogates not allowed"),
+    ({"\ud83d": 1}, "surrogates not allowed"),
+    ({"a\x00b": 1}, "NULL byte"),
+])
+def test_script_refusal_names_what_bson_cannot_hold(script: dict[str, Any], words: str) -> None:
+    reason = script_refusal(script, 10**6)
+    assert reason is not None and reason.startswith("script cannot be stored") and words in reason
+
+
+def test_the_limit_applies_where_the_context_names_it() -> None:
+    fields = {"device_id": "d", "script": {"blob": "x" * 200}}
+    assert TaskSpec.model_validate(fields).script == fields["script"]  # no context: no limit
+    with pytest.raises(ValidationError) as info:
+        TaskSpec.model_validate(fields, context={MAX_SCRIPT_BYTES: 100})
+    assert "over the limit of 100 bytes" in describe_error(info.value)
+    fanout = {"device_ids": ["a", "b"], "script": {"blob": "x" * 200}}
+    with pytest.raises(ValidationError):
+        FanoutSpec.model_validate(fanout, context={MAX_SCRIPT_BYTES: 100})

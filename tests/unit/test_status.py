@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import pairwise
+from typing import Any
 
 import pytest
 
 from sendscript.status import (
+    RETENTION,
     TASK_TRANSITIONS,
     TERMINAL,
     InvalidTransition,
     RecordStatus,
     TaskStatus,
+    configure_retention,
+    dedupe_released,
     record_cas,
     record_sent,
+    release_dedupe,
     task_cas,
 )
 
@@ -198,3 +203,52 @@ def test_record_sent_is_a_pipeline_moving_only_running_to_sent() -> None:
     stage = pipeline[0]["$set"]
     assert stage["sent_at"] == NOW
     assert stage["status"] == {"$cond": [{"$eq": ["$status", "running"]}, "sent", "$status"]}
+
+
+# -- dedupe window ----------------------------------------------------------------------
+@pytest.fixture
+def window() -> Any:
+    """Set this process's dedupe window for one test, as configure_retention does."""
+    before = RETENTION.dedupe_window_s
+
+    def set_to(seconds: float) -> None:
+        configure_retention(RETENTION.success_s, RETENTION.failed_s, seconds)
+
+    yield set_to
+    RETENTION.dedupe_window_s = before
+
+
+@pytest.mark.parametrize("to", sorted(TERMINAL))
+def test_finishing_keeps_the_dedupe_key_within_a_window(window: Any, to: TaskStatus) -> None:
+    window(86400)
+    _, update = task_cas("t1", S.PENDING, to, NOW)
+    assert "dedupe_active" not in update.get("$unset", {})
+
+
+@pytest.mark.parametrize("to", sorted(TERMINAL))
+def test_finishing_frees_the_dedupe_key_without_a_window(window: Any, to: TaskStatus) -> None:
+    window(0)
+    _, update = task_cas("t1", S.PENDING, to, NOW)
+    assert update["$unset"]["dedupe_active"] == ""
+
+
+def test_release_dedupe_names_key_final_status_and_age() -> None:
+    flt, update = release_dedupe("t1", "k1", NOW, 3600)
+    assert flt == {"_id": "t1", "dedupe_active": "k1",
+                   "status": {"$in": sorted(str(s) for s in TERMINAL)},
+                   "finished_at": {"$lte": NOW - timedelta(hours=1)}}
+    assert update == {"$unset": {"dedupe_active": ""}}
+
+
+@pytest.mark.parametrize(("doc", "released"), [
+    ({"status": "success", "finished_at": NOW - timedelta(hours=2)}, True),
+    ({"status": "failed", "finished_at": NOW - timedelta(hours=1)}, True),  # exactly the window
+    ({"status": "cancelled", "finished_at": NOW - timedelta(minutes=59)}, False),
+    ({"status": "pending", "finished_at": NOW - timedelta(days=9)}, False),  # retried by hand
+    ({"status": "success"}, False),
+    ({"status": "expired", "finished_at": (NOW - timedelta(hours=2)).replace(tzinfo=None)}, True),
+])
+def test_dedupe_released_only_for_tasks_finished_before_the_window(
+    doc: dict[str, Any], released: bool
+) -> None:
+    assert dedupe_released(doc, NOW, 3600) is released
