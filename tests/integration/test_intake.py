@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from datetime import timedelta
 from typing import Any
 
 import redis.asyncio
@@ -13,10 +14,10 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from master.intake import Intake
 from sendscript.dev.embedded import free_port
-from sendscript.models import Task, id_from_tag
+from sendscript.models import Task, id_from_tag, utcnow
 from sendscript.queue import Entry, IntakeQueue
 from sendscript.settings import Settings
-from sendscript.status import TaskStatus
+from sendscript.status import TaskStatus, task_cas
 from sendscript.store import GROUPS, TASKS, TaskStore
 
 
@@ -40,6 +41,9 @@ class Board:
     @property
     def ids(self) -> list[str]:
         return [t.id for call in self.calls for t in call]
+
+    def ids_tasks(self) -> list[Task]:
+        return [t for call in self.calls for t in call]
 
     @property
     def scheduled_ids(self) -> list[str]:
@@ -357,3 +361,102 @@ async def test_a_batch_that_failed_to_store_is_stored_once_mongo_is_back(
         await away.close()
     assert [t.device_id for t in board.calls[-1]] == ["d1"]
     assert await redis_client.llen(processing) == 0
+
+
+MIB = 1024 * 1024
+
+
+async def test_items_the_store_refuses_are_quarantined_and_the_rest_of_their_batch_stored(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase
+) -> None:
+    # The largest limit: a script just under it passes validation, and its document
+    # is still over Mongo's 16 MiB, so the store's own refusal is what stops it.
+    settings = settings.model_copy(update={"max_script_bytes": 16 * MIB})
+    intake, queue, board = make(settings, redis_client, db)
+    # The server's refusal (code 121) for a device no encoder check can see coming.
+    await db.command("collMod", TASKS, validator={"device_id": {"$ne": "dev-refused"}})
+    bad = {
+        "too large": spec("d1", script={"blob": "x" * (16 * MIB - 100)}),
+        "over limit": spec("d1", script={"blob": "x" * (17 * MIB)}),
+        "wide int": b'{"device_id": "d1", "script": {"n": 123456789012345678901234567890}}',
+        "surrogate": b'{"device_id": "d1", "script": {"s": "\\ud800"}}',
+        "server": spec("dev-refused"),
+        "fan-out": json.dumps({"device_ids": ["f1", "dev-refused", "f2"],
+                               "script": {"id": "tap"}}).encode(),
+    }
+    good = [spec(f"g{i}") for i in range(6)]
+    good.append(json.dumps({"device_ids": ["f3", "f4"], "script": {"id": "tap"}}).encode())
+    items = good[:3] + list(bad.values()) + good[3:]
+    await redis_client.lpush(settings.keys.ready, *items)
+
+    await intake.ingest(await queue.take(100))
+
+    stored = sorted([d["device_id"] async for d in db[TASKS].find({})])
+    assert stored == sorted([f"g{i}" for i in range(6)] + ["f3", "f4"])
+    assert sorted(t.device_id for t in board.ids_tasks()) == stored
+    records = await quarantine(redis_client, settings)
+    assert len(records) == len(bad) and await queue.unfinished() == []
+    reasons = {}
+    for record in records:
+        assert set(record) >= {"item", "reason", "master", "at"}
+        assert record["master"] == settings.master_id
+        # A large item is told by its size, the others by their whole text.
+        kind = next(k for k, v in bad.items() if record.get("item_bytes") == len(v)
+                    or record["item"] == v.decode("utf-8", "replace"))
+        reasons[kind] = record
+    assert "document of" in reasons["too large"]["reason"]
+    assert "over the store's limit of 16777216 bytes" in reasons["too large"]["reason"]
+    assert "over the limit of 16777216 bytes (SENDSCRIPT_MAX_SCRIPT_BYTES)" in \
+        reasons["over limit"]["reason"]
+    assert reasons["over limit"]["item_bytes"] == len(bad["over limit"])
+    assert len(reasons["over limit"]["item"]) < 64 * 1024, "a large item is kept truncated"
+    assert "only its first" in reasons["over limit"]["reason"]
+    assert "8-byte ints" in reasons["wide int"]["reason"]
+    assert "surrogates not allowed" in reasons["surrogate"]["reason"]
+    assert "code 121" in reasons["server"]["reason"]
+    assert "code 121" in reasons["fan-out"]["reason"]
+    assert int(await redis_client.hget(settings.keys.stats, "quarantined")) == len(bad)
+
+
+async def finish_all(db: AsyncDatabase, ago_s: float = 0) -> None:
+    """Every pending task succeeds, `ago_s` seconds ago."""
+    flt, upd = task_cas({}, TaskStatus.PENDING, TaskStatus.SUCCESS,
+                        utcnow() - timedelta(seconds=ago_s))
+    await db[TASKS].update_many(flt, upd)
+
+
+async def test_a_duplicate_after_the_original_succeeded_is_answered_within_the_window(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase
+) -> None:
+    intake, queue, board = make(settings, redis_client, db)
+    intake.tasks = TaskStore(db, dedupe_window_s=3600)
+    await redis_client.lpush(settings.keys.ready, spec("d1", dedupe_key="order-8"))
+    await intake.ingest(await queue.take(10))
+    original = board.ids[0]
+    await finish_all(db, ago_s=60)
+
+    await redis_client.lpush(settings.keys.ready, spec("d1", dedupe_key="order-8"))
+    await intake.ingest(await queue.take(10))
+
+    assert [d["_id"] async for d in db[TASKS].find({})] == [original]
+    assert board.ids == [original] and board.counts == [("deduplicated", 1)]
+    assert await queue.unfinished() == []
+
+
+async def test_a_duplicate_after_the_window_makes_a_new_task(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase
+) -> None:
+    intake, queue, board = make(settings, redis_client, db)
+    intake.tasks = TaskStore(db, dedupe_window_s=3600)
+    await redis_client.lpush(settings.keys.ready, spec("d1", dedupe_key="order-9"))
+    await intake.ingest(await queue.take(10))
+    original = board.ids[0]
+    await finish_all(db, ago_s=3700)
+
+    await redis_client.lpush(settings.keys.ready, spec("d1", dedupe_key="order-9"))
+    await intake.ingest(await queue.take(10))
+
+    assert len(board.ids) == 2 and board.ids[0] == original
+    holders = [d["_id"] async for d in db[TASKS].find({"dedupe_active": "order-9"})]
+    assert holders == [board.ids[1]]
+    assert board.counts == []
