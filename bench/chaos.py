@@ -124,6 +124,8 @@ class Report:
     # Tasks the SDK stored though the call raised (the push after the store failed):
     # not counted as submitted, found and run by the orphan sweep all the same.
     stored_unreported: int = 0
+    # What was killed or restarted when (epoch seconds, as the farm's run times).
+    timeline: list[str] = field(default_factory=list)
 
     def problems(self) -> list[str]:
         """Every broken check, in words; empty when the run is clean."""
@@ -458,9 +460,11 @@ class Chaos:
         except ProcessLookupError:
             return False
         self.report.kills["worker"] += 1
+        self._event(f"SIGKILL worker {pid}")
         return True
 
     def kill_role(self, name: str) -> None:
+        self._event(f"SIGKILL {name} {self.roles[name].pid}")
         self.roles[name].kill()
         self.report.kills[name] += 1
         self._role(name, [name])
@@ -471,6 +475,7 @@ class Chaos:
         """Stop a server by SIGKILL or SIGTERM, keep it down, start it on the same data."""
         server = self.servers[name]
         how = stop_signal(self.server_stop, self.report.restarts[name], self.rand)
+        self._event(f"{how} {name}")
         if how == "SIGKILL":
             server.kill()
             self.report.restarts_sigkill[name] += 1
@@ -479,8 +484,12 @@ class Chaos:
             self.report.restarts_sigterm[name] += 1
         time.sleep(down_s)
         server.start()
+        self._event(f"{name} up again")
         self.report.restarts[name] += 1
         return how
+
+    def _event(self, what: str) -> None:
+        self.report.timeline.append(f"{time.time():.3f} {what}")
 
     def run(self, duration_s: float, kill_every_s: float, restart_every_s: float,
             down_s: float, settle_timeout_s: float) -> Report:
@@ -523,6 +532,7 @@ class Chaos:
         for name, role in list(self.roles.items()):
             if not role.running:
                 self.report.exits[name] += 1
+                self._event(f"{name} found dead (exit code {role.proc and role.proc.returncode})")
                 self._role(name, role.args)
 
     # -- checks -------------------------------------------------------------------------------
@@ -657,6 +667,8 @@ def print_report(report: Report) -> None:
           f"{report.dead_lettered} ({report.dead_lettered_without_reason} without reason, "
           f"{report.bad_logs_not_dead_lettered} bad logs missing)")
     problems = report.problems()
+    if problems:
+        print(f"  timeline: {'; '.join(report.timeline)}")
     print("  OK" if not problems else "  FAILED: " + "; ".join(problems))
 
 
