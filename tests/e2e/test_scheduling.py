@@ -286,12 +286,12 @@ def test_dedupe_fanout_cancel_and_expiry(
     ran = {r["task_id"] for r in roles.farm("runs")}
     assert waiting.task_id not in ran and pending.task_id not in ran
     assert late.task_id not in ran
-    # Once the task is over, its dedupe key is free again.
+    # Over, the task keeps its dedupe key for the dedupe window (a day by default).
     with SendScriptClient(settings) as client:
         wait_for(lambda: inspect.db.script_tasks.find_one({"_id": one.task_id})["status"]
                  == "success", 20, "the deduped task")
         third = client.submit("dd-dev", {"id": "x"}, dedupe_key="order-42")
-        assert third.created and third.task_id != one.task_id
+        assert not third.created and third.task_id == one.task_id
 
 
 def test_cancel_a_task_waiting_for_its_retry(

@@ -1,0 +1,153 @@
+"""The producer SDK's submissions on the real servers: refusals before anything is
+stored, the server's refusals, and dedupe keys that outlive their task's end."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+
+from sendscript.client import SendScriptClient, SubmitRefused
+from sendscript.models import TaskSpec, utcnow
+from sendscript.settings import Settings
+from sendscript.status import RETENTION, TaskStatus, task_cas
+from sendscript.store import TASKS
+
+
+@pytest.fixture
+def sdk(settings: Settings) -> Iterator[SendScriptClient]:
+    window = RETENTION.dedupe_window_s  # the client configures this process's window
+    client = SendScriptClient(settings.model_copy(update={"max_script_bytes": 4096}))
+    yield client
+    client._mongo.drop_database(client._db.name)
+    client._redis.delete(settings.keys.ready)
+    client.close()
+    RETENTION.dedupe_window_s = window
+
+
+def refs(client: SendScriptClient) -> list[str]:
+    """Task ids pushed on the ready list, oldest first."""
+    raw = client._redis.lrange(client.settings.keys.ready, 0, -1)
+    return [json.loads(r)["task_id"] for r in reversed(raw)]
+
+
+def finish(client: SendScriptClient, task_id: str, ago_s: float) -> None:
+    flt, upd = task_cas(task_id, TaskStatus.PENDING, TaskStatus.SUCCESS,
+                        utcnow() - timedelta(seconds=ago_s))
+    assert client._db[TASKS].update_one(flt, upd).matched_count == 1
+
+
+@pytest.mark.parametrize(("script", "words"), [
+    ({"blob": "x" * 5000}, "over the limit of 4096 bytes (SENDSCRIPT_MAX_SCRIPT_BYTES)"),
+    ({"n": 2**70}, "8-byte ints"),
+    ({"s": "\ud800"}, "surrogates not allowed"),
+])
+def test_a_script_that_cannot_be_stored_is_refused_and_nothing_stored(
+    sdk: SendScriptClient, script: dict, words: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(words)):
+        sdk.submit("d1", script)
+    with pytest.raises(ValueError, match="spec 1: "):
+        sdk.submit_many([TaskSpec(device_id="d0", script={}),
+                         TaskSpec(device_id="d1", script=script)])
+    with pytest.raises(ValueError):
+        sdk.submit_fanout(script, devices=["a", "b"])
+    assert sdk._db[TASKS].count_documents({}) == 0 and refs(sdk) == []
+
+
+def test_a_server_refusal_is_a_value_error_and_the_others_are_stored(
+    sdk: SendScriptClient,
+) -> None:
+    sdk._db.command("collMod", TASKS, validator={"device_id": {"$ne": "dev-refused"}})
+    with pytest.raises(SubmitRefused) as info:
+        sdk.submit_many([{"device_id": "d0", "script": {}},
+                         {"device_id": "dev-refused", "script": {}},
+                         {"device_id": "d2", "script": {}}])
+    assert list(info.value.reasons) == [1] and "code 121" in info.value.reasons[1]
+    kept = [r.task_id for r in info.value.results if r is not None]
+    assert len(kept) == 2 and info.value.results[1] is None
+    assert refs(sdk) == kept
+
+    with pytest.raises(ValueError, match=r"fan-out refused: .*code 121"):
+        sdk.submit_fanout({"id": "x"}, devices=["f1", "dev-refused", "f2"])
+    assert sorted(d["device_id"] for d in sdk._db[TASKS].find({})) == ["d0", "d2"], \
+        "nothing of the refused fan-out is kept"
+    assert refs(sdk) == kept
+
+
+def test_a_duplicate_after_the_original_succeeded_gets_the_existing_task(
+    sdk: SendScriptClient,
+) -> None:
+    first = sdk.submit("d1", {"id": "x"}, dedupe_key="order-1")
+    finish(sdk, first.task_id, ago_s=60)
+    again = sdk.submit("d1", {"id": "x"}, dedupe_key="order-1")
+    assert again.created is False and again.task_id == first.task_id
+    assert again.status == "success"
+    assert refs(sdk) == [first.task_id]
+
+
+def test_a_duplicate_after_the_window_is_a_new_task(sdk: SendScriptClient) -> None:
+    sdk.settings.dedupe_window_s = 3600
+    first = sdk.submit("d1", {"id": "x"}, dedupe_key="order-2")
+    finish(sdk, first.task_id, ago_s=3700)
+    again = sdk.submit("d1", {"id": "x"}, dedupe_key="order-2")
+    assert again.created and again.task_id != first.task_id
+    assert refs(sdk) == [first.task_id, again.task_id]
+    old = sdk._db[TASKS].find_one({"_id": first.task_id})
+    assert "dedupe_active" not in old, "the old task gave its key up"
+
+
+def test_window_zero_keeps_the_old_behaviour(settings: Settings) -> None:
+    window = RETENTION.dedupe_window_s
+    client = SendScriptClient(settings.model_copy(update={"dedupe_window_s": 0}))
+    try:
+        first = client.submit("d1", {"id": "x"}, dedupe_key="order-3")
+        assert not client.submit("d1", {"id": "x"}, dedupe_key="order-3").created
+        finish(client, first.task_id, ago_s=0)
+        assert "dedupe_active" not in client._db[TASKS].find_one({"_id": first.task_id})
+        again = client.submit("d1", {"id": "x"}, dedupe_key="order-3")
+        assert again.created and again.task_id != first.task_id
+    finally:
+        client._mongo.drop_database(client._db.name)
+        client._redis.delete(settings.keys.ready)
+        client.close()
+        RETENTION.dedupe_window_s = window
+
+
+def expired_holder(sdk: SendScriptClient, key: str) -> str:
+    """A task cancelled two hours ago whose key a newer task has since taken."""
+    old = sdk.submit("d1", {"id": "x"}, dedupe_key=key)
+    flt, upd = task_cas(old.task_id, TaskStatus.PENDING, TaskStatus.CANCELLED,
+                        utcnow() - timedelta(hours=2))
+    assert sdk._db[TASKS].update_one(flt, upd).matched_count == 1
+    return old.task_id
+
+
+def test_a_retry_by_hand_takes_the_key_back_from_a_finished_holder(
+    sdk: SendScriptClient,
+) -> None:
+    sdk.settings.dedupe_window_s = 3600
+    old = expired_holder(sdk, "order-4")
+    new = sdk.submit("d1", {"id": "x"}, dedupe_key="order-4")
+    assert new.created
+    finish(sdk, new.task_id, ago_s=0)  # finished, within the window: it holds the key
+
+    assert sdk.retry(old)
+    holders = [d["_id"] for d in sdk._db[TASKS].find({"dedupe_active": "order-4"})]
+    assert holders == [old]
+    assert sdk.submit("d1", {"id": "x"}, dedupe_key="order-4").task_id == old
+
+
+def test_a_retry_by_hand_is_refused_while_an_unfinished_task_holds_the_key(
+    sdk: SendScriptClient,
+) -> None:
+    sdk.settings.dedupe_window_s = 3600
+    old = expired_holder(sdk, "order-5")
+    new = sdk.submit("d1", {"id": "x"}, dedupe_key="order-5")
+    assert new.created
+    with pytest.raises(ValueError, match="belongs to an unfinished task"):
+        sdk.retry(old)
+    assert sdk._db[TASKS].find_one({"_id": old})["status"] == "cancelled"
