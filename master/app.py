@@ -53,7 +53,7 @@ class Master:
         self.settings = settings
         self.bus = Bus()
         self.jobs = Jobs()
-        self.board = DeviceBoard(settings.queues)
+        self.board = DeviceBoard(settings.queues, settings.queue_weights)
         self.stop_event = asyncio.Event()
         self.outcomes: Counter[str] = Counter()
         self.started_at = utcnow()

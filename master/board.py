@@ -4,7 +4,9 @@ A device holds at most one dispatched task at a time. After its worker reports
 the script sent, the device stays held by that attempt's lock fence until the
 consumer announces the fence freed (or the fallback check finds the lock gone).
 Within a device, higher priority goes first, then older. Across devices, the
-device whose head task has the highest priority (then the oldest) goes first.
+device whose head task has the highest priority goes first; at one priority,
+flows (a fan-out batch, or else a queue) take fair turns, weighted per queue,
+and within a flow the oldest goes first (`master.fairness`).
 The board also counts, per named queue, the tasks that hold a device (dispatched
 or sent and not yet freed), so the master can cap what a queue runs at once.
 """
@@ -17,13 +19,17 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from master.fairness import FairReady, SortKey
 from sendscript.models import Task
-
-SortKey = tuple[int, float, int]
 
 
 def sort_key(task: Task, seq: int) -> SortKey:
     return (-task.priority, task.created_at.timestamp(), seq)
+
+
+def flow_of(task: Task) -> str:
+    """Whose turn a task shares: its fan-out batch, else its queue."""
+    return f"batch:{task.batch_id}" if task.batch_id else f"queue:{task.queue}"
 
 
 @dataclass
@@ -56,10 +62,12 @@ class Device:
 
 
 class DeviceBoard:
-    def __init__(self, caps: dict[str, int] | None = None) -> None:
+    def __init__(self, caps: dict[str, int] | None = None,
+                 weights: dict[str, float] | None = None) -> None:
         self.caps = dict(caps or {})  # queue -> most tasks holding devices at once
+        self.weights = dict(weights or {})  # queue -> share of dispatch turns (default 1)
         self.devices: dict[str, Device] = {}
-        self._ready: list[tuple[SortKey, str]] = []
+        self._ready = FairReady()
         self._queued: dict[str, tuple[SortKey, str]] = {}  # task id -> (key, device id)
         self._seq = itertools.count()
         self._back_seq = itertools.count(-1, -1)  # put back: ahead of every queued peer
@@ -84,14 +92,10 @@ class DeviceBoard:
 
     def next(self) -> Task | None:
         """The next task to dispatch, marking its device in flight; None if none may go."""
-        while self._ready:
-            key, device_id = heapq.heappop(self._ready)
-            device = self.devices.get(device_id)
-            if device is None or not device.free or not device.queue:
-                continue
-            head_key, task = device.queue[0]
-            if head_key != key:
-                continue  # stale entry; the current head has its own
+        while (entry := self._ready.pop(self._stands)) is not None:
+            _, key, device_id = entry
+            device = self.devices[device_id]
+            task = device.queue[0][1]
             if self._at_cap(task.queue):
                 self._parked.setdefault(task.queue, []).append((key, device_id))
                 continue
@@ -102,6 +106,12 @@ class DeviceBoard:
             self.running_by_queue[task.queue] += 1
             return task
         return None
+
+    def _stands(self, key: SortKey, device_id: str) -> bool:
+        """A ready entry still names a free device whose head task has this key."""
+        device = self.devices.get(device_id)
+        return (device is not None and device.free and bool(device.queue)
+                and device.queue[0][0] == key)
 
     # -- what happened to a dispatched task ----------------------------------
     def sent(self, device_id: str, fence: int) -> None:
@@ -199,7 +209,7 @@ class DeviceBoard:
         _, task = device.queue.pop(index)
         heapq.heapify(device.queue)
         if device.free and device.queue and index == 0:
-            heapq.heappush(self._ready, (device.queue[0][0], device.id))
+            self._ready_push(device)
         if device.idle:
             del self.devices[device.id]
         return task
@@ -250,7 +260,7 @@ class DeviceBoard:
         heapq.heappush(device.queue, (key, task))
         self._queued[task.id] = (key, device.id)
         if device.free and device.queue[0][0] == key:
-            heapq.heappush(self._ready, (key, device.id))
+            self._ready_push(device)
 
     def _at_cap(self, queue: str) -> bool:
         cap = self.caps.get(queue)
@@ -265,11 +275,17 @@ class DeviceBoard:
         if self.running_by_queue[queue] <= 0:
             del self.running_by_queue[queue]
         if not self._at_cap(queue):
-            for entry in self._parked.pop(queue, []):
-                heapq.heappush(self._ready, entry)
+            for _, device_id in self._parked.pop(queue, []):
+                device = self.devices.get(device_id)
+                if device is not None and device.free and device.queue:
+                    self._ready_push(device)
 
     def _settle(self, device: Device) -> None:
         if device.idle:
             del self.devices[device.id]
         elif device.free and device.queue:
-            heapq.heappush(self._ready, (device.queue[0][0], device.id))
+            self._ready_push(device)
+
+    def _ready_push(self, device: Device) -> None:
+        key, task = device.queue[0]
+        self._ready.push(flow_of(task), key, device.id, self.weights.get(task.queue, 1.0))

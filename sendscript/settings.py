@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     # ("high=50,bulk=10"), and how long a task may wait before it expires ("bulk=600").
     queues: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
     queue_max_wait: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
+    # Shares of dispatch turns between queues at one priority ("high=3"; default 1):
+    # fan-out batches and queues take turns, so nothing waits behind a huge batch.
+    queue_weights: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
     expiry_check_interval_s: float = Field(1.0, gt=0)
 
     # Retries: a failed attempt waits base * factor^(attempt-1), capped, jittered.
@@ -119,7 +122,8 @@ class Settings(BaseSettings):
             return frozenset(c.strip() for c in value.split(",") if c.strip())
         return value
 
-    @field_validator("queues", "queue_max_wait", "queue_retry_base_s", mode="before")
+    @field_validator("queues", "queue_max_wait", "queue_weights", "queue_retry_base_s",
+                     mode="before")
     @classmethod
     def _parse_pairs(cls, value: Any) -> Any:
         """`name=number,name=number` (the env form), a JSON object, or a mapping."""
