@@ -13,7 +13,7 @@ import asyncio
 import signal
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from loguru import logger
 
@@ -47,6 +47,10 @@ from sendscript.status import TaskStatus
 from sendscript.store import GROUPS, RecordStore, TaskStore, ensure_indexes
 
 
+class Loop(Protocol):
+    async def run(self, stop: asyncio.Event) -> Any: ...
+
+
 class Master:
     def __init__(self, settings: Settings) -> None:
         settings.require("redis_url", "mongo_url", "central_url")
@@ -57,7 +61,7 @@ class Master:
         self.stop_event = asyncio.Event()
         self.outcomes: Counter[str] = Counter()
         self.started_at = utcnow()
-        self._background: list[asyncio.Task[None]] = []
+        self._background: dict[str, asyncio.Task[Any]] = {}
 
     # -- building and wiring -------------------------------------------------------------
     def _build(self) -> None:
@@ -94,6 +98,12 @@ class Master:
         self.heartbeat = Heartbeat(self.redis, s, self.report, self.started_at)
         bus.subscribe(TaskAnswered, self._on_answered)
         bus.subscribe(WorkerLost, lambda e: self.outcomes.update(lost=len(e.handles)))
+        # Every part with a loop of its own; each runs until the stop event is set.
+        self.loops: dict[str, Loop] = {
+            "intake": self.intake, "device-free": self.listener, "lock-check": self.checker,
+            "heartbeat": self.heartbeat, "delayed": self.delayed,
+            "scheduler": self.scheduler, "expiry": self.expiry, "sweeper": self.sweeper,
+        }
 
     def _taken(self, source: str) -> Callable[[list[Task]], None]:
         return lambda tasks: self.bus.emit(TasksTaken(tasks, source))
@@ -135,13 +145,8 @@ class Master:
         return 0
 
     def _start_background(self) -> None:
-        stop = self.stop_event
-        parts = {"intake": self.intake, "device-free": self.listener,
-                 "lock-check": self.checker, "heartbeat": self.heartbeat,
-                 "delayed": self.delayed, "scheduler": self.scheduler,
-                 "expiry": self.expiry, "sweeper": self.sweeper}
-        self._background = [asyncio.create_task(part.run(stop), name=name)
-                            for name, part in parts.items()]
+        self._background = {name: asyncio.create_task(part.run(self.stop_event), name=name)
+                            for name, part in self.loops.items()}
 
     def request_stop(self, why: str = "stop") -> None:
         if not self.stop_event.is_set():
@@ -170,8 +175,8 @@ class Master:
 
     async def _shutdown(self) -> None:
         grace = self.settings.shutdown_grace_s
-        if self._background:  # intake stores what it has taken before it returns
-            await asyncio.wait([self._background[0]], timeout=grace)
+        if "intake" in self._background:  # it stores what it has taken, then returns
+            await asyncio.wait([self._background["intake"]], timeout=grace)
         self.dispatcher.stop_dispatching()
         try:
             await asyncio.wait_for(self.dispatcher.idle.wait(), grace)
@@ -183,9 +188,9 @@ class Master:
         self.delayed.stop()
         await self._hand_back(self.dispatcher.drain())
         await self.pool.stop(grace)
-        for task in self._background:
+        for task in self._background.values():
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*self._background.values(), return_exceptions=True)
         await self.jobs.settle(min(grace, 5.0))
         try:
             await asyncio.wait_for(self.heartbeat.remove(), self.settings.redis_timeout_s)
