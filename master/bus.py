@@ -94,13 +94,6 @@ class DeviceFreed:
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceCooled:
-    """A device's cool-down after an error is over: it may be tried again."""
-
-    device_id: str
-
-
-@dataclass(frozen=True, slots=True)
 class WorkerLost:
     """A worker died (or was killed) holding these tasks."""
 
@@ -126,6 +119,20 @@ class CapacityChanged:
 @dataclass(frozen=True, slots=True)
 class MasterStopping:
     why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Incident:
+    """Something an operator must hear of began (`active`) or is over. `kind` says
+    what (high_water, breaker_open, device_benched, drop_rate, hard_stop,
+    workers_dying, master_gone, dead_letters, ...), `key` which one; a kind and
+    key name one incident, so each is announced once when it starts and once
+    when it ends."""
+
+    kind: str
+    key: str
+    active: bool
+    detail: str = ""
 
 
 # -- gates --------------------------------------------------------------------------
