@@ -169,44 +169,61 @@ def store_plan(
     cure (server away, transient codes) is raised: the caller tries the batch again,
     and the ids make that second try find the first."""
     out = Stored()
+    docs = [t.to_doc() for t in tasks]
+    refused: dict[str, str] = {}  # unit -> reason, over every chunk (a fan-out may span many)
+    for task, doc in zip(tasks, docs, strict=True):
+        if reason := encoding_refusal(doc):
+            refused.setdefault(_unit(task), reason)
+    inserted: set[str] = set()
+    same_id: set[str] = set()
     for start in range(0, len(tasks), chunk):
-        yield from _store_chunk(list(tasks[start:start + chunk]), now, window_s, out)
+        part = [(t, d) for t, d in zip(tasks[start:start + chunk], docs[start:start + chunk],
+                                       strict=True) if _unit(t) not in refused]
+        yield from _store_chunk(part, now, window_s, out, refused, inserted, same_id)
+    undo = [t.id for t in tasks if t.id in inserted and _unit(t) in refused]
+    if undo:  # fan-out siblings of a refused task: the batch is refused whole
+        for ids in chunks(undo):
+            yield DeleteOp({"_id": {"$in": ids}, "attempt": 0})
+    for task in tasks:
+        unit = _unit(task)
+        if unit in refused:
+            out.refused[task.id] = refused[unit]
+            out.deduplicated.pop(task.id, None)
+        elif task.id in same_id:
+            out.stored_before.append(task)
+        elif task.id in inserted:
+            out.created.append(task)
     return out
 
 
 def _store_chunk(
-    part: list[Task], now: datetime, window_s: float, out: Stored
+    part: list[tuple[Task, dict[str, Any]]], now: datetime, window_s: float, out: Stored,
+    refused: dict[str, str], inserted: set[str], same_id: set[str],
 ) -> Generator[StoreOp, Any, None]:
-    docs = [t.to_doc() for t in part]
-    refused: dict[str, str] = {}  # unit -> reason
-    for task, doc in zip(part, docs, strict=True):
-        if reason := encoding_refusal(doc):
-            refused.setdefault(_unit(task), reason)
-    todo = [i for i, t in enumerate(part) if _unit(t) not in refused]
-    inserted: set[int] = set()
-    same_id: set[int] = set()
+    """Insert one chunk; note its ids inserted, stored before, deduplicated or refused."""
+    todo = list(range(len(part)))
     for _ in range(DEDUPE_ROUNDS):
         if not todo:
             break
-        exc = yield InsertOp([docs[i] for i in todo])
+        exc = yield InsertOp([part[i][1] for i in todo])
         errors: dict[int, dict[str, Any]] = {}
         if exc is not None:
             if transient_write_errors(exc):
                 raise exc
             for j, reason in permanent_write_errors(exc).items():
-                refused.setdefault(_unit(part[todo[j]]), reason)
+                refused.setdefault(_unit(part[todo[j]][0]), reason)
             errors = {todo[e["index"]]: e for e in exc.details.get("writeErrors", [])}
         dedupe = [i for i, e in errors.items() if e.get("code") == DUPLICATE_KEY
                   and _dedupe_refusal(e)]
-        same_id |= {i for i, e in errors.items() if e.get("code") == DUPLICATE_KEY
+        same_id |= {part[i][0].id for i, e in errors.items() if e.get("code") == DUPLICATE_KEY
                     and not _dedupe_refusal(e)}
-        inserted |= {i for i in todo if i not in errors}
+        inserted |= {part[i][0].id for i in todo if i not in errors}
         todo = []
         if not dedupe:
             break
         keys: dict[str, list[int]] = {}  # several of ours may share a key
         for i in dedupe:
-            keys.setdefault(str(part[i].dedupe_active), []).append(i)
+            keys.setdefault(str(part[i][0].dedupe_active), []).append(i)
         holders = yield FindOp({"dedupe_active": {"$in": list(keys)}},
                                {"dedupe_active": 1, "status": 1, "finished_at": 1})
         held = {d["dedupe_active"]: d for d in holders}
@@ -217,27 +234,16 @@ def _store_chunk(
                 yield UpdateOp(*release_dedupe(doc["_id"], key, now, window_s))
                 doc = None
             for i in mine:
+                task = part[i][0]
                 if doc is None:  # free now: the first of ours takes it, the rest dedupe
                     todo.append(i)
-                elif doc["_id"] == part[i].id:  # our own task, stored before a crash
-                    same_id.add(i)
+                elif doc["_id"] == task.id:  # our own task, stored before a crash
+                    same_id.add(task.id)
                 else:
-                    out.deduplicated[part[i].id] = doc["_id"]
+                    out.deduplicated[task.id] = doc["_id"]
                     out.existing_status[doc["_id"]] = doc["status"]
     if todo:
         raise RuntimeError(f"{len(todo)} dedupe key(s) kept changing hands; try again")
-    undo = [part[i].id for i in inserted if _unit(part[i]) in refused]
-    if undo:  # fan-out siblings of a refused task: the batch is refused whole
-        yield DeleteOp({"_id": {"$in": undo}, "attempt": 0})
-    for i, task in enumerate(part):
-        unit = _unit(task)
-        if unit in refused:
-            out.refused[task.id] = refused[unit]
-            out.deduplicated.pop(task.id, None)
-        elif i in same_id:
-            out.stored_before.append(task)
-        elif i in inserted:
-            out.created.append(task)
 
 
 async def run_plan_async(col: AsyncCollection, plan: StorePlan) -> Stored:

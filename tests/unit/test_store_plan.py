@@ -121,3 +121,12 @@ def test_a_large_quarantined_item_is_kept_truncated_with_its_size() -> None:
                                 f"{QUARANTINE_ITEM_BYTES} bytes are kept here)")
     assert quarantine_record(b"small", "r", "m1", "now") == {
         "item": "small", "reason": "r", "master": "m1", "at": "now"}
+
+
+def test_a_fanout_refused_in_a_later_chunk_is_taken_back_from_the_earlier_ones() -> None:
+    part = [task(f"f{i}", batch_id="b") for i in range(4)] + [task("x")]
+    bad = refusal({"index": 0, "code": 121, "errmsg": "Document failed validation"})
+    ops, stored = drive(store_plan(part, NOW, 3600, chunk=2), [None, bad, None, 2])
+    assert [type(o) for o in ops] == [InsertOp, InsertOp, InsertOp, DeleteOp]
+    assert ops[3] == DeleteOp({"_id": {"$in": ["f0", "f1", "f3"]}, "attempt": 0})
+    assert [t.id for t in stored.created] == ["x"] and len(stored.refused) == 4
