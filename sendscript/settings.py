@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     consumer_batch: int = Field(200, ge=1, le=10_000)
     consumer_batch_wait_ms: int = Field(20, ge=0)
     consumer_nack_delay_ms: int = Field(1000, ge=10)
+    # A task log's `message` is stored cut to this many characters (a device that
+    # logs megabytes must not make one document too large to store).
+    task_log_max_message_chars: int = Field(65_536, ge=100)
 
     # Timeouts of external calls (seconds).
     central_connect_timeout_s: float = Field(3.0, gt=0)
