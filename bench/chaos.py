@@ -334,6 +334,8 @@ class Chaos:
         self.raw_sent = 0
         self._stop_load = threading.Event()
         self.roles: dict[str, RoleProcess] = {}
+        self._restart_error: Exception | None = None
+        self._server_rand = random.Random(seed + 1)  # the restart thread's own
 
     # -- the service --------------------------------------------------------------------
     def start(self) -> None:
@@ -474,7 +476,7 @@ class Chaos:
     def restart_server(self, name: str, down_s: float) -> str:
         """Stop a server by SIGKILL or SIGTERM, keep it down, start it on the same data."""
         server = self.servers[name]
-        how = stop_signal(self.server_stop, self.report.restarts[name], self.rand)
+        how = stop_signal(self.server_stop, self.report.restarts[name], self._server_rand)
         self._event(f"{how} {name}")
         if how == "SIGKILL":
             server.kill()
@@ -497,14 +499,15 @@ class Chaos:
         self._bad_inputs()
         load = threading.Thread(target=self._load, daemon=True)
         load.start()
+        # Server restarts on a thread of their own: kills go on while a server is down.
+        restarts = threading.Thread(target=self._restarts, daemon=True,
+                                    args=(started + duration_s, restart_every_s, down_s))
+        restarts.start()
         kinds = ["worker", "master", "consumer"]
-        servers = ["redis", "mongo", "pulsar"]
         next_kill = started + kill_every_s
-        next_restart = started + restart_every_s
-        k = s = 0
-        while time.monotonic() - started < duration_s:
-            now = time.monotonic()
-            if now >= next_kill:
+        k = 0
+        while time.monotonic() - started < duration_s and self._restart_error is None:
+            if time.monotonic() >= next_kill:
                 kind = kinds[k % 3]
                 k += 1
                 if kind == "worker":
@@ -512,12 +515,11 @@ class Chaos:
                 else:
                     self.kill_role(kind)
                 next_kill = time.monotonic() + kill_every_s * self.rand.uniform(0.6, 1.4)
-            if now >= next_restart:
-                self.restart_server(servers[s % 3], down_s)
-                s += 1
-                next_restart = time.monotonic() + restart_every_s
             self._autorestart()
             time.sleep(0.2)
+        restarts.join(120)
+        if self._restart_error is not None or restarts.is_alive():
+            raise RuntimeError(f"a server restart failed: {self._restart_error!r}")
         self._stop_load.set()
         load.join(60)
         if load.is_alive():
@@ -526,6 +528,18 @@ class Chaos:
         self._settle(settle_timeout_s)
         self._check()
         return self.report
+
+    def _restarts(self, until: float, every_s: float, down_s: float) -> None:
+        """Redis, Mongo and Pulsar in turn, one every `every_s`, until the chaos ends."""
+        servers = ["redis", "mongo", "pulsar"]
+        s = 0
+        try:
+            while time.monotonic() + every_s < until:
+                time.sleep(every_s)
+                self.restart_server(servers[s % 3], down_s)
+                s += 1
+        except Exception as exc:  # reported by run(): a server that cannot start is fatal
+            self._restart_error = exc
 
     def _autorestart(self) -> None:
         """supervisord's autorestart; a role that died unkilled is counted."""
@@ -689,9 +703,14 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=20.0, help="tasks submitted per second")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="also print the report as JSON")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the servers' data and the roles' logs here (default: a "
+                             "temporary directory, removed at the end)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sendscript-chaos-") as tmp:
-        report = run_chaos(Path(tmp), duration_s=args.duration, kill_every_s=args.kill_every,
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        report = run_chaos(workdir, duration_s=args.duration, kill_every_s=args.kill_every,
                            restart_every_s=args.restart_every, down_s=args.down,
                            devices=args.devices, rate=args.rate, seed=args.seed,
                            settle_timeout_s=args.settle_timeout, server_stop=args.server_stop)
