@@ -1,8 +1,9 @@
 """Delayed-task scheduling: how late the master fires, and what holding costs it.
 
-    python -m bench.scheduling                      # both parts
+    python -m bench.scheduling                      # every part
     python -m bench.scheduling --lateness --tasks 1000 --spread 20
     python -m bench.scheduling --memory --held 100000 --json
+    python -m bench.scheduling --restart --restart-tasks 1000 --restart-spread 40
 
 Each part starts its own fresh `LocalStack` (embedded Redis, SecantusDB and
 pulsar-lite in a temporary directory, the simulated farm, the consumer and the
@@ -47,9 +48,25 @@ master with its workers) and tears it down afterwards.
    thousands of ids, that does not finish in minutes), and SIGKILL past
    `--stop-timeout`; the data directory is thrown away.
 
+3. Restart (`--restart`). With the master's production defaults for the
+   delay horizon, loader interval, heartbeat TTL and sweeps, `--restart-tasks`
+   delayed tasks are submitted, due over the `--restart-spread` seconds that
+   start `--restart-start` seconds from now, over `--devices` devices. Once the
+   master holds them, `--kill-after` seconds after the first due time, the
+   master process alone is SIGKILLed (its workers finish what they hold and
+   exit) and started again at once with the same SENDSCRIPT_MASTER_ID. When
+   every task is terminal it reports, from the farm's own record of each run
+   (`/runs`: the time central-control accepted the script, full precision),
+   start lateness (run start minus `run_at`) of the tasks due after the kill,
+   p50 / p99 / max, split into those due while the new master was starting
+   (kill -> its first heartbeat with every worker online: they wait for the
+   start whatever the master does) and those due after it was up; the tasks
+   started early (must be 0) and the tasks run more than once (must be 0); the
+   restart time; and the new master's own fire lateness (its heartbeat).
+
 Exits 1 when a task started early, ran twice, did not finish or never started
-(lateness), or when the heap never reached `--held` or fired during the
-measurement (memory).
+(lateness, restart), or when the heap never reached `--held` or fired during
+the measurement (memory).
 """
 
 from __future__ import annotations
@@ -62,12 +79,14 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import httpx
 import psutil
 import redis
 from pymongo import MongoClient
@@ -90,6 +109,7 @@ from sendscript.store import RECORDS, TASKS
 
 LATENESS_SCRIPT = "bench-delayed"
 MEMORY_SCRIPT = "bench-held"
+RESTART_SCRIPT = "bench-restart"
 MIB = 1024 * 1024
 
 console = Console(stderr=True)
@@ -99,6 +119,7 @@ console = Console(stderr=True)
 class Options:
     lateness: bool
     memory: bool
+    restart: bool
     # Part 1.
     tasks: int
     devices: int
@@ -117,7 +138,12 @@ class Options:
     load_interval_s: float
     settle_s: float
     stop_timeout_s: float
-    # Both.
+    # Part 3.
+    restart_tasks: int
+    restart_start_s: float
+    restart_spread_s: float
+    kill_after_s: float
+    # Every part.
     heartbeat_s: float
     keep: bool
     json: bool
@@ -173,9 +199,41 @@ class MemoryResult:
 
 
 @dataclass
+class RestartResult:
+    tasks: int
+    devices: int
+    workers: int
+    start_s: float
+    spread_s: float
+    kill_after_s: float  # first due time -> SIGKILL
+    held_before_kill: int  # the old master's heartbeat delayed_held just before the kill
+    restart_up_s: float  # SIGKILL -> the new master's heartbeat with every worker online
+    due_before_kill: int
+    due_while_starting: int  # due between the kill and the new master being up
+    due_after_up: int
+    # Farm run start minus run_at, first run of each task, per group.
+    late_before_kill_ms: dict[str, float]
+    late_while_starting_ms: dict[str, float]
+    late_after_up_ms: dict[str, float]
+    late_after_kill_ms: dict[str, float]  # the two groups above together
+    new_master_fire_lateness_ms: dict[str, float]  # its heartbeat's delayed_fire_lateness
+    new_master_fired: int
+    statuses: dict[str, int]
+    not_terminal: int
+    never_started: int
+    early: int  # farm runs that started before the task's run_at
+    run_twice: int  # tasks the farm ran more than once
+    duplicates: int  # tasks with more than one exec record
+    overlaps: int
+    role_exit_codes: dict[str, int | None]
+    ok: bool
+
+
+@dataclass
 class Report:
     lateness: LatenessResult | None = None
     memory: MemoryResult | None = None
+    restart: RestartResult | None = None
     errors: dict[str, str] = field(default_factory=dict)
     durations_s: dict[str, float] = field(default_factory=dict)  # each part, start to end
 
@@ -183,7 +241,8 @@ class Report:
     def ok(self) -> bool:
         return (not self.errors
                 and (self.lateness is None or self.lateness.ok)
-                and (self.memory is None or self.memory.ok))
+                and (self.memory is None or self.memory.ok)
+                and (self.restart is None or self.restart.ok))
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -472,6 +531,136 @@ def _measure_memory(stack: LocalStack, opts: Options) -> MemoryResult:
     )
 
 
+# -- part 3: restart -----------------------------------------------------------------------
+
+def run_restart(opts: Options) -> RestartResult:
+    stack, data_dir = new_stack(opts, "sendscript-bench-restart-", {},
+                                ["--run-ms", str(opts.run_ms)])
+    return measured(stack, data_dir, opts, _measure_restart)
+
+
+def _wait_restarted(client: redis.Redis, settings: Settings, pid: int, workers: int,
+                    stack: LocalStack, timeout_s: float) -> float:
+    """When the new master's heartbeat first names its pid with every worker online."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        hb = heartbeat(client, settings)
+        if hb.get("pid") == pid and hb.get("workers_alive") == workers:
+            return time.time()
+        if "master" in stack.dead_roles():
+            raise RuntimeError(f"the restarted master exited:\n{stack.roles['master'].log_tail()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the restarted master was not up after {timeout_s:g}s")
+        time.sleep(0.02)
+
+
+def _measure_restart(stack: LocalStack, opts: Options) -> RestartResult:
+    settings = stack.effective
+    inspect_redis = redis.Redis.from_url(settings.redis_url or "")
+    mongo: MongoClient[Any] = MongoClient(settings.mongo_url, tz_aware=True)
+    db = mongo.get_default_database(connect.DEFAULT_DB)
+    try:
+        wait_for(lambda: inspect_redis.hlen(settings.keys.consumers) > 0, 30, "the consumer")
+        console.print("warming up with 1 task ...")
+        warm_up(settings, db, 1, timeout_s=120)
+
+        n = opts.restart_tasks
+        t0 = time.time() + opts.restart_start_s
+        specs = [{
+            "device_id": f"dev-{i % opts.devices:05d}",
+            "script": {"id": RESTART_SCRIPT, "args": {"i": i}},
+            "run_at": t0 + opts.restart_spread_s * i / n,
+        } for i in range(n)]
+        console.print(f"submitting {n} delayed tasks due {opts.restart_start_s:g}.."
+                      f"{opts.restart_start_s + opts.restart_spread_s:g}s from now; the master "
+                      f"is killed {opts.kill_after_s:g}s after the first is due ...")
+        ids: list[str] = []
+        with SendScriptClient(settings) as client:
+            for part in chunked(specs, 1000):
+                ids.extend(s.task_id for s in client.submit_many(part))
+
+        kill_at = t0 + opts.kill_after_s
+        if (pause := kill_at - time.time()) > 0:
+            time.sleep(pause)
+        held = int(heartbeat(inspect_redis, settings).get("delayed_held", 0))
+        old = stack.roles["master"]
+        log_dir = old.log_path.parent if old.log_path is not None else None
+        killed_at = time.time()
+        old.kill()
+        new = stack.start_role("master", ["master"], log_dir)
+        up_at = _wait_restarted(inspect_redis, settings, new.pid, opts.workers, stack, 120)
+        console.print(f"master SIGKILLed holding {held} delayed task(s) and restarted: "
+                      f"up again after {up_at - killed_at:.2f}s")
+
+        wait_s = max(0.0, t0 + opts.restart_spread_s - time.time()) + opts.timeout_s
+        counts = wait_terminal(stack, db, n, wait_s, RESTART_SCRIPT)
+        done_at = datetime.now(UTC)
+        hb: dict[str, Any] = {}
+        try:  # a heartbeat from after the last fire
+            wait_for(lambda: (hb.update(heartbeat(inspect_redis, settings))
+                              or beat_time(hb) > done_at),
+                     3 * opts.heartbeat_s + 5, "a heartbeat after the run", interval_s=0.2)
+        except TimeoutError as exc:
+            console.print(f"[yellow]{exc}[/yellow]")
+        farm = stack.simulator_stats()
+        runs = [r for r in httpx.get(f"{stack.central_url}/runs", timeout=30).json()
+                if r["task_id"] in set(ids)]
+        run_at = {d["_id"]: d["run_at"].timestamp() for d in db[TASKS].find(
+            {"_id": {"$in": ids}}, {"run_at": 1})}
+        records = Counter(r["task_id"] for r in db[RECORDS].find(
+            {"task_id": {"$in": ids}}, {"task_id": 1}))
+        codes = {name: stack.roles[name].stop(timeout_s=max(30.0, settings.shutdown_grace_s
+                                                             + 10))
+                 for name in ("master", "consumer") if name in stack.roles}
+    finally:
+        inspect_redis.close()
+        mongo.close()
+
+    starts: dict[str, list[float]] = {}
+    for r in runs:
+        starts.setdefault(r["task_id"], []).append(float(r["started"]))
+    early = sum(1 for task_id, ts in starts.items() for t in ts if t < run_at[task_id])
+    groups: dict[str, list[float]] = {"before": [], "starting": [], "up": []}
+    for task_id, ts in starts.items():
+        due = run_at[task_id]
+        group = "before" if due < killed_at else "starting" if due < up_at else "up"
+        groups[group].append(min(ts) - due)
+    due_times = list(run_at.values())
+    terminal = sum(v for k, v in counts.items() if k in TERMINAL_NAMES)
+    never_started = sum(1 for task_id in ids if task_id not in starts)
+    run_twice = sum(1 for ts in starts.values() if len(ts) > 1)
+    duplicates = sum(1 for c in records.values() if c > 1)
+    overlaps = int(farm.get("overlaps", 0))
+    fire: dict[str, float] = {}
+    if hb.get("pid") == new.pid:  # the new master's own figures, not the old one's
+        fire = hb.get("delayed_fire_lateness") or {}
+    return RestartResult(
+        tasks=n, devices=opts.devices, workers=opts.workers, start_s=opts.restart_start_s,
+        spread_s=opts.restart_spread_s, kill_after_s=opts.kill_after_s,
+        held_before_kill=held, restart_up_s=up_at - killed_at,
+        due_before_kill=sum(1 for d in due_times if d < killed_at),
+        due_while_starting=sum(1 for d in due_times if killed_at <= d < up_at),
+        due_after_up=sum(1 for d in due_times if d >= up_at),
+        late_before_kill_ms=stats_ms(groups["before"]),
+        late_while_starting_ms=stats_ms(groups["starting"]),
+        late_after_up_ms=stats_ms(groups["up"]),
+        late_after_kill_ms=stats_ms(groups["starting"] + groups["up"]),
+        new_master_fire_lateness_ms={k: float(fire.get(k, math.nan))
+                                     for k in ("p50_ms", "p99_ms", "max_ms")},
+        new_master_fired=int(hb.get("delayed_fired", 0)),
+        statuses=counts, not_terminal=n - terminal, never_started=never_started,
+        early=early, run_twice=run_twice, duplicates=duplicates, overlaps=overlaps,
+        role_exit_codes=codes,
+        ok=early == 0 and run_twice == 0 and duplicates == 0 and never_started == 0
+        and terminal == n and overlaps == 0,
+    )
+
+
+def beat_time(hb: dict[str, Any]) -> datetime:
+    """When a heartbeat was written (the epoch for none)."""
+    return datetime.fromisoformat(hb.get("updated_at") or "1970-01-01T00:00:00+00:00")
+
+
 # -- output ------------------------------------------------------------------------------
 
 def _ms(stats: dict[str, float]) -> str:
@@ -522,6 +711,34 @@ def render(report: Report) -> None:
                   f"{m.stop_s:.1f} s, {'graceful' if m.stop_graceful else 'not graceful'}")
         t.add_row("result", "[green]ok[/green]" if m.ok else "[red]FAILED[/red]")
         out.print(t)
+    if (x := report.restart) is not None:
+        t = Table(title="delayed tasks across a master SIGKILL and immediate restart",
+                  show_header=False)
+        t.add_row("tasks / devices / workers", f"{x.tasks} / {x.devices} / {x.workers}")
+        t.add_row("due", f"{x.start_s:g} .. {x.start_s + x.spread_s:g} s after submit start; "
+                         f"kill {x.kill_after_s:g} s after the first is due")
+        t.add_row("held by the master at the kill", str(x.held_before_kill))
+        t.add_row("kill -> restarted master up", f"{x.restart_up_s:.2f} s")
+        t.add_row("due before the kill / while restarting / after up",
+                  f"{x.due_before_kill} / {x.due_while_starting} / {x.due_after_up}")
+        t.add_row("start lateness, due after the kill p50 / p99 / max",
+                  f"{_ms(x.late_after_kill_ms)} ms")
+        t.add_row("  due while restarting p50 / p99 / max", f"{_ms(x.late_while_starting_ms)} ms")
+        t.add_row("  due after up p50 / p99 / max", f"{_ms(x.late_after_up_ms)} ms")
+        t.add_row("start lateness, due before the kill p50 / p99 / max",
+                  f"{_ms(x.late_before_kill_ms)} ms")
+        t.add_row("new master: fired / fire lateness p50 / p99 / max",
+                  f"{x.new_master_fired} / {_ms(x.new_master_fire_lateness_ms)} ms")
+        t.add_row("statuses", " ".join(f"{k}={v}" for k, v in sorted(x.statuses.items())))
+        t.add_row("not terminal", _flag(x.not_terminal))
+        t.add_row("never started", _flag(x.never_started))
+        t.add_row("started early", _flag(x.early))
+        t.add_row("run twice (farm) / more than one exec record",
+                  f"{_flag(x.run_twice)} / {_flag(x.duplicates)}")
+        t.add_row("overlaps seen by the farm", _flag(x.overlaps))
+        t.add_row("role exit codes", " ".join(f"{k}={v}" for k, v in x.role_exit_codes.items()))
+        t.add_row("result", "[green]ok[/green]" if x.ok else "[red]FAILED[/red]")
+        out.print(t)
     for part, error in report.errors.items():
         out.print(f"[red]{part} failed: {error}[/red]")
     out.print("run time: " + ", ".join(f"{k} {v:.0f} s" for k, v in report.durations_s.items()))
@@ -532,8 +749,9 @@ def render(report: Report) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     p = argparse.ArgumentParser(prog="python -m bench.scheduling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lateness", action="store_true", help="run part 1 (default: both)")
-    p.add_argument("--memory", action="store_true", help="run part 2 (default: both)")
+    p.add_argument("--lateness", action="store_true", help="run part 1 (default: all)")
+    p.add_argument("--memory", action="store_true", help="run part 2 (default: all)")
+    p.add_argument("--restart", action="store_true", help="run part 3 (default: all)")
     g = p.add_argument_group("part 1: lateness")
     g.add_argument("--tasks", type=int, default=1000, help="delayed tasks (default 1000)")
     g.add_argument("--devices", type=int, default=200, help="devices (default 200)")
@@ -567,27 +785,43 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                         "RSS (default 5)")
     g.add_argument("--stop-timeout", type=float, default=10.0,
                    help="seconds the holding master gets to stop before SIGKILL (default 10)")
+    g = p.add_argument_group("part 3: restart (also uses --devices, --workers, --run-ms, "
+                             "--timeout)")
+    g.add_argument("--restart-tasks", type=int, default=1000,
+                   help="delayed tasks (default 1000)")
+    g.add_argument("--restart-start", type=float, default=5.0,
+                   help="seconds from now to the first due time (default 5)")
+    g.add_argument("--restart-spread", type=float, default=40.0,
+                   help="seconds over which the due times are spread (default 40)")
+    g.add_argument("--kill-after", type=float, default=10.0,
+                   help="seconds after the first due time to SIGKILL the master (default 10)")
     p.add_argument("--heartbeat", type=float, default=1.0,
                    help="roles' heartbeat interval in s (default 1)")
     p.add_argument("--keep", action="store_true", help="keep the data and logs directories")
     p.add_argument("--json", action="store_true", help="also print one JSON result line")
     a = p.parse_args(argv)
-    if min(a.tasks, a.devices, a.workers, a.held, a.chunk, a.intake_batch) < 1:
-        p.error("--tasks, --devices, --workers, --held, --chunk and --intake-batch must be "
-                "at least 1")
+    if min(a.tasks, a.devices, a.workers, a.held, a.chunk, a.intake_batch,
+           a.restart_tasks) < 1:
+        p.error("--tasks, --devices, --workers, --held, --chunk, --intake-batch and "
+                "--restart-tasks must be at least 1")
+    if not 0 <= a.kill_after <= a.restart_spread or a.restart_start < 0:
+        p.error("need 0 <= --kill-after <= --restart-spread and --restart-start >= 0")
     if a.start < 0 or a.spread < 0 or a.run_ms < 0 or a.settle < 0:
         p.error("--start, --spread, --run-ms and --settle must not be negative")
     if not 0 < a.due_min <= a.due_max < a.horizon:
         p.error("need 0 < --due-min <= --due-max < --horizon (held tasks are due "
                 "within the horizon)")
-    both = not a.lateness and not a.memory
+    every_part = not (a.lateness or a.memory or a.restart)
     return Options(
-        lateness=a.lateness or both, memory=a.memory or both,
+        lateness=a.lateness or every_part, memory=a.memory or every_part,
+        restart=a.restart or every_part,
         tasks=a.tasks, devices=a.devices, start_s=a.start, spread_s=a.spread,
         run_ms=a.run_ms, workers=a.workers, timeout_s=a.timeout,
         held=a.held, horizon_s=a.horizon, due_min_s=a.due_min, due_max_s=a.due_max,
         chunk=a.chunk, intake_batch=a.intake_batch, load_interval_s=a.load_interval,
         settle_s=a.settle, stop_timeout_s=a.stop_timeout,
+        restart_tasks=a.restart_tasks, restart_start_s=a.restart_start,
+        restart_spread_s=a.restart_spread, kill_after_s=a.kill_after,
         heartbeat_s=a.heartbeat, keep=a.keep, json=a.json,
     )
 
@@ -609,10 +843,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:
             report.errors["memory"] = f"{type(exc).__name__}: {exc}"
         report.durations_s["memory"] = time.monotonic() - t0
+    if opts.restart:
+        t0 = time.monotonic()
+        try:
+            report.restart = run_restart(opts)
+        except Exception as exc:
+            report.errors["restart"] = f"{type(exc).__name__}: {exc}"
+        report.durations_s["restart"] = time.monotonic() - t0
     render(report)
     if opts.json:
         line = {"lateness": asdict(report.lateness) if report.lateness else None,
                 "memory": asdict(report.memory) if report.memory else None,
+                "restart": asdict(report.restart) if report.restart else None,
                 "errors": report.errors, "durations_s": report.durations_s, "ok": report.ok}
         print(json.dumps(_json_safe(line), default=str))
     return 0 if report.ok else 1
