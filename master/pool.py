@@ -26,7 +26,7 @@ from multiprocessing.process import BaseProcess
 from loguru import logger
 
 from master.balancer import select_worker
-from master.watchdog import hung_reason, limits
+from master.watchdog import hung_reason, limits, responsive
 from sendscript.ipc import (
     Shutdown,
     TaskDone,
@@ -214,8 +214,10 @@ class WorkerPool:
 
     # -- dispatch ------------------------------------------------------------------
     def online(self) -> list[WorkerSlot]:
-        """Workers that take tasks."""
-        return [s for s in self._serving() if s.online]
+        """Workers that take tasks: online and heard from lately."""
+        now = time.monotonic()
+        return [s for s in self._serving()
+                if s.online and responsive(now, s.last_seen, self.limits)]
 
     def free_capacity(self) -> int:
         return sum(max(0, s.capacity - s.load) for s in self.online())
@@ -244,7 +246,13 @@ class WorkerPool:
             asyncio.get_running_loop().remove_reader(slot.conn.fileno())
 
     def _on_message(self, slot: WorkerSlot, msg: object) -> None:
-        slot.last_seen = time.monotonic()
+        now = time.monotonic()
+        silent_s = now - slot.last_seen
+        slot.last_seen = now
+        if slot.online and silent_s > self.limits.quiet_s:
+            logger.info("worker {} heard from again after {:.1f}s of silence", slot.name,
+                        silent_s)
+            self.on_change()  # it takes tasks again
         if isinstance(msg, WorkerHeartbeat):
             return
         if isinstance(msg, TaskDone):

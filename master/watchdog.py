@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sendscript.ipc import heartbeat_interval_s
 from sendscript.settings import Settings
 
 BOOT_S = 60.0  # a worker that has not said it is online may be importing on a busy host
@@ -28,6 +29,10 @@ class Limits:
     boot_s: float  # silence before it is online
     task_s: float  # one task in the worker's hands
     check_s: float  # how often the pool looks
+    # Silent this long (a few missed beats), a worker gets no new tasks until it
+    # speaks again: nobody may be reading its pipe, and a master writing a large
+    # task into a full pipe would block its whole loop.
+    quiet_s: float
 
 
 def handle_budget_s(s: Settings) -> float:
@@ -56,7 +61,13 @@ def limits(s: Settings) -> Limits:
         boot_s=max(s.worker_timeout_s, BOOT_S),
         task_s=s.worker_task_timeout_s or budget,
         check_s=min(1.0, s.worker_timeout_s / 4),
+        quiet_s=3 * heartbeat_interval_s(s.worker_timeout_s),
     )
+
+
+def responsive(now: float, last_seen: float, limits: Limits) -> bool:
+    """Whether a worker has spoken recently enough to be handed tasks."""
+    return now - last_seen <= limits.quiet_s
 
 
 def hung_reason(

@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 
-from master.watchdog import BOOT_S, Limits, handle_budget_s, hung_reason, limits
+from master.watchdog import BOOT_S, Limits, handle_budget_s, hung_reason, limits, responsive
 from sendscript.ipc import heartbeat_interval_s
 from sendscript.settings import Settings
 
-LIMITS = Limits(silence_s=30.0, boot_s=60.0, task_s=100.0, check_s=1.0)
+LIMITS = Limits(silence_s=30.0, boot_s=60.0, task_s=100.0, check_s=1.0, quiet_s=3.0)
 
 
 def settings(**changes: Any) -> Settings:
@@ -84,3 +84,11 @@ def test_a_task_held_past_the_limit_is_hung_even_with_heartbeats() -> None:
     reason = hung_reason(200.0, online=True, last_seen=199.5, oldest_task=("t-9", 99.0),
                          limits=LIMITS)
     assert reason is not None and "task t-9" in reason and "101.0s" in reason
+
+
+def test_a_worker_missing_a_few_beats_gets_no_new_tasks() -> None:
+    got = limits(settings(worker_timeout_s=30.0))
+    assert got.quiet_s == 3.0, "three missed beats of one second"
+    assert got.quiet_s < got.silence_s, "long before it counts as hung"
+    assert responsive(10.0, 7.5, got) and responsive(10.0, 7.0, got)
+    assert not responsive(10.0, 6.9, got)
