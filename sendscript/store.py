@@ -252,7 +252,8 @@ async def run_plan_async(col: AsyncCollection, plan: StorePlan) -> Stored:
         try:
             op = plan.send(answer)
         except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
+            stored: Stored = done.value
+            return stored
         if isinstance(op, InsertOp):
             try:
                 await col.insert_many(op.docs, ordered=False)
@@ -273,7 +274,8 @@ def run_plan_sync(col: Collection, plan: StorePlan) -> Stored:
         try:
             op = plan.send(answer)
         except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
+            stored: Stored = done.value
+            return stored
         if isinstance(op, InsertOp):
             try:
                 col.insert_many(op.docs, ordered=False)
