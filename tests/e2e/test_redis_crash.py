@@ -25,11 +25,12 @@ import redis.asyncio
 from pymongo.asynchronous.database import AsyncDatabase
 
 from sendscript import connect
+from sendscript.client import SendScriptClient
 from sendscript.dev.embedded import EmbeddedServers, RedisServer
-from sendscript.fencing import EPOCHS, MongoEpochs
+from sendscript.fencing import EPOCHS, MongoEpochs, fence_floor
 from sendscript.locks import DeviceLocks, epoch_key
 from sendscript.settings import Settings
-from tests.support import unique_settings
+from tests.support import Inspect, Roles, unique_settings, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -187,3 +188,75 @@ async def test_fences_rise_across_sigkill_and_lost_writes(
         probe.close()
         await mongo.drop_database(db.name)
         await mongo.close()
+
+
+# -- the whole service across a Redis SIGKILL ------------------------------------------
+
+FAST = {
+    "heartbeat_ttl_s": 2.0, "sweep_interval_s": 0.5, "leader_lease_s": 3.0,
+    "orphan_grace_s": 2.0, "free_check_interval_s": 1.0, "running_stuck_s": 3.0,
+    "retry_base_s": 0.3, "retry_cap_s": 2.0, "retry_jitter": 0.0,
+    "redis_timeout_s": 1.5,
+    # Locks of finished attempts that the lost writes bring back wait for this sweep.
+    "orphan_lock_grace_s": 2.0,
+}
+
+
+@pytest.mark.parametrize("lost_writes", [False, True], ids=["sigkill", "sigkill-lost-writes"])
+def test_service_keeps_devices_exclusive_across_a_redis_sigkill(
+    servers: EmbeddedServers, crash_redis: RedisServer, tmp_path: Path, lost_writes: bool
+) -> None:
+    settings = unique_settings(servers, redis_url=crash_redis.url, **FAST)
+    roles = Roles(settings, tmp_path / "logs")
+    view = Inspect(settings)
+    aof = crash_redis.data_dir / "appendonly.aof"
+    try:
+        roles.simulator(run_ms=100, progress=False)
+        roles.consumer()
+        roles.master()
+        with SendScriptClient(settings) as client:
+            ids = [s.task_id for s in client.submit_many(
+                [{"device_id": f"crash-{i % 12}", "script": {"id": "a"}} for i in range(240)])]
+        wait_for(lambda: view.count("success") >= 40, 60, "progress before the crash")
+        durable = aof.stat().st_size
+        if lost_writes:
+            # Work done after this point is lost from Redis, though not from Mongo.
+            wait_for(lambda: view.count("success") >= 70, 60, "progress after the durable point")
+
+        epoch_before = epoch_of(view, settings)
+        assert view.count("success") < len(ids), "the crash comes under load"
+        crash_redis.kill()
+        if lost_writes:
+            os.truncate(aof, durable)
+        crash_redis.start()
+        wait_for(lambda: view.db.script_tasks.count_documents(
+            {"_id": {"$in": ids}, "status": "success"}) == len(ids), 120, "every task", 0.5)
+
+        assert all(p.running for p in roles.procs), roles.logs()
+        assert roles.farm()["refused_busy"] == 0, "a device was asked to run two scripts at once"
+        # The run after the restart adopted an epoch of its own, and the fences the
+        # exec records hold never repeat and rise per device in the order they began.
+        epoch_after = epoch_of(view, settings)
+        assert epoch_after > epoch_before
+        records = list(view.db.task_exec_records.find(
+            {"task_id": {"$in": ids}}, {"device_id": 1, "lock_value": 1, "started_at": 1}))
+        fences = [r["lock_value"] for r in records]
+        assert len(set(fences)) == len(fences)
+        assert any(f > fence_floor(epoch_before + 1) for f in fences), "the new run's fences"
+        by_device: dict[str, list[tuple[object, int]]] = defaultdict(list)
+        for r in records:
+            by_device[r["device_id"]].append((r["started_at"], r["lock_value"]))
+        for device, seq in by_device.items():
+            in_order = [f for _, f in sorted(seq)]
+            assert in_order == sorted(in_order), device
+    except AssertionError:
+        print(roles.logs())
+        raise
+    finally:
+        roles.stop()
+        view.close()
+
+
+def epoch_of(view: Inspect, settings: Settings) -> int:
+    doc = view.db[EPOCHS].find_one({"_id": settings.key_prefix})
+    return 0 if doc is None else int(doc["epoch"])
