@@ -95,6 +95,7 @@ class Report:
     duplicate_sends: int = 0  # one attempt (record) sent twice
     excess_sends: int = 0  # a task sent more than max_retries + 1 times
     unknown_sends: int = 0  # runs of a task id that Mongo does not know
+    unknown_send_samples: list[str] = field(default_factory=list)
     # A run beyond a task's first must be explained by an exec record of its own
     # attempt: a recorded retry. Runs without one are failures, whatever the status.
     unexplained_runs: int = 0
@@ -218,6 +219,10 @@ def check_sends(report: Report, tasks: dict[str, dict[str, Any]],
         doc = tasks.get(task_id)
         if doc is None:
             report.unknown_sends += len(task_runs)
+            if len(report.unknown_send_samples) < SAMPLES:
+                report.unknown_send_samples.append(f"task {task_id}: " + " ".join(
+                    f"[{r['record_id']} {r['device_id']} {r['outcome']} at {r['started']:.3f}]"
+                    for r in task_runs))
             continue
         if len(task_runs) > doc.get("max_retries", MAX_RETRIES) + 1:
             report.excess_sends += 1
@@ -657,6 +662,8 @@ def print_report(report: Report) -> None:
     print(f"  overlaps {report.overlaps} (farm 409s {report.refused_busy}); duplicate sends "
           f"{report.duplicate_sends}; tasks over max_retries+1 sends {report.excess_sends}; "
           f"sends of unknown tasks {report.unknown_sends}")
+    for line in report.unknown_send_samples:
+        print(f"    unknown task sent: {line}")
     print(f"  runs not explained by an exec record of their own attempt "
           f"{report.unexplained_runs} (on success tasks: {report.success_unexplained})")
     for line in report.unexplained:
