@@ -23,7 +23,6 @@ one by mistake, or a crash half way, do no harm. The leader runs them
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -34,8 +33,8 @@ from loguru import logger
 
 from sendscript.keys import Keys
 from sendscript.locks import DeviceLocks
-from sendscript.models import ExecRecord, Task, utcnow
-from sendscript.queue import Entry, IntakeQueue
+from sendscript.models import DEFAULT_QUEUE, DEFAULT_TIMEOUT_S, ExecRecord, Task, utcnow
+from sendscript.queue import Entry, IntakeQueue, push_refs
 from sendscript.retry import decide, failure_cas
 from sendscript.settings import Settings
 from sendscript.status import SCHEDULED, RecordStatus, TaskStatus, record_cas, task_cas
@@ -95,7 +94,7 @@ class Recovery:
                   "max_retries": 1, "queue": 1, "retry_base_s": 1, "device_id": 1}
         overdue = [
             d async for d in self.tasks.col.find({"status": {"$in": OPEN}}, fields)
-            if d["updated_at"] + timedelta(seconds=d.get("timeout_s", 300.0)) <= now
+            if d["updated_at"] + timedelta(seconds=d.get("timeout_s", DEFAULT_TIMEOUT_S)) <= now
         ]
         if not overdue:
             return
@@ -106,9 +105,10 @@ class Recovery:
                                                if d.get("record_id"))
         task_updates, record_updates, releases, retries = [], [], [], []
         for doc in overdue:
-            reason = f"result timeout: no result within {doc.get('timeout_s', 300.0):g}s"
+            waited = doc.get("timeout_s", DEFAULT_TIMEOUT_S)
+            reason = f"result timeout: no result within {waited:g}s"
             policy = self.settings.retry_policy(doc.get("max_retries", 0),
-                                                doc.get("queue", "default"),
+                                                doc.get("queue", DEFAULT_QUEUE),
                                                 doc.get("retry_base_s"))
             decision = decide(policy, doc["attempt"], True, reason, now)
             task_updates.append(failure_cas(doc["_id"], [TaskStatus(s) for s in OPEN],
@@ -272,8 +272,7 @@ class Recovery:
 
     async def _push(self, task_ids: list[str]) -> None:
         for start in range(0, len(task_ids), 1000):
-            chunk = task_ids[start:start + 1000]
-            await self.redis.lpush(self.keys.ready, *[json.dumps({"task_id": t}) for t in chunk])
+            await push_refs(self.redis, self.keys.ready, task_ids[start:start + 1000])
 
 
 async def recover_once(settings: Settings, *, dry: bool, lock_confirm_s: float) -> Found:
