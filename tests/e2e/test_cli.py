@@ -620,10 +620,19 @@ def test_interval_schedule_fires_through_the_master(live: Live) -> None:
                if r[0] == "every-second")
     assert row[3] == "yes" and int(row[6]) >= 2 and row[5]  # fires, last fire
 
-    # Paused through the CLI, the running master stops firing it.
+    # Paused through the CLI, the running master stops firing it. A canary added after
+    # the pause shows the master's scheduler has loaded the schedules since (it loads
+    # them again after every fire) and goes on running while the paused one stays quiet.
     ok(settings, "schedule", "pause", "every-second")
-    time.sleep(settings.schedule_reload_s + 1.0)
+    ok(settings, "schedule", "add", "canary", "--script", SCRIPT, "--every", "1",
+       "--device", "sched-3")
+
+    def canary() -> int:
+        return int(inspect.db.script_tasks.count_documents({"schedule": "canary"}))
+
+    wait_for(lambda: canary() >= 2, 20, "the canary to fire twice after the pause")
     count = len(fired())
-    time.sleep(2.0)
+    wait_for(lambda: canary() >= 5, 20, "three more canary fires")
     assert len(fired()) == count
+    ok(settings, "schedule", "remove", "canary")
     ok(settings, "schedule", "remove", "every-second")

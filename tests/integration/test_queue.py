@@ -94,20 +94,35 @@ async def test_wait_blocks_until_an_item_arrives_and_moves_one(
     settings: Settings, redis_client: redis.asyncio.Redis
 ) -> None:
     keys = settings.keys
-    queue = IntakeQueue(redis_client, keys, MASTER)
-    assert await queue.wait(0.2) is False, "nothing to wait for: times out"
+    # A connection of its own, named, to see the wait parked in Redis itself.
+    name = f"{settings.key_prefix}-waiter"
+    waiter = redis.asyncio.Redis.from_url(settings.redis_url or "", client_name=name)
+    queue = IntakeQueue(waiter, keys, MASTER)
+    try:
+        assert await queue.wait(0.2) is False, "nothing to wait for: times out"
 
-    waiting = asyncio.create_task(queue.wait(5.0))
-    await asyncio.sleep(0.3)
-    assert not waiting.done(), "wait returned with an empty queue"
-    await redis_client.lpush(keys.ready, b"x", b"y")
-    assert await asyncio.wait_for(waiting, 3) is True
+        async def parked() -> bool:
+            return any(c.get("name") == name and c.get("cmd") == "blmove"
+                       and "b" in c.get("flags", "") for c in await redis_client.client_list())
 
-    assert await redis_client.lrange(keys.staging(MASTER), 0, -1) == [b"x"]
-    assert await redis_client.lrange(keys.ready, 0, -1) == [b"y"]
-    assert await queue.backlog() == 1
-    # The moved item is the next one take() hands out.
-    assert [e.item for e in await queue.take(1)] == [b"x"]
+        waiting = asyncio.create_task(queue.wait(10.0))
+        for _ in range(250):
+            if await parked():
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the wait never blocked in BLMOVE")
+        assert not waiting.done(), "wait returned with an empty queue"
+        await redis_client.lpush(keys.ready, b"x", b"y")
+        assert await asyncio.wait_for(waiting, 3) is True
+
+        assert await redis_client.lrange(keys.staging(MASTER), 0, -1) == [b"x"]
+        assert await redis_client.lrange(keys.ready, 0, -1) == [b"y"]
+        assert await queue.backlog() == 1
+        # The moved item is the next one take() hands out.
+        assert [e.item for e in await queue.take(1)] == [b"x"]
+    finally:
+        await waiter.aclose()
 
 
 async def test_unfinished_returns_leftovers_oldest_first(

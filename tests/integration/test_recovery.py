@@ -515,12 +515,26 @@ async def test_only_the_leader_sweeps_and_lets_go_when_stopped(
             pass
 
         sweepers.append(Sweeper(s, redis_client, rec, ingest))
+    tries = [0, 0]  # each sweeper's bids for the lease: the loser must have bid too
+
+    def counted(i: int, hold: Any) -> Any:
+        async def bid() -> bool:
+            tries[i] += 1
+            return bool(await hold())
+        return bid
+
+    for i, sw in enumerate(sweepers):
+        sw.lease.hold = counted(i, sw.lease.hold)  # type: ignore[method-assign]
     stop = asyncio.Event()
     runs = [asyncio.create_task(sw.run(stop)) for sw in sweepers]
-    await asyncio.sleep(0.5)
+    for _ in range(500):  # both bid three times, one of them swept each time
+        if min(tries) >= 3 and max(sw.sweeps for sw in sweepers) >= 3:
+            break
+        await asyncio.sleep(0.02)
     stop.set()
     await asyncio.gather(*runs)
     counts = sorted(sw.sweeps for sw in sweepers)
+    assert min(tries) >= 3, tries
     assert counts[0] == 0 and counts[1] >= 3, counts
     assert await redis_client.exists(f"{settings.key_prefix}:leader") == 0
 
