@@ -28,7 +28,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,8 @@ class Report:
     lost: int = 0  # accepted tasks (SDK ids, raw items) with no task document at the end
     lost_sdk: list[str] = field(default_factory=list)
     lost_raw: list[int] = field(default_factory=list)
+    # When the producer had its answer for each lost item (epoch seconds, one line a batch).
+    lost_accepted_at: list[str] = field(default_factory=list)
     # Settling: every task terminal and the intake lists empty, within settle_timeout_s.
     settle_s: float = 0.0
     settle_timed_out: bool = False
@@ -168,8 +170,11 @@ class Report:
 
 # -- checks on what the run left (pure: documents and farm runs in, findings out) -------------
 def check_lost(report: Report, tasks: dict[str, dict[str, Any]], sdk_ids: Iterable[str],
-               raw_sent: int) -> None:
-    """Accepted tasks with no document; raw items stored more than once."""
+               raw_sent: int, accepted_at: dict[str, float] | None = None) -> None:
+    """Accepted tasks with no document; raw items stored more than once.
+
+    `accepted_at` ("sdk:<task id>" or "raw:<number>" -> when the producer's call
+    returned) dates the lost ones, to set beside the kills and restarts."""
     sdk_ids = list(sdk_ids)
     report.submitted_sdk, report.submitted_raw = len(sdk_ids), raw_sent
     known = set(sdk_ids)
@@ -177,6 +182,11 @@ def check_lost(report: Report, tasks: dict[str, dict[str, Any]], sdk_ids: Iterab
     raw_tasks = Counter(_raw_number(d) for d in tasks.values() if _raw_number(d) is not None)
     report.lost_raw = [n for n in range(raw_sent) if n not in raw_tasks]
     report.lost = len(report.lost_sdk) + len(report.lost_raw)
+    when: dict[float, list[str]] = defaultdict(list)
+    for key in [f"sdk:{i}" for i in report.lost_sdk] + [f"raw:{n}" for n in report.lost_raw]:
+        when[(accepted_at or {}).get(key, 0.0)].append(key)
+    report.lost_accepted_at = [f"{at:.3f}: {', '.join(keys)}" for at, keys in sorted(
+        when.items())][:SAMPLES]
     report.raw_duplicates = sum(n - 1 for n in raw_tasks.values())
     report.stored_unreported = sum(1 for i, d in tasks.items()
                                    if i not in known and _raw_number(d) is None)
@@ -337,6 +347,7 @@ class Chaos:
         self.report = Report()
         self.sdk_ids: list[str] = []
         self.raw_sent = 0
+        self.accepted_at: dict[str, float] = {}
         self._stop_load = threading.Event()
         self.roles: dict[str, RoleProcess] = {}
         self._restart_error: Exception | None = None
@@ -417,6 +428,8 @@ class Chaos:
                 if pending_raw is not None:  # push it again: at least once
                     self.report.raw_pushes_retried += len(pending_raw)
                     client.push_raw(pending_raw)
+                    self._accepted(f"raw:{json.loads(x)['script']['args']['raw']}"
+                                   for x in pending_raw)
                     pending_raw = None
                     continue
                 if n % 20 == 0:
@@ -425,9 +438,12 @@ class Chaos:
                     self.raw_sent += len(raw)
                     pending_raw = raw
                     client.push_raw(raw)
+                    self._accepted(f"raw:{self.raw_sent - len(raw) + i}" for i in range(len(raw)))
                     pending_raw = None
                 else:
-                    self.sdk_ids += [s.task_id for s in client.submit_many(specs)]
+                    ids = [s.task_id for s in client.submit_many(specs)]
+                    self._accepted(f"sdk:{i}" for i in ids)
+                    self.sdk_ids += ids
                 n += 10
             except Exception:  # a server is away: the producer retries, as a real one would
                 if client is not None:
@@ -442,6 +458,11 @@ class Chaos:
             time.sleep(max(0.0, next_at - time.monotonic()))
         if client is not None:
             client.close()
+
+    def _accepted(self, keys: Iterable[str]) -> None:
+        now = time.time()
+        for key in keys:
+            self.accepted_at[key] = now
 
     def _bad_inputs(self) -> None:
         r = self._redis()
@@ -594,7 +615,7 @@ class Chaos:
         finally:
             mongo.close()
         check_settled(rep, tasks)
-        check_lost(rep, tasks, self.sdk_ids, self.raw_sent)
+        check_lost(rep, tasks, self.sdk_ids, self.raw_sent, self.accepted_at)
 
         farm = httpx.get(f"{self.settings.central_url}/stats", timeout=30).json()
         runs = httpx.get(f"{self.settings.central_url}/runs", timeout=60).json()
@@ -657,6 +678,8 @@ def print_report(report: Report) -> None:
     print(f"  lost {report.lost} (sdk {report.lost_sdk[:SAMPLES]}, raw "
           f"{report.lost_raw[:SAMPLES]}); not terminal {report.unsettled}; intake lists "
           f"left {report.intake_left}")
+    for line in report.lost_accepted_at:
+        print(f"    lost, accepted at {line}")
     for line in report.unsettled_tasks:
         print(f"    not terminal: {line}")
     print(f"  overlaps {report.overlaps} (farm 409s {report.refused_busy}); duplicate sends "
@@ -693,6 +716,12 @@ def print_report(report: Report) -> None:
     print("  OK" if not problems else "  FAILED: " + "; ".join(problems))
 
 
+def report_json(report: Report) -> dict[str, Any]:
+    """The report as plain JSON types (asdict cannot rebuild its defaultdicts)."""
+    return {name: dict(value) if isinstance(value, defaultdict) else value
+            for name, value in vars(report).items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=600.0, help="seconds of chaos")
@@ -723,7 +752,7 @@ def main() -> int:
                            settle_timeout_s=args.settle_timeout, server_stop=args.server_stop)
     print_report(report)
     if args.json:
-        print(json.dumps(asdict(report)))
+        print(json.dumps(report_json(report)))
     return 0 if report.ok() else 1
 
 

@@ -15,6 +15,7 @@ from bench.chaos import (
     check_refusals,
     check_sends,
     check_settled,
+    report_json,
     stop_signal,
 )
 
@@ -161,3 +162,11 @@ def test_servers_are_stopped_by_sigkill_then_sigterm_when_alternating() -> None:
         "SIGKILL", "SIGTERM", "SIGKILL", "SIGTERM"]
     assert stop_signal("sigkill", 1, rand) == "SIGKILL"
     assert {stop_signal("random", n, rand) for n in range(40)} == {"SIGKILL", "SIGTERM"}
+
+
+def test_lost_tasks_are_dated_by_their_acceptance_and_the_report_is_json() -> None:
+    rep = Report()
+    rep.kills["worker"] += 1
+    check_lost(rep, {}, ["t1", "t2"], 1, {"sdk:t1": 5.0, "sdk:t2": 5.0, "raw:0": 7.0})
+    assert rep.lost_accepted_at == ["5.000: sdk:t1, sdk:t2", "7.000: raw:0"]
+    assert json.loads(json.dumps(report_json(rep)))["kills"] == {"worker": 1}
