@@ -4,31 +4,41 @@ Shared subscription, messages taken in batches. For a batch: validate each
 message (a bad one goes to the dead-letter topic with its reason, then is
 acked), save every log, release the device locks of the results by fence (newest
 fence per device) and publish device-free events, apply SUCCESS / ERROR /
-SYSTEM_ERROR to the task and its exec record by compare-and-set, then ack. Any
-failure before the acks negatively acknowledges the batch; applying a redelivered
-message again changes nothing, because every write is a CAS or an insert keyed by
-the log's identity.
+SYSTEM_ERROR to the task and its exec record by compare-and-set, then ack. A log
+the store refuses for what it is (a value BSON cannot hold, a document over the
+size limit) is dead-lettered like a malformed one and the rest of its batch goes
+on; only a failure retrying can cure (a server down or slow) negatively
+acknowledges the batch. Applying a redelivered message again changes nothing,
+because every write is a CAS or an insert keyed by the log's identity.
+
+Every wait of the consumer ends when it is told to stop: connecting, subscribing,
+backing off, and a batch in flight gets the shutdown grace, then is abandoned
+(unacknowledged, so redelivered).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import secrets
 import signal
 import socket
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import pulsar
 import pulsar.asyncio as apulsar
 from loguru import logger
 from pydantic import ValidationError
+from pymongo.errors import BulkWriteError
 
 from sendscript import connect, roundtrips
-from sendscript.backoff import Backoff
+from sendscript.backoff import Backoff, stopped_within
 from sendscript.locks import DeviceLocks
 from sendscript.models import (
     RESULT_TYPES,
@@ -39,6 +49,11 @@ from sendscript.models import (
     utcnow,
 )
 from sendscript.pulsar_log import pulsar_logger
+from sendscript.refusals import (
+    encoding_refusal,
+    permanent_write_errors,
+    transient_write_errors,
+)
 from sendscript.retry import Decision, decide, failure_cas, log_retryable
 from sendscript.settings import Settings
 from sendscript.status import RecordStatus, TaskStatus, record_cas, task_cas
@@ -55,6 +70,16 @@ APPLIES_TO = {
 }
 OPEN_RECORD = frozenset({RecordStatus.RUNNING, RecordStatus.SENT})
 
+T = TypeVar("T")
+
+# A dead letter keeps this much of the refused message: the dead-letter topic has
+# the same message size limit as the task-log topic, and the payload adds to it.
+DEAD_LETTER_DATA_BYTES = 256 * 1024
+# How the C++ client says the broker refused a consumer it was creating.
+REFUSED_CONSUMER = "creating consumer"
+# Throw-away readers before the subscription: at most this many (see _subscribe).
+MAX_SLOT = 64
+
 
 def parse_message(data: bytes) -> TaskLogMessage:
     """A task-log message, or ValueError with the reason it is refused."""
@@ -63,6 +88,46 @@ def parse_message(data: bytes) -> TaskLogMessage:
         return TaskLogMessage.model_validate(obj)
     except ValidationError as exc:
         raise ValueError(describe_error(exc)) from None
+
+
+def cut_message(message: str, max_chars: int) -> str:
+    """`message` as stored: at most `max_chars`, saying how long it was if cut."""
+    if len(message) <= max_chars:
+        return message
+    note = f" [cut: {len(message)} characters]"
+    return message[:max(0, max_chars - len(note))] + note
+
+
+def log_document(msg: TaskLogMessage, received_at: datetime, max_chars: int) -> dict[str, Any]:
+    """The document a log is stored as, its message cut; ValueError with the reason
+    when the store could never hold it (retrying the batch would not change that)."""
+    try:
+        doc = msg.to_doc(received_at)
+    except ValueError as exc:  # its identity hashes text UTF-8 cannot carry
+        raise ValueError(f"cannot be stored: {type(exc).__name__}: {exc}"[:500]) from None
+    doc["message"] = cut_message(doc["message"], max_chars)
+    reason = encoding_refusal(doc)
+    if reason is not None:
+        raise ValueError(reason)
+    return doc
+
+
+def safe_text(text: str) -> str:
+    """`text` with anything UTF-8 cannot carry (lone surrogates) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def dead_letter_payload(data: bytes, reason: str, message_id: str, topic: str) -> bytes:
+    """The dead letter of a refused message: its reason and (the head of) its data."""
+    payload: dict[str, Any] = {
+        "reason": safe_text(reason),
+        "data": data[:DEAD_LETTER_DATA_BYTES].decode("utf-8", "replace"),
+        "message_id": message_id,
+        "topic": topic,
+    }
+    if len(data) > DEAD_LETTER_DATA_BYTES:
+        payload["data_bytes"] = len(data)  # the data above is its head only
+    return json.dumps(payload).encode()
 
 
 @dataclass
@@ -137,6 +202,26 @@ def result_updates(
     return out
 
 
+class _ClientSignals:
+    """What one Pulsar client's own log tells the consumer, handed to the event loop.
+
+    pulsar-lite (the embedded broker) refuses a subscription whose consumer id is
+    already in the subscription, and says so only by dropping the connection; the
+    client then logs "Temporary error in creating consumer" and retries until its
+    operation timeout. Seen here, the refusal ends the try at once."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.refused = asyncio.Event()
+
+    def __call__(self, level: int, message: str) -> None:  # on a client thread
+        if level >= logging.WARNING and REFUSED_CONSUMER in message:
+            try:
+                self.loop.call_soon_threadsafe(self.refused.set)
+            except RuntimeError:  # the loop is closed: the process is ending
+                pass
+
+
 class TaskLogConsumer:
     def __init__(self, settings: Settings) -> None:
         settings.require("redis_url", "mongo_url", "pulsar_url")
@@ -144,7 +229,14 @@ class TaskLogConsumer:
         self.stop_event = asyncio.Event()
         self.totals = BatchResult()
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        # The name the broker knows this consumer by: unique, so that a dead one's
+        # leftovers are never mistaken for ours.
+        self.consumer_name = f"sendscript-{self.name}-{secrets.token_hex(3)}"
         self.backoff = Backoff(base_s=0.2, cap_s=5.0)
+        # How many consumer ids this process skips before its subscription's (see
+        # _subscribe); grows each time the broker refuses the subscription.
+        self.slot = 0
+        self._stop_at: float | None = None
 
     async def run(self) -> int:
         s = self.settings
@@ -159,47 +251,134 @@ class TaskLogConsumer:
         backoff = Backoff(base_s=0.5, cap_s=10.0)
         while not self.stop_event.is_set():
             try:
-                await self._consume()
-                backoff.succeeded("pulsar")
+                refused = await self._consume()
             except Exception as exc:
-                await backoff.failed("pulsar", exc)
-        await self._flush_counters()
-        try:
-            await self.redis.hdel(self.settings.keys.consumers, self.name)
-        except Exception:
-            pass
-        await self.redis.aclose()
-        await self.mongo.close()
+                await backoff.failed("consumer: pulsar", exc, stop=self.stop_event)
+                continue
+            backoff.succeeded("consumer: pulsar")
+            if refused:
+                self._next_slot()
+                await stopped_within(self.stop_event, 0.2)
+        await self._close()
         logger.info("consumer stopped: {}", self.totals)
         return 0
 
     def request_stop(self, why: str = "stop") -> None:
         if not self.stop_event.is_set():
             logger.info("consumer stopping ({})", why)
+            self._stop_at = time.monotonic()
             self.stop_event.set()
 
-    async def _consume(self) -> None:
+    def _left_s(self, at_least: float = 0.2) -> float:
+        """Seconds left of the shutdown grace (all of the timeout before a stop)."""
+        if self._stop_at is None:
+            return self.settings.pulsar_timeout_s
+        left = self._stop_at + self.settings.shutdown_grace_s - time.monotonic()
+        return max(at_least, min(left, self.settings.pulsar_timeout_s))
+
+    async def _until_stopped(self, aw: Awaitable[T], timeout_s: float,
+                             *also: asyncio.Event) -> T | None:
+        """What `aw` gives; None if the consumer is told to stop (or an event of `also`
+        is set) first; TimeoutError after `timeout_s`. `aw` is cancelled if it lost."""
+        task = asyncio.ensure_future(aw)
+        waiters = [asyncio.ensure_future(e.wait()) for e in (self.stop_event, *also)]
+        try:
+            done, _ = await asyncio.wait([task, *waiters], timeout=timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()
+        if done:
+            return None
+        raise TimeoutError(f"no answer within {timeout_s:.0f}s")
+
+    async def _quietly(self, aw: Awaitable[Any], what: str) -> None:
+        """Wait for a closing call within what is left of the grace; its failure is
+        only logged (what it closes is gone either way)."""
+        try:
+            await asyncio.wait_for(aw, self._left_s())
+        except Exception as exc:
+            logger.debug("consumer: {} failed: {!r}", what, exc)
+
+    def _next_slot(self) -> None:
+        self.slot = (self.slot + 1) % MAX_SLOT
+        logger.warning(
+            "consumer: the broker refused subscription {!r}; trying again with consumer id "
+            "{} (pulsar-lite keeps a consumer whose connection ended with a reset and "
+            "refuses any other with its id)", self.settings.task_log_subscription, self.slot)
+
+    def _slot_topic(self) -> str:
+        namespace = self.settings.task_log_topic.split("://", 1)[-1].rsplit("/", 1)[0]
+        return f"non-persistent://{namespace}/{self.settings.key_prefix}-consumer-slots"
+
+    async def _subscribe(self, client: apulsar.Client) -> apulsar.Consumer:
+        """Subscribe, first opening and closing `self.slot` throw-away readers.
+
+        pulsar-lite keys a subscription's consumers by the id the client gives
+        them, which counts from 0 in every client, and keeps the consumer of a
+        connection that ended with a reset (a process killed while the broker was
+        writing to it) for good. Each reader takes the next id, so after a refusal
+        the next try subscribes under an id no dead consumer holds. A real Pulsar
+        broker keys consumers by connection and never needs this (slot stays 0)."""
         s = self.settings
+        for _ in range(self.slot):
+            reader = await client.create_reader(self._slot_topic(), pulsar.MessageId.latest)
+            await reader.close()
+        return await client.subscribe(
+            s.task_log_topic, s.task_log_subscription,
+            consumer_type=pulsar.ConsumerType.Shared,
+            consumer_name=self.consumer_name,
+            negative_ack_redelivery_delay_ms=s.consumer_nack_delay_ms,
+            initial_position=pulsar.InitialPosition.Earliest,
+            # What a consumer killed mid-batch holds unacknowledged waits for its
+            # redelivery: keep it to about a batch ahead.
+            receiver_queue_size=max(100, s.consumer_batch * 2),
+        )
+
+    async def _consume(self) -> bool:
+        """One client: subscribe, consume until stopped or failed. True if the broker
+        refused the subscription (the next try takes another consumer id)."""
+        s = self.settings
+        signals = _ClientSignals(asyncio.get_running_loop())
+        # A fresh client per try: a client left retrying a refused or lost
+        # subscription on its own would hold connections and consumers we no
+        # longer know of.
         client = apulsar.Client(
             s.pulsar_url,
-            operation_timeout_seconds=int(s.pulsar_timeout_s),
+            operation_timeout_seconds=max(1, int(s.pulsar_timeout_s)),
             connection_timeout_ms=int(s.pulsar_timeout_s * 1000),
-            logger=pulsar_logger("consumer"),
+            logger=pulsar_logger("consumer", signals),
         )
         try:
-            consumer = await client.subscribe(
-                s.task_log_topic, s.task_log_subscription,
-                consumer_type=pulsar.ConsumerType.Shared,
-                negative_ack_redelivery_delay_ms=s.consumer_nack_delay_ms,
-                initial_position=pulsar.InitialPosition.Earliest,
-                receiver_queue_size=max(1000, s.consumer_batch * 2),
-            )
-            self.dlq = await client.create_producer(s.dlq_topic)
-            logger.info("consuming {} as {}", s.task_log_topic, s.task_log_subscription)
-            await self._loop(consumer)
-            await consumer.close()
+            consumer = await self._until_stopped(self._subscribe(client), s.pulsar_timeout_s,
+                                                 signals.refused)
+            if consumer is None:
+                return signals.refused.is_set() and not self.stop_event.is_set()
+            try:
+                dlq = await self._until_stopped(client.create_producer(s.dlq_topic),
+                                                s.pulsar_timeout_s)
+                if dlq is None:
+                    return False
+                self.dlq = dlq
+                logger.info("consuming {} as {} ({}, consumer id {})", s.task_log_topic,
+                            s.task_log_subscription, self.consumer_name, self.slot)
+                await self._loop(consumer)
+            finally:
+                await self._quietly(consumer.close(), "closing the consumer")
+            return False
         finally:
-            await client.close()
+            await self._quietly(client.close(), "closing the Pulsar client")
+
+    async def _close(self) -> None:
+        """Flush and close within what is left of the grace, whatever is down."""
+        await self._quietly(self._flush_counters(), "flushing counters")
+        await self._quietly(self.redis.hdel(self.settings.keys.consumers, self.name),
+                            "removing the heartbeat")
+        await self._quietly(self.redis.aclose(), "closing Redis")
+        await self._quietly(self.mongo.close(), "closing Mongo")
 
     async def _loop(self, consumer: apulsar.Consumer) -> None:
         """Receive continuously into a buffer; process what has arrived as one batch."""
@@ -221,10 +400,28 @@ class TaskLogConsumer:
                 await asyncio.sleep(self.settings.consumer_batch_wait_ms / 1000)
                 while len(batch) < self.settings.consumer_batch and not buffer.empty():
                     batch.append(buffer.get_nowait())
-                await self._process_with_nack(consumer, batch)
+                await self._process_within_grace(consumer, batch, stop)
         finally:
             for task in (receiver, flusher, stop):
                 task.cancel()
+
+    async def _process_within_grace(self, consumer: apulsar.Consumer,
+                                    batch: list[pulsar.Message], stop: asyncio.Task) -> None:
+        """Process a batch; told to stop meanwhile, give it the shutdown grace (less a
+        little to close with), then abandon it: unacknowledged, it is redelivered."""
+        work = asyncio.create_task(self._process_with_nack(consumer, batch))
+        await asyncio.wait([work, stop], return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            work.result()
+            return
+        grace = self.settings.shutdown_grace_s
+        done, _ = await asyncio.wait([work], timeout=max(0.0, grace - min(5.0, grace / 3)))
+        if work in done:
+            work.result()
+            return
+        work.cancel()
+        logger.warning("consumer: a batch of {} task logs did not finish within the shutdown "
+                       "grace; left unacknowledged, it will be delivered again", len(batch))
 
     async def _receive(self, consumer: apulsar.Consumer,
                        buffer: asyncio.Queue[pulsar.Message]) -> None:
@@ -233,79 +430,103 @@ class TaskLogConsumer:
 
     async def _process_with_nack(self, consumer: apulsar.Consumer,
                                  batch: list[pulsar.Message]) -> None:
+        what = "consumer: apply task logs (batches negatively acked)"
         try:
             result = await self.process(batch)
         except Exception as exc:
             for msg in batch:
                 await consumer.negative_acknowledge(msg)
             # Redelivery comes back soon; wait longer each time a server stays away.
-            await self.backoff.failed("consumer: apply task logs (batches negatively acked)",
-                                      exc)
+            await self.backoff.failed(what, exc, stop=self.stop_event)
             return
-        self.backoff.succeeded("consumer: apply task logs (batches negatively acked)")
+        self.backoff.succeeded(what)
         for msg in batch:
             await consumer.acknowledge(msg)
         self._add(result)
 
     async def process(self, batch: Sequence[pulsar.Message]) -> BatchResult:
-        """Apply one batch. Raises if anything failed; then nothing is acked."""
+        """Apply one batch. Raises if a failure retrying can cure happened; then
+        nothing is acked. A log refused for what it is goes to the dead letters."""
         now = utcnow()
         result = BatchResult()
-        good: list[TaskLogMessage] = []
+        good: list[tuple[pulsar.Message, TaskLogMessage, dict[str, Any]]] = []
+        refused: list[tuple[pulsar.Message, str]] = []
         for msg in batch:
             try:
-                good.append(parse_message(msg.data()))
+                parsed = parse_message(msg.data())
+                doc = log_document(parsed, now, self.settings.task_log_max_message_chars)
             except ValueError as exc:
-                await self._dead_letter(msg, str(exc))
-                result.dead_lettered += 1
-        if result.dead_lettered:
-            await self.redis.hincrby(self.settings.keys.stats, "dead_lettered",
-                                     result.dead_lettered)
-        if not good:
-            return result
-        finals = [m for m in good if m.log_type in RESULT_TYPES]
-        result.saved, records = await asyncio.gather(
-            self.logs.insert_many([m.to_doc(now) for m in good]),
-            self.records.find_many({m.record_id for m in finals}),
-        )
-        if finals:
-            result.unknown_records = [m.record_id for m in finals if m.record_id not in records]
-            failed_tasks = {records[m.record_id].task_id for m in finals
-                            if m.record_id in records and m.log_type != LogType.SUCCESS}
-            tasks = await self.tasks.retry_fields(failed_tasks)
-            writes = result_updates(finals, records, tasks, self.settings, now)
-            # The device has finished: free it first, so its next task starts while
-            # we write. A crash before the writes leaves them to the redelivery.
-            result.released = await self.locks.release_many(writes.releases)
-            result.applied, _ = await asyncio.gather(
-                self.tasks.run_updates(writes.successes()),
-                self.records.run_updates(writes.records),
-            )
-            retries = []
-            for index, task_id, retry in writes.failures:
-                if await self.tasks.cas(*writes.tasks[index]):
-                    result.applied += 1
-                    if retry:
-                        retries.append(task_id)
-            if retries:  # any master takes them and fires them at their time
-                await self.redis.lpush(self.settings.keys.ready,
-                                       *[json.dumps({"task_id": t}) for t in retries])
-                result.retries += len(retries)
+                refused.append((msg, str(exc)))
+                continue
+            good.append((msg, parsed, doc))
+        if good:
+            result.saved, records, store_refused = await self._save(good)
+            refused += [(good[i][0], reason) for i, reason in store_refused.items()]
+            kept = [m for i, (_, m, _) in enumerate(good) if i not in store_refused]
+            await self._apply([m for m in kept if m.log_type in RESULT_TYPES], records, now,
+                              result)
+        for msg, reason in refused:
+            await self._dead_letter(msg, reason)
+        result.dead_lettered = len(refused)
+        if refused:
+            await self.redis.hincrby(self.settings.keys.stats, "dead_lettered", len(refused))
         if result.unknown_records:
             logger.warning("results for unknown exec records (saved, not applied): {}",
                            result.unknown_records[:10])
         return result
 
+    async def _save(self, good: Sequence[tuple[pulsar.Message, TaskLogMessage, dict[str, Any]]]
+                    ) -> tuple[int, dict[str, Any], dict[int, str]]:
+        """Insert the logs and read the exec records of the results, together. How many
+        logs are new, the records, and index -> reason of the logs the store refused."""
+        finals = {m.record_id for _, m, _ in good if m.log_type in RESULT_TYPES}
+        saved, records = await asyncio.gather(
+            self.logs.insert_many([doc for _, _, doc in good]),
+            self.records.find_many(finals),
+            return_exceptions=True,
+        )
+        if isinstance(records, BaseException):
+            raise records
+        if not isinstance(saved, BaseException):
+            return saved, records, {}
+        if not isinstance(saved, BulkWriteError) or transient_write_errors(saved):
+            raise saved
+        store_refused = permanent_write_errors(saved)
+        return int(saved.details.get("nInserted", 0)), records, store_refused
+
+    async def _apply(self, finals: Sequence[TaskLogMessage], records: dict[str, Any],
+                     now: datetime, result: BatchResult) -> None:
+        """Free the devices of the results and apply them to tasks and exec records."""
+        if not finals:
+            return
+        result.unknown_records = [m.record_id for m in finals if m.record_id not in records]
+        failed_tasks = {records[m.record_id].task_id for m in finals
+                        if m.record_id in records and m.log_type != LogType.SUCCESS}
+        tasks = await self.tasks.retry_fields(failed_tasks)
+        writes = result_updates(finals, records, tasks, self.settings, now)
+        # The device has finished: free it first, so its next task starts while
+        # we write. A crash before the writes leaves them to the redelivery.
+        result.released = await self.locks.release_many(writes.releases)
+        result.applied, _ = await asyncio.gather(
+            self.tasks.run_updates(writes.successes()),
+            self.records.run_updates(writes.records),
+        )
+        retries = []
+        for index, task_id, retry in writes.failures:
+            if await self.tasks.cas(*writes.tasks[index]):
+                result.applied += 1
+                if retry:
+                    retries.append(task_id)
+        if retries:  # any master takes them and fires them at their time
+            await self.redis.lpush(self.settings.keys.ready,
+                                   *[json.dumps({"task_id": t}) for t in retries])
+            result.retries += len(retries)
+
     async def _dead_letter(self, msg: pulsar.Message, reason: str) -> None:
         data = msg.data()
-        payload = {
-            "reason": reason,
-            "data": data.decode("utf-8", "replace"),
-            "message_id": str(msg.message_id()),
-            "topic": msg.topic_name(),
-        }
-        await self.dlq.send(json.dumps(payload).encode(), properties={"reason": reason[:500]})
-        logger.warning("dead-lettered task log {!r}: {}", data[:200], reason)
+        payload = dead_letter_payload(data, reason, str(msg.message_id()), msg.topic_name())
+        await self.dlq.send(payload, properties={"reason": safe_text(reason)[:500]})
+        logger.warning("dead-lettered task log {!r}: {}", data[:200], safe_text(reason))
 
     def _add(self, r: BatchResult) -> None:
         t = self.totals

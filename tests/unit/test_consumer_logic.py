@@ -1,14 +1,27 @@
-"""The task-log consumer's pure part: message parsing and the CAS updates of results."""
+"""The task-log consumer's pure part: message parsing, the CAS updates of results, what
+is stored of a log and what a dead letter carries."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from consumers.task_log import ResultWrites, parse_message, result_updates
+from consumers.task_log import (
+    DEAD_LETTER_DATA_BYTES,
+    ResultWrites,
+    _ClientSignals,
+    cut_message,
+    dead_letter_payload,
+    log_document,
+    parse_message,
+    result_updates,
+    safe_text,
+)
 from sendscript.models import ExecRecord, LogType, TaskLogMessage
 from sendscript.settings import Settings
 from sendscript.status import RecordStatus
@@ -276,3 +289,57 @@ def test_no_results_no_updates() -> None:
     out = result_updates([], {}, {}, DEFAULTS, NOW)
     assert out == ResultWrites()
     assert (out.tasks, out.records, out.releases, out.retries) == ([], [], [], [])
+
+
+def test_a_message_within_the_cut_is_stored_as_it_is() -> None:
+    assert cut_message("x" * 100, 100) == "x" * 100
+    assert cut_message("", 100) == ""
+
+
+def test_a_long_message_is_cut_to_the_limit_and_says_how_long_it_was() -> None:
+    stored = cut_message("x" * 5_000_000, 1000)
+    assert len(stored) == 1000
+    assert stored.startswith("x" * 900)
+    assert stored.endswith(" [cut: 5000000 characters]")
+
+
+def test_a_log_bson_cannot_hold_is_valid_json_but_refused_with_the_reason() -> None:
+    # JSON may escape a lone surrogate and Python keeps it; UTF-8, so BSON, cannot.
+    data = raw(message="a \\ud800 b").replace(b"\\\\", b"\\")
+    assert b"\\ud800" in data
+    msg = parse_message(data)
+    with pytest.raises(ValueError, match="cannot be stored") as refused:
+        log_document(msg, NOW, 1000)
+    assert safe_text(str(refused.value)).encode("utf-8")  # a dead letter can carry it
+    # In an id, validation refuses it before anything is stored.
+    with pytest.raises(ValueError, match="recordId"):
+        parse_message(raw(recordId="a \\ud800 b").replace(b"\\\\", b"\\"))
+
+
+def test_a_stored_log_has_its_message_cut() -> None:
+    doc = log_document(parse_message(raw(message="z" * 5000)), NOW, 1000)
+    assert len(doc["message"]) == 1000 and doc["message"].endswith("[cut: 5000 characters]")
+    # The identity is the whole message's: the same log delivered again is the same.
+    assert doc["_id"] == parse_message(raw(message="z" * 5000)).log_id
+
+
+def test_a_dead_letter_keeps_the_head_of_a_huge_message_and_its_size() -> None:
+    data = b"{" + b"y" * (2 * DEAD_LETTER_DATA_BYTES)
+    letter = json.loads(dead_letter_payload(data, "why \ud800", "1:2:-1", "topic"))
+    assert letter["reason"] == "why \\ud800"
+    assert letter["data_bytes"] == len(data)
+    assert len(letter["data"]) == DEAD_LETTER_DATA_BYTES
+    assert (letter["message_id"], letter["topic"]) == ("1:2:-1", "topic")
+    small = json.loads(dead_letter_payload(b"{oops", "not JSON", "1", "t"))
+    assert small["data"] == "{oops" and "data_bytes" not in small
+
+
+async def test_a_refused_subscription_in_the_client_log_is_signalled_to_the_loop() -> None:
+    signals = _ClientSignals(asyncio.get_running_loop())
+    signals(logging.INFO, "[t, sub, 0] Getting connection from pool")
+    signals(logging.WARNING, "Connection refused")
+    await asyncio.sleep(0)
+    assert not signals.refused.is_set()
+    signals(logging.WARNING,
+            "[t, sub, 0] Temporary error in creating consumer: ResultDisconnected")
+    await asyncio.wait_for(signals.refused.wait(), 1)
