@@ -133,6 +133,8 @@ class Report:
     def problems(self) -> list[str]:
         """Every broken check, in words; empty when the run is clean."""
         checks = [
+            # A restarted simulator forgets its runs: the farm-side checks lose their record.
+            (sum(self.exits.values()), f"roles died without being killed: {dict(self.exits)}"),
             (self.lost, f"invariant 2: {self.lost} accepted task(s) lost"),
             (self.settle_timed_out, f"not settled within the bound ({self.settle_s:.0f}s)"),
             (self.unsettled, f"invariant 2: {self.unsettled} task(s) not terminal"),

@@ -170,3 +170,9 @@ def test_lost_tasks_are_dated_by_their_acceptance_and_the_report_is_json() -> No
     check_lost(rep, {}, ["t1", "t2"], 1, {"sdk:t1": 5.0, "sdk:t2": 5.0, "raw:0": 7.0})
     assert rep.lost_accepted_at == ["5.000: sdk:t1, sdk:t2", "7.000: raw:0"]
     assert json.loads(json.dumps(report_json(rep)))["kills"] == {"worker": 1}
+
+
+def test_a_role_that_died_unkilled_fails() -> None:
+    rep = Report()
+    rep.exits["simulator"] += 1
+    assert rep.problems() == ["roles died without being killed: {'simulator': 1}"]
