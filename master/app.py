@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from loguru import logger
 
+from master.backpressure import Backpressure
 from master.board import DeviceBoard
 from master.bus import (
     Bus,
@@ -80,10 +81,12 @@ class Master:
         self.recovery = Recovery(s, self.redis, self.tasks, RecordStore(self.db))
         self.lost_work = LostWork(bus, self.recovery, self.jobs, self.stop_event)
         self.expiry = Expiry(s, bus, self.tasks, self.redis, self.jobs)
+        self.backpressure = Backpressure(s, bus, lambda: self.board.queued + len(self.delayed.heap))
         self.delayed = DelayedTasks(
             s, self.tasks, lambda: self.recovery.dead_masters(exclude=s.master_id),
             self._taken("delayed"))
         self.intake = self._intake(self.queue, "intake")
+        self.intake.throttle = self.backpressure  # only the ready list's intake waits
         self.listener = DeviceFreeListener(
             self.redis, s.keys.device_free_channel,
             lambda device, fence: bus.emit(DeviceFreed(device, fence, "event")),
@@ -103,6 +106,7 @@ class Master:
             "intake": self.intake, "device-free": self.listener, "lock-check": self.checker,
             "heartbeat": self.heartbeat, "delayed": self.delayed,
             "scheduler": self.scheduler, "expiry": self.expiry, "sweeper": self.sweeper,
+            "backpressure": self.backpressure,
         }
 
     def _taken(self, source: str) -> Callable[[list[Task]], None]:
@@ -237,6 +241,7 @@ class Master:
             "worker_names": [w.name for w in pool.online()],
             "workers_recycled": pool.recycled,
             "events": dict(self.bus.emitted),
+            "backpressure": self.backpressure.report(),
         }
 
 

@@ -18,6 +18,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Protocol
 
 from loguru import logger
 from pydantic import ValidationError
@@ -71,6 +72,14 @@ class Batch:
     bad: list[tuple[Entry, str]] = field(default_factory=list)
 
 
+class Throttle(Protocol):
+    """What backpressure tells intake (master/backpressure.py)."""
+
+    async def wait_open(self, stop: asyncio.Event) -> bool: ...
+
+    def room(self, batch: int) -> int: ...
+
+
 class Intake:
     def __init__(
         self,
@@ -81,6 +90,7 @@ class Intake:
         on_tasks: Callable[[list[Task]], None],
         on_scheduled: Callable[[list[Task]], Awaitable[None]],
         on_count: Callable[[str, int], Awaitable[None]],
+        throttle: Throttle | None = None,
     ) -> None:
         self.settings = settings
         self.queue = queue
@@ -89,6 +99,7 @@ class Intake:
         self.on_tasks = on_tasks
         self.on_scheduled = on_scheduled
         self.on_count = on_count
+        self.throttle = throttle  # backpressure: when and how much intake may take
         self.taken = 0
         self.quarantined = 0
         self.deduplicated = 0
@@ -107,7 +118,12 @@ class Intake:
                 if stop.is_set():
                     await self._drain()
                     return
-                entries = await self.queue.take(self.settings.intake_batch)
+                batch = self.settings.intake_batch
+                if self.throttle is not None:
+                    if not await self.throttle.wait_open(stop):
+                        continue  # stopping (the drain above runs next)
+                    batch = self.throttle.room(batch)
+                entries = await self.queue.take(batch)
                 if entries:
                     await self.ingest(entries)
                 else:
@@ -118,8 +134,10 @@ class Intake:
                 await backoff.failed("intake", exc)
 
     async def _drain(self) -> None:
-        """On stop: store what a last wait moved into staging, leave nothing behind."""
-        while entries := await self.queue.take(self.settings.intake_batch):
+        """On stop: store what a last wait moved into staging, leave nothing behind.
+        Only staging: the ready list stays for the masters that go on (taking it
+        here would keep a stop busy for as long as the list is long)."""
+        if entries := await self.queue.tag_staging():
             await self.ingest(entries)
 
     async def ingest(self, entries: list[Entry]) -> None:

@@ -33,6 +33,7 @@ app.add_typer(schedule_app, name="schedule")
 app.add_typer(group_app, name="group")
 app.add_typer(batch_app, name="batch")
 console = Console()
+QUEUE_FULL_EXIT = 75  # EX_TEMPFAIL: `submit` refused at SENDSCRIPT_READY_MAX, try later
 
 
 def _settings() -> Settings:
@@ -147,7 +148,7 @@ def submit(
     """Submit one task; a fan-out (--group or --device-list); or --count N over --devices K."""
     from pydantic import ValidationError
 
-    from sendscript.client import SendScriptClient
+    from sendscript.client import QueueFull, SendScriptClient
     from sendscript.models import TaskSpec, describe_error
 
     try:
@@ -165,6 +166,9 @@ def submit(
                                              dedupe_key=dedupe_key, **template)
             except ValidationError as exc:
                 raise typer.BadParameter(describe_error(exc)) from None
+            except QueueFull as exc:
+                console.print(f"[red]{exc}[/red]")
+                raise typer.Exit(QUEUE_FULL_EXIT) from None
             except ValueError as exc:
                 console.print(f"[red]{exc}[/red]")
                 raise typer.Exit(1) from None
@@ -181,7 +185,11 @@ def submit(
             }) for i in range(count)]
         except ValidationError as exc:
             raise typer.BadParameter(describe_error(exc)) from None
-        submitted = client.submit_many(specs)
+        try:
+            submitted = client.submit_many(specs)
+        except QueueFull as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(QUEUE_FULL_EXIT) from None
     if len(submitted) == 1:
         s = submitted[0]
         console.print(f"{s.task_id} {s.status}" + ("" if s.created else
@@ -501,7 +509,9 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
     if as_json:
         console.print_json(json.dumps(info, default=str))
         return
-    console.print(f"ready queue: {info['queue_ready']}   quarantine: {info['queue_quarantine']}"
+    cap = info["queue_ready_max"]
+    console.print(f"ready queue: {info['queue_ready']}" + (f" (cap {cap})" if cap else "")
+                  + f"   quarantine: {info['queue_quarantine']}"
                   f"   device locks held: {info['locks_held']}"
                   f"   workers alive: {info['workers_alive']}")
     tasks = Table("status", "tasks", title="tasks")
@@ -509,11 +519,17 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
         tasks.add_row(name, str(n))
     console.print(tasks)
     masters = Table("master", "alive", "workers", "queued", "held devices", "in flight",
-                    "updated", title="masters")
+                    "intake: held/high/low", "updated", title="masters")
     for m in info["masters"]:
+        bp = m.get("backpressure") or {}
+        intake = (f"{bp.get('state')}: {bp.get('held')}/{bp.get('high_water')}/"
+                  f"{bp.get('low_water')}" if bp else "")
+        if bp.get("state") == "throttled":
+            intake = f"[yellow]{intake}[/yellow]"
         masters.add_row(m["master_id"], "yes" if m["alive"] else "[red]no[/red]",
                         f"{m.get('workers_alive', 0)}/{m.get('workers', 0)}", str(m.get("queued")),
-                        str(m.get("held_devices")), str(m.get("inflight")), m.get("updated_at", ""))
+                        str(m.get("held_devices")), str(m.get("inflight")), intake,
+                        m.get("updated_at", ""))
     console.print(masters)
     consumers = Table("consumer", "alive", "saved", "applied", "dead-lettered", "updated",
                       title="consumers")
@@ -521,6 +537,90 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
         consumers.add_row(c["name"], "yes" if c["alive"] else "[red]no[/red]", str(c["saved"]),
                           str(c["applied"]), str(c["dead_lettered"]), c["updated_at"])
     console.print(consumers)
+    _print_pauses(info.get("pauses", {}))
+
+
+# -- pauses ---------------------------------------------------------------------------------
+
+pause_app = typer.Typer(help="Pause dispatch: everywhere, of a queue, a group or a device.",
+                        invoke_without_command=True)
+app.add_typer(pause_app, name="pause")
+QueueOpt = Annotated[str | None, typer.Option(help="Only this queue's tasks.")]
+GroupOpt = Annotated[str | None, typer.Option(help="Only the tasks of this group's devices.")]
+DeviceOpt = Annotated[str | None, typer.Option(help="Only this device's tasks.")]
+
+
+@pause_app.callback()
+def pause(
+    ctx: typer.Context,
+    queue: QueueOpt = None,
+    group: GroupOpt = None,
+    device: DeviceOpt = None,
+    hard: Annotated[bool, typer.Option(
+        "--hard", help="The hard stop: only `resume --hard` lifts it.")] = False,
+    reason: Annotated[str, typer.Option(help="Why (shown in status and alerts).")] = "",
+) -> None:
+    """Hold every task (or a queue's, a group's, a device's) until resumed: held tasks
+    use no attempt. `pause list` shows the pauses."""
+    from sendscript.client import SendScriptClient
+    from sendscript.pauses import by_default
+
+    if ctx.invoked_subcommand is not None:
+        return
+    with SendScriptClient(_settings()) as client:
+        try:
+            done = client.pause(queue, group, device, reason=reason, hard=hard, by=by_default())
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    console.print(f"paused {done.scope}" + (f": {done.reason}" if done.reason else ""))
+
+
+@pause_app.command("list")
+def pause_list() -> None:
+    """The pauses in force."""
+    from sendscript.client import SendScriptClient
+
+    with SendScriptClient(_settings()) as client:
+        _print_pauses(client.pauses())
+
+
+@app.command()
+def resume(
+    queue: QueueOpt = None,
+    group: GroupOpt = None,
+    device: DeviceOpt = None,
+    hard: Annotated[bool, typer.Option("--hard", help="Lift the hard stop.")] = False,
+    quota: Annotated[bool, typer.Option("--quota", help="Lift the quota pause.")] = False,
+) -> None:
+    """Lift one pause: the global one, or the named queue's, group's or device's. The
+    hard stop stays until `resume --hard`."""
+    from sendscript.client import SendScriptClient
+    from sendscript.pauses import HARD
+
+    with SendScriptClient(_settings()) as client:
+        try:
+            lifted = client.resume(queue, group, device, hard=hard, quota=quota)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        left = client.pauses()
+    if lifted is None:
+        console.print("nothing to resume: that pause was not set")
+    else:
+        console.print(f"resumed {lifted.scope}")
+    if HARD in left and not hard:
+        console.print("[red]the hard stop is still on: `sendscript resume --hard` lifts it"
+                      "[/red]")
+
+
+def _print_pauses(pauses: dict[str, Any]) -> None:
+    if not pauses:
+        console.print("no pauses")
+        return
+    table = Table("scope", "reason", "by", "since", title="pauses")
+    for scope, p in pauses.items():
+        row = p if isinstance(p, dict) else p.to_dict()
+        table.add_row(scope, row["reason"], row["by"], row["at"])
+    console.print(table)
 
 
 @app.command()

@@ -12,6 +12,10 @@ A spec the store would refuse for good (a script over SENDSCRIPT_MAX_SCRIPT_BYTE
 a value BSON cannot hold, a document the server refuses) raises ValueError and
 nothing is stored for it; a dedupe key held by a task (unfinished, or finished
 within SENDSCRIPT_DEDUPE_WINDOW_S) answers that task with `created=False`.
+
+With SENDSCRIPT_READY_MAX set, a submission raises QueueFull, storing nothing, while
+the ready list holds that many items. It is a soft cap: one LLEN before storing, so
+producers submitting at the same moment may each add their batch past it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pymongo import DESCENDING
 from pymongo.errors import DuplicateKeyError
 
 from sendscript import connect, roundtrips
+from sendscript import pauses as flags
 from sendscript.groups import check_name
 from sendscript.models import (
     DEFAULT_MAX_RETRIES,
@@ -84,6 +89,16 @@ class SubmitRefused(ValueError):
         super().__init__(f"{len(reasons)} spec(s) refused; spec {first}: {reasons[first]}")
         self.reasons = reasons
         self.results = results
+
+
+class QueueFull(RuntimeError):
+    """The ready list holds SENDSCRIPT_READY_MAX items or more: nothing was submitted."""
+
+    def __init__(self, length: int, cap: int) -> None:
+        super().__init__(f"ready queue full: it holds {length} item(s), cap {cap} "
+                         "(SENDSCRIPT_READY_MAX); nothing was submitted, try again later")
+        self.length = length
+        self.cap = cap
 
 
 class SendScriptClient:
@@ -178,6 +193,7 @@ class SendScriptClient:
     def _store_and_push(self, tasks: list[Task]) -> list[Submitted | str]:
         """Store (the one store plan, run on this client's sync collection), then push
         the new ones; per task its answer, or the reason the store refused it."""
+        self.check_room()
         window = self.settings.dedupe_window_s
         stored = run_plan_sync(self._db[TASKS], store_plan(tasks, utcnow(), window))
         if stored.stored_before:  # fresh ObjectIds never collide; something else is wrong
@@ -197,6 +213,14 @@ class SendScriptClient:
         for start in range(0, len(pushed), 1000):
             push_refs(self._redis, self._keys.ready, pushed[start:start + 1000])
         return out
+
+    def check_room(self) -> None:
+        """Raise QueueFull if the ready list is at its cap (one LLEN; none if no cap)."""
+        cap = self.settings.ready_max
+        if cap:
+            length = int(self._redis.llen(self._keys.ready))
+            if length >= cap:
+                raise QueueFull(length, cap)
 
     def push_raw(self, items: Sequence[dict[str, Any] | str | bytes]) -> None:
         """Push queue items as a non-Python producer would (raw JSON on the list)."""
@@ -363,6 +387,30 @@ class SendScriptClient:
 
     def schedule_remove(self, name: str) -> bool:
         return self._db[SCHEDULES].delete_one({"_id": name}).deleted_count == 1
+
+    # -- pauses (sendscript/pauses.py) -----------------------------------------------
+    def pause(self, queue: str | None = None, group: str | None = None,
+              device: str | None = None, *, reason: str = "", by: str | None = None,
+              hard: bool = False, quota: bool = False) -> flags.Pause:
+        """Pause dispatch everywhere, or of a queue, a device group or a device (at most
+        one named); every master holds the tasks it covers within a second. Held tasks
+        use no attempt. `hard=True` sets the hard stop, which only `resume(hard=True)`
+        lifts."""
+        scope = flags.scope_of(queue, group, device, hard=hard, quota=quota)
+        return flags.pause_sync(self._redis, self._keys, scope, reason,
+                                by or f"sdk:{flags.by_default()}")
+
+    def resume(self, queue: str | None = None, group: str | None = None,
+               device: str | None = None, *, hard: bool = False,
+               quota: bool = False) -> flags.Pause | None:
+        """Lift one pause (the global one when none is named; the hard stop only with
+        `hard=True`). The pause lifted, or None if it was not set."""
+        scope = flags.scope_of(queue, group, device, hard=hard, quota=quota)
+        return flags.resume_sync(self._redis, self._keys, scope)
+
+    def pauses(self) -> dict[str, flags.Pause]:
+        """Active pauses by scope, the hard stop first."""
+        return flags.list_sync(self._redis, self._keys)
 
     def flush_counters(self, role: str = "producer") -> None:
         roundtrips.flush_sync(self._redis, self._keys.roundtrips, role)

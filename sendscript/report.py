@@ -1,4 +1,7 @@
-"""What `sendscript status` shows: queues, tasks by status, locks, masters, consumers."""
+"""What `sendscript status` shows: queues, tasks by status, locks, masters, consumers.
+
+Each master's entry is its heartbeat, with its backpressure (`backpressure`: state,
+held, high and low water) as the master reports it."""
 
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ def gather(settings: Settings) -> dict[str, Any]:
         stats = {k.decode(): int(v) for k, v in r.hgetall(keys.stats).items()}
         return {
             "queue_ready": r.llen(keys.ready),
+            "queue_ready_max": settings.ready_max,  # producers' cap, 0: none
             "queue_quarantine": r.llen(keys.quarantine),
             "tasks": by_status,
             "locks_held": locks,

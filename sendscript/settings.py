@@ -115,6 +115,15 @@ class Settings(BaseSettings):
     max_script_bytes: int = Field(1024 * 1024, ge=1, le=16 * 1024 * 1024)
     dedupe_window_s: float = Field(86400.0, ge=0)
 
+    # Backpressure (issue 9): a master stops taking from the ready list while it holds
+    # high_water tasks (queued on its board plus delayed in its heap) and takes again
+    # once down to low_water; 0 turns it off. Producers (SDK, `sendscript submit`)
+    # refuse with QueueFull while the ready list holds ready_max items (0: no cap; a
+    # soft cap, one LLEN before storing: concurrent producers overshoot by a batch).
+    high_water: int = Field(5000, ge=0)
+    low_water: int = Field(1000, ge=0)
+    ready_max: int = Field(0, ge=0)
+
     log_level: str = "INFO"
     log_json: bool = False
 
