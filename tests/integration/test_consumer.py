@@ -403,3 +403,62 @@ async def test_malformed_messages_go_to_the_dead_letter_topic(rig: Rig) -> None:
     stats = await rig.redis.hget(rig.settings.keys.stats, "dead_lettered")
     assert stats == str(len(bad)).encode()
     assert await rig.db[LOGS].count_documents({}) == 1
+
+
+def with_lone_surrogate(payload: dict[str, Any], field: str) -> bytes:
+    """Valid JSON whose `field` holds a lone surrogate: Python keeps it, BSON cannot."""
+    data = json.dumps({**payload, field: "before MARK after"}).encode()
+    return data.replace(b"MARK", b"\\ud800")
+
+
+async def test_a_log_the_store_refuses_is_dead_lettered_and_the_rest_of_its_batch_applies(
+    rig: Rig,
+) -> None:
+    rig.settings.task_log_max_message_chars = 10_000
+    ok_task, ok_rec, _ = await rig.sent_task("dev-ok")
+    bad_task, bad_rec, bad_fence = await rig.sent_task("dev-bad")
+    big_task, big_rec, _ = await rig.sent_task("dev-big")
+    # Pulsar's own limit (5 MiB in pulsar-lite and Apache Pulsar): no log can be
+    # larger than the store's 16 MiB, but one can be far larger than worth storing.
+    with pytest.raises(Exception, match=r"(?i)too ?big|size"):
+        await rig.producer.send(b"x" * (6 * 1024 * 1024))
+    poison = with_lone_surrogate(log(bad_task, bad_rec, "dev-bad", "SUCCESS"), "message")
+    batch = await rig.deliver([
+        log(ok_task, ok_rec, "dev-ok", "SUCCESS", "fine", 1_000),
+        poison,
+        log(big_task, big_rec, "dev-big", "SUCCESS", "y" * 4_000_000, 2_000),
+    ])
+
+    result = await rig.consumer.process(batch)
+
+    assert (result.dead_lettered, result.saved, result.applied, result.released) == (1, 2, 2, 2)
+    [letter] = await rig.dead_letters(1)
+    payload = json.loads(letter.data())
+    assert payload["data"] == poison.decode()
+    assert "cannot be stored" in payload["reason"] and "surrogate" in payload["reason"]
+    assert letter.properties()["reason"] == payload["reason"][:500]
+    for task_id in (ok_task, big_task):
+        assert (await rig.db[TASKS].find_one({"_id": task_id}))["status"] == "success"  # type: ignore[index]
+    # The refused result is not applied: its device stays held until the result
+    # timeout, like a result that never came.
+    assert (await rig.db[TASKS].find_one({"_id": bad_task}))["status"] == "sent"  # type: ignore[index]
+    assert await rig.locks.holders(["dev-bad"]) == [bad_fence]
+    assert await rig.db[LOGS].count_documents({"task_id": bad_task}) == 0
+    stored = await rig.db[LOGS].find_one({"task_id": big_task})
+    assert stored is not None and len(stored["message"]) == 10_000
+    assert stored["message"].endswith("[cut: 4000000 characters]")
+    assert await rig.redis.hget(rig.settings.keys.stats, "dead_lettered") == b"1"
+
+    # Delivered again (a redelivery), nothing changes and the poison is refused again.
+    again = await rig.consumer.process(batch)
+    assert (again.dead_lettered, again.saved, again.applied) == (1, 0, 0)
+
+
+async def test_a_batch_of_nothing_but_refused_logs_is_dead_lettered_whole(rig: Rig) -> None:
+    task_id, record_id, _ = await rig.sent_task("dev-1")
+    payloads = [with_lone_surrogate(log(task_id, record_id, "dev-1", "INFO", ts=i), "message")
+                for i in range(3)]
+    result = await rig.consumer.process(await rig.deliver(payloads))
+    assert (result.dead_lettered, result.saved, result.applied) == (3, 0, 0)
+    assert len(await rig.dead_letters(3)) == 3
+    assert await rig.db[LOGS].count_documents({}) == 0
