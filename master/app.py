@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from loguru import logger
 
+from master.alerting import Alerting
 from master.backpressure import Backpressure
 from master.board import DeviceBoard
 from master.bus import (
@@ -39,6 +40,7 @@ from master.pool import WorkerPool
 from master.recovery import Recovery
 from master.scheduler import Scheduler
 from master.sweeper import Sweeper
+from master.watches import Watches
 from sendscript import connect
 from sendscript.backoff import Backoff
 from sendscript.models import Task, utcnow
@@ -81,6 +83,9 @@ class Master:
         self.recovery = Recovery(s, self.redis, self.tasks, RecordStore(self.db))
         self.lost_work = LostWork(bus, self.recovery, self.jobs, self.stop_event)
         self.expiry = Expiry(s, bus, self.tasks, self.redis, self.jobs)
+        self.alerting = Alerting(s, bus, self.redis)
+        self.watches = Watches(s, bus, self.redis, lambda: self.pool.slots,
+                               lambda: self.sweeper.lease.leading, self.alerting.forget)
         self.backpressure = Backpressure(s, bus, lambda: self.board.queued + len(self.delayed.heap))
         self.delayed = DelayedTasks(
             s, self.tasks, lambda: self.recovery.dead_masters(exclude=s.master_id),
@@ -106,6 +111,7 @@ class Master:
             "intake": self.intake, "device-free": self.listener, "lock-check": self.checker,
             "heartbeat": self.heartbeat, "delayed": self.delayed,
             "scheduler": self.scheduler, "expiry": self.expiry, "sweeper": self.sweeper,
+            "alerts": self.alerting, "watches": self.watches,
             "backpressure": self.backpressure,
         }
 
@@ -241,6 +247,7 @@ class Master:
             "worker_names": [w.name for w in pool.online()],
             "workers_recycled": pool.recycled,
             "events": dict(self.bus.emitted),
+            "alerts": {**self.alerting.report(), **self.watches.report()},
             "backpressure": self.backpressure.report(),
         }
 

@@ -73,3 +73,8 @@ class Keys:
     def roundtrips(self) -> str:
         """Hash of round-trip counters per role and server (benchmarks read it)."""
         return f"{self.prefix}:stats:roundtrips"
+
+    def alert(self, kind: str, key: str) -> str:
+        """An incident's cluster-wide record (master/alerting.py): the announcing
+        master's id while it is on, `resolved:<id>` once its end was sent; expiring."""
+        return f"{self.prefix}:alert:{kind}:{key}"

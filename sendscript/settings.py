@@ -124,6 +124,31 @@ class Settings(BaseSettings):
     low_water: int = Field(1000, ge=0)
     ready_max: int = Field(0, ge=0)
 
+    # Alerts (issue 9, sendscript/alerts.py, master/alerting.py): a WeCom group robot
+    # (its full webhook URL, key included) and/or a JSON webhook; neither set: alerts
+    # are only logged. At most alert_max_per_minute messages a minute in all (what is
+    # dropped is said in the next one); each POST times out after alert_timeout_s and
+    # is tried again alert_retries times; at most alert_queue_size wait to be sent.
+    alert_wecom_url: str | None = None
+    alert_webhook_url: str | None = None
+    alert_max_per_minute: int = Field(20, ge=1)
+    alert_timeout_s: float = Field(10.0, gt=0)
+    alert_retries: int = Field(2, ge=0, le=10)
+    alert_queue_size: int = Field(100, ge=1)
+    # One message per incident across the cluster: its Redis record lives this long
+    # unless a master that still sees the incident renews it.
+    alert_claim_ttl_s: float = Field(3600.0, gt=0)
+    # Incidents the master raises itself (master/watches.py), checked this often:
+    # alert_worker_deaths workers dying unplanned within alert_worker_deaths_window_s
+    # (over when none died for that long); the dead_lettered counter rising by
+    # alert_dead_letters within alert_dead_letters_window_s (over when it stayed flat
+    # that long); a master whose heartbeat is gone (over when it is back).
+    alert_check_interval_s: float = Field(2.0, gt=0)
+    alert_worker_deaths: int = Field(3, ge=1)
+    alert_worker_deaths_window_s: float = Field(60.0, gt=0)
+    alert_dead_letters: int = Field(1, ge=1)
+    alert_dead_letters_window_s: float = Field(300.0, gt=0)
+
     log_level: str = "INFO"
     log_json: bool = False
 

@@ -1,0 +1,124 @@
+"""Alerting: `Incident` events become alerts, once per incident across the cluster.
+
+Locally, an incident (its kind and key) is announced when it starts and when it
+ends; a repeat of one already on, or the end of one never seen, is ignored.
+Across masters (several see the same open breaker), a Redis record per incident
+decides who sends: the first master to start it claims it (`START`) and sends
+"started"; the first to see it end marks it resolved (`RESOLVE`) and sends
+"resolved"; the others send nothing. The record expires after
+`alert_claim_ttl_s` unless a master that still sees the incident renews it
+(`RENEW`), so a record outlives the master that made it but not the incident.
+The claims are made by the notifier's loop right before sending, never in a
+bus handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import redis.asyncio
+
+from master.bus import Bus, Incident
+from sendscript.alerts import Alert, Notifier
+from sendscript.backoff import every
+from sendscript.models import utcnow
+from sendscript.settings import Settings
+
+RESOLVED = "resolved:"
+
+# Claim the start of an incident. KEYS[1] = its record; ARGV[1] = this master's id,
+# ARGV[2] = TTL ms. 1: ours to announce (no record, or the last one ended); 0: on
+# already, announced by another master (or by us before a restart).
+START = """
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, 9) ~= 'resolved:' then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# Claim the end. KEYS[1] = its record; ARGV[1] = this master's id, ARGV[2] = TTL ms.
+# 1: ours to announce (the record is on, or it lapsed: nobody else will say it);
+# 0: another master announced the end already. The record becomes `resolved:<id>`
+# so that the masters that see the end later stay silent.
+RESOLVE = """
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, 9) == 'resolved:' then return 0 end
+redis.call('SET', KEYS[1], 'resolved:' .. ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# Keep the record of an incident still on. KEYS[1] = its record; ARGV[1] = this
+# master's id, ARGV[2] = TTL ms. A lapsed record (its announcer died, or Redis
+# lost it) is taken over silently: it was announced already. An ended one is left.
+RENEW = """
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if string.sub(v, 1, 9) == 'resolved:' then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+
+
+class Alerting:
+    """Subscribes to `Incident`; hands what must be said to the notifier."""
+
+    def __init__(self, settings: Settings, bus: Bus, client: redis.asyncio.Redis) -> None:
+        self.settings = settings
+        self.redis = client
+        self.active: dict[tuple[str, str], Incident] = {}
+        self.notifier = Notifier(settings, claim=self.claim)
+        self._start = client.register_script(START)
+        self._resolve = client.register_script(RESOLVE)
+        self._renew = client.register_script(RENEW)
+        self.ttl_ms = int(settings.alert_claim_ttl_s * 1000)
+        bus.subscribe(Incident, self.on_incident)
+
+    def on_incident(self, event: Incident) -> None:
+        ident = (event.kind, event.key)
+        if event.active == (ident in self.active):
+            return  # a repeat of what is on, or the end of what we never saw start
+        if event.active:
+            self.active[ident] = event
+        else:
+            del self.active[ident]
+        self.notifier.offer(Alert(
+            incident=event.kind, key=event.key,
+            state="started" if event.active else "resolved", detail=event.detail,
+            master=self.settings.master_id, at=utcnow()))
+
+    def forget(self, kind: str, key: str) -> None:
+        """Stop following an incident without announcing its end (another master
+        follows it now)."""
+        self.active.pop((kind, key), None)
+
+    async def claim(self, alert: Alert) -> bool:
+        script = self._start if alert.state == "started" else self._resolve
+        key = self.settings.keys.alert(alert.incident, alert.key)
+        return bool(await script(keys=[key], args=[self.settings.master_id, self.ttl_ms]))
+
+    async def renew(self) -> None:
+        """Keep the records of the incidents still on from lapsing."""
+        if not self.active:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for kind, key in list(self.active):
+            await self._renew(keys=[self.settings.keys.alert(kind, key)],
+                              args=[self.settings.master_id, self.ttl_ms], client=pipe)
+        await pipe.execute()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        renewing = asyncio.create_task(every(
+            stop, self.settings.alert_claim_ttl_s / 3, "alert records", self.renew,
+            wait_first=True))
+        try:
+            await self.notifier.run(stop)
+        finally:
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
+
+    def report(self) -> dict[str, Any]:
+        return {"active": sorted(f"{kind}:{key}" for kind, key in self.active),
+                **self.notifier.report()}
