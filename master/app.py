@@ -36,6 +36,7 @@ from master.heartbeat import Heartbeat
 from master.intake import Intake
 from master.jobs import Jobs
 from master.lost_work import LostWork
+from master.pausing import Pausing
 from master.pool import WorkerPool
 from master.recovery import Recovery
 from master.scheduler import Scheduler
@@ -86,6 +87,7 @@ class Master:
         self.alerting = Alerting(s, bus, self.redis)
         self.watches = Watches(s, bus, self.redis, lambda: self.pool.slots,
                                lambda: self.sweeper.lease.leading, self.alerting.forget)
+        self.pausing = Pausing(s, bus, self.redis, self.groups, self.jobs)
         self.backpressure = Backpressure(s, bus, lambda: self.board.queued + len(self.delayed.heap))
         self.delayed = DelayedTasks(
             s, self.tasks, lambda: self.recovery.dead_masters(exclude=s.master_id),
@@ -112,6 +114,7 @@ class Master:
             "heartbeat": self.heartbeat, "delayed": self.delayed,
             "scheduler": self.scheduler, "expiry": self.expiry, "sweeper": self.sweeper,
             "alerts": self.alerting, "watches": self.watches,
+            "pausing": self.pausing,
             "backpressure": self.backpressure,
         }
 
@@ -240,6 +243,7 @@ class Master:
             "delayed_fire_lateness": percentiles(self.delayed.lateness),
             "schedule_fires": self.scheduler.fired,
             "expired": self.expiry.expired,
+            "pauses": self.pausing.report(),
             "running_by_queue": dict(board.running_by_queue),
             "leader": self.sweeper.lease.leading,
             "sweeps": self.sweeper.sweeps,

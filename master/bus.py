@@ -87,6 +87,14 @@ class WithdrawRequested:
 
 
 @dataclass(frozen=True, slots=True)
+class WakeRequested:
+    """Ask again now about these devices' tasks that a gate held (a pause was lifted):
+    their cool-down ends early."""
+
+    device_ids: list[str]
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceFreed:
     device_id: str
     fence: int | None  # None: the fallback check found the lock gone

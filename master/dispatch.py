@@ -27,6 +27,7 @@ from master.bus import (
     TasksQueued,
     TasksTaken,
     TasksWithdrawn,
+    WakeRequested,
     WithdrawRequested,
     WorkerLost,
     WorkRecovered,
@@ -62,6 +63,7 @@ class Dispatcher:
         bus.subscribe(WorkerLost, lambda _: self._note_idle())
         bus.subscribe(WorkRecovered, self._on_recovered)
         bus.subscribe(CapacityChanged, lambda _: self.kick())
+        bus.subscribe(WakeRequested, self._on_wake)
 
     # -- pool callbacks (the pool knows nothing of the bus) ---------------------------
     def on_answer(self, slot: WorkerSlot, done: TaskDone) -> None:
@@ -118,6 +120,11 @@ class Dispatcher:
             changed = self.board.freed(event.device_id, event.fence)
         if changed:
             self.kick()
+
+    def _on_wake(self, event: WakeRequested) -> None:
+        for device_id in event.device_ids:
+            self.board.wake(device_id)
+        self.kick()
 
     def _on_recovered(self, event: WorkRecovered) -> None:
         pending = {t.device_id: t for t in event.pending}

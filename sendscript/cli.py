@@ -537,6 +537,90 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
         consumers.add_row(c["name"], "yes" if c["alive"] else "[red]no[/red]", str(c["saved"]),
                           str(c["applied"]), str(c["dead_lettered"]), c["updated_at"])
     console.print(consumers)
+    _print_pauses(info.get("pauses", {}))
+
+
+# -- pauses ---------------------------------------------------------------------------------
+
+pause_app = typer.Typer(help="Pause dispatch: everywhere, of a queue, a group or a device.",
+                        invoke_without_command=True)
+app.add_typer(pause_app, name="pause")
+QueueOpt = Annotated[str | None, typer.Option(help="Only this queue's tasks.")]
+GroupOpt = Annotated[str | None, typer.Option(help="Only the tasks of this group's devices.")]
+DeviceOpt = Annotated[str | None, typer.Option(help="Only this device's tasks.")]
+
+
+@pause_app.callback()
+def pause(
+    ctx: typer.Context,
+    queue: QueueOpt = None,
+    group: GroupOpt = None,
+    device: DeviceOpt = None,
+    hard: Annotated[bool, typer.Option(
+        "--hard", help="The hard stop: only `resume --hard` lifts it.")] = False,
+    reason: Annotated[str, typer.Option(help="Why (shown in status and alerts).")] = "",
+) -> None:
+    """Hold every task (or a queue's, a group's, a device's) until resumed: held tasks
+    use no attempt. `pause list` shows the pauses."""
+    from sendscript.client import SendScriptClient
+    from sendscript.pauses import by_default
+
+    if ctx.invoked_subcommand is not None:
+        return
+    with SendScriptClient(_settings()) as client:
+        try:
+            done = client.pause(queue, group, device, reason=reason, hard=hard, by=by_default())
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    console.print(f"paused {done.scope}" + (f": {done.reason}" if done.reason else ""))
+
+
+@pause_app.command("list")
+def pause_list() -> None:
+    """The pauses in force."""
+    from sendscript.client import SendScriptClient
+
+    with SendScriptClient(_settings()) as client:
+        _print_pauses(client.pauses())
+
+
+@app.command()
+def resume(
+    queue: QueueOpt = None,
+    group: GroupOpt = None,
+    device: DeviceOpt = None,
+    hard: Annotated[bool, typer.Option("--hard", help="Lift the hard stop.")] = False,
+    quota: Annotated[bool, typer.Option("--quota", help="Lift the quota pause.")] = False,
+) -> None:
+    """Lift one pause: the global one, or the named queue's, group's or device's. The
+    hard stop stays until `resume --hard`."""
+    from sendscript.client import SendScriptClient
+    from sendscript.pauses import HARD
+
+    with SendScriptClient(_settings()) as client:
+        try:
+            lifted = client.resume(queue, group, device, hard=hard, quota=quota)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        left = client.pauses()
+    if lifted is None:
+        console.print("nothing to resume: that pause was not set")
+    else:
+        console.print(f"resumed {lifted.scope}")
+    if HARD in left and not hard:
+        console.print("[red]the hard stop is still on: `sendscript resume --hard` lifts it"
+                      "[/red]")
+
+
+def _print_pauses(pauses: dict[str, Any]) -> None:
+    if not pauses:
+        console.print("no pauses")
+        return
+    table = Table("scope", "reason", "by", "since", title="pauses")
+    for scope, p in pauses.items():
+        row = p if isinstance(p, dict) else p.to_dict()
+        table.add_row(scope, row["reason"], row["by"], row["at"])
+    console.print(table)
 
 
 @app.command()

@@ -29,6 +29,7 @@ from pymongo import DESCENDING
 from pymongo.errors import DuplicateKeyError
 
 from sendscript import connect, roundtrips
+from sendscript import pauses as flags
 from sendscript.groups import check_name
 from sendscript.models import (
     DEFAULT_MAX_RETRIES,
@@ -386,6 +387,30 @@ class SendScriptClient:
 
     def schedule_remove(self, name: str) -> bool:
         return self._db[SCHEDULES].delete_one({"_id": name}).deleted_count == 1
+
+    # -- pauses (sendscript/pauses.py) -----------------------------------------------
+    def pause(self, queue: str | None = None, group: str | None = None,
+              device: str | None = None, *, reason: str = "", by: str | None = None,
+              hard: bool = False, quota: bool = False) -> flags.Pause:
+        """Pause dispatch everywhere, or of a queue, a device group or a device (at most
+        one named); every master holds the tasks it covers within a second. Held tasks
+        use no attempt. `hard=True` sets the hard stop, which only `resume(hard=True)`
+        lifts."""
+        scope = flags.scope_of(queue, group, device, hard=hard, quota=quota)
+        return flags.pause_sync(self._redis, self._keys, scope, reason,
+                                by or f"sdk:{flags.by_default()}")
+
+    def resume(self, queue: str | None = None, group: str | None = None,
+               device: str | None = None, *, hard: bool = False,
+               quota: bool = False) -> flags.Pause | None:
+        """Lift one pause (the global one when none is named; the hard stop only with
+        `hard=True`). The pause lifted, or None if it was not set."""
+        scope = flags.scope_of(queue, group, device, hard=hard, quota=quota)
+        return flags.resume_sync(self._redis, self._keys, scope)
+
+    def pauses(self) -> dict[str, flags.Pause]:
+        """Active pauses by scope, the hard stop first."""
+        return flags.list_sync(self._redis, self._keys)
 
     def flush_counters(self, role: str = "producer") -> None:
         roundtrips.flush_sync(self._redis, self._keys.roundtrips, role)

@@ -78,3 +78,18 @@ class Keys:
         """An incident's cluster-wide record (master/alerting.py): the announcing
         master's id while it is on, `resolved:<id>` once its end was sent; expiring."""
         return f"{self.prefix}:alert:{kind}:{key}"
+
+    @property
+    def pauses(self) -> str:
+        """Hash scope -> JSON {reason, by, at}: the pause flags (sendscript/pauses.py)."""
+        return f"{self.prefix}:pauses"
+
+    @property
+    def pauses_channel(self) -> str:
+        """Pub/sub channel: `{"scope", "active"}` each time a pause is set or lifted."""
+        return f"{self.prefix}:events:pauses"
+
+    @property
+    def quota_probe(self) -> str:
+        """Expiring key: the master that set it sends the next quota probe."""
+        return f"{self.prefix}:pauses:quota-probe"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sendscript import connect
+from sendscript import connect, pauses
 from sendscript.settings import Settings
 from sendscript.store import TASKS
 
@@ -45,6 +45,7 @@ def gather(settings: Settings) -> dict[str, Any]:
             "workers_alive": sum(m.get("workers_alive", 0) for m in masters if m["alive"]),
             "consumers": consumers,
             "stats": stats,
+            "pauses": {s: p.to_dict() for s, p in pauses.list_sync(r, keys).items()},
         }
     finally:
         r.close()

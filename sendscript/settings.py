@@ -115,6 +115,12 @@ class Settings(BaseSettings):
     max_script_bytes: int = Field(1024 * 1024, ge=1, le=16 * 1024 * 1024)
     dedupe_window_s: float = Field(86400.0, ge=0)
 
+    # Pauses (issue 9, sendscript/pauses.py): a lifted pause wakes the devices it held
+    # at once; this is only the fallback re-ask of a held device. While the quota pause
+    # is set, one task is let through this often as a probe (its success lifts it).
+    pause_recheck_s: float = Field(10.0, gt=0)
+    quota_probe_s: float = Field(30.0, gt=0)
+
     # Backpressure (issue 9): a master stops taking from the ready list while it holds
     # high_water tasks (queued on its board plus delayed in its heap) and takes again
     # once down to low_water; 0 turns it off. Producers (SDK, `sendscript submit`)
