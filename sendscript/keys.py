@@ -69,6 +69,11 @@ class Keys:
         """Hash of service-wide counters (quarantined, dead_lettered, ...)."""
         return f"{self.prefix}:stats"
 
+    def rate_limit(self, name: str) -> str:
+        """Hash of a rate limit's current window (`d` ms, `w` index) and `used`, the
+        tokens all masters took in it (`sendscript.limits`)."""
+        return f"{self.prefix}:limit:{name}"
+
     @property
     def roundtrips(self) -> str:
         """Hash of round-trip counters per role and server (benchmarks read it)."""

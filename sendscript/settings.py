@@ -155,6 +155,16 @@ class Settings(BaseSettings):
     alert_dead_letters: int = Field(1, ge=1)
     alert_dead_letters_window_s: float = Field(300.0, gt=0)
 
+    # Rate limits (issue 9, sendscript/limits.py, master/limiting.py), shared by every
+    # master: at most MAX dispatches per DURATION for all tasks, a queue or a device
+    # group: "global=20/1s,queue:bulk=5/2s,group:rack-7=1/1s" (ms, s, m, h). A task
+    # over a limit waits (no attempt used, no error). Tokens are reserved in Redis at
+    # most every rate_limit_tick_s while tasks wait; the master reloads the limited
+    # groups' devices every rate_limit_groups_refresh_s.
+    rate_limits: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    rate_limit_tick_s: float = Field(0.05, gt=0, le=10)
+    rate_limit_groups_refresh_s: float = Field(30.0, gt=0)
+
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -181,6 +191,16 @@ class Settings(BaseSettings):
                 raise ValueError(f"expected name=number, got {part!r}")
             pairs[name.strip()] = number.strip()
         return pairs
+
+    @field_validator("rate_limits", mode="before")
+    @classmethod
+    def _limits(cls, value: Any) -> Any:
+        """Checked here, so a bad limit stops a role at start with the reason."""
+        from sendscript.limits import parse_limits
+
+        if isinstance(value, str) and value.strip().startswith("{"):
+            value = json.loads(value)
+        return {name: limit.rule for name, limit in parse_limits(value).items()}
 
     def to_env(self) -> dict[str, str]:
         """These settings as `SENDSCRIPT_*` variables, for a child process."""

@@ -1,0 +1,301 @@
+"""Rate limits at dispatch: a gate that spends tokens its loop reserves in Redis.
+
+Every limit (`sendscript.limits`: global, per queue, per device group) counts
+tokens per fixed window in Redis, shared by all masters. The gate never calls
+Redis: it spends tokens this master has reserved (`LimitBook.take`, O(limits of
+the task)). A task needs a token of each limit that applies to it (global, its
+queue's, its device's groups') and takes all of them or none. Without one it is
+held (`Hold`: queued, no attempt used, nothing logged as an error) and the limit
+notes the demand; the loop then reserves tokens for every limit with demand in
+one script call, at most every `rate_limit_tick_s`, and the held devices ask
+again just after the reply is due. A limit whose window Redis reports used up is
+asked for again only when the next window begins, and its tasks wait until then.
+
+Unspent tokens lapse with their window; tokens nobody here asked for during
+`IDLE_S` are given back sooner, so that another master may use them. Windows are
+Redis server time: each reply maps them onto this process's monotonic clock,
+conservatively by half the round trip (tokens stop a little before their window
+ends; the next window is asked for a little after it begins).
+
+Ordinary limiting raises no Incident: it is the service working as configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import redis.asyncio
+from pymongo.asynchronous.collection import AsyncCollection
+
+from master.bus import GO, Bus, Hold, MasterStopping, Verdict
+from sendscript.backoff import Backoff, every
+from sendscript.groups import devices_of
+from sendscript.limits import Ask, RateLimit, RateLimiter, Reservation, parse_limits
+from sendscript.models import Task
+from sendscript.settings import Settings
+
+IDLE_S = 0.5  # tokens neither spent nor asked for this long go back to the others
+MIN_MARGIN_S = 0.005  # held devices ask again this long after a reply is due, at least
+FAILED_RETRY_S = 1.0  # while Redis does not answer, held devices ask this often
+GROUPS_RETRY_S = 1.0  # until the limited groups' devices are loaded
+IDLE_WAIT_S = 1.0  # the loop's longest sleep when nothing is due
+
+
+@dataclass
+class LimitState:
+    """One limit as this master sees it."""
+
+    limit: RateLimit
+    window: int = -1  # Redis window index the tokens belong to
+    tokens: int = 0  # reserved here for `window`, not yet spent
+    spend_until: float = 0.0  # monotonic: the window has surely not ended before this
+    refresh_at: float = 0.0  # monotonic: the next window has surely begun by this
+    exhausted: bool = False  # every token of `window` is taken, by us or others
+    used: int = 0  # the window's tokens taken by all masters, at the last reply
+    demand: set[str] = field(default_factory=set)  # tasks held for want of a token
+    spent: int = 0  # tokens spent since the last ask
+    active_at: float = -math.inf  # the last grant or spend
+    held: int = 0  # hold verdicts in all (report)
+    taken: int = 0  # tokens spent in all (report)
+
+    def roll(self, now: float) -> None:
+        """Tokens lapse at the end of their window; so does its being used up."""
+        if now >= self.spend_until:
+            self.tokens = 0
+        if self.exhausted and now >= self.refresh_at:
+            self.exhausted = False
+
+
+class LimitBook:
+    """The tokens of every limit: spent by the gate, asked for by the loop. Pure:
+    times are monotonic seconds passed in."""
+
+    def __init__(self, limits: dict[str, RateLimit], tick_s: float,
+                 wake: Callable[[], None] = lambda: None) -> None:
+        self.states = {name: LimitState(limit) for name, limit in limits.items()}
+        self.tick_s = tick_s
+        self.wake = wake  # a limit got its first demand: the loop looks again when to ask
+        self.last_ask_at = -math.inf
+        self.rtt = 0.0  # of the last reservation
+        self.failing = False
+        self.reservations = 0
+
+    # -- the gate's side ---------------------------------------------------------------
+    def take(self, states: list[LimitState], task_id: str,
+             now: float) -> tuple[LimitState, float] | None:
+        """One token of each limit, all or none: None, or (a limit lacking one, the
+        seconds after which the task should ask again)."""
+        for s in states:
+            s.roll(now)
+        lacking = [s for s in states if s.tokens <= 0]
+        if not lacking:
+            for s in states:
+                s.tokens -= 1
+                s.spent += 1
+                s.taken += 1
+                s.active_at = now
+            return None
+        first = False
+        for s in lacking:
+            s.held += 1
+            first = first or not s.demand
+            s.demand.add(task_id)
+        if first:
+            self.wake()
+        retry, worst = max((self.retry_in(s, now), i) for i, s in enumerate(lacking))
+        return lacking[worst], retry
+
+    def retry_in(self, s: LimitState, now: float) -> float:
+        if self.failing:
+            return FAILED_RETRY_S
+        margin = MIN_MARGIN_S + 2 * self.rtt
+        if s.exhausted:
+            return max(0.0, s.refresh_at - now) + margin
+        return max(0.0, self.last_ask_at + self.tick_s - now) + margin
+
+    # -- the loop's side -----------------------------------------------------------------
+    def next_wake(self, now: float) -> float | None:
+        """When the loop has something to ask Redis (None: nothing until woken)."""
+        at: float | None = None
+        for s in self.states.values():
+            s.roll(now)
+            if s.demand:
+                due = s.refresh_at if s.exhausted else max(now, self.last_ask_at + self.tick_s)
+            elif s.tokens > 0:
+                due = s.active_at + IDLE_S
+            else:
+                continue
+            at = due if at is None else min(at, due)
+        return at
+
+    def plan(self, now: float) -> list[Ask]:
+        """What to ask for now: tokens for the held demand (and as many as were spent
+        since the last ask, for the tasks to come), and idle tokens back."""
+        asks: list[Ask] = []
+        for s in self.states.values():
+            s.roll(now)
+            want = back = 0
+            if s.demand and not s.exhausted:
+                want = max(0, min(s.limit.max, len(s.demand) + s.spent) - s.tokens)
+                s.demand.clear()
+                s.spent = 0
+            elif not s.demand and s.tokens > 0 and now - s.active_at >= IDLE_S:
+                back, s.tokens = s.tokens, 0  # not ours to spend once asked back
+            if want or back:
+                asks.append(Ask(s.limit, want, back, s.window))
+        if asks:
+            self.last_ask_at = now
+        return asks
+
+    def release_all(self, now: float) -> list[Ask]:
+        """Every unspent token back (the master stops)."""
+        asks = []
+        for s in self.states.values():
+            s.roll(now)
+            if s.tokens > 0:
+                asks.append(Ask(s.limit, 0, s.tokens, s.window))
+                s.tokens = 0
+        return asks
+
+    def apply(self, asks: list[Ask], reply: Reservation, sent_at: float,
+              answered_at: float) -> None:
+        """The reply of a reservation sent at `sent_at` and answered at `answered_at`."""
+        self.failing = False
+        self.reservations += 1
+        self.rtt = max(0.0, answered_at - sent_at)
+        mid, half = (sent_at + answered_at) / 2, self.rtt / 2
+        for ask, got in zip(asks, reply.grants, strict=True):
+            s = self.states[ask.limit.name]
+            if got.window != s.window:
+                s.window, s.tokens = got.window, 0  # older tokens lapsed with their window
+            end = mid + ((got.window + 1) * ask.limit.duration_ms - reply.now_ms) / 1000
+            s.spend_until = end - half
+            s.refresh_at = end + half + 0.001
+            s.tokens += got.granted
+            s.used = got.used
+            s.exhausted = got.used >= ask.limit.max
+            if got.granted:
+                s.active_at = answered_at
+            s.roll(answered_at)
+
+    def failed(self) -> None:
+        """The reservation did not answer: its asks count for nothing; tasks wait."""
+        self.failing = True
+
+
+class RateLimits:
+    """The gate and its loop: reservations, and the limited groups' devices."""
+
+    def __init__(self, settings: Settings, bus: Bus, client: redis.asyncio.Redis,
+                 groups: AsyncCollection) -> None:
+        self.settings = settings
+        self.limits = parse_limits(settings.rate_limits)
+        self.groups = groups
+        self.limiter = RateLimiter(client, settings.keys)
+        self._wake = asyncio.Event()
+        self.book = LimitBook(self.limits, settings.rate_limit_tick_s, self._wake.set)
+        states = self.book.states
+        self._global = states.get("global")
+        self._queues = {s.limit.target: s for s in states.values() if s.limit.kind == "queue"}
+        self._group_names = [s.limit.target for s in states.values() if s.limit.kind == "group"]
+        # device -> its groups' limits; None until the first load.
+        self._by_device: dict[str, list[LimitState]] | None = None if self._group_names else {}
+        self.groups_held = 0
+        if self.limits:
+            bus.add_gate(self)
+            bus.subscribe(MasterStopping, lambda _: self._wake.set())
+
+    # -- the gate --------------------------------------------------------------------------
+    def admit(self, task: Task, now: datetime) -> Verdict:
+        if self._by_device is None:
+            self.groups_held += 1
+            return Hold("rate limit: device groups not loaded yet", GROUPS_RETRY_S)
+        states = [self._global] if self._global is not None else []
+        if (queue := self._queues.get(task.queue)) is not None:
+            states.append(queue)
+        states.extend(self._by_device.get(task.device_id, ()))
+        if not states:
+            return GO
+        lacking = self.book.take(states, task.id, time.monotonic())
+        if lacking is None:
+            return GO
+        state, retry_s = lacking
+        return Hold(f"rate limit {state.limit.name}", retry_s)
+
+    # -- the loop ----------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        if not self.limits:
+            return
+        parts = [self._reserve(stop)]
+        if self._group_names:
+            parts.append(every(stop, self.settings.rate_limit_groups_refresh_s,
+                               "rate limit groups", self.load_groups))
+        await asyncio.gather(*parts)
+
+    async def _reserve(self, stop: asyncio.Event) -> None:
+        backoff = Backoff(base_s=0.2, cap_s=5.0)
+        while not stop.is_set():
+            now = time.monotonic()
+            due = self.book.next_wake(now)
+            wait = IDLE_WAIT_S if due is None else due - now
+            if wait > 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                except TimeoutError:
+                    pass
+                continue
+            asks = self.book.plan(now)
+            if not asks:
+                continue
+            try:
+                await self._ask(asks)
+                backoff.succeeded("rate limit reservation")
+            except Exception as exc:
+                self.book.failed()
+                await backoff.failed("rate limit reservation", exc, stop)
+        await self._give_back()
+
+    async def _ask(self, asks: list[Ask]) -> None:
+        sent_at = time.monotonic()
+        reply = await asyncio.wait_for(self.limiter.reserve(asks), self.settings.redis_timeout_s)
+        self.book.apply(asks, reply, sent_at, time.monotonic())
+
+    async def _give_back(self) -> None:
+        """A stopping master's unspent tokens, for the others (best effort)."""
+        asks = self.book.release_all(time.monotonic())
+        if asks:
+            try:
+                await self._ask(asks)
+            except Exception:  # they lapse with their window
+                pass
+
+    async def load_groups(self) -> None:
+        """device -> the limits of its groups, from `device_groups`."""
+        docs = await asyncio.wait_for(
+            self.groups.find({"_id": {"$in": self._group_names}}, {"devices": 1}).to_list(None),
+            self.settings.mongo_timeout_s)
+        by_device: dict[str, list[LimitState]] = {}
+        for name, devices in devices_of(docs).items():
+            state = self.book.states[f"group:{name}"]
+            for device in set(devices):
+                by_device.setdefault(device, []).append(state)
+        self._by_device = by_device
+
+    def report(self) -> dict[str, Any]:
+        states = self.book.states.values()
+        return {
+            "limits": {s.limit.name: {
+                "rule": s.limit.rule, "tokens": s.tokens, "window_used": s.used,
+                "held": s.held, "spent": s.taken,
+            } for s in states},
+            "held": sum(s.held for s in states) + self.groups_held,
+            "reservations": self.book.reservations,
+            "groups_loaded": self._by_device is not None,
+        }
