@@ -145,6 +145,7 @@ class Pausing:
         self.jobs = jobs
         self.gate = PauseGate(settings.pause_recheck_s)
         self.reloads = 0
+        self.incidents: Counter[str] = Counter()  # incidents raised, starts and ends
         self._next_probe: float | None = None
         bus.add_gate(self.gate)
         bus.subscribe(TasksWithdrawn, lambda e: self.gate.withdrawn(t.id for t in e.tasks))
@@ -191,17 +192,20 @@ class Pausing:
         self.reloads += 1
         for pause in change.started:
             logger.warning("pause {} set by {}: {}", pause.scope, pause.by, pause.reason)
-            self.bus.emit(Incident(incident_kind(pause.scope), pause.scope, True,
-                                   _detail(pause)))
+            self._incident(pause, True)
             if pause.scope == QUOTA:
                 self._next_probe = time.monotonic() + self.settings.quota_probe_s
         for pause in change.ended:
             logger.warning("pause {} lifted", pause.scope)
-            self.bus.emit(Incident(incident_kind(pause.scope), pause.scope, False,
-                                   _detail(pause)))
+            self._incident(pause, False)
         if change.wake:
             self.bus.emit(WakeRequested(change.wake))
         return change
+
+    def _incident(self, pause: Pause, active: bool) -> None:
+        kind = incident_kind(pause.scope)
+        self.incidents[kind] += 1
+        self.bus.emit(Incident(kind, pause.scope, active, _detail(pause)))
 
     async def probe(self) -> bool:
         """While only quota holds tasks, arm one probe per interval across masters."""
@@ -237,6 +241,7 @@ class Pausing:
             "holds": self.gate.holds,
             "quota_probes": self.gate.probes,
             "reloads": self.reloads,
+            "incidents": dict(self.incidents),
         }
 
 

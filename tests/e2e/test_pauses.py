@@ -137,6 +137,7 @@ def test_the_hard_stop_holds_until_resume_hard(stack: Stack) -> None:
     settings = stack.settings
     tag = f"hard-{uuid.uuid4().hex[:6]}"
     r = stack.inspect.redis
+    incidents = stack.pauses_seen()["incidents"]
     pauses.set_hard_stop_sync(r, settings.keys, "drop rate 40% over 60 s")
     stack.client.pause(reason="maintenance")
     try:
@@ -145,6 +146,7 @@ def test_the_hard_stop_holds_until_resume_hard(stack: Stack) -> None:
         stack.wait_held(pauses.HARD, PER_CASE)
         shown = cli(settings, "status", "--json")
         assert '"hard"' in shown and "drop rate 40% over 60 s" in shown
+        assert "maintenance" in cli(settings, "status")
         # A plain resume lifts the global pause only: the master sees it gone, and the
         # hard stop still holds every task.
         out = cli(settings, "resume")
@@ -160,6 +162,10 @@ def test_the_hard_stop_holds_until_resume_hard(stack: Stack) -> None:
     stack.wait_success(ids, "the tasks after resume --hard")
     stack.assert_ran_once(ids)
     assert stack.client.pauses() == {}
+    # Each pause raised its incident once when it began and once when it ended.
+    after = stack.wait_seen(set())["incidents"]
+    assert after.get("hard_stop", 0) - incidents.get("hard_stop", 0) == 2
+    assert after.get("paused", 0) - incidents.get("paused", 0) == 2
 
 
 def test_the_quota_pause_lets_one_probe_through_and_its_success_lifts_it(
@@ -172,6 +178,7 @@ def test_the_quota_pause_lets_one_probe_through_and_its_success_lifts_it(
         stack.wait_seen({pauses.QUOTA})
         ids = stack.submit([f"{tag}-{i}" for i in range(PER_CASE)], tag)
         stack.wait_success(ids, "the tasks, once a probe lifted the quota pause")
+        wait_for(lambda: stack.client.pauses() == {}, 10, "the probe to lift the quota pause")
     finally:
         pauses.clear_quota_sync(stack.inspect.redis, settings.keys)
     stack.assert_ran_once(ids)
