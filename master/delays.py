@@ -2,10 +2,14 @@
 
 A master loads the waiting (and retry-waiting) tasks due within its horizon and
 claims them in Mongo (`master` = its id), so two masters never both hold one.
-Tasks held by a master whose heartbeat expired are claimed by the next loader,
-and a master that restarts finds its own again. One timer is armed, for the
-earliest due time; firing is a compare-and-set waiting -> pending that also
-checks `run_at <= now`.
+Tasks held by a master whose heartbeat expired are claimed by the next loader.
+A master that restarts takes back every task it still holds, whatever its due
+time, before anything else and without claiming it again: it is its own
+already, and a retry its worker scheduled past the horizon is nobody else's to
+load. One timer is armed, for the earliest due time; firing is a compare-and-set
+waiting -> pending that also checks `run_at <= now`. A task that did not fire
+because its claim was taken from us (a leader that took a slow restart for a
+death) is claimed again at once if nobody holds it now.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from sendscript.settings import Settings
 from sendscript.store import TaskStore
 
 LOAD_LIMIT = 200_000
+# Past any due time: a restarted master takes back all it holds, not only the horizon.
+ANY_TIME = timedelta(days=365 * 100)
 
 
 class DelayHeap:
@@ -89,28 +95,48 @@ class DelayedTasks:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due: float | None = None
         self._firing: asyncio.Task[None] | None = None
-        self._loaded_once = False
+        # False while Mongo may say we hold a task the heap lacks: at start, and after a
+        # claim that failed half way (applied, its read-back lost). The next load then
+        # takes back all we hold; otherwise loads skip our own (they are in the heap).
+        self._heap_complete = False
+        # Set when the master stops: a fire that fails is not retried past it.
+        self._halt = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
-        await every(stop, self.settings.delay_load_interval_s, "delayed-task loader", self.load)
+        try:
+            await every(stop, self.settings.delay_load_interval_s, "delayed-task loader",
+                        self.load)
+        finally:
+            self._halt.set()
+
+    async def take_back(self) -> int:
+        """What this master held before a restart, all of it whatever its due time:
+        one query, no claim (it is ours already)."""
+        if self._heap_complete:
+            return 0
+        me = self.settings.master_id
+        docs = await self.tasks.scheduled_due(utcnow() + ANY_TIME, [me], LOAD_LIMIT)
+        ours = [d for d in docs if d["_id"] not in self.heap]
+        self._hold(ours)
+        self._heap_complete = True
+        if ours:
+            logger.info("took back {} delayed task(s) held before the restart", len(ours))
+        return len(ours)
 
     async def load(self) -> int:
-        """Claim what is due within the horizon: unheld, a dead master's, and (on the
-        first load after a start) what this master held before."""
+        """Claim what is due within the horizon and unheld or a dead master's; on the
+        first load after a start, take back what this master held before, first."""
+        taken = await self.take_back()
         horizon = utcnow() + timedelta(seconds=self.settings.delay_horizon_s)
         masters: list[str | None] = [None, *await self.dead_masters()]
-        if not self._loaded_once:  # later, ours are in the heap already
-            masters.append(self.settings.master_id)
         docs = await self.tasks.scheduled_due(horizon, masters, LOAD_LIMIT)
         new = [d["_id"] for d in docs if d["_id"] not in self.heap]
-        claimed = await self.tasks.claim_scheduled(
-            new, self.settings.master_id, [*masters, self.settings.master_id])
+        claimed = await self._claim(new, masters)
         self._hold(claimed)
-        self._loaded_once = True
         if claimed:
             logger.info("holding {} delayed task(s) due within {:.0f}s", len(claimed),
                         self.settings.delay_horizon_s)
-        return len(claimed)
+        return taken + len(claimed)
 
     async def offer(self, tasks: Iterable[Task]) -> None:
         """Scheduled tasks the intake just met: hold those due within the horizon now."""
@@ -118,8 +144,14 @@ class DelayedTasks:
         soon = [t.id for t in tasks if t.run_at is not None and t.run_at <= horizon
                 and t.master in (None, self.settings.master_id)]
         if soon:
-            me = self.settings.master_id
-            self._hold(await self.tasks.claim_scheduled(soon, me, [None, me]))
+            self._hold(await self._claim(soon, [None, self.settings.master_id]))
+
+    async def _claim(self, task_ids: list[str], masters: list[str | None]) -> list[dict[str, Any]]:
+        try:
+            return await self.tasks.claim_scheduled(task_ids, self.settings.master_id, masters)
+        except Exception:
+            self._heap_complete = False  # some may be ours now, unknown to the heap
+            raise
 
     def hold(self, task_id: str, run_at: datetime) -> None:
         """A task this master already holds in Mongo (a retry its worker decided)."""
@@ -150,7 +182,8 @@ class DelayedTasks:
 
     async def _fire(self) -> None:
         backoff = Backoff(base_s=0.2, cap_s=5.0)
-        while due := self.heap.pop_due(time.time()):
+        retaken: set[str] = set()  # once per pass: a claim lost again waits for a load
+        while not self._halt.is_set() and (due := self.heap.pop_due(time.time())):
             ids = [task_id for task_id, _ in due]
             while True:
                 try:
@@ -158,17 +191,39 @@ class DelayedTasks:
                     backoff.succeeded("fire delayed tasks")
                     break
                 except Exception as exc:
-                    await backoff.failed("fire delayed tasks", exc)
+                    if await backoff.failed("fire delayed tasks", exc, self._halt):
+                        # Stopping: they stay ours in Mongo, for a restart or the leader.
+                        return
             fired_at = time.time()
             fired = {t.id for t in pending}
             self.lateness.extend(fired_at - when for task_id, when in due if task_id in fired)
             self.fired += len(pending)
             if pending:
                 self.on_due(pending)
+            if missed := [i for i in ids if i not in fired and i not in retaken]:
+                retaken.update(missed)
+                await self._retake(missed)
         self._arm()
+
+    async def _retake(self, task_ids: list[str]) -> None:
+        """Due tasks that did not fire: cancelled or done (nothing to do), or no longer
+        held by us. A leader that took our slow restart for a death hands our tasks to
+        nobody; claim those again and hold them, so they fire now, not at the next load."""
+        try:
+            masters: list[str | None] = [None, *await self.dead_masters()]
+            retaken = await self._claim(task_ids, masters)
+        except Exception as exc:  # the next load finds them, ours or not
+            logger.warning("could not take back {} unfired delayed task(s): {!r}",
+                           len(task_ids), exc)
+            return
+        if retaken:
+            logger.info("took back {} delayed task(s) our claim on which was lost",
+                        len(retaken))
+            self._hold(retaken)
 
     def stop(self) -> None:
         """Fire nothing more (on shutdown; the tasks stay held by us in Mongo)."""
+        self._halt.set()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
