@@ -41,7 +41,7 @@ from master.bus import (
 )
 from master.jobs import Jobs
 from sendscript import pauses
-from sendscript.backoff import Backoff
+from sendscript.backoff import Backoff, OutageLog
 from sendscript.models import Task
 from sendscript.pauses import HARD, QUOTA, Pause, PauseView
 from sendscript.settings import Settings
@@ -147,6 +147,8 @@ class Pausing:
         self.reloads = 0
         self.incidents: Counter[str] = Counter()  # incidents raised, starts and ends
         self._next_probe: float | None = None
+        self._members: dict[str, list[str]] = {}  # paused group -> its devices, last read
+        self._mongo = OutageLog("pauses: paused groups' devices")
         bus.add_gate(self.gate)
         bus.subscribe(TasksWithdrawn, lambda e: self.gate.withdrawn(t.id for t in e.tasks))
         bus.subscribe(TaskAnswered, self._on_answered)
@@ -185,9 +187,7 @@ class Pausing:
         flags = await pauses.load(self.redis, self.settings.keys)
         view = PauseView.build(flags)
         if view.groups:
-            docs = await self.groups.find({"_id": {"$in": view.groups}},
-                                          {"devices": 1}).to_list(None)
-            view = PauseView.build(flags, {d["_id"]: d.get("devices", []) for d in docs})
+            view = PauseView.build(flags, await self._group_members(view.groups))
         change = self.gate.update(view)
         self.reloads += 1
         for pause in change.started:
@@ -201,6 +201,19 @@ class Pausing:
         if change.wake:
             self.bus.emit(WakeRequested(change.wake))
         return change
+
+    async def _group_members(self, groups: list[str]) -> dict[str, list[str]]:
+        """The paused groups' devices; while Mongo fails, the last ones read (a flag
+        change in Redis must not wait for Mongo)."""
+        try:
+            docs = await self.groups.find({"_id": {"$in": groups}},
+                                          {"devices": 1}).to_list(None)
+        except Exception as exc:
+            self._mongo.failed(exc)
+            return {g: self._members.get(g, []) for g in groups}
+        self._mongo.ok()
+        self._members = {d["_id"]: list(d.get("devices", [])) for d in docs}
+        return self._members
 
     def _incident(self, pause: Pause, active: bool) -> None:
         kind = incident_kind(pause.scope)
