@@ -139,7 +139,7 @@ def test_the_hard_stop_holds_until_resume_hard(stack: Stack) -> None:
     r = stack.inspect.redis
     incidents = stack.pauses_seen()["incidents"]
     pauses.set_hard_stop_sync(r, settings.keys, "drop rate 40% over 60 s")
-    stack.client.pause(reason="maintenance")
+    assert "paused global: maintenance" in cli(settings, "pause", "--reason", "maintenance")
     try:
         stack.wait_seen({pauses.HARD, pauses.GLOBAL})
         ids = stack.submit([f"{tag}-{i}" for i in range(PER_CASE)], tag)
