@@ -257,10 +257,11 @@ class Notifier:
             "max_per_minute": self.throttle.per_minute,
             "queued": len(self.outbox),
             "offered": self.offered,
-            "sent": self.sent,
+            "sent": self.sent,  # let through the claim and the throttle (and logged)
             "not_ours": self.not_ours,
             "dropped_throttled": self.throttled,
             "dropped_queue_full": self.outbox.overflowed,
+            "delivered": {c.name: c.sent for c in self.channels},
             "failed": {c.name: c.failed for c in self.channels},
         }
 
