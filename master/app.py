@@ -35,6 +35,7 @@ from master.expiry import Expiry
 from master.heartbeat import Heartbeat
 from master.intake import Intake
 from master.jobs import Jobs
+from master.limiting import RateLimits
 from master.lost_work import LostWork
 from master.pausing import Pausing
 from master.pool import WorkerPool
@@ -89,6 +90,7 @@ class Master:
                                lambda: self.sweeper.lease.leading, self.alerting.forget)
         self.pausing = Pausing(s, bus, self.redis, self.groups, self.jobs)
         self.backpressure = Backpressure(s, bus, lambda: self.board.queued + len(self.delayed.heap))
+        self.rate_limits = RateLimits(s, bus, self.redis, self.groups)  # last gate: spends tokens
         self.delayed = DelayedTasks(
             s, self.tasks, lambda: self.recovery.dead_masters(exclude=s.master_id),
             self._taken("delayed"))
@@ -115,7 +117,7 @@ class Master:
             "scheduler": self.scheduler, "expiry": self.expiry, "sweeper": self.sweeper,
             "alerts": self.alerting, "watches": self.watches,
             "pausing": self.pausing,
-            "backpressure": self.backpressure,
+            "backpressure": self.backpressure, "rate-limits": self.rate_limits,
         }
 
     def _taken(self, source: str) -> Callable[[list[Task]], None]:
@@ -253,6 +255,7 @@ class Master:
             "events": dict(self.bus.emitted),
             "alerts": {**self.alerting.report(), **self.watches.report()},
             "backpressure": self.backpressure.report(),
+            "rate_limits": self.rate_limits.report(),
         }
 
 

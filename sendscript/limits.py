@@ -215,3 +215,22 @@ def window_use(client: redis.Redis, keys: Keys,
 def _flatten_time(results: list[Any]) -> list[Any]:
     (seconds, micros), *rest = results
     return [int(seconds), int(micros), *rest]
+
+
+def status(client: redis.Redis, keys: Keys, configured: Mapping[str, str],
+           masters: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """For `sendscript status`: every limit set here or reported by a live master, with
+    its current window's use (Redis) and the held / spent / reserved counts of the
+    live masters' reports."""
+    rules = dict(configured)
+    live = [m.get("rate_limits", {}).get("limits", {}) for m in masters if m.get("alive")]
+    for reported in live:
+        for name, view in reported.items():
+            rules.setdefault(name, view.get("rule", ""))
+    limits = [RateLimit(name, *parse_rule(rule)) for name, rule in sorted(rules.items())]
+    use = window_use(client, keys, limits)
+    return [{
+        "name": limit.name, "rule": limit.rule, **use[limit.name],
+        **{k: sum(int(r.get(limit.name, {}).get(f, 0)) for r in live)
+           for k, f in (("reserved", "tokens"), ("held", "held"), ("spent", "spent"))},
+    } for limit in limits]
