@@ -25,8 +25,6 @@ from sendscript.backoff import every
 from sendscript.models import utcnow
 from sendscript.settings import Settings
 
-RESOLVED = "resolved:"
-
 # Claim the start of an incident. KEYS[1] = its record; ARGV[1] = this master's id,
 # ARGV[2] = TTL ms. 1: ours to announce (no record, or the last one ended); 0: on
 # already, announced by another master (or by us before a restart).

@@ -28,12 +28,18 @@ from datetime import datetime
 from typing import Any, Literal
 
 import httpx
+import redis
 from loguru import logger
 
 from sendscript.backoff import OutageLog, exponential_delay
+from sendscript.keys import Keys
 from sendscript.settings import Settings
 
 SERVICE = "sendscript"
+# An incident's cluster-wide record (master/alerting.py) holds the id of the master
+# that announced it while it is on, this prefix and the id of the one that announced
+# its end after.
+RESOLVED = "resolved:"
 State = Literal["started", "resolved"]
 # Asked before an alert is sent: True when this process is the one to send it.
 Claim = Callable[["Alert"], Awaitable[bool]]
@@ -274,3 +280,28 @@ async def _either(ready: asyncio.Event, stop: asyncio.Event) -> None:
     finally:
         for w in waits:
             w.cancel()
+
+
+def records(client: redis.Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
+    """For `sendscript status`: the alert limits of these settings and the incidents
+    the cluster has a record of (on, or ended lately), with who announced them."""
+    head = keys.alert("", "")[:-2]  # "{prefix}:alert"
+    incidents = []
+    for raw_key in client.scan_iter(match=f"{head}:*", count=1000):
+        name = raw_key.decode()
+        value, ttl_ms = client.get(raw_key), client.pttl(raw_key)
+        if value is None:
+            continue
+        kind, _, key = name[len(head) + 1:].partition(":")
+        by = value.decode()
+        on = not by.startswith(RESOLVED)
+        incidents.append({"incident": kind, "key": key, "on": on,
+                          "by": by if on else by[len(RESOLVED):],
+                          "record_ttl_s": round(ttl_ms / 1000, 1) if ttl_ms > 0 else None})
+    return {
+        "channels": [name for name, url in (("wecom", settings.alert_wecom_url),
+                                            ("webhook", settings.alert_webhook_url)) if url],
+        "max_per_minute": settings.alert_max_per_minute,
+        "timeout_s": settings.alert_timeout_s,
+        "incidents": sorted(incidents, key=lambda i: (not i["on"], i["incident"], i["key"])),
+    }

@@ -538,6 +538,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
                           str(c["applied"]), str(c["dead_lettered"]), c["updated_at"])
     console.print(consumers)
     _print_pauses(info.get("pauses", {}))
+    _print_alerts(info.get("alerts") or {}, info["masters"])
     _print_limits(info.get("rate_limits", []))
 
 
@@ -657,6 +658,32 @@ def _print_limits(limits: list[dict[str, Any]]) -> None:
         table.add_row(lim["name"], lim["rule"], str(lim["used"]), f"{lim['left_s']:.1f}s",
                       str(lim["reserved"]), str(lim["held"]), str(lim["spent"]))
     console.print(table)
+
+
+def _print_alerts(alerts: dict[str, Any], masters: list[dict[str, Any]]) -> None:
+    """Alert channels and limits, the incidents on across the cluster, each master's sends."""
+    if not alerts:
+        return
+    channels = ", ".join(alerts["channels"]) or "none (logged only)"
+    console.print(f"alerts: {channels}; at most {alerts['max_per_minute']}/min, "
+                  f"{alerts['timeout_s']:g}s timeout per POST")
+    if alerts["incidents"]:
+        table = Table("incident", "key", "state", "announced by", title="incidents")
+        for i in alerts["incidents"]:
+            table.add_row(i["incident"], i["key"], "[red]on[/red]" if i["on"] else "ended",
+                          i["by"])
+        console.print(table)
+    sends = Table("master", "sent", "throttled", "queue full", "queued", "failed",
+                  "watching", title="alerts by master")
+    for m in masters:
+        a = m.get("alerts")
+        if not a:
+            continue
+        failed = ", ".join(f"{ch} {n}" for ch, n in a["failed"].items() if n) or "0"
+        watching = ", ".join(a["active"]) or ""
+        sends.add_row(m["master_id"], str(a["sent"]), str(a["dropped_throttled"]),
+                      str(a["dropped_queue_full"]), str(a["queued"]), failed, watching)
+    console.print(sends)
 
 
 def _t(value: Any) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sendscript import connect, limits, pauses
+from sendscript import alerts, connect, limits, pauses
 from sendscript.settings import Settings
 from sendscript.store import TASKS
 
@@ -46,6 +46,7 @@ def gather(settings: Settings) -> dict[str, Any]:
             "consumers": consumers,
             "stats": stats,
             "pauses": {s: p.to_dict() for s, p in pauses.list_sync(r, keys).items()},
+            "alerts": alerts.records(r, keys, settings),
             "rate_limits": limits.status(r, keys, settings.rate_limits, masters),
         }
     finally:

@@ -15,6 +15,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,8 +30,9 @@ from master.alerting import Alerting
 from master.bus import Bus, Incident
 from sendscript.client import SendScriptClient
 from sendscript.dev.embedded import free_port
+from sendscript.report import gather
 from sendscript.settings import Settings
-from tests.support import Inspect, Roles, wait_for
+from tests.support import Inspect, Roles, settings_env, wait_for
 
 
 @dataclass
@@ -127,6 +130,7 @@ def test_a_killed_master_is_announced_once_and_its_return_once(
     started = receiver.at("/hook")[0]
     assert started["service"] == "sendscript" and started["master"] == settings.master_id
     assert "heartbeat" in started["detail"] and started["at"]
+    assert incident_record(settings, "master_gone", other) == (True, settings.master_id)
     roles.master("master-b-again", master_id=other, **env)
     wait_for(lambda: len(receiver.states("master_gone", other)["hook"]) == 2
              and len(receiver.states("master_gone", other)["wecom"]) == 2, 60,
@@ -140,6 +144,22 @@ def test_a_killed_master_is_announced_once_and_its_return_once(
     assert info is not None and info["alerts"]["sent"] == 2
     assert info["alerts"]["failed"] == {"wecom": 0, "webhook": 0}
     assert info["alerts"]["delivered"] == {"wecom": 2, "webhook": 2}
+    assert incident_record(settings, "master_gone", other) == (False, settings.master_id)
+    cli_env = settings_env(settings, **{k: v for k, v in env.items() if k.startswith("alert_")})
+    cli_env["COLUMNS"] = "200"
+    shown = subprocess.run([sys.executable, "-m", "sendscript", "status"], capture_output=True,
+                           text=True, timeout=60, stdin=subprocess.DEVNULL, env=cli_env)
+    assert shown.returncode == 0, shown.stderr
+    assert "alerts: wecom, webhook; at most 20/min, 10s timeout per POST" in shown.stdout
+    assert "master_gone" in shown.stdout and "alerts by master" in shown.stdout
+
+
+def incident_record(settings: Settings, kind: str, key: str) -> tuple[bool, str]:
+    """(on, announced by) of an incident's cluster-wide record, as status shows it."""
+    incidents = gather(settings)["alerts"]["incidents"]
+    found = [(i["on"], i["by"]) for i in incidents if (i["incident"], i["key"]) == (kind, key)]
+    assert len(found) == 1, incidents
+    return found[0]
 
 
 def test_workers_that_keep_dying_are_announced_and_their_end(
