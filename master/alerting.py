@@ -39,6 +39,7 @@ return 1
 # 1: ours to announce (the record is on, or it lapsed: nobody else will say it);
 # 0: another master announced the end already. The record becomes `resolved:<id>`
 # so that the masters that see the end later stay silent.
+# (`resolved:` is sendscript.alerts.RESOLVED: `sendscript status` reads the records.)
 RESOLVE = """
 local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, 9) == 'resolved:' then return 0 end

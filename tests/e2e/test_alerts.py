@@ -28,8 +28,10 @@ import redis.asyncio
 
 from master.alerting import Alerting
 from master.bus import Bus, Incident
+from sendscript.alerts import Alert, State
 from sendscript.client import SendScriptClient
 from sendscript.dev.embedded import free_port
+from sendscript.models import utcnow
 from sendscript.report import gather
 from sendscript.settings import Settings
 from tests.support import Inspect, Roles, settings_env, wait_for
@@ -284,3 +286,37 @@ def test_a_dead_receiver_delays_no_dispatch(
             assert log.count(f"alert channel {channel}: ") == 1  # one outage, said once
     finally:
         hanging.stop()
+
+
+def test_incident_records_outlive_their_announcer_but_not_the_incident(
+    settings: Settings
+) -> None:
+    """The Lua claims on the real Redis: a record renewed by a master still seeing the
+    incident; one that lapsed (its announcer died) taken over silently; the end
+    announced once; a new start after the end announced again."""
+    async def go() -> None:
+        client = redis.asyncio.Redis.from_url(settings.redis_url or "")
+        a, b = (Alerting(settings.model_copy(update={"master_id": m}), Bus(), client)
+                for m in ("m-a", "m-b"))
+        record = settings.keys.alert("drop_rate", "bulk")
+        on = Incident("drop_rate", "bulk", True)
+        for alerting in (a, b):
+            alerting.on_incident(on)
+        started, resolved = alert(a, "started"), alert(a, "resolved")
+        assert [await a.claim(started), await b.claim(started)] == [True, False]
+        assert await client.get(record) == b"m-a"
+        await client.delete(record)  # m-a died and its record lapsed
+        await b.renew()
+        assert await client.get(record) == b"m-b"  # taken over, nothing announced
+        assert 0 < await client.pttl(record) <= settings.alert_claim_ttl_s * 1000
+        assert [await b.claim(resolved), await a.claim(resolved)] == [True, False]
+        assert await client.get(record) == b"resolved:m-b"
+        await a.renew()  # a master late to see the end keeps no ended record alive
+        assert await client.get(record) == b"resolved:m-b"
+        assert await a.claim(started)  # it started again: a new incident
+        await client.aclose()
+
+    def alert(alerting: Alerting, state: State) -> Alert:
+        return Alert("drop_rate", "bulk", state, "", alerting.settings.master_id, utcnow())
+
+    asyncio.run(go())
