@@ -20,7 +20,9 @@ def test_invariants_hold_through_kills_and_server_restarts(tmp_path: Path) -> No
                        down_s=2.0, devices=30, rate=15.0, seed=11, settle_timeout_s=120,
                        server_stop="alternate")
     print_report(report)
-    assert min(report.kills[k] for k in ("worker", "master", "consumer")) >= 4
+    # Kills take turns (worker, master, consumer); a master's restart is waited for.
+    kills = [report.kills[k] for k in ("worker", "master", "consumer")]
+    assert min(kills) >= 3 and sum(kills) >= 10, dict(report.kills)
     assert all(report.restarts_sigkill[s] >= 1 for s in SERVERS), dict(report.restarts_sigkill)
     assert sum(report.restarts_sigterm.values()) >= 1, dict(report.restarts_sigterm)
     assert report.tasks >= 500
