@@ -4,8 +4,10 @@
   unplanned (crashed, killed, killed as hung) within `alert_worker_deaths_window_s`;
   over once none died for that long. Deaths are read from the pool's slots each
   time capacity changes (every exit emits `CapacityChanged`) and on every check.
-- `master_gone` (key: the master's id), leader only: a master whose heartbeat is
-  gone; over when it beats again. A master stopped on purpose counts too.
+- `master_gone` (key: the master's id), leader only: a master whose heartbeat has
+  been gone for `alert_master_gone_after_s` (a restart within it is no incident);
+  over when it beats again. A master stopped on purpose and not started again
+  counts too.
 - `dead_letters` (key: the dead-letter topic), leader only: the `dead_lettered`
   counter of `{prefix}:stats` rose by `alert_dead_letters` within
   `alert_dead_letters_window_s`; over once it stayed flat that long.
@@ -112,26 +114,33 @@ class PoolDeaths:
 class GoneMasters:
     """Masters whose heartbeat is gone, from the masters hash and their alive keys.
     One seen alive and later missing from the hash (the leader's recovery removed
-    its entry) is still gone until it beats again."""
+    its entry) is still gone until it beats again. A master back within `grace_s`
+    (a restart) is never called gone."""
 
-    def __init__(self, me: str) -> None:
+    def __init__(self, me: str, grace_s: float = 0.0) -> None:
         self.me = me
+        self.grace_s = grace_s
         self.seen: set[str] = set()
         self.gone: set[str] = set()
+        self.missing: dict[str, float] = {}  # master -> when first seen without heartbeat
 
-    def look(self, listed: set[str], alive: set[str]) -> list[tuple[str, bool]]:
+    def look(self, listed: set[str], alive: set[str], now: float) -> list[tuple[str, bool]]:
         """(master id, gone) for every master whose state changed."""
         changes = [(m, False) for m in sorted(self.gone & alive)]
         self.gone -= alive
         self.seen |= alive
-        for master in sorted((listed | self.seen) - alive - self.gone - {self.me}):
-            self.gone.add(master)
-            changes.append((master, True))
+        silent = (listed | self.seen) - alive - {self.me}
+        self.missing = {m: self.missing.get(m, now) for m in silent}
+        for master in sorted(silent - self.gone):
+            if now - self.missing[master] >= self.grace_s:
+                self.gone.add(master)
+                changes.append((master, True))
         return changes
 
     def reset(self) -> None:
         self.seen.clear()
         self.gone.clear()
+        self.missing.clear()
 
 
 class Watches:
@@ -147,7 +156,7 @@ class Watches:
         self.deaths = PoolDeaths()
         self.dying = Episode(settings.alert_worker_deaths, settings.alert_worker_deaths_window_s)
         self.died: deque[str] = deque(maxlen=10)  # the latest deaths' names, for the detail
-        self.masters = GoneMasters(settings.master_id)
+        self.masters = GoneMasters(settings.master_id, settings.alert_master_gone_after_s)
         self.dead_letters = Episode(settings.alert_dead_letters,
                                     settings.alert_dead_letters_window_s)
         self._dead_lettered: int | None = None
@@ -201,7 +210,7 @@ class Watches:
         for master in ids:
             pipe.exists(keys.master_alive(master))
         alive = {m for m, up in zip(ids, await pipe.execute(), strict=True) if up}
-        for master, gone in self.masters.look(listed, alive):
+        for master, gone in self.masters.look(listed, alive, time.monotonic()):
             detail = (f"master {master} stopped sending its heartbeat; the leader takes over "
                       f"its queue and tasks" if gone else f"master {master} is back")
             self.bus.emit(Incident(MASTER_GONE, master, gone, detail))

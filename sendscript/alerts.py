@@ -203,7 +203,10 @@ class Notifier:
                         return
                     await _either(self.outbox.ready, stop)
                     continue
-                await self.handle(client, alert)
+                try:
+                    await self.handle(client, alert)
+                except Exception:  # one bad alert must not end the loop
+                    logger.exception("alert {} {} not sent", alert.incident, alert.key)
 
     async def handle(self, client: httpx.AsyncClient, alert: Alert) -> bool:
         """Send one alert if it is ours and the throttle allows it; True when sent."""

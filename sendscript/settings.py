@@ -154,6 +154,8 @@ class Settings(BaseSettings):
     alert_worker_deaths_window_s: float = Field(60.0, gt=0)
     alert_dead_letters: int = Field(1, ge=1)
     alert_dead_letters_window_s: float = Field(300.0, gt=0)
+    # A master silent this long is gone (the leader says so); one restarted sooner is not.
+    alert_master_gone_after_s: float = Field(30.0, ge=0)
 
     # Rate limits (issue 9, sendscript/limits.py, master/limiting.py), shared by every
     # master: at most MAX dispatches per DURATION for all tasks, a queue or a device

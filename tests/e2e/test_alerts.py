@@ -108,7 +108,7 @@ def receiver() -> Iterator[Receiver]:
 def alert_env(wecom: str, hook: str, **extra: Any) -> dict[str, Any]:
     return {"alert_wecom_url": f"{wecom}/wecom?key=test-key", "alert_webhook_url": f"{hook}/hook",
             "alert_check_interval_s": 0.5, "heartbeat_ttl_s": 3, "sweep_interval_s": 1,
-            "leader_lease_s": 5, **extra}
+            "leader_lease_s": 5, "alert_master_gone_after_s": 0, **extra}
 
 
 def leader(roles: Roles, master_id: str) -> bool:

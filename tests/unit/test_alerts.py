@@ -251,13 +251,27 @@ def test_pool_deaths_are_unplanned_exits_and_unseen_young_deaths() -> None:
 
 def test_gone_masters_from_the_hash_and_alive_keys() -> None:
     gone = GoneMasters("me")
-    assert gone.look({"me", "b", "c"}, {"me", "b"}) == [("c", True)]  # listed, not alive
-    assert gone.look({"me", "b", "c"}, {"me", "b"}) == []  # said once
+    assert gone.look({"me", "b", "c"}, {"me", "b"}, 0) == [("c", True)]  # listed, not alive
+    assert gone.look({"me", "b", "c"}, {"me", "b"}, 1) == []  # said once
     # b's entry was removed by recovery before we looked: it was alive, now it is gone.
-    assert gone.look({"me"}, {"me"}) == [("b", True)]
-    assert gone.look({"me", "b"}, {"me", "b"}) == [("b", False)]
-    assert gone.look({"me", "b", "c"}, {"me", "b", "c"}) == [("c", False)]
-    assert gone.look(set(), set()) == [("b", True), ("c", True)]  # never "me"
+    assert gone.look({"me"}, {"me"}, 2) == [("b", True)]
+    assert gone.look({"me", "b"}, {"me", "b"}, 3) == [("b", False)]
+    assert gone.look({"me", "b", "c"}, {"me", "b", "c"}, 4) == [("c", False)]
+    assert gone.look(set(), set(), 5) == [("b", True), ("c", True)]  # never "me"
+
+
+def test_a_master_back_within_the_grace_is_not_gone() -> None:
+    gone = GoneMasters("me", grace_s=30)
+    assert gone.look({"me", "b"}, {"me", "b"}, 0) == []
+    assert gone.look({"me", "b"}, {"me"}, 10) == []  # restarting
+    assert gone.look({"me", "b"}, {"me", "b"}, 25) == []  # back in time: nothing said
+    assert gone.look({"me", "b"}, {"me"}, 30) == []
+    assert gone.look({"me"}, {"me"}, 59) == []  # recovery removed its entry meanwhile
+    assert gone.look({"me"}, {"me"}, 60) == [("b", True)]
+    # Listed, never alive, removed before the grace ran out: forgotten.
+    assert gone.look({"me", "ghost"}, {"me"}, 61) == []
+    assert gone.look({"me"}, {"me"}, 100) == []
+    assert "ghost" not in gone.missing
 
 
 @pytest.mark.parametrize("state", ["started", "resolved"])
