@@ -12,7 +12,10 @@ again just after the reply is due. A limit whose window Redis reports used up is
 asked for again only when the next window begins, and its tasks wait until then.
 
 Unspent tokens lapse with their window; tokens nobody here asked for during
-`IDLE_S` are given back sooner, so that another master may use them. Windows are
+`IDLE_S` are given back sooner, so that another master may use them. When masters
+compete for a used-up window, each asks for the next one later by `YIELD_S` times
+the share of this one it got: the one left without asks first, so over time they
+take turns rather than the quickest taking every window. Windows are
 Redis server time: each reply maps them onto this process's monotonic clock,
 conservatively by half the round trip (tokens stop a little before their window
 ends; the next window is asked for a little after it begins).
@@ -45,6 +48,9 @@ MIN_MARGIN_S = 0.005  # held devices ask again this long after a reply is due, a
 FAILED_RETRY_S = 1.0  # while Redis does not answer, held devices ask this often
 GROUPS_RETRY_S = 1.0  # until the limited groups' devices are loaded
 IDLE_WAIT_S = 1.0  # the loop's longest sleep when nothing is due
+# A master that took a used-up window's tokens asks for the next one up to this much
+# later (in proportion to its share), so that masters left without go first.
+YIELD_S = 0.01
 
 
 @dataclass
@@ -58,6 +64,7 @@ class LimitState:
     refresh_at: float = 0.0  # monotonic: the next window has surely begun by this
     exhausted: bool = False  # every token of `window` is taken, by us or others
     used: int = 0  # the window's tokens taken by all masters, at the last reply
+    granted: int = 0  # of them, granted to this master
     demand: set[str] = field(default_factory=set)  # tasks held for want of a token
     spent: int = 0  # tokens spent since the last ask
     active_at: float = -math.inf  # the last grant or spend
@@ -173,11 +180,12 @@ class LimitBook:
         for ask, got in zip(asks, reply.grants, strict=True):
             s = self.states[ask.limit.name]
             if got.window != s.window:
-                s.window, s.tokens = got.window, 0  # older tokens lapsed with their window
+                s.window, s.tokens, s.granted = got.window, 0, 0  # older ones lapsed
             end = mid + ((got.window + 1) * ask.limit.duration_ms - reply.now_ms) / 1000
             s.spend_until = end - half
-            s.refresh_at = end + half + 0.001
             s.tokens += got.granted
+            s.granted += got.granted
+            s.refresh_at = end + half + 0.001 + YIELD_S * s.granted / ask.limit.max
             s.used = got.used
             s.exhausted = got.used >= ask.limit.max
             if got.granted:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+from collections import Counter
+
 import pytest
 from pydantic import ValidationError
 
-from master.limiting import FAILED_RETRY_S, IDLE_S, MIN_MARGIN_S, LimitBook
+from master.limiting import FAILED_RETRY_S, IDLE_S, MIN_MARGIN_S, YIELD_S, LimitBook
 from sendscript.limits import Ask, Granted, RateLimit, Reservation, parse_limits
 from sendscript.settings import Settings
 
@@ -123,7 +126,8 @@ def test_a_used_up_window_is_asked_for_again_only_when_the_next_begins() -> None
     b.apply(asks, reply(asks, [2], [5]), 1.0, 1.01)
     assert g.exhausted and g.tokens == 2
     assert g.spend_until == pytest.approx(1.005 + 0.75 - 0.005)
-    assert g.refresh_at == pytest.approx(1.005 + 0.75 + 0.005 + 0.001)
+    # Asked for again just after the next window begins, later by our share of this one.
+    assert g.refresh_at == pytest.approx(1.005 + 0.75 + 0.005 + 0.001 + YIELD_S * 2 / 5)
     assert b.take([g], "a", 1.1) is None and b.take([g], "b", 1.1) is None
     lacking = b.take([g], "c", 1.2)
     assert lacking is not None
@@ -188,3 +192,50 @@ def test_release_all_gives_back_every_unspent_token() -> None:
     b.take([b.states["global"], b.states["queue:bulk"]], "a", 1.0)
     assert b.release_all(1.1) == [Ask(G, 0, 4, W), Ask(Q, 0, 1, W)]
     assert b.release_all(1.1) == []
+
+
+class FakeWindows:
+    """The reservation script's rule, in memory: what Redis would answer at time t."""
+
+    def __init__(self) -> None:
+        self.hashes: dict[str, tuple[int, int, int]] = {}  # name -> (duration, window, used)
+
+    def reserve(self, asks: list[Ask], t: float) -> Reservation:
+        now_ms = round(t * 1000)
+        grants = []
+        for a in asks:
+            d, w = a.limit.duration_ms, now_ms // a.limit.duration_ms
+            dur, win, used = self.hashes.get(a.limit.name, (0, -1, 0))
+            used = used if (dur, win) == (d, w) else 0
+            if a.back and a.back_window == w:
+                used = max(0, used - a.back)
+            grant = max(0, min(a.want, a.limit.max - used))
+            self.hashes[a.limit.name] = (d, w, used + grant)
+            grants.append(Granted(w, grant, used + grant))
+        return Reservation(now_ms, grants)
+
+
+def test_competing_masters_fill_every_window_and_take_turns() -> None:
+    lim = RateLimit("global", 10, 1000)
+    redis = FakeWindows()
+    books = [LimitBook({"global": lim}, 0.05) for _ in range(2)]
+    spent: list[Counter[int]] = [Counter(), Counter()]
+    ids = itertools.count()
+    wake = [0.0, 0.0003]
+    while min(wake) < 12.0:
+        i = 0 if wake[0] <= wake[1] else 1
+        t, b = wake[i], books[i]
+        state = b.states["global"]
+        asks = b.plan(t)
+        if asks:
+            b.apply(asks, redis.reserve(asks, t), t, t)
+        for _ in range(30):  # more tasks than the limit wait on each master
+            if b.take([state], f"task-{next(ids)}", t) is None:
+                spent[i][state.window] += 1
+        due = b.next_wake(t)
+        assert due is not None
+        wake[i] = max(due, t + 0.0001)
+    windows = range(2, 12)  # whole windows, after both masters have started
+    assert [spent[0][w] + spent[1][w] for w in windows] == [10] * len(windows)
+    share = sum(spent[0][w] for w in windows) / (10 * len(windows))
+    assert 0.3 <= share <= 0.7, (spent[0], spent[1])
