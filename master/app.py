@@ -28,8 +28,10 @@ from master.bus import (
     TasksTaken,
     WorkerLost,
 )
+from master.circuit import CircuitBreakerPart
 from master.delays import DelayedTasks, percentiles
 from master.dispatch import Dispatcher
+from master.droprate import DropRate
 from master.events import DeviceFreeListener, LockChecker
 from master.expiry import Expiry
 from master.heartbeat import Heartbeat
@@ -39,6 +41,7 @@ from master.limiting import RateLimits
 from master.lost_work import LostWork
 from master.pausing import Pausing
 from master.pool import WorkerPool
+from master.quota import QuotaSignal
 from master.recovery import Recovery
 from master.scheduler import Scheduler
 from master.sweeper import Sweeper
@@ -81,7 +84,7 @@ class Master:
             s, on_done=lambda slot, done: self.dispatcher.on_answer(slot, done),
             on_lost=lambda slot, handles: self.dispatcher.on_lost(slot, handles),
             on_change=lambda: self.dispatcher.on_change())
-        self.dispatcher = Dispatcher(bus, self.board, self.pool)
+        self.dispatcher = Dispatcher(bus, self.board, self.pool, s.queue_max_wait)
         self.recovery = Recovery(s, self.redis, self.tasks, RecordStore(self.db))
         self.lost_work = LostWork(bus, self.recovery, self.jobs, self.stop_event)
         self.expiry = Expiry(s, bus, self.tasks, self.redis, self.jobs)
@@ -90,6 +93,13 @@ class Master:
                                lambda: self.sweeper.lease.leading, self.alerting.forget)
         self.pausing = Pausing(s, bus, self.redis, self.groups, self.jobs)
         self.backpressure = Backpressure(s, bus, lambda: self.board.queued + len(self.delayed.heap))
+        # After the pause gate and before the rate limits: a probe permit it spends is
+        # not lost to a pause, and a task it holds spends no rate token.
+        self.breaker = CircuitBreakerPart(s, bus, self.redis, self.pool.inflight)
+        self.drop_rate = DropRate(s, bus, self.redis, self.breaker)
+        self.quota = QuotaSignal(s, bus, self.redis, self.jobs,
+                                 lambda: self.pausing.gate.view is not None
+                                 and self.pausing.gate.view.quota)
         self.rate_limits = RateLimits(s, bus, self.redis, self.groups)  # last gate: spends tokens
         self.delayed = DelayedTasks(
             s, self.tasks, lambda: self.recovery.dead_masters(exclude=s.master_id),
@@ -118,6 +128,7 @@ class Master:
             "alerts": self.alerting, "watches": self.watches,
             "pausing": self.pausing,
             "backpressure": self.backpressure, "rate-limits": self.rate_limits,
+            "breaker": self.breaker, "drop-rate": self.drop_rate,
         }
 
     def _taken(self, source: str) -> Callable[[list[Task]], None]:
@@ -256,6 +267,8 @@ class Master:
             "alerts": {**self.alerting.report(), **self.watches.report()},
             "backpressure": self.backpressure.report(),
             "rate_limits": self.rate_limits.report(),
+            "breaker": {**self.breaker.report(), "drop_rate": self.drop_rate.report(),
+                        "quota": self.quota.report()},
         }
 
 

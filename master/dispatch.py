@@ -32,6 +32,7 @@ from master.bus import (
     WorkerLost,
     WorkRecovered,
 )
+from master.expiry import deadline
 from master.pool import WorkerPool, WorkerSlot
 from sendscript.ipc import TaskDone, TaskHandle
 from sendscript.models import Task, utcnow
@@ -39,17 +40,20 @@ from sendscript.models import Task, utcnow
 ERROR_COOLDOWN_S = 2.0
 
 
-def task_handle(task: Task) -> TaskHandle:
+def task_handle(task: Task, max_wait: dict[str, float] | None = None) -> TaskHandle:
     return TaskHandle(
         task_id=task.id, device_id=task.device_id, attempt=task.attempt,
         max_retries=task.max_retries, timeout_s=task.timeout_s, priority=task.priority,
         queue=task.queue, script=task.script, retry_base_s=task.retry_base_s,
+        deadline=deadline(task, max_wait or {}),  # the worker checks it before the POST
     )
 
 
 class Dispatcher:
-    def __init__(self, bus: Bus, board: DeviceBoard, pool: WorkerPool) -> None:
+    def __init__(self, bus: Bus, board: DeviceBoard, pool: WorkerPool,
+                 max_wait: dict[str, float] | None = None) -> None:
         self.bus = bus
+        self.max_wait = max_wait or {}  # queue -> max wait: part of a task's deadline
         self.board = board
         self.pool = pool
         self.accepting = True
@@ -79,9 +83,9 @@ class Dispatcher:
                 self.board.sent(done.device_id, done.fence or 0)
             case "busy":
                 self._put_back(task, self.board.busy)
-            case "stale" | "failed" | "retry":
+            case "stale" | "failed" | "retry" | "expired":
                 self.board.finished(done.device_id)
-            case "error" | "unsent":
+            case "error" | "unsent" | "quota":
                 self._cool_down(task, ERROR_COOLDOWN_S)
         self.bus.emit(TaskAnswered(task, done, slot.name, waited, time.monotonic() - at))
         self._note_idle()
@@ -166,7 +170,8 @@ class Dispatcher:
 
     def _send(self, task: Task) -> None:
         slot = self.pool.select(task.device_id)
-        if slot is None or not self.pool.dispatch(slot, task_handle(task)):
+        handle = task_handle(task, self.max_wait)
+        if slot is None or not self.pool.dispatch(slot, handle):
             self._cool_down(task, ERROR_COOLDOWN_S)
             return
         now = time.monotonic()

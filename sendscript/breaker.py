@@ -11,7 +11,10 @@ The rate is taken over a sliding window (per-second buckets) and only once the
 window holds `min_volume` sends. The open pause grows with each trip in a row
 (10 → 20 → 40 → 60 s) and falls back once the circuit has stayed closed for a
 whole window. Degraded recovers when the rate falls below `recover_below`, or when
-a whole window passes with too few sends to judge. Pure:
+a whole window passes with too few sends to judge. Probes taken but never answered
+(their task went nowhere, or its answer said nothing about central-control) are
+handed out again after `probe_timeout_s`. `trip` opens the circuit from outside (the
+drop-rate ladder). Pure:
 the caller feeds outcomes and the time, and keeps the snapshot wherever it is
 shared (`BreakerState` round-trips through a plain dict for Redis).
 """
@@ -47,6 +50,7 @@ class BreakerPolicy:
     trip_after: int = 200  # consecutive failures
     pauses_s: tuple[float, ...] = (10.0, 20.0, 40.0, 60.0)
     probes: int = 1  # sends let through while half-open
+    probe_timeout_s: float = 30.0  # probes unanswered this long are handed out again
 
 
 @dataclass
@@ -59,6 +63,7 @@ class BreakerState:
     trips: int = 0  # opens in a row without a full recovery
     open_until: float = 0.0
     probes_left: int = 0
+    probe_at: float = 0.0  # when the last probe was taken
     buckets: dict[int, list[int]] = field(default_factory=dict)  # second -> [sends, failures]
 
     def to_dict(self) -> dict[str, object]:
@@ -78,6 +83,7 @@ class BreakerState:
             trips=int(data.get("trips", 0)),  # type: ignore[call-overload]
             open_until=float(data.get("open_until", 0.0)),  # type: ignore[arg-type]
             probes_left=int(data.get("probes_left", 0)),  # type: ignore[call-overload]
+            probe_at=float(data.get("probe_at", 0.0)),  # type: ignore[arg-type]
             buckets={int(k): [int(x) for x in v] for k, v in buckets.items()},
         )
 
@@ -120,6 +126,8 @@ class CircuitBreaker:
                 s.probes_left = p.probes
             return s.circuit
         if s.circuit is Circuit.HALF_OPEN:
+            if s.probes_left <= 0 and now - s.probe_at >= p.probe_timeout_s:
+                s.probes_left = p.probes
             return s.circuit
         if s.streak >= p.trip_after:
             self._open(now)
@@ -145,6 +153,14 @@ class CircuitBreaker:
             if self.state.probes_left <= 0:
                 return False
             self.state.probes_left -= 1
+            self.state.probe_at = now
+        return True
+
+    def trip(self, now: float) -> bool:
+        """Open a closed or degraded circuit from outside; False if it was not."""
+        if self.state.circuit not in (Circuit.CLOSED, Circuit.DEGRADED):
+            return False
+        self._open(now)
         return True
 
     def failure_rate(self) -> float | None:

@@ -11,6 +11,12 @@
   refused, connect timeout, no pooled connection in time), `maybe_sent` (it was
   written and the answer was lost: read timeout, dropped connection), or
   neither (central-control answered and refused it).
+
+It also says what the failure tells of central-control itself (`sick`, fed to the
+circuit breaker in master/circuit.py): unreachable, timed out, 408, 429 or 5xx
+say it is unwell; a busy device (409) or a refusal of this script does not. The
+error code of an answer's body (`code`, `errorCode` or `error_code`) is kept, so
+the worker can tell a quota answer (settings `central_quota_*`) from the rest.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import httpx
 
 DEVICE_BUSY = 409  # the device is running another script: try again later
 RETRYABLE_STATUS = frozenset({408, DEVICE_BUSY, 429})
+SICK_STATUS = frozenset({408, 429})  # with 5xx: central-control is unwell, not the device
 # Failures before the request left: the script cannot have reached the farm.
 NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
@@ -33,7 +40,8 @@ class CentralError(Exception):
     and the device may be running the script; nobody can tell."""
 
     def __init__(self, reason: str, retryable: bool, status: int | None = None, *,
-                 maybe_sent: bool = False, never_sent: bool = False) -> None:
+                 maybe_sent: bool = False, never_sent: bool = False,
+                 code: str | None = None) -> None:
         super().__init__(reason)
         if maybe_sent and never_sent:
             raise ValueError("a send cannot be both maybe sent and never sent")
@@ -42,6 +50,14 @@ class CentralError(Exception):
         self.status = status
         self.maybe_sent = maybe_sent
         self.never_sent = never_sent
+        self.code = code
+
+    @property
+    def sick(self) -> bool:
+        """Does this failure say central-control itself is unwell (the breaker's input)?"""
+        if self.status is None:  # no answer: unreachable, timed out, connection dropped
+            return True
+        return self.status in SICK_STATUS or self.status >= 500
 
     def __str__(self) -> str:
         kind = "retryable" if self.retryable else "final"
@@ -65,19 +81,37 @@ def transport_error(exc: httpx.TransportError) -> CentralError:
                         maybe_sent=True)
 
 
+CODE_FIELDS = ("code", "errorCode", "error_code")
+
+
+def error_code(payload: object) -> str | None:
+    """The error code an answer's JSON body carries, if any."""
+    if isinstance(payload, dict):
+        for name in CODE_FIELDS:
+            value = payload.get(name)
+            if value is not None and value != "":
+                return str(value)
+    return None
+
+
 def check_response(response: httpx.Response) -> None:
     retryable = classify_status(response.status_code)
     if retryable is not None:
         body = response.text[:200].strip()
+        try:
+            code = error_code(response.json())
+        except ValueError:
+            code = None
         raise CentralError(f"HTTP {response.status_code} {body}".strip(), retryable,
-                           response.status_code)
+                           response.status_code, code=code)
     try:
         payload = response.json()
     except ValueError as exc:
         raise CentralError("accepted with a body that is not JSON", False,
                            response.status_code) from exc
     if not isinstance(payload, dict) or payload.get("success") is not True:
-        raise CentralError(f"refused: {str(payload)[:200]}", False, response.status_code)
+        raise CentralError(f"refused: {str(payload)[:200]}", False, response.status_code,
+                           code=error_code(payload))
 
 
 class CentralClient:

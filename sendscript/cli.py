@@ -540,6 +540,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
     _print_pauses(info.get("pauses", {}))
     _print_alerts(info.get("alerts") or {}, info["masters"])
     _print_limits(info.get("rate_limits", []))
+    _print_breaker(info.get("breaker") or {}, info["masters"])
 
 
 # -- pauses ---------------------------------------------------------------------------------
@@ -646,6 +647,33 @@ def demo(
                     fail_rate=fail_rate, timeout_s=timeout_s,
                     data_dir=data_dir or settings.data_dir / f"demo-{os.getpid()}")
     raise typer.Exit(code)
+
+
+def _print_breaker(shared: dict[str, Any], masters: list[dict[str, Any]]) -> None:
+    """The shared circuit breaker on central-control, then each master's gate and ladder."""
+    if not shared:
+        return
+    limits = shared.get("limits", {})
+    state = shared.get("state")
+    color = {"closed": "green", "degraded": "yellow"}.get(str(state), "red")
+    opened = f" (probe in {shared['open_for_s']}s)" if state == "open" else ""
+    console.print(
+        f"circuit breaker: [{color}]{state}[/{color}]{opened}   failure rate: "
+        f"{shared.get('failure_rate')} of {shared.get('window_sends')} sends   streak: "
+        f"{shared.get('streak')}   trips: {shared.get('trips')}   limits: degrade at "
+        f"{limits.get('degrade_at')}, recover below {limits.get('recover_below')}, open after "
+        f"{limits.get('trip_after')} failures, degraded concurrency "
+        f"{limits.get('degraded_concurrency')}")
+    drop = limits.get("drop_rate", {})
+    for m in masters:
+        b = m.get("breaker") or {}
+        d = b.get("drop_rate") or {}
+        if b:
+            console.print(
+                f"  {m['master_id']}: gate {b.get('state')}, held {b.get('held')}; drop rate "
+                f"{d.get('level')} ({d.get('dropped')} of {d.get('finished')}, limits "
+                f"{drop.get('degrade_at')}/{drop.get('open_at')}/{drop.get('hard_stop_at')} "
+                f"over {drop.get('window_s')}s)")
 
 
 def _print_limits(limits: list[dict[str, Any]]) -> None:

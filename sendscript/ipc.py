@@ -17,7 +17,12 @@ from pydantic import BaseModel, ConfigDict
 #   unsent - central-control was unreachable and the request provably never left:
 #            the attempt was undone (record deleted, task pending with its attempt
 #            counter restored, lock released); try again soon, no attempt used
-Outcome = Literal["sent", "busy", "stale", "failed", "retry", "error", "unsent"]
+#   quota  - central-control said its quota is exhausted: undone as for unsent (no
+#            attempt used); the master sets the quota pause
+#   expired - the task's deadline passed before the POST: not sent, marked expired,
+#            lock released; finished (a drop)
+Outcome = Literal["sent", "busy", "stale", "failed", "retry", "error", "unsent", "quota",
+                  "expired"]
 
 
 def heartbeat_interval_s(worker_timeout_s: float) -> float:
@@ -52,6 +57,7 @@ class TaskHandle(_Msg):
     queue: str
     script: dict[str, Any]
     retry_base_s: float | None = None
+    deadline: datetime | None = None  # not sent after this (expire_at or queue max_wait)
 
 
 class TaskDone(_Msg):
@@ -62,6 +68,10 @@ class TaskDone(_Msg):
     fence: int | None = None
     error: str | None = None
     run_at: datetime | None = None  # for a retry
+    # What the send said of central-control itself, for the circuit breaker: True it
+    # accepted, False it failed in a way that says it is unwell (unreachable, timed
+    # out, 408/429/5xx), None not asked or nothing about its health (busy, refused).
+    central_ok: bool | None = None
 
 
 class WorkerRetiring(_Msg):

@@ -98,3 +98,17 @@ class Keys:
     def quota_probe(self) -> str:
         """Expiring key: the master that set it sends the next quota probe."""
         return f"{self.prefix}:pauses:quota-probe"
+
+    @property
+    def breaker(self) -> str:
+        """Hash of the circuit breaker on central-control shared by all masters:
+        `state` (`sendscript.breaker.BreakerState` as JSON) and `version`, written by
+        compare-and-set (master/circuit.py)."""
+        return f"{self.prefix}:breaker"
+
+    @property
+    def drop_rate(self) -> str:
+        """Hash of the drop-rate window shared by all masters (master/droprate.py):
+        `f:<second>` tasks finished, `d:<second>` dropped, `rt_seen` the stats'
+        result_timeouts already counted."""
+        return f"{self.prefix}:droprate"

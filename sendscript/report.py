@@ -6,11 +6,40 @@ held, high and low water) as the master reports it."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from sendscript import alerts, connect, limits, pauses
+from sendscript.breaker import BreakerState, Circuit
 from sendscript.settings import Settings
 from sendscript.store import TASKS
+
+
+def breaker_view(settings: Settings, raw: bytes | None) -> dict[str, Any]:
+    """The circuit breaker all masters share (master/circuit.py), with its limits; each
+    master's heartbeat (`breaker`) adds its own gate, the drop-rate ladder and quota."""
+    state = BreakerState.from_dict(json.loads(raw)) if raw else BreakerState()
+    sends = sum(b[0] for b in state.buckets.values())
+    fails = sum(b[1] for b in state.buckets.values())
+    return {
+        "state": str(state.circuit),
+        "failure_rate": round(fails / sends, 3) if sends else None,
+        "window_sends": sends,
+        "streak": state.streak,
+        "trips": state.trips,
+        "open_for_s": round(max(0.0, state.open_until - time.time()), 1)
+        if state.circuit is Circuit.OPEN else 0.0,
+        "limits": {
+            "degrade_at": settings.breaker_degrade_at,
+            "recover_below": settings.breaker_recover_below,
+            "trip_after": settings.breaker_trip_after,
+            "degraded_concurrency": settings.breaker_degraded_concurrency,
+            "drop_rate": {"degrade_at": settings.drop_degrade_at,
+                          "open_at": settings.drop_open_at,
+                          "hard_stop_at": settings.drop_hard_stop_at,
+                          "window_s": settings.drop_window_s},
+        },
+    }
 
 
 def gather(settings: Settings) -> dict[str, Any]:
@@ -46,6 +75,7 @@ def gather(settings: Settings) -> dict[str, Any]:
             "consumers": consumers,
             "stats": stats,
             "pauses": {s: p.to_dict() for s, p in pauses.list_sync(r, keys).items()},
+            "breaker": breaker_view(settings, r.hget(keys.breaker, "state")),
             "alerts": alerts.records(r, keys, settings),
             "rate_limits": limits.status(r, keys, settings.rate_limits, masters),
         }

@@ -167,10 +167,59 @@ class Settings(BaseSettings):
     rate_limit_tick_s: float = Field(0.05, gt=0, le=10)
     rate_limit_groups_refresh_s: float = Field(30.0, gt=0)
 
+    # Circuit breaker on central-control (issue 9, sendscript/breaker.py,
+    # master/circuit.py), one state shared by every master through Redis, merged every
+    # breaker_sync_s. Over a sliding breaker_window_s holding at least
+    # breaker_min_volume sends, a failure rate (unreachable, timeouts, 408/429/5xx) at
+    # breaker_degrade_at degrades it (at most breaker_degraded_concurrency tasks in
+    # flight per master) and below breaker_recover_below closes it again;
+    # breaker_trip_after failures in a row open it: nothing is sent for the next pause
+    # of breaker_pauses_s (one per trip in a row), then breaker_probes sends probe it
+    # (re-armed if unanswered after breaker_probe_timeout_s).
+    breaker_window_s: int = Field(60, ge=1)
+    breaker_min_volume: int = Field(20, ge=1)
+    breaker_degrade_at: float = Field(0.70, gt=0, le=1)
+    breaker_recover_below: float = Field(0.35, ge=0, le=1)
+    breaker_trip_after: int = Field(200, ge=1)
+    breaker_pauses_s: Annotated[tuple[float, ...], NoDecode] = (10.0, 20.0, 40.0, 60.0)
+    breaker_probes: int = Field(1, ge=1)
+    breaker_probe_timeout_s: float = Field(30.0, gt=0)
+    breaker_degraded_concurrency: int = Field(8, ge=1)
+    breaker_sync_s: float = Field(0.5, gt=0, le=10)
+
+    # Quota (issue 9): central-control answering this HTTP status, or an error code
+    # (its body's `code`/`errorCode`/`error_code`) among these, means its quota is
+    # exhausted: no attempt used, the quota pause is set (quota_probe_s lifts it).
+    central_quota_status: int | None = None
+    central_quota_codes: Annotated[frozenset[str], NoDecode] = frozenset()
+
+    # Drop-rate ladder (issue 9, master/droprate.py), over a sliding drop_window_s
+    # shared by every master, once it holds drop_min_volume finished tasks: expired
+    # tasks and result timeouts at drop_degrade_at of them degrade the breaker, at
+    # drop_open_at open it, at drop_hard_stop_at set the hard stop (only
+    # `sendscript resume --hard` lifts it). Merged every drop_sync_s.
+    drop_window_s: int = Field(60, ge=1)
+    drop_min_volume: int = Field(100, ge=1)
+    drop_degrade_at: float = Field(0.10, gt=0, le=1)
+    drop_open_at: float = Field(0.15, gt=0, le=1)
+    drop_hard_stop_at: float = Field(0.20, gt=0, le=1)
+    drop_sync_s: float = Field(1.0, gt=0, le=60)
+
     log_level: str = "INFO"
     log_json: bool = False
 
-    @field_validator("final_error_codes", mode="before")
+    @field_validator("breaker_pauses_s", mode="before")
+    @classmethod
+    def _pauses(cls, value: Any) -> Any:
+        """`10,20,40,60` (the env form) or a sequence; at least one, each above 0."""
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        pauses = tuple(float(v) for v in value)
+        if not pauses or min(pauses) <= 0:
+            raise ValueError("breaker_pauses_s: one or more pauses above 0")
+        return pauses
+
+    @field_validator("final_error_codes", "central_quota_codes", mode="before")
     @classmethod
     def _codes(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -214,6 +263,8 @@ class Settings(BaseSettings):
                 value = ",".join(f"{k}={v}" for k, v in value.items())
             elif isinstance(value, frozenset | set):
                 value = ",".join(sorted(value))
+            elif isinstance(value, tuple):
+                value = ",".join(str(v) for v in value)
             env[f"SENDSCRIPT_{name.upper()}"] = str(value)
         return env
 

@@ -47,8 +47,9 @@ TASK_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     S.PENDING: frozenset(
         {S.RUNNING, S.WAITING, S.SUCCESS, S.FAILED, S.CANCELLED, S.EXPIRED}
     ),
+    # running -> expired: a worker found the deadline past right before the POST.
     S.RUNNING: frozenset(
-        {S.SENT, S.PENDING, S.SUCCESS, S.FAILED, S.RETRY_WAITING, S.CANCELLED}
+        {S.SENT, S.PENDING, S.SUCCESS, S.FAILED, S.RETRY_WAITING, S.CANCELLED, S.EXPIRED}
     ),
     S.SENT: frozenset({S.SUCCESS, S.FAILED, S.RETRY_WAITING, S.CANCELLED}),
     S.RETRY_WAITING: frozenset({S.PENDING, S.SUCCESS, S.FAILED, S.CANCELLED, S.EXPIRED}),

@@ -4,6 +4,12 @@ lock device (fence) -> CAS pending->running, attempt+1 -> insert exec record ->
 POST central-control -> CAS running->sent. A POST that provably never left
 (central-control unreachable) undoes the attempt instead: the record goes, the
 task is pending again with its attempt counter as before, the lock is released.
+An answer that says central-control's quota is exhausted is undone the same way
+(outcome `quota`). A task whose deadline (`TaskHandle.deadline`: its expire_at or
+its queue's max_wait) has passed is not sent: checked before the lock and again
+right before the POST; past it, the task becomes `expired` (a claimed one loses
+its record and gets its attempt counter back: nothing was sent) and the answer is
+`expired`.
 Each Mongo and Redis step is coalesced across the tasks the worker holds at once
 (group commit), so a busy worker pays one round trip per step per batch, not per
 task.
@@ -61,6 +67,8 @@ class ScriptHandler:
     async def handle(self, h: TaskHandle) -> TaskDone:
         if h.attempt > h.max_retries:
             return await self._exhausted(h)
+        if self._past_deadline(h):
+            return await self._expire_pending(h)
         try:
             fence = await self._acquire((h.device_id, self._lock_ttl_ms(h)))
         except Exception as exc:
@@ -88,11 +96,18 @@ class ScriptHandler:
             return await self._unclaim(h, fence, attempt, f"record: {exc!r}")
         if not stored:
             return await self._unclaim(h, fence, attempt, "record exists for this attempt")
+        if self._past_deadline(h):  # the steps above may have taken a while
+            return await self._undo(h, fence, attempt, record_id, TaskStatus.EXPIRED,
+                                    self._expired_reason(h), "expired")
         try:
             await self.central.send_script(
                 device_id=h.device_id, task_id=h.task_id, record_id=record_id, script=h.script
             )
         except CentralError as exc:
+            if self._is_quota(exc):
+                logger.warning("task {}: central-control quota exhausted: {}", h.task_id, exc)
+                return await self._undo(h, fence, attempt, record_id, TaskStatus.PENDING,
+                                        str(exc), "quota")
             if exc.never_sent:
                 return await self._unsent(h, fence, attempt, record_id, exc)
             if not exc.maybe_sent:
@@ -102,8 +117,10 @@ class ScriptHandler:
             logger.warning("task {}: {}; treated as sent, device {} stays locked",
                            h.task_id, exc, h.device_id)
             note: str | None = str(exc)
+            central_ok = False  # a read timeout or a dropped answer: central is unwell
         else:
             note = None
+            central_ok = True
         try:
             await self._mark_sent((h.task_id, attempt, record_id, utcnow(), note))
             self.writes.ok()
@@ -111,17 +128,29 @@ class ScriptHandler:
             # Sent is sent: the device will report, and the consumer applies a
             # result to a task still marked running.
             self.writes.failed(f"task {h.task_id} sent but not marked sent: {exc!r}")
-        return self._done(h, "sent", attempt=attempt, fence=fence)
+        return self._done(h, "sent", attempt=attempt, fence=fence, central_ok=central_ok)
+
+    def _past_deadline(self, h: TaskHandle) -> bool:
+        return h.deadline is not None and utcnow() >= h.deadline
+
+    def _expired_reason(self, h: TaskHandle) -> str:
+        when = h.deadline.isoformat() if h.deadline else "?"
+        return f"expired: not sent by its deadline {when} (checked at the worker)"
+
+    def _is_quota(self, exc: CentralError) -> bool:
+        s = self.settings
+        return ((s.central_quota_status is not None and exc.status == s.central_quota_status)
+                or (exc.code is not None and exc.code in s.central_quota_codes))
 
     def _lock_ttl_ms(self, h: TaskHandle) -> int:
         return int((h.timeout_s + self.lock_margin_s) * 1000)
 
     def _done(self, h: TaskHandle, outcome: str, *, attempt: int | None = None,
               fence: int | None = None, error: str | None = None,
-              run_at: datetime | None = None) -> TaskDone:
+              run_at: datetime | None = None, central_ok: bool | None = None) -> TaskDone:
         return TaskDone(task_id=h.task_id, device_id=h.device_id, outcome=outcome,
                         attempt=h.attempt if attempt is None else attempt,
-                        fence=fence, error=error, run_at=run_at)
+                        fence=fence, error=error, run_at=run_at, central_ok=central_ok)
 
     async def _claim_batch(self, claims: list[Claim]) -> list[bool]:
         return await self.tasks.claim_many(claims, utcnow())
@@ -167,18 +196,25 @@ class ScriptHandler:
     async def _unsent(
         self, h: TaskHandle, fence: int, attempt: int, record_id: str, exc: CentralError
     ) -> TaskDone:
-        """The request never left: the attempt did not happen, so undo it.
+        """The request never left: the attempt did not happen, so undo it."""
+        done = await self._undo(h, fence, attempt, record_id, TaskStatus.PENDING, str(exc),
+                                "unsent")
+        return done.model_copy(update={"central_ok": False if exc.sick else None})
+
+    async def _undo(self, h: TaskHandle, fence: int, attempt: int, record_id: str,
+                    to: TaskStatus, error: str, outcome: str) -> TaskDone:
+        """Nothing reached the device: the attempt did not happen, so undo it and leave
+        the task `to` (pending again, or expired) with its attempt counter as before.
 
         The record goes first: its (task_id, attempt) is unique, and a record left
         behind would refuse the next claim of this attempt number. If the task's
         compare-and-set then fails, the task stays running with no record, which
         the stuck-running sweep gives back (at the cost of one attempt)."""
-        error = str(exc)
         try:
             await self.records.col.delete_one({"_id": record_id,
                                                "status": str(RecordStatus.RUNNING)})
             await self.tasks.cas(*task_cas(
-                h.task_id, TaskStatus.RUNNING, TaskStatus.PENDING, utcnow(), attempt=attempt,
+                h.task_id, TaskStatus.RUNNING, to, utcnow(), attempt=attempt,
                 extra_filter={"record_id": record_id}, inc={"attempt": -1},
                 set_={"last_error": error}, unset=("record_id", "worker"),
             ))
@@ -187,7 +223,19 @@ class ScriptHandler:
             await self._release_quietly(h.device_id, fence)
             return self._done(h, "error", attempt=attempt, error=f"undo: {err!r}")
         await self._release_quietly(h.device_id, fence)
-        return self._done(h, "unsent", error=error)
+        return self._done(h, outcome, error=error)
+
+    async def _expire_pending(self, h: TaskHandle) -> TaskDone:
+        """Past its deadline before the lock: pending -> expired, nothing else to undo."""
+        reason = self._expired_reason(h)
+        try:
+            changed = await self.tasks.cas(*task_cas(
+                h.task_id, TaskStatus.PENDING, TaskStatus.EXPIRED, utcnow(), attempt=h.attempt,
+                set_={"last_error": reason},
+            ))
+        except Exception as exc:
+            return self._done(h, "error", error=f"expire: {exc!r}")
+        return self._done(h, "expired" if changed else "stale", error=reason)
 
     async def _send_failed(
         self, h: TaskHandle, fence: int, attempt: int, record_id: str, exc: CentralError
@@ -203,10 +251,12 @@ class ScriptHandler:
         except Exception as err:
             self.writes.failed(f"task {h.task_id} failed ({exc}) but not recorded: {err!r}")
         await self._release_quietly(h.device_id, fence)
+        central_ok = False if exc.sick else None
         if decision.retry:
             return self._done(h, "retry", attempt=attempt, error=decision.reason,
-                              run_at=decision.run_at)
-        return self._done(h, "failed", attempt=attempt, error=decision.reason)
+                              run_at=decision.run_at, central_ok=central_ok)
+        return self._done(h, "failed", attempt=attempt, error=decision.reason,
+                          central_ok=central_ok)
 
     async def _exhausted(self, h: TaskHandle) -> TaskDone:
         reason = f"attempts exhausted ({h.attempt} of {h.max_retries + 1})"

@@ -34,6 +34,8 @@ class FarmConfig(BaseModel):
     fail_rate: float = Field(0.0, ge=0, le=1)
     system_error_rate: float = Field(0.0, ge=0, le=1)
     http_error_rate: float = Field(0.0, ge=0, le=1)
+    http_error_status: int = Field(503, ge=400, le=599)  # e.g. 402: quota exhausted
+    http_error_code: str | None = None  # the body's `code` of injected failures
     silent_rate: float = Field(0.0, ge=0, le=1)
     duplicate_rate: float = Field(0.0, ge=0, le=1)
     accept_delay_ms: float = Field(0.0, ge=0)
@@ -72,7 +74,10 @@ class Farm:
         device_id = str(body["deviceId"])
         if self.rand.random() < self.config.http_error_rate:
             self.counters["http_errors"] += 1
-            return 503, {"success": False, "error": "injected failure"}, None
+            payload: dict[str, Any] = {"success": False, "error": "injected failure"}
+            if self.config.http_error_code:
+                payload["code"] = self.config.http_error_code
+            return self.config.http_error_status, payload, None
         if device_id in self.running:
             self.counters["refused_busy"] += 1
             logger.error("device {} asked to run {} while running {}", device_id,

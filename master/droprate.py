@@ -1,0 +1,226 @@
+"""The drop-rate ladder: too many dropped tasks degrade, then open the breaker, then stop.
+
+A drop is a task that will never run because it waited too long: withdrawn from the
+board as expired (`TasksWithdrawn`, reason "expired"), expired at the worker right
+before its send (answer `expired`), or sent but never reported (the leader's result
+timeouts, its `result_timeouts` counter in the stats hash). It is measured against
+the tasks that left the master's hands in the same window: sent, failed for good,
+or expired. Every master adds its counts to one sliding window in Redis (per-second
+fields of one hash, old ones pruned, the result timeouts folded in once, all in one
+Lua call) and reads the window's totals back, so every master climbs the same
+ladder within one sync:
+
+    ok ──(≥ degrade_at)──► degrade ──(≥ open_at)──► open ──(≥ hard_stop_at)──► hard_stop
+
+degrade: this master's breaker gate acts degraded (lower concurrency); open: the
+shared breaker is tripped open once (its pause and probe then run as usual);
+hard_stop: the hard-stop pause is set (sendscript/pauses.py), which only
+`sendscript resume --hard` lifts; the ladder does not set it again while it stays
+at that level. A level is left once the rate falls below `recover_ratio` of its
+threshold, or when the window holds fewer than `min_volume` finished tasks.
+Each level entered or left raises or resolves Incident("drop_rate", level).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import redis.asyncio
+from loguru import logger
+
+from master.bus import Bus, Incident, TaskAnswered, TasksWithdrawn
+from master.circuit import CircuitBreakerPart
+from master.expiry import EXPIRED
+from sendscript import pauses
+from sendscript.backoff import every
+from sendscript.breaker import Circuit
+from sendscript.settings import Settings
+
+INCIDENT = "drop_rate"
+FINISHED = frozenset({"sent", "failed", "expired"})  # answers: the task left our hands
+DROPPED = frozenset({"expired"})
+
+
+class Level(IntEnum):
+    OK = 0
+    DEGRADE = 1
+    OPEN = 2
+    HARD_STOP = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class LadderPolicy:
+    min_volume: int = 100
+    degrade_at: float = 0.10
+    open_at: float = 0.15
+    hard_stop_at: float = 0.20
+    recover_ratio: float = 0.8  # leave a level below this share of its threshold
+
+    def threshold(self, level: Level) -> float:
+        return {Level.DEGRADE: self.degrade_at, Level.OPEN: self.open_at,
+                Level.HARD_STOP: self.hard_stop_at}[level]
+
+
+class DropLadder:
+    """The ladder's level from the window's totals, pure."""
+
+    def __init__(self, policy: LadderPolicy) -> None:
+        self.policy = policy
+        self.level = Level.OK
+        self.rate: float | None = None
+
+    def update(self, finished: int, dropped: int) -> tuple[Level, Level]:
+        """(level before, level now) for the window's totals."""
+        before = self.level
+        p = self.policy
+        if finished < p.min_volume:
+            self.rate = None
+            self.level = Level.OK  # too little to judge
+            return before, self.level
+        rate = self.rate = dropped / finished
+        level = before
+        while level < Level.HARD_STOP and rate >= p.threshold(Level(level + 1)):
+            level = Level(level + 1)
+        while level > Level.OK and rate < p.threshold(level) * (
+                p.recover_ratio if level <= before else 1.0):
+            level = Level(level - 1)
+        self.level = level
+        return before, level
+
+
+# KEYS[1] the drop-rate window (hash: `f:<second>` finished, `d:<second>` dropped,
+# `rt_seen`), KEYS[2] the stats hash (its `result_timeouts` counter).
+# ARGV[1] now in whole seconds, ARGV[2] the window in seconds, ARGV[3] finished to
+# add, ARGV[4] dropped to add.
+# Adds the counts to this second, folds in the result timeouts counted since the last
+# call by any master (the first call only notes the counter), prunes the seconds out
+# of the window and returns {finished, dropped} over the window.
+WINDOW = """
+local now = tonumber(ARGV[1])
+local cutoff = now - tonumber(ARGV[2])
+if tonumber(ARGV[3]) > 0 then redis.call('HINCRBY', KEYS[1], 'f:' .. now, ARGV[3]) end
+if tonumber(ARGV[4]) > 0 then redis.call('HINCRBY', KEYS[1], 'd:' .. now, ARGV[4]) end
+local rt = tonumber(redis.call('HGET', KEYS[2], 'result_timeouts') or '0')
+local seen = redis.call('HGET', KEYS[1], 'rt_seen')
+if seen and rt > tonumber(seen) then
+  redis.call('HINCRBY', KEYS[1], 'd:' .. now, rt - tonumber(seen))
+end
+redis.call('HSET', KEYS[1], 'rt_seen', rt)
+local fields = redis.call('HGETALL', KEYS[1])
+local finished, dropped, old = 0, 0, {}
+for i = 1, #fields, 2 do
+  local kind, second = string.match(fields[i], '^(%a):(%d+)$')
+  if kind then
+    if tonumber(second) <= cutoff then
+      table.insert(old, fields[i])
+    elseif kind == 'f' then
+      finished = finished + tonumber(fields[i + 1])
+    else
+      dropped = dropped + tonumber(fields[i + 1])
+    end
+  end
+end
+if #old > 0 then redis.call('HDEL', KEYS[1], unpack(old)) end
+return {finished, dropped}
+"""
+
+
+def policy_from(settings: Settings) -> LadderPolicy:
+    return LadderPolicy(min_volume=settings.drop_min_volume,
+                        degrade_at=settings.drop_degrade_at, open_at=settings.drop_open_at,
+                        hard_stop_at=settings.drop_hard_stop_at)
+
+
+class DropRate:
+    """The ladder on the bus: counts finished and dropped tasks, climbs in its loop."""
+
+    def __init__(self, settings: Settings, bus: Bus, client: redis.asyncio.Redis,
+                 breaker: CircuitBreakerPart) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.redis = client
+        self.breaker = breaker
+        self.ladder = DropLadder(policy_from(settings))
+        self._finished = 0
+        self._dropped = 0
+        self.window = (0, 0)
+        self.hard_stops = 0
+        bus.subscribe(TaskAnswered, self._on_answered)
+        bus.subscribe(TasksWithdrawn, self._on_withdrawn)
+
+    def _on_answered(self, event: TaskAnswered) -> None:
+        if event.outcome in FINISHED:
+            self._finished += 1
+        if event.outcome in DROPPED:
+            self._dropped += 1
+
+    def _on_withdrawn(self, event: TasksWithdrawn) -> None:
+        if event.reason == EXPIRED:
+            self._finished += len(event.tasks)
+            self._dropped += len(event.tasks)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await every(stop, self.settings.drop_sync_s, "drop rate", self.sync)
+
+    async def sync(self) -> Level:
+        s = self.settings
+        finished, dropped = self._finished, self._dropped
+        self._finished = self._dropped = 0
+        try:
+            totals = await self.redis.eval(  # type: ignore[misc]
+                WINDOW, 2, s.keys.drop_rate, s.keys.stats, int(time.time()), s.drop_window_s,
+                finished, dropped)
+        except Exception:
+            self._finished += finished
+            self._dropped += dropped
+            raise
+        self.window = (int(totals[0]), int(totals[1]))
+        before, after = self.ladder.update(*self.window)
+        if after != before:
+            try:
+                await self._act(before, after)
+            except Exception:
+                self.ladder.level = before  # acted on again at the next sync
+                raise
+        return after
+
+    async def _act(self, before: Level, after: Level) -> None:
+        rate = self.ladder.rate
+        detail = (f"{self.window[1]} of {self.window[0]} tasks dropped in "
+                  f"{self.settings.drop_window_s}s"
+                  + (f" ({rate:.0%})" if rate is not None else ""))
+        logger.warning("drop rate: {} -> {}: {}", before.label, after.label, detail)
+        if after >= Level.HARD_STOP > before:
+            await pauses.set_hard_stop(self.redis, self.settings.keys,
+                                       f"drop rate: {detail}")
+            self.hard_stops += 1
+        if after >= Level.OPEN > before:
+            self.breaker.trip(f"drop rate: {detail}")
+        self.breaker.set_floor(Circuit.DEGRADED if after >= Level.DEGRADE else Circuit.CLOSED)
+        for level in Level:
+            if before < level <= after:
+                self.bus.emit(Incident(INCIDENT, level.label, True, detail))
+            elif after < level <= before:
+                self.bus.emit(Incident(INCIDENT, level.label, False, detail))
+
+    def report(self) -> dict[str, Any]:
+        p = self.ladder.policy
+        rate = self.ladder.rate
+        return {
+            "level": self.ladder.level.label,
+            "rate": round(rate, 3) if rate is not None else None,
+            "finished": self.window[0],
+            "dropped": self.window[1],
+            "hard_stops": self.hard_stops,
+            "limits": {"degrade_at": p.degrade_at, "open_at": p.open_at,
+                       "hard_stop_at": p.hard_stop_at, "min_volume": p.min_volume,
+                       "window_s": self.settings.drop_window_s},
+        }
