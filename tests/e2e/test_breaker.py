@@ -1,0 +1,241 @@
+"""The protections around central-control end to end: master, consumer and simulated
+farm as processes, the farm's failures changed at run time (`configure_farm`).
+
+- an outage (every send answered 503, later every send timing out) opens the shared
+  breaker; nothing starts an attempt while it is open; after recovery it closes and
+  every task succeeds;
+- a quota answer (HTTP 402) sets the quota pause with no attempt used; the probe
+  keeps it while the quota lasts and lifts it once a send is accepted;
+- a task that reaches a worker past its deadline is not sent (expired, no record);
+- the drop-rate ladder reaches the hard stop, which a plain resume does not lift.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sendscript import pauses
+from sendscript.client import SendScriptClient
+from sendscript.models import utcnow
+from sendscript.settings import Settings
+from tests.support import Inspect, Roles, settings_env, wait_for
+
+pytestmark = pytest.mark.e2e
+
+BREAKER = {
+    "breaker_trip_after": 10, "breaker_min_volume": 10, "breaker_window_s": 10,
+    "breaker_pauses_s": "3,3", "breaker_probe_timeout_s": 5, "breaker_sync_s": 0.3,
+    "breaker_degraded_concurrency": 4, "central_timeout_s": 1, "retry_base_s": 0.3,
+    "retry_jitter": 0, "pause_recheck_s": 1,
+}
+
+
+def submit(client: SendScriptClient, tag: str, n: int, **extra: Any) -> list[str]:
+    specs = [{"device_id": f"{tag}-{i}", "script": {"id": "tap", "args": {"i": i}}, **extra}
+             for i in range(n)]
+    return [s.task_id for s in client.submit_many(specs)]
+
+
+def shared_breaker(inspect: Inspect) -> dict[str, Any]:
+    raw = inspect.redis.hget(inspect.settings.keys.breaker, "state")
+    return json.loads(raw) if raw else {"circuit": "closed", "trips": 0}
+
+
+def wait_circuit(inspect: Inspect, circuit: str, timeout_s: float = 30) -> dict[str, Any]:
+    return wait_for(lambda: (s := shared_breaker(inspect))["circuit"] == circuit and s,
+                    timeout_s, f"the breaker to be {circuit}", interval_s=0.05)
+
+
+def all_succeeded(inspect: Inspect, ids: list[str]) -> bool:
+    return inspect.db.script_tasks.count_documents(
+        {"_id": {"$in": ids}, "status": "success"}) == len(ids)
+
+
+def records_started_between(inspect: Inspect, start: float, end: float) -> int:
+    return inspect.db.task_exec_records.count_documents({"started_at": {
+        "$gt": datetime.fromtimestamp(start, tz=utcnow().tzinfo),
+        "$lt": datetime.fromtimestamp(end, tz=utcnow().tzinfo)}})
+
+
+def assert_quiet_while_open(inspect: Inspect, opened: dict[str, Any]) -> None:
+    """No attempt started while it was open: a record is written before each POST, so
+    none may start between the open (plus the moment the sync takes to apply it; sends
+    already under way then started earlier) and the half-open probe."""
+    wait_for(lambda: shared_breaker(inspect)["circuit"] != "open", 30, "the open pause's end")
+    assert records_started_between(inspect, opened["since"] + 0.3, opened["open_until"]) == 0
+
+
+def test_an_outage_opens_the_breaker_and_recovery_closes_it(
+        settings: Settings, roles: Roles, inspect: Inspect) -> None:
+    roles.simulator(run_ms=20, jitter=0.2)
+    roles.consumer()
+    roles.master(**BREAKER)
+    client = SendScriptClient(settings)
+    try:
+        # Every send answered 503: retried (an attempt each), until ten in a row open it.
+        roles.configure_farm(http_error_rate=1.0, http_error_status=503)
+        failing = submit(client, "fail", 20, max_retries=20)
+        opened = wait_circuit(inspect, "open")
+        assert opened["trips"] == 1
+        assert_quiet_while_open(inspect, opened)
+        # Central-control back: the probe succeeds, the breaker degrades, then closes.
+        roles.configure_farm(http_error_rate=0.0)
+        wait_circuit(inspect, "closed")
+        wait_for(lambda: all_succeeded(inspect, failing), 60, "the failed tasks to succeed")
+        docs = inspect.db.script_tasks.find({"_id": {"$in": failing}})
+        attempts = [d["attempt"] for d in docs]
+        records = inspect.db.task_exec_records.count_documents({"task_id": {"$in": failing}})
+        assert max(attempts) <= 20 and sum(attempts) == records
+        # Every send timing out (the farm answers after the client's 1 s read timeout):
+        # the sends count as made (the device may run it), and ten in a row open it.
+        roles.configure_farm(accept_delay_ms=2500)
+        slow = submit(client, "slow", 16)
+        reopened = wait_circuit(inspect, "open")
+        assert reopened["since"] > opened["since"]
+        assert_quiet_while_open(inspect, reopened)
+        roles.configure_farm(accept_delay_ms=0)
+        after = submit(client, "after", 16)
+        wait_circuit(inspect, "closed")
+        wait_for(lambda: all_succeeded(inspect, slow + after), 60, "every task to succeed")
+        status = cli(settings, "status")
+        assert "circuit breaker: closed" in status
+        info = roles.master_info() or {}
+        assert info["breaker"]["opened"] >= 2
+        assert info["alerts"] is not None
+    finally:
+        client.close()
+
+
+def test_a_quota_answer_pauses_and_the_probe_lifts_it(
+        settings: Settings, roles: Roles, inspect: Inspect) -> None:
+    roles.simulator(run_ms=20, jitter=0.2)
+    roles.consumer()
+    roles.master(central_quota_status=402, quota_probe_s=1, pause_recheck_s=60)
+    client = SendScriptClient(settings)
+    r = inspect.redis
+    try:
+        roles.configure_farm(http_error_rate=1.0, http_error_status=402)
+        ids = submit(client, "quota", 6)
+        wait_for(lambda: pauses.QUOTA in pauses.list_sync(r, settings.keys), 20,
+                 "the quota pause")
+        # A probe goes while the quota lasts: answered quota again, the pause stays.
+        wait_for(lambda: ((roles.master_info() or {}).get("pauses") or {}).get(
+            "quota_probes", 0) >= 2, 20, "two quota probes")
+        assert pauses.QUOTA in pauses.list_sync(r, settings.keys)
+        docs = list(inspect.db.script_tasks.find({"_id": {"$in": ids}}))
+        assert {(d["status"], d["attempt"]) for d in docs} == {("pending", 0)}
+        assert inspect.db.task_exec_records.count_documents({"task_id": {"$in": ids}}) == 0
+        roles.configure_farm(http_error_rate=0.0)
+        wait_for(lambda: pauses.QUOTA not in pauses.list_sync(r, settings.keys), 20,
+                 "the probe to lift the quota pause")
+        wait_for(lambda: all_succeeded(inspect, ids), 30, "the tasks after the quota")
+        docs = list(inspect.db.script_tasks.find({"_id": {"$in": ids}}))
+        assert {d["attempt"] for d in docs} == {1}
+    finally:
+        client.close()
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_task_past_its_deadline_at_the_worker_is_not_sent(
+        settings: Settings, roles: Roles, inspect: Inspect) -> None:
+    roles.simulator(run_ms=20, jitter=0.2)
+    roles.consumer()
+    master = roles.master(workers=1)
+    client = SendScriptClient(settings)
+    workers = children(master.pid)
+    assert workers
+    try:
+        # The worker cannot read its pipe: the master hands it the task in time, the
+        # worker reads it only after its deadline.
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        deadline = utcnow() + timedelta(seconds=1.5)
+        [task_id] = submit(client, "late", 1, expire_at=deadline.isoformat())
+        wait_for(lambda: (roles.master_info() or {}).get("inflight") == 1, 10,
+                 "the task handed to the stopped worker")
+        wait_for(lambda: utcnow() > deadline, 5, "the deadline to pass")
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+    try:
+        doc = wait_for(lambda: inspect.db.script_tasks.find_one(
+            {"_id": task_id, "status": "expired"}), 20, "the task to expire at the worker")
+        assert "checked at the worker" in doc["last_error"] and doc["attempt"] == 0
+        assert inspect.db.task_exec_records.count_documents({"task_id": task_id}) == 0
+        assert task_id not in {run["task_id"] for run in roles.farm("runs")}
+        wait_for(lambda: ((roles.master_info() or {}).get("outcomes") or {}).get(
+            "expired") == 1, 10, "the master to see the expired answer")
+        # Counted as a drop in the shared window.
+        wait_for(lambda: (roles.master_info() or {})["breaker"]["drop_rate"]["dropped"] == 1,
+                 10, "the drop counted")
+        # The device is free again: a next task on it runs.
+        [next_id] = submit(client, "late", 1)
+        wait_for(lambda: all_succeeded(inspect, [next_id]), 20, "the device's next task")
+    finally:
+        client.close()
+
+
+def cli(settings: Settings, *args: str) -> str:
+    env = settings_env(settings)
+    env.update({"NO_COLOR": "1", "COLUMNS": "250"})
+    done = subprocess.run([sys.executable, "-m", "sendscript", *args], env=env,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_the_drop_rate_ladder_reaches_the_hard_stop_and_a_plain_resume_keeps_it(
+        settings: Settings, roles: Roles, inspect: Inspect) -> None:
+    roles.simulator(run_ms=20, jitter=0.2)
+    roles.consumer()
+    roles.master(drop_min_volume=5, drop_window_s=30, drop_sync_s=0.3, pause_recheck_s=60)
+    client = SendScriptClient(settings)
+    r = inspect.redis
+    tag = uuid.uuid4().hex[:6]
+    try:
+        # Held by a pause until they expire: every finished task is a drop.
+        cli(settings, "pause", "--reason", "hold them")
+        wait_for(lambda: ((roles.master_info() or {}).get("pauses") or {}).get("active"), 10,
+                 "the master to see the pause")
+        expiring = submit(client, f"x{tag}", 6,
+                          expire_at=(utcnow() + timedelta(seconds=1)).isoformat())
+        wait_for(lambda: inspect.count("expired") == len(expiring), 20, "the tasks to expire")
+        flags = wait_for(lambda: (f := pauses.list_sync(r, settings.keys)).get(pauses.HARD) and f,
+                         20, "the hard stop")
+        assert "drop rate" in flags[pauses.HARD].reason
+        info = wait_for(lambda: (i := roles.master_info() or {}).get("breaker", {}).get(
+            "drop_rate", {}).get("level") == "hard_stop" and i, 10, "the ladder at hard stop")
+        assert info["breaker"]["drop_rate"]["dropped"] == len(expiring)
+        out = cli(settings, "resume")
+        assert "hard stop is still on" in out
+        assert list(pauses.list_sync(r, settings.keys)) == [pauses.HARD]
+        held = submit(client, f"h{tag}", 2)
+        wait_for(lambda: ((roles.master_info() or {}).get("pauses") or {}).get("held") == {
+            pauses.HARD: 2}, 10, "the hard stop to hold new tasks")
+        assert inspect.db.task_exec_records.count_documents({"task_id": {"$in": held}}) == 0
+        assert "resumed hard" in cli(settings, "resume", "--hard")
+        wait_for(lambda: all_succeeded(inspect, held), 20, "the tasks after resume --hard")
+    finally:
+        client.close()
