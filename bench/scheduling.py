@@ -51,10 +51,13 @@ master with its workers) and tears it down afterwards.
 3. Restart (`--restart`). With the master's production defaults for the
    delay horizon, loader interval, heartbeat TTL and sweeps, `--restart-tasks`
    delayed tasks are submitted, due over the `--restart-spread` seconds that
-   start `--restart-start` seconds from now, over `--devices` devices. Once the
-   master holds them, `--kill-after` seconds after the first due time, the
-   master process alone is SIGKILLed (its workers finish what they hold and
-   exit) and started again at once with the same SENDSCRIPT_MASTER_ID. When
+   start `--restart-start` seconds from now, over `--devices` devices, with
+   `--restart-held` more due 2..10 s after the last of them on devices of their
+   own (what a busy master holds besides, and has to take back after a restart;
+   they are checked for early and repeated runs, not timed). `--kill-after`
+   seconds after the first due time, the master process alone is SIGKILLed
+   (its workers finish what they hold and exit) and started again at once with
+   the same SENDSCRIPT_MASTER_ID. When
    every task is terminal it reports, from the farm's own record of each run
    (`/runs`: the time central-control accepted the script, full precision),
    start lateness (run start minus `run_at`) of the tasks due after the kill,
@@ -110,6 +113,7 @@ from sendscript.store import RECORDS, TASKS
 LATENESS_SCRIPT = "bench-delayed"
 MEMORY_SCRIPT = "bench-held"
 RESTART_SCRIPT = "bench-restart"
+HELD_SCRIPT = "bench-restart-held"
 MIB = 1024 * 1024
 
 console = Console(stderr=True)
@@ -140,6 +144,7 @@ class Options:
     stop_timeout_s: float
     # Part 3.
     restart_tasks: int
+    restart_held: int
     restart_start_s: float
     restart_spread_s: float
     kill_after_s: float
@@ -206,6 +211,7 @@ class RestartResult:
     start_s: float
     spread_s: float
     kill_after_s: float  # first due time -> SIGKILL
+    held_extra: int  # --restart-held: due after the timed ones, not timed
     held_before_kill: int  # the old master's heartbeat delayed_held just before the kill
     restart_up_s: float  # SIGKILL -> the new master's heartbeat with every worker online
     due_before_kill: int
@@ -576,10 +582,21 @@ def _measure_restart(stack: LocalStack, opts: Options) -> RestartResult:
         console.print(f"submitting {n} delayed tasks due {opts.restart_start_s:g}.."
                       f"{opts.restart_start_s + opts.restart_spread_s:g}s from now; the master "
                       f"is killed {opts.kill_after_s:g}s after the first is due ...")
+        m = opts.restart_held
+        end = t0 + opts.restart_spread_s
+        specs += [{
+            "device_id": f"held-{i % opts.devices:05d}",
+            "script": {"id": HELD_SCRIPT, "args": {"i": i}},
+            "run_at": end + 2 + 8 * i / m,
+        } for i in range(m)]
         ids: list[str] = []
         with SendScriptClient(settings) as client:
             for part in chunked(specs, 1000):
                 ids.extend(s.task_id for s in client.submit_many(part))
+        if (slack := t0 - time.time()) < 0:
+            console.print(f"[yellow]submitting ended {-slack:.1f}s after the first was due: "
+                          "raise --restart-start[/yellow]")
+        timed = set(ids[:n])
 
         kill_at = t0 + opts.kill_after_s
         if (pause := kill_at - time.time()) > 0:
@@ -596,6 +613,7 @@ def _measure_restart(stack: LocalStack, opts: Options) -> RestartResult:
 
         wait_s = max(0.0, t0 + opts.restart_spread_s - time.time()) + opts.timeout_s
         counts = wait_terminal(stack, db, n, wait_s, RESTART_SCRIPT)
+        held_counts = wait_terminal(stack, db, m, opts.timeout_s, HELD_SCRIPT) if m else {}
         done_at = datetime.now(UTC)
         hb: dict[str, Any] = {}
         try:  # a heartbeat from after the last fire
@@ -605,8 +623,9 @@ def _measure_restart(stack: LocalStack, opts: Options) -> RestartResult:
         except TimeoutError as exc:
             console.print(f"[yellow]{exc}[/yellow]")
         farm = stack.simulator_stats()
+        every = set(ids)
         runs = [r for r in httpx.get(f"{stack.central_url}/runs", timeout=30).json()
-                if r["task_id"] in set(ids)]
+                if r["task_id"] in every]
         run_at = {d["_id"]: d["run_at"].timestamp() for d in db[TASKS].find(
             {"_id": {"$in": ids}}, {"run_at": 1})}
         records = Counter(r["task_id"] for r in db[RECORDS].find(
@@ -624,11 +643,14 @@ def _measure_restart(stack: LocalStack, opts: Options) -> RestartResult:
     early = sum(1 for task_id, ts in starts.items() for t in ts if t < run_at[task_id])
     groups: dict[str, list[float]] = {"before": [], "starting": [], "up": []}
     for task_id, ts in starts.items():
+        if task_id not in timed:
+            continue
         due = run_at[task_id]
         group = "before" if due < killed_at else "starting" if due < up_at else "up"
         groups[group].append(min(ts) - due)
-    due_times = list(run_at.values())
+    due_times = [due for task_id, due in run_at.items() if task_id in timed]
     terminal = sum(v for k, v in counts.items() if k in TERMINAL_NAMES)
+    held_terminal = sum(v for k, v in held_counts.items() if k in TERMINAL_NAMES)
     never_started = sum(1 for task_id in ids if task_id not in starts)
     run_twice = sum(1 for ts in starts.values() if len(ts) > 1)
     duplicates = sum(1 for c in records.values() if c > 1)
@@ -639,7 +661,7 @@ def _measure_restart(stack: LocalStack, opts: Options) -> RestartResult:
     return RestartResult(
         tasks=n, devices=opts.devices, workers=opts.workers, start_s=opts.restart_start_s,
         spread_s=opts.restart_spread_s, kill_after_s=opts.kill_after_s,
-        held_before_kill=held, restart_up_s=up_at - killed_at,
+        held_extra=m, held_before_kill=held, restart_up_s=up_at - killed_at,
         due_before_kill=sum(1 for d in due_times if d < killed_at),
         due_while_starting=sum(1 for d in due_times if killed_at <= d < up_at),
         due_after_up=sum(1 for d in due_times if d >= up_at),
@@ -650,11 +672,12 @@ def _measure_restart(stack: LocalStack, opts: Options) -> RestartResult:
         new_master_fire_lateness_ms={k: float(fire.get(k, math.nan))
                                      for k in ("p50_ms", "p99_ms", "max_ms")},
         new_master_fired=int(hb.get("delayed_fired", 0)),
-        statuses=counts, not_terminal=n - terminal, never_started=never_started,
+        statuses=counts, not_terminal=n + m - terminal - held_terminal,
+        never_started=never_started,
         early=early, run_twice=run_twice, duplicates=duplicates, overlaps=overlaps,
         role_exit_codes=codes,
         ok=early == 0 and run_twice == 0 and duplicates == 0 and never_started == 0
-        and terminal == n and overlaps == 0,
+        and terminal + held_terminal == n + m and overlaps == 0,
     )
 
 
@@ -716,7 +739,8 @@ def render(report: Report) -> None:
     if (x := report.restart) is not None:
         t = Table(title="delayed tasks across a master SIGKILL and immediate restart",
                   show_header=False)
-        t.add_row("tasks / devices / workers", f"{x.tasks} / {x.devices} / {x.workers}")
+        t.add_row("tasks timed / held besides / devices / workers",
+                  f"{x.tasks} / {x.held_extra} / {x.devices} / {x.workers}")
         t.add_row("due", f"{x.start_s:g} .. {x.start_s + x.spread_s:g} s after submit start; "
                          f"kill {x.kill_after_s:g} s after the first is due")
         t.add_row("held by the master at the kill", str(x.held_before_kill))
@@ -791,8 +815,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                              "--timeout)")
     g.add_argument("--restart-tasks", type=int, default=1000,
                    help="delayed tasks (default 1000)")
-    g.add_argument("--restart-start", type=float, default=5.0,
-                   help="seconds from now to the first due time (default 5)")
+    g.add_argument("--restart-held", type=int, default=3000,
+                   help="delayed tasks held besides, due 2..10 s after the last timed one "
+                        "(default 3000; keep them within the 60 s horizon at the kill)")
+    g.add_argument("--restart-start", type=float, default=10.0,
+                   help="seconds from now to the first due time (default 10)")
     g.add_argument("--restart-spread", type=float, default=40.0,
                    help="seconds over which the due times are spread (default 40)")
     g.add_argument("--kill-after", type=float, default=10.0,
@@ -806,8 +833,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
            a.restart_tasks) < 1:
         p.error("--tasks, --devices, --workers, --held, --chunk, --intake-batch and "
                 "--restart-tasks must be at least 1")
-    if not 0 <= a.kill_after <= a.restart_spread or a.restart_start < 0:
-        p.error("need 0 <= --kill-after <= --restart-spread and --restart-start >= 0")
+    if not 0 <= a.kill_after <= a.restart_spread or a.restart_start < 0 or a.restart_held < 0:
+        p.error("need 0 <= --kill-after <= --restart-spread, --restart-start >= 0 and "
+                "--restart-held >= 0")
     if a.start < 0 or a.spread < 0 or a.run_ms < 0 or a.settle < 0:
         p.error("--start, --spread, --run-ms and --settle must not be negative")
     if not 0 < a.due_min <= a.due_max < a.horizon:
@@ -822,7 +850,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         held=a.held, horizon_s=a.horizon, due_min_s=a.due_min, due_max_s=a.due_max,
         chunk=a.chunk, intake_batch=a.intake_batch, load_interval_s=a.load_interval,
         settle_s=a.settle, stop_timeout_s=a.stop_timeout,
-        restart_tasks=a.restart_tasks, restart_start_s=a.restart_start,
+        restart_tasks=a.restart_tasks, restart_held=a.restart_held,
+        restart_start_s=a.restart_start,
         restart_spread_s=a.restart_spread, kill_after_s=a.kill_after,
         heartbeat_s=a.heartbeat, keep=a.keep, json=a.json,
     )
