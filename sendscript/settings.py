@@ -126,8 +126,10 @@ class Settings(BaseSettings):
     # once down to low_water; 0 turns it off. Producers (SDK, `sendscript submit`)
     # refuse with QueueFull while the ready list holds ready_max items (0: no cap; a
     # soft cap, one LLEN before storing: concurrent producers overshoot by a batch).
-    high_water: int = Field(5000, ge=0)
-    low_water: int = Field(1000, ge=0)
+    # The marks sit above common fan-out sizes: a task taken in is one fairness can
+    # serve, while one left in Redis waits behind everything held (about 2 KiB each).
+    high_water: int = Field(25_000, ge=0)
+    low_water: int = Field(5_000, ge=0)
     ready_max: int = Field(0, ge=0)
 
     # Alerts (issue 9, sendscript/alerts.py, master/alerting.py): a WeCom group robot
