@@ -108,11 +108,15 @@ class LimitBook:
                 s.taken += 1
                 s.active_at = now
             return None
+        # While one of them is used up, asking the others for tokens would only keep
+        # them from other tasks (and masters) until that window ends.
+        used_up = [s for s in lacking if s.exhausted]
         first = False
-        for s in lacking:
-            s.held += 1
+        for s in used_up or lacking:
             first = first or not s.demand
             s.demand.add(task_id)
+        for s in lacking:
+            s.held += 1
         if first:
             self.wake()
         retry, worst = max((self.retry_in(s, now), i) for i, s in enumerate(lacking))

@@ -107,14 +107,24 @@ def test_a_task_without_a_token_is_held_and_its_demand_asked_for_in_one_batch() 
 def test_a_task_needs_a_token_of_every_limit_and_takes_all_or_none() -> None:
     b, _ = book(G, Q)
     g, q = b.states["global"], b.states["queue:bulk"]
-    asks = [Ask(G, 5), Ask(Q, 1)]
-    b.apply(asks, reply(asks, [5, 1], [5, 1]), 1.0, 1.0)
+    asks = [Ask(G, 4), Ask(Q, 1)]
+    b.apply(asks, reply(asks, [4, 1], [4, 1]), 1.0, 1.0)
     assert b.take([g, q], "a", 1.1) is None
     lacking = b.take([g, q], "b", 1.1)
     assert lacking is not None and lacking[0] is q
-    assert g.tokens == 4 and q.tokens == 0  # the global token was not taken
+    assert g.tokens == 3 and q.tokens == 0  # the global token was not taken
     assert q.demand == {"b"} and not g.demand
     assert b.take([g], "c", 1.1) is None  # a task of another queue needs global only
+    # While the queue's window is used up, its tasks ask nothing of the global limit.
+    asks = [Ask(Q, 1)]
+    b.apply(asks, reply(asks, [0], [2]), 1.2, 1.2)
+    assert q.exhausted and q.tokens == 0
+    while g.tokens:
+        assert b.take([g], "other", 1.2) is None
+    assert not g.exhausted
+    lacking = b.take([g, q], "d", 1.2)
+    assert lacking is not None and lacking[0] is q
+    assert q.demand == {"b", "d"} and not g.demand
 
 
 def test_a_used_up_window_is_asked_for_again_only_when_the_next_begins() -> None:
