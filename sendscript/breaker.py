@@ -99,10 +99,17 @@ class CircuitBreaker:
 
     # -- what happened ----------------------------------------------------------------
     def record(self, outcomes: Iterable[bool], now: float) -> None:
-        """Feed send outcomes (True: the call worked) in the order they happened."""
+        """Feed send outcomes (True: the call worked) in the order they happened.
+
+        Outcomes that arrive while the circuit is open are of sends made before it
+        opened (it lets none through): the breaker has acted on their kind already,
+        and counted in the fresh window they would only hold back the recovery."""
         s = self.state
-        bucket = s.buckets.setdefault(int(now), [0, 0])
+        self.evaluate(now)
         for ok in outcomes:
+            if s.circuit is Circuit.OPEN:
+                continue
+            bucket = s.buckets.setdefault(int(now), [0, 0])
             bucket[0] += 1
             if ok:
                 s.streak = 0

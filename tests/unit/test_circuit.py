@@ -152,3 +152,15 @@ def test_the_body_error_code_is_kept() -> None:
         check_response(httpx.Response(502, text="<html>bad gateway</html>",
                                       request=httpx.Request("POST", "http://c/")))
     assert info.value.code is None
+
+
+def test_outcomes_arriving_while_open_are_not_counted() -> None:
+    b = CircuitBreaker(BreakerPolicy(trip_after=3, min_volume=1, pauses_s=(10.0,)))
+    b.record([False, False, False, False, False], 100.0)  # two answers after the trip
+    assert b.state.circuit is Circuit.OPEN
+    assert b.state.streak == 0 and b.state.buckets == {}
+    b.record([False] * 10, 105.0)  # sends made before it opened, answered late
+    assert b.state.streak == 0 and b.state.buckets == {}
+    b.record([True], 110.0)  # the pause is over: this is the probe
+    # Half-open -> degraded -> closed at once: the window holds the probe alone.
+    assert b.state.circuit is Circuit.CLOSED and b.state.buckets == {110: [1, 0]}
