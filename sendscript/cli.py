@@ -680,8 +680,8 @@ def _print_limits(limits: list[dict[str, Any]]) -> None:
     """Rate limits: the rule, this window's use across masters, the live masters' counts."""
     if not limits:
         return
-    table = Table("limit", "max/duration", "used this window", "window ends in",
-                  "reserved", "held", "spent", title="rate limits")
+    table = Table("limit", "max/time", "used in window", "window left", "reserved", "held",
+                  "spent", title="rate limits (window use: all masters; counts: live masters)")
     for lim in limits:
         table.add_row(lim["name"], lim["rule"], str(lim["used"]), f"{lim['left_s']:.1f}s",
                       str(lim["reserved"]), str(lim["held"]), str(lim["spent"]))
