@@ -319,10 +319,11 @@ class TaskLogConsumer:
 
         pulsar-lite keys a subscription's consumers by the id the client gives
         them, which counts from 0 in every client, and keeps the consumer of a
-        connection that ended with a reset (a process killed while the broker was
-        writing to it) for good. Each reader takes the next id, so after a refusal
-        the next try subscribes under an id no dead consumer holds. A real Pulsar
-        broker keys consumers by connection and never needs this (slot stays 0)."""
+        connection that ended with a reset (a process killed with deliveries still
+        unread in its socket) until it restarts. Each reader takes the next id, so
+        after a refusal the next try subscribes under an id no dead consumer holds.
+        A real Pulsar broker keys consumers by connection and never refuses one so
+        (slot stays 0)."""
         s = self.settings
         for _ in range(self.slot):
             reader = await client.create_reader(self._slot_topic(), pulsar.MessageId.latest)
@@ -333,9 +334,11 @@ class TaskLogConsumer:
             consumer_name=self.consumer_name,
             negative_ack_redelivery_delay_ms=s.consumer_nack_delay_ms,
             initial_position=pulsar.InitialPosition.Earliest,
-            # What a consumer killed mid-batch holds unacknowledged waits for its
-            # redelivery: keep it to about a batch ahead.
-            receiver_queue_size=max(100, s.consumer_batch * 2),
+            # Prefetch half a batch: with the batch in hand and the next one
+            # buffered (see _loop), that is all one consumer holds unacknowledged,
+            # which is what waits when it dies (pulsar-lite also keeps delivering
+            # up to this many to a consumer it failed to drop).
+            receiver_queue_size=max(10, s.consumer_batch // 2),
         )
 
     async def _consume(self) -> bool:
@@ -381,8 +384,10 @@ class TaskLogConsumer:
         await self._quietly(self.mongo.close(), "closing Mongo")
 
     async def _loop(self, consumer: apulsar.Consumer) -> None:
-        """Receive continuously into a buffer; process what has arrived as one batch."""
-        buffer: asyncio.Queue[pulsar.Message] = asyncio.Queue()
+        """Receive continuously into a buffer; process what has arrived as one batch.
+        The buffer holds one batch: receiving beyond it would only take messages
+        from other consumers and leave more unacknowledged if this one dies."""
+        buffer: asyncio.Queue[pulsar.Message] = asyncio.Queue(self.settings.consumer_batch)
         receiver = asyncio.create_task(self._receive(consumer, buffer))
         flusher = asyncio.create_task(self._flush_counters_forever())
         stop = asyncio.create_task(self.stop_event.wait())
@@ -426,7 +431,8 @@ class TaskLogConsumer:
     async def _receive(self, consumer: apulsar.Consumer,
                        buffer: asyncio.Queue[pulsar.Message]) -> None:
         while True:
-            buffer.put_nowait(await consumer.receive())
+            message = await consumer.receive()
+            await buffer.put(message)
 
     async def _process_with_nack(self, consumer: apulsar.Consumer,
                                  batch: list[pulsar.Message]) -> None:
