@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -162,7 +163,86 @@ class MongoServer(ServerProcess):
 
 
 class PulsarServer(ServerProcess):
+    """pulsar-lite 0.2.0 drops a connection that ends with a reset (a client killed
+    with deliveries unread in its socket) without removing its consumers: they stay
+    in their subscriptions, keep what they had not acknowledged, take new deliveries
+    up to their permits and refuse any consumer under their ids, until the broker
+    restarts. So the embedded broker restarts itself when its log shows a reset."""
+
     name = "pulsar"
+    heal_resets = True
+    RESET_MARK = b"Connection reset by peer"
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        super().__init__(data_dir, port)
+        self._lock = threading.RLock()
+        self._quit = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._seen = 0
+        self.heals = 0
+
+    def start(self) -> None:
+        with self._lock:
+            super().start()
+            self._seen = self._log_size()
+            if self.heal_resets and self._watcher is None:
+                self._quit.clear()
+                self._watcher = threading.Thread(target=self._watch, name="pulsar-lite-heal",
+                                                 daemon=True)
+                self._watcher.start()
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        self._end_watch()
+        with self._lock:
+            super().stop(timeout_s)
+
+    def kill(self) -> None:
+        self._end_watch()
+        with self._lock:
+            super().kill()
+
+    def _end_watch(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None and watcher is not threading.current_thread():
+            self._quit.set()
+            watcher.join()
+
+    def _log_size(self) -> int:
+        try:
+            return (self.data_dir / "server.log").stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _reset_logged(self) -> bool:
+        """Whether the broker's log shows a reset since the last look."""
+        try:
+            with open(self.data_dir / "server.log", "rb") as log:
+                log.seek(self._seen)
+                new = log.read()
+        except FileNotFoundError:
+            return False
+        self._seen += len(new)
+        return self.RESET_MARK in new
+
+    def _watch(self) -> None:
+        from loguru import logger
+
+        failed = False
+        while not self._quit.wait(0.5):
+            with self._lock:
+                if self._quit.is_set() or not (failed or self._reset_logged()):
+                    continue
+                self.heals += 1
+                logger.warning("embedded pulsar-lite: a connection ended with a reset; "
+                               "restarting it to drop the consumers it keeps")
+                try:
+                    ServerProcess.stop(self)
+                    ServerProcess.start(self)
+                    failed = False
+                except Exception as exc:  # tried again at the next look
+                    failed = True
+                    logger.error("embedded pulsar-lite did not restart: {!r}", exc)
+                self._seen = self._log_size()
 
     @property
     def url(self) -> str:
