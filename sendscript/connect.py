@@ -50,13 +50,19 @@ def redis_sync(settings: Settings) -> redis.Redis:
 
 def _mongo_kwargs(settings: Settings) -> dict:
     ms = int(settings.mongo_timeout_s * 1000)
-    return {
+    kwargs = {
         "tz_aware": True,
         "serverSelectionTimeoutMS": ms,
         "connectTimeoutMS": ms,
         "socketTimeoutMS": ms,
         "event_listeners": [roundtrips.MongoCommandCounter()],
     }
+    if settings.mongo_journal:
+        # A write is acknowledged once it is in the journal: an acknowledged task,
+        # claim or exec record must survive a crash of the server (kill -9), or a
+        # task is lost or its attempt is sent twice.
+        kwargs["journal"] = True
+    return kwargs
 
 
 def mongo_async(settings: Settings) -> AsyncMongoClient:

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     central_timeout_s: float = Field(10.0, gt=0)
     redis_timeout_s: float = Field(5.0, gt=0)
     mongo_timeout_s: float = Field(10.0, gt=0)
+    # Writes acknowledged only once journaled (j=true): without it a crash of the
+    # Mongo server loses writes it had acknowledged. Off only where the deployment's
+    # write concern already journals (a replica set with w=majority).
+    mongo_journal: bool = True
     pulsar_timeout_s: float = Field(10.0, gt=0)
 
     # Scheduling.
