@@ -19,6 +19,7 @@ from loguru import logger
 
 from master.alerting import Alerting
 from master.backpressure import Backpressure
+from master.benching import Benching
 from master.board import DeviceBoard
 from master.bus import (
     Bus,
@@ -88,6 +89,7 @@ class Master:
         self.recovery = Recovery(s, self.redis, self.tasks, RecordStore(self.db))
         self.lost_work = LostWork(bus, self.recovery, self.jobs, self.stop_event)
         self.expiry = Expiry(s, bus, self.tasks, self.redis, self.jobs)
+        self.benching = Benching(s, bus, self.redis)  # before the breaker: holds no probe
         self.alerting = Alerting(s, bus, self.redis)
         self.watches = Watches(s, bus, self.redis, lambda: self.pool.slots,
                                lambda: self.sweeper.lease.leading, self.alerting.forget)
@@ -126,7 +128,7 @@ class Master:
             "heartbeat": self.heartbeat, "delayed": self.delayed,
             "scheduler": self.scheduler, "expiry": self.expiry, "sweeper": self.sweeper,
             "alerts": self.alerting, "watches": self.watches,
-            "pausing": self.pausing,
+            "pausing": self.pausing, "benching": self.benching,
             "backpressure": self.backpressure, "rate-limits": self.rate_limits,
             "breaker": self.breaker, "drop-rate": self.drop_rate,
         }
@@ -256,6 +258,7 @@ class Master:
             "delayed_fire_lateness": percentiles(self.delayed.lateness),
             "schedule_fires": self.scheduler.fired,
             "expired": self.expiry.expired,
+            "benching": self.benching.report(),
             "pauses": self.pausing.report(),
             "running_by_queue": dict(board.running_by_queue),
             "leader": self.sweeper.lease.leading,

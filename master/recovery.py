@@ -31,6 +31,8 @@ from datetime import datetime, timedelta
 import redis.asyncio
 from loguru import logger
 
+from sendscript import device_health
+from sendscript.device_health import BenchPolicy, Outcome
 from sendscript.keys import Keys
 from sendscript.locks import DeviceLocks
 from sendscript.models import DEFAULT_QUEUE, DEFAULT_TIMEOUT_S, ExecRecord, Task, utcnow
@@ -130,6 +132,10 @@ class Recovery:
         found.retried += retries
         if mine:
             await self.redis.hincrby(self.keys.stats, "result_timeouts", len(mine))
+            # Silence counts against the device: one call for the sweep's timeouts.
+            await device_health.record_quietly(self.redis, self.keys, BenchPolicy.of(
+                self.settings), [Outcome(d["device_id"], False, "result timeout")
+                                 for d in overdue if d["_id"] in mine and d.get("device_id")])
             logger.warning("result timeout for {} task(s); {} will retry", len(mine),
                            len(retries))
 

@@ -541,6 +541,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
     _print_alerts(info.get("alerts") or {}, info["masters"])
     _print_limits(info.get("rate_limits", []))
     _print_breaker(info.get("breaker") or {}, info["masters"])
+    _print_benched(info.get("benched") or {})
 
 
 # -- pauses ---------------------------------------------------------------------------------
@@ -712,6 +713,50 @@ def _print_alerts(alerts: dict[str, Any], masters: list[dict[str, Any]]) -> None
         sends.add_row(m["master_id"], str(a["sent"]), str(a["dropped_throttled"]),
                       str(a["dropped_queue_full"]), str(a["queued"]), failed, watching)
     console.print(sends)
+
+
+# -- benched devices -------------------------------------------------------------------
+
+device_app = typer.Typer(help="Devices benched after failures in a row.", no_args_is_help=True)
+app.add_typer(device_app, name="device")
+
+
+@device_app.command("list")
+def device_list() -> None:
+    """The benched devices: until when, why, failures in a row."""
+    from sendscript.client import SendScriptClient
+
+    with SendScriptClient(_settings()) as client:
+        _print_benched({"devices": client.benched_devices()})
+
+
+@device_app.command("resume")
+def device_resume(device: str) -> None:
+    """Lift a device's bench and forget its failures (once it is fixed): its tasks run
+    within a second."""
+    from sendscript.client import SendScriptClient
+
+    with SendScriptClient(_settings()) as client:
+        was = client.resume_device(device)
+    console.print(f"resumed device {device}" if was
+                  else f"device {device} was not benched (its failure streak is cleared)")
+
+
+def _print_benched(benched: dict[str, Any]) -> None:
+    devices, limits = benched.get("devices") or {}, benched.get("limits")
+    if limits:
+        console.print(f"benching: after {limits['after']} failures in a row, for "
+                      f"{limits['cooldown_s']:g}s doubling up to {limits['cooldown_max_s']:g}s;"
+                      f" alert above {limits['alert_count']} benched")
+    if not devices:
+        console.print("no benched devices")
+        return
+    table = Table("device", "until", "left", "streak", "bench #", "why",
+                  title="benched devices")
+    for device, b in devices.items():
+        table.add_row(device, b["until"], f"{b['left_s']:g}s", str(b["streak"]),
+                      str(b["level"]), b["why"])
+    console.print(table)
 
 
 def _t(value: Any) -> str:

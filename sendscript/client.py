@@ -412,6 +412,19 @@ class SendScriptClient:
         """Active pauses by scope, the hard stop first."""
         return flags.list_sync(self._redis, self._keys)
 
+    def resume_device(self, device_id: str) -> bool:
+        """Lift a benched device's bench and forget its failure streak (it was fixed):
+        every master lets its tasks go within a second. False if it was not benched."""
+        from sendscript import device_health
+
+        return device_health.resume_sync(self._redis, self._keys, device_id)
+
+    def benched_devices(self) -> dict[str, dict[str, Any]]:
+        """Benched devices, soonest end first: until, left_s, why, streak, level, since."""
+        from sendscript import device_health
+
+        return device_health.benched_sync(self._redis, self._keys)
+
     def flush_counters(self, role: str = "producer") -> None:
         roundtrips.flush_sync(self._redis, self._keys.roundtrips, role)
 

@@ -112,3 +112,19 @@ class Keys:
         `f:<second>` tasks finished, `d:<second>` dropped, `rt_seen` the stats'
         result_timeouts already counted."""
         return f"{self.prefix}:droprate"
+
+    @property
+    def device_health(self) -> str:
+        """Hash device -> JSON {streak, level, until_ms, since_ms, why, last}: its
+        failures in a row and benches (sendscript/device_health.py)."""
+        return f"{self.prefix}:devices:health"
+
+    @property
+    def devices_benched(self) -> str:
+        """Sorted set device -> end of its bench (epoch ms): benched devices' tasks wait."""
+        return f"{self.prefix}:devices:benched"
+
+    @property
+    def devices_channel(self) -> str:
+        """Pub/sub channel: `{"benched": [...]}` or `{"resumed": device}` on each change."""
+        return f"{self.prefix}:events:devices"

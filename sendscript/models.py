@@ -248,6 +248,8 @@ class ExecRecord(BaseModel):
     finished_at: datetime | None = None
     status: RecordStatus = RecordStatus.RUNNING
     error: str | None = None
+    # The task's deadline when it was sent: a result after it is recorded as late.
+    deadline: datetime | None = None
 
     def to_doc(self) -> dict[str, Any]:
         doc = self.model_dump(by_alias=True, exclude_none=True)

@@ -9,7 +9,7 @@ import json
 import time
 from typing import Any
 
-from sendscript import alerts, connect, limits, pauses
+from sendscript import alerts, connect, device_health, limits, pauses
 from sendscript.breaker import BreakerState, Circuit
 from sendscript.settings import Settings
 from sendscript.store import TASKS
@@ -78,6 +78,11 @@ def gather(settings: Settings) -> dict[str, Any]:
             "breaker": breaker_view(settings, r.hget(keys.breaker, "state")),
             "alerts": alerts.records(r, keys, settings),
             "rate_limits": limits.status(r, keys, settings.rate_limits, masters),
+            "benched": {"devices": device_health.benched_sync(r, keys),
+                        "limits": {"after": settings.bench_after,
+                                   "cooldown_s": settings.bench_cooldown_s,
+                                   "cooldown_max_s": settings.bench_cooldown_max_s,
+                                   "alert_count": settings.bench_alert_count}},
         }
     finally:
         r.close()

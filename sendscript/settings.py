@@ -211,6 +211,18 @@ class Settings(BaseSettings):
     drop_hard_stop_at: float = Field(0.20, gt=0, le=1)
     drop_sync_s: float = Field(1.0, gt=0, le=60)
 
+    # Benching (issue 9, sendscript/device_health.py, master/benching.py): a device
+    # whose last bench_after attempts failed (SYSTEM_ERROR results, result timeouts,
+    # sends central-control refused for it) is benched, its tasks held by every master
+    # without using attempts, for bench_cooldown_s, doubled per bench in a row up to
+    # bench_cooldown_max_s; a success resets it, `sendscript device resume D` lifts
+    # it. More than bench_alert_count devices benched at once is an incident.
+    # bench_after = 0: never bench.
+    bench_after: int = Field(3, ge=0)
+    bench_cooldown_s: float = Field(60.0, gt=0)
+    bench_cooldown_max_s: float = Field(900.0, gt=0)
+    bench_alert_count: int = Field(10, ge=0)
+
     log_level: str = "INFO"
     log_json: bool = False
 

@@ -89,6 +89,7 @@ class ScriptHandler:
         record = ExecRecord(
             _id=record_id, task_id=h.task_id, attempt=attempt, device_id=h.device_id,
             lock_value=fence, worker=self.worker_name, started_at=started,
+            deadline=h.deadline,
         )
         try:
             stored = await self._insert(record)

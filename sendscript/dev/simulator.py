@@ -41,6 +41,9 @@ class FarmConfig(BaseModel):
     accept_delay_ms: float = Field(0.0, ge=0)
     progress: bool = True
     error_code: str | None = None  # the code ERROR results carry
+    # Devices that always end this way (SUCCESS, ERROR, SYSTEM_ERROR or SILENT), e.g.
+    # one sick device among healthy ones; the rates above decide for the others.
+    device_outcomes: dict[str, str] = Field(default_factory=dict)
 
 
 @dataclass
@@ -89,8 +92,11 @@ class Farm:
         self.counters["accepted"] += 1
         return 200, {"success": True}, run
 
-    def outcome(self) -> str | None:
+    def outcome(self, device_id: str | None = None) -> str | None:
         """How a run ends: a log type, or None for a device that never reports."""
+        forced = self.config.device_outcomes.get(device_id or "")
+        if forced is not None:
+            return None if forced.upper() == "SILENT" else forced.upper()
         r = self.rand.random()
         c = self.config
         if r < c.silent_rate:
@@ -189,7 +195,7 @@ class Simulator:
 
     async def _run(self, run: Run) -> None:
         duration = self.farm.run_time_s()
-        outcome = self.farm.outcome()
+        outcome = self.farm.outcome(run.device_id)
         if self.farm.config.progress and duration > 0.05:
             await asyncio.sleep(duration / 2)
             await self._publish(log_message(run, "PROGRESS", "halfway"))
