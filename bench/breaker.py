@@ -36,7 +36,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,6 +86,7 @@ class Result:
     to_closed_s: float | None  # recovery -> closed again
     to_full_speed_s: float | None  # recovery -> accepted rate back at `full` x baseline
     trips: int
+    after_recovery_per_s: list[int]  # accepted sends in each whole second after recovery
     ok: bool
     notes: list[str] = field(default_factory=list)
 
@@ -171,19 +171,18 @@ def _measure(stack: LocalStack, opts: Options, env: dict[str, str]) -> Result:
     client = redis.Redis.from_url(settings.redis_url or "", socket_timeout=10)
     farm = Farm(stack.central_url or "")
     producer = Producer(settings, opts)
-    samples: deque[tuple[float, int]] = deque()
+    samples: list[tuple[float, int]] = []  # (monotonic time, accepted so far)
     notes: list[str] = []
 
     def sample() -> tuple[float, int]:
         point = (time.monotonic(), farm.accepted())
         samples.append(point)
-        while samples and samples[0][0] < point[0] - max(opts.speed_window_s, 1.0) * 2:
-            samples.popleft()
         return point
 
     def rate_over(window_s: float) -> float:
         now, last = samples[-1]
-        first = next(((t, n) for t, n in samples if t >= now - window_s), samples[0])
+        first = next(((t, n) for t, n in reversed(samples) if t <= now - window_s),
+                     samples[0])
         span = now - first[0]
         return (last - first[1]) / span if span > 0 else 0.0
 
@@ -268,8 +267,21 @@ def _measure(stack: LocalStack, opts: Options, env: dict[str, str]) -> Result:
         failures_before_open=failures if open_at is not None else None,
         to_closed_s=since(recovered_at, closed_at),
         to_full_speed_s=since(recovered_at, full_at), trips=trips,
+        after_recovery_per_s=_per_second(samples, recovered_at),
         ok=open_at is not None and full_at is not None and producer.error is None,
         notes=notes)
+
+
+def _per_second(samples: list[tuple[float, int]], start: float) -> list[int]:
+    """Accepted sends in each whole second after `start`, from the samples."""
+    at = [(t, n) for t, n in samples if t >= start]
+    counts: list[int] = []
+    while at and at[0][0] + len(counts) + 1 <= at[-1][0]:
+        edge = at[0][0] + len(counts)
+        before = next(n for t, n in reversed(at) if t <= edge)
+        after = next(n for t, n in reversed(at) if t <= edge + 1)
+        counts.append(after - before)
+    return counts
 
 
 def render(r: Result, out: Console | None = None) -> None:
@@ -283,6 +295,7 @@ def render(r: Result, out: Console | None = None) -> None:
     t.add_row("recovery -> closed", _s(r.to_closed_s))
     t.add_row("recovery -> full speed", _s(r.to_full_speed_s))
     t.add_row("trips", str(r.trips))
+    t.add_row("sends/s after recovery", " ".join(map(str, r.after_recovery_per_s[:40])))
     t.add_row("ok", "yes" if r.ok else "[red]no[/red]")
     for note in r.notes:
         t.add_row("note", note)
