@@ -52,13 +52,14 @@ master with its workers) and tears it down afterwards.
    delay horizon, loader interval, heartbeat TTL and sweeps, `--restart-tasks`
    delayed tasks are submitted, due over the `--restart-spread` seconds that
    start `--restart-start` seconds from now, over `--devices` devices, with
-   `--restart-held` more due 2..10 s after the last of them on devices of their
-   own (what a busy master holds besides, and has to take back after a restart;
-   they are checked for early and repeated runs, not timed). `--kill-after`
-   seconds after the first due time, the master process alone is SIGKILLed
-   (its workers finish what they hold and exit) and started again at once with
-   the same SENDSCRIPT_MASTER_ID. When
-   every task is terminal it reports, from the farm's own record of each run
+   `--restart-held` more, one fan-out due 8 s after the last of them on devices
+   of their own: what a busy master holds besides, and has to take back after a
+   restart. They are cancelled (one update) 2 s after the last timed task is due,
+   before they are due: a burst of thousands would time the farm, not the
+   restart. `--kill-after` seconds after the first due time, the master
+   process alone is SIGKILLed (its workers finish what they hold and exit) and
+   started again at once with the same SENDSCRIPT_MASTER_ID. When every task
+   is terminal it reports, from the farm's own record of each run
    (`/runs`: the time central-control accepted the script, full precision),
    start lateness (run start minus `run_at`) of the tasks due after the kill,
    p50 / p99 / max, split into those due while the new master was starting
@@ -114,6 +115,10 @@ LATENESS_SCRIPT = "bench-delayed"
 MEMORY_SCRIPT = "bench-held"
 RESTART_SCRIPT = "bench-restart"
 HELD_SCRIPT = "bench-restart-held"
+# The held-besides tasks: due this long after the last timed one (within the horizon at
+# the kill), cancelled in one update this long after it, before they are due.
+HELD_DUE_AFTER_S = 8.0
+HELD_CANCEL_AFTER_S = 2.0
 MIB = 1024 * 1024
 
 console = Console(stderr=True)
@@ -584,15 +589,16 @@ def _measure_restart(stack: LocalStack, opts: Options) -> RestartResult:
                       f"is killed {opts.kill_after_s:g}s after the first is due ...")
         m = opts.restart_held
         end = t0 + opts.restart_spread_s
-        specs += [{
-            "device_id": f"held-{i % opts.devices:05d}",
-            "script": {"id": HELD_SCRIPT, "args": {"i": i}},
-            "run_at": end + 2 + 8 * i / m,
-        } for i in range(m)]
         ids: list[str] = []
         with SendScriptClient(settings) as client:
             for part in chunked(specs, 1000):
                 ids.extend(s.task_id for s in client.submit_many(part))
+            held_batch = None
+            if m:
+                held_batch = client.submit_fanout(
+                    {"id": HELD_SCRIPT}, devices=[f"held-{i:05d}" for i in range(m)],
+                    run_at=end + HELD_DUE_AFTER_S)
+                ids.extend(s.task_id for s in held_batch.tasks)
         if (slack := t0 - time.time()) < 0:
             console.print(f"[yellow]submitting ended {-slack:.1f}s after the first was due: "
                           "raise --restart-start[/yellow]")
@@ -611,6 +617,13 @@ def _measure_restart(stack: LocalStack, opts: Options) -> RestartResult:
         console.print(f"master SIGKILLed holding {held} delayed task(s) and restarted: "
                       f"up again after {up_at - killed_at:.2f}s")
 
+        if held_batch is not None:
+            # Before they are due: they were there to be taken back, not to run.
+            if (pause := end + HELD_CANCEL_AFTER_S - time.time()) > 0:
+                time.sleep(pause)
+            with SendScriptClient(settings) as client:
+                cancelled = client.cancel_batch(held_batch.batch_id, "bench: held only")
+            console.print(f"cancelled {cancelled}/{m} held-besides task(s)")
         wait_s = max(0.0, t0 + opts.restart_spread_s - time.time()) + opts.timeout_s
         counts = wait_terminal(stack, db, n, wait_s, RESTART_SCRIPT)
         held_counts = wait_terminal(stack, db, m, opts.timeout_s, HELD_SCRIPT) if m else {}
@@ -651,7 +664,7 @@ def _measure_restart(stack: LocalStack, opts: Options) -> RestartResult:
     due_times = [due for task_id, due in run_at.items() if task_id in timed]
     terminal = sum(v for k, v in counts.items() if k in TERMINAL_NAMES)
     held_terminal = sum(v for k, v in held_counts.items() if k in TERMINAL_NAMES)
-    never_started = sum(1 for task_id in ids if task_id not in starts)
+    never_started = sum(1 for task_id in timed if task_id not in starts)
     run_twice = sum(1 for ts in starts.values() if len(ts) > 1)
     duplicates = sum(1 for c in records.values() if c > 1)
     overlaps = int(farm.get("overlaps", 0))
@@ -816,8 +829,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     g.add_argument("--restart-tasks", type=int, default=1000,
                    help="delayed tasks (default 1000)")
     g.add_argument("--restart-held", type=int, default=3000,
-                   help="delayed tasks held besides, due 2..10 s after the last timed one "
-                        "(default 3000; keep them within the 60 s horizon at the kill)")
+                   help="delayed tasks held besides, due 8 s after the last timed one, "
+                        "cancelled before (default 3000; keep them within the 60 s horizon "
+                        "at the kill)")
     g.add_argument("--restart-start", type=float, default=10.0,
                    help="seconds from now to the first due time (default 10)")
     g.add_argument("--restart-spread", type=float, default=40.0,
