@@ -37,7 +37,7 @@ from loguru import logger
 from pydantic import ValidationError
 from pymongo.errors import BulkWriteError
 
-from sendscript import connect, roundtrips
+from sendscript import connect, device_health, roundtrips
 from sendscript.backoff import Backoff, stopped_within
 from sendscript.locks import DeviceLocks
 from sendscript.models import (
@@ -179,10 +179,13 @@ def result_updates(
         if record is None:
             continue
         out.releases.append((record.device_id, record.lock_value))
+        # Past the task's deadline the result still applies (the device did run it).
+        late = {"late": True} if device_health.is_late(record, now) else {}
         if msg.log_type == LogType.SUCCESS:
             out.tasks.append(task_cas(record.task_id, APPLIES_TO[msg.log_type],
                                       TaskStatus.SUCCESS, now, attempt=record.attempt))
-            out.records.append(record_cas(msg.record_id, OPEN_RECORD, RecordStatus.SUCCESS, now))
+            out.records.append(record_cas(msg.record_id, OPEN_RECORD, RecordStatus.SUCCESS, now,
+                                          set_=late))
             continue
         error = f"{msg.log_type}{f' [{msg.code}]' if msg.code else ''}: {msg.message}"[:1000]
         task = tasks.get(record.task_id)
@@ -198,7 +201,7 @@ def result_updates(
         out.tasks.append(failure_cas(record.task_id, APPLIES_TO[msg.log_type], record.attempt,
                                      decision, now))
         out.records.append(record_cas(msg.record_id, OPEN_RECORD, RecordStatus.FAILED, now,
-                                      set_={"error": error}))
+                                      set_={"error": error, **late}))
     return out
 
 
@@ -527,6 +530,8 @@ class TaskLogConsumer:
             await self.redis.lpush(self.settings.keys.ready,
                                    *[json.dumps({"task_id": t}) for t in retries])
             result.retries += len(retries)
+        # Streaks, benches and late results: one Redis call for the batch.
+        await device_health.record_results(self.redis, self.settings, finals, records, now)
 
     async def _dead_letter(self, msg: pulsar.Message, reason: str) -> None:
         data = msg.data()
