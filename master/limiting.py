@@ -45,6 +45,7 @@ from sendscript.settings import Settings
 
 IDLE_S = 0.5  # tokens neither spent nor asked for this long go back to the others
 MIN_MARGIN_S = 0.005  # held devices ask again this long after a reply is due, at least
+MAX_MARGIN_S = 0.1  # and at most this much more (a slow reply: they ask once more)
 FAILED_RETRY_S = 1.0  # while Redis does not answer, held devices ask this often
 GROUPS_RETRY_S = 1.0  # until the limited groups' devices are loaded
 IDLE_WAIT_S = 1.0  # the loop's longest sleep when nothing is due
@@ -125,7 +126,7 @@ class LimitBook:
     def retry_in(self, s: LimitState, now: float) -> float:
         if self.failing:
             return FAILED_RETRY_S
-        margin = MIN_MARGIN_S + 2 * self.rtt
+        margin = MIN_MARGIN_S + min(2 * self.rtt, MAX_MARGIN_S)
         if s.exhausted:
             return max(0.0, s.refresh_at - now) + margin
         return max(0.0, self.last_ask_at + self.tick_s - now) + margin

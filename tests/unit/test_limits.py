@@ -8,7 +8,14 @@ from collections import Counter
 import pytest
 from pydantic import ValidationError
 
-from master.limiting import FAILED_RETRY_S, IDLE_S, MIN_MARGIN_S, YIELD_S, LimitBook
+from master.limiting import (
+    FAILED_RETRY_S,
+    IDLE_S,
+    MAX_MARGIN_S,
+    MIN_MARGIN_S,
+    YIELD_S,
+    LimitBook,
+)
 from sendscript.limits import Ask, Granted, RateLimit, Reservation, parse_limits
 from sendscript.settings import Settings
 
@@ -191,8 +198,11 @@ def test_asks_never_exceed_the_limit_and_a_failure_slows_the_held_tasks() -> Non
     lacking = b.take([q], "x", 0.1)
     assert lacking is not None and lacking[1] == FAILED_RETRY_S
     asks = b.plan(0.1)
-    b.apply(asks, reply(asks, [1], [1]), 0.1, 0.1)
+    b.apply(asks, reply(asks, [1], [1], now_ms=W * 1000), 0.1, 0.9)  # a slow reply (0.8 s)
     assert not b.failing and q.tokens == 1
+    assert b.take([q], "y", 0.9) is None
+    lacking = b.take([q], "z", 0.9)  # asks again soon, not two round trips later
+    assert lacking is not None and lacking[1] == pytest.approx(MIN_MARGIN_S + MAX_MARGIN_S)
 
 
 def test_release_all_gives_back_every_unspent_token() -> None:
