@@ -250,7 +250,7 @@ class CircuitBreakerPart:
         except Exception:
             self._pending[:0] = outcomes  # merged next time; meanwhile judge them locally
             local = CircuitBreaker(self.policy, BreakerState.from_dict(self.state.to_dict()))
-            self._feed(local, outcomes + self._pending, time.time())
+            self._feed(local, self._pending, time.time())
             self._apply(local.state, 0)
             raise
         if trip is not None and self._trip == trip:
