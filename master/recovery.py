@@ -132,10 +132,12 @@ class Recovery:
         found.retried += retries
         if mine:
             await self.redis.hincrby(self.keys.stats, "result_timeouts", len(mine))
-            # Silence counts against the device: one call for the sweep's timeouts.
+            # A sent task's silence counts against its device (one stuck running was
+            # never sent to it): one call for the sweep's timeouts.
             await device_health.record_quietly(self.redis, self.keys, BenchPolicy.of(
                 self.settings), [Outcome(d["device_id"], False, "result timeout")
-                                 for d in overdue if d["_id"] in mine and d.get("device_id")])
+                                 for d in overdue if d["_id"] in mine
+                                 and d.get("status") == str(TaskStatus.SENT)])
             logger.warning("result timeout for {} task(s); {} will retry", len(mine),
                            len(retries))
 

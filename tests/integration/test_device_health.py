@@ -8,16 +8,23 @@ import asyncio
 import json
 import random
 import time
+from datetime import timedelta
 
 import redis.asyncio
+from pymongo.asynchronous.database import AsyncDatabase
 
 from master.benching import Benching
 from master.bus import Bus, Go, Hold, Incident, TaskAnswered, WakeRequested
+from master.recovery import Found, Recovery
 from sendscript import device_health
 from sendscript.device_health import BenchPolicy, DeviceHealth, Outcome
 from sendscript.ipc import TaskDone
+from sendscript.locks import DeviceLocks
 from sendscript.models import Task, new_id, utcnow
 from sendscript.settings import Settings
+from sendscript.status import TaskStatus
+from sendscript.store import RecordStore, TaskStore
+from tests.integration.test_recovery import sent_task
 
 POLICY = BenchPolicy(after=3, base_s=60, cap_s=200)
 T0 = 1_700_000_000_000
@@ -150,3 +157,26 @@ async def test_two_masters_one_benches_from_refused_sends_both_hold_resume_wakes
     finally:
         stop.set()
         await asyncio.gather(*loops, return_exceptions=True)
+
+
+async def test_the_sweeps_result_timeouts_feed_the_streak_of_sent_tasks_only(
+        settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase) -> None:
+    s = settings.model_copy(update={"bench_after": 2, "retry_base_s": 20.0})
+    recovery = Recovery(s, redis_client, TaskStore(db), RecordStore(db))
+    locks = DeviceLocks(redis_client, s.keys)
+    for _ in range(2):  # one at a time: each holds its device's lock until timed out
+        now = utcnow()
+        await sent_task(db, locks, "silent", sent_at=now - timedelta(seconds=60))
+        await sent_task(db, locks, "stuck", sent_at=now - timedelta(seconds=60),
+                        status=TaskStatus.RUNNING)
+        found = Found()
+        await recovery.time_out_results(now, found)
+        assert len(found.timed_out) == 2
+    sync = redis.Redis.from_url(settings.redis_url or "")
+    try:
+        listed = device_health.benched_sync(sync, s.keys)
+    finally:
+        sync.close()
+    assert list(listed) == ["silent"]
+    assert (listed["silent"]["streak"], listed["silent"]["why"]) == (2, "result timeout")
+    assert await redis_client.hget(s.keys.device_health, "stuck") is None
