@@ -6,14 +6,16 @@ subscriber keeps those outcomes in order; the loop, every `breaker_sync_s`, merg
 them into the state all masters share in Redis and reads it back: the Python class
 (`sendscript.breaker.CircuitBreaker`) decides the transitions on the state as read,
 and one Lua call writes it back if nobody wrote in between (compare-and-set on a
-version), or hands back the newer state to merge into again. So every master sees
-one state within about one sync interval.
+version), or hands back the newer state to merge into again (a read that finds
+the state changed by another master is judged at once the same way). So every
+master sees one state within about one sync interval.
 
 The gate answers from the last state read, in O(1):
 - closed: Go;
 - open: Hold until the probe is due (no attempt used);
 - half-open: Go for the probe permits this master took from the shared state (one
-  per probe, cluster-wide), Hold for the rest;
+  per probe, cluster-wide), Hold for the rest; a probe whose answer says nothing of
+  central-control (busy device, store error) is given back at the next sync;
 - degraded: Go while this master has fewer than `breaker_degraded_concurrency` tasks
   in flight, else Hold.
 The drop-rate ladder (master/droprate.py) may degrade the gate (a floor) or trip
@@ -109,6 +111,7 @@ class CircuitGate:
         self.open_until = 0.0  # wall clock, shared by every master
         self.floor = Circuit.CLOSED  # the drop-rate ladder's: DEGRADED or CLOSED
         self.permits = 0  # probes this master may send while half-open
+        self.probe_tasks: set[str] = set()  # the probes it sent, until answered
         self.wanted = False  # a task waited for a probe permit
         self.held: dict[str, None] = {}  # devices held, in order (a set that keeps it)
         self.holds = 0
@@ -131,6 +134,7 @@ class CircuitGate:
             if self.permits > 0:
                 self.permits -= 1
                 self.probes += 1
+                self.probe_tasks.add(task.id)
                 return self._go(task)
             self.wanted = True
             return self._hold(task, "breaker half-open", self.recheck_s)
@@ -154,10 +158,18 @@ class CircuitGate:
         if state.circuit is not Circuit.HALF_OPEN:
             self.permits = 0
             self.wanted = False
+            self.probe_tasks.clear()
         if permits:
             self.permits += permits
             self.wanted = False
         return self.wake_all() if looser or permits else []
+
+    def probe_answered(self, task_id: str) -> bool:
+        """Was this answer one of our probes'?"""
+        if task_id in self.probe_tasks:
+            self.probe_tasks.discard(task_id)
+            return True
+        return False
 
     def set_floor(self, floor: Circuit) -> list[str]:
         looser = floor is Circuit.CLOSED and self.floor is not Circuit.CLOSED
@@ -206,6 +218,7 @@ class CircuitBreakerPart:
         self.synced_once = False
         self._pending: list[bool] = []  # outcomes not yet merged, in order
         self._trip: str | None = None  # why the ladder asked to open, until merged
+        self._given_back = 0  # probes answered with nothing about central, until merged
         self._incident = False
         self.failures = 0
         self.successes = 0
@@ -219,6 +232,8 @@ class CircuitBreakerPart:
     # -- inputs ---------------------------------------------------------------------------
     def _on_answered(self, event: TaskAnswered) -> None:
         ok = central_outcome(event)
+        if self.gate.probe_answered(event.task.id) and ok is None:
+            self._given_back += 1
         if ok is not None:
             if ok:
                 self.successes += 1
@@ -244,9 +259,9 @@ class CircuitBreakerPart:
     async def sync(self) -> Synced:
         """Merge this master's outcomes into the shared state; apply what it says."""
         outcomes, self._pending = self._pending, []
-        trip = self._trip
+        trip, given_back = self._trip, self._given_back
         try:
-            synced = await self._merge(outcomes, trip)
+            synced = await self._merge(outcomes, trip, given_back)
         except Exception:
             self._pending[:0] = outcomes  # merged next time; meanwhile judge them locally
             local = CircuitBreaker(self.policy, BreakerState.from_dict(self.state.to_dict()))
@@ -255,13 +270,14 @@ class CircuitBreakerPart:
             raise
         if trip is not None and self._trip == trip:
             self._trip = None
+        self._given_back -= given_back
         self.state, self.version = synced.state, synced.version
         self.synced_once = True
         self.syncs += 1
         self._apply(synced.state, synced.permits)
         return synced
 
-    async def _merge(self, outcomes: list[bool], trip: str | None) -> Synced:
+    async def _merge(self, outcomes: list[bool], trip: str | None, given_back: int) -> Synced:
         state, version = self.state, self.version
         want_probe = self.gate.wanted and self.gate.permits == 0
         for _ in range(CAS_TRIES):
@@ -269,6 +285,7 @@ class CircuitBreakerPart:
             breaker = CircuitBreaker(self.policy, BreakerState.from_dict(state.to_dict()))
             before = breaker.state.to_dict()
             self._feed(breaker, outcomes, now)
+            breaker.give_back(given_back)
             if trip is not None and breaker.trip(now):
                 logger.warning("circuit breaker opened: {}", trip)
             permits = 0
@@ -279,9 +296,11 @@ class CircuitBreakerPart:
             new = json.dumps(after) if after != before else ""  # "": only read
             written, stored_version, raw = await self.redis.eval(  # type: ignore[misc]
                 SYNC, 1, self.settings.keys.breaker, version, new)
-            if written:
+            if written and (new or int(stored_version) == version):
                 return Synced(parse_state(raw), int(stored_version), permits)
-            self.conflicts += 1
+            # A conflict, or another master changed it since we last read: judge the
+            # newer state now rather than one sync later.
+            self.conflicts += 0 if written else 1
             state, version = parse_state(raw), int(stored_version)
         raise RuntimeError(f"circuit breaker: {CAS_TRIES} write conflicts in a row")
 

@@ -163,6 +163,12 @@ class CircuitBreaker:
             self.state.probe_at = now
         return True
 
+    def give_back(self, probes: int) -> None:
+        """Probes taken whose send said nothing of central-control (the device was busy,
+        the store failed): hand them out again now rather than after the timeout."""
+        if self.state.circuit is Circuit.HALF_OPEN:
+            self.state.probes_left = min(self.policy.probes, self.state.probes_left + probes)
+
     def trip(self, now: float) -> bool:
         """Open a closed or degraded circuit from outside; False if it was not."""
         if self.state.circuit not in (Circuit.CLOSED, Circuit.DEGRADED):

@@ -33,6 +33,11 @@ class Master:
                             central_ok=ok)
             self.bus.emit(TaskAnswered(task, done, "w", 0.0, 0.0))
 
+    def answer_task(self, task: Task, ok: bool | None, outcome: str) -> None:
+        done = TaskDone(task_id=task.id, device_id=task.device_id, outcome=outcome,
+                        attempt=0, central_ok=ok)
+        self.bus.emit(TaskAnswered(task, done, "w", 0.0, 0.0))
+
     def expire(self, n: int) -> None:
         tasks = [Task(_id=new_id(), device_id=f"d{i}", script={"id": "tap"}) for i in range(n)]
         self.bus.emit(TasksWithdrawn(tasks, "expired"))
@@ -152,3 +157,28 @@ async def test_the_ladder_climbs_to_a_hard_stop_and_trips_the_breaker(
     a.expire(1)
     assert await a.drops.sync() is Level.HARD_STOP
     assert pauses.HARD not in await pauses.load(redis_client, s.keys)  # not set again
+
+
+async def test_a_probe_that_said_nothing_of_central_is_given_back(
+    settings: Settings, redis_client: redis.asyncio.Redis,
+) -> None:
+    s = shared(settings, breaker_probe_timeout_s=600)
+    a, b = Master(s, redis_client), Master(s, redis_client)
+    a.answer(False, 5)
+    await a.breaker.sync()
+    deadline = time.monotonic() + 5
+    while (await a.breaker.sync()).state.circuit is not Circuit.HALF_OPEN:
+        assert time.monotonic() < deadline, "the open pause never ended"
+        await asyncio.sleep(0.05)
+    assert a.held()
+    await a.breaker.sync()
+    probe = Task(_id=new_id(), device_id="busy-device", script={"id": "tap"})
+    assert not isinstance(a.breaker.gate.admit(probe, utcnow()), Hold)
+    await b.breaker.sync()
+    assert b.held()  # the one probe is out
+    await b.breaker.sync()
+    assert b.breaker.gate.permits == 0
+    a.answer_task(probe, None, "busy")  # its device was busy: nothing learned
+    await a.breaker.sync()
+    await b.breaker.sync()
+    assert b.breaker.gate.permits == 1  # handed out again at once, not after 600 s

@@ -164,3 +164,23 @@ def test_outcomes_arriving_while_open_are_not_counted() -> None:
     b.record([True], 110.0)  # the pause is over: this is the probe
     # Half-open -> degraded -> closed at once: the window holds the probe alone.
     assert b.state.circuit is Circuit.CLOSED and b.state.buckets == {110: [1, 0]}
+
+
+def test_a_probe_given_back_is_handed_out_again_at_once() -> None:
+    b = CircuitBreaker(BreakerPolicy(trip_after=1, pauses_s=(5.0,), probe_timeout_s=60.0))
+    b.record([False], 100.0)
+    assert b.allow(105.0) and not b.allow(105.5)
+    b.give_back(1)  # the probe's device was busy: nothing learned
+    assert b.allow(106.0)
+    b.give_back(5)
+    assert b.state.probes_left == 1  # never more than the policy's probes
+
+
+def test_the_gate_knows_its_probes_answers() -> None:
+    g, _ = gate()
+    g.update(BreakerState(circuit=Circuit.HALF_OPEN), permits=1)
+    probe = task("d1")
+    assert isinstance(g.admit(probe, NOW), Go)
+    assert not g.probe_answered("other")
+    assert g.probe_answered(probe.id)
+    assert not g.probe_answered(probe.id)
