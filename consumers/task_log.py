@@ -2,9 +2,9 @@
 
 Shared subscription, messages taken in batches. For a batch: validate each
 message (a bad one goes to the dead-letter topic with its reason, then is
-acked), save every log, release the device locks of the results by fence (newest
-fence per device) and publish device-free events, apply SUCCESS / ERROR /
-SYSTEM_ERROR to the task and its exec record by compare-and-set, then ack. A log
+acked), save every log, apply SUCCESS / ERROR / SYSTEM_ERROR to the task and its
+exec record by compare-and-set, then release the device locks of the results by
+fence (newest fence per device) and publish device-free events, then ack. A log
 the store refuses for what it is (a value BSON cannot hold, a document over the
 size limit) is dead-lettered like a malformed one and the rest of its batch goes
 on; only a failure retrying can cure (a server down or slow) negatively
@@ -49,6 +49,7 @@ from sendscript.models import (
     utcnow,
 )
 from sendscript.pulsar_log import pulsar_logger
+from sendscript.queue import push_refs
 from sendscript.refusals import (
     encoding_refusal,
     permanent_write_errors,
@@ -505,7 +506,7 @@ class TaskLogConsumer:
 
     async def _apply(self, finals: Sequence[TaskLogMessage], records: dict[str, Any],
                      now: datetime, result: BatchResult) -> None:
-        """Free the devices of the results and apply them to tasks and exec records."""
+        """Apply the results to tasks and exec records, then free their devices."""
         if not finals:
             return
         result.unknown_records = [m.record_id for m in finals if m.record_id not in records]
@@ -513,9 +514,10 @@ class TaskLogConsumer:
                         if m.record_id in records and m.log_type != LogType.SUCCESS}
         tasks = await self.tasks.retry_fields(failed_tasks)
         writes = result_updates(finals, records, tasks, self.settings, now)
-        # The device has finished: free it first, so its next task starts while
-        # we write. A crash before the writes leaves them to the redelivery.
-        result.released = await self.locks.release_many(writes.releases)
+        # Results first, then the devices: freeing a device starts its next task, and
+        # a task its dead worker left pending must be marked done before that, or it
+        # would be sent again. A crash between the two leaves the locks to the
+        # redelivery (or the orphan-lock sweep).
         result.applied, _ = await asyncio.gather(
             self.tasks.run_updates(writes.successes()),
             self.records.run_updates(writes.records),
@@ -526,9 +528,9 @@ class TaskLogConsumer:
                 result.applied += 1
                 if retry:
                     retries.append(task_id)
+        result.released = await self.locks.release_many(writes.releases)
         if retries:  # any master takes them and fires them at their time
-            await self.redis.lpush(self.settings.keys.ready,
-                                   *[json.dumps({"task_id": t}) for t in retries])
+            await push_refs(self.redis, self.settings.keys.ready, retries)
             result.retries += len(retries)
         # Streaks, benches and late results: one Redis call for the batch.
         await device_health.record_results(self.redis, self.settings, finals, records, now)

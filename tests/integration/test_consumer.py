@@ -359,6 +359,32 @@ async def test_a_task_put_back_after_its_worker_died_takes_success_not_error(
     assert (await rig.db[RECORDS].find_one({"_id": err_rec}))["status"] == "failed"  # type: ignore[index]
 
 
+async def test_a_put_back_task_is_marked_success_before_its_device_is_freed(
+    rig: Rig, free_events: FreeEvents
+) -> None:
+    """A master dispatches a freed device's next task at once: a task its dead worker
+    left pending (the device ran it) must be success by then, or it runs twice."""
+    task_id, record_id, fence = await rig.sent_task("dev-back")
+    await rig.db[TASKS].update_one({"_id": task_id}, {"$set": {"status": "pending"}})
+    seen_at_event: list[str] = []
+
+    async def master_reacting_to_the_event() -> None:
+        while not seen_at_event:
+            msg = await free_events._pubsub.get_message(ignore_subscribe_messages=True,
+                                                        timeout=5)
+            assert msg is not None, "no device-free event"
+            doc = await rig.db[TASKS].find_one({"_id": task_id}, {"status": 1})
+            seen_at_event.append(doc["status"])  # type: ignore[index]
+
+    watcher = asyncio.create_task(master_reacting_to_the_event())
+    await rig.consumer.process(await rig.deliver([
+        log(task_id, record_id, "dev-back", "SUCCESS", "ran")]))
+    await asyncio.wait_for(watcher, 10)
+    assert seen_at_event == ["success"]
+    assert await rig.locks.holders(["dev-back"]) == [None]
+    assert fence > 0
+
+
 async def test_an_error_that_applies_to_nothing_queues_nothing(rig: Rig) -> None:
     task_id, record_id, _ = await rig.sent_task("dev-1")
     await rig.db[TASKS].update_one({"_id": task_id}, {"$set": {"status": "pending"}})
