@@ -732,8 +732,7 @@ def device_list() -> None:
 
 @device_app.command("resume")
 def device_resume(device: str) -> None:
-    """Lift a device's bench and forget its failures (once it is fixed): its tasks run
-    within a second."""
+    """Lift a device's bench (once fixed) and forget its failures: its tasks run at once."""
     from sendscript.client import SendScriptClient
 
     with SendScriptClient(_settings()) as client:
