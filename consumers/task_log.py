@@ -528,12 +528,13 @@ class TaskLogConsumer:
                 result.applied += 1
                 if retry:
                     retries.append(task_id)
+        # Streaks, benches and late results, one Redis call for the batch; before the
+        # devices are freed, so a device benched now gets no next task meanwhile.
+        await device_health.record_results(self.redis, self.settings, finals, records, now)
         result.released = await self.locks.release_many(writes.releases)
         if retries:  # any master takes them and fires them at their time
             await push_refs(self.redis, self.settings.keys.ready, retries)
             result.retries += len(retries)
-        # Streaks, benches and late results: one Redis call for the batch.
-        await device_health.record_results(self.redis, self.settings, finals, records, now)
 
     async def _dead_letter(self, msg: pulsar.Message, reason: str) -> None:
         data = msg.data()
