@@ -95,10 +95,12 @@ class DelayedTasks:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due: float | None = None
         self._firing: asyncio.Task[None] | None = None
-        # False while Mongo may say we hold a task the heap lacks: at start, and after a
-        # claim that failed half way (applied, its read-back lost). The next load then
-        # takes back all we hold; otherwise loads skip our own (they are in the heap).
-        self._heap_complete = False
+        # Mongo may say we hold a task the heap lacks: at start, and after a claim that
+        # failed half way (applied, its read-back lost). The next load then takes back
+        # all we hold; otherwise loads skip our own (they are in the heap). Counted, so a
+        # claim failing while a take-back runs is not forgotten when that one ends.
+        self._claim_failures = 0
+        self._taken_back_upto: int | None = None  # the count when the last one began
         # Set when the master stops: a fire that fails is not retried past it.
         self._halt = asyncio.Event()
 
@@ -112,13 +114,14 @@ class DelayedTasks:
     async def take_back(self) -> int:
         """What this master held before a restart, all of it whatever its due time:
         one query, no claim (it is ours already)."""
-        if self._heap_complete:
+        upto = self._claim_failures
+        if self._taken_back_upto == upto:
             return 0
         me = self.settings.master_id
         docs = await self.tasks.scheduled_due(utcnow() + ANY_TIME, [me], LOAD_LIMIT)
         ours = [d for d in docs if d["_id"] not in self.heap]
         self._hold(ours)
-        self._heap_complete = True
+        self._taken_back_upto = upto
         if ours:
             logger.info("took back {} delayed task(s) held before the restart", len(ours))
         return len(ours)
@@ -150,7 +153,7 @@ class DelayedTasks:
         try:
             return await self.tasks.claim_scheduled(task_ids, self.settings.master_id, masters)
         except Exception:
-            self._heap_complete = False  # some may be ours now, unknown to the heap
+            self._claim_failures += 1  # some may be ours now, unknown to the heap
             raise
 
     def hold(self, task_id: str, run_at: datetime) -> None:
