@@ -223,6 +223,22 @@ class Settings(BaseSettings):
     bench_cooldown_max_s: float = Field(900.0, gt=0)
     bench_alert_count: int = Field(10, ge=0)
 
+    # Console (issue 10, console/): where it listens (any address but a loopback one
+    # needs an operator token in Mongo first), the cookie-signing secret (unset: one
+    # shared through Mongo), how long a login lasts, the most tasks a bulk action may
+    # change, how long its confirmation holds, how often live views refresh (counts of
+    # tasks per status less often: an aggregate), how long the dead-letter read may take.
+    console_host: str = "127.0.0.1"
+    console_port: int = Field(8600, ge=0, le=65535)
+    console_secret: str | None = None
+    console_session_s: float = Field(12 * 3600, gt=0)
+    console_bulk_max: int = Field(10_000, ge=1, le=1_000_000)
+    console_confirm_ttl_s: float = Field(120.0, gt=0)
+    console_live_interval_s: float = Field(1.0, gt=0)
+    console_counts_s: float = Field(5.0, gt=0)
+    console_task_stream_s: float = Field(0.5, gt=0)
+    console_dlq_timeout_s: float = Field(3.0, gt=0)
+
     log_level: str = "INFO"
     log_json: bool = False
 

@@ -1,0 +1,1 @@
+"""The console role: pages, a JSON API and live updates over the service's own stores."""

@@ -1,0 +1,166 @@
+"""What an operator may do from the console, each written to the `audit` collection.
+
+One task: retry, cancel. Many: the same on every task a filter selects, in two steps
+(preview counts and signs a confirmation bound to the action, the filter and the
+person; the action requires it). Quarantined queue items go back onto the ready list.
+Pauses are the service's flags (sendscript/pauses.py). Every change goes through the
+SDK or the same compare-and-set the service uses, so the masters see it as they see
+the CLI's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from console import auth
+from console.data import AUDIT, Stores, entry_id, task_query
+from console.filters import TaskFilter
+from sendscript import pauses as flags
+from sendscript.client import SendScriptClient
+from sendscript.models import utcnow
+from sendscript.status import CANCELLABLE, RETRYABLE_BY_HAND, TaskStatus, task_cas
+from sendscript.store import TASKS, chunks
+
+BulkAction = Literal["retry", "cancel"]
+ELIGIBLE: dict[str, frozenset[TaskStatus]] = {"retry": RETRYABLE_BY_HAND,
+                                              "cancel": CANCELLABLE}
+
+# KEYS[1] the quarantine list, KEYS[2] the ready list; ARGV[1] the quarantine entry as
+# stored, ARGV[2] the item it holds. Removes one copy of the entry and, only if one was
+# there, pushes the item back: two operators requeueing it at once requeue it once.
+REQUEUE = """
+local removed = redis.call('LREM', KEYS[1], 1, ARGV[1])
+if removed == 1 then redis.call('LPUSH', KEYS[2], ARGV[2]) end
+return removed
+"""
+
+
+class Refused(ValueError):
+    """The action cannot run as asked (the reason is for the user); nothing changed."""
+
+    def __init__(self, reason: str, status: int = 409) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+@dataclass
+class Actions:
+    stores: Stores
+    client: SendScriptClient
+    secret: bytes
+
+    # -- audit -------------------------------------------------------------------------
+    def audit(self, who: auth.Principal, action: str, *, target: str | None = None,
+              flt: TaskFilter | None = None, count: int = 0, result: Any = None) -> None:
+        self.stores.db[AUDIT].insert_one({
+            "at": utcnow(), "who": who.name, "role": who.role, "action": action,
+            "target": target, "filter": json.loads(flt.canonical()) if flt else None,
+            "count": count, "result": result})
+
+    # -- one task ----------------------------------------------------------------------
+    def retry(self, who: auth.Principal, task_id: str) -> bool:
+        if self.stores.db[TASKS].find_one({"_id": task_id}, {"_id": 1}) is None:
+            raise Refused(f"no task {task_id}", 404)
+        try:
+            done = self.client.retry(task_id)
+        except ValueError as exc:
+            raise Refused(str(exc)) from None
+        if not done:
+            raise Refused(f"task {task_id} is not failed, expired or cancelled")
+        self.audit(who, "retry", target=task_id, count=1)
+        return True
+
+    def cancel(self, who: auth.Principal, task_id: str) -> str:
+        try:
+            was = self.client.cancel(task_id, f"cancelled by {who.name} (console)")
+        except KeyError:
+            raise Refused(f"no task {task_id}", 404) from None
+        if was is None:
+            raise Refused(f"task {task_id} had already finished")
+        self.audit(who, "cancel", target=task_id, count=1, result={"was": was})
+        return was
+
+    # -- many tasks --------------------------------------------------------------------
+    def _query(self, action: str, flt: TaskFilter) -> dict[str, Any]:
+        if flt.is_empty():
+            raise Refused("a bulk action needs a filter (at least one field)", 422)
+        query = task_query(self.stores.db, flt)
+        eligible = sorted(str(s) for s in ELIGIBLE[action])
+        if flt.status is not None and str(flt.status) not in eligible:
+            return {"_id": {"$in": []}}
+        return {**query, "status": {"$in": eligible}} if flt.status is None else query
+
+    def preview(self, who: auth.Principal, action: BulkAction, flt: TaskFilter,
+                cap: int, ttl_s: float) -> dict[str, Any]:
+        count = self.stores.db[TASKS].count_documents(self._query(action, flt), limit=cap + 1)
+        if count > cap:
+            raise Refused(f"more than {cap} tasks match: narrow the filter "
+                          "(SENDSCRIPT_CONSOLE_BULK_MAX)", 422)
+        token = auth.make_confirmation(self.secret, action, flt.digest(), count, who.name,
+                                       ttl_s)
+        return {"action": action, "count": count, "confirm": token, "expires_in_s": ttl_s}
+
+    def bulk(self, who: auth.Principal, action: BulkAction, flt: TaskFilter, confirm: str,
+             cap: int) -> dict[str, Any]:
+        try:
+            confirmed = auth.check_confirmation(self.secret, confirm, action, flt.digest(),
+                                                who.name)
+        except ValueError as exc:
+            raise Refused(str(exc), 403) from None
+        ids = [d["_id"] for d in self.stores.db[TASKS].find(
+            self._query(action, flt), {"_id": 1}).limit(cap)]
+        if action == "cancel":
+            done, skipped = self._cancel_many(who, ids), 0
+        else:
+            done = skipped = 0
+            for task_id in ids:
+                try:
+                    done += self.client.retry(task_id)
+                except ValueError:
+                    skipped += 1  # its dedupe key belongs to an unfinished task
+        result = {"action": action, "confirmed": confirmed, "matched": len(ids), "done": done,
+                  "skipped": skipped}
+        self.audit(who, f"bulk {action}", flt=flt, count=done, result=result)
+        return result
+
+    def _cancel_many(self, who: auth.Principal, ids: list[str]) -> int:
+        done = 0
+        for part in chunks(ids):
+            flt, update = task_cas(part, CANCELLABLE, TaskStatus.CANCELLED, utcnow(),
+                                   set_={"last_error": f"cancelled by {who.name} (console)"})
+            done += self.stores.db[TASKS].update_many(flt, update).modified_count
+        return done
+
+    # -- quarantine --------------------------------------------------------------------
+    def requeue(self, who: auth.Principal, item_id: str, scan: int = 10_000) -> dict[str, Any]:
+        keys, r = self.stores.keys, self.stores.redis
+        for raw in r.lrange(keys.quarantine, 0, scan - 1):
+            if entry_id(raw) != item_id:
+                continue
+            try:
+                doc = json.loads(raw)
+                item = doc["item"]
+                if not isinstance(item, str):
+                    raise TypeError("item is not text")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise Refused(f"quarantine entry unreadable: {exc}") from None
+            if not r.eval(REQUEUE, 2, keys.quarantine, keys.ready, raw, item):
+                break  # someone else requeued or removed it meanwhile
+            self.audit(who, "requeue", target=item_id, count=1,
+                       result={"reason": doc.get("reason", "")})
+            return {"requeued": item_id}
+        raise Refused(f"no quarantined item {item_id}", 404)
+
+    # -- pauses ------------------------------------------------------------------------
+    def pause(self, who: auth.Principal, scope: str, reason: str) -> dict[str, Any]:
+        pause = flags.pause_sync(self.stores.redis, self.stores.keys, scope, reason,
+                                 f"console:{who.name}")
+        self.audit(who, "pause", target=scope, count=1, result={"reason": reason})
+        return pause.to_dict()
+
+    def resume(self, who: auth.Principal, scope: str) -> dict[str, Any] | None:
+        lifted = flags.resume_sync(self.stores.redis, self.stores.keys, scope)
+        self.audit(who, "resume", target=scope, count=int(lifted is not None))
+        return lifted.to_dict() if lifted else None

@@ -1,0 +1,218 @@
+"""The JSON API: everything the pages show and do (described at /openapi.json)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from console import data, live
+from console.actions import BulkAction, Refused
+from console.context import Console, Operator, Who, console_of
+from console.filters import NAME, TASK_ID, Page, TaskFilter
+from sendscript import pauses as flags
+
+router = APIRouter(prefix="/api")
+Ctx = Annotated[Console, Depends(console_of)]
+TaskId = Annotated[str, Path(pattern=TASK_ID)]
+DeviceId = Annotated[str, Path(pattern=NAME)]
+Limit = Annotated[int, Query(ge=1, le=500)]
+
+
+class BulkPreview(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    action: BulkAction
+    filter: TaskFilter
+
+
+class BulkRun(BulkPreview):
+    confirm: str = Field(min_length=10, max_length=400)
+
+
+class PauseScope(BaseModel):
+    """What to pause or resume: everything (global), a queue, a group or a device.
+    The hard stop and the quota pause are the service's own: resumed by the CLI."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["global", "queue", "group", "device"] = "global"
+    name: str | None = Field(None, pattern=NAME)
+    reason: str = Field("", max_length=200)
+
+    def scope(self) -> str:
+        if self.kind == "global":
+            return flags.GLOBAL
+        if not self.name:
+            raise Refused(f"a {self.kind} pause needs a name", 422)
+        try:
+            return flags.scope_of(**{self.kind: self.name})
+        except ValueError as exc:
+            raise Refused(str(exc), 422) from None
+
+
+def refused(exc: Refused) -> HTTPException:
+    return HTTPException(exc.status, str(exc))
+
+
+async def act(fn: Any, *args: Any) -> Any:
+    try:
+        return await run_in_threadpool(fn, *args)
+    except Refused as exc:
+        raise refused(exc) from None
+
+
+@router.get("/whoami")
+def whoami(who: Who, c: Ctx) -> dict[str, Any]:
+    return {"name": who.name, "role": who.role, "can_act": who.can_act,
+            "open": who.name == "local" and c.open_mode()}
+
+
+@router.get("/overview")
+def get_overview(_: Who, c: Ctx) -> dict[str, Any]:
+    snap = c.sampler.latest or c.sampler.sample()
+    return {**snap, "series": c.sampler.rates.series()}
+
+
+@router.get("/tasks")
+def search(_: Who, c: Ctx, flt: Annotated[TaskFilter, Query()],
+           limit: Annotated[int, Query(ge=1, le=200)] = 50,
+           before: Annotated[str | None, Query(max_length=150)] = None) -> dict[str, Any]:
+    try:
+        page = Page(limit=limit, before=before)
+    except ValueError as exc:
+        raise HTTPException(422, f"bad page cursor: {exc}") from None
+    return data.search_tasks(c.stores, flt, page)
+
+
+@router.get("/tasks/{task_id}")
+def task(_: Who, c: Ctx, task_id: TaskId) -> dict[str, Any]:
+    found = data.task_detail(c.stores, task_id)
+    if found is None:
+        raise HTTPException(404, f"no task {task_id}")
+    return found
+
+
+@router.post("/tasks/{task_id}/retry")
+async def retry(who: Operator, c: Ctx, task_id: TaskId) -> dict[str, Any]:
+    await act(c.actions.retry, who, task_id)
+    c.sampler.poke()
+    return {"retried": task_id}
+
+
+@router.post("/tasks/{task_id}/cancel")
+async def cancel(who: Operator, c: Ctx, task_id: TaskId) -> dict[str, Any]:
+    was = await act(c.actions.cancel, who, task_id)
+    c.sampler.poke()
+    return {"cancelled": task_id, "was": was}
+
+
+@router.post("/bulk/preview")
+async def bulk_preview(who: Operator, c: Ctx, body: BulkPreview) -> dict[str, Any]:
+    """How many tasks the action would change, and the confirmation it requires."""
+    s = c.settings
+    return await act(c.actions.preview, who, body.action, body.filter, s.console_bulk_max,
+                     s.console_confirm_ttl_s)
+
+
+@router.post("/bulk")
+async def bulk(who: Operator, c: Ctx, body: BulkRun) -> dict[str, Any]:
+    out = await act(c.actions.bulk, who, body.action, body.filter, body.confirm,
+                    c.settings.console_bulk_max)
+    c.sampler.poke()
+    return out
+
+
+@router.get("/devices")
+def devices(_: Who, c: Ctx) -> list[dict[str, Any]]:
+    return data.devices(c.stores)
+
+
+@router.get("/devices/{device_id}")
+def device(_: Who, c: Ctx, device_id: DeviceId) -> dict[str, Any]:
+    return data.device_detail(c.stores, device_id)
+
+
+@router.get("/schedules")
+def schedules(_: Who, c: Ctx) -> list[dict[str, Any]]:
+    return data.schedules(c.stores)
+
+
+@router.get("/batches")
+def batches(_: Who, c: Ctx, limit: Annotated[int, Query(ge=1, le=100)] = 20
+            ) -> list[dict[str, Any]]:
+    return data.batches(c.stores, limit)
+
+
+@router.get("/masters")
+def masters(_: Who, c: Ctx) -> dict[str, Any]:
+    m, consumers = data.heartbeats(c.stores)
+    return {"masters": m, "consumers": consumers}
+
+
+@router.get("/pauses")
+def get_pauses(_: Who, c: Ctx) -> dict[str, Any]:
+    return {s: p.to_dict() for s, p in flags.list_sync(c.stores.redis, c.stores.keys).items()}
+
+
+@router.post("/pauses")
+async def pause(who: Operator, c: Ctx, body: PauseScope) -> dict[str, Any]:
+    try:
+        scope = body.scope()
+    except Refused as exc:
+        raise refused(exc) from None
+    out = await act(c.actions.pause, who, scope, body.reason)
+    c.sampler.poke()
+    return out
+
+
+@router.post("/pauses/resume")
+async def resume(who: Operator, c: Ctx, body: PauseScope) -> dict[str, Any]:
+    try:
+        scope = body.scope()
+    except Refused as exc:
+        raise refused(exc) from None
+    lifted = await act(c.actions.resume, who, scope)
+    c.sampler.poke()
+    return {"scope": scope, "lifted": lifted}
+
+
+@router.get("/quarantine")
+def quarantine(_: Who, c: Ctx, limit: Limit = 200) -> list[dict[str, Any]]:
+    return data.quarantine(c.stores, limit)
+
+
+@router.post("/quarantine/{item_id}/requeue")
+async def requeue(who: Operator, c: Ctx,
+                  item_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]) -> dict[str, Any]:
+    return await act(c.actions.requeue, who, item_id)
+
+
+@router.get("/dead-letters")
+def dead_letters(_: Who, c: Ctx, limit: Limit = 200) -> list[dict[str, Any]]:
+    return data.dead_letters(c.settings, limit, c.settings.console_dlq_timeout_s)
+
+
+@router.get("/audit")
+def audit(_: Who, c: Ctx, limit: Limit = 200) -> list[dict[str, Any]]:
+    return data.audit(c.stores, limit)
+
+
+@router.get("/stream/overview")
+async def stream_overview(_: Who, c: Ctx, request: Request) -> StreamingResponse:
+    """Server-Sent Events: `series` (the last hour of rates) once, then `overview`."""
+    return StreamingResponse(c.sampler.stream(request.is_disconnected),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store"})
+
+
+@router.get("/stream/tasks/{task_id}")
+async def stream_task(_: Who, c: Ctx, task_id: TaskId, request: Request) -> StreamingResponse:
+    """Server-Sent Events: `task` (status, attempt, last error) on each change."""
+    return StreamingResponse(
+        live.task_stream(c.stores, task_id, request.is_disconnected,
+                         c.settings.console_task_stream_s),
+        media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+

@@ -1,0 +1,121 @@
+"""The console role (`sendscript console`): pages, the JSON API and live updates, on the
+service's own stores. Binds SENDSCRIPT_CONSOLE_HOST (127.0.0.1 by default); on any other
+address it refuses to start until an operator token exists (`sendscript token add`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from loguru import logger
+
+from console import api, auth, pages
+from console.actions import Actions
+from console.context import LOOPBACK, Console, LoginRequired, same_origin
+from console.data import AUDIT, Stores
+from console.live import Sampler
+from sendscript.client import SendScriptClient
+from sendscript.settings import Settings
+
+STATIC = Path(__file__).parent / "static"
+
+
+class Refusal(SystemExit):
+    """The console will not start as configured (the message says why)."""
+
+
+def check_bind(settings: Settings, stores: Stores) -> None:
+    if settings.console_host not in LOOPBACK and auth.operator_count(stores.db) == 0:
+        raise Refusal(
+            f"sendscript console: refusing to listen on {settings.console_host}: no operator "
+            "token exists. Create one with `sendscript token add NAME --role operator`, or "
+            "bind 127.0.0.1 (SENDSCRIPT_CONSOLE_HOST).")
+
+
+def build(settings: Settings, stores: Stores | None = None,
+          extra_routers: list[Any] | None = None) -> FastAPI:
+    """The ASGI app. `extra_routers`: routers other parts add (e.g. the metrics' /metrics)."""
+    stores = stores or Stores.open(settings)
+    auth.ensure_indexes(stores.db)
+    stores.db[AUDIT].create_index([("at", -1)])
+    secret = auth.console_secret(stores.db, settings.console_secret)
+    sampler = Sampler(stores, settings.console_live_interval_s, settings.console_counts_s)
+    console = Console(settings, stores, Actions(stores, SendScriptClient(settings), secret),
+                      sampler, secret)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        task = asyncio.create_task(sampler.run(stop))
+        try:
+            yield
+        finally:
+            stop.set()
+            sampler.poke()
+            await asyncio.wait_for(task, 10)
+            console.actions.client.close()
+            stores.close()
+
+    app = FastAPI(title="sendscript console", version="1", lifespan=lifespan,
+                  description="Tasks, devices, schedules, batches, masters, quarantine and "
+                  "dead letters of a sendscript service, and the operator's actions. "
+                  "Authenticate with `Authorization: Bearer <token>` (`sendscript token add`).")
+    app.state.console = console
+    app.add_exception_handler(LoginRequired, pages.login_redirect)  # type: ignore[arg-type]
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            if not same_origin(request):
+                return JSONResponse({"detail": "cross-site request refused"}, status_code=403)
+            if request.url.path.startswith("/api/") and not request.headers.get(
+                    "content-type", "").startswith("application/json") and int(
+                    request.headers.get("content-length") or 0) > 0:
+                return JSONResponse({"detail": "send JSON (Content-Type: application/json)"},
+                                    status_code=415)
+        response: Response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        response.headers.setdefault(
+            "Content-Security-Policy",
+            "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+            "connect-src 'self'; frame-ancestors 'none'")
+        return response
+
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    for router in extra_routers or []:
+        app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def url(settings: Settings) -> str:
+    host = settings.console_host
+    return f"http://{'[' + host + ']' if ':' in host else host}:{settings.console_port}/"
+
+
+def run(settings: Settings) -> int:
+    import uvicorn
+
+    from sendscript import runtime
+
+    runtime.setup(settings, "console")
+    stores = Stores.open(settings)
+    try:
+        check_bind(settings, stores)
+    except Refusal:
+        stores.close()
+        raise
+    app = build(settings, stores)
+    logger.info("console on {}", url(settings))
+    uvicorn.run(app, host=settings.console_host, port=settings.console_port,
+                log_level="warning", timeout_graceful_shutdown=3)
+    return 0

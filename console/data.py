@@ -1,0 +1,357 @@
+"""What the console shows, read from the service's own stores (sync clients, bounded).
+
+Every read is capped (a page, a number of keys, a time) so a page costs the same on a
+big farm as on a small one; nothing here writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from pymongo import DESCENDING, MongoClient
+from pymongo.database import Database
+
+from console.filters import Page, TaskFilter, combine, next_cursor, to_query
+from sendscript import alerts, connect, device_health, pauses
+from sendscript.keys import Keys
+from sendscript.report import breaker_view
+from sendscript.settings import Settings
+from sendscript.store import GROUPS, LOGS, RECORDS, SCHEDULES, TASKS
+
+AUDIT = "audit"
+MAX_LOGS = 500
+MAX_RECORDS = 200
+MAX_DEVICES = 500
+MAX_KEYS_SCANNED = 5000
+IDLE_MS = 500
+
+
+@dataclass
+class Stores:
+    """The console's connections: one Redis and one Mongo client per process."""
+
+    settings: Settings
+    redis: redis.Redis
+    mongo: MongoClient
+    db: Database
+
+    @classmethod
+    def open(cls, settings: Settings) -> Stores:
+        mongo = connect.mongo_sync(settings)
+        return cls(settings, connect.redis_sync(settings), mongo, connect.database(mongo))
+
+    @property
+    def keys(self) -> Keys:
+        return self.settings.keys
+
+    def close(self) -> None:
+        self.redis.close()
+        self.mongo.close()
+
+
+def _text(value: bytes | str | None) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else (value or "")
+
+
+def _json(raw: bytes | str | None) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw or "{}")
+        return doc if isinstance(doc, dict) else {"value": doc}
+    except ValueError:
+        return {"unreadable": _text(raw)[:200]}
+
+
+# -- overview ------------------------------------------------------------------------------
+
+
+def status_counts(db: Database) -> dict[str, int]:
+    """Tasks per status. The same aggregate `sendscript status` runs (sendscript/report.py);
+    the metrics role's fast counters replace it when they land."""
+    return {d["_id"]: d["n"] for d in
+            db[TASKS].aggregate([{"$group": {"_id": "$status", "n": {"$sum": 1}}}])}
+
+
+def heartbeats(stores: Stores) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(masters, consumers) from their heartbeat hashes, each with `alive`."""
+    r, keys = stores.redis, stores.keys
+    out: list[list[dict[str, Any]]] = []
+    for hash_key, alive_key, ident in ((keys.masters, keys.master_alive, "master_id"),
+                                       (keys.consumers, keys.consumer_alive, "name")):
+        raw = r.hgetall(hash_key)
+        names = [_text(k) for k in raw]
+        alive = r.mget([alive_key(n) for n in names]) if names else []
+        rows = []
+        for name, value, up in zip(names, raw.values(), alive, strict=True):
+            info = _json(value)
+            info.setdefault(ident, name)
+            info["alive"] = up is not None
+            rows.append(info)
+        out.append(sorted(rows, key=lambda i: (not i["alive"], str(i.get(ident)))))
+    return out[0], out[1]
+
+
+def overview(stores: Stores, counts: dict[str, int] | None = None) -> dict[str, Any]:
+    r, keys, settings = stores.redis, stores.keys, stores.settings
+    masters, consumers = heartbeats(stores)
+    live = [m for m in masters if m["alive"]]
+    pipe = r.pipeline(transaction=False)
+    pipe.llen(keys.ready)
+    pipe.llen(keys.quarantine)
+    pipe.hgetall(keys.stats)
+    pipe.hget(keys.breaker, "state")
+    ready, quarantined, stats, breaker_raw = pipe.execute()
+    return {
+        "tasks": counts if counts is not None else status_counts(stores.db),
+        "queues": {"ready": ready, "quarantine": quarantined,
+                   "held": sum(int(m.get("queued", 0)) for m in live),
+                   "delayed_held": sum(int(m.get("delayed_held", 0)) for m in live),
+                   "inflight": sum(int(m.get("inflight", 0)) for m in live)},
+        "alive": {"masters": len(live), "masters_known": len(masters),
+                  "workers": sum(int(m.get("workers_alive", 0)) for m in live),
+                  "consumers": sum(1 for c in consumers if c["alive"])},
+        "masters": [{"master_id": m.get("master_id"), "alive": m["alive"],
+                     "workers_alive": m.get("workers_alive"),
+                     "backpressure": m.get("backpressure"),
+                     "breaker": (m.get("breaker") or {}).get("state")
+                     if isinstance(m.get("breaker"), dict) else m.get("breaker"),
+                     "pauses": m.get("pauses")} for m in masters],
+        "pauses": {s: p.to_dict() for s, p in pauses.list_sync(r, keys).items()},
+        "breaker": breaker_view(settings, breaker_raw),
+        "stats": {_text(k): int(v) for k, v in stats.items()},
+        "incidents": alerts.records(r, keys, settings)["incidents"],
+    }
+
+
+def rate_totals(masters: list[dict[str, Any]], consumers: list[dict[str, Any]]
+                ) -> tuple[int, int]:
+    """(sends, results) counted so far by the live roles: the sampler turns their
+    differences into rates."""
+    sends = sum(int((m.get("outcomes") or {}).get("sent", 0)) for m in masters if m["alive"])
+    results = sum(int(c.get("applied", 0)) for c in consumers if c["alive"])
+    return sends, results
+
+
+# -- tasks ---------------------------------------------------------------------------------
+
+
+def group_members(db: Database, group: str) -> list[str]:
+    doc = db[GROUPS].find_one({"_id": group}, {"devices": 1})
+    return list(doc.get("devices", [])) if doc else []
+
+
+def task_query(db: Database, flt: TaskFilter) -> dict[str, Any]:
+    return to_query(flt, group_members(db, flt.group) if flt.group else None)
+
+
+TASK_ROW = {"_id": 1, "device_id": 1, "status": 1, "queue": 1, "script.id": 1, "attempt": 1,
+            "priority": 1, "created_at": 1, "updated_at": 1, "last_error": 1, "batch_id": 1}
+
+
+def search_tasks(stores: Stores, flt: TaskFilter, page: Page) -> dict[str, Any]:
+    query = combine(task_query(stores.db, flt), page.cursor())
+    docs = list(stores.db[TASKS].find(query, TASK_ROW)
+                .sort([("created_at", DESCENDING), ("_id", DESCENDING)])
+                .limit(page.limit + 1))
+    more = len(docs) > page.limit
+    docs = docs[:page.limit]
+    rows = [{**d, "id": d.pop("_id"), "script_id": (d.pop("script", None) or {}).get("id")}
+            for d in docs]
+    return {"tasks": rows,
+            "next": next_cursor({"created_at": rows[-1]["created_at"], "_id": rows[-1]["id"]})
+            if more and rows else None}
+
+
+def task_detail(stores: Stores, task_id: str) -> dict[str, Any] | None:
+    db = stores.db
+    task = db[TASKS].find_one({"_id": task_id})
+    if task is None:
+        return None
+    records = list(db[RECORDS].find({"task_id": task_id}).sort("attempt", 1).limit(MAX_RECORDS))
+    logs = list(db[LOGS].find({"task_id": task_id}).sort("timestamp", 1).limit(MAX_LOGS))
+    return {"task": task, "records": records, "logs": logs,
+            "timeline": timeline(task, records, logs)}
+
+
+def timeline(task: dict[str, Any], records: list[dict[str, Any]],
+             logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every dated event of a task, oldest first."""
+    events: list[dict[str, Any]] = []
+
+    def add(at: Any, what: str, detail: str = "") -> None:
+        if at is not None:
+            events.append({"at": at, "what": what, "detail": detail})
+
+    add(task.get("created_at"), "created", f"queue {task.get('queue', 'default')}")
+    for rec in records:
+        n = rec.get("attempt")
+        add(rec.get("started_at"), f"attempt {n} started", f"worker {rec.get('worker', '')}")
+        add(rec.get("sent_at"), f"attempt {n} sent", rec.get("send_error") or "")
+        add(rec.get("finished_at"), f"attempt {n} {rec.get('status')}", rec.get("error") or "")
+    for log in logs:
+        add(log.get("received_at"), f"log {log.get('log_type')}", str(log.get("message", ""))[:200])
+    add(task.get("finished_at"), f"task {task.get('status')}", task.get("last_error") or "")
+    return sorted(events, key=lambda e: e["at"])
+
+
+# -- devices -------------------------------------------------------------------------------
+
+
+def _locks(stores: Stores, devices: list[str]) -> dict[str, dict[str, Any]]:
+    if not devices:
+        return {}
+    pipe = stores.redis.pipeline(transaction=False)
+    for d in devices:
+        pipe.get(stores.keys.device_lock(d))
+        pipe.pttl(stores.keys.device_lock(d))
+    raw = pipe.execute()
+    out = {}
+    for i, d in enumerate(devices):
+        value, ttl = raw[2 * i], raw[2 * i + 1]
+        if value is not None:
+            out[d] = {"fence": _text(value), "ttl_s": round(ttl / 1000, 1) if ttl > 0 else None}
+    return out
+
+
+def devices(stores: Stores, limit: int = MAX_DEVICES) -> list[dict[str, Any]]:
+    """Devices the service knows of: locked now, with a health entry, or in a group."""
+    r, keys = stores.redis, stores.keys
+    prefix = keys.device_lock("")
+    locked: list[str] = []
+    for n, key in enumerate(r.scan_iter(match=keys.device_lock_pattern, count=1000)):
+        if n >= MAX_KEYS_SCANNED:
+            break
+        locked.append(_text(key)[len(prefix):])
+    health = {_text(k): _json(v) for k, v in r.hgetall(keys.device_health).items()}
+    groups: dict[str, list[str]] = {}
+    for doc in stores.db[GROUPS].find({}, {"devices": 1}).limit(1000):
+        for d in doc.get("devices", [])[:MAX_DEVICES]:
+            groups.setdefault(d, []).append(doc["_id"])
+    names = sorted(set(locked) | set(health) | set(groups))[:limit]
+    locks = _locks(stores, names)
+    benched = device_health.benched_sync(r, keys)
+    return [{"device_id": d, "locked": d in locks, "lock": locks.get(d),
+             "streak": int(health.get(d, {}).get("streak", 0)),
+             "last": health.get(d, {}).get("last"),
+             "benched": benched.get(d), "groups": groups.get(d, [])} for d in names]
+
+
+def device_detail(stores: Stores, device_id: str) -> dict[str, Any]:
+    r, keys, db = stores.redis, stores.keys, stores.db
+    lock = _locks(stores, [device_id]).get(device_id)
+    running = None
+    if lock is not None:
+        rec = db[RECORDS].find_one({"lock_value": int(lock["fence"])}
+                                   if lock["fence"].isdigit() else {"lock_value": lock["fence"]})
+        if rec is not None:
+            running = {"task_id": rec.get("task_id"), "attempt": rec.get("attempt"),
+                       "record_id": rec.get("_id"), "status": rec.get("status")}
+    recent = list(db[TASKS].find({"device_id": device_id}, TASK_ROW)
+                  .sort([("created_at", DESCENDING), ("_id", DESCENDING)]).limit(20))
+    health = _json(r.hget(keys.device_health, device_id)) if r.hexists(
+        keys.device_health, device_id) else {}
+    groups = [d["_id"] for d in db[GROUPS].find({"devices": device_id}, {"_id": 1}).limit(100)]
+    active = pauses.list_sync(r, keys)
+    return {
+        "device_id": device_id, "locked": lock is not None, "lock": lock, "running": running,
+        "recent": [{**t, "id": t.pop("_id"), "script_id": (t.pop("script", None) or {}).get("id")}
+                   for t in recent],
+        "health": health, "streak": int(health.get("streak", 0)),
+        "benched": device_health.benched_sync(r, keys).get(device_id),
+        "groups": groups,
+        "paused": [s for s in active if s in ("global", "hard", f"device:{device_id}")
+                   or s in {f"group:{g}" for g in groups}],
+    }
+
+
+# -- the rest --------------------------------------------------------------------------------
+
+
+def schedules(stores: Stores) -> list[dict[str, Any]]:
+    out = []
+    for d in stores.db[SCHEDULES].find().sort("_id", 1).limit(1000):
+        out.append({"name": d["_id"], "cron": d.get("cron"), "interval_s": d.get("interval_s"),
+                    "timezone": d.get("timezone"), "enabled": d.get("enabled", True),
+                    "next_fire_at": d.get("next_fire_at"), "last_fire_at": d.get("last_fire_at"),
+                    "fires": d.get("fires", 0), "missed": d.get("missed", 0),
+                    "group": d.get("group"), "devices": len(d.get("device_ids") or []),
+                    "script_id": ((d.get("template") or {}).get("script") or {}).get("id")})
+    return out
+
+
+def batches(stores: Stores, limit: int = 20) -> list[dict[str, Any]]:
+    """The newest fan-out batches with their progress per status."""
+    col = stores.db[TASKS]
+    seen: dict[str, Any] = {}
+    for d in col.find({"batch_id": {"$type": "string"}}, {"batch_id": 1, "created_at": 1}) \
+            .sort("created_at", DESCENDING).limit(5000):
+        seen.setdefault(d["batch_id"], d.get("created_at"))
+        if len(seen) >= limit:
+            break
+    out = []
+    for batch_id, created in seen.items():
+        counts = {r["_id"]: r["n"] for r in col.aggregate([
+            {"$match": {"batch_id": batch_id}}, {"$group": {"_id": "$status", "n": {"$sum": 1}}}])}
+        total = sum(counts.values())
+        done = sum(n for s, n in counts.items() if s in ("success", "failed", "cancelled",
+                                                          "expired"))
+        out.append({"batch_id": batch_id, "created_at": created, "total": total, "done": done,
+                    "counts": counts})
+    return out
+
+
+def entry_id(raw: bytes | str) -> str:
+    """A quarantine entry's id: the hash of its stored text (the list has no other)."""
+    data = raw if isinstance(raw, bytes) else raw.encode()
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def quarantine(stores: Stores, limit: int = 200) -> list[dict[str, Any]]:
+    out = []
+    for raw in stores.redis.lrange(stores.keys.quarantine, 0, limit - 1):
+        doc = _json(raw)
+        out.append({"id": entry_id(raw), "reason": doc.get("reason", ""),
+                    "item": str(doc.get("item", ""))[:2000], "master": doc.get("master", ""),
+                    "at": doc.get("at", "")})
+    return out
+
+
+def dead_letters(settings: Settings, limit: int = 200, timeout_s: float = 3.0
+                 ) -> list[dict[str, Any]]:
+    """The dead-letter topic from its earliest message: at most `limit`, for at most
+    about `timeout_s` (a Reader: it takes nothing from any subscription)."""
+    import time
+
+    import pulsar
+
+    client = pulsar.Client(settings.pulsar_url or "", operation_timeout_seconds=int(
+        max(1, timeout_s)), connection_timeout_ms=int(timeout_s * 1000),
+        logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Error))
+    out: list[dict[str, Any]] = []
+    try:
+        reader = client.create_reader(settings.dlq_topic, pulsar.MessageId.earliest)
+        deadline = time.monotonic() + timeout_s
+        # No has_message_available(): pulsar-lite cannot answer getLastMessageId. A read
+        # that waits IDLE_MS in vain means the topic has nothing more.
+        while len(out) < limit and time.monotonic() < deadline:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            try:
+                msg = reader.read_next(timeout_millis=max(50, min(IDLE_MS, left_ms)))
+            except pulsar.Timeout:
+                break
+            doc = _json(msg.data())
+            out.append({"id": str(msg.message_id()), "reason": doc.get("reason", ""),
+                        "data": str(doc.get("data", ""))[:2000],
+                        "at": msg.publish_timestamp()})
+        reader.close()
+    finally:
+        client.close()
+    return out
+
+
+def audit(stores: Stores, limit: int = 200) -> list[dict[str, Any]]:
+    return [{**d, "id": str(d.pop("_id"))}
+            for d in stores.db[AUDIT].find().sort("at", DESCENDING).limit(limit)]

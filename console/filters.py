@@ -1,0 +1,141 @@
+"""Task search: what a user may ask for, validated, and the Mongo query it becomes (pure).
+
+Text typed by a user never becomes a query document or an unescaped regex: each
+field is checked by pydantic, used as an equality value, or (error text) as an
+anchored prefix of `re.escape`d text, so the server's work is bounded by its index
+and no pattern can backtrack. Operators (`$where`, `$gt`, ...) cannot appear: every
+value is a plain string checked against a pattern that has no `$`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sendscript.status import TaskStatus
+
+# Names (devices, groups, queues, scripts, batches): printable, no `$`, no braces.
+NAME = r"^[A-Za-z0-9_.:@/+=-][A-Za-z0-9_.:@/+= -]{0,199}$"
+TASK_ID = r"^[A-Za-z0-9_.:-]{1,100}$"
+MAX_ERROR_TEXT = 200
+MAX_PAGE = 200
+
+
+class TaskFilter(BaseModel):
+    """What the Tasks view and the bulk actions select. Every field is optional; they
+    combine with AND. Unknown fields are refused (a typo must not widen a bulk action)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: str | None = Field(None, pattern=NAME)
+    group: str | None = Field(None, pattern=NAME)
+    queue: str | None = Field(None, pattern=NAME)
+    script: str | None = Field(None, pattern=NAME)
+    status: TaskStatus | None = None
+    error: str | None = Field(None, min_length=1, max_length=MAX_ERROR_TEXT)
+    batch: str | None = Field(None, pattern=NAME)
+    since: datetime | None = None
+    until: datetime | None = None
+
+    @field_validator("device", "group", "queue", "script", "batch", "error", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            return value or None
+        if value is not None and not isinstance(value, str):
+            raise ValueError("must be text")  # an object here would be a query document
+        return value
+
+    @field_validator("since", "until", mode="before")
+    @classmethod
+    def _blank_time(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _range(self) -> TaskFilter:
+        if self.since and self.until and self.since > self.until:
+            raise ValueError("since is after until")
+        return self
+
+    def is_empty(self) -> bool:
+        return not any(self.model_dump(exclude_none=True).values())
+
+    def canonical(self) -> str:
+        """A stable text of this filter (bulk confirmation tokens are bound to it)."""
+        return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True)
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.canonical().encode()).hexdigest()
+
+
+def error_prefix(text: str) -> dict[str, str]:
+    """An anchored, escaped prefix match: served by an index, no backtracking."""
+    return {"$regex": "^" + re.escape(text[:MAX_ERROR_TEXT])}
+
+
+def to_query(flt: TaskFilter, group_devices: list[str] | None = None) -> dict[str, Any]:
+    """The Mongo filter of a TaskFilter. `group_devices` are the members of `flt.group`
+    (the caller reads them; an unknown group matches nothing)."""
+    q: dict[str, Any] = {}
+    if flt.device is not None:
+        q["device_id"] = flt.device
+    if flt.group is not None:
+        members = list(group_devices or [])
+        if flt.device is not None:
+            # both named: the device, if it is in the group
+            q["device_id"] = flt.device if flt.device in members else {"$in": []}
+        else:
+            q["device_id"] = {"$in": members}
+    if flt.queue is not None:
+        q["queue"] = flt.queue
+    if flt.script is not None:
+        q["script.id"] = flt.script
+    if flt.status is not None:
+        q["status"] = str(flt.status)
+    if flt.error is not None:
+        q["last_error"] = error_prefix(flt.error)
+    if flt.batch is not None:
+        q["batch_id"] = flt.batch
+    if flt.since is not None or flt.until is not None:
+        span: dict[str, datetime] = {}
+        if flt.since is not None:
+            span["$gte"] = flt.since
+        if flt.until is not None:
+            span["$lt"] = flt.until
+        q["created_at"] = span
+    return q
+
+
+class Page(BaseModel):
+    """Newest first, `limit` at a time; `before` is the created_at/_id of the last row
+    shown (keyset paging: no skip over thousands of rows)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    limit: int = Field(50, ge=1, le=MAX_PAGE)
+    before: str | None = Field(None, pattern=r"^[0-9T:.+\-Z ]{10,40}\|[A-Za-z0-9_.:-]{1,100}$")
+
+    def cursor(self) -> dict[str, Any]:
+        """The extra filter for the page after `before` (created_at desc, _id desc)."""
+        if not self.before:
+            return {}
+        when_text, _, task_id = self.before.partition("|")
+        when = datetime.fromisoformat(when_text.replace(" ", "+"))
+        return {"$or": [{"created_at": {"$lt": when}},
+                        {"created_at": when, "_id": {"$lt": task_id}}]}
+
+
+def next_cursor(doc: dict[str, Any]) -> str:
+    return f"{doc['created_at'].isoformat()}|{doc['_id']}"
+
+
+def combine(query: dict[str, Any], cursor: dict[str, Any]) -> dict[str, Any]:
+    if not cursor:
+        return query
+    return {"$and": [query, cursor]} if query else cursor
