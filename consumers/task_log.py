@@ -37,8 +37,9 @@ from loguru import logger
 from pydantic import ValidationError
 from pymongo.errors import BulkWriteError
 
-from sendscript import connect, device_health, roundtrips
+from sendscript import connect, device_health, metrics, roundtrips
 from sendscript.backoff import Backoff, stopped_within
+from sendscript.health import start_health
 from sendscript.locks import DeviceLocks
 from sendscript.models import (
     RESULT_TYPES,
@@ -241,6 +242,8 @@ class TaskLogConsumer:
         # _subscribe); grows each time the broker refuses the subscription.
         self.slot = 0
         self._stop_at: float | None = None
+        self.metrics = metrics.setup("consumer", self.name)  # issue 10
+        self.subscribed = False
 
     async def run(self) -> int:
         s = self.settings
@@ -252,6 +255,7 @@ class TaskLogConsumer:
         db = connect.database(self.mongo)
         self.tasks, self.records, self.logs = TaskStore(db), RecordStore(db), LogStore(db)
         self.locks = DeviceLocks(self.redis, s.keys)
+        health = start_health(self)  # /healthz, /readyz when a port is set (issue 10)
         backoff = Backoff(base_s=0.5, cap_s=10.0)
         while not self.stop_event.is_set():
             try:
@@ -264,6 +268,7 @@ class TaskLogConsumer:
                 self._next_slot()
                 await stopped_within(self.stop_event, 0.2)
         await self._close()
+        await health.stop()
         logger.info("consumer stopped: {}", self.totals)
         return 0
 
@@ -372,8 +377,10 @@ class TaskLogConsumer:
                 self.dlq = dlq
                 logger.info("consuming {} as {} ({}, consumer id {})", s.task_log_topic,
                             s.task_log_subscription, self.consumer_name, self.slot)
+                self.subscribed = True
                 await self._loop(consumer)
             finally:
+                self.subscribed = False
                 await self._quietly(consumer.close(), "closing the consumer")
             return False
         finally:
@@ -522,6 +529,7 @@ class TaskLogConsumer:
             self.tasks.run_updates(writes.successes()),
             self.records.run_updates(writes.records),
         )
+        succeeded = result.applied
         retries = []
         for index, task_id, retry in writes.failures:
             if await self.tasks.cas(*writes.tasks[index]):
@@ -530,6 +538,9 @@ class TaskLogConsumer:
                     retries.append(task_id)
         # Streaks, benches and late results, one Redis call for the batch; before the
         # devices are freed, so a device benched now gets no next task meanwhile.
+        metrics.observe_results(self.metrics, finals, records, now, succeeded=succeeded,
+                                failed=result.applied - succeeded - len(retries),
+                                retried=len(retries))
         await device_health.record_results(self.redis, self.settings, finals, records, now)
         result.released = await self.locks.release_many(writes.releases)
         if retries:  # any master takes them and fires them at their time
@@ -549,6 +560,7 @@ class TaskLogConsumer:
         t.dead_lettered += r.dead_lettered
         t.released += r.released
         t.retries += r.retries
+        metrics.add_batch(self.metrics, r.saved, r.dead_lettered)
 
     async def _flush_counters_forever(self) -> None:
         while True:
@@ -566,6 +578,7 @@ class TaskLogConsumer:
             pipe.set(keys.consumer_alive(self.name), now,
                      px=int(self.settings.heartbeat_ttl_s * 1000))
             await pipe.execute()
+            await metrics.beat(self.metrics, self.redis, f"{self.settings.key_prefix}:metrics")
         except Exception as exc:
             logger.debug("consumer heartbeat failed: {!r}", exc)
 

@@ -40,6 +40,7 @@ from master.intake import Intake
 from master.jobs import Jobs
 from master.limiting import RateLimits
 from master.lost_work import LostWork
+from master.metering import Metering
 from master.pausing import Pausing
 from master.pool import WorkerPool
 from master.quota import QuotaSignal
@@ -49,6 +50,8 @@ from master.sweeper import Sweeper
 from master.watches import Watches
 from sendscript import connect
 from sendscript.backoff import Backoff
+from sendscript.counts import CountKeeper
+from sendscript.health import HealthServer, master_checks
 from sendscript.models import Task, utcnow
 from sendscript.queue import Entry, IntakeQueue
 from sendscript.settings import Settings
@@ -121,6 +124,8 @@ class Master:
                                    self.started_at)
         self.heartbeat = Heartbeat(self.redis, s, self.report, self.started_at)
         bus.subscribe(TaskAnswered, self._on_answered)
+        self.metering = Metering(s, bus, self.redis)  # issue 10: metrics, counts, health
+        self.counts = CountKeeper(s, self.redis, self.db, lambda: self.sweeper.lease.leading)
         bus.subscribe(WorkerLost, lambda e: self.outcomes.update(lost=len(e.handles)))
         # Every part with a loop of its own; each runs until the stop event is set.
         self.loops: dict[str, Loop] = {
@@ -131,7 +136,11 @@ class Master:
             "pausing": self.pausing, "benching": self.benching,
             "backpressure": self.backpressure, "rate-limits": self.rate_limits,
             "breaker": self.breaker, "drop-rate": self.drop_rate,
+            "metrics": self.metering, "counts": self.counts,
         }
+        if s.master_health_port:
+            self.loops["health"] = HealthServer(s.health_host, s.master_health_port,
+                                                master_checks(self), "master")
 
     def _taken(self, source: str) -> Callable[[list[Task]], None]:
         return lambda tasks: self.bus.emit(TasksTaken(tasks, source))

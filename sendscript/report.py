@@ -9,7 +9,7 @@ import json
 import time
 from typing import Any
 
-from sendscript import alerts, connect, device_health, limits, pauses
+from sendscript import alerts, connect, counts, device_health, limits, pauses
 from sendscript.breaker import BreakerState, Circuit
 from sendscript.settings import Settings
 from sendscript.store import TASKS
@@ -48,7 +48,10 @@ def gather(settings: Settings) -> dict[str, Any]:
     mongo = connect.mongo_sync(settings)
     try:
         db = connect.database(mongo)
-        by_status = {
+        # Kept by the leader as tasks move (sendscript/counts.py); an aggregate over the
+        # collection only until they are first built.
+        kept = counts.read_sync(r, settings.key_prefix)
+        by_status = kept.by_status if kept.built else {
             d["_id"]: d["n"]
             for d in db[TASKS].aggregate([{"$group": {"_id": "$status", "n": {"$sum": 1}}}])
         }
@@ -69,6 +72,7 @@ def gather(settings: Settings) -> dict[str, Any]:
             "queue_ready_max": settings.ready_max,  # producers' cap, 0: none
             "queue_quarantine": r.llen(keys.quarantine),
             "tasks": by_status,
+            "tasks_counted": {"kept": kept.built, "lag_s": kept.lag_s},
             "locks_held": locks,
             "masters": sorted(masters, key=lambda m: m["master_id"]),
             "workers_alive": sum(m.get("workers_alive", 0) for m in masters if m["alive"]),

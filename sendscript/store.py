@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pymongo import ASCENDING, IndexModel, UpdateOne
+from pymongo import ASCENDING, DESCENDING, IndexModel, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.collection import Collection
@@ -50,6 +50,14 @@ TASK_INDEXES = [
                partialFilterExpression={"batch_id": {"$type": "string"}}),
     # retention: set when a task finishes
     IndexModel([("purge_at", ASCENDING)], expireAfterSeconds=0),
+    # What moved since a time: the leader's task counts (sendscript/counts.py). The one
+    # index here that every status change pays for.
+    IndexModel([("updated_at", ASCENDING)]),
+    # Task search (sendscript/search.py): newest first within a time window, alone or
+    # for a device (or a group's devices). created_at never changes: inserts pay for
+    # these, status changes do not.
+    IndexModel([("created_at", DESCENDING)]),
+    IndexModel([("device_id", ASCENDING), ("created_at", DESCENDING)]),
 ]
 RECORD_INDEXES = [
     # one record per attempt, and a task's history
