@@ -55,6 +55,10 @@ CHAOS_SETTINGS: dict[str, Any] = {
     "retry_base_s": 0.3, "retry_factor": 2.0, "retry_cap_s": 3.0,
     "redis_timeout_s": 2.0, "mongo_timeout_s": 2.0, "pulsar_timeout_s": 3.0,
     "central_timeout_s": 3.0, "shutdown_grace_s": 5.0, "log_level": "INFO",
+    # The farm fails on purpose here: a sick device sits out seconds, not minutes,
+    # and the hard stop (which waits for a person) is out of reach; the breaker and
+    # the lower drop-rate levels act and recover by themselves as in production.
+    "bench_cooldown_s": 3.0, "bench_cooldown_max_s": 10.0, "drop_hard_stop_at": 1.0,
 }
 FARM = {"run_ms": 50, "http_error_rate": 0.05, "fail_rate": 0.05, "system_error_rate": 0.05,
         "silent_rate": 0.02, "duplicate_rate": 0.1}
