@@ -157,7 +157,9 @@ class Intake:
             else:
                 batch.bad.extend((e, f"no task with task_id {task_id!r}") for e in ref_entries)
 
-        tasks = stored.created + [found[i] for i in lookup if i in found]
+        # Pull tasks are the agents' (agents/): never queued, held or dispatched here.
+        tasks = [t for t in stored.created + [found[i] for i in lookup if i in found]
+                 if not t.pull]
         pending = [t for t in tasks if t.status == TaskStatus.PENDING]
         scheduled = [t for t in tasks if t.status in SCHEDULED]
         await self.tasks.adopt([t.id for t in pending if t.master != self.settings.master_id],
@@ -208,7 +210,8 @@ class Intake:
             for spec, task_id in specs:
                 task = Task.from_spec(spec, task_id=task_id, now=now, batch_id=batch_id)
                 # Far-future tasks stay unheld: whichever master loads them in time fires them.
-                if task.status == TaskStatus.PENDING or (task.run_at and task.run_at <= horizon):
+                if not task.pull and (task.status == TaskStatus.PENDING
+                                      or (task.run_at and task.run_at <= horizon)):
                     task.master = me
                 batch.fresh.append(task)
             batch.owners.append((entry, [task_id for _, task_id in specs]))

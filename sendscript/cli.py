@@ -56,6 +56,14 @@ def consumer() -> None:
     raise typer.Exit(run(_settings()))
 
 
+@app.command()
+def agents() -> None:
+    """Run the pull-mode agents API (SENDSCRIPT_AGENTS_HOST / _PORT)."""
+    from agents.app import run
+
+    raise typer.Exit(run(_settings()))
+
+
 @app.command("console")
 def console_role() -> None:
     """Run the console: pages, JSON API (/openapi.json) and live views, on
@@ -174,7 +182,8 @@ def up(
     from sendscript.dev.stack import LocalStack
 
     settings = _settings()
-    stack = LocalStack(settings, workers=workers, sim_args=["--run-ms", str(run_ms)])
+    stack = LocalStack(settings, workers=workers, sim_args=["--run-ms", str(run_ms)],
+                       agents=True)
     stopping = False
 
     def _stop(signum: int, _frame: Any) -> None:
@@ -290,6 +299,8 @@ def task_info(task_id: str) -> None:
                       r.get("status", ""), _t(r.get("started_at")), _t(r.get("sent_at")),
                       _t(r.get("finished_at")), r.get("error") or "")
     console.print(table)
+    if task.pull:
+        _print_pull_attempts(records)
 
 
 @task_app.command("list")
@@ -833,6 +844,66 @@ def _print_benched(benched: dict[str, Any]) -> None:
 
 def _t(value: Any) -> str:
     return value.strftime("%H:%M:%S.%f")[:-3] if value else ""
+
+
+agent_app = typer.Typer(help="Pull-mode agents (the agents API).", no_args_is_help=True)
+agent_token_app = typer.Typer(help="Agents' API tokens.", no_args_is_help=True)
+app.add_typer(agent_app, name="agent")
+agent_app.add_typer(agent_token_app, name="token")
+
+
+@agent_app.command("list")
+def agent_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+               ) -> None:
+    """Registered agents: labels, devices, last seen, active or lost, leases held."""
+    from agents.registry import AGENTS, agent_state
+    from sendscript import connect
+    from sendscript.models import PULL, utcnow
+    from sendscript.store import TASKS
+
+    settings = _settings()
+    with connect.mongo_sync(settings) as mongo:
+        db = connect.database(mongo)
+        now = utcnow()
+        agents = list(db[AGENTS].find({}, {"token": 0}).sort("_id", 1))
+        held: dict[str, int] = {}
+        for doc in db[TASKS].find({"mode": PULL, "status": "running"}, {"lease.agent": 1}):
+            who = (doc.get("lease") or {}).get("agent", "")
+            held[who] = held.get(who, 0) + 1
+    for a in agents:
+        a["state"] = agent_state(a, now, settings.agent_ttl_s)
+        a["leases"] = held.get(a["_id"], 0)
+    if as_json:
+        console.print_json(json.dumps(agents, default=str))
+        return
+    table = Table("agent", "name", "state", "labels", "devices", "version", "leases",
+                  "last seen", title=f"agents ({len(agents)})")
+    for a in agents:
+        state = a["state"] if a["state"] != "lost" else "[red]lost[/red]"
+        table.add_row(a["_id"], a.get("name", ""), state, ",".join(a.get("labels", [])),
+                      ",".join(a.get("devices", [])), a.get("version", ""), str(a["leases"]),
+                      _t(a.get("last_seen")))
+    console.print(table)
+
+
+@agent_token_app.command("add")
+def agent_token_add(name: str) -> None:
+    """Make an API token for agents; it is shown once (only its hash is stored)."""
+    from agents.registry import add_token_sync
+    from sendscript import connect
+
+    with connect.mongo_sync(_settings()) as mongo:
+        token = add_token_sync(connect.database(mongo), name)
+    console.print(token, soft_wrap=True, highlight=False)
+
+
+def _print_pull_attempts(records: list[dict[str, Any]]) -> None:
+    """A pull task's attempts: which agent leased it and the checkpoint it was handed."""
+    table = Table("attempt", "agent", "status", "checkpoint handed over", title="pull attempts")
+    for r in records:
+        table.add_row(str(r["attempt"]), r.get("agent", ""), r.get("status", ""),
+                      json.dumps(r.get("checkpoint_in"))[:200])
+    console.print(table)
 
 
 def main() -> None:

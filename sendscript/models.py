@@ -6,7 +6,7 @@ import hashlib
 import json
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import bson
 from bson import ObjectId
@@ -33,6 +33,14 @@ DEFAULT_QUEUE = "default"
 # boundaries where producers submit (intake, SDK) pass it; tasks built from what is
 # already stored (schedules, fan-out copies) are not measured again.
 MAX_SCRIPT_BYTES = "max_script_bytes"
+# Pull mode (issue 11): a task an agent leases over the agents API instead of one a
+# master pushes to central-control. Its `master` holds this name for as long as it is
+# unfinished, so no master's delay loader, orphan sweep or restore ever takes it; a pull
+# task may leave the device open (ANY_DEVICE): any agent with its labels may run it.
+PUSH = "push"
+PULL = "pull"
+PULL_HOLDER = "agents"
+ANY_DEVICE = "*"
 
 
 def script_refusal(script: dict[str, Any], max_bytes: int) -> str | None:
@@ -108,6 +116,10 @@ class TaskTemplate(BaseModel):
     expire_at: datetime | None = None
     queue: str = Field(DEFAULT_QUEUE, min_length=1, max_length=100)
     retry_base_s: float | None = Field(None, ge=0, le=86400)  # else the queue's default
+    # Pull mode: leased by agents (agents/); `labels` an agent must all carry.
+    mode: Literal["push", "pull"] = PUSH
+    labels: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        default_factory=list, max_length=20)
 
     @field_validator("run_at", "expire_at", mode="before")
     @classmethod
@@ -127,6 +139,14 @@ class TaskSpec(TaskTemplate):
     """A producer's request for one script run on one device (queue item or SDK call)."""
 
     device_id: str = Field(min_length=1, max_length=200)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pull_any_device(cls, data: Any) -> Any:
+        """A pull task may name no device: any agent with its labels runs it."""
+        if isinstance(data, dict) and data.get("mode") == PULL and data.get("device_id") is None:
+            return {**data, "device_id": ANY_DEVICE}
+        return data
 
     @field_validator("device_id", mode="before")
     @classmethod
@@ -199,6 +219,21 @@ class Task(BaseModel):
     schedule: str | None = None
     dedupe_active: str | None = None
     purge_at: datetime | None = None
+    # Pull mode (issue 11; absent on pushed tasks): the mode, the labels an agent must
+    # carry, the last checkpoint an agent saved (handed to the next lease), the lease
+    # held now ({token, agent, record_id, fence, seq, leased_at, deadline, cap}), the
+    # last lease's end ({token, agent, outcome}: a repeated call is answered from it),
+    # and the agent's result.
+    mode: str | None = None
+    labels: list[str] | None = None
+    checkpoint: dict[str, Any] | None = None
+    lease: dict[str, Any] | None = None
+    last_lease: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+
+    @property
+    def pull(self) -> bool:
+        return self.mode == PULL
 
     @classmethod
     def from_spec(
@@ -224,6 +259,9 @@ class Task(BaseModel):
             created_at=now,
             updated_at=now,
             batch_id=batch_id,
+            mode=PULL if spec.mode == PULL else None,
+            labels=sorted(set(spec.labels)) if spec.mode == PULL else None,
+            master=PULL_HOLDER if spec.mode == PULL else None,
         )
 
     def to_doc(self) -> dict[str, Any]:

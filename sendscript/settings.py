@@ -239,6 +239,28 @@ class Settings(BaseSettings):
     console_task_stream_s: float = Field(0.5, gt=0)
     console_dlq_timeout_s: float = Field(3.0, gt=0)
 
+    # Pull-mode agents (issue 11, agents/): the agents role's HTTP API. A lease lasts
+    # agent_lease_s, each progress call extends it (never past the task's timeout_s
+    # from its start); an agent silent for agent_ttl_s is lost and its leases go back
+    # with their checkpoints. Lease calls wait up to agent_max_wait_s, look again every
+    # agent_poll_interval_s, take at most agent_max_lease_batch tasks, and an agent may
+    # make agent_lease_rate of them per second (burst agent_lease_burst). Checkpoints
+    # and results are refused above their caps (bytes of JSON).
+    agents_host: str = "127.0.0.1"
+    agents_port: int = Field(8470, ge=0, le=65535)
+    agent_lease_s: float = Field(30.0, gt=0)
+    agent_ttl_s: float = Field(15.0, gt=0)
+    agent_heartbeat_s: float = Field(5.0, gt=0)
+    agent_max_wait_s: float = Field(30.0, ge=0)
+    agent_poll_interval_s: float = Field(0.2, gt=0)
+    agent_max_lease_batch: int = Field(50, ge=1, le=1000)
+    agent_lease_rate: float = Field(20.0, gt=0)
+    agent_lease_burst: int = Field(40, ge=1)
+    agent_checkpoint_max_bytes: int = Field(65_536, ge=64)
+    agent_result_max_bytes: int = Field(262_144, ge=64)
+    agent_sweep_interval_s: float = Field(1.0, gt=0)
+    agent_cors_origins: str = "*"
+
     # Monitoring (issue 10). Task counts (sendscript/counts.py): buckets of
     # created_at this wide, the leader's pass this often, changes re-read this far
     # back (clocks apart, writes in flight), a purged bucket recounted this long after

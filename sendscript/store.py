@@ -50,6 +50,13 @@ TASK_INDEXES = [
                partialFilterExpression={"batch_id": {"$type": "string"}}),
     # retention: set when a task finishes
     IndexModel([("purge_at", ASCENDING)], expireAfterSeconds=0),
+    # pull tasks (agents/): the lease query (pending, best first), the lease sweep
+    # (running by deadline) and an agent's heartbeat (its cancelled leases); only pull
+    # tasks carry `mode`, so pushed tasks pay nothing for these
+    IndexModel([("mode", ASCENDING), ("status", ASCENDING), ("priority", DESCENDING),
+                ("created_at", ASCENDING)], partialFilterExpression={"mode": {"$type": "string"}}),
+    IndexModel([("lease.agent", ASCENDING)],
+               partialFilterExpression={"lease.agent": {"$type": "string"}}),
     # What moved since a time: the leader's task counts (sendscript/counts.py). The one
     # index here that every status change pays for.
     IndexModel([("updated_at", ASCENDING)]),

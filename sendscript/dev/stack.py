@@ -28,6 +28,7 @@ class LocalStack:
         sim_args: Sequence[str] = (),
         data_dir: Path | None = None,
         extra_env: dict[str, str] | None = None,
+        agents: bool = False,
     ) -> None:
         self.settings = settings
         self.workers = workers or settings.workers
@@ -38,6 +39,7 @@ class LocalStack:
         self.roles: dict[str, RoleProcess] = {}
         self.env: dict[str, str] = {}
         self.central_url = settings.central_url
+        self.agents = agents  # also run the pull-mode agents API (`sendscript up` does)
 
     def start(self, log_dir: Path | None) -> None:
         missing = [n for n in SERVERS if not getattr(self.settings, URL_SETTING[n])]
@@ -61,6 +63,8 @@ class LocalStack:
             self.env = env
             self.start_role("consumer", ["consumer"], log_dir)
             self.start_role("master", ["master"], log_dir)
+            if self.agents:
+                self.start_role("agents", ["agents"], log_dir)
             wait_until(self._master_up, 90, 0.2, what="the master and its workers")
         except Exception:
             self.stop()
@@ -119,7 +123,7 @@ class LocalStack:
         return [name for name, role in self.roles.items() if not role.running]
 
     def stop(self) -> None:
-        for name in ("master", "consumer", "simulator"):
+        for name in ("agents", "master", "consumer", "simulator"):
             role = self.roles.get(name)
             if role is not None:
                 role.stop(timeout_s=max(30.0, self.settings.shutdown_grace_s + 10))

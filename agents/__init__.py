@@ -1,0 +1,7 @@
+"""The agents role: the pull-mode HTTP API of seed 001 (issue 11).
+
+Agents (browser userscripts, Python processes) register, lease pull tasks, report
+progress with checkpoints, and complete, fail or release them. Every lease lives in
+Mongo (`script_tasks.lease`) and every change is a compare-and-set on its token, so
+the role keeps no state worth losing and several may run side by side.
+"""

@@ -1,0 +1,201 @@
+"""The HTTP JSON routes of the agents API; requests are checked here, decided in leases.
+
+Every route but /healthz needs `Authorization: Bearer TOKEN` (a token made by
+`sendscript agent token add`). Bodies are read with a size cap, parsed and validated
+here, so a malformed call is refused with a 4xx and the reason (`{"detail": ...}`)
+before anything is read or written.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agents.leases import Leases
+from agents.registry import Refused, Registry
+from agents.rules import AgentView, RateBudget
+from sendscript.models import describe_error
+
+ID = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:@-]+$")
+HEADROOM = 16_384  # a body may exceed the checkpoint / result cap by this much
+
+
+class Call(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    agent_id: str = ID
+
+
+class Register(Call):
+    name: str = Field("", max_length=200)
+    labels: list[str] = Field(default_factory=list, max_length=50)
+    devices: list[str] = Field(default_factory=list, max_length=100)
+    version: str = Field("", max_length=100)
+
+
+class LeaseCall(Call):
+    limit: int = Field(1, ge=1)
+    wait_s: float = Field(0.0, ge=0, le=3600)
+
+
+class OnLease(Call):
+    task_id: str = Field(min_length=1, max_length=200)
+    lease_token: str = Field(min_length=1, max_length=200)
+
+
+class Progress(OnLease):
+    checkpoint: dict[str, Any]
+
+
+class Complete(OnLease):
+    result: dict[str, Any] = Field(default_factory=dict)
+
+
+class Fail(OnLease):
+    error: str = Field("failed", max_length=4000)
+    retryable: bool = True
+    result: dict[str, Any] | None = None
+
+
+M = TypeVar("M", bound=Call)
+
+
+def refused(exc: Refused) -> JSONResponse:
+    headers = {"Retry-After": f"{exc.retry_after:.0f}"} if getattr(exc, "retry_after", 0) else {}
+    return JSONResponse({"detail": exc.reason}, status_code=exc.status, headers=headers)
+
+
+class Api:
+    def __init__(self, leases: Leases, registry: Registry, body_limit: int, lease_rate: float,
+                 lease_burst: int) -> None:
+        self.leases = leases
+        self.registry = registry
+        self.body_limit = body_limit
+        self.budget = RateBudget(lease_rate, lease_burst)
+
+    async def _parse(self, request: Request, model: type[M]) -> tuple[str, M]:
+        header = request.headers.get("authorization", "")
+        scheme, _, secret = header.partition(" ")
+        token = await self.registry.authenticate(secret.strip() if scheme.lower() == "bearer"
+                                                 else None)
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.body_limit:
+            raise Refused(413, f"body of {declared} bytes is over {self.body_limit}")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.body_limit:
+                raise Refused(413, f"body is over {self.body_limit} bytes")
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise Refused(400, f"body is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise Refused(400, f"body must be a JSON object, got {type(data).__name__}")
+        try:
+            return token, model.model_validate(data)
+        except ValidationError as exc:
+            raise Refused(422, describe_error(exc)) from None
+
+    async def _agent(self, request: Request, model: type[M]) -> tuple[AgentView, M]:
+        token, call = await self._parse(request, model)
+        return await self.registry.agent(token, call.agent_id), call
+
+    def router(self) -> APIRouter:
+        r = APIRouter()
+
+        async def guarded(work: Any) -> Any:
+            try:
+                return await work
+            except Refused as exc:
+                return refused(exc)
+
+        @r.get("/healthz")
+        async def healthz() -> dict[str, Any]:
+            return {"ok": True}
+
+        @r.post("/api/agents/register")
+        async def register(request: Request) -> Any:
+            async def go() -> dict[str, Any]:
+                token, call = await self._parse(request, Register)
+                s = self.leases.settings
+                await self.registry.register(token, call.agent_id, call.name, call.labels,
+                                             call.devices, call.version)
+                return {"ok": True, "agent_id": call.agent_id, "heartbeat_s": s.agent_heartbeat_s,
+                        "ttl_s": s.agent_ttl_s, "lease_s": s.agent_lease_s,
+                        "max_wait_s": s.agent_max_wait_s, "max_lease": s.agent_max_lease_batch,
+                        "checkpoint_max_bytes": s.agent_checkpoint_max_bytes,
+                        "result_max_bytes": s.agent_result_max_bytes}
+            return await guarded(go())
+
+        @r.post("/api/agents/heartbeat")
+        async def heartbeat(request: Request) -> Any:
+            async def go() -> dict[str, Any]:
+                agent, _ = await self._agent(request, Call)
+                doc = await self.registry.heartbeat(agent.id)
+                return {"ok": True, "stop": bool(doc.get("stop")),
+                        "quiet": self.leases.gates.quiet,
+                        "cancel": await self.leases.cancelled_for(agent)}
+            return await guarded(go())
+
+        @r.post("/api/agents/lease")
+        async def lease(request: Request) -> Any:
+            async def go() -> dict[str, Any]:
+                agent, call = await self._agent(request, LeaseCall)
+                wait = self.budget.take(agent.id)
+                if wait > 0:
+                    exc = Refused(429, f"too many lease calls from {agent.id}: wait {wait:.2f}s "
+                                       "(SENDSCRIPT_AGENT_LEASE_RATE)")
+                    exc.retry_after = max(1.0, wait)  # type: ignore[attr-defined]
+                    raise exc
+                limit = min(call.limit, self.leases.settings.agent_max_lease_batch)
+                tasks = await self.leases.lease(agent, limit, call.wait_s)
+                return {"ok": True, "tasks": tasks}
+            return await guarded(go())
+
+        @r.post("/api/agents/progress")
+        async def progress(request: Request) -> Any:
+            async def go() -> dict[str, Any]:
+                agent, call = await self._agent(request, Progress)
+                return await self.leases.progress(agent, call.task_id, call.lease_token,
+                                                  call.checkpoint)
+            return await guarded(go())
+
+        @r.post("/api/agents/complete")
+        async def complete(request: Request) -> Any:
+            async def go() -> dict[str, Any]:
+                agent, call = await self._agent(request, Complete)
+                return await self.leases.complete(agent, call.task_id, call.lease_token,
+                                                  call.result)
+            return await guarded(go())
+
+        @r.post("/api/agents/fail")
+        async def fail(request: Request) -> Any:
+            async def go() -> dict[str, Any]:
+                agent, call = await self._agent(request, Fail)
+                return await self.leases.fail(agent, call.task_id, call.lease_token, call.error,
+                                              call.retryable, call.result)
+            return await guarded(go())
+
+        @r.post("/api/agents/release")
+        async def release(request: Request) -> Any:
+            async def go() -> dict[str, Any]:
+                agent, call = await self._agent(request, OnLease)
+                return await self.leases.release(agent, call.task_id, call.lease_token)
+            return await guarded(go())
+
+        @r.get("/api/agents")
+        async def listing(request: Request) -> Any:
+            async def go() -> dict[str, Any]:
+                header = request.headers.get("authorization", "")
+                await self.registry.authenticate(header.partition(" ")[2].strip() or None)
+                agents = await self.registry.listing()
+                return {"agents": json.loads(json.dumps(agents, default=str)),
+                        "stats": vars(self.leases.stats),
+                        "held": dict(self.leases.gates.held)}
+            return await guarded(go())
+
+        return r
