@@ -151,6 +151,13 @@ TASK_ROW = {"_id": 1, "device_id": 1, "status": 1, "queue": 1, "script.id": 1, "
             "priority": 1, "created_at": 1, "updated_at": 1, "last_error": 1, "batch_id": 1}
 
 
+def _row(doc: dict[str, Any]) -> dict[str, Any]:
+    """A task row: `id` for `_id`, the script's id for the script."""
+    doc["id"] = doc.pop("_id")
+    doc["script_id"] = (doc.pop("script", None) or {}).get("id")
+    return doc
+
+
 def search_tasks(stores: Stores, flt: TaskFilter, page: Page) -> dict[str, Any]:
     query = combine(task_query(stores.db, flt), page.cursor())
     docs = list(stores.db[TASKS].find(query, TASK_ROW)
@@ -158,8 +165,7 @@ def search_tasks(stores: Stores, flt: TaskFilter, page: Page) -> dict[str, Any]:
                 .limit(page.limit + 1))
     more = len(docs) > page.limit
     docs = docs[:page.limit]
-    rows = [{**d, "id": d.pop("_id"), "script_id": (d.pop("script", None) or {}).get("id")}
-            for d in docs]
+    rows = [_row(d) for d in docs]
     return {"tasks": rows,
             "next": next_cursor({"created_at": rows[-1]["created_at"], "_id": rows[-1]["id"]})
             if more and rows else None}
@@ -257,8 +263,7 @@ def device_detail(stores: Stores, device_id: str) -> dict[str, Any]:
     active = pauses.list_sync(r, keys)
     return {
         "device_id": device_id, "locked": lock is not None, "lock": lock, "running": running,
-        "recent": [{**t, "id": t.pop("_id"), "script_id": (t.pop("script", None) or {}).get("id")}
-                   for t in recent],
+        "recent": [_row(t) for t in recent],
         "health": health, "streak": int(health.get("streak", 0)),
         "benched": device_health.benched_sync(r, keys).get(device_id),
         "groups": groups,
@@ -353,5 +358,8 @@ def dead_letters(settings: Settings, limit: int = 200, timeout_s: float = 3.0
 
 
 def audit(stores: Stores, limit: int = 200) -> list[dict[str, Any]]:
-    return [{**d, "id": str(d.pop("_id"))}
-            for d in stores.db[AUDIT].find().sort("at", DESCENDING).limit(limit)]
+    out = []
+    for d in stores.db[AUDIT].find().sort("at", DESCENDING).limit(limit):
+        d["id"] = str(d.pop("_id"))
+        out.append(d)
+    return out
