@@ -183,7 +183,7 @@ def up(
 
     settings = _settings()
     stack = LocalStack(settings, workers=workers, sim_args=["--run-ms", str(run_ms)],
-                       agents=True)
+                       agents=True, console=True)
     stopping = False
 
     def _stop(signum: int, _frame: Any) -> None:
@@ -194,6 +194,8 @@ def up(
     signal.signal(signal.SIGTERM, _stop)
     stack.start(log_dir=None)
     console.print(f"[green]sendscript up[/green]: {stack.describe()}")
+    if stack.console_url:
+        console.print(f"console: {stack.console_url}")
     console.print("Ctrl-C stops everything.")
     try:
         while not stopping:

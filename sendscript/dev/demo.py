@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +23,15 @@ from sendscript.store import TASKS
 console = Console()
 
 
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -36,15 +46,20 @@ def run_demo(settings: Settings, *, tasks: int, devices: int, workers: int, run_
     local = settings.model_copy(update={
         "redis_url": None, "mongo_url": None, "pulsar_url": None, "central_url": None,
     })
+    # The console too, on its port if that is free (another console may hold it).
+    port = settings.console_port if port_free(settings.console_port) else 0
     stack = LocalStack(local, workers=workers, data_dir=data_dir,
                        sim_args=["--run-ms", str(run_ms), "--fail-rate", str(fail_rate)],
-                       extra_env={"SENDSCRIPT_LOG_LEVEL": "WARNING"})
+                       extra_env={"SENDSCRIPT_LOG_LEVEL": "WARNING",
+                                  "SENDSCRIPT_CONSOLE_PORT": str(port)}, console=True)
     console.print(f"starting embedded Redis, MongoDB (SecantusDB) and Pulsar (pulsar-lite) "
                   f"under {data_dir} ...")
     ok = False
     try:
         stack.start(log_dir=data_dir / "logs")
         console.print(f"[green]up[/green]: {stack.describe()}")
+        if stack.console_url:
+            console.print(f"console: {stack.console_url} (open while the demo runs)")
         ok = _run(stack, tasks=tasks, devices=devices, timeout_s=timeout_s)
     finally:
         # Once cleaning up, a second Ctrl-C or SIGTERM must not leave servers behind.

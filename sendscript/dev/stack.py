@@ -29,6 +29,7 @@ class LocalStack:
         data_dir: Path | None = None,
         extra_env: dict[str, str] | None = None,
         agents: bool = False,
+        console: bool = False,
     ) -> None:
         self.settings = settings
         self.workers = workers or settings.workers
@@ -40,6 +41,9 @@ class LocalStack:
         self.env: dict[str, str] = {}
         self.central_url = settings.central_url
         self.agents = agents  # also run the pull-mode agents API (`sendscript up` does)
+        # Also run the console (`up`, `demo`) on SENDSCRIPT_CONSOLE_PORT (0: a free port).
+        self.console = console
+        self.console_url: str | None = None
 
     def start(self, log_dir: Path | None) -> None:
         missing = [n for n in SERVERS if not getattr(self.settings, URL_SETTING[n])]
@@ -66,6 +70,8 @@ class LocalStack:
             if self.agents:
                 self.start_role("agents", ["agents"], log_dir)
             wait_until(self._master_up, 90, 0.2, what="the master and its workers")
+            if self.console:
+                self._start_console(log_dir)
         except Exception:
             self.stop()
             raise
@@ -83,6 +89,25 @@ class LocalStack:
             k: v for k, v in overrides.items() if k in Settings.model_fields
             and k in ("redis_url", "mongo_url", "pulsar_url", "central_url")
         })
+
+    def _start_console(self, log_dir: Path | None) -> None:
+        port = int(self.env.get("SENDSCRIPT_CONSOLE_PORT", self.settings.console_port)) \
+            or free_port()
+        self.env = {**self.env, "SENDSCRIPT_CONSOLE_PORT": str(port)}
+        host = self.env.get("SENDSCRIPT_CONSOLE_HOST", self.settings.console_host)
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        self.console_url = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}/"
+        self.start_role("console", ["console"], log_dir)
+        wait_until(self._console_up, 60, 0.2, what="the console")
+
+    def _console_up(self) -> bool:
+        role = self.roles["console"]
+        if not role.running:
+            raise RuntimeError(f"console exited during start:\n{role.log_tail()}")
+        try:
+            return httpx.get(f"{self.console_url}openapi.json", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def _simulator_up(self) -> bool:
         try:
@@ -115,6 +140,8 @@ class LocalStack:
         s = self.effective
         parts = [f"redis {s.redis_url}", f"mongo {s.mongo_url}", f"pulsar {s.pulsar_url}",
                  f"central {self.central_url}"]
+        if self.console_url:
+            parts.append(f"console {self.console_url}")
         if self.servers:
             parts.append(f"data in {self.data_dir}")
         return ", ".join(parts)
@@ -123,7 +150,7 @@ class LocalStack:
         return [name for name, role in self.roles.items() if not role.running]
 
     def stop(self) -> None:
-        for name in ("agents", "master", "consumer", "simulator"):
+        for name in ("console", "agents", "master", "consumer", "simulator"):
             role = self.roles.get(name)
             if role is not None:
                 role.stop(timeout_s=max(30.0, self.settings.shutdown_grace_s + 10))
