@@ -142,16 +142,17 @@ class Agent:
         return fn
 
     # -- API calls -------------------------------------------------------------------
-    def call(self, name: str, *, timeout_s: float | None = None, **body: Any) -> dict[str, Any]:
+    def call(self, route: str, *, timeout_s: float | None = None, **body: Any) -> dict[str, Any]:
+        """POST one API call; AgentError (LeaseLost for a lease that is gone) if refused."""
         body["agent_id"] = self.agent_id
-        response = self._http.post(f"{self.url}/api/agents/{name}", json=body,
+        response = self._http.post(f"{self.url}/api/agents/{route}", json=body,
                                    timeout=timeout_s or self.timeout_s)
         if response.status_code >= 400:
             try:
                 detail = response.json().get("detail", response.text)
             except ValueError:
                 detail = response.text
-            kind = LeaseLost if response.status_code in (404, 409) and name != "lease" \
+            kind = LeaseLost if response.status_code in (404, 409) and route != "lease" \
                 else AgentError
             raise kind(response.status_code, str(detail))
         answer: dict[str, Any] = response.json()
@@ -292,9 +293,13 @@ class Agent:
         while True:
             try:
                 return step()
-            except httpx.HTTPError as exc:
-                if self.stopping.is_set():
+            except (httpx.HTTPError, AgentError) as exc:
+                # 409 at registration: a live agent still serves one of our devices (one
+                # killed a moment ago is lost after SENDSCRIPT_AGENT_TTL_S). Other refusals
+                # are for good.
+                if self.stopping.is_set() or (isinstance(exc, AgentError)
+                                              and exc.status != 409):
                     raise
-                logger.warning("agents API unreachable: {!r}; again in {:.1f}s", exc, delay)
+                logger.warning("register: {!r}; again in {:.1f}s", exc, delay)
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 10.0)
