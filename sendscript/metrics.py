@@ -297,7 +297,8 @@ def observe_results(m: RoleMetrics, finals: Iterable[Any], records: dict[str, An
                     now: Any, *, succeeded: int, failed: int, retried: int) -> None:
     """A consumer batch's results: how many applied by outcome, and for each result of
     an attempt still open (a redelivery finds it closed) the device's run time (the
-    result's timestamp minus the record's sent_at) and submit-to-result time."""
+    result's timestamp minus the record's sent_at, or started_at if the result came
+    first) and submit-to-result time."""
     m.results.labels("success").inc(succeeded)
     m.results.labels("failed").inc(max(0, failed))
     m.results.labels("retry").inc(retried)
@@ -307,9 +308,11 @@ def observe_results(m: RoleMetrics, finals: Iterable[Any], records: dict[str, An
         if record is None or str(record.status) not in ("running", "sent"):
             continue
         result_s = msg.timestamp / 1000.0 if msg.timestamp else now.timestamp()
-        if record.sent_at is not None:
-            sent = record.sent_at if record.sent_at.tzinfo else record.sent_at.replace(
-                tzinfo=now.tzinfo)
+        # A fast device reports before its worker stamps sent_at: the record's start
+        # (right before the POST) is the nearest time we have then.
+        sent = record.sent_at or record.started_at
+        if sent is not None:
+            sent = sent if sent.tzinfo else sent.replace(tzinfo=now.tzinfo)
             m.device_run.observe(max(0.0, result_s - sent.timestamp()))
         start = submitted_at(record.task_id)
         if start is not None:
