@@ -171,7 +171,11 @@ class Master:
             loop.add_signal_handler(sig, self.request_stop, sig.name)
         self._build()
         log_retention = max(s.retention_success_s, s.retention_failed_s)
-        if await self._until_ok("mongo indexes", lambda: ensure_indexes(self.db, log_retention)):
+        # Alive at once: a restart slower than the heartbeat TTL is not taken for a death
+        # by another master's sweep.
+        if await self._until_ok("first heartbeat", self.heartbeat.beat) and \
+                await self._until_ok("mongo indexes",
+                                     lambda: ensure_indexes(self.db, log_retention)):
             logger.info("master {} starting {} worker(s) x {} tasks", s.master_id, s.workers,
                         s.worker_concurrency)
             self.pool.start()
