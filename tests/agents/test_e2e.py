@@ -31,7 +31,7 @@ from tests.support import Roles, settings_env, wait_for
 
 pytestmark = pytest.mark.e2e
 AGENTS, KILLED, DEVICES = 20, 5, 10
-FLEET_ENV = {"agent_lease_s": 10, "agent_ttl_s": 2, "agent_heartbeat_s": 0.5,
+FLEET_ENV = {"agent_lease_s": 10, "agent_ttl_s": 3, "agent_heartbeat_s": 0.5,
              "agent_sweep_interval_s": 0.3, "agent_poll_interval_s": 0.05,
              "agent_lease_rate": 200, "agent_lease_burst": 200, "log_level": "WARNING"}
 
@@ -94,7 +94,8 @@ def run_fleet(settings: Settings, roles: Roles, tmp_path: Path, n_tasks: int,
             def done() -> int:
                 dead = [a for a, p in fleet.items() if not p.running and a not in killed]
                 assert not dead, f"agent(s) exited: {dead}"
-                return db[TASKS].count_documents({"_id": {"$in": ids}, "status": "success"})
+                # The database is this test's own: no long $in (slow on SecantusDB).
+                return db[TASKS].count_documents({"mode": "pull", "status": "success"})
 
             killed: list[str] = []
 
@@ -155,9 +156,10 @@ def _open(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def check(settings: Settings, db: Any, url: str, token: str, ids: list[str], logs: Path,
           killed: list[str]) -> None:
-    tasks = {d["_id"]: d for d in db[TASKS].find({"_id": {"$in": ids}})}
+    tasks = {d["_id"]: d for d in db[TASKS].find({})}
+    assert set(tasks) == set(ids)
     records = defaultdict(list)
-    for r in db[RECORDS].find({"task_id": {"$in": ids}}):
+    for r in db[RECORDS].find({}):
         records[r["task_id"]].append(r)
     # Every task completed exactly once.
     assert all(t["status"] == "success" for t in tasks.values())
