@@ -95,7 +95,9 @@ class Recovery:
         fields = {"record_id": 1, "attempt": 1, "updated_at": 1, "timeout_s": 1, "status": 1,
                   "max_retries": 1, "queue": 1, "retry_base_s": 1, "device_id": 1}
         overdue = [
-            d async for d in self.tasks.col.find({"status": {"$in": OPEN}}, fields)
+            # Pull tasks' leases are the agents role's to end (agents/leases.py).
+            d async for d in self.tasks.col.find({"status": {"$in": OPEN},
+                                                  "mode": {"$ne": "pull"}}, fields)
             if d["updated_at"] + timedelta(seconds=d.get("timeout_s", DEFAULT_TIMEOUT_S)) <= now
         ]
         if not overdue:
@@ -145,7 +147,8 @@ class Recovery:
     async def release_stuck_running(self, now: datetime, found: Found, dry: bool = False) -> None:
         cutoff = now - timedelta(seconds=self.settings.running_stuck_s)
         stuck = [d async for d in self.tasks.col.find(
-            {"status": str(TaskStatus.RUNNING), "updated_at": {"$lte": cutoff}},
+            {"status": str(TaskStatus.RUNNING), "updated_at": {"$lte": cutoff},
+             "mode": {"$ne": "pull"}},
             {"record_id": 1, "attempt": 1, "device_id": 1})]
         if not stuck:
             return
@@ -208,6 +211,11 @@ class Recovery:
         if entries:
             await ingest_for(dead_id)(entries)
             found.adopted_entries += len(entries)
+        if await self.redis.exists(self.keys.master_alive(dead_id)):
+            # It came back (a slow restart) while we took its queue: what it holds in
+            # Mongo is its own again, and its board may hold it already.
+            logger.info("master {} is back; its held tasks stay its own", dead_id)
+            return
         # What it held in Mongo is nobody's now. Pushed: what is due or soon due, so a
         # master takes it at once; the loaders find later delayed tasks in time.
         soon = utcnow() + timedelta(seconds=self.settings.delay_horizon_s)
