@@ -39,7 +39,7 @@ MAX_SCRIPT_BYTES = "max_script_bytes"
 # task may leave the device open (ANY_DEVICE): any agent with its labels may run it.
 PUSH = "push"
 PULL = "pull"
-PULL_HOLDER = "agents"
+PULL_HOLDER = "@agents"  # no host name has an @: never a master id
 ANY_DEVICE = "*"
 
 

@@ -12,6 +12,7 @@ import redis
 
 from sendscript import connect, pauses
 from sendscript.client import SendScriptClient
+from sendscript.models import PULL_HOLDER
 from sendscript.settings import Settings
 from sendscript.store import RECORDS, TASKS
 from tests.agents.support import Api, db_of, new_token, start_agents
@@ -86,7 +87,7 @@ def test_lease_progress_complete_and_stale_tokens(settings: Settings,
     done = task(settings, tid)
     assert (done["status"], done["result"], done["checkpoint"]) == ("success", {"rows": 5},
                                                                     {"page": 3})
-    assert "lease" not in done and done["master"] == "agents"
+    assert "lease" not in done and done["master"] == PULL_HOLDER
     [rec] = records(settings, tid)
     assert rec["status"] == "success" and rec["agent"] == "a"
 
@@ -206,4 +207,4 @@ def test_pull_tasks_are_never_held_by_a_master(settings: Settings) -> None:
     for tid in ids:
         doc = task(settings, tid)
         assert (doc["mode"], doc["master"], doc["device_id"], doc["status"]) == (
-            "pull", "agents", "*", "waiting")
+            "pull", PULL_HOLDER, "*", "waiting")
