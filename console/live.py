@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 from fastapi.encoders import jsonable_encoder
@@ -34,20 +35,30 @@ def sse(event: str, payload: Any) -> str:
 
 @dataclass
 class Rates:
-    """Per-second rates from cumulative counters; a counter that went down (a role
-    restarted) counts from its new value, never as a negative rate."""
+    """Per-second rates from cumulative counters, each over the last `smooth_s` (the
+    roles publish their counters every heartbeat, slower than the samples: a plain
+    difference would swing between 0 and twice the rate). A counter that went down (its
+    role restarted) counts from its new value, never as a negative rate."""
 
     window_s: float = 3600.0
+    smooth_s: float = 5.0
     points: deque[tuple[float, float, float]] = field(default_factory=deque)
-    _last: tuple[float, int, int] | None = None
+    _raw: deque[tuple[float, int, int]] = field(default_factory=deque)
 
     def add(self, now: float, sends: int, results: int) -> tuple[float, float, float] | None:
-        last, self._last = self._last, (now, sends, results)
-        if last is None or now <= last[0]:
+        raw = self._raw
+        raw.append((now, sends, results))
+        while len(raw) > 2 and raw[1][0] <= now - self.smooth_s:
+            raw.popleft()
+        dt = now - raw[0][0]
+        if len(raw) < 2 or dt <= 0:
             return None
-        dt = now - last[0]
-        point = (now, round(max(0, sends - last[1]) / dt, 2),
-                 round(max(0, results - last[2]) / dt, 2))
+        moved = [0, 0]
+        for before, after in pairwise(raw):
+            for i in (0, 1):
+                old, new = before[i + 1], after[i + 1]
+                moved[i] += new - old if new >= old else new
+        point = (now, round(moved[0] / dt, 2), round(moved[1] / dt, 2))
         self.points.append(point)
         while self.points and self.points[0][0] < now - self.window_s:
             self.points.popleft()

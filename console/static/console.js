@@ -152,15 +152,18 @@ function render(snap) {
 function drawChart(points) {
   const svg = $("#chart");
   if (!svg) return;
-  const w = 600, h = 160, span = 3600;
+  const w = 600, h = 160;
   const now = points.length ? points[points.length - 1][0] : Date.now() / 1000;
+  // The last hour once an hour is known; until then the span seen so far (at least 1 min).
+  const span = Math.min(3600, Math.max(60, points.length ? now - points[0][0] : 60));
   const max = Math.max(1, ...points.map((p) => Math.max(p[1], p[2])));
   const line = (i) => points
     .map((p) => `${(w - ((now - p[0]) / span) * w).toFixed(1)},${(h - (p[i] / max) * (h - 8)).toFixed(1)}`)
     .join(" ");
   $("#chart-sends").setAttribute("points", line(1));
   $("#chart-results").setAttribute("points", line(2));
-  $("#chart-max").textContent = `scale 0–${max.toFixed(1)}/s`;
+  const minutes = span >= 120 ? `${Math.round(span / 60)} min` : `${Math.round(span)} s`;
+  $("#chart-max").textContent = `last ${minutes}, scale 0–${max.toFixed(1)}/s`;
 }
 
 function liveOverview() {

@@ -107,13 +107,19 @@ def test_tokens_are_random_and_stored_as_hashes() -> None:
 
 
 def test_rates_from_counters_survive_restarts_and_keep_an_hour() -> None:
-    rates = Rates(window_s=10)
+    rates = Rates(window_s=10, smooth_s=0)
     assert rates.add(0, 100, 50) is None
     assert rates.add(2, 110, 54) == (2, 5.0, 2.0)
-    assert rates.add(4, 3, 1) == (4, 0.0, 0.0)  # a role restarted: its counter fell
+    assert rates.add(4, 3, 1) == (4, 1.5, 0.5)  # a role restarted: counted from its new value
     assert rates.add(6, 9, 5) == (6, 3.0, 2.0)
     rates.add(15, 9, 5)
     assert [p[0] for p in rates.series()] == [6, 15]
+
+
+def test_rates_are_smoothed_over_counters_published_less_often() -> None:
+    rates = Rates(smooth_s=4)
+    seen = [rates.add(t, s, s) for t, s in enumerate([0, 0, 10, 10, 20, 20, 30])]
+    assert [p[1] for p in seen[1:]] == [0.0, 5.0, 3.33, 5.0, 5.0, 5.0]
 
 
 def test_sse_message_is_one_json_line() -> None:
