@@ -20,6 +20,7 @@ from console.actions import Actions
 from console.context import LOOPBACK, Console, LoginRequired, same_origin
 from console.data import AUDIT, Stores
 from console.live import Sampler
+from console.metrics import metrics_router
 from sendscript.client import SendScriptClient
 from sendscript.settings import Settings
 
@@ -91,6 +92,8 @@ def build(settings: Settings, stores: Stores | None = None,
 
     app.include_router(api.router)
     app.include_router(pages.router)
+    # Prometheus scrapes without a token (as scrapers do); it shows counts, never tasks.
+    app.include_router(metrics_router(settings))
     for router in extra_routers or []:
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -16,7 +16,7 @@ from pymongo import DESCENDING, MongoClient
 from pymongo.database import Database
 
 from console.filters import Page, TaskFilter, combine, next_cursor, to_query
-from sendscript import alerts, connect, device_health, pauses
+from sendscript import alerts, connect, counts, device_health, pauses
 from sendscript.keys import Keys
 from sendscript.report import breaker_view
 from sendscript.settings import Settings
@@ -68,11 +68,15 @@ def _json(raw: bytes | str | None) -> dict[str, Any]:
 # -- overview ------------------------------------------------------------------------------
 
 
-def status_counts(db: Database) -> dict[str, int]:
-    """Tasks per status. The same aggregate `sendscript status` runs (sendscript/report.py);
-    the metrics role's fast counters replace it when they land."""
+def status_counts(stores: Stores) -> dict[str, int]:
+    """Tasks per status: the counts the leader keeps in Redis as tasks move
+    (sendscript/counts.py, one round trip), or, until they are first built, the
+    aggregate `sendscript status` falls back to."""
+    kept = counts.read_sync(stores.redis, stores.settings.key_prefix)
+    if kept.built:
+        return dict(kept.by_status)
     return {d["_id"]: d["n"] for d in
-            db[TASKS].aggregate([{"$group": {"_id": "$status", "n": {"$sum": 1}}}])}
+            stores.db[TASKS].aggregate([{"$group": {"_id": "$status", "n": {"$sum": 1}}}])}
 
 
 def heartbeats(stores: Stores) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -94,7 +98,7 @@ def heartbeats(stores: Stores) -> tuple[list[dict[str, Any]], list[dict[str, Any
     return out[0], out[1]
 
 
-def overview(stores: Stores, counts: dict[str, int] | None = None) -> dict[str, Any]:
+def overview(stores: Stores, by_status: dict[str, int] | None = None) -> dict[str, Any]:
     r, keys, settings = stores.redis, stores.keys, stores.settings
     masters, consumers = heartbeats(stores)
     live = [m for m in masters if m["alive"]]
@@ -105,7 +109,7 @@ def overview(stores: Stores, counts: dict[str, int] | None = None) -> dict[str, 
     pipe.hget(keys.breaker, "state")
     ready, quarantined, stats, breaker_raw = pipe.execute()
     return {
-        "tasks": counts if counts is not None else status_counts(stores.db),
+        "tasks": by_status if by_status is not None else status_counts(stores),
         "queues": {"ready": ready, "quarantine": quarantined,
                    "held": sum(int(m.get("queued", 0)) for m in live),
                    "delayed_held": sum(int(m.get("delayed_held", 0)) for m in live),

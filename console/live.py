@@ -74,7 +74,7 @@ class Sampler:
         self.stores = stores
         self.interval_s = interval_s
         self.counts_every_s = counts_every_s
-        self.counts_fn = counts or (lambda: data.status_counts(stores.db))
+        self.counts_fn = counts or (lambda: data.status_counts(stores))
         self.rates = Rates()
         self.latest: dict[str, Any] | None = None
         self._counts: dict[str, int] = {}
@@ -99,7 +99,7 @@ class Sampler:
         now = time.time()
         if now - self._counts_at >= self.counts_every_s:
             self._counts, self._counts_at = self.counts_fn(), now
-        snap = data.overview(self.stores, counts=self._counts)
+        snap = data.overview(self.stores, by_status=self._counts)
         masters, consumers = data.heartbeats(self.stores)
         point = self.rates.add(now, *data.rate_totals(masters, consumers))
         snap["rate"] = point

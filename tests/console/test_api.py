@@ -232,6 +232,8 @@ def test_requeue_pause_resume_streams_and_dead_letters(console_role: ConsoleRole
                     break
         actions = [a["action"] for a in api.get("/api/audit").json()]
         assert actions == ["resume", "pause", "requeue"]
+        scrape = api.get("/metrics")  # the metrics' router, included by the console
+        assert scrape.status_code == 200 and "text/plain" in scrape.headers["content-type"]
         spec = api.get("/openapi.json").json()
         assert {"/api/tasks", "/api/bulk/preview", "/api/bulk", "/api/quarantine/{item_id}/requeue",
                 "/api/pauses", "/api/audit", "/api/devices/{device_id}"} <= set(spec["paths"])
