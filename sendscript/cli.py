@@ -899,6 +899,22 @@ def agent_token_add(name: str) -> None:
     console.print(token, soft_wrap=True, highlight=False)
 
 
+@agent_app.command("stop")
+def agent_stop(agent_id: str) -> None:
+    """Ask an agent to stop: its next heartbeat answers stop (it finishes or gives back
+    what it holds); registering again clears the request."""
+    from agents.registry import AGENTS
+    from sendscript import connect
+
+    with connect.mongo_sync(_settings()) as mongo:
+        found = connect.database(mongo)[AGENTS].update_one({"_id": agent_id},
+                                                           {"$set": {"stop": True}})
+    if not found.matched_count:
+        console.print(f"[red]no agent {agent_id}[/red]")
+        raise typer.Exit(1)
+    console.print(f"agent {agent_id} asked to stop")
+
+
 def _print_pull_attempts(records: list[dict[str, Any]]) -> None:
     """A pull task's attempts: which agent leased it and the checkpoint it was handed."""
     table = Table("attempt", "agent", "status", "checkpoint handed over", title="pull attempts")

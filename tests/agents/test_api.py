@@ -208,3 +208,33 @@ def test_pull_tasks_are_never_held_by_a_master(settings: Settings) -> None:
         doc = task(settings, tid)
         assert (doc["mode"], doc["master"], doc["device_id"], doc["status"]) == (
             "pull", PULL_HOLDER, "*", "waiting")
+
+
+def test_heartbeat_tells_an_agent_to_cancel_and_to_stop(settings: Settings,
+                                                        api: tuple[str, str]) -> None:
+    import subprocess
+    import sys
+
+    from tests.support import settings_env
+
+    url, token = api
+    [tid] = submit(settings)
+    a = agent(url, token, "a")
+    [leased] = a.ok("lease", wait_s=2)["tasks"]
+    assert a.ok("heartbeat") == {"ok": True, "stop": False, "quiet": False, "cancel": []}
+    with SendScriptClient(settings) as client:
+        assert client.cancel(tid) == "running"
+    assert a.ok("heartbeat")["cancel"] == [tid]
+    assert a.post("complete", task_id=tid, lease_token=leased["lease_token"], result={})[0] == 409
+    done = subprocess.run([sys.executable, "-m", "sendscript", "agent", "stop", "a"],
+                          env=settings_env(settings), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert a.ok("heartbeat")["stop"] is True
+    listed = subprocess.run([sys.executable, "-m", "sendscript", "agent", "list", "--json"],
+                            env=settings_env(settings), capture_output=True, text=True,
+                            timeout=60)
+    assert '"_id": "a"' in listed.stdout and '"state": "active"' in listed.stdout
+    # The sweep ends the cancelled task's lease (record cancelled) once the agent was told.
+    wait_for(lambda: records(settings, tid)[0]["status"] == "cancelled", 15,
+             "the cancelled lease ended")
+    assert "lease" not in task(settings, tid)
