@@ -66,7 +66,9 @@ class Registry:
         self.tokens = db[TOKENS]
         self.ttl_s = ttl_s
         self._verdicts: dict[str, tuple[bool, float]] = {}
-        self._agents: dict[str, tuple[AgentView, str]] = {}  # id -> (view, token hash)
+        # id -> (view, token hash, when read): labels and devices a registration made
+        # through another process are seen within CACHE_S
+        self._agents: dict[str, tuple[AgentView, str, float]] = {}
 
     async def ensure_indexes(self) -> None:
         await self.col.create_indexes(AGENT_INDEXES)
@@ -108,18 +110,21 @@ class Registry:
                                   {"$set": fields, "$setOnInsert": {"registered_at": now}},
                                   upsert=True)
         view = AgentView(agent_id, frozenset(labels), frozenset(devices))
-        self._agents[agent_id] = (view, token)
+        self._agents[agent_id] = (view, token, time.monotonic())
         return view
 
     async def agent(self, token: str, agent_id: str) -> AgentView:
         """The registered agent this token speaks for, or Refused (404 / 403)."""
         cached = self._agents.get(agent_id)
-        if cached is None:
+        if cached is None or time.monotonic() - cached[2] > CACHE_S:
             doc = await self.col.find_one({"_id": agent_id})
             if doc is None:
                 raise Refused(404, f"agent {agent_id!r} is not registered: register first")
             cached = (AgentView(agent_id, frozenset(doc.get("labels", [])),
-                                frozenset(doc.get("devices", []))), doc.get("token", ""))
+                                frozenset(doc.get("devices", []))), doc.get("token", ""),
+                      time.monotonic())
+            if len(self._agents) > 100_000:
+                self._agents.clear()
             self._agents[agent_id] = cached
         if cached[1] != token:
             raise Refused(403, f"this token does not speak for agent {agent_id!r}")
