@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from console import data, live
@@ -14,6 +14,7 @@ from console.actions import BulkAction, Refused
 from console.context import Console, Operator, Who, console_of
 from console.filters import NAME, TASK_ID, Page, TaskFilter
 from sendscript import pauses as flags
+from sendscript.search import SearchError
 
 router = APIRouter(prefix="/api")
 Ctx = Annotated[Console, Depends(console_of)]
@@ -75,15 +76,22 @@ def get_overview(_: Who, c: Ctx) -> dict[str, Any]:
     return {**snap, "series": c.sampler.rates.series()}
 
 
+class TaskSearch(TaskFilter):
+    """The filter and the page (`limit`, `before`: the previous page's `next`)."""
+
+    limit: int = Field(50, ge=1, le=200)
+    before: str | None = Field(None, max_length=200)
+
+
 @router.get("/tasks")
-def search(_: Who, c: Ctx, flt: Annotated[TaskFilter, Query()],
-           limit: Annotated[int, Query(ge=1, le=200)] = 50,
-           before: Annotated[str | None, Query(max_length=150)] = None) -> dict[str, Any]:
+def search(_: Who, c: Ctx, q: Annotated[TaskSearch, Query()]) -> dict[str, Any]:
+    """Tasks matching every field given, newest first, `limit` at a time."""
     try:
-        page = Page(limit=limit, before=before)
-    except ValueError as exc:
-        raise HTTPException(422, f"bad page cursor: {exc}") from None
-    return data.search_tasks(c.stores, flt, page)
+        page = Page(limit=q.limit, before=q.before)
+        flt = TaskFilter(**q.model_dump(exclude={"limit", "before"}, exclude_none=True))
+        return data.search_tasks(c.stores, flt, page)
+    except (ValidationError, SearchError) as exc:
+        raise HTTPException(422, str(exc)) from None
 
 
 @router.get("/tasks/{task_id}")

@@ -15,10 +15,11 @@ import redis
 from pymongo import DESCENDING, MongoClient
 from pymongo.database import Database
 
-from console.filters import Page, TaskFilter, combine, next_cursor, to_query
+from console.filters import Page, TaskFilter, to_query
 from sendscript import alerts, connect, counts, device_health, pauses
 from sendscript.keys import Keys
 from sendscript.report import breaker_view
+from sendscript.search import TaskQuery, search_tasks_sync
 from sendscript.settings import Settings
 from sendscript.store import GROUPS, LOGS, RECORDS, SCHEDULES, TASKS
 
@@ -163,16 +164,14 @@ def _row(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def search_tasks(stores: Stores, flt: TaskFilter, page: Page) -> dict[str, Any]:
-    query = combine(task_query(stores.db, flt), page.cursor())
-    docs = list(stores.db[TASKS].find(query, TASK_ROW)
-                .sort([("created_at", DESCENDING), ("_id", DESCENDING)])
-                .limit(page.limit + 1))
-    more = len(docs) > page.limit
-    docs = docs[:page.limit]
-    rows = [_row(d) for d in docs]
-    return {"tasks": rows,
-            "next": next_cursor({"created_at": rows[-1]["created_at"], "_id": rows[-1]["id"]})
-            if more and rows else None}
+    """One page, newest first, through the service's task search (sendscript/search.py:
+    bounded windows of the created_at indexes, keyset cursor). SearchError: a 4xx."""
+    q = TaskQuery(device_id=flt.device, group=flt.group, queue=flt.queue,
+                  script_id=flt.script, statuses=[str(flt.status)] if flt.status else [],
+                  error_prefix=flt.error, batch_id=flt.batch, created_from=flt.since,
+                  created_to=flt.until, limit=page.limit, after=page.before)
+    found = search_tasks_sync(stores.db, q)
+    return {"tasks": [_row(d) for d in found.items], "next": found.next_after}
 
 
 def task_detail(stores: Stores, task_id: str) -> dict[str, Any] | None:

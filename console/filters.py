@@ -113,29 +113,10 @@ def to_query(flt: TaskFilter, group_devices: list[str] | None = None) -> dict[st
 
 
 class Page(BaseModel):
-    """Newest first, `limit` at a time; `before` is the created_at/_id of the last row
-    shown (keyset paging: no skip over thousands of rows)."""
+    """Newest first, `limit` at a time; `before` is the cursor the previous page gave
+    (keyset paging in sendscript/search.py: no skip over thousands of rows)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     limit: int = Field(50, ge=1, le=MAX_PAGE)
-    before: str | None = Field(None, pattern=r"^[0-9T:.+\-Z ]{10,40}\|[A-Za-z0-9_.:-]{1,100}$")
-
-    def cursor(self) -> dict[str, Any]:
-        """The extra filter for the page after `before` (created_at desc, _id desc)."""
-        if not self.before:
-            return {}
-        when_text, _, task_id = self.before.partition("|")
-        when = datetime.fromisoformat(when_text.replace(" ", "+"))
-        return {"$or": [{"created_at": {"$lt": when}},
-                        {"created_at": when, "_id": {"$lt": task_id}}]}
-
-
-def next_cursor(doc: dict[str, Any]) -> str:
-    return f"{doc['created_at'].isoformat()}|{doc['_id']}"
-
-
-def combine(query: dict[str, Any], cursor: dict[str, Any]) -> dict[str, Any]:
-    if not cursor:
-        return query
-    return {"$and": [query, cursor]} if query else cursor
+    before: str | None = Field(None, pattern=r"^[A-Za-z0-9_=-]{8,200}$")

@@ -85,10 +85,10 @@ def tasks(request: Request, who: Who, c: Ctx) -> HTMLResponse:
         flt = TaskFilter(**params)
         pg = Page(limit=int(request.query_params.get("limit", 50)),
                   before=request.query_params.get("before") or None)
-    except (ValidationError, ValueError) as exc:
+        result = data.search_tasks(c.stores, flt, pg)
+    except (ValidationError, ValueError) as exc:  # SearchError is a ValueError
         return page(request, "tasks.html", who, status=422, error=_reason(exc), q=params,
                     result={"tasks": [], "next": None})
-    result = data.search_tasks(c.stores, flt, pg)
     return page(request, "tasks.html", who, error=None, q=params, result=result)
 
 

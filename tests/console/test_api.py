@@ -94,6 +94,7 @@ HOSTILE_GETS = [
     ("/api/tasks", {"since": "yesterday"}),
     ("/api/tasks", {"since": "2030-01-01T00:00:00Z", "until": "2020-01-01T00:00:00Z"}),
     ("/api/tasks", {"before": "'; drop"}),
+    ("/api/tasks", {"before": "AAAAAAAAAAAA"}),
     ("/api/tasks/..%2F..%2Fx", {}),
     ("/api/tasks/%24where", {}),
     ("/api/quarantine", {"limit": "100000"}),
@@ -147,6 +148,27 @@ def test_hostile_parameters_are_refused_and_change_nothing(console_role: Console
                         headers={"Content-Type": "text/plain"})
         assert text.status_code == 415
     assert _snapshot(inspect) == before
+
+
+def test_search_pages_newest_first_by_cursor(console_role: ConsoleRole) -> None:
+    c = console_role
+    op = c.token("ops", "operator")
+    ids = [_tasks(c.settings, "phone-p", 1)[0] for _ in range(4)] + _tasks(c.settings, "phone-p", 3)
+    _tasks(c.settings, "phone-other", 2)
+    seen: list[str] = []
+    cursor = None
+    with c.client(op) as api:
+        for _ in range(10):
+            params = {"device": "phone-p", "limit": 2, **({"before": cursor} if cursor else {})}
+            r = api.get("/api/tasks", params=params)
+            assert r.status_code == 200, r.text
+            page = r.json()
+            seen += [t["id"] for t in page["tasks"]]
+            cursor = page["next"]
+            if cursor is None:
+                break
+    assert sorted(seen) == sorted(ids) and len(seen) == len(set(seen))
+    assert seen[3:] == list(reversed(ids[:4]))  # the four submitted one by one, newest first
 
 
 def test_bulk_cancel_counts_first_then_cancels_only_the_filter(console_role: ConsoleRole,
