@@ -51,6 +51,9 @@ from sendscript.store import RECORDS, TASKS, duplicate_indexes
 
 S = TaskStatus
 CACHE_SIZE = 500
+# A cache that still has candidates is read again this often (new tasks of a higher
+# priority); one that has none for a caller, every SENDSCRIPT_AGENT_POLL_INTERVAL_S.
+CACHE_MAX_AGE_S = 1.0
 OPEN_RECORD = {RecordStatus.RUNNING, RecordStatus.SENT}
 LEASE_FIELDS = ("lease", "worker", "record_id")
 
@@ -88,10 +91,9 @@ class Leases:
         self.stopping = asyncio.Event()
 
     # -- candidates --------------------------------------------------------------------
-    async def _refresh(self, force: bool = False) -> None:
+    async def _refresh(self, max_age_s: float) -> None:
         async with self._refreshing:
-            fresh = time.monotonic() - self._cache_at < self.settings.agent_poll_interval_s
-            if fresh and not force:
+            if time.monotonic() - self._cache_at < max_age_s:
                 return
             await self.gates.refresh()
             cursor = self.tasks.find({"mode": PULL, "status": str(S.PENDING)}).sort(
@@ -105,8 +107,11 @@ class Leases:
         """Up to `limit` tasks for this agent, waiting up to wait_s for one."""
         until = time.monotonic() + max(0.0, min(wait_s, self.settings.agent_max_wait_s))
         while True:
-            await self._refresh()
+            await self._refresh(CACHE_MAX_AGE_S)
             got = await self._take(agent, limit)
+            if not got:
+                await self._refresh(self.settings.agent_poll_interval_s)
+                got = await self._take(agent, limit)
             left = until - time.monotonic()
             if got or left <= 0 or self.stopping.is_set():
                 return got
