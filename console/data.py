@@ -99,9 +99,11 @@ def heartbeats(stores: Stores) -> tuple[list[dict[str, Any]], list[dict[str, Any
     return out[0], out[1]
 
 
-def overview(stores: Stores, by_status: dict[str, int] | None = None) -> dict[str, Any]:
+def overview(stores: Stores, by_status: dict[str, int] | None = None,
+             beats: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
+             ) -> dict[str, Any]:
     r, keys, settings = stores.redis, stores.keys, stores.settings
-    masters, consumers = heartbeats(stores)
+    masters, consumers = beats or heartbeats(stores)
     live = [m for m in masters if m["alive"]]
     pipe = r.pipeline(transaction=False)
     pipe.llen(keys.ready)

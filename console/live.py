@@ -99,9 +99,9 @@ class Sampler:
         now = time.time()
         if now - self._counts_at >= self.counts_every_s:
             self._counts, self._counts_at = self.counts_fn(), now
-        snap = data.overview(self.stores, by_status=self._counts)
-        masters, consumers = data.heartbeats(self.stores)
-        point = self.rates.add(now, *data.rate_totals(masters, consumers))
+        beats = data.heartbeats(self.stores)
+        snap = data.overview(self.stores, by_status=self._counts, beats=beats)
+        point = self.rates.add(now, *data.rate_totals(*beats))
         snap["rate"] = point
         snap["at"] = now
         return snap

@@ -1,6 +1,7 @@
 """Screenshots of the console for the README, from a demo-like run (embedded servers,
 simulated farm with some failures, a few hundred tasks, a fan-out, a schedule, a
-quarantined item): `python -m tests.console.screenshots docs/screenshots`."""
+quarantined item): `python -m tests.console.screenshots docs/screenshots [OTHERS]`
+(OTHERS: a directory for shots of the other pages)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from sendscript.settings import Settings
 from tests.console.test_browser import browser
 
 
-def main(out: Path) -> None:
+def main(out: Path, extra: Path | None = None) -> None:
     from selenium.webdriver.common.by import By
 
     out.mkdir(parents=True, exist_ok=True)
@@ -61,6 +62,13 @@ def main(out: Path) -> None:
         driver.save_screenshot(str(out / "tasks.png"))
         driver.get(f"{stack.console_url}devices/phone-003")
         driver.save_screenshot(str(out / "device.png"))
+        if extra is not None:  # the other pages, to look at (not for the README)
+            extra.mkdir(parents=True, exist_ok=True)
+            first = driver.find_element(By.CSS_SELECTOR, "table.grid tbody a").text
+            for name in ("masters", "batches", "schedules", "quarantine", "dead-letters",
+                         "devices", "audit", f"tasks/{first}"):
+                driver.get(f"{stack.console_url}{name}")
+                driver.save_screenshot(str(extra / f"{name.split('/')[0]}.png"))
     finally:
         if driver is not None:
             driver.quit()
@@ -69,4 +77,5 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/screenshots"))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/screenshots"),
+         Path(sys.argv[2]) if len(sys.argv) > 2 else None)
