@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import httpx
 import pulsar
@@ -239,21 +240,31 @@ def test_requeue_pause_resume_streams_and_dead_letters(console_role: ConsoleRole
         letters = api.get("/api/dead-letters").json()
         assert [d["reason"] for d in letters] == ["not JSON"]
 
-        with api.stream("GET", "/api/stream/overview") as stream:
+        # the overview is pushed: a pause set while the stream is open shows up in it
+        with api.stream("GET", "/api/stream/overview") as stream, c.client(op) as other:
             assert stream.headers["content-type"].startswith("text/event-stream")
-            events = []
+            paused = False
+            deadline = time.monotonic() + 15
             for line in stream.iter_lines():
-                if line.startswith("event: "):
-                    events.append(line[7:])
-                if "overview" in events:
+                assert time.monotonic() < deadline, "the pause never reached the stream"
+                if not line.startswith("data: "):
+                    continue
+                snap = json.loads(line[6:])
+                if isinstance(snap, dict) and not paused:
+                    assert "queue:live" not in snap["pauses"]
+                    other.post("/api/pauses", json={"kind": "queue", "name": "live"})
+                    paused = True
+                elif isinstance(snap, dict) and "queue:live" in snap["pauses"]:
                     break
+        assert api.post("/api/pauses/resume", json={"kind": "queue", "name": "live"}
+                        ).status_code == 200
         with api.stream("GET", f"/api/stream/tasks/{ids[0]}") as stream:
             for line in stream.iter_lines():
                 if line.startswith("data: "):
                     assert json.loads(line[6:])["status"] == "pending"
                     break
         actions = [a["action"] for a in api.get("/api/audit").json()]
-        assert actions == ["resume", "pause", "requeue"]
+        assert actions == ["resume", "pause", "resume", "pause", "requeue"]
         scrape = api.get("/metrics")  # the metrics' router, included by the console
         assert scrape.status_code == 200 and "text/plain" in scrape.headers["content-type"]
         spec = api.get("/openapi.json").json()
