@@ -63,11 +63,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def agent_loop(url: str, token: str, agent_id: str, stop: asyncio.Event,
-                     counts: dict[str, int]) -> None:
+                     counts: dict[str, int], ready: asyncio.Event, n: int) -> None:
     headers = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as http:
         r = await http.post("/api/agents/register", json={"agent_id": agent_id})
         r.raise_for_status()
+        counts["registered"] += 1
+        if counts["registered"] == n:
+            ready.set()
         last_beat = time.monotonic()
         while not stop.is_set():
             if time.monotonic() - last_beat > 2:
@@ -90,9 +93,11 @@ async def agent_loop(url: str, token: str, agent_id: str, stop: asyncio.Event,
 
 async def fleet(url: str, token: str, n: int, until: Any) -> dict[str, int]:
     stop = asyncio.Event()
-    counts = {"completed": 0, "throttled": 0}
-    loops = [asyncio.create_task(agent_loop(url, token, f"bench-{i:03d}", stop, counts))
-             for i in range(n)]
+    counts = {"completed": 0, "throttled": 0, "registered": 0}
+    ready = asyncio.Event()
+    loops = [asyncio.create_task(agent_loop(url, token, f"bench-{i:03d}", stop, counts, ready,
+                                            n)) for i in range(n)]
+    await ready.wait()  # every agent in place before the clock starts
     await asyncio.get_running_loop().run_in_executor(None, until)
     stop.set()
     await asyncio.gather(*loops)
