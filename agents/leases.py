@@ -85,6 +85,9 @@ class Leases:
         self.stats = Stats()
         self.outcomes: Counter[str] = Counter()
         self._cache: list[dict[str, Any]] = []
+        # Queues with a cap (SENDSCRIPT_QUEUES): their running pull tasks, counted in
+        # Mongo at each refresh and raised by this process's leases in between.
+        self._running: Counter[str] = Counter()
         self._cache_at = -1e9
         self._refreshing: asyncio.Lock = asyncio.Lock()
         self._arrived = asyncio.Event()  # set after every refresh: waiting calls look again
@@ -99,6 +102,9 @@ class Leases:
             cursor = self.tasks.find({"mode": PULL, "status": str(S.PENDING)}).sort(
                 [("priority", DESCENDING), ("created_at", ASCENDING)]).limit(CACHE_SIZE)
             self._cache = [d async for d in cursor]
+            for queue in self.settings.queues:
+                self._running[queue] = await self.tasks.count_documents(
+                    {"mode": PULL, "status": str(S.RUNNING), "queue": queue})
             self._cache_at = time.monotonic()
             self._arrived.set()
             self._arrived = asyncio.Event()
@@ -132,6 +138,12 @@ class Leases:
             if (scope := self.gates.paused(doc)) is not None:
                 self.gates.held[scope] += 1
                 continue
+            queue = doc.get("queue", "default")
+            cap = self.settings.queues.get(queue)
+            if cap is not None and self._running[queue] + sum(
+                    p.get("queue", "default") == queue for p in picks) >= cap:
+                self.gates.held[f"queue_cap:{queue}"] += 1
+                continue
             picks.append(doc)
         picks = one_per_device(picks)
         if not picks:
@@ -157,6 +169,8 @@ class Leases:
             if ok:
                 answers.append(doc["_answer"])
                 records.append(doc["_record"])
+                if doc.get("queue", "default") in self.settings.queues:
+                    self._running[doc.get("queue", "default")] += 1
         if records:
             await self._insert_records(records)
             self.stats.leased += len(answers)

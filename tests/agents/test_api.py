@@ -238,3 +238,23 @@ def test_heartbeat_tells_an_agent_to_cancel_and_to_stop(settings: Settings,
     wait_for(lambda: records(settings, tid)[0]["status"] == "cancelled", 15,
              "the cancelled lease ended")
     assert "lease" not in task(settings, tid)
+
+
+def test_queue_caps_and_rate_limits_hold_leases(settings: Settings, roles: Roles) -> None:
+    _, url = start_agents(roles, queues="bulk=1", rate_limits="queue:slow=1/1h",
+                          agent_poll_interval_s=0.05)
+    token = new_token(settings)
+    bulk = submit(settings, 2, queue="bulk")
+    slow = submit(settings, 2, queue="slow")
+    a = agent(url, token, "a")
+    got = a.ok("lease", limit=10, wait_s=2)["tasks"]
+    by_queue = {q: [t for t in got if t["queue"] == q] for q in ("bulk", "slow")}
+    assert len(by_queue["bulk"]) == 1 and len(by_queue["slow"]) == 1
+    assert a.ok("lease", limit=10)["tasks"] == []  # the cap and the limit hold the rest
+    one = by_queue["bulk"][0]
+    a.ok("complete", task_id=one["task_id"], lease_token=one["lease_token"], result={})
+    [two] = a.ok("lease", limit=10, wait_s=5)["tasks"]  # the cap's slot is free again
+    assert two["queue"] == "bulk" and {one["task_id"], two["task_id"]} == set(bulk)
+    assert a.ok("lease", limit=10)["tasks"] == []
+    held = [task(settings, t)["status"] for t in slow]
+    assert sorted(held) == ["pending", "running"]  # the other waits for the next window
