@@ -15,6 +15,14 @@ submit -> finished latency, the farm's overlap count (must be 0), and the round
 trips to Redis and Mongo per task, for the service (master + workers + consumer)
 and for the producer, against the budget in DESIGN.md (4 Redis, 3 Mongo).
 
+Progress is read from Redis (the consumers' and masters' heartbeats: results
+applied, tasks failed or expired by a master), not by counting tasks in Mongo: a
+count over script_tasks costs the embedded server ~80 ms of CPU, about 1 ms a task
+when polled every 0.5 s. Mongo is read once at the end (statuses, latencies).
+CPU time per task is read from /proc for each process tree (bench/cpu.py):
+sendscript's own processes (master with its workers, consumer), the Mongo,
+Redis and Pulsar servers and the simulated farm, over the measured window.
+
 Round trips are counted by every process into the Redis hash `keys.roundtrips`.
 Roles flush that hash every heartbeat interval and when they exit, so the
 benchmark stops master and consumer gracefully *before* the servers and then
@@ -45,6 +53,7 @@ from pymongo import MongoClient
 from rich.console import Console
 from rich.table import Table
 
+from bench.cpu import CpuMeter
 from sendscript import connect, roundtrips
 from sendscript.client import SendScriptClient
 from sendscript.dev.stack import LocalStack
@@ -112,6 +121,7 @@ class Result:
     roundtrips_added_by_stop: dict[str, int]
     producer_split: dict[str, dict[str, Any]]
     role_exit_codes: dict[str, int | None]
+    cpu_ms_per_task: dict[str, float]  # process group -> CPU ms per task
     ok: bool
 
 
@@ -207,45 +217,70 @@ def status_counts(db: Any, script_id: str = BENCH_SCRIPT) -> dict[str, int]:
     ])}
 
 
-def warm_up(settings: Settings, db: Any, n: int, timeout_s: float) -> None:
+def finished_so_far(client: redis.Redis, keys: Any) -> int:
+    """Tasks finished, from Redis: results the consumers applied (their heartbeats)
+    plus tasks masters ended themselves (failed, expired). Lags by a heartbeat."""
+    done = 0
+    for raw in client.hvals(keys.consumers):
+        done += int(json.loads(raw).get("applied", 0))
+    for raw in client.hvals(keys.masters):
+        outcomes = json.loads(raw).get("outcomes", {})
+        done += int(outcomes.get("failed", 0)) + int(outcomes.get("expired", 0))
+    return done
+
+
+def warm_up(settings: Settings, client: redis.Redis, n: int, timeout_s: float) -> None:
     """A few tasks through the whole service before measuring (connections, topics)."""
-    with SendScriptClient(settings) as client:
-        client.submit_many([{"device_id": f"warmup-{i:03d}",
-                             "script": {"id": WARMUP_SCRIPT, "args": {"n": i}}}
-                            for i in range(n)])
+    start = finished_so_far(client, settings.keys)
+    with SendScriptClient(settings) as sdk:
+        sdk.submit_many([{"device_id": f"warmup-{i:03d}",
+                          "script": {"id": WARMUP_SCRIPT, "args": {"n": i}}}
+                         for i in range(n)])
         # This process's counts so far go to the hash now, so the reset drops them.
-        client.flush_counters("producer")
-
-    def done() -> bool:
-        counts = status_counts(db, WARMUP_SCRIPT)
-        return sum(v for k, v in counts.items() if k in TERMINAL_NAMES) >= n
-
-    wait_for(done, timeout_s, f"{n} warm-up task(s)", interval_s=0.2)
+        sdk.flush_counters("producer")
+    wait_for(lambda: finished_so_far(client, settings.keys) - start >= n, timeout_s,
+             f"{n} warm-up task(s)", interval_s=0.2)
 
 
-def wait_terminal(stack: LocalStack, db: Any, n: int, timeout_s: float,
-                  script_id: str = BENCH_SCRIPT) -> dict[str, int]:
-    """Poll Mongo until `n` tasks of the script are terminal, the timeout passes or a
-    role dies; the counts by status."""
+def wait_terminal(stack: LocalStack, client: redis.Redis, db: Any, n: int, start: int,
+                  timeout_s: float, script_id: str = BENCH_SCRIPT) -> dict[str, int]:
+    """Wait until `n` more tasks are finished by the Redis counters (from `start`), the
+    timeout passes or a role dies; then the counts by status, from Mongo once."""
+    keys = stack.effective.keys
     deadline = time.monotonic() + timeout_s
     last_report = 0.0
     while True:
-        counts = status_counts(db, script_id)
-        done = sum(v for k, v in counts.items() if k in TERMINAL_NAMES)
+        done = finished_so_far(client, keys) - start
         if done >= n:
-            return counts
+            counts = status_counts(db, script_id)
+            if sum(v for k, v in counts.items() if k in TERMINAL_NAMES) >= n:
+                return counts
         if dead := stack.dead_roles():
             console.print(f"[red]role(s) exited during the run: {', '.join(dead)}[/red]")
-            return counts
+            return status_counts(db, script_id)
         now = time.monotonic()
         if now > deadline:
             console.print(f"[red]timed out after {timeout_s:.0f}s[/red]")
-            return counts
+            return status_counts(db, script_id)
         if now - last_report > 5:
             last_report = now
-            console.print(f"  {done}/{n} terminal  "
-                          + " ".join(f"{k}={v}" for k, v in sorted(counts.items())))
-        time.sleep(0.5)
+            console.print(f"  {done}/{n} finished")
+        time.sleep(0.25)
+
+
+def process_groups(stack: LocalStack) -> dict[str, list[int]]:
+    """Process trees by what they are, for the CPU split."""
+    groups: dict[str, list[int]] = {
+        "sendscript": [stack.roles[r].pid for r in ("master", "consumer") if r in stack.roles],
+    }
+    if stack.servers is not None:
+        for name in ("mongo", "redis", "pulsar"):
+            server = stack.servers.servers.get(name)
+            if server is not None and server.proc is not None:
+                groups[name] = [server.proc.pid]
+    if "simulator" in stack.roles:
+        groups["simulator"] = [stack.roles["simulator"].pid]
+    return groups
 
 
 def latencies_and_end(db: Any) -> tuple[list[float], float | None]:
@@ -308,7 +343,10 @@ def run(opts: Options) -> Result:
             console.print(f"logs and data kept in {data_dir}")
 
 
-def _measure(stack: LocalStack, opts: Options) -> Result:
+def _measure(stack: LocalStack, opts: Options,
+             extra_groups: dict[str, list[int]] | None = None) -> Result:
+    """Measure a started stack; `extra_groups` names processes outside it (servers
+    and farm started by the caller) for the CPU split."""
     settings = stack.effective
     key = settings.keys.roundtrips
     inspect_redis = redis.Redis.from_url(settings.redis_url or "")  # not counted
@@ -320,15 +358,19 @@ def _measure(stack: LocalStack, opts: Options) -> Result:
         wait_for(lambda: inspect_redis.hlen(settings.keys.consumers) > 0, 30, "the consumer")
         if opts.warmup:
             console.print(f"warming up with {opts.warmup} task(s) ...")
-            warm_up(settings, db, opts.warmup, timeout_s=120)
+            warm_up(settings, inspect_redis, opts.warmup, timeout_s=120)
         time.sleep(2 * heartbeat + 0.2)
         inspect_redis.delete(key)
+        start = finished_so_far(inspect_redis, settings.keys)
+        meter = CpuMeter({**process_groups(stack), **(extra_groups or {})})
+        meter.start()
 
         console.print(f"submitting {opts.tasks} tasks over {opts.devices} devices "
                       f"({opts.producer}) ...")
         prod = submit_all(settings, opts)
         console.print(f"submitted in {prod.last_submit - prod.first_submit:.2f}s; waiting")
-        counts = wait_terminal(stack, db, opts.tasks, opts.timeout_s)
+        counts = wait_terminal(stack, inspect_redis, db, opts.tasks, start, opts.timeout_s)
+        cpu = meter.stop()
         lat, last_finished = latencies_and_end(db)
         farm = stack.simulator_stats()
 
@@ -373,6 +415,7 @@ def _measure(stack: LocalStack, opts: Options) -> Result:
         roundtrips_added_by_stop=added,
         producer_split=split,
         role_exit_codes=codes,
+        cpu_ms_per_task={k: v * 1000 / opts.tasks for k, v in cpu.items()},
         ok=not_terminal == 0 and overlaps == 0,
     )
 
@@ -405,6 +448,14 @@ def render(r: Result) -> None:
     summary.add_row("role exit codes",
                     " ".join(f"{k}={v}" for k, v in r.role_exit_codes.items()))
     out.print(summary)
+
+    cpu = Table(title="CPU per task (ms, from /proc, first submit -> all finished)")
+    for name in r.cpu_ms_per_task:
+        cpu.add_column(name, justify="right")
+    cpu.add_column("all", justify="right")
+    cpu.add_row(*[f"{v:.2f}" for v in r.cpu_ms_per_task.values()],
+                f"{sum(r.cpu_ms_per_task.values()):.2f}")
+    out.print(cpu)
 
     rt = Table(title="round trips per task")
     rt.add_column("who")
