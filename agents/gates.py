@@ -7,6 +7,8 @@
   covers the task (global, its queue, its device's groups), from the same Redis
   windows the masters use; a task with no token left waits, using no attempt.
 - The circuit breaker guards central-control and has nothing to say about agents.
+- Priorities and queue caps are the lease query's and `Leases._take`'s (best priority
+  first; SENDSCRIPT_QUEUES caps a queue's running pull tasks across agents processes).
 """
 
 from __future__ import annotations
