@@ -6,18 +6,20 @@ this module only runs them, one at a time or in bulk.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pymongo import ASCENDING, DESCENDING, IndexModel, UpdateOne
+import bson
+from pymongo import ASCENDING, DESCENDING, IndexModel, UpdateMany, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError
 
-from sendscript.models import ExecRecord, Task, utcnow
+from sendscript.models import ExecRecord, Task, new_id, utcnow
 from sendscript.refusals import encoding_refusal, permanent_write_errors, transient_write_errors
 from sendscript.status import (
     RETENTION,
@@ -311,8 +313,47 @@ class Claim:
 
     task_id: str
     attempt: int
-    record_id: str
     worker: str
+
+
+# Filter fields that name one document each. A CAS filter naming a task by `_id` may
+# also name its attempt's `record_id`: a record id is minted for one claim of one task.
+ID_FIELDS = ("_id", "record_id")
+
+
+def merged_writes(updates: Sequence[tuple[dict[str, Any], Any]]) -> list[UpdateOne | UpdateMany]:
+    """(filter, update) compare-and-sets as the fewest statements with the same effect.
+
+    The embedded server commits (journaled: syncs) each statement of a bulk write on
+    its own, so N updates cost N commits. Pairs that differ only in the documents
+    they name (the ID_FIELDS values) run as one update_many over those ids: each
+    document still gets the same compare-and-set (its expected status and attempt are
+    in the filter, and a document another actor moved is left alone). Naming `_id`
+    and `record_id` by `$in` together matches task t only through t's own record id,
+    since a record id is minted for one task. The matched count is the same, except
+    that a pair repeated in one batch counts once (the repeat would not match)."""
+    groups: dict[bytes, tuple[list[str], dict[str, Any], Any, dict[str, list[Any]]]] = {}
+    single: list[UpdateOne | UpdateMany] = []
+    for flt, update in updates:
+        ids = {k: flt[k] for k in ID_FIELDS if isinstance(flt.get(k), str)}
+        if "_id" not in ids:
+            single.append(UpdateOne(flt, update))
+            continue
+        rest = {k: v for k, v in flt.items() if k not in ids}
+        key = bson.encode({"ids": sorted(ids), "filter": rest, "update": update})
+        group = groups.setdefault(key, (sorted(ids), rest, update, {k: [] for k in ids}))
+        for k, v in ids.items():
+            group[3][k].append(v)
+    writes: list[UpdateOne | UpdateMany] = []
+    for fields, rest, update, values in groups.values():
+        n = len(values["_id"])
+        if n == 1:
+            writes.append(UpdateOne({**{k: values[k][0] for k in fields}, **rest}, update))
+            continue
+        for start in range(0, n, ID_CHUNK):
+            named = {k: {"$in": values[k][start:start + ID_CHUNK]} for k in fields}
+            writes.append(UpdateMany({**named, **rest}, update))
+    return writes + single
 
 
 class TaskStore:
@@ -398,36 +439,57 @@ class TaskStore:
                 {"_id": {"$in": part}, "master": master_id, "status": str(TaskStatus.PENDING)})]
         return pending
 
-    async def claim_many(self, claims: Sequence[Claim], now: datetime) -> list[bool]:
-        """pending -> running for each claim, bumping the attempt; which ones won."""
+    async def claim_many(self, claims: Sequence[Claim], now: datetime) -> list[str | None]:
+        """pending -> running for each claim, bumping the attempt; the record id of each
+        claim that won (None: the task is not pending at that attempt, another won).
+
+        One statement per attempt and worker, not per task (each statement costs the
+        embedded server a journaled commit): the server sets each task's record id to
+        `{token}-{task id}`, the token fresh for the statement, so a claim won is told
+        from one lost by the record id the task carries. A task claimed twice in one
+        batch has its claims in different statements: one wins."""
+        groups: dict[tuple[int, str, int], list[int]] = {}
+        seen: Counter[str] = Counter()
+        for i, c in enumerate(claims):
+            groups.setdefault((c.attempt, c.worker, seen[c.task_id]), []).append(i)
+            seen[c.task_id] += 1
+        expected: list[str] = [""] * len(claims)
         ops = []
-        for c in claims:
-            flt, upd = task_cas(
-                c.task_id,
-                TaskStatus.PENDING,
-                TaskStatus.RUNNING,
-                now,
-                attempt=c.attempt,
-                set_={"attempt": c.attempt + 1, "record_id": c.record_id, "worker": c.worker},
-            )
-            ops.append(UpdateOne(flt, upd))
+        for (attempt, worker, _), members in groups.items():
+            for part in chunks(members):
+                token = new_id()
+                flt, upd = task_cas(
+                    [claims[i].task_id for i in part], TaskStatus.PENDING, TaskStatus.RUNNING,
+                    now, attempt=attempt, set_={"attempt": attempt + 1, "worker": worker},
+                )
+                fields = {k: {"$literal": v} for k, v in upd.pop("$set").items()}
+                if upd:  # a claim only sets fields; anything else would be lost here
+                    raise ValueError(f"claim update has more than $set: {sorted(upd)}")
+                fields["record_id"] = {"$concat": [f"{token}-", "$_id"]}
+                ops.append(UpdateMany(flt, [{"$set": fields}]))
+                for i in part:
+                    expected[i] = f"{token}-{claims[i].task_id}"
+        if not ops:
+            return []
         result = await self.col.bulk_write(ops, ordered=False)
         if result.matched_count == len(claims):
-            return [True] * len(claims)
+            return list(expected)
         # Someone else won some of them: read back which ones carry our record id.
         current = {
             d["_id"]: d.get("record_id")
             async for d in self.col.find(
-                {"_id": {"$in": [c.task_id for c in claims]}}, {"record_id": 1}
+                {"_id": {"$in": list({c.task_id for c in claims})}}, {"record_id": 1}
             )
         }
-        return [current.get(c.task_id) == c.record_id for c in claims]
+        return [e if current.get(c.task_id) == e else None
+                for c, e in zip(claims, expected, strict=True)]
 
-    async def run_updates(self, updates: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> int:
-        """Run (filter, update) CAS pairs in one round trip; how many matched."""
+    async def run_updates(self, updates: Sequence[tuple[dict[str, Any], Any]]) -> int:
+        """Run (filter, update) CAS pairs in one round trip, merged where they differ
+        only in the documents they name (merged_writes); how many matched."""
         if not updates:
             return 0
-        result = await self.col.bulk_write([UpdateOne(f, u) for f, u in updates], ordered=False)
+        result = await self.col.bulk_write(merged_writes(updates), ordered=False)
         return result.matched_count
 
     async def cas(self, flt: dict[str, Any], update: dict[str, Any]) -> bool:
@@ -458,10 +520,11 @@ class RecordStore:
         return {d["_id"]: ExecRecord.model_validate(d) for part in chunks(record_ids)
                 async for d in self.col.find({"_id": {"$in": part}})}
 
-    async def run_updates(self, updates: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> int:
+    async def run_updates(self, updates: Sequence[tuple[dict[str, Any], Any]]) -> int:
+        """As TaskStore.run_updates: merged where only the record ids differ."""
         if not updates:
             return 0
-        result = await self.col.bulk_write([UpdateOne(f, u) for f, u in updates], ordered=False)
+        result = await self.col.bulk_write(merged_writes(updates), ordered=False)
         return result.matched_count
 
     async def finish(

@@ -29,7 +29,7 @@ from sendscript.central import CentralClient, CentralError
 from sendscript.fencing import MongoEpochs
 from sendscript.ipc import TaskDone, TaskHandle
 from sendscript.locks import DeviceLocks
-from sendscript.models import ExecRecord, new_id, utcnow
+from sendscript.models import ExecRecord, utcnow
 from sendscript.retry import decide, failure_cas
 from sendscript.settings import Settings
 from sendscript.status import RecordStatus, TaskStatus, record_sent, task_cas
@@ -75,13 +75,12 @@ class ScriptHandler:
             return self._done(h, "error", error=f"lock: {exc!r}")
         if not fence:
             return self._done(h, "busy")
-        record_id = new_id()
         try:
-            won = await self._claim(Claim(h.task_id, h.attempt, record_id, self.worker_name))
+            record_id = await self._claim(Claim(h.task_id, h.attempt, self.worker_name))
         except Exception as exc:
             await self._release_quietly(h.device_id, fence)
             return self._done(h, "error", error=f"claim: {exc!r}")
-        if not won:
+        if record_id is None:
             await self._release_quietly(h.device_id, fence)
             return self._done(h, "stale")
         attempt = h.attempt + 1
@@ -123,7 +122,7 @@ class ScriptHandler:
             note = None
             central_ok = True
         try:
-            await self._mark_sent((h.task_id, attempt, record_id, utcnow(), note))
+            await self._mark_sent((h.task_id, attempt, record_id, note))
             self.writes.ok()
         except Exception as exc:
             # Sent is sent: the device will report, and the consumer applies a
@@ -153,20 +152,19 @@ class ScriptHandler:
                         attempt=h.attempt if attempt is None else attempt,
                         fence=fence, error=error, run_at=run_at, central_ok=central_ok)
 
-    async def _claim_batch(self, claims: list[Claim]) -> list[bool]:
+    async def _claim_batch(self, claims: list[Claim]) -> list[str | None]:
         return await self.tasks.claim_many(claims, utcnow())
 
-    async def _mark_sent_batch(
-        self, items: list[tuple[str, int, str, datetime, str | None]]
-    ) -> list[None]:
+    async def _mark_sent_batch(self, items: list[tuple[str, int, str, str | None]]) -> list[None]:
+        # One time for the batch (its sends ended within a loop tick): the updates are
+        # then alike and run as one statement per collection (store.merged_writes).
         now = utcnow()
         task_updates = [
             task_cas(task_id, TaskStatus.RUNNING, TaskStatus.SENT, now, attempt=attempt,
                      extra_filter={"record_id": record_id})
-            for task_id, attempt, record_id, _, _ in items
+            for task_id, attempt, record_id, _ in items
         ]
-        record_updates = [record_sent(record_id, sent_at, note)
-                          for _, _, record_id, sent_at, note in items]
+        record_updates = [record_sent(record_id, now, note) for _, _, record_id, note in items]
         await self.tasks.run_updates(task_updates)
         await self.records.run_updates(record_updates)
         return [None] * len(items)

@@ -124,19 +124,20 @@ async def test_claim_moves_pending_to_running(db: AsyncDatabase) -> None:
     await put(db, stored)
     now = utcnow() + timedelta(seconds=1)
 
-    assert await tasks.claim_many([Claim("t1", 0, "rec-1", "w-1")], now) == [True]
+    [record_id] = await tasks.claim_many([Claim("t1", 0, "w-1")], now)
+    assert record_id is not None
 
     doc = await db[TASKS].find_one({"_id": "t1"})
     assert doc is not None
     assert doc["status"] == "running"
     assert doc["attempt"] == 1
-    assert doc["record_id"] == "rec-1"
+    assert doc["record_id"] == record_id
     assert doc["worker"] == "w-1"
     assert doc["updated_at"] == now
     assert "finished_at" not in doc
     # The same attempt cannot be claimed twice.
-    assert await tasks.claim_many([Claim("t1", 0, "rec-2", "w-2")], now) == [False]
-    assert (await tasks.get("t1")).record_id == "rec-1"  # type: ignore[union-attr]
+    assert await tasks.claim_many([Claim("t1", 0, "w-2")], now) == [None]
+    assert (await tasks.get("t1")).record_id == record_id  # type: ignore[union-attr]
 
 
 async def test_concurrent_claims_of_one_task_have_one_winner(db: AsyncDatabase) -> None:
@@ -147,15 +148,15 @@ async def test_concurrent_claims_of_one_task_have_one_winner(db: AsyncDatabase) 
 
     # Two workers race for every task, each in a batch of its own.
     a, b = await asyncio.gather(
-        tasks.claim_many([Claim(i, 0, f"a-{i}", "w-a") for i in ids], now),
-        tasks.claim_many([Claim(i, 0, f"b-{i}", "w-b") for i in ids], now),
+        tasks.claim_many([Claim(i, 0, "w-a") for i in ids], now),
+        tasks.claim_many([Claim(i, 0, "w-b") for i in ids], now),
     )
     for task_id, won_a, won_b in zip(ids, a, b, strict=True):
-        assert won_a != won_b, f"{task_id}: a={won_a} b={won_b}"
+        assert (won_a is None) != (won_b is None), f"{task_id}: a={won_a} b={won_b}"
     docs = {d["_id"]: d async for d in db[TASKS].find({})}
-    for task_id, won_a in zip(ids, a, strict=True):
+    for task_id, won_a, won_b in zip(ids, a, b, strict=True):
         winner = "a" if won_a else "b"
-        assert docs[task_id]["record_id"] == f"{winner}-{task_id}"
+        assert docs[task_id]["record_id"] == (won_a or won_b)
         assert docs[task_id]["worker"] == f"w-{winner}"
         assert docs[task_id]["attempt"] == 1
         assert docs[task_id]["status"] == "running"
@@ -165,13 +166,14 @@ async def test_two_claims_in_one_batch_have_one_winner(db: AsyncDatabase) -> Non
     tasks = TaskStore(db)
     await put(db, task("t1"), task("t2"))
     won = await tasks.claim_many(
-        [Claim("t1", 0, "r-x", "w"), Claim("t1", 0, "r-y", "w"), Claim("t2", 0, "r-z", "w")],
+        [Claim("t1", 0, "w"), Claim("t1", 0, "w"), Claim("t2", 0, "w")],
         utcnow(),
     )
-    assert won[2] is True
-    assert sorted(won[:2]) == [False, True]
-    winner = "r-x" if won[0] else "r-y"
+    assert won[2] is not None
+    assert [w is None for w in won[:2]].count(True) == 1
+    winner = won[0] or won[1]
     assert (await tasks.get("t1")).record_id == winner  # type: ignore[union-attr]
+    assert (await tasks.get("t2")).record_id == won[2]  # type: ignore[union-attr]
 
 
 async def test_claim_with_a_stale_attempt_loses(db: AsyncDatabase) -> None:
@@ -180,14 +182,14 @@ async def test_claim_with_a_stale_attempt_loses(db: AsyncDatabase) -> None:
     before = await db[TASKS].find_one({"_id": "t1"})
 
     won = await tasks.claim_many(
-        [Claim("t1", 1, "r-old", "w"), Claim("t2", 0, "r-2", "w"), Claim("gone", 0, "r-3", "w")],
+        [Claim("t1", 1, "w"), Claim("t2", 0, "w"), Claim("gone", 0, "w")],
         utcnow() + timedelta(seconds=1),
     )
-    assert won == [False, False, False]
+    assert won == [None, None, None]
     assert await db[TASKS].find_one({"_id": "t1"}) == before
     assert (await tasks.get("t2")).status == TaskStatus.SENT  # type: ignore[union-attr]
 
-    assert await tasks.claim_many([Claim("t1", 2, "r-new", "w")], utcnow()) == [True]
+    assert (await tasks.claim_many([Claim("t1", 2, "w")], utcnow()))[0] is not None
     assert (await tasks.get("t1")).attempt == 3  # type: ignore[union-attr]
 
 

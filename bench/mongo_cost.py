@@ -1,0 +1,151 @@
+"""What each Mongo step of the hot path costs the embedded server, in its CPU.
+
+    python -m bench.mongo_cost --tasks 3000 --batch 32
+
+Starts a fresh embedded SecantusDB, creates the service's indexes and runs the
+hot path of an immediate task that succeeds through the service's own stores,
+state machines and batch functions, step by step in group-committed batches as
+the roles run it: store (intake), claim, exec record, mark sent, save the log,
+read the records, apply the result. For each step: the server's CPU per task
+(from /proc), the commands sent per task, and the wall time. The client has the
+roles' options (connect.py) unless `--retry-writes` overrides them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+from bench.cpu import tree_cpu_s
+from consumers.task_log import result_updates
+from sendscript import connect, roundtrips
+from sendscript.dev.embedded import MongoServer
+from sendscript.models import ExecRecord, LogType, Task, TaskLogMessage, TaskSpec, utcnow
+from sendscript.settings import Settings
+from sendscript.status import TaskStatus, record_sent, task_cas
+from sendscript.store import Claim, LogStore, RecordStore, TaskStore, ensure_indexes
+
+
+class Steps:
+    """Server CPU, commands and wall time, summed per step name."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.pid = server_pid
+        self.cpu: dict[str, float] = defaultdict(float)
+        self.wall: dict[str, float] = defaultdict(float)
+        self.cmds: dict[str, int] = defaultdict(int)
+
+    async def run(self, name: str, step: Callable[[], Awaitable[Any]]) -> Any:
+        before_cpu, before_rt = tree_cpu_s(self.pid), roundtrips.snapshot().get("mongo", 0)
+        t0 = perf_counter()
+        out = await step()
+        self.wall[name] += perf_counter() - t0
+        self.cpu[name] += tree_cpu_s(self.pid) - before_cpu
+        self.cmds[name] += roundtrips.snapshot().get("mongo", 0) - before_rt
+        return out
+
+
+async def hot_path(settings: Settings, steps: Steps, tasks: int, batch: int,
+                   devices: int) -> None:
+    client = connect.mongo_async(settings)
+    db = connect.database(client)
+    await ensure_indexes(db)
+    store, records, logs = TaskStore(db), RecordStore(db), LogStore(db)
+    try:
+        for start in range(0, tasks, batch):
+            n = min(batch, tasks - start)
+            now = utcnow()
+            batch_tasks = [Task.from_spec(TaskSpec(
+                device_id=f"phone-{(start + i) % devices:05d}",
+                script={"id": "bench", "args": {"n": start + i}}), now=now) for i in range(n)]
+            await steps.run("1 store tasks (insert)", lambda t=batch_tasks: store.store(t))
+            claims = [Claim(t.id, 0, "w-1") for t in batch_tasks]
+            rids = await steps.run("2 claim (pending->running)",
+                                   lambda c=claims: store.claim_many(c, utcnow()))
+            assert all(rids)
+            recs = [ExecRecord(_id=rid, task_id=t.id, attempt=1, device_id=t.device_id,
+                               lock_value=start + i + 1, worker="w-1", started_at=utcnow())
+                    for i, (rid, t) in enumerate(zip(rids, batch_tasks, strict=True))]
+            await steps.run("3 exec record (insert)", lambda r=recs: records.insert_many(r))
+
+            async def mark_sent(ts: list[Task] = batch_tasks, rs: list = rids) -> None:
+                # as worker/handler.py's _mark_sent_batch
+                sent = utcnow()
+                await store.run_updates([task_cas(t.id, TaskStatus.RUNNING, TaskStatus.SENT,
+                                                  sent, attempt=1,
+                                                  extra_filter={"record_id": r})
+                                         for t, r in zip(ts, rs, strict=True)])
+                await records.run_updates([record_sent(r, sent, None) for r in rs])
+            await steps.run("4 mark sent (task, record)", mark_sent)
+            msgs = [TaskLogMessage(record_id=r, task_id=t.id,
+                                   device_id=t.device_id, log_type=LogType.SUCCESS,
+                                   message="done", timestamp=int(now.timestamp() * 1000))
+                    for r, t in zip(rids, batch_tasks, strict=True)]
+            got = await steps.run("5 save logs (insert)",
+                                  lambda m=msgs: logs.insert_many([x.to_doc(utcnow())
+                                                                   for x in m]))
+            assert got == n
+            found = await steps.run("6 read records",
+                                    lambda rs=rids: records.find_many(rs))
+
+            async def apply(m: list[TaskLogMessage] = msgs, f: dict = found) -> None:
+                writes = result_updates(m, f, {}, settings, utcnow())
+                await store.run_updates(writes.successes())
+                await records.run_updates(writes.records)
+            await steps.run("7 apply result (task, record)", apply)
+    finally:
+        await client.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.mongo_cost", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=32, help="tasks per group commit (32)")
+    p.add_argument("--devices", type=int, default=200)
+    p.add_argument("--retry-writes", choices=("url", "true", "false"), default="url",
+                   help="retryWrites on the client: as connect.py decides (url), or forced")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    data = Path(tempfile.mkdtemp(prefix="sendscript-mongocost-"))
+    server = MongoServer(data)
+    server.start()
+    try:
+        url = server.url
+        if a.retry_writes != "url":
+            url += f"?retryWrites={a.retry_writes}"
+        settings = Settings(mongo_url=url)
+        assert server.proc is not None
+        steps = Steps(server.proc.pid)
+        t0 = perf_counter()
+        asyncio.run(hot_path(settings, steps, a.tasks, a.batch, a.devices))
+        elapsed = perf_counter() - t0
+    finally:
+        server.stop()
+        shutil.rmtree(data, ignore_errors=True)
+    total_cpu = sum(steps.cpu.values())
+    print(f"{a.tasks} tasks, batches of {a.batch}, retryWrites={a.retry_writes}: "
+          f"{a.tasks / elapsed:.0f} tasks/s, server CPU {total_cpu / a.tasks * 1000:.2f} ms/task, "
+          f"{sum(steps.cmds.values()) / a.tasks:.3f} commands/task")
+    print(f"{'step':34} {'server ms/task':>15} {'cmds/task':>10} {'wall ms/task':>13}")
+    for name in sorted(steps.cpu):
+        print(f"{name:34} {steps.cpu[name] / a.tasks * 1000:15.3f} "
+              f"{steps.cmds[name] / a.tasks:10.3f} {steps.wall[name] / a.tasks * 1000:13.3f}")
+    if a.json:
+        print(json.dumps({"tasks": a.tasks, "batch": a.batch, "retry_writes": a.retry_writes,
+                          "server_ms_per_task": {k: v / a.tasks * 1000
+                                                 for k, v in steps.cpu.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
