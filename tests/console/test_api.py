@@ -82,6 +82,7 @@ def test_open_then_tokens_roles_cookie_and_cross_site(console_role: ConsoleRole,
     assert inspect.db.script_tasks.find_one({"_id": ids[0]})["status"] == "pending"
     entry = inspect.db.audit.find_one({"action": "retry"})
     assert entry["who"] == "ops" and entry["target"] == ids[0] and entry["count"] == 1
+    assert c.proc.stop(timeout_s=15) == 0  # SIGTERM: a clean exit (supervisord's stop)
 
 
 HOSTILE_GETS = [

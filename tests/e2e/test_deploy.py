@@ -301,8 +301,10 @@ def run_supervised(settings: Settings, roles: Roles, inspect: Inspect, host: dic
     second_group = [psutil.Process(second), *psutil.Process(second).children(recursive=True)]
     stop = sv.ctl("stop", "all")
     assert stop.returncode == 0, stop.stdout + stop.stderr
-    assert sv.states() == {MASTER: "STOPPED", CONSUMER: "STOPPED"}
-    for name in (MASTER, CONSUMER):
+    # The HTTP roles (agents, console) run beside them and stop as cleanly.
+    others = ("sendscript-agents", "sendscript-console")
+    assert sv.states() == dict.fromkeys((MASTER, CONSUMER, *others), "STOPPED")
+    for name in (MASTER, CONSUMER, "sendscript-console"):
         info = sv.info(name)
         assert (info["statename"], info["exitstatus"]) == ("STOPPED", 0), info
     log = (host["logs"] / "supervisord.log").read_text()
