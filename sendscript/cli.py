@@ -587,10 +587,16 @@ def schedule_remove(name: str) -> None:
 
 
 @app.command()
-def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+           watch: Annotated[bool, typer.Option(
+               "--watch", help="A live view, refreshed every second until Ctrl-C.")] = False
+           ) -> None:
     """Queue length, tasks by status, locks held, masters and workers alive, consumers."""
     from sendscript.report import gather
 
+    if watch:
+        _watch_status(_settings())
+        return
     info = gather(_settings())
     if as_json:
         console.print_json(json.dumps(info, default=str))
@@ -926,3 +932,125 @@ def _print_pull_attempts(records: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     app()
+
+
+# -- monitoring (issue 10) ------------------------------------------------------------------
+
+monitor_app = typer.Typer(help="Health of the service; progress of tasks.", no_args_is_help=True)
+app.add_typer(monitor_app, name="monitor")
+
+
+def _status_view(info: dict[str, Any]) -> Any:
+    from rich.console import Group
+
+    cap = info["queue_ready_max"]
+    counted = info.get("tasks_counted") or {}
+    head = (f"ready queue: {info['queue_ready']}" + (f" (cap {cap})" if cap else "")
+            + f"   quarantine: {info['queue_quarantine']}   device locks held: "
+            f"{info['locks_held']}   workers alive: {info['workers_alive']}   breaker: "
+            f"{(info.get('breaker') or {}).get('state')}   counts: "
+            f"{counted.get('lag_s')} s old")
+    tasks = Table("status", "tasks", title="tasks")
+    for name, n in sorted(info["tasks"].items()):
+        tasks.add_row(name, f"{n:,}")
+    masters = Table("master", "alive", "workers", "queued", "in flight", "updated",
+                    title="masters")
+    for m in info["masters"]:
+        masters.add_row(m["master_id"], "yes" if m["alive"] else "[red]no[/red]",
+                        f"{m.get('workers_alive', 0)}/{m.get('workers', 0)}",
+                        str(m.get("queued")), str(m.get("inflight")), m.get("updated_at", ""))
+    consumers = Table("consumer", "alive", "applied", "dead-lettered", title="consumers")
+    for c in info["consumers"]:
+        consumers.add_row(c["name"], "yes" if c["alive"] else "[red]no[/red]",
+                          str(c.get("applied")), str(c.get("dead_lettered")))
+    return Group(head, tasks, masters, consumers)
+
+
+def _watch_status(settings: Settings) -> None:
+    import time
+
+    from rich.live import Live
+
+    from sendscript.report import gather
+
+    with Live(_status_view(gather(settings)), console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(1.0)
+                try:
+                    live.update(_status_view(gather(settings)), refresh=True)
+                except Exception as exc:  # a server away: say so, keep watching
+                    live.update(f"[red]status unavailable: {exc!r}[/red]", refresh=True)
+        except KeyboardInterrupt:
+            pass
+
+
+@monitor_app.command("health")
+def monitor_health(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Roles alive, servers reachable, breaker, pauses, backpressure, task counts.
+    Exits 1 when anything is unhealthy (for scripts and checks)."""
+    from sendscript.report import gather, health_checks, reachable
+
+    settings = _settings()
+    try:
+        info, error = gather(settings), None
+    except Exception as exc:
+        info, error = None, repr(exc)[:200]
+    checks = health_checks(settings, info, error) + reachable(settings)
+    healthy = all(ok for _, ok, _ in checks)
+    if as_json:
+        console.print_json(json.dumps({"healthy": healthy, "checks": [
+            {"check": n, "ok": ok, "detail": d} for n, ok, d in checks]}))
+    else:
+        table = Table("check", "ok", "detail", title="healthy" if healthy else "UNHEALTHY")
+        for name, ok, detail in checks:
+            table.add_row(name, "yes" if ok else "[red]no[/red]", detail)
+        console.print(table)
+    if not healthy:
+        raise typer.Exit(1)
+
+
+@monitor_app.command("progress")
+def monitor_progress(
+    batch: Annotated[str | None, typer.Option(help="A fan-out batch; else all tasks.")] = None,
+    interval: Annotated[float, typer.Option(help="Seconds between samples.")] = 1.0,
+    once: Annotated[bool, typer.Option("--once", help="One sample, then exit.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (with --once).")] = False,
+) -> None:
+    """Progress of a batch or of all tasks: done, rate and ETA, live until done or Ctrl-C."""
+    import time
+
+    from rich.live import Live
+
+    from sendscript.report import progress, progress_counts
+
+    settings = _settings()
+    samples = [(time.monotonic(), progress_counts(settings, batch))]
+    title = f"batch {batch}" if batch else "all tasks"
+
+    def view() -> Any:
+        p = progress(samples[-60:])  # the rate over the last minute of samples
+        eta = "-" if p["eta_s"] is None else f"{p['eta_s']:.0f} s"
+        rate = "-" if p["rate_per_s"] is None else f"{p['rate_per_s']}/s"
+        table = Table("status", "tasks", title=f"{title}: {p['done']:,}/{p['total']:,} done "
+                      f"({p['percent']}%), {rate}, ETA {eta}")
+        for name, n in sorted(p["by_status"].items()):
+            table.add_row(name, f"{n:,}")
+        return table
+
+    if once:
+        if as_json:
+            console.print_json(json.dumps(progress(samples)))
+        else:
+            console.print(view())
+        return
+    with Live(view(), console=console, auto_refresh=False) as live:
+        try:
+            while progress(samples)["left"] > 0 or not samples[-1][1]:
+                time.sleep(interval)
+                samples.append((time.monotonic(), progress_counts(settings, batch)))
+                live.update(view(), refresh=True)
+        except KeyboardInterrupt:
+            pass

@@ -91,3 +91,105 @@ def gather(settings: Settings) -> dict[str, Any]:
     finally:
         r.close()
         mongo.close()
+
+
+# -- `sendscript monitor health` / `progress` (issue 10) ----------------------------------
+
+
+def health_checks(settings: Settings, info: dict[str, Any] | None, error: str | None = None
+                  ) -> list[tuple[str, bool, str]]:
+    """(check, ok, detail) for `monitor health`; `info` is `gather`'s answer (None when
+    Redis or Mongo could not be read: `error` says why)."""
+    if info is None:
+        return [("redis and mongo", False, error or "unreachable")]
+    checks: list[tuple[str, bool, str]] = [("redis and mongo", True, "answer")]
+    alive = [m for m in info["masters"] if m["alive"]]
+    checks.append(("masters alive", bool(alive),
+                   f"{len(alive)} of {len(info['masters'])} known"))
+    workers = sum(m.get("workers_alive", 0) for m in alive)
+    wanted = sum(m.get("workers", 0) for m in alive)
+    checks.append(("workers online", workers > 0 and workers == wanted, f"{workers}/{wanted}"))
+    consumers = [c for c in info["consumers"] if c["alive"]]
+    checks.append(("consumers alive", bool(consumers), f"{len(consumers)}"))
+    breaker = info.get("breaker") or {}
+    checks.append(("circuit breaker", breaker.get("state") not in ("open", "half_open"),
+                   str(breaker.get("state"))))
+    paused = list(info.get("pauses") or {})
+    checks.append(("pauses", not paused, ", ".join(paused) or "none"))
+    throttled = [m["master_id"] for m in alive
+                 if (m.get("backpressure") or {}).get("state") == "throttled"]
+    checks.append(("backpressure", not throttled,
+                   f"throttled: {', '.join(throttled)}" if throttled else "open"))
+    counted = info.get("tasks_counted") or {}
+    lag = counted.get("lag_s")
+    fresh = bool(counted.get("kept")) and lag is not None and lag < max(
+        30.0, 6 * settings.counts_interval_s)
+    checks.append(("task counts", fresh, f"last pass {lag} s ago" if lag is not None
+                   else "not built"))
+    return checks
+
+
+def reachable(settings: Settings, timeout_s: float = 3.0) -> list[tuple[str, bool, str]]:
+    """Central-control and Pulsar answer at all (any HTTP answer; a TCP connect)."""
+    import socket
+    from urllib.parse import urlparse
+
+    import httpx
+
+    out: list[tuple[str, bool, str]] = []
+    if settings.central_url:
+        try:
+            code = httpx.get(settings.central_url, timeout=timeout_s).status_code
+            out.append(("central-control", True, f"HTTP {code}"))
+        except httpx.HTTPError as exc:
+            out.append(("central-control", False, type(exc).__name__))
+    if settings.pulsar_url:
+        url = urlparse(settings.pulsar_url)
+        try:
+            with socket.create_connection((url.hostname or "localhost", url.port or 6650),
+                                          timeout=timeout_s):
+                out.append(("pulsar", True, "connects"))
+        except OSError as exc:
+            out.append(("pulsar", False, str(exc)[:80]))
+    return out
+
+
+TERMINAL_STATUSES = ("success", "failed", "cancelled", "expired")
+
+
+def progress_counts(settings: Settings, batch_id: str | None) -> dict[str, int]:
+    """Tasks per status: a batch's (its index bounds the aggregate), or all tasks'
+    (the kept counts)."""
+    if batch_id is None:
+        r = connect.redis_sync(settings)
+        try:
+            return counts.read_sync(r, settings.key_prefix).by_status
+        finally:
+            r.close()
+    mongo = connect.mongo_sync(settings)
+    try:
+        db = connect.database(mongo)
+        return {d["_id"]: d["n"] for d in db[TASKS].aggregate(
+            [{"$match": {"batch_id": batch_id}},
+             {"$group": {"_id": "$status", "n": {"$sum": 1}}}])}
+    finally:
+        mongo.close()
+
+
+def progress(samples: list[tuple[float, dict[str, int]]]) -> dict[str, Any]:
+    """Done, rate (tasks finished per second over the samples) and ETA of the latest."""
+    at, latest = samples[-1]
+    total = sum(latest.values())
+    done = sum(latest.get(s, 0) for s in TERMINAL_STATUSES)
+    rate = None
+    if len(samples) > 1:
+        first_at, first = samples[0]
+        elapsed = at - first_at
+        finished = done - sum(first.get(s, 0) for s in TERMINAL_STATUSES)
+        rate = finished / elapsed if elapsed > 0 else None
+    left = total - done
+    eta = left / rate if rate else (0.0 if left == 0 else None)
+    return {"total": total, "done": done, "left": left,
+            "percent": round(100 * done / total, 1) if total else 100.0,
+            "rate_per_s": round(rate, 2) if rate is not None else None,
+            "eta_s": round(eta, 1) if eta is not None else None, "by_status": latest}

@@ -33,7 +33,7 @@ from sendscript.store import GROUPS, TASKS
 MAX_LIMIT = 200
 MAX_DEVICES = 1000
 MAX_TEXT = 200
-FIRST_WINDOW_S = 600.0
+FIRST_WINDOW_S = 60.0
 MAX_WINDOWS = 40
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 LIST_FIELDS = {"script.args": 0, "checkpoint": 0, "result": 0, "lease": 0, "last_lease": 0}
@@ -128,10 +128,8 @@ def build_filter(q: TaskQuery, devices: Sequence[str] | None = None) -> dict[str
 
 def _bounds(q: TaskQuery, now: datetime) -> tuple[datetime, datetime, tuple[datetime, str] | None]:
     lo = _aware(q.created_from) or EARLIEST
-    hi = _aware(q.created_to) or now + timedelta(days=1)  # clocks a little ahead
+    hi = _aware(q.created_to) or now + timedelta(minutes=1)  # clocks a little ahead
     cursor = decode_cursor(q.after) if q.after else None
-    if cursor is not None:
-        hi = min(hi, cursor[0] + timedelta(milliseconds=1))  # Mongo keeps milliseconds
     if lo >= hi:
         return lo, lo, cursor
     return lo, hi, cursor
@@ -147,30 +145,41 @@ def _window(flt: dict[str, Any], lo: datetime, hi: datetime) -> dict[str, Any]:
     return {**flt, "created_at": {"$gte": lo, "$lt": hi}}
 
 
+def _hint(flt: dict[str, Any]) -> str:
+    """The index each window reads: the batch's, the device's, or created_at's. Named,
+    so that no planner picks the status index and sorts a million tasks in memory."""
+    if "batch_id" in flt:
+        return "batch_id_1"
+    if "device_id" in flt:
+        return "device_id_1_created_at_-1"
+    return "created_at_-1"
+
+
 def _plan(q: TaskQuery, flt: dict[str, Any], now: datetime):  # type: ignore[no-untyped-def]
-    """The windows to read, newest first; a generator fed each window's documents,
-    answering the page when done."""
+    """The queries to run, newest first: a generator fed each query's documents,
+    answering the page when done. A cursor's ties (tasks created in the same
+    millisecond, e.g. a fan-out) are read first, by id; then windows of created_at
+    that double, back to the range's start. A batch is one window: it is bounded."""
     limit = _limit(q)
     lo, hi, cursor = _bounds(q, now)
     items: list[dict[str, Any]] = []
-    width = timedelta(seconds=FIRST_WINDOW_S)
     queries = 0
+    if cursor is not None:
+        at, task_id = cursor
+        hi = min(hi, at)
+        if lo <= at:
+            ties = yield {**flt, "created_at": at, "_id": {"$lt": task_id}}
+            queries += 1
+            items += sorted(ties, key=lambda d: str(d["_id"]), reverse=True)
+    width = timedelta(seconds=FIRST_WINDOW_S)
     top = hi
     while top > lo and len(items) <= limit and queries < MAX_WINDOWS:
-        bottom = max(lo, top - width) if queries < MAX_WINDOWS - 1 else lo
-        window = _window(flt, bottom, top)
-        if cursor is not None and queries == 0:  # ties on the cursor's time: by id
-            at, task_id = cursor
-            window["$or"] = [{"created_at": {"$gte": bottom, "$lt": at}},
-                             {"created_at": at, "_id": {"$lt": task_id}}]
-            del window["created_at"]
-        docs = yield window
+        last = queries == MAX_WINDOWS - 1 or "batch_id" in flt
+        bottom = lo if last else max(lo, top - width)
+        docs = yield _window(flt, bottom, top)
         queries += 1
         docs.sort(key=lambda d: (_aware(d["created_at"]), str(d["_id"])), reverse=True)
-        for doc in docs:
-            if cursor is not None and (_aware(doc["created_at"]), str(doc["_id"])) >= cursor:
-                continue  # on or before the previous page's last item
-            items.append(doc)
+        items += docs
         top = bottom
         width *= 2
     more = len(items) > limit
@@ -187,11 +196,10 @@ async def search_tasks(db: AsyncDatabase, q: TaskQuery, now: datetime | None = N
         devices = list(doc.get("devices", [])) if doc else []
     flt = build_filter(q, devices)
     plan = _plan(q, flt, now or datetime.now(UTC))
-    docs: Any = None
     try:
         window = plan.send(None)
         while True:
-            cursor = db[TASKS].find(window, LIST_FIELDS).sort(
+            cursor = db[TASKS].find(window, LIST_FIELDS).hint(_hint(flt)).sort(
                 [("created_at", DESCENDING), ("_id", DESCENDING)]).limit(_limit(q) + 1)
             docs = [d async for d in cursor]
             window = plan.send(docs)
@@ -211,7 +219,7 @@ def search_tasks_sync(db: Database, q: TaskQuery, now: datetime | None = None) -
     try:
         window = plan.send(None)
         while True:
-            docs = list(db[TASKS].find(window, LIST_FIELDS).sort(
+            docs = list(db[TASKS].find(window, LIST_FIELDS).hint(_hint(flt)).sort(
                 [("created_at", DESCENDING), ("_id", DESCENDING)]).limit(_limit(q) + 1))
             window = plan.send(docs)
     except StopIteration as done:

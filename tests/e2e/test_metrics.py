@@ -3,6 +3,9 @@ servers) agrees with the tasks in Mongo; every role answers /healthz and /readyz
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections import defaultdict
 
@@ -17,7 +20,7 @@ from sendscript import metrics
 from sendscript.client import SendScriptClient
 from sendscript.dev.embedded import free_port
 from sendscript.settings import Settings
-from tests.support import Inspect, Roles, wait_for
+from tests.support import Inspect, Roles, settings_env, wait_for
 
 pytestmark = pytest.mark.e2e
 N = 200
@@ -113,3 +116,21 @@ def test_metrics_agree_with_mongo_during_a_run(settings: Settings, roles: Roles,
         time.sleep(0.5)
     assert left == {}
     assert sum(inspect.counts().values()) == N
+
+    # The CLI's views of the same run.
+    env = settings_env(settings, central_url=roles.central_url)
+    health = subprocess.run([sys.executable, "-m", "sendscript", "monitor", "health", "--json"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert health.returncode == 0, health.stdout + health.stderr
+    assert json.loads(health.stdout)["healthy"] is True
+    done = subprocess.run([sys.executable, "-m", "sendscript", "monitor", "progress", "--once",
+                           "--json"], env=env, capture_output=True, text=True, timeout=60)
+    assert json.loads(done.stdout) | {"by_status": None} == {
+        "total": N, "done": N, "left": 0, "percent": 100.0, "rate_per_s": None, "eta_s": 0.0,
+        "by_status": None}
+    roles.stop()  # no master, no consumer: unhealthy, and the exit code says so
+    sick = subprocess.run([sys.executable, "-m", "sendscript", "monitor", "health", "--json"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert sick.returncode == 1
+    failing = {c["check"] for c in json.loads(sick.stdout)["checks"] if not c["ok"]}
+    assert {"consumers alive", "central-control"} <= failing

@@ -96,3 +96,40 @@ def test_count_buckets_and_ranges() -> None:
                       {"created_at": at, "status": "pending"}], 10)
     assert dict(t[b].counts) == {"success": 1, "pending": 1}
     assert t[b].next_purge == at.timestamp()
+
+
+def _info(**over: object) -> dict:
+    info = {"masters": [{"master_id": "m1", "alive": True, "workers_alive": 2, "workers": 2,
+                         "backpressure": {"state": "open"}}],
+            "consumers": [{"name": "c1", "alive": True}], "breaker": {"state": "closed"},
+            "pauses": {}, "tasks_counted": {"kept": True, "lag_s": 1.0}}
+    info.update(over)
+    return info
+
+
+def test_monitor_health_names_what_is_unhealthy() -> None:
+    from sendscript.report import health_checks
+    from sendscript.settings import Settings
+
+    settings = Settings(_env_file=None)
+    assert all(ok for _, ok, _ in health_checks(settings, _info()))
+    sick = health_checks(settings, _info(breaker={"state": "open"}, consumers=[],
+                                         pauses={"global": {}}))
+    assert {n for n, ok, _ in sick if not ok} == {"circuit breaker", "consumers alive", "pauses"}
+    down = health_checks(settings, None, "ConnectionError")
+    assert down == [("redis and mongo", False, "ConnectionError")]
+    dead = _info(masters=[{"master_id": "m1", "alive": False}])
+    assert {n for n, ok, _ in health_checks(settings, dead) if not ok} == {
+        "masters alive", "workers online"}
+
+
+def test_progress_rate_and_eta() -> None:
+    from sendscript.report import progress
+
+    first = (0.0, {"success": 10, "pending": 90})
+    later = (10.0, {"success": 40, "failed": 10, "pending": 50})
+    p = progress([first, later])
+    assert (p["total"], p["done"], p["left"], p["percent"]) == (100, 50, 50, 50.0)
+    assert p["rate_per_s"] == 4.0 and p["eta_s"] == 12.5
+    assert progress([first])["eta_s"] is None
+    assert progress([(0.0, {"success": 5})])["eta_s"] == 0.0
