@@ -1,0 +1,75 @@
+"""Task search on the real server: every filter finds exactly the matching tasks,
+newest first, and following the cursor pages through all of them once each, ties
+of a fan-out (one created_at) included."""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+
+from pymongo.asynchronous.database import AsyncDatabase
+
+from sendscript.models import Task, TaskSpec, utcnow
+from sendscript.search import SearchPage, TaskQuery, search_tasks
+from sendscript.store import GROUPS, TASKS, TaskStore
+
+
+async def _all(db: AsyncDatabase, query: TaskQuery) -> tuple[list[str], int]:
+    ids: list[str] = []
+    pages = 0
+    page: SearchPage | None = None
+    while page is None or page.next_after:
+        after = page.next_after if page else None
+        page = await search_tasks(db, TaskQuery(**{**query.__dict__, "after": after}))
+        ids += [d["_id"] for d in page.items]
+        pages += 1
+    return ids, pages
+
+
+def _expected(docs: list[dict], keep) -> list[str]:  # type: ignore[no-untyped-def]
+    chosen = [d for d in docs if keep(d)]
+    chosen.sort(key=lambda d: (d["created_at"], d["_id"]), reverse=True)
+    return [d["_id"] for d in chosen]
+
+
+async def test_filters_and_pages(db: AsyncDatabase) -> None:
+    rng = random.Random(5)
+    now = utcnow()
+    tasks = []
+    for i in range(300):
+        spec = TaskSpec(device_id=f"d{i % 9}", script={"id": f"s{i % 4}"},
+                        queue="bulk" if i % 3 == 0 else "default")
+        # spread over two days; a fan-out of 40 shares one created_at
+        created = now - timedelta(minutes=30) if i < 40 else now - timedelta(
+            seconds=rng.randrange(2 * 86400))
+        task = Task.from_spec(spec, now=now, batch_id="b1" if i < 40 else None)
+        task.created_at = created
+        if i % 5 == 0:
+            task.last_error = f"ERROR [E_{i % 2}]: (no) .*"
+        tasks.append(task)
+    await TaskStore(db).store(tasks)
+    await db[TASKS].update_many({"last_error": {"$exists": True}}, {"$set": {"status": "failed"}})
+    await db[GROUPS].insert_one({"_id": "g", "devices": ["d1", "d2"]})
+    docs = [d async for d in db[TASKS].find({})]
+    lo, hi = now - timedelta(hours=12), now - timedelta(hours=1)
+
+    cases = [
+        (TaskQuery(limit=7), lambda d: True),
+        (TaskQuery(device_id="d3", limit=5), lambda d: d["device_id"] == "d3"),
+        (TaskQuery(group="g", limit=9), lambda d: d["device_id"] in ("d1", "d2")),
+        (TaskQuery(queue="bulk", script_id="s0"),
+         lambda d: d["queue"] == "bulk" and d["script"]["id"] == "s0"),
+        (TaskQuery(statuses=("failed",), limit=4), lambda d: d["status"] == "failed"),
+        (TaskQuery(error_prefix="ERROR [E_1]: (no) .*", limit=3),
+         lambda d: str(d.get("last_error", "")).startswith("ERROR [E_1]")),
+        (TaskQuery(error_prefix=".*"), lambda d: False),  # a regex is text, not a pattern
+        (TaskQuery(batch_id="b1", limit=6), lambda d: d.get("batch_id") == "b1"),
+        (TaskQuery(created_from=lo, created_to=hi, limit=10),
+         lambda d: lo <= d["created_at"].replace(tzinfo=now.tzinfo) < hi),
+        (TaskQuery(group="none"), lambda d: False),
+    ]
+    for query, keep in cases:
+        want = _expected(docs, keep)
+        got, pages = await _all(db, query)
+        assert got == want, query
+        assert pages == max(1, -(-len(want) // query.limit)), query
