@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from sendscript.client import SendScriptClient
-from sendscript.dev.embedded import EmbeddedServers
+from sendscript.dev.embedded import EmbeddedServers, free_port
 from sendscript.settings import Settings
 from tests.support import Inspect, Roles, settings_env, unique_settings, wait_for
 
@@ -377,7 +377,8 @@ def test_up_runs_everything_and_stops_cleanly_on_sigint(tmp_path: Path) -> None:
     env = cli_env(None)
     env.pop("COLUMNS")  # as a user would see it
     env.update(SENDSCRIPT_DATA_DIR=str(tmp_path / "data"), SENDSCRIPT_WORKERS="2",
-               SENDSCRIPT_HEARTBEAT_INTERVAL_S="0.5", PYTHONUNBUFFERED="1")
+               SENDSCRIPT_HEARTBEAT_INTERVAL_S="0.5", PYTHONUNBUFFERED="1",
+               SENDSCRIPT_CONSOLE_PORT=str(free_port()))  # the default may be taken
     out_path, err_path = tmp_path / "up.out", tmp_path / "up.err"
     with open(out_path, "w") as out, open(err_path, "w") as err:
         up = subprocess.Popen([sys.executable, "-m", "sendscript", "up", "--run-ms", "50"],
@@ -401,7 +402,8 @@ def test_up_runs_everything_and_stops_cleanly_on_sigint(tmp_path: Path) -> None:
         children = psutil.Process(up.pid).children(recursive=True)
         commands = [" ".join(c.cmdline()) for c in children]
         for role in ("redis-server", "sendscript.dev.embedded mongo", "pulsar-lite",
-                     "sendscript simulate", "sendscript consumer", "sendscript master"):
+                     "sendscript simulate", "sendscript consumer", "sendscript master",
+                     "sendscript console"):
             assert any(role in c for c in commands), (role, commands)
         assert sum("spawn_main" in c for c in commands) == 2, commands  # the workers
         assert all(os.getsid(c.pid) == c.pid for c in psutil.Process(up.pid).children())
