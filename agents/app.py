@@ -93,6 +93,11 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.config.app.state.role.leases.stopping.set()
         super().handle_exit(sig, frame)
+        # uvicorn raises the signal again after its graceful shutdown, which supervisord
+        # reports as a death: a stop asked for ends with exit code 0 instead.
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
 
 
 def run(settings: Settings) -> int:
@@ -104,5 +109,7 @@ def run(settings: Settings) -> int:
                             log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=max(5, int(settings.shutdown_grace_s)))
     logger.info("agents API on http://{}:{}", settings.agents_host, settings.agents_port)
-    _Server(config).run()
-    return 0
+    server = _Server(config)
+    server.run()
+    logger.info("agents API stopped")
+    return 0 if server.started else 1

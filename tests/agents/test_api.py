@@ -258,3 +258,29 @@ def test_queue_caps_and_rate_limits_hold_leases(settings: Settings, roles: Roles
     assert a.ok("lease", limit=10)["tasks"] == []
     held = [task(settings, t)["status"] for t in slow]
     assert sorted(held) == ["pending", "running"]  # the other waits for the next window
+
+
+def test_sigterm_stops_the_agents_role_with_exit_code_0(settings: Settings,
+                                                        roles: Roles) -> None:
+    import signal
+    import threading
+
+    import httpx
+
+    proc, url = start_agents(roles)
+    token = new_token(settings)
+    a = agent(url, token, "a")
+    answers: list[int] = []
+
+    def poll() -> None:
+        try:
+            answers.append(a.post("lease", wait_s=30)[0])
+        except httpx.HTTPError:
+            answers.append(0)  # it came after the stop
+
+    waiting = threading.Thread(target=poll)
+    waiting.start()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(20) == 0  # well before the 30 s long poll would have ended
+    waiting.join(20)
+    assert answers in ([200], [0])
