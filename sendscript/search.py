@@ -145,14 +145,11 @@ def _window(flt: dict[str, Any], lo: datetime, hi: datetime) -> dict[str, Any]:
     return {**flt, "created_at": {"$gte": lo, "$lt": hi}}
 
 
-def _hint(flt: dict[str, Any]) -> str:
-    """The index each window reads: the batch's, the device's, or created_at's. Named,
-    so that no planner picks the status index and sorts a million tasks in memory."""
-    if "batch_id" in flt:
-        return "batch_id_1"
-    if "device_id" in flt:
-        return "device_id_1_created_at_-1"
-    return "created_at_-1"
+def _hinted(cursor: Any, flt: dict[str, Any]) -> Any:
+    """A batch's tasks are read through the batch index (a planner might prefer the
+    status index and sort a million tasks). Time windows are left to the planner:
+    forcing created_at's index made the embedded server scan all of it."""
+    return cursor.hint("batch_id_1") if "batch_id" in flt else cursor
 
 
 def _plan(q: TaskQuery, flt: dict[str, Any], now: datetime):  # type: ignore[no-untyped-def]
@@ -199,7 +196,7 @@ async def search_tasks(db: AsyncDatabase, q: TaskQuery, now: datetime | None = N
     try:
         window = plan.send(None)
         while True:
-            cursor = db[TASKS].find(window, LIST_FIELDS).hint(_hint(flt)).sort(
+            cursor = _hinted(db[TASKS].find(window, LIST_FIELDS), flt).sort(
                 [("created_at", DESCENDING), ("_id", DESCENDING)]).limit(_limit(q) + 1)
             docs = [d async for d in cursor]
             window = plan.send(docs)
@@ -219,7 +216,7 @@ def search_tasks_sync(db: Database, q: TaskQuery, now: datetime | None = None) -
     try:
         window = plan.send(None)
         while True:
-            docs = list(db[TASKS].find(window, LIST_FIELDS).hint(_hint(flt)).sort(
+            docs = list(_hinted(db[TASKS].find(window, LIST_FIELDS), flt).sort(
                 [("created_at", DESCENDING), ("_id", DESCENDING)]).limit(_limit(q) + 1))
             window = plan.send(docs)
     except StopIteration as done:
