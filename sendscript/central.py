@@ -114,6 +114,9 @@ def check_response(response: httpx.Response) -> None:
                            code=error_code(payload))
 
 
+KEEPALIVE_EXPIRY_S = 2.0
+
+
 class CentralClient:
     def __init__(
         self,
@@ -126,8 +129,13 @@ class CentralClient:
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            # An idle connection is dropped well before common servers close theirs
+            # (uvicorn, node: 5 s): a request written as the server closes it fails
+            # with a ReadError, which must count as maybe sent, locking the device
+            # until the result timeout. httpx's default (5 s) races uvicorn's.
             limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections),
+                                max_keepalive_connections=max_connections,
+                                keepalive_expiry=KEEPALIVE_EXPIRY_S),
         )
 
     async def send_script(
