@@ -378,7 +378,9 @@ def test_up_runs_everything_and_stops_cleanly_on_sigint(tmp_path: Path) -> None:
     env.pop("COLUMNS")  # as a user would see it
     env.update(SENDSCRIPT_DATA_DIR=str(tmp_path / "data"), SENDSCRIPT_WORKERS="2",
                SENDSCRIPT_HEARTBEAT_INTERVAL_S="0.5", PYTHONUNBUFFERED="1",
-               SENDSCRIPT_CONSOLE_PORT=str(free_port()))  # the default may be taken
+               # the default ports may be taken (another test's up or supervisord)
+               SENDSCRIPT_CONSOLE_PORT=str(free_port()),
+               SENDSCRIPT_AGENTS_PORT=str(free_port()))
     out_path, err_path = tmp_path / "up.out", tmp_path / "up.err"
     with open(out_path, "w") as out, open(err_path, "w") as err:
         up = subprocess.Popen([sys.executable, "-m", "sendscript", "up", "--run-ms", "50"],

@@ -244,9 +244,10 @@ def test_supervised_master_restarts_after_sigkill_and_all_stop_cleanly(
 ) -> None:
     roles.simulator(run_ms=150, jitter=0.2)
     assert roles.central_url
-    # The console's own port: `sendscript up` in another test may hold the default one.
+    # Ports of their own: `sendscript up` in another test may hold the default ones.
     role_settings = settings.model_copy(update={"central_url": roles.central_url,
-                                                "console_port": free_port()})
+                                                "console_port": free_port(),
+                                                "agents_port": free_port()})
     write_env_file(host["install"] / ".env", role_settings)
     run_supervised(settings, roles, inspect, host, supervisord)
 
