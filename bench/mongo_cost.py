@@ -25,6 +25,8 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
+from pymongo import ASCENDING, IndexModel
+
 from bench.cpu import tree_cpu_s
 from consumers.task_log import result_updates
 from sendscript import connect, roundtrips
@@ -32,7 +34,16 @@ from sendscript.dev.embedded import MongoServer
 from sendscript.models import ExecRecord, LogType, Task, TaskLogMessage, TaskSpec, utcnow
 from sendscript.settings import Settings
 from sendscript.status import TaskStatus, record_sent, task_cas
-from sendscript.store import Claim, LogStore, RecordStore, TaskStore, ensure_indexes
+from sendscript.store import (
+    LOGS,
+    RECORDS,
+    TASKS,
+    Claim,
+    LogStore,
+    RecordStore,
+    TaskStore,
+    ensure_indexes,
+)
 
 
 class Steps:
@@ -54,11 +65,21 @@ class Steps:
         return out
 
 
+# What-if: one index a collection besides _id, as the peers' job has (bench/peer_jobs).
+PEER_INDEXES = {TASKS: [IndexModel([("status", ASCENDING)])],
+                RECORDS: [IndexModel([("task_id", ASCENDING)])],
+                LOGS: [IndexModel([("task_id", ASCENDING)])]}
+
+
 async def hot_path(settings: Settings, steps: Steps, tasks: int, batch: int,
-                   devices: int) -> None:
+                   devices: int, indexes: str = "service") -> None:
     client = connect.mongo_async(settings)
     db = connect.database(client)
-    await ensure_indexes(db)
+    if indexes == "service":
+        await ensure_indexes(db)
+    else:
+        for name, models in PEER_INDEXES.items():
+            await db[name].create_indexes(models)
     store, records, logs = TaskStore(db), RecordStore(db), LogStore(db)
     try:
         for start in range(0, tasks, batch):
@@ -114,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--devices", type=int, default=200)
     p.add_argument("--retry-writes", choices=("url", "true", "false"), default="url",
                    help="retryWrites on the client: as connect.py decides (url), or forced")
+    p.add_argument("--indexes", choices=("service", "peers"), default="service",
+                   help="the service's indexes (store.py), or the peers' one a collection")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     data = Path(tempfile.mkdtemp(prefix="sendscript-mongocost-"))
@@ -127,13 +150,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         assert server.proc is not None
         steps = Steps(server.proc.pid)
         t0 = perf_counter()
-        asyncio.run(hot_path(settings, steps, a.tasks, a.batch, a.devices))
+        asyncio.run(hot_path(settings, steps, a.tasks, a.batch, a.devices, a.indexes))
         elapsed = perf_counter() - t0
     finally:
         server.stop()
         shutil.rmtree(data, ignore_errors=True)
     total_cpu = sum(steps.cpu.values())
-    print(f"{a.tasks} tasks, batches of {a.batch}, retryWrites={a.retry_writes}: "
+    print(f"{a.tasks} tasks, batches of {a.batch}, retryWrites={a.retry_writes}, "
+          f"{a.indexes} indexes: "
           f"{a.tasks / elapsed:.0f} tasks/s, server CPU {total_cpu / a.tasks * 1000:.2f} ms/task, "
           f"{sum(steps.cmds.values()) / a.tasks:.3f} commands/task")
     print(f"{'step':34} {'server ms/task':>15} {'cmds/task':>10} {'wall ms/task':>13}")

@@ -39,6 +39,7 @@ import argparse
 import json
 import math
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -83,6 +84,7 @@ class Options:
     warmup: int
     keep: bool
     json: bool
+    backlog: int = 0  # tasks pushed before measuring; then the first `tasks` done are timed
 
 
 @dataclass
@@ -229,6 +231,24 @@ def finished_so_far(client: redis.Redis, keys: Any) -> int:
     return done
 
 
+def push_backlog(settings: Settings, opts: Options) -> ProducerStats:
+    """Raw LPUSH of `opts.backlog` specs, as fast as Redis takes them: the master takes
+    what its backpressure allows (SENDSCRIPT_HIGH_WATER) and the rest waits listed."""
+    stats = ProducerStats(first_submit=time.time())
+    client = redis.Redis.from_url(settings.redis_url or "")
+    try:
+        for batch in chunks(opts.backlog, 5000):
+            client.lpush(settings.keys.ready, *[json.dumps({
+                "device_id": f"phone-{i % opts.devices:05d}",
+                "script": {"id": BENCH_SCRIPT, "args": {"n": i}}}) for i in batch])
+    finally:
+        client.close()
+    stats.raw_tasks = opts.backlog
+    stats.last_submit = time.time()
+    console.print(f"pushed {opts.backlog} tasks in {stats.last_submit - stats.first_submit:.1f}s")
+    return stats
+
+
 def warm_up(settings: Settings, client: redis.Redis, n: int, timeout_s: float) -> None:
     """A few tasks through the whole service before measuring (connections, topics)."""
     start = finished_so_far(client, settings.keys)
@@ -365,13 +385,25 @@ def _measure(stack: LocalStack, opts: Options,
         meter = CpuMeter({**process_groups(stack), **(extra_groups or {})})
         meter.start()
 
-        console.print(f"submitting {opts.tasks} tasks over {opts.devices} devices "
-                      f"({opts.producer}) ...")
-        prod = submit_all(settings, opts)
-        console.print(f"submitted in {prod.last_submit - prod.first_submit:.2f}s; waiting")
-        counts = wait_terminal(stack, inspect_redis, db, opts.tasks, start, opts.timeout_s)
-        cpu = meter.stop()
-        lat, last_finished = latencies_and_end(db)
+        if opts.backlog:
+            prod = push_backlog(settings, opts)
+            start = finished_so_far(inspect_redis, settings.keys)
+            meter.start()
+            prod.first_submit = time.time()
+            console.print(f"{opts.backlog} tasks waiting; timing the next {opts.tasks} done")
+            wait_for(lambda: finished_so_far(inspect_redis, settings.keys) - start >= opts.tasks,
+                     opts.timeout_s, f"{opts.tasks} tasks of the backlog", interval_s=0.25)
+            cpu = meter.stop()
+            lat, last_finished = [], time.time()
+            counts = {str(TaskStatus.SUCCESS): opts.tasks}
+        else:
+            console.print(f"submitting {opts.tasks} tasks over {opts.devices} devices "
+                          f"({opts.producer}) ...")
+            prod = submit_all(settings, opts)
+            console.print(f"submitted in {prod.last_submit - prod.first_submit:.2f}s; waiting")
+            counts = wait_terminal(stack, inspect_redis, db, opts.tasks, start, opts.timeout_s)
+            cpu = meter.stop()
+            lat, last_finished = latencies_and_end(db)
         farm = stack.simulator_stats()
 
         # Counters: once live (after every role's periodic flush), once after the stop.
@@ -379,7 +411,8 @@ def _measure(stack: LocalStack, opts: Options,
         live = read_roundtrips(inspect_redis, key)
         codes = stop_roles(stack, grace_s=max(30.0, settings.shutdown_grace_s + 10))
         final = read_roundtrips(inspect_redis, key)
-        counts = status_counts(db)  # after the stop: nothing may have moved
+        if not opts.backlog:
+            counts = status_counts(db)  # after the stop: nothing may have moved
     finally:
         inspect_redis.close()
         mongo.close()
@@ -531,6 +564,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--warmup", type=int, default=1,
                    help="tasks run through the service before measuring (default 1; 0: none)")
     p.add_argument("--keep", action="store_true", help="keep the data and logs directory")
+    p.add_argument("--backlog", type=int, default=0,
+                   help="push this many tasks first, then time the next --tasks done while "
+                        "the rest wait (cost per task with a long queue; default 0: off)")
     p.add_argument("--json", action="store_true", help="also print one JSON result line")
     a = p.parse_args(argv)
     if a.tasks < 1 or a.devices < 1 or a.workers < 1 or a.batch < 1:
@@ -543,11 +579,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         producer=a.producer, batch=a.batch,
         timeout_s=a.timeout if a.timeout is not None else 120 + 0.1 * a.tasks,
         heartbeat_s=heartbeat, warmup=max(0, a.warmup), keep=a.keep, json=a.json,
+        backlog=max(0, a.backlog),
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
+    # A background run ignores SIGINT: SIGTERM ends it through run's finally block.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run(opts)
     render(result)
     if opts.json:

@@ -1,0 +1,281 @@
+"""sendscript against peer task queues on the same job, servers and machine.
+
+    python -m bench.peers --tasks 5000 --devices 200
+
+Starts one set of embedded servers (Redis, SecantusDB, pulsar-lite) and one
+simulated farm whose devices answer at once, then runs the seed-003 job through
+each system in turn, back to back: sendscript (`bench.throughput --run-ms 0`:
+master, 2 workers, consumer), Dramatiq (2 processes x 8 threads), Celery
+(prefork, 2 processes) and the same job body in 2 plain processes
+(bench/peer_jobs/). A peer's job locks the device, makes the 8 document writes
+of seed 003 and POSTs to the farm (bench/peer_jobs/job.py). Peers run with
+sendscript's durability (journaled writes, retryWrites as the URL decides) and,
+with `--durability both` (default), again with their drivers' defaults (no
+journal, retryable writes), marked "as they come". SecantusDB is restarted
+before each run (same data directory and port), so no run inherits another's
+retryable-write records.
+
+Printed: tasks/s of each (first submit -> last done, progress from Redis
+counters), its ratio to sendscript, and CPU ms per task by process group from
+/proc: the system's own processes, the Mongo, Redis and Pulsar servers and the
+farm. The producer (this process) is not counted, for any system.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import redis
+from rich.console import Console
+from rich.table import Table
+
+from bench import throughput
+from bench.cpu import CpuMeter
+from sendscript.dev.embedded import EmbeddedServers, child_env, free_port
+from sendscript.dev.processes import RoleProcess, wait_until
+from sendscript.dev.stack import LocalStack
+from sendscript.settings import Settings
+
+console = Console(stderr=True)
+GROUPS = ("own", "mongo", "redis", "pulsar", "simulator")
+
+
+@dataclass
+class Run:
+    system: str
+    durable: bool
+    tasks: int
+    elapsed_s: float
+    tasks_per_s: float
+    cpu_ms_per_task: dict[str, float]
+    ok: bool
+    note: str = ""
+
+
+def peer_command(system: str) -> list[str]:
+    py = sys.executable
+    if system == "dramatiq":
+        return [py, "-m", "dramatiq", "bench.peer_jobs.dramatiq_app", "-p", "2", "-t", "8"]
+    if system == "celery":
+        return [py, "-m", "celery", "-A", "bench.peer_jobs.celery_app", "worker", "-P",
+                "prefork", "-c", "2", "--without-heartbeat", "--without-gossip",
+                "--without-mingle", "-l", "WARNING", "-Q", "celery"]
+    return [py, "-m", "bench.peer_jobs.plain", "--procs", "2"]
+
+
+def sender(system: str) -> Callable[[list[tuple[str, str, int]]], None]:
+    """How this process submits a batch of (task id, device, n) to the system."""
+    if system == "dramatiq":
+        from bench.peer_jobs import dramatiq_app
+
+        def send_dramatiq(batch: list[tuple[str, str, int]]) -> None:
+            for args in batch:
+                dramatiq_app.run.send(*args)
+        return send_dramatiq
+    if system == "celery":
+        from bench.peer_jobs import celery_app
+
+        def send_celery(batch: list[tuple[str, str, int]]) -> None:
+            for args in batch:
+                celery_app.run.apply_async(args)
+        return send_celery
+    from bench.peer_jobs.plain import QUEUE
+    client = redis.Redis.from_url(os.environ["PEER_REDIS_URL"])
+
+    def send_plain(batch: list[tuple[str, str, int]]) -> None:
+        client.lpush(QUEUE, *[json.dumps({"task_id": t, "device_id": d, "n": n})
+                              for t, d, n in batch])
+    return send_plain
+
+
+def run_peer(system: str, durable: bool, servers: EmbeddedServers, central_url: str,
+             sim_pid: int, opts: argparse.Namespace, log_dir: Path) -> Run:
+    name = f"{system}{'' if durable else '_driver'}"
+    env = {"PEER_REDIS_URL": servers["redis"].url, "PEER_MONGO_URL": servers["mongo"].url,
+           "PEER_CENTRAL_URL": central_url, "PEER_NAME": name,
+           "PEER_DURABLE": "1" if durable else "0"}
+    os.environ.update(env)  # this process's senders and the job module read them
+    from bench.peer_jobs import job
+    job._ctx = None
+    ctx = job.context()
+    ctx.ensure_indexes()
+    done_key = f"{ctx.prefix}:done"
+    ctx.redis.delete(done_key)
+    log = open(log_dir / f"{name}.log", "ab")
+    proc = subprocess.Popen(peer_command(system), env=child_env(env), stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    log.close()
+    send = sender(system)
+    try:
+        send([("warmup-" + name, "warmup", -1)])
+        wait_until(lambda: int(ctx.redis.get(done_key) or 0) >= 1, 90, 0.2,
+                   what=f"{name}'s warm-up task")
+        meter = CpuMeter({"own": [proc.pid], **server_groups(servers), "simulator": [sim_pid]})
+        meter.start()
+        t0 = time.time()
+        for start in range(0, opts.tasks, 100):
+            send([(f"{name}-{i}", f"phone-{i % opts.devices:05d}", i)
+                  for i in range(start, min(opts.tasks, start + 100))])
+        deadline = time.monotonic() + opts.timeout
+        last = 0.0
+        while (done := int(ctx.redis.get(done_key) or 0) - 1) < opts.tasks:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                break
+            if time.monotonic() - last > 5:
+                last = time.monotonic()
+                console.print(f"  {name}: {done}/{opts.tasks} done")
+            time.sleep(0.1)
+        elapsed = time.time() - t0
+        cpu = meter.stop()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    ok = done >= opts.tasks
+    return Run(system, durable, done, elapsed, done / elapsed if elapsed > 0 else 0.0,
+               {k: v * 1000 / max(1, done) for k, v in cpu.items()}, ok,
+               "" if ok else f"only {done} of {opts.tasks} done")
+
+
+def server_groups(servers: EmbeddedServers) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for name in ("mongo", "redis", "pulsar"):
+        proc = servers[name].proc
+        if proc is not None:
+            out[name] = [proc.pid]
+    return out
+
+
+def run_sendscript(servers: EmbeddedServers, central_url: str, sim_pid: int,
+                   opts: argparse.Namespace, log_dir: Path) -> Run:
+    base = Settings(redis_url=servers["redis"].url, mongo_url=servers["mongo"].url,
+                    pulsar_url=servers["pulsar"].url, central_url=central_url, workers=2,
+                    heartbeat_interval_s=opts.heartbeat)
+    stack = LocalStack(base, workers=2, data_dir=log_dir.parent, extra_env={
+        "SENDSCRIPT_LOG_LEVEL": "WARNING",
+        "SENDSCRIPT_HEARTBEAT_INTERVAL_S": str(opts.heartbeat)})
+    topts = throughput.Options(
+        tasks=opts.tasks, devices=opts.devices, workers=2, run_ms=0.0, producer="both",
+        batch=100, timeout_s=opts.timeout, heartbeat_s=opts.heartbeat, warmup=1, keep=False,
+        json=False)
+    stack.start(log_dir=log_dir)
+    try:
+        r = throughput._measure(stack, topts, {**server_groups(servers),
+                                               "simulator": [sim_pid]})
+    finally:
+        stack.stop()
+    cpu = dict(r.cpu_ms_per_task)
+    cpu["own"] = cpu.pop("sendscript", 0.0)
+    note = (f"round trips/task: redis {r.service_rt_per_task['redis']:.2f}, "
+            f"mongo {r.service_rt_per_task['mongo']:.2f}")
+    return Run("sendscript", True, opts.tasks - r.not_terminal, r.elapsed_s, r.tasks_per_s,
+               cpu, r.ok, note)
+
+
+def render(runs: list[Run]) -> None:
+    out = Console(width=160)
+    base = next((r.tasks_per_s for r in runs if r.system == "sendscript"), None)
+    table = Table(title="the seed-003 job: tasks/s and CPU ms per task by process")
+    for col in ("system", "durability", "tasks/s", "x sendscript", *GROUPS, "all", "ok"):
+        table.add_column(col, justify="left" if col in ("system", "durability") else "right")
+    for r in runs:
+        ratio = f"{r.tasks_per_s / base:.2f}" if base else "-"
+        cpu = [r.cpu_ms_per_task.get(g, 0.0) for g in GROUPS]
+        table.add_row(r.system, "j=true" if r.durable else "as they come",
+                      f"{r.tasks_per_s:.1f}", ratio, *[f"{c:.2f}" for c in cpu],
+                      f"{sum(cpu):.2f}", "yes" if r.ok else f"[red]{r.note}[/red]")
+    out.print(table)
+    for r in runs:
+        if r.system == "sendscript" and r.note:
+            out.print(f"sendscript {r.note}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", type=int, default=5000)
+    p.add_argument("--devices", type=int, default=200)
+    p.add_argument("--systems", default="sendscript,dramatiq,celery,plain",
+                   help="comma-separated, run in this order")
+    p.add_argument("--durability", choices=("sendscript", "driver", "both"), default="both",
+                   help="peers with sendscript's durability, their drivers' defaults, or both")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--heartbeat", type=float, default=1.0)
+    p.add_argument("--json", action="store_true")
+    opts = p.parse_args(argv)
+    # A background run ignores SIGINT: SIGTERM ends it through the finally blocks, which
+    # stop the servers, farm and roles it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    data_dir = Path(tempfile.mkdtemp(prefix="sendscript-peers-"))
+    log_dir = data_dir / "logs"
+    log_dir.mkdir(parents=True)
+    runs: list[Run] = []
+    servers = EmbeddedServers(data_dir)
+    ok = False
+    sim: RoleProcess | None = None
+    try:
+        servers.start()
+        port = free_port()
+        central_url = f"http://127.0.0.1:{port}"
+        env = child_env({**servers.env(), "SENDSCRIPT_LOG_LEVEL": "WARNING"})
+        sim = RoleProcess("simulator", ["simulate", "--port", str(port), "--run-ms", "0"],
+                          env, log_dir).start()
+        wait_until(lambda: _up(central_url), 60, what="the simulator")
+        plan: list[tuple[str, bool]] = []
+        for system in opts.systems.split(","):
+            if system == "sendscript":
+                plan.append((system, True))
+                continue
+            if opts.durability in ("sendscript", "both"):
+                plan.append((system, True))
+            if opts.durability in ("driver", "both"):
+                plan.append((system, False))
+        for system, durable in plan:
+            servers["mongo"].restart()
+            console.print(f"[bold]{system}[/bold] ({'j=true' if durable else 'as they come'})")
+            if system == "sendscript":
+                run = run_sendscript(servers, central_url, sim.pid, opts, log_dir)
+            else:
+                run = run_peer(system, durable, servers, central_url, sim.pid, opts, log_dir)
+            console.print(f"  {run.tasks_per_s:.1f} tasks/s")
+            runs.append(run)
+        ok = all(r.ok for r in runs)
+    finally:
+        if sim is not None:
+            sim.stop(timeout_s=20)
+        servers.stop()
+        if ok:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        else:
+            console.print(f"logs kept in {log_dir}")
+    render(runs)
+    if opts.json:
+        print(json.dumps([asdict(r) for r in runs]))
+    return 0 if ok else 1
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
