@@ -34,7 +34,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
@@ -50,6 +50,8 @@ NO_TIME = 0  # the bucket of tasks without created_at (written by other programs
 UPDATED_INDEX = IndexModel([("updated_at", ASCENDING)])
 FIELDS = {"_id": 0, "created_at": 1, "status": 1, "purge_at": 1}
 RANGE_BUCKETS = 64  # buckets recounted by one range query at most
+REBUILD_WINDOW_S = 3600
+REBUILD_FLOOR_S = 400 * 86400  # no task is kept longer (retention)
 
 
 @dataclass(frozen=True)
@@ -222,8 +224,23 @@ class CountKeeper:
         """Count every task once (first start, lost state): one pass, no sort."""
         read_at = time.time()
         tallies: dict[int, Tally] = defaultdict(Tally)
-        async for doc in self.col.find({}, FIELDS, batch_size=10_000):
-            tallies[bucket_of(doc.get("created_at"), self.width)].add(doc)
+        # Back in time an hour at a time (each a bounded range of the created_at index;
+        # one scan of everything times out on a large collection), until every task
+        # stored when we began is counted, or past any retention.
+        stored = await self.col.estimated_document_count()
+        seen = 0
+        async for doc in self.col.find({"created_at": None}, FIELDS):
+            tallies[NO_TIME].add(doc)
+            seen += 1
+        top = _dt(read_at + 3600)
+        floor = _dt(read_at - REBUILD_FLOOR_S)
+        while seen < stored and top > floor:
+            bottom = top - timedelta(seconds=REBUILD_WINDOW_S)
+            async for doc in self.col.find({"created_at": {"$gte": bottom, "$lt": top}},
+                                           FIELDS):
+                tallies[bucket_of(doc.get("created_at"), self.width)].add(doc)
+                seen += 1
+            top = bottom
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(self.keys.buckets, self.keys.total, self.keys.purge)
         await pipe.execute()
