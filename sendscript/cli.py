@@ -931,7 +931,17 @@ def _print_pull_attempts(records: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    app()
+    from pymongo.errors import PyMongoError
+    from redis.exceptions import RedisError
+
+    try:
+        app()
+    except (PyMongoError, RedisError) as exc:
+        # A command that cannot reach its servers says which and why, in one line.
+        server = "Mongo" if isinstance(exc, PyMongoError) else "Redis"
+        console.print(f"[red]sendscript: {server} did not answer: "
+                      f"{str(exc).splitlines()[0][:300]}[/red]")
+        raise SystemExit(2) from None
 
 
 # -- monitoring (issue 10) ------------------------------------------------------------------
