@@ -35,6 +35,7 @@ MAX_DEVICES = 1000
 MAX_TEXT = 200
 FIRST_WINDOW_S = 60.0
 MAX_WINDOWS = 40
+MAX_SCAN = 20_000  # documents one call reads at most
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 LIST_FIELDS = {"script.args": 0, "checkpoint": 0, "result": 0, "lease": 0, "last_lease": 0}
 
@@ -64,6 +65,9 @@ class SearchPage:
     items: list[dict[str, Any]]
     next_after: str | None  # None: no more
     queries: int = 0  # window queries run (cost, for the benchmark)
+    # The scan budget ran out before the page was full: fewer items, and `next_after`
+    # goes on from where the scan stopped.
+    partial: bool = False
     applied: dict[str, Any] = field(default_factory=dict)  # the filter, for display
 
 
@@ -142,14 +146,44 @@ def _limit(q: TaskQuery) -> int:
 
 
 def _window(flt: dict[str, Any], lo: datetime, hi: datetime) -> dict[str, Any]:
-    return {**flt, "created_at": {"$gte": lo, "$lt": hi}}
+    """What the server is asked for one window: the time range, and the filters an
+    index serves (one device, a batch). The rest is matched here (`matches`), so that
+    no planner trades the created_at range for the status index and reads every
+    failed task of the collection for one page."""
+    served = {k: v for k, v in flt.items() if k == "batch_id"
+              or (k == "device_id" and isinstance(v, str))}
+    return {**served, "created_at": {"$gte": lo, "$lt": hi}}
 
 
-def _hinted(cursor: Any, flt: dict[str, Any]) -> Any:
-    """A batch's tasks are read through the batch index (a planner might prefer the
-    status index and sort a million tasks). Time windows are left to the planner:
-    forcing created_at's index made the embedded server scan all of it."""
-    return cursor.hint("batch_id_1") if "batch_id" in flt else cursor
+def matches(flt: dict[str, Any], doc: dict[str, Any]) -> bool:
+    """`doc` matches the filter `build_filter` made (its operators only)."""
+    for key, want in flt.items():
+        value: Any = doc
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(want, dict) and "$in" in want:
+            if value not in want["$in"]:
+                return False
+        elif isinstance(want, dict) and "$regex" in want:
+            if not isinstance(value, str) or re.match(want["$regex"], value) is None:
+                return False
+        elif value != want:
+            return False
+    return True
+
+
+def _read(cursor: Any, q: TaskQuery, flt: dict[str, Any], window: dict[str, Any]) -> Any:
+    """One window's read. Where the server applied the whole filter it returns the
+    newest `limit + 1`; elsewhere it returns the window (bounded by the scan budget)
+    for `matches`. A batch is read through its index (a planner might prefer the
+    status index); time windows are left to the planner: forcing created_at's index
+    made the embedded server scan all of it."""
+    if "batch_id" in flt:
+        cursor = cursor.hint("batch_id_1")
+    if set(flt) <= set(window):
+        return cursor.sort([("created_at", DESCENDING), ("_id", DESCENDING)]).limit(
+            _limit(q) + 1)
+    return cursor.limit(MAX_SCAN)
 
 
 def _plan(q: TaskQuery, flt: dict[str, Any], now: datetime):  # type: ignore[no-untyped-def]
@@ -170,18 +204,30 @@ def _plan(q: TaskQuery, flt: dict[str, Any], now: datetime):  # type: ignore[no-
             items += sorted(ties, key=lambda d: str(d["_id"]), reverse=True)
     width = timedelta(seconds=FIRST_WINDOW_S)
     top = hi
-    while top > lo and len(items) <= limit and queries < MAX_WINDOWS:
+    scanned = 0
+    while top > lo and len(items) <= limit and queries < MAX_WINDOWS and scanned < MAX_SCAN:
         last = queries == MAX_WINDOWS - 1 or "batch_id" in flt
         bottom = lo if last else max(lo, top - width)
         docs = yield _window(flt, bottom, top)
         queries += 1
+        scanned += len(docs)
+        docs = [d for d in docs if matches(flt, d)]
         docs.sort(key=lambda d: (_aware(d["created_at"]), str(d["_id"])), reverse=True)
         items += docs
         top = bottom
-        width *= 2
+        # Wider while windows are sparse; no wider once one is a large part of the budget.
+        if len(docs) * 4 < limit and scanned < MAX_SCAN // 4:
+            width *= 2
     more = len(items) > limit
     page = items[:limit]
-    return SearchPage(page, encode_cursor(page[-1]) if more and page else None, queries, flt)
+    if more and page:
+        after = encode_cursor(page[-1])
+    elif top > lo and not more:  # the scan budget ran out first: go on from its edge
+        after = encode_cursor({"_id": "", "created_at": top})
+    else:
+        after = None
+    return SearchPage(page, after, queries, partial=after is not None and not more,
+                      applied=flt)
 
 
 async def search_tasks(db: AsyncDatabase, q: TaskQuery, now: datetime | None = None
@@ -196,8 +242,7 @@ async def search_tasks(db: AsyncDatabase, q: TaskQuery, now: datetime | None = N
     try:
         window = plan.send(None)
         while True:
-            cursor = _hinted(db[TASKS].find(window, LIST_FIELDS), flt).sort(
-                [("created_at", DESCENDING), ("_id", DESCENDING)]).limit(_limit(q) + 1)
+            cursor = _read(db[TASKS].find(window, LIST_FIELDS), q, flt, window)
             docs = [d async for d in cursor]
             window = plan.send(docs)
     except StopIteration as done:
@@ -216,8 +261,7 @@ def search_tasks_sync(db: Database, q: TaskQuery, now: datetime | None = None) -
     try:
         window = plan.send(None)
         while True:
-            docs = list(_hinted(db[TASKS].find(window, LIST_FIELDS), flt).sort(
-                [("created_at", DESCENDING), ("_id", DESCENDING)]).limit(_limit(q) + 1))
+            docs = list(_read(db[TASKS].find(window, LIST_FIELDS), q, flt, window))
             window = plan.send(docs)
     except StopIteration as done:
         page: SearchPage = done.value
