@@ -150,9 +150,12 @@ def _window(flt: dict[str, Any], lo: datetime, hi: datetime) -> dict[str, Any]:
     index serves (one device, a batch). The rest is matched here (`matches`), so that
     no planner trades the created_at range for the status index and reads every
     failed task of the collection for one page."""
-    served = {k: v for k, v in flt.items() if k == "batch_id"
-              or (k == "device_id" and isinstance(v, str))}
-    return {**served, "created_at": {"$gte": lo, "$lt": hi}}
+    return {**_served(flt), "created_at": {"$gte": lo, "$lt": hi}}
+
+
+def _served(flt: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in flt.items()
+            if k == "batch_id" or (k == "device_id" and isinstance(v, str))}
 
 
 def matches(flt: dict[str, Any], doc: dict[str, Any]) -> bool:
@@ -175,15 +178,16 @@ def matches(flt: dict[str, Any], doc: dict[str, Any]) -> bool:
 def _read(cursor: Any, q: TaskQuery, flt: dict[str, Any], window: dict[str, Any]) -> Any:
     """One window's read. Where the server applied the whole filter it returns the
     newest `limit + 1`; elsewhere it returns the window (bounded by the scan budget)
-    for `matches`. A batch is read through its index (a planner might prefer the
-    status index); time windows are left to the planner: forcing created_at's index
-    made the embedded server scan all of it."""
-    if "batch_id" in flt:
-        cursor = cursor.hint("batch_id_1")
-    if set(flt) <= set(window):
+    for `matches`. No hints: forcing an index made the embedded server scan all of it.
+    """
+    if set(flt) <= set(window) and "batch_id" not in window:
         return cursor.sort([("created_at", DESCENDING), ("_id", DESCENDING)]).limit(
             _limit(q) + 1)
     return cursor.limit(MAX_SCAN)
+
+
+def _key(doc: dict[str, Any]) -> tuple[Any, str]:
+    return _aware(doc["created_at"]), str(doc["_id"])
 
 
 def _plan(q: TaskQuery, flt: dict[str, Any], now: datetime):  # type: ignore[no-untyped-def]
@@ -195,18 +199,26 @@ def _plan(q: TaskQuery, flt: dict[str, Any], now: datetime):  # type: ignore[no-
     lo, hi, cursor = _bounds(q, now)
     items: list[dict[str, Any]] = []
     queries = 0
+    if "batch_id" in flt:  # bounded by the batch's size: one read through its index
+        docs = yield {"batch_id": flt["batch_id"]}
+        docs = sorted((d for d in docs if matches(flt, d) and lo <= _aware(d["created_at"]) < hi
+                       and (cursor is None or _key(d) < cursor)), key=_key, reverse=True)
+        page = docs[:limit]
+        return SearchPage(page, encode_cursor(page[-1]) if len(docs) > limit else None, 1,
+                          applied=flt)
     if cursor is not None:
         at, task_id = cursor
         hi = min(hi, at)
         if lo <= at:
-            ties = yield {**flt, "created_at": at, "_id": {"$lt": task_id}}
+            ties = yield {**_served(flt), "created_at": at, "_id": {"$lt": task_id}}
             queries += 1
-            items += sorted(ties, key=lambda d: str(d["_id"]), reverse=True)
+            items += sorted((d for d in ties if matches(flt, d)), key=lambda d: str(d["_id"]),
+                            reverse=True)
     width = timedelta(seconds=FIRST_WINDOW_S)
     top = hi
     scanned = 0
     while top > lo and len(items) <= limit and queries < MAX_WINDOWS and scanned < MAX_SCAN:
-        last = queries == MAX_WINDOWS - 1 or "batch_id" in flt
+        last = queries == MAX_WINDOWS - 1
         bottom = lo if last else max(lo, top - width)
         docs = yield _window(flt, bottom, top)
         queries += 1
