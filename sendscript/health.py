@@ -135,11 +135,18 @@ class Running:
         self._task = (asyncio.get_running_loop().create_task(server.run(self._stop),
                                                              name="health")
                       if server else None)
+        if self._task is not None:
+            self._task.add_done_callback(_log_failure)
 
     async def stop(self) -> None:
         self._stop.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("health endpoints not served: {!r}", task.exception())
 
 
 def start_health(consumer: Any) -> Running:
