@@ -108,7 +108,7 @@ def fill(db: Any, n: int, days: float, devices: int, batch: int) -> dict[str, An
     return {"tasks": n, "fill_s": round(took, 1), "inserts_per_s": round(n / took)}
 
 
-def search_cases(now: datetime) -> dict[str, TaskQuery]:
+def search_cases(now: datetime, stored: int) -> dict[str, TaskQuery]:
     return {
         "all, newest first": TaskQuery(),
         "device": TaskQuery(device_id="dev-00042"),
@@ -116,7 +116,7 @@ def search_cases(now: datetime) -> dict[str, TaskQuery]:
         "status failed": TaskQuery(statuses=["failed"]),
         "queue + script": TaskQuery(queue="bulk", script_id="script-3"),
         "error prefix": TaskQuery(error_prefix="ERROR [E_2]"),
-        "batch": TaskQuery(batch_id="batch-1000"),
+        "recent batch": TaskQuery(batch_id=f"batch-{(stored - 1000) // 500}"),
         "last hour": TaskQuery(created_from=now - timedelta(hours=1)),
         "pending, last day": TaskQuery(statuses=["pending"],
                                        created_from=now - timedelta(days=1)),
@@ -126,7 +126,8 @@ def search_cases(now: datetime) -> dict[str, TaskQuery]:
 def bench_search(db: Any, repeat: int, deep: int) -> list[dict[str, Any]]:
     now = datetime.now(UTC)
     rows = []
-    for name, query in search_cases(now).items():
+    stored = db[TASKS].estimated_document_count()
+    for name, query in search_cases(now, stored).items():
         first = search_tasks_sync(db, query)
         first_ms = median_ms(lambda q=query: search_tasks_sync(db, q), repeat)
         page, pages = first, 1

@@ -147,15 +147,14 @@ def _limit(q: TaskQuery) -> int:
 
 def _window(flt: dict[str, Any], lo: datetime, hi: datetime) -> dict[str, Any]:
     """What the server is asked for one window: the time range, and the filters an
-    index serves (one device, a batch). The rest is matched here (`matches`), so that
+    index serves (one device). The rest is matched here (`matches`), so that
     no planner trades the created_at range for the status index and reads every
     failed task of the collection for one page."""
     return {**_served(flt), "created_at": {"$gte": lo, "$lt": hi}}
 
 
 def _served(flt: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in flt.items()
-            if k == "batch_id" or (k == "device_id" and isinstance(v, str))}
+    return {k: v for k, v in flt.items() if k == "device_id" and isinstance(v, str)}
 
 
 def matches(flt: dict[str, Any], doc: dict[str, Any]) -> bool:
@@ -180,7 +179,7 @@ def _read(cursor: Any, q: TaskQuery, flt: dict[str, Any], window: dict[str, Any]
     newest `limit + 1`; elsewhere it returns the window (bounded by the scan budget)
     for `matches`. No hints: forcing an index made the embedded server scan all of it.
     """
-    if set(flt) <= set(window) and "batch_id" not in window:
+    if set(flt) <= set(window):
         return cursor.sort([("created_at", DESCENDING), ("_id", DESCENDING)]).limit(
             _limit(q) + 1)
     return cursor.limit(MAX_SCAN)
@@ -194,18 +193,13 @@ def _plan(q: TaskQuery, flt: dict[str, Any], now: datetime):  # type: ignore[no-
     """The queries to run, newest first: a generator fed each query's documents,
     answering the page when done. A cursor's ties (tasks created in the same
     millisecond, e.g. a fan-out) are read first, by id; then windows of created_at
-    that double, back to the range's start. A batch is one window: it is bounded."""
+    that double, back to the range's start. A batch is found the same way (its tasks
+    share their created_at): the embedded server reads the whole collection for a
+    query on its partial batch_id index."""
     limit = _limit(q)
     lo, hi, cursor = _bounds(q, now)
     items: list[dict[str, Any]] = []
     queries = 0
-    if "batch_id" in flt:  # bounded by the batch's size: one read through its index
-        docs = yield {"batch_id": flt["batch_id"]}
-        docs = sorted((d for d in docs if matches(flt, d) and lo <= _aware(d["created_at"]) < hi
-                       and (cursor is None or _key(d) < cursor)), key=_key, reverse=True)
-        page = docs[:limit]
-        return SearchPage(page, encode_cursor(page[-1]) if len(docs) > limit else None, 1,
-                          applied=flt)
     if cursor is not None:
         at, task_id = cursor
         hi = min(hi, at)
