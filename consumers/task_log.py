@@ -40,6 +40,7 @@ from pymongo.errors import BulkWriteError
 from sendscript import connect, device_health, metrics, roundtrips
 from sendscript.backoff import Backoff, stopped_within
 from sendscript.health import start_health
+from sendscript.heartbeat import add_beat
 from sendscript.locks import DeviceLocks
 from sendscript.models import (
     RESULT_TYPES,
@@ -574,9 +575,8 @@ class TaskLogConsumer:
         status.pop("unknown_records", None)
         try:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.hset(keys.consumers, self.name, json.dumps(status))
-            pipe.set(keys.consumer_alive(self.name), now,
-                     px=int(self.settings.heartbeat_ttl_s * 1000))
+            add_beat(pipe, keys.consumers, self.name, keys.consumer_alive(self.name), status,
+                     self.settings.heartbeat_ttl_s)
             await pipe.execute()
             await metrics.beat(self.metrics, self.redis, f"{self.settings.key_prefix}:metrics")
         except Exception as exc:

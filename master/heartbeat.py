@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 from collections.abc import Callable
@@ -14,6 +13,7 @@ import redis.asyncio
 
 from sendscript import roundtrips
 from sendscript.backoff import every
+from sendscript.heartbeat import add_beat
 from sendscript.models import utcnow
 from sendscript.settings import Settings
 
@@ -41,9 +41,8 @@ class Heartbeat:
             **self.report(),
         }
         pipe = self.client.pipeline(transaction=False)
-        pipe.hset(keys.masters, me, json.dumps(status))
-        pipe.set(keys.master_alive(me), status["updated_at"],
-                 px=int(self.settings.heartbeat_ttl_s * 1000))
+        add_beat(pipe, keys.masters, me, keys.master_alive(me), status,
+                 self.settings.heartbeat_ttl_s)
         await pipe.execute()
         await roundtrips.flush(self.client, keys.roundtrips, "master")
 
