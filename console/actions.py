@@ -3,7 +3,8 @@
 One task: retry, cancel. Many: the same on every task a filter selects, in two steps
 (preview counts and signs a confirmation bound to the action, the filter and the
 person; the action requires it). Quarantined queue items go back onto the ready list.
-Pauses are the service's flags (sendscript/pauses.py). Every change goes through the
+Pauses are the service's flags (sendscript/pauses.py). An agent is asked to stop
+as `sendscript agent stop` asks it. Every change goes through the
 SDK or the same compare-and-set the service uses, so the masters see it as they see
 the CLI's.
 """
@@ -14,6 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from agents.registry import AGENTS
 from console import auth
 from console.data import AUDIT, Stores, entry_id, task_query
 from console.filters import TaskFilter
@@ -164,3 +166,14 @@ class Actions:
         lifted = flags.resume_sync(self.stores.redis, self.stores.keys, scope)
         self.audit(who, "resume", target=scope, count=int(lifted is not None))
         return lifted.to_dict() if lifted else None
+
+    # -- agents ------------------------------------------------------------------------
+    def stop_agent(self, who: auth.Principal, agent_id: str) -> dict[str, Any]:
+        """Ask an agent to stop, as the CLI does: its next heartbeat answers stop (it
+        finishes or gives back what it holds)."""
+        found = self.stores.db[AGENTS].update_one({"_id": agent_id}, {"$set": {"stop": True}})
+        if not found.matched_count:
+            raise Refused(f"no agent {agent_id}", 404)
+        result = {"already": found.modified_count == 0}
+        self.audit(who, "agent stop", target=agent_id, count=1, result=result)
+        return {"stopped": agent_id, **result}

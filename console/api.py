@@ -21,6 +21,7 @@ Ctx = Annotated[Console, Depends(console_of)]
 TaskId = Annotated[str, Path(pattern=TASK_ID)]
 DeviceId = Annotated[str, Path(pattern=NAME)]
 Limit = Annotated[int, Query(ge=1, le=500)]
+AgentId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:@-]{1,200}$")]  # the agents API's ids
 
 
 class BulkPreview(BaseModel):
@@ -157,6 +158,17 @@ def batches(_: Who, c: Ctx, limit: Annotated[int, Query(ge=1, le=100)] = 20
 def masters(_: Who, c: Ctx) -> dict[str, Any]:
     m, consumers = data.heartbeats(c.stores)
     return {"masters": m, "consumers": consumers}
+
+
+@router.get("/agents")
+def agents(_: Who, c: Ctx) -> list[dict[str, Any]]:
+    """Pull-mode agents: state, last seen and the leases they hold (tokens never)."""
+    return data.agents(c.stores)
+
+
+@router.post("/agents/{agent_id}/stop")
+async def stop_agent(who: Operator, c: Ctx, agent_id: AgentId) -> dict[str, Any]:
+    return await act(c.actions.stop_agent, who, agent_id)
 
 
 @router.get("/pauses")

@@ -15,9 +15,11 @@ import redis
 from pymongo import DESCENDING, MongoClient
 from pymongo.database import Database
 
+from agents.registry import AGENTS, agent_state
 from console.filters import Page, TaskFilter, to_query
 from sendscript import alerts, connect, counts, device_health, pauses
 from sendscript.keys import Keys
+from sendscript.models import PULL, utcnow
 from sendscript.report import breaker_view
 from sendscript.search import TaskQuery, search_tasks_sync
 from sendscript.settings import Settings
@@ -28,6 +30,8 @@ MAX_LOGS = 500
 MAX_RECORDS = 200
 MAX_DEVICES = 500
 MAX_KEYS_SCANNED = 5000
+MAX_AGENTS = 1000
+MAX_LEASES = 5000
 IDLE_MS = 500
 
 
@@ -181,10 +185,37 @@ def task_detail(stores: Stores, task_id: str) -> dict[str, Any] | None:
     task = db[TASKS].find_one({"_id": task_id})
     if task is None:
         return None
-    records = list(db[RECORDS].find({"task_id": task_id}).sort("attempt", 1).limit(MAX_RECORDS))
+    records = list(db[RECORDS].find({"task_id": task_id}, {"lease_token": 0})
+                   .sort("attempt", 1).limit(MAX_RECORDS))
     logs = list(db[LOGS].find({"task_id": task_id}).sort("timestamp", 1).limit(MAX_LOGS))
-    return {"task": task, "records": records, "logs": logs,
+    task = without_lease_tokens(task)
+    return {"task": task, "records": records, "logs": logs, "pull": pull_view(task),
             "timeline": timeline(task, records, logs)}
+
+
+def without_lease_tokens(task: dict[str, Any]) -> dict[str, Any]:
+    """The task as shown: a lease token lets whoever holds it complete or fail the
+    task through the agents API, so neither the lease's nor the last one's leaves."""
+    for field in ("lease", "last_lease"):
+        if isinstance(task.get(field), dict):
+            task[field] = {k: v for k, v in task[field].items() if k != "token"}
+    return task
+
+
+def pull_view(task: dict[str, Any]) -> dict[str, Any] | None:
+    """A pull task's agent side: its checkpoint, the lease held now (who, until when),
+    how the last one ended and the result; None for a pushed task."""
+    if task.get("mode") != PULL:
+        return None
+    lease = task.get("lease") or {}
+    last = task.get("last_lease") or {}
+    return {"checkpoint": task.get("checkpoint"),
+            "lease": {"agent": lease.get("agent"), "leased_at": lease.get("leased_at"),
+                      "deadline": lease.get("deadline"), "cap": lease.get("cap"),
+                      "seq": lease.get("seq")} if lease else None,
+            "last_lease": {"agent": last.get("agent"), "outcome": last.get("outcome")}
+            if last else None,
+            "result": task.get("result")}
 
 
 def timeline(task: dict[str, Any], records: list[dict[str, Any]],
@@ -275,6 +306,41 @@ def device_detail(stores: Stores, device_id: str) -> dict[str, Any]:
         "paused": [s for s in active if s in ("global", "hard", f"device:{device_id}")
                    or s in {f"group:{g}" for g in groups}],
     }
+
+
+# -- agents --------------------------------------------------------------------------------
+
+
+def leases_held(stores: Stores, limit: int = MAX_LEASES) -> dict[str, list[dict[str, Any]]]:
+    """Running pull tasks per leasing agent (the mode/status index bounds the read)."""
+    held: dict[str, list[dict[str, Any]]] = {}
+    for doc in stores.db[TASKS].find(
+            {"mode": PULL, "status": "running"},
+            {"lease.agent": 1, "lease.deadline": 1, "lease.cap": 1, "device_id": 1}
+    ).limit(limit):
+        lease = doc.get("lease") or {}
+        held.setdefault(str(lease.get("agent", "")), []).append(
+            {"task_id": doc["_id"], "device_id": doc.get("device_id"),
+             "deadline": lease.get("deadline"), "cap": lease.get("cap")})
+    return held
+
+
+def agents(stores: Stores, limit: int = MAX_AGENTS) -> list[dict[str, Any]]:
+    """Registered agents, their state (`active`, or `lost` once silent for
+    SENDSCRIPT_AGENT_TTL_S) and the leases they hold; never the token they registered
+    with."""
+    now, ttl_s = utcnow(), stores.settings.agent_ttl_s
+    held = leases_held(stores)
+    out = []
+    for doc in stores.db[AGENTS].find({}, {"token": 0}).sort("_id", 1).limit(limit):
+        leases = sorted(held.get(doc["_id"], []), key=lambda x: x["task_id"])
+        out.append({"id": doc["_id"], "name": doc.get("name", ""),
+                    "labels": doc.get("labels", []), "devices": doc.get("devices", []),
+                    "version": doc.get("version", ""),
+                    "state": agent_state(doc, now, ttl_s), "stop": bool(doc.get("stop")),
+                    "last_seen": doc.get("last_seen"), "registered_at": doc.get("registered_at"),
+                    "leases": len(leases), "tasks": leases})
+    return out
 
 
 # -- the rest --------------------------------------------------------------------------------

@@ -135,6 +135,12 @@ def masters(request: Request, who: Who, c: Ctx) -> HTMLResponse:
     return page(request, "masters.html", who, masters=m, consumers=consumers)
 
 
+@router.get("/agents", response_class=HTMLResponse)
+def agents(request: Request, who: Who, c: Ctx) -> HTMLResponse:
+    return page(request, "agents.html", who, agents=data.agents(c.stores),
+                ttl_s=c.settings.agent_ttl_s)
+
+
 @router.get("/quarantine", response_class=HTMLResponse)
 def quarantine(request: Request, who: Who, c: Ctx) -> HTMLResponse:
     return page(request, "quarantine.html", who, items=data.quarantine(c.stores))
