@@ -193,7 +193,18 @@ def test_two_masters_create_each_fire_once(
         client.schedule_add(interval_schedule("every-second", devices))
         wait_for(lambda: len(fire_times(inspect, "every-second")) >= 12, 30, "12 fires", 0.2)
         client.schedule_pause("every-second")
-        time.sleep(1.5)
+        # A canary added after the pause: its fires show the masters' schedulers have
+        # loaded the schedules since and go on running while the paused one stays quiet.
+        client.schedule_add(interval_schedule("canary", ["sch-canary"]))
+
+        def canary() -> int:
+            return len(fire_times(inspect, "canary"))
+
+        wait_for(lambda: canary() >= 2, 20, "the canary to fire twice after the pause", 0.2)
+        paused = fire_times(inspect, "every-second")
+        wait_for(lambda: canary() >= 5, 20, "three more canary fires", 0.2)
+        assert fire_times(inspect, "every-second") == paused
+        client.schedule_remove("canary")
         sched = client.schedule_get("every-second")
     fires = fire_times(inspect, "every-second")
     assert all(n == len(devices) for n in fires.values()), fires
@@ -203,7 +214,9 @@ def test_two_masters_create_each_fire_once(
     keys = [t["dedupe_key"] for t in inspect.db.script_tasks.find({"schedule": "every-second"})]
     assert len(keys) == len(set(keys)) == len(times) * len(devices)
     assert sched is not None and sched.fires == len(times)
-    wait_for(lambda: inspect.count("success") == len(keys), 30, "the fired tasks to finish")
+    wait_for(lambda: inspect.db.script_tasks.count_documents(
+        {"schedule": "every-second", "status": "success"}) == len(keys), 30,
+        "the fired tasks to finish")
     # Both masters took part.
     owners = {t["master"] for t in inspect.db.script_tasks.find({"schedule": "every-second"})}
     assert owners <= {settings.master_id, settings.master_id + "-b"}
