@@ -350,7 +350,13 @@ def test_dedupe_fanout_cancel_and_expiry(
     wait_for(lambda: inspect.count("expired") == 1, 20, "the expiry")
     wait_for(lambda: inspect.db.task_exec_records.find_one(
         {"task_id": busy.task_id, "status": "success"}), 20, "the cancelled task's result")
-    time.sleep(1)
+
+    def stat(name: str) -> int:
+        return int(inspect.redis.hget(settings.keys.stats, name) or 0)
+
+    # Each count is written right after the change it counts: seen, not assumed.
+    wait_for(lambda: stat("expired") >= 1 and stat("deduplicated") >= 1, 10,
+             "the expired and deduplicated counts")
     dd = list(inspect.db.script_tasks.find({"dedupe_key": "order-42"}))
     assert len(dd) == 1
     assert int(inspect.redis.hget(settings.keys.stats, "deduplicated")) == 1
