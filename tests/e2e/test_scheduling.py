@@ -386,15 +386,20 @@ def test_cancel_a_task_waiting_for_its_retry(
     roles.consumer()
     roles.master()
     with SendScriptClient(settings) as client:
-        task_id = client.submit("rw-1", {"id": "x"}, retry_base_s=60.0).task_id
+        task_id = client.submit("rw-1", {"id": "x"}, retry_base_s=1.0).task_id
         wait_for(lambda: inspect.db.script_tasks.find_one({"_id": task_id})["status"]
                  == "retry_waiting", 20, "the first attempt to fail")
         assert client.cancel(task_id) == "retry_waiting"
-    roles.configure_farm(http_error_rate=0.0)
-    time.sleep(2)
+        roles.configure_farm(http_error_rate=0.0)
+        # A canary on the same device, due after the retry would have been: once it
+        # has run, the cancelled retry had its time and the device was free for it.
+        retry_at = inspect.db.script_tasks.find_one({"_id": task_id})["run_at"].timestamp()
+        canary = client.submit("rw-1", {"id": "canary"}, run_at=retry_at + 1.0).task_id
+    wait_for(lambda: inspect.db.script_tasks.find_one({"_id": canary})["status"] == "success",
+             20, "the canary due after the retry")
     task = inspect.db.script_tasks.find_one({"_id": task_id})
     assert task["status"] == "cancelled" and task["attempt"] == 1
-    assert roles.farm()["requests"] == 1  # never sent again
+    assert roles.farm()["requests"] == 2  # the first attempt and the canary: no retry
 
 
 def client_batch_done(settings: Settings, batch_id: str) -> bool:
