@@ -6,7 +6,6 @@ import itertools
 import json
 import os
 import signal
-import time
 from collections import defaultdict
 
 import pulsar
@@ -175,6 +174,8 @@ def test_task_log_delivered_twice_changes_nothing(
         client.submit_many([spec(f"dev-{i % 5}", i) for i in range(30)])
     wait_for(lambda: inspect.count("success") == 30, 60, "30 successes")
     wait_for(lambda: roles.farm()["duplicates"] == 30, 10, "the duplicates sent")
+    # Counted once the broker has it: each result and its duplicate, 30 tasks.
+    wait_for(lambda: roles.farm()["published"] == 60, 10, "the duplicates published")
 
     def snapshot() -> tuple:
         return (
@@ -183,20 +184,30 @@ def test_task_log_delivered_twice_changes_nothing(
             inspect.db.task_logs.count_documents({}),
         )
 
-    time.sleep(2)  # let the consumer take every duplicate
-    first = snapshot()
-    # And once more by hand, after everything settled: each SUCCESS log again.
+    def dead_lettered() -> int:
+        """The consumer's own total, in its heartbeat: batches it acknowledged."""
+        return sum(json.loads(raw)["dead_lettered"]
+                   for raw in inspect.redis.hvals(settings.keys.consumers))
+
+    # A duplicate changes no counter (not saved, not applied), so a message that is
+    # dead-lettered follows them: one consumer takes the topic in order, batch after
+    # batch, so once it is counted every message published before it was processed.
     client = pulsar.Client(settings.pulsar_url)
     producer = client.create_producer(settings.task_log_topic)
+    producer.send(b"marker: not a task log")
+    wait_for(lambda: dead_lettered() == 1, 20, "the consumer to take every duplicate")
+    first = snapshot()
+    # And once more by hand, after everything settled: each SUCCESS log again.
     for log in inspect.db.task_logs.find({"log_type": "SUCCESS"}):
         producer.send(json.dumps({
             "record_id": log["record_id"], "task_id": log["task_id"],
             "device_id": log["device_id"], "log_type": "SUCCESS", "message": log["message"],
             "timestamp": int(log["timestamp"].timestamp() * 1000),
         }).encode())
+    producer.send(b"marker: not a task log")
     producer.flush()
     client.close()
-    time.sleep(3)
+    wait_for(lambda: dead_lettered() == 2, 20, "the consumer to take the logs sent by hand")
     assert snapshot() == first
     assert first[2] == 30  # one SUCCESS per task, stored once
     assert roles.farm()["accepted"] == 30
