@@ -522,6 +522,12 @@ def test_status_shows_queue_tasks_locks_workers_and_consumers(live: Live) -> Non
     locks = list(inspect.redis.scan_iter(match=settings.keys.device_lock_pattern))
     assert locks == [settings.keys.device_lock("status-dev").encode()]
 
+    # Tasks per status are kept by the leader a few seconds behind the tasks: wait
+    # until the kept counts have caught up with the collection, then read status.
+    def counted() -> bool:
+        return json.loads(ok(settings, "status", "--json"))["tasks"] == inspect.counts()
+
+    wait_for(counted, 30, "the kept task counts to catch up")
     as_json, out = oks(settings, ("status", "--json"), ("status",))
     info = json.loads(as_json)
     assert info["queue_ready"] == inspect.redis.llen(settings.keys.ready) == 0
