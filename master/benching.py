@@ -37,8 +37,8 @@ from master.bus import (
     Verdict,
     WakeRequested,
 )
+from master.following import follow
 from sendscript import device_health
-from sendscript.backoff import Backoff
 from sendscript.device_health import BenchPolicy, Outcome
 from sendscript.models import Task
 from sendscript.settings import Settings
@@ -131,34 +131,14 @@ class Benching:
             self.pending.append(Outcome(a.device_id, False, a.error or ""))
 
     async def run(self, stop: asyncio.Event) -> None:
-        interval = self.settings.heartbeat_interval_s
-        backoff = Backoff(base_s=0.2, cap_s=5.0)
-        while not stop.is_set():
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.settings.keys.devices_channel)
-                # Read after subscribing: a change made meanwhile is in one or the other.
-                await self.reload()
-                backoff.succeeded("benching")
-                due = time.monotonic() + interval
-                while not stop.is_set():
-                    wait = min(FLUSH_S, max(0.0, due - time.monotonic()))
-                    message = await pubsub.get_message(timeout=wait)
-                    if message is not None or time.monotonic() >= due:
-                        while message is not None:  # one reload for a burst of changes
-                            message = await pubsub.get_message(timeout=0)
-                        await self.reload()
-                        due = time.monotonic() + interval
-                    else:
-                        self._apply(self.gate.update(self.gate.until, time.time()))
-                    await self.flush()
-            except Exception as exc:
-                await backoff.failed("benching", exc, stop)
-            finally:
-                try:
-                    await pubsub.aclose()
-                except Exception:
-                    pass
+        await follow(self.redis, self.settings.keys.devices_channel, stop, what="benching",
+                     interval_s=self.settings.heartbeat_interval_s, tick_s=FLUSH_S,
+                     reload=self.reload, tick=self._tick)
+
+    async def _tick(self, reloaded: bool) -> None:
+        if not reloaded:  # benches that ended meanwhile
+            self._apply(self.gate.update(self.gate.until, time.time()))
+        await self.flush()
 
     async def reload(self) -> Change:
         until = await device_health.load(self.redis, self.settings.keys)

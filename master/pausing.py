@@ -39,9 +39,10 @@ from master.bus import (
     Verdict,
     WakeRequested,
 )
+from master.following import follow
 from master.jobs import Jobs
 from sendscript import pauses
-from sendscript.backoff import Backoff, OutageLog
+from sendscript.backoff import OutageLog
 from sendscript.models import Task
 from sendscript.pauses import HARD, QUOTA, Pause, PauseView
 from sendscript.settings import Settings
@@ -154,33 +155,9 @@ class Pausing:
         bus.subscribe(TaskAnswered, self._on_answered)
 
     async def run(self, stop: asyncio.Event) -> None:
-        keys = self.settings.keys
-        interval = self.settings.heartbeat_interval_s
-        backoff = Backoff(base_s=0.2, cap_s=5.0)
-        while not stop.is_set():
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(keys.pauses_channel)
-                # Read after subscribing: a change made meanwhile is in one or the other.
-                await self.reload()
-                backoff.succeeded("pauses")
-                due = time.monotonic() + interval
-                while not stop.is_set():
-                    wait = min(1.0, max(0.0, due - time.monotonic()))
-                    message = await pubsub.get_message(timeout=wait)
-                    if message is not None or time.monotonic() >= due:
-                        while message is not None:  # one reload for a burst of changes
-                            message = await pubsub.get_message(timeout=0)
-                        await self.reload()
-                        due = time.monotonic() + interval
-                    await self.probe()
-            except Exception as exc:
-                await backoff.failed("pauses", exc, stop)
-            finally:
-                try:
-                    await pubsub.aclose()
-                except Exception:
-                    pass
+        await follow(self.redis, self.settings.keys.pauses_channel, stop, what="pauses",
+                     interval_s=self.settings.heartbeat_interval_s, tick_s=1.0,
+                     reload=self.reload, tick=lambda _: self.probe())
 
     async def reload(self) -> Change:
         """Read the flags (and the paused groups' devices); apply them to the gate."""
