@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -47,6 +49,17 @@ def settings_env(settings: Settings, **extra: Any) -> dict[str, str]:
     for name, value in extra.items():
         env[f"SENDSCRIPT_{name.upper()}"] = str(value)
     return env
+
+
+def cli(settings: Settings, *args: str) -> str:
+    """Run `sendscript ARGS` as an operator would, with the test's settings; its
+    output (plain text, wide), after asserting it succeeded."""
+    env = settings_env(settings)
+    env.update({"NO_COLOR": "1", "COLUMNS": "250"})
+    done = subprocess.run([sys.executable, "-m", "sendscript", *args], env=env,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str,

@@ -10,8 +10,6 @@ incident; once the device is fixed, `sendscript device resume` lets its tasks ru
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,19 +19,9 @@ import pytest
 
 from sendscript.client import SendScriptClient
 from sendscript.dev.embedded import EmbeddedServers
-from sendscript.settings import Settings
-from tests.support import Inspect, Roles, settings_env, unique_settings, wait_for
+from tests.support import Inspect, Roles, cli, unique_settings, wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-def cli(settings: Settings, *args: str) -> str:
-    env = settings_env(settings)
-    env.update({"NO_COLOR": "1", "COLUMNS": "250"})
-    done = subprocess.run([sys.executable, "-m", "sendscript", *args], env=env,
-                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
 
 
 def test_a_sick_device_is_benched_its_tasks_wait_and_resume_runs_them(

@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -28,7 +26,7 @@ from sendscript import pauses
 from sendscript.client import SendScriptClient
 from sendscript.models import utcnow
 from sendscript.settings import Settings
-from tests.support import Inspect, Roles, settings_env, wait_for
+from tests.support import Inspect, Roles, cli, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -197,15 +195,6 @@ def test_a_task_past_its_deadline_at_the_worker_is_not_sent(
         wait_for(lambda: all_succeeded(inspect, [next_id]), 20, "the device's next task")
     finally:
         client.close()
-
-
-def cli(settings: Settings, *args: str) -> str:
-    env = settings_env(settings)
-    env.update({"NO_COLOR": "1", "COLUMNS": "250"})
-    done = subprocess.run([sys.executable, "-m", "sendscript", *args], env=env,
-                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
 
 
 def test_the_drop_rate_ladder_reaches_the_hard_stop_and_a_plain_resume_keeps_it(

@@ -7,8 +7,6 @@ tasks that run within the waits below after a resume were woken by the resume it
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +17,7 @@ from sendscript import pauses
 from sendscript.client import SendScriptClient
 from sendscript.dev.embedded import EmbeddedServers
 from sendscript.settings import Settings
-from tests.support import Inspect, Roles, settings_env, unique_settings, wait_for
+from tests.support import Inspect, Roles, cli, unique_settings, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -89,15 +87,6 @@ def stack(servers: EmbeddedServers,
     finally:
         roles.stop()
         inspect.close()
-
-
-def cli(settings: Settings, *args: str) -> str:
-    env = settings_env(settings)
-    env.update({"NO_COLOR": "1", "COLUMNS": "250"})
-    done = subprocess.run([sys.executable, "-m", "sendscript", *args], env=env,
-                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
 
 
 @pytest.mark.parametrize("kind", ["global", "queue", "group", "device"])
