@@ -22,6 +22,7 @@ from agents.registry import Registry
 from agents.routes import HEADROOM, Api
 from sendscript import connect
 from sendscript.backoff import Backoff
+from sendscript.serving import GracefulServer
 from sendscript.settings import Settings
 from sendscript.store import ensure_indexes
 
@@ -87,17 +88,12 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-class _Server(uvicorn.Server):
+class _Server(GracefulServer):
     """Ends long polls at once on SIGTERM, so the graceful stop is not held by them."""
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.config.app.state.role.leases.stopping.set()
         super().handle_exit(sig, frame)
-        # uvicorn raises the signal again after its graceful shutdown, which supervisord
-        # reports as a death: a stop asked for ends with exit code 0 instead.
-        captured = getattr(self, "_captured_signals", None)
-        if isinstance(captured, list):
-            captured.clear()
 
 
 def run(settings: Settings) -> int:

@@ -22,6 +22,7 @@ from console.data import AUDIT, Stores
 from console.live import Sampler
 from console.metrics import metrics_router
 from sendscript.client import SendScriptClient
+from sendscript.serving import GracefulServer
 from sendscript.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
@@ -110,8 +111,6 @@ def run(settings: Settings) -> int:
 
     from sendscript import runtime
 
-    server_class = _server_class()
-
     runtime.setup(settings, "console")
     stores = Stores.open(settings)
     try:
@@ -123,23 +122,9 @@ def run(settings: Settings) -> int:
     logger.info("console on {}", url(settings))
     config = uvicorn.Config(app, host=settings.console_host, port=settings.console_port,
                             log_level="warning", timeout_graceful_shutdown=3)
-    server = server_class(config)
+    server = GracefulServer(config)
     server.run()
     logger.info("console stopped")
     return 0 if server.started else 1
 
 
-def _server_class() -> type:
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        """Exits 0 once shut down on SIGTERM or SIGINT: uvicorn raises the signal again
-        after its graceful shutdown, which supervisord reports as a death."""
-
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            super().handle_exit(sig, frame)
-            captured = getattr(self, "_captured_signals", None)
-            if isinstance(captured, list):
-                captured.clear()
-
-    return Server
