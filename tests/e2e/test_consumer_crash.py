@@ -118,14 +118,16 @@ def test_consumer_sigkilled_mid_batch_applies_the_redelivered_logs_once(
 def test_crash_loop_every_restart_subscribes_and_applies_until_every_task_finishes(
     servers: EmbeddedServers, settings: Settings, roles: Roles, inspect: Inspect,
 ) -> None:
-    n = 1000
+    # 20 devices at 400 ms a script run at most 50 tasks/s: 1500 tasks outlast the six
+    # kills about 5 s apart however fast the machine is.
+    n, devices = 1500, 20
     broker = servers["pulsar"]
     assert isinstance(broker, PulsarServer)
     roles.simulator(run_ms=400, jitter=0.5)
     consumer = start_consumer(roles, inspect, "consumer")
     roles.master()
     with SendScriptClient(settings) as client:
-        client.submit_many([spec(f"dev-{i % 25:02d}", i) for i in range(n)])
+        client.submit_many([spec(f"dev-{i % devices:02d}", i) for i in range(n)])
     applied_after: list[int] = []
     for cycle in range(1, 7):
         started = time.monotonic()
