@@ -268,8 +268,15 @@ def test_every_process_rides_out_a_server_restart(
             second = client.submit_many([{"device_id": f"rs-{i % 10}", "script": {"id": "b"}}
                                          for i in range(30)])
         ids = [s.task_id for s in first + second]
-        wait_for(lambda: view.db.script_tasks.count_documents(
-            {"_id": {"$in": ids}, "status": "success"}) == 60, 120, "all 60 tasks", 0.5)
+        try:
+            wait_for(lambda: view.db.script_tasks.count_documents(
+                {"_id": {"$in": ids}, "status": "success"}) == 60, 120, "all 60 tasks", 0.5)
+        except AssertionError:
+            stuck = list(view.db.script_tasks.find(
+                {"_id": {"$in": ids}, "status": {"$ne": "success"}},
+                {"status": 1, "attempt": 1, "device_id": 1, "last_error": 1, "master": 1}))
+            print("tasks not done:", stuck, "\n", roles.logs())
+            raise
         assert all(p.running for p in roles.procs), roles.logs()
         runs = roles.farm("runs")
         per_task: dict[str, int] = defaultdict(int)
