@@ -45,6 +45,7 @@ from master.pausing import Pausing
 from master.pool import WorkerPool
 from master.quota import QuotaSignal
 from master.recovery import Recovery
+from master.retention import Retention
 from master.scheduler import Scheduler
 from master.sweeper import Sweeper
 from master.watches import Watches
@@ -126,6 +127,7 @@ class Master:
         bus.subscribe(TaskAnswered, self._on_answered)
         self.metering = Metering(s, bus, self.redis)  # issue 10: metrics, counts, health
         self.counts = CountKeeper(s, self.redis, self.db, lambda: self.sweeper.lease.leading)
+        self.retention = Retention(s, self.db, lambda: self.sweeper.lease.leading)
         bus.subscribe(WorkerLost, lambda e: self.outcomes.update(lost=len(e.handles)))
         # Every part with a loop of its own; each runs until the stop event is set.
         self.loops: dict[str, Loop] = {
@@ -137,6 +139,7 @@ class Master:
             "backpressure": self.backpressure, "rate-limits": self.rate_limits,
             "breaker": self.breaker, "drop-rate": self.drop_rate,
             "metrics": self.metering, "counts": self.counts,
+            "retention": self.retention,
         }
         if s.master_health_port:
             self.loops["health"] = HealthServer(s.health_host, s.master_health_port,

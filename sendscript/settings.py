@@ -101,9 +101,11 @@ class Settings(BaseSettings):
     worker_max_tasks: int = Field(0, ge=0)  # 0: never
     worker_max_memory_mb: float = Field(0.0, ge=0)  # 0: never
 
-    # Retention of finished tasks, their records and logs (TTL indexes).
+    # Retention of finished tasks, their records and logs: the leader master deletes
+    # what is due every retention_sweep_s (master/retention.py; TTL indexes too).
     retention_success_s: float = Field(7 * 86400, gt=0)
     retention_failed_s: float = Field(30 * 86400, gt=0)
+    retention_sweep_s: float = Field(60.0, gt=0)
 
     # Hung workers (gunicorn's worker timeout; see master/watchdog.py): a worker whose
     # pipe heartbeat is silent this long is killed (SIGKILL) and its tasks recovered

@@ -15,7 +15,7 @@ from tests.support import Inspect, Roles, unique_settings
 
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServers]:
-    embedded = EmbeddedServers(tmp_path_factory.mktemp("servers"), ttl_sweep_s=1.0)
+    embedded = EmbeddedServers(tmp_path_factory.mktemp("servers"))
     embedded.start()
     yield embedded
     embedded.stop()

@@ -138,7 +138,11 @@ class RedisServer(ServerProcess):
 
 class MongoServer(ServerProcess):
     name = "mongo"
-    ttl_sweep_s = 60.0  # how often expired documents (retention) are deleted
+    # SecantusDB's TTL sweeper is off (0): it decodes every document of every TTL
+    # collection under the server's global lock, a stall that grows with what is
+    # stored (11-15 s a minute at 700,000 tasks). The leader master deletes what is
+    # due instead (master/retention.py).
+    ttl_sweep_s = 0.0
 
     @property
     def url(self) -> str:
@@ -352,6 +356,6 @@ if __name__ == "__main__":
     parser.add_argument("server", choices=["mongo"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--storage-path", required=True)
-    parser.add_argument("--ttl-sweep-s", type=float, default=60.0)
+    parser.add_argument("--ttl-sweep-s", type=float, default=0.0)
     args = parser.parse_args()
     serve_mongo(args.port, args.storage_path, args.ttl_sweep_s)

@@ -410,7 +410,8 @@ def client_batch_done(settings: Settings, batch_id: str) -> bool:
 def test_retention_deletes_finished_tasks_records_and_logs(
     servers: EmbeddedServers, tmp_path
 ) -> None:
-    settings = unique_settings(servers, retention_success_s=1.0, retention_failed_s=600.0)
+    settings = unique_settings(servers, retention_success_s=1.0, retention_failed_s=600.0,
+                               retention_sweep_s=0.5)
     roles = Roles(settings, tmp_path / "logs")
     view = Inspect(settings)
     try:

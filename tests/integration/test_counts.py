@@ -12,6 +12,7 @@ from typing import Any
 import redis.asyncio
 from pymongo.asynchronous.database import AsyncDatabase
 
+from master.retention import Retention
 from sendscript import counts
 from sendscript.models import Task, TaskSpec, utcnow
 from sendscript.retry import Decision, failure_cas
@@ -146,10 +147,13 @@ async def test_retention_deletes_are_counted_out(
         configure_retention(7 * 86400, 30 * 86400, 86400)
     await keeper.run_pass()
     assert (await _kept(redis_client, settings)).get("cancelled") == 30
-    # The embedded server's TTL monitor deletes them (every second in the tests).
+    # The leader's retention sweep deletes them once due.
+    retention = Retention(settings, db)
     deadline = utcnow() + timedelta(seconds=30)
     while (await _aggregate(db)).get("cancelled") and utcnow() < deadline:
+        await retention.sweep()
         await keeper.run_pass()
     assert "cancelled" not in await _aggregate(db)
+    assert retention.deleted[TASKS] == 30
     await keeper.run_pass()
     assert await _kept(redis_client, settings) == await _aggregate(db)
