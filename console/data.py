@@ -177,7 +177,9 @@ def search_tasks(stores: Stores, flt: TaskFilter, page: Page) -> dict[str, Any]:
                   error_prefix=flt.error, batch_id=flt.batch, created_from=flt.since,
                   created_to=flt.until, limit=page.limit, after=page.before)
     found = search_tasks_sync(stores.db, q)
-    return {"tasks": [_row(d) for d in found.items], "next": found.next_after}
+    # partial: the page's time ran out first; older matches may follow `next`
+    return {"tasks": [_row(d) for d in found.items], "next": found.next_after,
+            "partial": found.partial, "searched_to": found.searched_to}
 
 
 def task_detail(stores: Stores, task_id: str) -> dict[str, Any] | None:

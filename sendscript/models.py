@@ -248,7 +248,9 @@ class Task(BaseModel):
             script=spec.script,
             priority=spec.priority,
             status=TaskStatus.PENDING if due else TaskStatus.WAITING,
-            run_at=spec.run_at or now,
+            # Never before its creation: a past run_at means due now, and the task
+            # search relies on run_at >= created_at (sendscript/search.py).
+            run_at=now if due else spec.run_at,
             max_retries=spec.max_retries,
             timeout_s=spec.timeout_s,
             dedupe_key=spec.dedupe_key,

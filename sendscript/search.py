@@ -2,15 +2,25 @@
 
 Safe by construction: the query document is built here from typed fields; no text
 from a user is ever a query document or an operator. Error text is matched as an
-escaped, prefix-anchored regex (`^...`), which an index could serve and which
-cannot be made to backtrack; lists and lengths are capped.
+escaped, prefix-anchored regex (`^...`), which cannot be made to backtrack; lists
+and lengths are capped.
 
-Paging is by cursor (`after`: the last item's created_at and id), so a deep page
-costs what the first one does. The scan walks back in time windows that double
-(from `FIRST_WINDOW_S`) until the page is full or the range is exhausted, so each
-query reads a bounded slice of the `created_at` indexes
-(`store.TASK_INDEXES`: created_at, and device_id + created_at) even on a server
-that sorts in memory, like the embedded one.
+How a page is found, on any MongoDB-wire server including the embedded one (which
+reads every document an index range names, sorts in memory and only then limits):
+
+- Paging is by cursor (`after`: the last item's created_at and id), so a deep page
+  costs what the first one does.
+- Each query is one *window* of created_at, newest first, with the whole filter:
+  the server returns only the page's matches. A window rides the narrowest index
+  there is for it (`store.TASK_INDEXES`): device + created_at for a device, batch +
+  created_at (+ id, for a fan-out's ties) for a batch, created_at for the rest, where
+  the server reads the window and filters it.
+- Windows widen from `FIRST_WINDOW_S` as fast as the matches found so far say
+  they must to fill the page, and no faster than the time the last window took
+  says the remaining budget allows.
+- A page has `BUDGET_MS` of server time (each query's `maxTimeMS`). A filter so rare
+  that the budget runs out first gives a *partial* page: what was found, and a
+  cursor that goes on from the oldest window searched (`searched_to`).
 """
 
 from __future__ import annotations
@@ -18,7 +28,8 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,6 +37,7 @@ from typing import Any
 from pymongo import DESCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.database import Database
+from pymongo.errors import ExecutionTimeout
 
 from sendscript.status import TaskStatus
 from sendscript.store import GROUPS, TASKS
@@ -33,11 +45,16 @@ from sendscript.store import GROUPS, TASKS
 MAX_LIMIT = 200
 MAX_DEVICES = 1000
 MAX_TEXT = 200
+BUDGET_MS = 250  # server time one page may take; past it the page is partial
 FIRST_WINDOW_S = 60.0
-MAX_WINDOWS = 40
-MAX_SCAN = 20_000  # documents one call reads at most
+MAX_GROWTH = 16  # a window is at most this many times wider than the one before
+EMPTY_GROWTH = 2  # ... after a window that held no tasks
+EMPTY_READ_MS = 3.0  # a read this fast read (next to) no documents
+MAX_WINDOWS = 60
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 LIST_FIELDS = {"script.args": 0, "checkpoint": 0, "result": 0, "lease": 0, "last_lease": 0}
+LISTED_FIELDS = {"_id": 1, "created_at": 1, "device_id": 1}
+NEWEST_FIRST = [("created_at", DESCENDING), ("_id", DESCENDING)]
 
 
 class SearchError(ValueError):
@@ -64,10 +81,11 @@ class TaskQuery:
 class SearchPage:
     items: list[dict[str, Any]]
     next_after: str | None  # None: no more
-    queries: int = 0  # window queries run (cost, for the benchmark)
-    # The scan budget ran out before the page was full: fewer items, and `next_after`
-    # goes on from where the scan stopped.
+    queries: int = 0  # queries run (cost, for the benchmark)
+    # The time budget ran out before the page was full: fewer items, and
+    # `next_after` goes on from `searched_to`, the oldest created_at searched.
     partial: bool = False
+    searched_to: datetime | None = None
     applied: dict[str, Any] = field(default_factory=dict)  # the filter, for display
 
 
@@ -108,6 +126,8 @@ def build_filter(q: TaskQuery, devices: Sequence[str] | None = None) -> dict[str
     listed = [str(d) for d in (devices if devices is not None else q.devices)]
     if len(listed) > MAX_DEVICES:
         raise SearchError(f"at most {MAX_DEVICES} devices")
+    if (batch := _text("batch_id", q.batch_id)) is not None:
+        flt["batch_id"] = batch
     if device is not None:
         flt["device_id"] = device
     elif listed or q.group is not None:
@@ -116,8 +136,6 @@ def build_filter(q: TaskQuery, devices: Sequence[str] | None = None) -> dict[str
         flt["queue"] = queue
     if (script := _text("script_id", q.script_id)) is not None:
         flt["script.id"] = script
-    if (batch := _text("batch_id", q.batch_id)) is not None:
-        flt["batch_id"] = batch
     if q.statuses:
         known = {str(s) for s in TaskStatus}
         bad = [s for s in q.statuses if s not in known]
@@ -145,16 +163,189 @@ def _limit(q: TaskQuery) -> int:
     return q.limit
 
 
-def _window(flt: dict[str, Any], lo: datetime, hi: datetime) -> dict[str, Any]:
-    """What the server is asked for one window: the time range, and the filters an
-    index serves (one device). The rest is matched here (`matches`), so that
-    no planner trades the created_at range for the status index and reads every
-    failed task of the collection for one page."""
-    return {**_served(flt), "created_at": {"$gte": lo, "$lt": hi}}
+def _indexed_first(flt: dict[str, Any], created: Any) -> dict[str, Any]:
+    """`flt` with its created_at condition, the keys in the order a server that takes
+    the first indexed clause (the embedded one) should read them: a batch's index,
+    then created_at, then the rest (matched while the window is read)."""
+    doc: dict[str, Any] = {}
+    if "batch_id" in flt:
+        doc["batch_id"] = flt["batch_id"]
+    if isinstance(flt.get("device_id"), str):
+        doc["device_id"] = flt["device_id"]
+    doc["created_at"] = created
+    for key, value in flt.items():
+        doc.setdefault(key, value)
+    return doc
 
 
-def _served(flt: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in flt.items() if k == "device_id" and isinstance(v, str)}
+@dataclass(frozen=True)
+class Read:
+    """One query of a plan: `find(filter).sort(NEWEST_FIRST).limit(limit)`, within
+    the page's time budget unless not `budgeted`."""
+
+    filter: dict[str, Any]
+    limit: int
+    budgeted: bool = True
+    fields: dict[str, Any] | None = None  # the projection; None: LIST_FIELDS
+
+
+class Widths:
+    """How wide the next window is (pure). The embedded server's cost is the
+    documents a window holds, which only the time a read took tells: wide enough
+    for the matches still wanted at the rate found so far, at most `MAX_GROWTH`
+    times the last, and no wider than the time left allows at the last read's speed.
+    Across a stretch with no tasks at all (reads of a millisecond or two) it grows
+    by `EMPTY_GROWTH`, so the first window into busy history stays small."""
+
+    def __init__(self) -> None:
+        self.width = timedelta(seconds=FIRST_WINDOW_S)
+        self.searched = timedelta(0)
+        self.found = 0
+
+    def next(self, last: timedelta, found: int, wanted: int, took_ms: float,
+             left_ms: float) -> timedelta:
+        self.searched += last
+        self.found += found
+        if took_ms <= EMPTY_READ_MS and not found:
+            grow = EMPTY_GROWTH
+        else:
+            if self.found:
+                rate = self.found / max(self.searched.total_seconds(), 1e-3)
+                grow = (wanted * 1.5 / rate) / max(last.total_seconds(), 1e-3)
+            else:
+                grow = MAX_GROWTH
+            grow = min(grow, left_ms * 0.5 / max(took_ms, EMPTY_READ_MS))
+        grow = max(0.5, min(grow, MAX_GROWTH))
+        self.width = max(last * grow, timedelta(milliseconds=1))
+        return self.width
+
+
+# What a read answers: its documents, the ms it took and the ms of budget left; None
+# when the budget ran out first.
+Answer = tuple[list[dict[str, Any]], float, float] | None
+Plan = Generator[Read, Answer, "SearchPage"]
+
+
+def _plan(q: TaskQuery, flt: dict[str, Any], now: datetime) -> Plan:
+    """The queries to run, newest first: a generator sent each query's documents
+    (an `Answer`), answering the page."""
+    statuses = _by_status(flt)
+    if statuses:
+        return (yield from _plan_by_status(q, flt, statuses, now))
+    return (yield from _plan_windows(q, flt, now))
+
+
+def _plan_windows(q: TaskQuery, flt: dict[str, Any], now: datetime) -> Plan:
+    """Windows of created_at with the whole filter. A cursor's ties (tasks created in
+    the same millisecond, e.g. a fan-out) are read first, by id, whatever the budget
+    (they cannot be skipped); then windows back to the range's start."""
+    limit = _limit(q)
+    lo, hi, cursor = _bounds(q, now)
+    items: list[dict[str, Any]] = []
+    queries = 0
+    if cursor is not None:
+        at, task_id = cursor
+        hi = min(hi, at)
+        if lo <= at and task_id:
+            got = yield Read({**_indexed_first(flt, at), "_id": {"$lt": task_id}}, limit + 1,
+                             budgeted=False)
+            queries += 1
+            items += got[0] if got else []
+    # A device list is matched here, not by the server: the embedded one spends
+    # ~45 us a document on a 50-value $in. Its windows return ids and devices only;
+    # the page's documents are read by id at the end.
+    listed = flt.get("device_id") if isinstance(flt.get("device_id"), dict) else None
+    served = {k: v for k, v in flt.items() if k != "device_id"} if listed else flt
+    widths = Widths()
+    width = widths.width
+    top = hi
+    page: SearchPage | None = None
+    while top > lo and len(items) <= limit and queries < MAX_WINDOWS:
+        bottom = max(lo, top - width)
+        window = _indexed_first(served, {"$gte": bottom, "$lt": top})
+        got = yield (Read(window, 0, fields=LISTED_FIELDS) if listed
+                     else Read(window, limit + 1 - len(items)))
+        queries += 1
+        if got is None:
+            page = _page(items, limit, flt, queries, top=top, partial_at=top)
+            break
+        docs, took_ms, left_ms = got
+        found = [d for d in docs if matches({"device_id": listed}, d)] if listed else docs
+        items += found
+        width = widths.next(top - bottom, len(found), limit + 1 - len(items), took_ms, left_ms)
+        top = bottom
+    if page is None:
+        page = _page(items, limit, flt, queries, top=top if top > lo else None)
+    if listed and page.items:
+        got = yield Read({"_id": {"$in": [d["_id"] for d in page.items]}}, 0, budgeted=False)
+        full = {d["_id"]: d for d in (got[0] if got else [])}
+        page.items = [full[d["_id"]] for d in page.items if d["_id"] in full]
+        page.queries += 1
+    return page
+
+
+def _by_status(flt: dict[str, Any]) -> list[str] | None:
+    """The statuses to search through the (status, run_at) index, or None when another
+    way is better: a device's or a batch's own index, or no status named. Waiting
+    tasks are due far ahead of their creation, so their run_at says little of it."""
+    if "batch_id" in flt or isinstance(flt.get("device_id"), str) or "status" not in flt:
+        return None
+    named = flt["status"]
+    statuses = [named] if isinstance(named, str) else list(named["$in"])
+    return None if TaskStatus.WAITING in statuses else statuses
+
+
+def _key(doc: dict[str, Any]) -> tuple[datetime, str]:
+    at = doc.get("created_at")
+    return (_aware(at) if isinstance(at, datetime) else EARLIEST), str(doc["_id"])
+
+
+def _plan_by_status(q: TaskQuery, flt: dict[str, Any], statuses: list[str],
+                    now: datetime) -> Plan:
+    """Tasks of a few statuses, through the index the dispatcher keeps anyway
+    (`status`, `run_at`): no task is due before it is created (`Task.from_spec`), so
+    every task created in a window of created_at [lo, top) has run_at >= lo. Each
+    window reads the slice of run_at not read yet, [lo, the last lo); a task read
+    early whose created_at is older waits (carried) for its own window. So each
+    matching task is read once, and the cost is that of the status's tasks, not of
+    the collection's."""
+    limit = _limit(q)
+    lo, hi, cursor = _bounds(q, now)
+    upper = (hi, "")  # keys below this: created_at < hi, or below the cursor
+    if cursor is not None and cursor < upper:
+        upper = cursor
+    rest = {k: v for k, v in flt.items() if k != "status"}
+    items: list[dict[str, Any]] = []
+    carried: list[dict[str, Any]] = []
+    queries = 0
+    widths = Widths()
+    width = widths.width
+    top = upper[0]
+    read_down_to: datetime | None = None  # run_at at and above this has been read
+    while top > lo and len(items) <= limit and queries < MAX_WINDOWS:
+        bottom = max(lo, top - width)
+        run_at: dict[str, Any] = {"$gte": bottom}
+        if read_down_to is not None:
+            run_at["$lt"] = read_down_to
+        took_ms = left_ms = 0.0
+        fresh: list[dict[str, Any]] = []
+        for status in statuses:
+            got = yield Read({"status": status, "run_at": run_at}, 0)
+            queries += 1
+            if got is None:
+                return _page(items, limit, flt, queries, top=top, partial_at=top)
+            fresh += got[0]
+            took_ms += got[1]
+            left_ms = got[2]
+        read_down_to = bottom
+        pool = carried + [d for d in fresh if _key(d) < upper and matches(rest, d)]
+        found = [d for d in pool if _key(d)[0] >= bottom]
+        carried = [d for d in pool if lo <= _key(d)[0] < bottom]
+        found.sort(key=_key, reverse=True)
+        items += found
+        width = widths.next(top - bottom, len(found), limit + 1 - len(items), took_ms, left_ms)
+        top = bottom
+    return _page(items, limit, flt, queries, top=top if top > lo else None)
 
 
 def matches(flt: dict[str, Any], doc: dict[str, Any]) -> bool:
@@ -174,66 +365,36 @@ def matches(flt: dict[str, Any], doc: dict[str, Any]) -> bool:
     return True
 
 
-def _read(cursor: Any, q: TaskQuery, flt: dict[str, Any], window: dict[str, Any]) -> Any:
-    """One window's read. Where the server applied the whole filter it returns the
-    newest `limit + 1`; elsewhere it returns the window (bounded by the scan budget)
-    for `matches`. No hints: forcing an index made the embedded server scan all of it.
-    """
-    if set(flt) <= set(window):
-        return cursor.sort([("created_at", DESCENDING), ("_id", DESCENDING)]).limit(
-            _limit(q) + 1)
-    return cursor.limit(MAX_SCAN)
-
-
-def _key(doc: dict[str, Any]) -> tuple[Any, str]:
-    return _aware(doc["created_at"]), str(doc["_id"])
-
-
-def _plan(q: TaskQuery, flt: dict[str, Any], now: datetime):  # type: ignore[no-untyped-def]
-    """The queries to run, newest first: a generator fed each query's documents,
-    answering the page when done. A cursor's ties (tasks created in the same
-    millisecond, e.g. a fan-out) are read first, by id; then windows of created_at
-    that double, back to the range's start. A batch is found the same way (its tasks
-    share their created_at): the embedded server reads the whole collection for a
-    query on its partial batch_id index."""
-    limit = _limit(q)
-    lo, hi, cursor = _bounds(q, now)
-    items: list[dict[str, Any]] = []
-    queries = 0
-    if cursor is not None:
-        at, task_id = cursor
-        hi = min(hi, at)
-        if lo <= at:
-            ties = yield {**_served(flt), "created_at": at, "_id": {"$lt": task_id}}
-            queries += 1
-            items += sorted((d for d in ties if matches(flt, d)), key=lambda d: str(d["_id"]),
-                            reverse=True)
-    width = timedelta(seconds=FIRST_WINDOW_S)
-    top = hi
-    scanned = 0
-    while top > lo and len(items) <= limit and queries < MAX_WINDOWS and scanned < MAX_SCAN:
-        last = queries == MAX_WINDOWS - 1
-        bottom = lo if last else max(lo, top - width)
-        docs = yield _window(flt, bottom, top)
-        queries += 1
-        scanned += len(docs)
-        docs = [d for d in docs if matches(flt, d)]
-        docs.sort(key=lambda d: (_aware(d["created_at"]), str(d["_id"])), reverse=True)
-        items += docs
-        top = bottom
-        # Wider while windows are sparse; no wider once one is a large part of the budget.
-        if len(docs) * 4 < limit and scanned < MAX_SCAN // 4:
-            width *= 2
+def _page(items: list[dict[str, Any]], limit: int, flt: dict[str, Any], queries: int,
+          top: datetime | None, partial_at: datetime | None = None) -> SearchPage:
+    """The page of `items` (newest first). `top`: where the search stopped, None when
+    it reached the range's start; `partial_at`: the budget ran out there."""
     more = len(items) > limit
     page = items[:limit]
-    if more and page:
-        after = encode_cursor(page[-1])
-    elif top > lo and not more:  # the scan budget ran out first: go on from its edge
-        after = encode_cursor({"_id": "", "created_at": top})
-    else:
-        after = None
-    return SearchPage(page, after, queries, partial=after is not None and not more,
-                      applied=flt)
+    if more:
+        return SearchPage(page, encode_cursor(page[-1]), queries, applied=flt)
+    if top is None:
+        return SearchPage(page, None, queries, applied=flt)
+    # Not reached the start: the next page goes on below `top` (all of `top` and above
+    # was read; an empty id reads no ties).
+    stop = partial_at or top
+    return SearchPage(page, encode_cursor({"_id": "", "created_at": stop}), queries,
+                      partial=True, searched_to=stop, applied=flt)
+
+
+def _budget_left(deadline: float) -> float:
+    return (deadline - time.monotonic()) * 1000
+
+
+def _find(col: Any, read: Read) -> Any:
+    return col.find(read.filter, read.fields or LIST_FIELDS).sort(NEWEST_FIRST).limit(read.limit)
+
+
+def _max_time(read: Read, deadline: float) -> int | None:
+    """The read's maxTimeMS: what is left of the page's budget (0: none left)."""
+    if not read.budgeted:
+        return None
+    return max(0, int(_budget_left(deadline)))
 
 
 async def search_tasks(db: AsyncDatabase, q: TaskQuery, now: datetime | None = None
@@ -243,32 +404,47 @@ async def search_tasks(db: AsyncDatabase, q: TaskQuery, now: datetime | None = N
     if q.group is not None:
         doc = await db[GROUPS].find_one({"_id": _text("group", q.group)})
         devices = list(doc.get("devices", [])) if doc else []
-    flt = build_filter(q, devices)
-    plan = _plan(q, flt, now or datetime.now(UTC))
+    plan = _plan(q, build_filter(q, devices), now or datetime.now(UTC))
+    deadline = time.monotonic() + BUDGET_MS / 1000
     try:
-        window = plan.send(None)
+        read = plan.send(None)
         while True:
-            cursor = _read(db[TASKS].find(window, LIST_FIELDS), q, flt, window)
-            docs = [d async for d in cursor]
-            window = plan.send(docs)
+            answer: Answer = None
+            if (max_ms := _max_time(read, deadline)) != 0:
+                started = time.monotonic()
+                cursor = _find(db[TASKS], read)
+                try:
+                    docs = [d async for d in (cursor.max_time_ms(max_ms) if max_ms else cursor)]
+                    answer = (docs, (time.monotonic() - started) * 1000, _budget_left(deadline))
+                except ExecutionTimeout:
+                    pass
+            read = plan.send(answer)
     except StopIteration as done:
         page: SearchPage = done.value
         return page
 
 
 def search_tasks_sync(db: Database, q: TaskQuery, now: datetime | None = None) -> SearchPage:
-    """`search_tasks` with the synchronous client (CLI, benchmark)."""
+    """`search_tasks` with the synchronous client (CLI, console, benchmark)."""
     devices = None
     if q.group is not None:
         doc = db[GROUPS].find_one({"_id": _text("group", q.group)})
         devices = list(doc.get("devices", [])) if doc else []
-    flt = build_filter(q, devices)
-    plan = _plan(q, flt, now or datetime.now(UTC))
+    plan = _plan(q, build_filter(q, devices), now or datetime.now(UTC))
+    deadline = time.monotonic() + BUDGET_MS / 1000
     try:
-        window = plan.send(None)
+        read = plan.send(None)
         while True:
-            docs = list(_read(db[TASKS].find(window, LIST_FIELDS), q, flt, window))
-            window = plan.send(docs)
+            answer: Answer = None
+            if (max_ms := _max_time(read, deadline)) != 0:
+                started = time.monotonic()
+                cursor = _find(db[TASKS], read)
+                try:
+                    docs = list(cursor.max_time_ms(max_ms) if max_ms else cursor)
+                    answer = (docs, (time.monotonic() - started) * 1000, _budget_left(deadline))
+                except ExecutionTimeout:
+                    pass
+            read = plan.send(answer)
     except StopIteration as done:
         page: SearchPage = done.value
         return page

@@ -17,7 +17,7 @@ from pymongo import ASCENDING, DESCENDING, IndexModel, UpdateMany, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.collection import Collection
-from pymongo.errors import BulkWriteError
+from pymongo.errors import BulkWriteError, OperationFailure
 
 from sendscript.models import ExecRecord, Task, new_id, utcnow
 from sendscript.refusals import encoding_refusal, permanent_write_errors, transient_write_errors
@@ -38,6 +38,7 @@ LOGS = "task_logs"
 SCHEDULES = "schedules"
 GROUPS = "device_groups"
 DUPLICATE_KEY = 11000
+INDEX_NOT_FOUND = 27
 MIN_FIELDS = {"_id": 1, "run_at": 1, "status": 1, "master": 1}
 
 # Few indexes on purpose: every index is paid on every status change.
@@ -48,8 +49,12 @@ TASK_INDEXES = [
     # ones within SENDSCRIPT_DEDUPE_WINDOW_S (released by the next duplicate after it)
     IndexModel([("dedupe_active", ASCENDING)], unique=True,
                partialFilterExpression={"dedupe_active": {"$type": "string"}}),
-    IndexModel([("batch_id", ASCENDING)],
-               partialFilterExpression={"batch_id": {"$type": "string"}}),
+    # a batch's tasks, newest first, and a fan-out's ties (one created_at) by id: the
+    # console's batch view and search (sendscript/search.py) and batch progress. Only
+    # fan-out tasks carry batch_id. `$gt: ""` (any non-empty string) rather than
+    # `$type`: a server proves `{batch_id: "b1"}` implies it and uses the index.
+    IndexModel([("batch_id", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)],
+               partialFilterExpression={"batch_id": {"$gt": ""}}),
     # retention: set when a task finishes
     IndexModel([("purge_at", ASCENDING)], expireAfterSeconds=0),
     # pull tasks (agents/): the lease query (pending, best first), the lease sweep
@@ -88,9 +93,23 @@ def all_indexes(log_retention_s: float) -> dict[str, list[IndexModel]]:
     return {TASKS: TASK_INDEXES, RECORDS: RECORD_INDEXES, LOGS: log_indexes(log_retention_s)}
 
 
+# Indexes an earlier version made that nothing reads any more: dropped, as each costs
+# every write. batch_id_1 (partial on `$type`) was never chosen by the embedded server.
+OBSOLETE_INDEXES = {TASKS: ["batch_id_1"]}
+
+
 async def ensure_indexes(db: AsyncDatabase, log_retention_s: float = 30 * 86400) -> None:
     for name, indexes in all_indexes(log_retention_s).items():
         await db[name].create_indexes(indexes)
+    for name, obsolete in OBSOLETE_INDEXES.items():
+        present = await db[name].index_information()
+        for index in obsolete:
+            if index in present:
+                try:
+                    await db[name].drop_index(index)
+                except OperationFailure as exc:
+                    if exc.code != INDEX_NOT_FOUND:  # another process dropped it first
+                        raise
 
 
 # Long `$in` lists are slow on some servers (quadratic on the embedded one): queries

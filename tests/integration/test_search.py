@@ -49,6 +49,11 @@ async def test_filters_and_pages(db: AsyncDatabase) -> None:
         tasks.append(task)
     await TaskStore(db).store(tasks)
     await db[TASKS].update_many({"last_error": {"$exists": True}}, {"$set": {"status": "failed"}})
+    # Retried tasks run long after they were created: the status search, which reads
+    # (status, run_at), must still place them by created_at.
+    for i, task in enumerate(tasks[40::7]):
+        await db[TASKS].update_one({"_id": task.id}, {"$set": {
+            "status": "retry_waiting", "run_at": task.created_at + timedelta(hours=i % 40)}})
     await db[GROUPS].insert_one({"_id": "g", "devices": ["d1", "d2"]})
     docs = [d async for d in db[TASKS].find({})]
     lo, hi = now - timedelta(hours=12), now - timedelta(hours=1)
@@ -60,6 +65,13 @@ async def test_filters_and_pages(db: AsyncDatabase) -> None:
         (TaskQuery(queue="bulk", script_id="s0"),
          lambda d: d["queue"] == "bulk" and d["script"]["id"] == "s0"),
         (TaskQuery(statuses=("failed",), limit=4), lambda d: d["status"] == "failed"),
+        (TaskQuery(statuses=("retry_waiting", "pending"), limit=6),
+         lambda d: d["status"] in ("retry_waiting", "pending")),
+        (TaskQuery(statuses=("retry_waiting",), queue="bulk", created_from=lo, limit=2),
+         lambda d: d["status"] == "retry_waiting" and d["queue"] == "bulk"
+         and d["created_at"].replace(tzinfo=now.tzinfo) >= lo),
+        (TaskQuery(devices=("d4", "d7"), statuses=("pending",), limit=8),
+         lambda d: d["device_id"] in ("d4", "d7") and d["status"] == "pending"),
         (TaskQuery(error_prefix="ERROR [E_1]: (no) .*", limit=3),
          lambda d: str(d.get("last_error", "")).startswith("ERROR [E_1]")),
         (TaskQuery(error_prefix=".*"), lambda d: False),  # a regex is text, not a pattern

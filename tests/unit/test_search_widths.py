@@ -1,0 +1,34 @@
+"""How wide the task search's next window of created_at is (sendscript/search.py)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sendscript.search import EMPTY_GROWTH, MAX_GROWTH, Widths
+
+MINUTE = timedelta(minutes=1)
+
+
+def test_empty_stretches_widen_slowly() -> None:
+    w = Widths()
+    assert w.next(MINUTE, 0, 51, took_ms=1.0, left_ms=240) == MINUTE * EMPTY_GROWTH
+
+
+def test_the_match_rate_sizes_the_next_window() -> None:
+    w = Widths()
+    # 10 found in a minute, 41 still wanted: about 6 minutes more at that rate
+    nxt = w.next(MINUTE, 10, 41, took_ms=5.0, left_ms=240)
+    assert MINUTE * 4 < nxt < MINUTE * 8
+
+
+def test_the_time_left_caps_the_width() -> None:
+    w = Widths()
+    # no match in a window that took 100 ms: 100 ms left allows half as wide, at most
+    assert w.next(MINUTE * 10, 0, 51, took_ms=100.0, left_ms=100) == MINUTE * 5
+
+
+def test_growth_is_bounded_both_ways() -> None:
+    w = Widths()
+    assert w.next(MINUTE, 0, 51, took_ms=5.0, left_ms=10_000) == MINUTE * MAX_GROWTH
+    w = Widths()
+    assert w.next(MINUTE, 50, 1, took_ms=5.0, left_ms=240) == MINUTE / 2
