@@ -8,15 +8,17 @@ each system in turn, back to back: sendscript (`bench.throughput --run-ms 0`:
 master, 2 workers, consumer), Dramatiq (2 processes x 8 threads), Celery
 (prefork, 2 processes) and the same job body in 2 plain processes
 (bench/peer_jobs/). A peer's job locks the device, makes the 8 document writes
-of seed 003 and POSTs to the farm (bench/peer_jobs/job.py). Peers run with
-sendscript's durability (journaled writes, retryWrites as the URL decides) and,
-with `--durability both` (default), again with their drivers' defaults (no
-journal, retryable writes), marked "as they come". SecantusDB is restarted
+of seed 003 and POSTs to the farm (bench/peer_jobs/job.py). Every system runs
+with sendscript's default durability (journaled writes, retryWrites as the URL
+decides) and, with `--durability both` (default), again unjournaled: the peers
+with their drivers' defaults (no journal, retryable writes), sendscript with
+`SENDSCRIPT_MONGO_JOURNAL=false`, marked "as they come". SecantusDB is restarted
 before each run (same data directory and port), so no run inherits another's
 retryable-write records.
 
 Printed: tasks/s of each (first submit -> last done, progress from Redis
-counters), its ratio to sendscript, and CPU ms per task by process group from
+counters), its ratio to sendscript at the same durability, and CPU ms per task
+by process group from
 /proc: the system's own processes, the Mongo, Redis and Pulsar servers and the
 farm. The producer (this process) is not counted, for any system.
 """
@@ -163,12 +165,16 @@ def server_groups(servers: EmbeddedServers) -> dict[str, list[int]]:
 
 
 def run_sendscript(servers: EmbeddedServers, central_url: str, sim_pid: int,
-                   opts: argparse.Namespace, log_dir: Path) -> Run:
-    base = Settings(redis_url=servers["redis"].url, mongo_url=servers["mongo"].url,
+                   opts: argparse.Namespace, log_dir: Path, durable: bool = True) -> Run:
+    """sendscript as shipped (journaled writes), or with `SENDSCRIPT_MONGO_JOURNAL=false`
+    (acknowledged by the server, not yet on disk: the peers' driver defaults)."""
+    # a database and key prefix per run: the second run must not count the first's tasks
+    tag = "sendscript" if durable else "sendscript_unjournaled"
+    base = Settings(redis_url=servers["redis"].url, mongo_url=servers["mongo"].url + tag,
                     pulsar_url=servers["pulsar"].url, central_url=central_url, workers=2,
-                    heartbeat_interval_s=opts.heartbeat)
+                    heartbeat_interval_s=opts.heartbeat, mongo_journal=durable, key_prefix=tag)
     stack = LocalStack(base, workers=2, data_dir=log_dir.parent, extra_env={
-        "SENDSCRIPT_LOG_LEVEL": "WARNING",
+        "SENDSCRIPT_LOG_LEVEL": "WARNING", "SENDSCRIPT_MONGO_JOURNAL": str(durable).lower(),
         "SENDSCRIPT_HEARTBEAT_INTERVAL_S": str(opts.heartbeat)})
     topts = throughput.Options(
         tasks=opts.tasks, devices=opts.devices, workers=2, run_ms=0.0, producer="both",
@@ -184,18 +190,20 @@ def run_sendscript(servers: EmbeddedServers, central_url: str, sim_pid: int,
     cpu["own"] = cpu.pop("sendscript", 0.0)
     note = (f"round trips/task: redis {r.service_rt_per_task['redis']:.2f}, "
             f"mongo {r.service_rt_per_task['mongo']:.2f}")
-    return Run("sendscript", True, opts.tasks - r.not_terminal, r.elapsed_s, r.tasks_per_s,
+    return Run("sendscript", durable, opts.tasks - r.not_terminal, r.elapsed_s, r.tasks_per_s,
                cpu, r.ok, note)
 
 
 def render(runs: list[Run]) -> None:
     out = Console(width=160)
-    base = next((r.tasks_per_s for r in runs if r.system == "sendscript"), None)
-    table = Table(title="the seed-003 job: tasks/s and CPU ms per task by process")
+    # each run against sendscript at the same durability
+    base = {r.durable: r.tasks_per_s for r in runs if r.system == "sendscript"}
+    table = Table(title="the seed-003 job: tasks/s and CPU ms per task by process "
+                        "(x sendscript: at the same durability)")
     for col in ("system", "durability", "tasks/s", "x sendscript", *GROUPS, "all", "ok"):
         table.add_column(col, justify="left" if col in ("system", "durability") else "right")
     for r in runs:
-        ratio = f"{r.tasks_per_s / base:.2f}" if base else "-"
+        ratio = f"{r.tasks_per_s / base[r.durable]:.2f}" if base.get(r.durable) else "-"
         cpu = [r.cpu_ms_per_task.get(g, 0.0) for g in GROUPS]
         table.add_row(r.system, "j=true" if r.durable else "as they come",
                       f"{r.tasks_per_s:.1f}", ratio, *[f"{c:.2f}" for c in cpu],
@@ -203,7 +211,7 @@ def render(runs: list[Run]) -> None:
     out.print(table)
     for r in runs:
         if r.system == "sendscript" and r.note:
-            out.print(f"sendscript {r.note}")
+            out.print(f"sendscript ({'j=true' if r.durable else 'as it comes'}): {r.note}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -239,9 +247,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         wait_until(lambda: _up(central_url), 60, what="the simulator")
         plan: list[tuple[str, bool]] = []
         for system in opts.systems.split(","):
-            if system == "sendscript":
-                plan.append((system, True))
-                continue
             if opts.durability in ("sendscript", "both"):
                 plan.append((system, True))
             if opts.durability in ("driver", "both"):
@@ -250,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             servers["mongo"].restart()
             console.print(f"[bold]{system}[/bold] ({'j=true' if durable else 'as they come'})")
             if system == "sendscript":
-                run = run_sendscript(servers, central_url, sim.pid, opts, log_dir)
+                run = run_sendscript(servers, central_url, sim.pid, opts, log_dir, durable)
             else:
                 run = run_peer(system, durable, servers, central_url, sim.pid, opts, log_dir)
             console.print(f"  {run.tasks_per_s:.1f} tasks/s")
