@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -54,6 +54,19 @@ def script_refusal(script: dict[str, Any], max_bytes: int) -> str | None:
         return (f"script is {size} bytes as BSON, over the limit of {max_bytes} bytes "
                 "(SENDSCRIPT_MAX_SCRIPT_BYTES)")
     return None
+
+
+# A task's run_at is never further before its creation than this: a past due time
+# means "now" to dispatch, and the task search finds a status's tasks created after
+# T among those with run_at after T - EARLIEST_DUE (sendscript/search.py). A fire of
+# a schedule keeps its fire time unless it comes more than this late.
+EARLIEST_DUE = timedelta(hours=1)
+
+
+def due_time(run_at: datetime | None, now: datetime) -> datetime:
+    if run_at is None:
+        return now
+    return max(run_at, now - EARLIEST_DUE)
 
 
 def utcnow() -> datetime:
@@ -248,9 +261,7 @@ class Task(BaseModel):
             script=spec.script,
             priority=spec.priority,
             status=TaskStatus.PENDING if due else TaskStatus.WAITING,
-            # Never before its creation: a past run_at means due now, and the task
-            # search relies on run_at >= created_at (sendscript/search.py).
-            run_at=now if due else spec.run_at,
+            run_at=due_time(spec.run_at, now),
             max_retries=spec.max_retries,
             timeout_s=spec.timeout_s,
             dedupe_key=spec.dedupe_key,

@@ -39,6 +39,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.database import Database
 from pymongo.errors import ExecutionTimeout
 
+from sendscript.models import EARLIEST_DUE
 from sendscript.status import TaskStatus
 from sendscript.store import GROUPS, TASKS
 
@@ -303,12 +304,12 @@ def _key(doc: dict[str, Any]) -> tuple[datetime, str]:
 def _plan_by_status(q: TaskQuery, flt: dict[str, Any], statuses: list[str],
                     now: datetime) -> Plan:
     """Tasks of a few statuses, through the index the dispatcher keeps anyway
-    (`status`, `run_at`): no task is due before it is created (`Task.from_spec`), so
-    every task created in a window of created_at [lo, top) has run_at >= lo. Each
-    window reads the slice of run_at not read yet, [lo, the last lo); a task read
-    early whose created_at is older waits (carried) for its own window. So each
-    matching task is read once, and the cost is that of the status's tasks, not of
-    the collection's."""
+    (`status`, `run_at`): no task is due more than `EARLIEST_DUE` before it is
+    created (`models.due_time`), so every task created in a window of created_at
+    [lo, top) has run_at >= lo - EARLIEST_DUE. Each window reads the slice of run_at
+    not read yet; a task read early whose created_at is older waits (carried) for its
+    own window. So each matching task is read once, and the cost is that of the
+    status's tasks, not of the collection's."""
     limit = _limit(q)
     lo, hi, cursor = _bounds(q, now)
     upper = (hi, "")  # keys below this: created_at < hi, or below the cursor
@@ -324,7 +325,7 @@ def _plan_by_status(q: TaskQuery, flt: dict[str, Any], statuses: list[str],
     read_down_to: datetime | None = None  # run_at at and above this has been read
     while top > lo and len(items) <= limit and queries < MAX_WINDOWS:
         bottom = max(lo, top - width)
-        run_at: dict[str, Any] = {"$gte": bottom}
+        run_at: dict[str, Any] = {"$gte": bottom - EARLIEST_DUE}
         if read_down_to is not None:
             run_at["$lt"] = read_down_to
         took_ms = left_ms = 0.0
@@ -337,7 +338,7 @@ def _plan_by_status(q: TaskQuery, flt: dict[str, Any], statuses: list[str],
             fresh += got[0]
             took_ms += got[1]
             left_ms = got[2]
-        read_down_to = bottom
+        read_down_to = bottom - EARLIEST_DUE
         pool = carried + [d for d in fresh if _key(d) < upper and matches(rest, d)]
         found = [d for d in pool if _key(d)[0] >= bottom]
         carried = [d for d in pool if lo <= _key(d)[0] < bottom]

@@ -54,6 +54,10 @@ async def test_filters_and_pages(db: AsyncDatabase) -> None:
     for i, task in enumerate(tasks[40::7]):
         await db[TASKS].update_one({"_id": task.id}, {"$set": {
             "status": "retry_waiting", "run_at": task.created_at + timedelta(hours=i % 40)}})
+    # ... and a due time in the past is kept, up to an hour before creation
+    for i, task in enumerate(tasks[41::11]):
+        await db[TASKS].update_one({"_id": task.id}, {"$set": {
+            "run_at": task.created_at - timedelta(minutes=i % 60)}})
     await db[GROUPS].insert_one({"_id": "g", "devices": ["d1", "d2"]})
     docs = [d async for d in db[TASKS].find({})]
     lo, hi = now - timedelta(hours=12), now - timedelta(hours=1)

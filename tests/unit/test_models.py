@@ -315,3 +315,15 @@ def test_the_limit_applies_where_the_context_names_it() -> None:
     fanout = {"device_ids": ["a", "b"], "script": {"blob": "x" * 200}}
     with pytest.raises(ValidationError):
         FanoutSpec.model_validate(fanout, context={MAX_SCRIPT_BYTES: 100})
+
+
+def test_a_past_due_time_is_kept_up_to_an_hour_before_creation() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from sendscript.models import EARLIEST_DUE, due_time
+
+    now = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+    assert due_time(None, now) == now
+    assert due_time(now - timedelta(seconds=3), now) == now - timedelta(seconds=3)
+    assert due_time(now - timedelta(days=2), now) == now - EARLIEST_DUE
+    assert due_time(now + timedelta(hours=5), now) == now + timedelta(hours=5)
