@@ -49,9 +49,12 @@ MAX_TEXT = 200
 BUDGET_MS = 250  # server time one page may take; past it the page is partial
 FIRST_WINDOW_S = 60.0
 MAX_GROWTH = 16  # a window is at most this many times wider than the one before
-EMPTY_GROWTH = 2  # ... after a window that held no tasks
+EMPTY_GROWTH = 2  # ... after a window that held no tasks,
+EMPTY_CAP = timedelta(minutes=15)  # ... up to this: the next may be dense,
+IDLE_SPAN = timedelta(hours=6)  # ... for this long; past it, the data may have ended
+LONGEST = timedelta(days=36500)
 EMPTY_READ_MS = 3.0  # a read this fast read (next to) no documents
-MAX_WINDOWS = 60
+MAX_WINDOWS = 240  # reads of a page at most (the time budget ends most sooner)
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 LIST_FIELDS = {"script.args": 0, "checkpoint": 0, "result": 0, "lease": 0, "last_lease": 0}
 LISTED_FIELDS = {"_id": 1, "created_at": 1, "device_id": 1}
@@ -196,26 +199,35 @@ class Widths:
     for the matches still wanted at the rate found so far, at most `MAX_GROWTH`
     times the last, and no wider than the time left allows at the last read's speed.
     Across a stretch with no tasks at all (reads of a millisecond or two) it grows
-    by `EMPTY_GROWTH`, so the first window into busy history stays small."""
+    by `EMPTY_GROWTH` up to `EMPTY_CAP` for `IDLE_SPAN`, so the first window into busy
+    history after idle hours stays small, then doubles (the tasks may have ended)."""
 
     def __init__(self) -> None:
         self.width = timedelta(seconds=FIRST_WINDOW_S)
         self.searched = timedelta(0)
         self.found = 0
+        self.idle = timedelta(0)  # the stretch of empty reads just crossed
 
     def next(self, last: timedelta, found: int, wanted: int, took_ms: float,
              left_ms: float) -> timedelta:
         self.searched += last
         self.found += found
         if took_ms <= EMPTY_READ_MS and not found:
-            grow = EMPTY_GROWTH
+            # Nothing there says nothing of what comes next: the window into history
+            # after idle hours must not be as wide as those hours. Past IDLE_SPAN the
+            # tasks may simply have ended, and the windows double to the range's start.
+            self.idle += last
+            grown = last * EMPTY_GROWTH
+            capped = min(max(last, EMPTY_CAP), grown)
+            self.width = min(grown, LONGEST) if self.idle >= IDLE_SPAN else capped
+            return self.width
+        self.idle = timedelta(0)
+        if self.found:
+            rate = self.found / max(self.searched.total_seconds(), 1e-3)
+            grow = (wanted * 1.5 / rate) / max(last.total_seconds(), 1e-3)
         else:
-            if self.found:
-                rate = self.found / max(self.searched.total_seconds(), 1e-3)
-                grow = (wanted * 1.5 / rate) / max(last.total_seconds(), 1e-3)
-            else:
-                grow = MAX_GROWTH
-            grow = min(grow, left_ms * 0.5 / max(took_ms, EMPTY_READ_MS))
+            grow = MAX_GROWTH
+        grow = min(grow, left_ms * 0.5 / max(took_ms, EMPTY_READ_MS))
         grow = max(0.5, min(grow, MAX_GROWTH))
         self.width = max(last * grow, timedelta(milliseconds=1))
         return self.width
@@ -383,19 +395,29 @@ def _page(items: list[dict[str, Any]], limit: int, flt: dict[str, Any], queries:
                       partial=True, searched_to=stop, applied=flt)
 
 
-def _budget_left(deadline: float) -> float:
-    return (deadline - time.monotonic()) * 1000
+class _Budget:
+    """The page's time budget across its reads: each read's cursor gets what is left
+    as its maxTimeMS (none for a read that is not `budgeted`); no cursor once it is
+    spent. Shared by the two drivers below, which differ only in how they iterate."""
 
+    def __init__(self) -> None:
+        self.deadline = time.monotonic() + BUDGET_MS / 1000
+        self.started = 0.0
 
-def _find(col: Any, read: Read) -> Any:
-    return col.find(read.filter, read.fields or LIST_FIELDS).sort(NEWEST_FIRST).limit(read.limit)
+    def left_ms(self) -> float:
+        return (self.deadline - time.monotonic()) * 1000
 
+    def cursor(self, db: Any, read: Read) -> Any | None:
+        cursor = db[TASKS].find(read.filter, read.fields or LIST_FIELDS) \
+            .sort(NEWEST_FIRST).limit(read.limit)
+        self.started = time.monotonic()
+        if not read.budgeted:
+            return cursor
+        left = int(self.left_ms())
+        return cursor.max_time_ms(left) if left > 0 else None
 
-def _max_time(read: Read, deadline: float) -> int | None:
-    """The read's maxTimeMS: what is left of the page's budget (0: none left)."""
-    if not read.budgeted:
-        return None
-    return max(0, int(_budget_left(deadline)))
+    def answer(self, docs: list[dict[str, Any]]) -> Answer:
+        return docs, (time.monotonic() - self.started) * 1000, self.left_ms()
 
 
 async def search_tasks(db: AsyncDatabase, q: TaskQuery, now: datetime | None = None
@@ -405,18 +427,14 @@ async def search_tasks(db: AsyncDatabase, q: TaskQuery, now: datetime | None = N
     if q.group is not None:
         doc = await db[GROUPS].find_one({"_id": _text("group", q.group)})
         devices = list(doc.get("devices", [])) if doc else []
-    plan = _plan(q, build_filter(q, devices), now or datetime.now(UTC))
-    deadline = time.monotonic() + BUDGET_MS / 1000
+    plan, budget = _plan(q, build_filter(q, devices), now or datetime.now(UTC)), _Budget()
     try:
         read = plan.send(None)
         while True:
             answer: Answer = None
-            if (max_ms := _max_time(read, deadline)) != 0:
-                started = time.monotonic()
-                cursor = _find(db[TASKS], read)
+            if (cursor := budget.cursor(db, read)) is not None:
                 try:
-                    docs = [d async for d in (cursor.max_time_ms(max_ms) if max_ms else cursor)]
-                    answer = (docs, (time.monotonic() - started) * 1000, _budget_left(deadline))
+                    answer = budget.answer([d async for d in cursor])
                 except ExecutionTimeout:
                     pass
             read = plan.send(answer)
@@ -431,18 +449,14 @@ def search_tasks_sync(db: Database, q: TaskQuery, now: datetime | None = None) -
     if q.group is not None:
         doc = db[GROUPS].find_one({"_id": _text("group", q.group)})
         devices = list(doc.get("devices", [])) if doc else []
-    plan = _plan(q, build_filter(q, devices), now or datetime.now(UTC))
-    deadline = time.monotonic() + BUDGET_MS / 1000
+    plan, budget = _plan(q, build_filter(q, devices), now or datetime.now(UTC)), _Budget()
     try:
         read = plan.send(None)
         while True:
             answer: Answer = None
-            if (max_ms := _max_time(read, deadline)) != 0:
-                started = time.monotonic()
-                cursor = _find(db[TASKS], read)
+            if (cursor := budget.cursor(db, read)) is not None:
                 try:
-                    docs = list(cursor.max_time_ms(max_ms) if max_ms else cursor)
-                    answer = (docs, (time.monotonic() - started) * 1000, _budget_left(deadline))
+                    answer = budget.answer(list(cursor))
                 except ExecutionTimeout:
                     pass
             read = plan.send(answer)

@@ -32,3 +32,18 @@ def test_growth_is_bounded_both_ways() -> None:
     assert w.next(MINUTE, 0, 51, took_ms=5.0, left_ms=10_000) == MINUTE * MAX_GROWTH
     w = Widths()
     assert w.next(MINUTE, 50, 1, took_ms=5.0, left_ms=240) == MINUTE / 2
+
+
+def test_an_idle_stretch_is_crossed_in_capped_steps_then_doubling() -> None:
+    from sendscript.search import EMPTY_CAP, IDLE_SPAN
+
+    w = Widths()
+    width, crossed = MINUTE, timedelta(0)
+    while crossed + width < IDLE_SPAN:
+        crossed += width
+        width = w.next(width, 0, 51, took_ms=1.0, left_ms=200)
+        assert width <= EMPTY_CAP
+    assert width == EMPTY_CAP
+    for _ in range(3):  # idle past IDLE_SPAN: the tasks may have ended
+        width = w.next(width, 0, 51, took_ms=1.0, left_ms=200)
+    assert width == EMPTY_CAP * 8
