@@ -17,31 +17,25 @@ from typing import Any, Protocol
 
 from loguru import logger
 
-from master.alerting import Alerting
+from master.alerts import Alerting
 from master.backpressure import Backpressure
-from master.benching import Benching
 from master.board import DeviceBoard
-from master.bus import (
-    Bus,
-    DeviceFreed,
-    MasterStopping,
-    TaskAnswered,
-    TasksTaken,
-    WorkerLost,
-)
-from master.circuit import CircuitBreakerPart
+from master.breaker import CircuitBreakerPart
+from master.bus import Bus
 from master.delays import DelayedTasks, percentiles
+from master.device_free import DeviceFreeListener, LockChecker
+from master.device_health import Benching
 from master.dispatch import Dispatcher
 from master.droprate import DropRate
-from master.events import DeviceFreeListener, LockChecker
+from master.events import DeviceFreed, MasterStopping, TaskAnswered, TasksTaken, WorkerLost
 from master.expiry import Expiry
 from master.heartbeat import Heartbeat
 from master.intake import Intake
 from master.jobs import Jobs
-from master.limiting import RateLimits
+from master.limits import RateLimits
 from master.lost_work import LostWork
 from master.metering import Metering
-from master.pausing import Pausing
+from master.pauses import Pausing
 from master.pool import WorkerPool
 from master.quota import QuotaSignal
 from master.recovery import Recovery

@@ -28,8 +28,8 @@ from typing import Any
 
 from loguru import logger
 
-from master.bus import (
-    Bus,
+from master.bus import Bus
+from master.events import (
     Incident,
     TaskAnswered,
     TaskDispatched,

@@ -1,4 +1,4 @@
-"""The master's event seam: typed events, one emitter, and gates before dispatch.
+"""The master's event seam: one emitter for the events (`master.events`), and gates.
 
 The master's parts do not call each other. Whatever happens — tasks taken in,
 queued on the board, dispatched, answered, a device freed, a worker lost, the
@@ -22,126 +22,11 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from loguru import logger
 
-from sendscript.ipc import TaskDone, TaskHandle
 from sendscript.models import Task
-
-# -- events ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class TasksTaken:
-    """Due tasks handed to the master: from intake, the delay heap, a schedule, a
-    restart's restore or recovery. Not yet on the board."""
-
-    tasks: list[Task]
-    source: str
-
-
-@dataclass(frozen=True, slots=True)
-class TasksQueued:
-    """Tasks now waiting on the board for their device (new ones only)."""
-
-    tasks: list[Task]
-
-
-@dataclass(frozen=True, slots=True)
-class TaskDispatched:
-    task: Task
-    worker: str
-    waited_s: float  # on the board, since it was queued (or put back)
-
-
-@dataclass(frozen=True, slots=True)
-class TaskAnswered:
-    """A worker's answer for a dispatched task, with the outcome and its timings."""
-
-    task: Task
-    answer: TaskDone
-    worker: str
-    waited_s: float  # on the board before dispatch
-    handled_s: float  # dispatch to answer: lock, claim, record, POST
-
-    @property
-    def outcome(self) -> str:
-        return self.answer.outcome
-
-
-@dataclass(frozen=True, slots=True)
-class TasksWithdrawn:
-    """Queued tasks taken off the board without being dispatched."""
-
-    tasks: list[Task]
-    reason: str  # e.g. "expired"
-
-
-@dataclass(frozen=True, slots=True)
-class WithdrawRequested:
-    """Ask the board to take these queued tasks off (those it still has)."""
-
-    task_ids: list[str]
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class WakeRequested:
-    """Ask again now about these devices' tasks that a gate held (a pause was lifted):
-    their cool-down ends early."""
-
-    device_ids: list[str]
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceFreed:
-    device_id: str
-    fence: int | None  # None: the fallback check found the lock gone
-    via: Literal["event", "lock-check"]
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerLost:
-    """A worker died (or was killed) holding these tasks."""
-
-    worker: str
-    handles: list[TaskHandle]
-
-
-@dataclass(frozen=True, slots=True)
-class WorkRecovered:
-    """A lost worker's tasks, as Mongo now has them: the pending ones go back on the
-    board; the device of every one is no longer in flight."""
-
-    worker: str
-    devices: list[str]
-    pending: list[Task]
-
-
-@dataclass(frozen=True, slots=True)
-class CapacityChanged:
-    """Workers came online, retired or exited: dispatch may go on."""
-
-
-@dataclass(frozen=True, slots=True)
-class MasterStopping:
-    why: str
-
-
-@dataclass(frozen=True, slots=True)
-class Incident:
-    """Something an operator must hear of began (`active`) or is over. `kind` says
-    what (high_water, breaker_open, device_benched, drop_rate, hard_stop,
-    workers_dying, master_gone, dead_letters, ...), `key` which one; a kind and
-    key name one incident, so each is announced once when it starts and once
-    when it ends."""
-
-    kind: str
-    key: str
-    active: bool
-    detail: str = ""
-
 
 # -- gates --------------------------------------------------------------------------
 

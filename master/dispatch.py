@@ -16,12 +16,10 @@ from collections.abc import Callable
 from loguru import logger
 
 from master.board import DeviceBoard
-from master.bus import (
-    Bus,
+from master.bus import Bus, Drop, Go
+from master.events import (
     CapacityChanged,
     DeviceFreed,
-    Drop,
-    Go,
     TaskAnswered,
     TaskDispatched,
     TasksQueued,
@@ -32,7 +30,6 @@ from master.bus import (
     WorkerLost,
     WorkRecovered,
 )
-from master.expiry import deadline
 from master.pool import WorkerPool, WorkerSlot
 from sendscript.ipc import TaskDone, TaskHandle
 from sendscript.models import Task, utcnow
@@ -45,7 +42,7 @@ def task_handle(task: Task, max_wait: dict[str, float] | None = None) -> TaskHan
         task_id=task.id, device_id=task.device_id, attempt=task.attempt,
         max_retries=task.max_retries, timeout_s=task.timeout_s, priority=task.priority,
         queue=task.queue, script=task.script, retry_base_s=task.retry_base_s,
-        deadline=deadline(task, max_wait or {}),  # the worker checks it before the POST
+        deadline=task.deadline(max_wait or {}),  # the worker checks it before the POST
     )
 
 

@@ -32,8 +32,9 @@ from typing import Any
 import redis.asyncio
 from loguru import logger
 
-from master.bus import Bus, Incident, TaskAnswered, TasksWithdrawn
-from master.circuit import CircuitBreakerPart
+from master.breaker import CircuitBreakerPart
+from master.bus import Bus
+from master.events import Incident, TaskAnswered, TasksWithdrawn
 from master.expiry import EXPIRED
 from sendscript import pauses
 from sendscript.backoff import every

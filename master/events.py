@@ -1,92 +1,126 @@
-"""How the master learns a device is free: the consumer's event, and a slow fallback.
+"""The master's events: what happened, emitted once on the bus (`master.bus`).
 
-The consumer publishes `{"device_id", "fence"}` on the device-free channel when it
-releases a lock; that drives dispatch of the device's next task at once. A
-lost event (a reconnect, a crash between release and publish) must not strand a
-device, so now and then the master also reads the locks of the devices it waits
-on, and treats a lock that is gone as freed.
+Each is a frozen record of one fact — tasks taken in, queued on the board,
+dispatched, answered, a device freed, a worker lost, the master stopping, an
+incident — or of one request a part makes of another (withdraw, wake). Parts
+subscribe to the events they react to; none of them calls another.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
-import redis.asyncio
-from loguru import logger
-
-from sendscript.backoff import Backoff, every
-from sendscript.locks import DeviceLocks
-
-OnFree = Callable[[str, int], None]
+from sendscript.ipc import TaskDone, TaskHandle
+from sendscript.models import Task
 
 
-class DeviceFreeListener:
-    def __init__(self, client: redis.asyncio.Redis, channel: str, on_free: OnFree,
-                 on_reconnect: Callable[[], None]) -> None:
-        self.client = client
-        self.channel = channel
-        self.on_free = on_free
-        self.on_reconnect = on_reconnect
-        self.received = 0
+@dataclass(frozen=True, slots=True)
+class TasksTaken:
+    """Due tasks handed to the master: from intake, the delay heap, a schedule, a
+    restart's restore or recovery. Not yet on the board."""
 
-    async def run(self, stop: asyncio.Event) -> None:
-        backoff = Backoff(base_s=0.2, cap_s=5.0)
-        while not stop.is_set():
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.channel)
-                if backoff.failures:
-                    self.on_reconnect()  # events sent while we were away are lost
-                backoff.succeeded("device-free events")
-                while not stop.is_set():
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None:
-                        self._handle(message["data"])
-            except Exception as exc:
-                await backoff.failed("device-free events", exc)
-            finally:
-                try:
-                    await pubsub.aclose()
-                except Exception:
-                    pass
-
-    def _handle(self, data: bytes) -> None:
-        try:
-            event = json.loads(data)
-            device_id, fence = str(event["device_id"]), int(event["fence"])
-        except (ValueError, KeyError, TypeError):
-            logger.warning("ignoring malformed device-free event {!r}", data[:200])
-            return
-        self.received += 1
-        self.on_free(device_id, fence)
+    tasks: list[Task]
+    source: str
 
 
-class LockChecker:
-    """The fallback: read the locks of devices we wait on; a missing lock frees one."""
+@dataclass(frozen=True, slots=True)
+class TasksQueued:
+    """Tasks now waiting on the board for their device (new ones only)."""
 
-    def __init__(self, locks: DeviceLocks, waiting: Callable[[], list[str]],
-                 on_gone: Callable[[str], None], interval_s: float) -> None:
-        self.locks = locks
-        self.waiting = waiting
-        self.on_gone = on_gone
-        self.interval_s = interval_s
-        self.freed = 0
+    tasks: list[Task]
 
-    async def run(self, stop: asyncio.Event) -> None:
-        await every(stop, self.interval_s, "lock check", self.check, wait_first=True)
 
-    async def check(self) -> int:
-        devices = self.waiting()
-        gone = 0
-        for start in range(0, len(devices), 500):
-            chunk = devices[start:start + 500]
-            for device_id, holder in zip(chunk, await self.locks.holders(chunk), strict=True):
-                if holder is None:
-                    gone += 1
-                    self.on_gone(device_id)
-        if gone:
-            logger.info("lock check: {} device(s) free without an event", gone)
-        self.freed += gone
-        return gone
+@dataclass(frozen=True, slots=True)
+class TaskDispatched:
+    task: Task
+    worker: str
+    waited_s: float  # on the board, since it was queued (or put back)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskAnswered:
+    """A worker's answer for a dispatched task, with the outcome and its timings."""
+
+    task: Task
+    answer: TaskDone
+    worker: str
+    waited_s: float  # on the board before dispatch
+    handled_s: float  # dispatch to answer: lock, claim, record, POST
+
+    @property
+    def outcome(self) -> str:
+        return self.answer.outcome
+
+
+@dataclass(frozen=True, slots=True)
+class TasksWithdrawn:
+    """Queued tasks taken off the board without being dispatched."""
+
+    tasks: list[Task]
+    reason: str  # e.g. "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class WithdrawRequested:
+    """Ask the board to take these queued tasks off (those it still has)."""
+
+    task_ids: list[str]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class WakeRequested:
+    """Ask again now about these devices' tasks that a gate held (a pause was lifted):
+    their cool-down ends early."""
+
+    device_ids: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceFreed:
+    device_id: str
+    fence: int | None  # None: the fallback check found the lock gone
+    via: Literal["event", "lock-check"]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLost:
+    """A worker died (or was killed) holding these tasks."""
+
+    worker: str
+    handles: list[TaskHandle]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkRecovered:
+    """A lost worker's tasks, as Mongo now has them: the pending ones go back on the
+    board; the device of every one is no longer in flight."""
+
+    worker: str
+    devices: list[str]
+    pending: list[Task]
+
+
+@dataclass(frozen=True, slots=True)
+class CapacityChanged:
+    """Workers came online, retired or exited: dispatch may go on."""
+
+
+@dataclass(frozen=True, slots=True)
+class MasterStopping:
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Incident:
+    """Something an operator must hear of began (`active`) or is over. `kind` says
+    what (high_water, breaker_open, device_benched, drop_rate, hard_stop,
+    workers_dying, master_gone, dead_letters, ...), `key` which one; a kind and
+    key name one incident, so each is announced once when it starts and once
+    when it ends."""
+
+    kind: str
+    key: str
+    active: bool
+    detail: str = ""

@@ -1,9 +1,9 @@
 """Expiry: a task not started by its deadline becomes `expired`, counted as a drop.
 
-The deadline is the task's `expire_at`, or its queue's `max_wait` after it was due,
-whichever comes first. Only tasks with a deadline are tracked, in a heap by
-deadline; the sweep asks for those still queued to be withdrawn from the board,
-and the gate drops one that reaches dispatch past its deadline.
+The deadline is `Task.deadline`: the task's `expire_at`, or its queue's `max_wait`
+after it was due, whichever comes first. Only tasks with a deadline are tracked, in
+a heap by deadline; the sweep asks for those still queued to be withdrawn from the
+board, and the gate drops one that reaches dispatch past its deadline.
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import heapq
 from collections import Counter
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import redis.asyncio
 from loguru import logger
 
-from master.bus import GO, Bus, Drop, TasksQueued, TasksWithdrawn, Verdict, WithdrawRequested
+from master.bus import GO, Bus, Drop, Verdict
+from master.events import TasksQueued, TasksWithdrawn, WithdrawRequested
 from master.jobs import Jobs
 from sendscript.backoff import every
 from sendscript.models import Task, utcnow
@@ -25,14 +26,6 @@ from sendscript.status import TaskStatus, task_cas
 from sendscript.store import TaskStore
 
 EXPIRED = "expired"
-
-
-def deadline(task: Task, max_wait: dict[str, float]) -> datetime | None:
-    limits = [task.expire_at] if task.expire_at else []
-    if task.queue in max_wait:
-        due = task.run_at or task.created_at
-        limits.append(due + timedelta(seconds=max_wait[task.queue]))
-    return min(limits) if limits else None
 
 
 class Expiry:
@@ -54,12 +47,12 @@ class Expiry:
 
     def _track(self, event: TasksQueued) -> None:
         for task in event.tasks:
-            when = deadline(task, self.settings.queue_max_wait)
+            when = task.deadline(self.settings.queue_max_wait)
             if when is not None:
                 heapq.heappush(self._heap, (when.timestamp(), task.id))
 
     def admit(self, task: Task, now: datetime) -> Verdict:
-        when = deadline(task, self.settings.queue_max_wait)
+        when = task.deadline(self.settings.queue_max_wait)
         return Drop(EXPIRED) if when is not None and when <= now else GO
 
     def _on_withdrawn(self, event: TasksWithdrawn) -> None:
@@ -90,7 +83,7 @@ class Expiry:
         now = utcnow()
         by_queue: Counter[str] = Counter()
         for i, task in enumerate(tasks):
-            when = deadline(task, self.settings.queue_max_wait)
+            when = task.deadline(self.settings.queue_max_wait)
             reason = f"expired: not started by {when.isoformat() if when else now.isoformat()}"
             try:
                 changed = await self.tasks.cas(*task_cas(

@@ -13,7 +13,8 @@ import asyncio
 
 from loguru import logger
 
-from master.bus import Bus, WorkerLost, WorkRecovered
+from master.bus import Bus
+from master.events import WorkerLost, WorkRecovered
 from master.jobs import Jobs
 from master.recovery import Recovery
 from sendscript.backoff import Backoff

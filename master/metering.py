@@ -13,7 +13,8 @@ import asyncio
 import redis.asyncio
 from loguru import logger
 
-from master.bus import Bus, TaskAnswered, TaskDispatched, TasksTaken, TasksWithdrawn, WorkerLost
+from master.bus import Bus
+from master.events import TaskAnswered, TaskDispatched, TasksTaken, TasksWithdrawn, WorkerLost
 from sendscript import metrics
 from sendscript.backoff import every
 from sendscript.settings import Settings

@@ -2,7 +2,7 @@
 exhausted; the worker undid the attempt) sets the quota pause for every master.
 
 The pause itself, the gate that holds tasks under it and the probe that lifts it
-every `quota_probe_s` are in sendscript/pauses.py and master/pausing.py; this part
+every `quota_probe_s` are in sendscript/pauses.py and master/pauses.py; this part
 only raises the flag, once per burst of quota answers.
 """
 
@@ -14,7 +14,8 @@ from typing import Any
 import redis.asyncio
 from loguru import logger
 
-from master.bus import Bus, TaskAnswered
+from master.bus import Bus
+from master.events import TaskAnswered
 from master.jobs import Jobs
 from sendscript import pauses
 from sendscript.settings import Settings

@@ -29,7 +29,8 @@ from typing import Any, Protocol
 
 import redis.asyncio
 
-from master.bus import Bus, CapacityChanged, Incident, MasterStopping
+from master.bus import Bus
+from master.events import CapacityChanged, Incident, MasterStopping
 from sendscript.backoff import every
 from sendscript.settings import Settings
 

@@ -10,7 +10,7 @@ With neither set, alerts are only logged.
 `Notifier.offer` never blocks and never raises: an alert goes into a bounded
 queue (a full queue drops its oldest alert and counts it) that the notifier's
 own loop drains. Before sending, the loop asks `claim` whether this process is
-the one to send it (the cluster-wide once, see `master.alerting`); then a
+the one to send it (the cluster-wide once, see `master.alerts`); then a
 throttle allows at most `alert_max_per_minute` messages a minute in all. What
 the throttle or a full queue dropped is counted and said in the next message.
 Each POST has a timeout and a few retries with backoff; a channel's failures are
@@ -36,7 +36,7 @@ from sendscript.keys import Keys
 from sendscript.settings import Settings
 
 SERVICE = "sendscript"
-# An incident's cluster-wide record (master/alerting.py) holds the id of the master
+# An incident's cluster-wide record (master/alerts.py) holds the id of the master
 # that announced it while it is on, this prefix and the id of the one that announced
 # its end after.
 RESOLVED = "resolved:"

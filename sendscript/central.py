@@ -13,7 +13,7 @@
   neither (central-control answered and refused it).
 
 It also says what the failure tells of central-control itself (`sick`, fed to the
-circuit breaker in master/circuit.py): unreachable, timed out, 408, 429 or 5xx
+circuit breaker in master/breaker.py): unreachable, timed out, 408, 429 or 5xx
 say it is unwell; a busy device (409) or a refusal of this script does not. The
 error code of an answer's body (`code`, `errorCode` or `error_code`) is kept, so
 the worker can tell a quota answer (settings `central_quota_*`) from the rest.

@@ -80,7 +80,7 @@ class Keys:
         return f"{self.prefix}:stats:roundtrips"
 
     def alert(self, kind: str, key: str) -> str:
-        """An incident's cluster-wide record (master/alerting.py): the announcing
+        """An incident's cluster-wide record (master/alerts.py): the announcing
         master's id while it is on, `resolved:<id>` once its end was sent; expiring."""
         return f"{self.prefix}:alert:{kind}:{key}"
 
@@ -103,7 +103,7 @@ class Keys:
     def breaker(self) -> str:
         """Hash of the circuit breaker on central-control shared by all masters:
         `state` (`sendscript.breaker.BreakerState` as JSON) and `version`, written by
-        compare-and-set (master/circuit.py)."""
+        compare-and-set (master/breaker.py)."""
         return f"{self.prefix}:breaker"
 
     @property

@@ -248,6 +248,15 @@ class Task(BaseModel):
     def pull(self) -> bool:
         return self.mode == PULL
 
+    def deadline(self, max_wait: dict[str, float]) -> datetime | None:
+        """When it must have started: its `expire_at`, or its queue's max wait (queue ->
+        seconds) after it was due, whichever comes first; None if neither applies."""
+        limits = [self.expire_at] if self.expire_at else []
+        if self.queue in max_wait:
+            due = self.run_at or self.created_at
+            limits.append(due + timedelta(seconds=max_wait[self.queue]))
+        return min(limits) if limits else None
+
     @classmethod
     def from_spec(
         cls, spec: TaskSpec, *, task_id: str | None = None, now: datetime | None = None,

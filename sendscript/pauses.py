@@ -241,7 +241,7 @@ async def load(client: redis.asyncio.Redis, keys: Keys) -> dict[str, Pause]:
 
 
 # The protections' entry points: the drop-rate ladder sets the hard stop, the quota
-# signal sets the quota pause; the quota probe (master/pausing.py) lifts it.
+# signal sets the quota pause; the quota probe (master/pauses.py) lifts it.
 
 
 async def set_hard_stop(client: redis.asyncio.Redis, keys: Keys, reason: str,

@@ -16,7 +16,7 @@ from sendscript.store import TASKS
 
 
 def breaker_view(settings: Settings, raw: bytes | None) -> dict[str, Any]:
-    """The circuit breaker all masters share (master/circuit.py), with its limits; each
+    """The circuit breaker all masters share (master/breaker.py), with its limits; each
     master's heartbeat (`breaker`) adds its own gate, the drop-rate ladder and quota."""
     state = BreakerState.from_dict(json.loads(raw)) if raw else BreakerState()
     sends = sum(b[0] for b in state.buckets.values())

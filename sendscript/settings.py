@@ -138,7 +138,7 @@ class Settings(BaseSettings):
     low_water: int = Field(5_000, ge=0)
     ready_max: int = Field(0, ge=0)
 
-    # Alerts (issue 9, sendscript/alerts.py, master/alerting.py): a WeCom group robot
+    # Alerts (issue 9, sendscript/alerts.py, master/alerts.py): a WeCom group robot
     # (its full webhook URL, key included) and/or a JSON webhook; neither set: alerts
     # are only logged. At most alert_max_per_minute messages a minute in all (what is
     # dropped is said in the next one); each POST times out after alert_timeout_s and
@@ -165,7 +165,7 @@ class Settings(BaseSettings):
     # A master silent this long is gone (the leader says so); one restarted sooner is not.
     alert_master_gone_after_s: float = Field(30.0, ge=0)
 
-    # Rate limits (issue 9, sendscript/limits.py, master/limiting.py), shared by every
+    # Rate limits (issue 9, sendscript/limits.py, master/limits.py), shared by every
     # master: at most MAX dispatches per DURATION for all tasks, a queue or a device
     # group: "global=20/1s,queue:bulk=5/2s,group:rack-7=1/1s" (ms, s, m, h). A task
     # over a limit waits (no attempt used, no error). Tokens are reserved in Redis at
@@ -176,7 +176,7 @@ class Settings(BaseSettings):
     rate_limit_groups_refresh_s: float = Field(30.0, gt=0)
 
     # Circuit breaker on central-control (issue 9, sendscript/breaker.py,
-    # master/circuit.py), one state shared by every master through Redis, merged every
+    # master/breaker.py), one state shared by every master through Redis, merged every
     # breaker_sync_s. Over a sliding breaker_window_s holding at least
     # breaker_min_volume sends, a failure rate (unreachable, timeouts, 408/429/5xx) at
     # breaker_degrade_at degrades it (at most breaker_degraded_concurrency tasks in
@@ -213,7 +213,7 @@ class Settings(BaseSettings):
     drop_hard_stop_at: float = Field(0.20, gt=0, le=1)
     drop_sync_s: float = Field(1.0, gt=0, le=60)
 
-    # Benching (issue 9, sendscript/device_health.py, master/benching.py): a device
+    # Benching (issue 9, sendscript/device_health.py, master/device_health.py): a device
     # whose last bench_after attempts failed (SYSTEM_ERROR results, result timeouts,
     # sends central-control refused for it) is benched, its tasks held by every master
     # without using attempts, for bench_cooldown_s, doubled per bench in a row up to

@@ -26,8 +26,9 @@ from typing import Any
 import pytest
 import redis.asyncio
 
-from master.alerting import Alerting
-from master.bus import Bus, Incident
+from master.alerts import Alerting
+from master.bus import Bus
+from master.events import Incident
 from sendscript.alerts import Alert, State
 from sendscript.client import SendScriptClient
 from sendscript.dev.embedded import free_port

@@ -13,8 +13,9 @@ from datetime import timedelta
 import redis.asyncio
 from pymongo.asynchronous.database import AsyncDatabase
 
-from master.benching import Benching
-from master.bus import Bus, Go, Hold, Incident, TaskAnswered, WakeRequested
+from master.bus import Bus, Go, Hold
+from master.device_health import Benching
+from master.events import Incident, TaskAnswered, WakeRequested
 from master.recovery import Found, Recovery
 from sendscript import device_health
 from sendscript.device_health import BenchPolicy, DeviceHealth, Outcome

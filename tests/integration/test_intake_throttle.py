@@ -11,7 +11,8 @@ import redis.asyncio
 from pymongo.asynchronous.database import AsyncDatabase
 
 from master.backpressure import Backpressure
-from master.bus import Bus, TasksWithdrawn
+from master.bus import Bus
+from master.events import TasksWithdrawn
 from master.intake import Intake
 from sendscript.models import Task
 from sendscript.queue import IntakeQueue

@@ -14,7 +14,7 @@ import redis.asyncio
 from pymongo.asynchronous.database import AsyncDatabase
 
 from master.bus import Bus, Go, Hold
-from master.limiting import RateLimits
+from master.limits import RateLimits
 from sendscript import connect
 from sendscript.limits import Ask, RateLimit, RateLimiter, window_use
 from sendscript.models import Task

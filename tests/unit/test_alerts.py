@@ -13,8 +13,9 @@ import httpx
 import pytest
 import redis.asyncio
 
-from master.alerting import Alerting
-from master.bus import Bus, Incident
+from master.alerts import Alerting
+from master.bus import Bus
+from master.events import Incident
 from master.watches import Episode, GoneMasters, PoolDeaths, unplanned
 from sendscript.alerts import (
     Alert,

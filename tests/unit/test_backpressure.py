@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from master.backpressure import HIGH_WATER, Backpressure, Change, WaterMarks
-from master.bus import Bus, Incident, TasksQueued, TasksWithdrawn
+from master.bus import Bus
+from master.events import Incident, TasksQueued, TasksWithdrawn
 from sendscript.settings import Settings
 
 

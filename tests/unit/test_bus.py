@@ -4,16 +4,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from master.bus import (
-    GO,
-    Bus,
-    DeviceFreed,
-    Drop,
-    Go,
-    Hold,
-    TasksTaken,
-    Verdict,
-)
+from master.bus import GO, Bus, Drop, Go, Hold, Verdict
+from master.events import DeviceFreed, TasksTaken
 from master.expiry import EXPIRED, Expiry
 from sendscript.models import Task, utcnow
 from sendscript.settings import Settings

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from master.benching import BenchGate
 from master.bus import Go, Hold
+from master.device_health import BenchGate
 from sendscript.device_health import (
     BenchPolicy,
     DeviceHealth,

@@ -6,21 +6,17 @@ import asyncio
 from typing import Any
 
 from master.board import DeviceBoard
-from master.bus import (
-    GO,
-    Bus,
+from master.bus import GO, Bus, Drop, Hold, Verdict
+from master.dispatch import Dispatcher
+from master.events import (
     DeviceFreed,
-    Drop,
-    Hold,
     TaskAnswered,
     TaskDispatched,
     TasksQueued,
     TasksTaken,
     TasksWithdrawn,
-    Verdict,
     WithdrawRequested,
 )
-from master.dispatch import Dispatcher
 from sendscript.ipc import TaskDone, TaskHandle
 from sendscript.models import Task
 

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 from pydantic import ValidationError
 
-from master.limiting import (
+from master.limits import (
     FAILED_RETRY_S,
     IDLE_S,
     MAX_MARGIN_S,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from master.bus import GO, Hold
-from master.pausing import LOADING, PauseGate, incident_kind
+from master.pauses import LOADING, PauseGate, incident_kind
 from sendscript.models import Task, utcnow
 from sendscript.pauses import GLOBAL, HARD, QUOTA, Pause, PauseView, scope_of
 

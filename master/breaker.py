@@ -1,5 +1,8 @@
 """The circuit breaker on central-control in the master: a gate, a subscriber, a loop.
 
+Naming: one noun per concern; `sendscript/breaker.py` holds its state and rule, shared by
+every role, and `master/breaker.py` (this module) the master part that drives it.
+
 Every worker answer says what the send told of central-control (`TaskDone.central_ok`:
 accepted, failed in a way that says it is unwell, or nothing about it). The
 subscriber keeps those outcomes in order; the loop, every `breaker_sync_s`, merges
@@ -36,16 +39,8 @@ from typing import Any
 import redis.asyncio
 from loguru import logger
 
-from master.bus import (
-    GO,
-    Bus,
-    Hold,
-    Incident,
-    TaskAnswered,
-    TasksWithdrawn,
-    Verdict,
-    WakeRequested,
-)
+from master.bus import GO, Bus, Hold, Verdict
+from master.events import Incident, TaskAnswered, TasksWithdrawn, WakeRequested
 from sendscript.backoff import every
 from sendscript.breaker import BreakerPolicy, BreakerState, Circuit, CircuitBreaker
 from sendscript.models import Task

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 
+from master.breaker import CircuitGate
 from master.bus import Go, Hold
-from master.circuit import CircuitGate
 from sendscript.breaker import BreakerPolicy, BreakerState, Circuit, CircuitBreaker
 from sendscript.central import CentralError, check_response, transport_error
 from sendscript.models import Task, new_id

@@ -1,5 +1,8 @@
 """Pauses in the master: a gate that holds paused tasks, and the loop that keeps its view.
 
+Naming: one noun per concern; `sendscript/pauses.py` holds its state and rule, shared by
+every role, and `master/pauses.py` (this module) the master part that drives it.
+
 The flags live in Redis (`sendscript.pauses`). The loop subscribes to their
 channel and reloads the hash on every message, and every heartbeat interval as
 well (a message lost to a reconnect costs at most that long); with group pauses
@@ -29,16 +32,8 @@ import redis.asyncio
 from loguru import logger
 from pymongo.asynchronous.collection import AsyncCollection
 
-from master.bus import (
-    GO,
-    Bus,
-    Hold,
-    Incident,
-    TaskAnswered,
-    TasksWithdrawn,
-    Verdict,
-    WakeRequested,
-)
+from master.bus import GO, Bus, Hold, Verdict
+from master.events import Incident, TaskAnswered, TasksWithdrawn, WakeRequested
 from master.following import follow
 from master.jobs import Jobs
 from sendscript import pauses

@@ -8,9 +8,10 @@ import time
 
 import redis.asyncio
 
-from master.bus import Bus, Hold, Incident, TaskAnswered, TasksWithdrawn
-from master.circuit import CircuitBreakerPart
+from master.breaker import CircuitBreakerPart
+from master.bus import Bus, Hold
 from master.droprate import DropRate, Level
+from master.events import Incident, TaskAnswered, TasksWithdrawn
 from sendscript import pauses
 from sendscript.breaker import Circuit
 from sendscript.ipc import TaskDone

@@ -1,4 +1,7 @@
-"""Alerting: `Incident` events become alerts, once per incident across the cluster.
+"""Alerts in the master: `Incident` events become alerts, once per incident in the cluster.
+
+Naming: one noun per concern; `sendscript/alerts.py` holds its state and rule, shared by
+every role, and `master/alerts.py` (this module) the master part that drives it.
 
 Locally, an incident (its kind and key) is announced when it starts and when it
 ends; a repeat of one already on, or the end of one never seen, is ignored.
@@ -19,7 +22,8 @@ from typing import Any
 
 import redis.asyncio
 
-from master.bus import Bus, Incident
+from master.bus import Bus
+from master.events import Incident
 from sendscript.alerts import Alert, Notifier
 from sendscript.backoff import every
 from sendscript.models import utcnow

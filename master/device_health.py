@@ -1,4 +1,8 @@
-"""Benching in the master: a gate that holds benched devices' tasks, and its loop.
+"""Device health in the master: the bench gate that holds benched devices' tasks, and its
+loop.
+
+Naming: one noun per concern; `sendscript/device_health.py` holds its state and rule, shared by
+every role, and `master/device_health.py` (this module) the master part that drives it.
 
 The bench lives in Redis (`sendscript.device_health`), shared by every master. The
 loop keeps the gate's view of it: it subscribes to the devices channel and reloads
@@ -27,16 +31,8 @@ from typing import Any
 import redis.asyncio
 from loguru import logger
 
-from master.bus import (
-    GO,
-    Bus,
-    Hold,
-    Incident,
-    TaskAnswered,
-    TasksWithdrawn,
-    Verdict,
-    WakeRequested,
-)
+from master.bus import GO, Bus, Hold, Verdict
+from master.events import Incident, TaskAnswered, TasksWithdrawn, WakeRequested
 from master.following import follow
 from sendscript import device_health
 from sendscript.device_health import BenchPolicy, Outcome

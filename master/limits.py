@@ -1,5 +1,8 @@
 """Rate limits at dispatch: a gate that spends tokens its loop reserves in Redis.
 
+Naming: one noun per concern; `sendscript/limits.py` holds its state and rule, shared by
+every role, and `master/limits.py` (this module) the master part that drives it.
+
 Every limit (`sendscript.limits`: global, per queue, per device group) counts
 tokens per fixed window in Redis, shared by all masters. The gate never calls
 Redis: it spends tokens this master has reserved (`LimitBook.take`, O(limits of
@@ -36,7 +39,8 @@ from typing import Any
 import redis.asyncio
 from pymongo.asynchronous.collection import AsyncCollection
 
-from master.bus import GO, Bus, Hold, MasterStopping, Verdict
+from master.bus import GO, Bus, Hold, Verdict
+from master.events import MasterStopping
 from sendscript.backoff import Backoff, every
 from sendscript.groups import devices_of
 from sendscript.limits import Ask, RateLimit, RateLimiter, Reservation, parse_limits
