@@ -22,8 +22,8 @@ from typing import Any
 
 import redis.asyncio
 
-from master.bus import Bus
-from master.events import Incident
+from master.bus import Subscription
+from master.events import Incident, IncidentForgotten
 from sendscript.alerts import Alert, Notifier
 from sendscript.backoff import every
 from sendscript.models import utcnow
@@ -68,7 +68,7 @@ return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 class Alerting:
     """Subscribes to `Incident`; hands what must be said to the notifier."""
 
-    def __init__(self, settings: Settings, bus: Bus, client: redis.asyncio.Redis) -> None:
+    def __init__(self, settings: Settings, client: redis.asyncio.Redis) -> None:
         self.settings = settings
         self.redis = client
         self.active: dict[tuple[str, str], Incident] = {}
@@ -77,7 +77,12 @@ class Alerting:
         self._resolve = client.register_script(RESOLVE)
         self._renew = client.register_script(RENEW)
         self.ttl_ms = int(settings.alert_claim_ttl_s * 1000)
-        bus.subscribe(Incident, self.on_incident)
+
+    def subscriptions(self) -> list[Subscription]:
+        return [
+            (Incident, self.on_incident),
+            (IncidentForgotten, lambda e: self.forget(e.kind, e.key)),
+        ]
 
     def on_incident(self, event: Incident) -> None:
         ident = (event.kind, event.key)

@@ -11,23 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from loguru import logger
 
 from master.alerts import Alerting
-from master.backpressure import Backpressure
+from master.backpressure import Backlog, Backpressure
 from master.board import DeviceBoard
 from master.breaker import CircuitBreakerPart
-from master.bus import Bus
-from master.delays import DelayedTasks, percentiles
+from master.bus import Bus, Gate
+from master.delays import DelayedTasks
 from master.device_free import DeviceFreeListener, LockChecker
 from master.device_health import Benching
 from master.dispatch import Dispatcher
 from master.droprate import DropRate
-from master.events import DeviceFreed, MasterStopping, TaskAnswered, TasksTaken, WorkerLost
+from master.events import MasterStopping, TasksTaken
 from master.expiry import Expiry
 from master.heartbeat import Heartbeat
 from master.intake import Intake
@@ -41,7 +40,7 @@ from master.quota import QuotaSignal
 from master.recovery import Recovery
 from master.retention import Retention
 from master.scheduler import Scheduler
-from master.sweeper import Sweeper
+from master.sweeper import Sweeper, leader_lease
 from master.watches import Watches
 from sendscript import connect
 from sendscript.backoff import Backoff
@@ -66,12 +65,12 @@ class Master:
         self.jobs = Jobs()
         self.board = DeviceBoard(settings.queues, settings.queue_weights)
         self.stop_event = asyncio.Event()
-        self.outcomes: Counter[str] = Counter()
         self.started_at = utcnow()
         self._background: dict[str, asyncio.Task[Any]] = {}
 
     # -- building and wiring -------------------------------------------------------------
     def _build(self) -> None:
+        """Build every part; none subscribes or adds a gate itself (`_wire` does)."""
         s, bus = self.settings, self.bus
         self.redis = connect.redis_async(s)
         self.mongo = connect.mongo_async(s)
@@ -79,50 +78,60 @@ class Master:
         self.tasks = TaskStore(self.db)
         self.queue = IntakeQueue(self.redis, s.keys, s.master_id)
         self.groups = self.db[GROUPS]
-        self.pool = WorkerPool(
-            s, on_done=lambda slot, done: self.dispatcher.on_answer(slot, done),
-            on_lost=lambda slot, handles: self.dispatcher.on_lost(slot, handles),
-            on_change=lambda: self.dispatcher.on_change())
+        self.lease = leader_lease(s, self.redis)  # read by the leader's duties
+        self.pool = WorkerPool(s, bus)
         self.dispatcher = Dispatcher(bus, self.board, self.pool, s.queue_max_wait)
         self.recovery = Recovery(s, self.redis, self.tasks, RecordStore(self.db))
         self.lost_work = LostWork(bus, self.recovery, self.jobs, self.stop_event)
         self.expiry = Expiry(s, bus, self.tasks, self.redis, self.jobs)
-        self.benching = Benching(s, bus, self.redis)  # before the breaker: holds no probe
-        self.alerting = Alerting(s, bus, self.redis)
-        self.watches = Watches(s, bus, self.redis, lambda: self.pool.slots,
-                               lambda: self.sweeper.lease.leading, self.alerting.forget)
+        self.benching = Benching(s, bus, self.redis)
+        self.alerting = Alerting(s, self.redis)
+        self.watches = Watches(s, bus, self.redis, self.pool, self.lease.is_leading)
         self.pausing = Pausing(s, bus, self.redis, self.groups, self.jobs)
-        self.backpressure = Backpressure(s, bus, lambda: self.board.queued + len(self.delayed.heap))
-        # After the pause gate and before the rate limits: a probe permit it spends is
-        # not lost to a pause, and a task it holds spends no rate token.
+        self.delayed = DelayedTasks(s, self.tasks, self.recovery.dead_peers,
+                                    self._taken("delayed"))
+        self.backpressure = Backpressure(s, bus, Backlog(self.board, self.delayed))
         self.breaker = CircuitBreakerPart(s, bus, self.redis, self.pool.inflight)
-        self.drop_rate = DropRate(s, bus, self.redis, self.breaker)
-        self.quota = QuotaSignal(s, bus, self.redis, self.jobs,
-                                 lambda: self.pausing.gate.view is not None
-                                 and self.pausing.gate.view.quota)
-        self.rate_limits = RateLimits(s, bus, self.redis, self.groups)  # last gate: spends tokens
-        self.delayed = DelayedTasks(
-            s, self.tasks, lambda: self.recovery.dead_masters(exclude=s.master_id),
-            self._taken("delayed"))
+        self.drop_rate = DropRate(s, bus, self.redis)
+        self.quota = QuotaSignal(s, self.redis, self.jobs, self.pausing.gate)
+        self.rate_limits = RateLimits(s, self.redis, self.groups)
         self.intake = self._intake(self.queue, "intake")
         self.intake.throttle = self.backpressure  # only the ready list's intake waits
-        self.listener = DeviceFreeListener(
-            self.redis, s.keys.device_free_channel,
-            lambda device, fence: bus.emit(DeviceFreed(device, fence, "event")),
-            lambda: self.jobs.spawn(self.checker.check(), "lock check"))
-        self.checker = LockChecker(
-            self.recovery.locks, self.board.waiting_on_locks,
-            lambda device: bus.emit(DeviceFreed(device, None, "lock-check")),
-            s.free_check_interval_s)
-        self.sweeper = Sweeper(s, self.redis, self.recovery, self._ingest_for)
+        self.listener = DeviceFreeListener(self.redis, s.keys.device_free_channel, bus)
+        self.checker = LockChecker(self.recovery.locks, self.board.waiting_on_locks, bus,
+                                   self.jobs, s.free_check_interval_s)
+        self.sweeper = Sweeper(s, self.redis, self.recovery, self._ingest_for, self.lease)
         self.scheduler = Scheduler(s, self.db, self.tasks, self._taken("schedule"),
                                    self.started_at)
         self.heartbeat = Heartbeat(self.redis, s, self.report, self.started_at)
-        bus.subscribe(TaskAnswered, self._on_answered)
-        self.metering = Metering(s, bus, self.redis)  # issue 10: metrics, counts, health
-        self.counts = CountKeeper(s, self.redis, self.db, lambda: self.sweeper.lease.leading)
-        self.retention = Retention(s, self.db, lambda: self.sweeper.lease.leading)
-        bus.subscribe(WorkerLost, lambda e: self.outcomes.update(lost=len(e.handles)))
+        self.metering = Metering(s, self.redis)
+        self.counts = CountKeeper(s, self.redis, self.db, self.lease.is_leading)
+        self.retention = Retention(s, self.db, self.lease.is_leading)
+        if s.master_health_port:
+            self.health = HealthServer(s.health_host, s.master_health_port,
+                                       master_checks(self), "master")
+        self._wire()
+
+    def gates(self) -> list[Gate]:
+        """The dispatch gates in the order they are asked; the first that does not say Go
+        decides. tests/unit/test_gate_order.py pins the order and shows why."""
+        ordered: list[Gate | None] = [
+            self.expiry.gate,  # drops what is past its deadline, whoever else would hold it
+            self.benching.gate,  # a sick device's task: held before any permit is spent
+            self.pausing.gate,  # paused: held before the breaker's probe permits
+            self.breaker.gate,  # may spend a probe permit: after every gate that holds
+            self.rate_limits.gate,  # spends rate tokens: last (None without limits)
+        ]
+        return [gate for gate in ordered if gate is not None]
+
+    def _wire(self) -> None:
+        """Subscriptions in this order (handlers of one event run in it), then the gates."""
+        self.bus.attach(
+            self.dispatcher, self.lost_work, self.expiry, self.benching, self.alerting,
+            self.watches, self.pausing, self.backpressure, self.breaker, self.drop_rate,
+            self.quota, self.rate_limits, self.delayed, self.metering, self.checker)
+        for gate in self.gates():
+            self.bus.add_gate(gate)
         # Every part with a loop of its own; each runs until the stop event is set.
         self.loops: dict[str, Loop] = {
             "intake": self.intake, "device-free": self.listener, "lock-check": self.checker,
@@ -135,9 +144,8 @@ class Master:
             "metrics": self.metering, "counts": self.counts,
             "retention": self.retention,
         }
-        if s.master_health_port:
-            self.loops["health"] = HealthServer(s.health_host, s.master_health_port,
-                                                master_checks(self), "master")
+        if self.settings.master_health_port:
+            self.loops["health"] = self.health
 
     def _taken(self, source: str) -> Callable[[list[Task]], None]:
         return lambda tasks: self.bus.emit(TasksTaken(tasks, source))
@@ -153,12 +161,6 @@ class Master:
 
     async def _count(self, name: str, n: int) -> None:
         await self.redis.hincrby(self.settings.keys.stats, name, n)
-
-    def _on_answered(self, event: TaskAnswered) -> None:
-        self.outcomes[event.outcome] += 1
-        run_at = event.answer.run_at
-        if event.outcome == "retry" and run_at is not None:
-            self.delayed.hold(event.task.id, run_at)
 
     # -- lifecycle -----------------------------------------------------------------------
     async def run(self) -> int:
@@ -251,39 +253,22 @@ class Master:
             logger.warning("could not hand back {} task(s): {!r}", len(ids), exc)
 
     def report(self) -> dict[str, Any]:
-        pool, board = self.pool, self.board
-        return {
-            "workers_alive": len(pool.online()),
-            "workers": self.settings.workers,
-            "queued": board.queued,
-            "held_devices": board.held_devices,
-            "inflight": pool.inflight(),
-            "taken": self.intake.taken,
-            "quarantined": self.intake.quarantined,
-            "outcomes": dict(self.outcomes),
-            "device_free_events": self.listener.received,
-            "freed_by_lock_check": self.checker.freed,
-            "delayed_held": len(self.delayed.heap),
-            "delayed_fired": self.delayed.fired,
-            "delayed_fire_lateness": percentiles(self.delayed.lateness),
-            "schedule_fires": self.scheduler.fired,
-            "expired": self.expiry.expired,
+        """The parts' own reports, composed: the core's side by side, each protection's
+        under its name."""
+        report: dict[str, Any] = {"events": dict(self.bus.emitted)}
+        for part in (self.pool, self.dispatcher, self.intake, self.metering, self.listener,
+                     self.checker, self.delayed, self.scheduler, self.expiry, self.sweeper):
+            report.update(part.report())
+        report.update({
             "benching": self.benching.report(),
             "pauses": self.pausing.report(),
-            "running_by_queue": dict(board.running_by_queue),
-            "leader": self.sweeper.lease.leading,
-            "sweeps": self.sweeper.sweeps,
-            "recovered": dict(self.sweeper.totals),
-            "worker_names": [w.name for w in pool.online()],
-            "workers_recycled": pool.recycled,
-            "events": dict(self.bus.emitted),
             "alerts": {**self.alerting.report(), **self.watches.report()},
             "backpressure": self.backpressure.report(),
             "rate_limits": self.rate_limits.report(),
             "breaker": {**self.breaker.report(), "drop_rate": self.drop_rate.report(),
                         "quota": self.quota.report()},
-        }
-
+        })
+        return report
 
 def run(settings: Settings) -> int:
     from sendscript import runtime

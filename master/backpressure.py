@@ -22,13 +22,13 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from loguru import logger
 
-from master.bus import Bus
+from master.bus import Bus, Subscription
 from master.events import (
     Incident,
     TaskAnswered,
@@ -96,6 +96,23 @@ class WaterMarks:
         return max(1, min(batch, self.high - count))
 
 
+class Board(Protocol):
+    @property
+    def queued(self) -> int: ...
+
+
+class Backlog:
+    """The count the marks watch, read from two read-only views: the tasks queued on
+    the board and those waiting in the delay heap."""
+
+    def __init__(self, board: Board, delayed: Sized) -> None:
+        self.board = board
+        self.delayed = delayed
+
+    def __call__(self) -> int:
+        return self.board.queued + len(self.delayed)
+
+
 class Backpressure:
     """The water marks on the master's bus, and the `open` event intake waits on."""
 
@@ -108,12 +125,13 @@ class Backpressure:
         self.open.set()
         self._closed_at: float | None = None
         self.throttled_s = 0.0  # total time closed, finished spells only
+
+    def subscriptions(self) -> list[Subscription]:
         # Events after which the count may have crossed a mark: tasks in (queued, a
         # busy device's task put back, a lost worker's tasks back), tasks out
         # (dispatched, withdrawn), delayed tasks fired out of the heap (taken).
-        for kind in (TasksQueued, TaskDispatched, TasksWithdrawn, TaskAnswered, WorkRecovered,
-                     TasksTaken):
-            bus.subscribe(kind, self._on_event)
+        return [(kind, self._on_event) for kind in (
+            TasksQueued, TaskDispatched, TasksWithdrawn, TaskAnswered, WorkRecovered, TasksTaken)]
 
     def _on_event(self, _event: object) -> None:
         self.update()

@@ -22,7 +22,8 @@ The gate answers from the last state read, in O(1):
 - degraded: Go while this master has fewer than `breaker_degraded_concurrency` tasks
   in flight, else Hold.
 The drop-rate ladder (master/droprate.py) may degrade the gate (a floor) or trip
-the shared breaker open. Held devices are woken when the state lets more through.
+the shared breaker open, by event (`BreakerFloorRequested`, `BreakerTripRequested`).
+Held devices are woken when the state lets more through.
 Opening raises Incident("breaker_open"); closing again resolves it.
 """
 
@@ -39,8 +40,15 @@ from typing import Any
 import redis.asyncio
 from loguru import logger
 
-from master.bus import GO, Bus, Hold, Verdict
-from master.events import Incident, TaskAnswered, TasksWithdrawn, WakeRequested
+from master.bus import GO, Bus, Hold, Subscription, Verdict
+from master.events import (
+    BreakerFloorRequested,
+    BreakerTripRequested,
+    Incident,
+    TaskAnswered,
+    TasksWithdrawn,
+    WakeRequested,
+)
 from sendscript.backoff import every
 from sendscript.breaker import BreakerPolicy, BreakerState, Circuit, CircuitBreaker
 from sendscript.models import Task
@@ -220,9 +228,14 @@ class CircuitBreakerPart:
         self.syncs = 0
         self.conflicts = 0
         self.opened = 0
-        bus.add_gate(self.gate)
-        bus.subscribe(TaskAnswered, self._on_answered)
-        bus.subscribe(TasksWithdrawn, lambda e: self.gate.forget([t.device_id for t in e.tasks]))
+
+    def subscriptions(self) -> list[Subscription]:
+        return [
+            (TaskAnswered, self._on_answered),
+            (TasksWithdrawn, lambda e: self.gate.forget([t.device_id for t in e.tasks])),
+            (BreakerTripRequested, lambda e: self.trip(e.why)),
+            (BreakerFloorRequested, lambda e: self.set_floor(e.floor)),
+        ]
 
     # -- inputs ---------------------------------------------------------------------------
     def _on_answered(self, event: TaskAnswered) -> None:
@@ -240,11 +253,11 @@ class CircuitBreakerPart:
         self._wake(self.gate.room())
 
     def trip(self, why: str) -> None:
-        """Open the shared breaker at the next sync (the drop-rate ladder asks)."""
+        """Open the shared breaker at the next sync (the drop-rate ladder asks, by event)."""
         self._trip = why
 
     def set_floor(self, floor: Circuit) -> None:
-        """Degrade this master's gate whatever the shared state (the ladder asks)."""
+        """Degrade this master's gate whatever the shared state (the ladder asks, by event)."""
         self._wake(self.gate.set_floor(floor))
 
     # -- the loop --------------------------------------------------------------------------

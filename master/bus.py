@@ -11,6 +11,10 @@ handler with I/O to do starts a job (`master.jobs.Jobs`) and returns. A
 handler that raises is logged and skipped: one bad subscriber never stops
 dispatch or the other subscribers.
 
+Parts never subscribe or add a gate themselves: each lists its `subscriptions()`
+and exposes its `gate`, and the master (`master.app`) wires them, the gates in one
+explicit order.
+
 Gates are asked, in order, whether a task may be dispatched now, right before it
 goes to a worker: `Go`, `Hold` (keep it queued and ask again later; it uses no
 attempt) or `Drop` (take it off the board with a reason, e.g. expired).
@@ -59,6 +63,13 @@ class Gate(Protocol):
     def admit(self, task: Task, now: datetime) -> Verdict: ...
 
 
+Subscription = tuple[type, Callable[[Any], None]]
+
+
+class Subscriber(Protocol):
+    def subscriptions(self) -> list[Subscription]: ...
+
+
 # -- the emitter ------------------------------------------------------------------------
 
 E = TypeVar("E")
@@ -73,6 +84,12 @@ class Bus:
 
     def subscribe(self, kind: type[E], handler: Callable[[E], None]) -> None:
         self._handlers[kind].append(handler)
+
+    def attach(self, *parts: Subscriber) -> None:
+        """Subscribe each part's handlers, in the order given."""
+        for part in parts:
+            for kind, handler in part.subscriptions():
+                self.subscribe(kind, handler)
 
     def add_gate(self, gate: Gate) -> None:
         self.gates.append(gate)

@@ -24,6 +24,8 @@ from typing import Any
 
 from loguru import logger
 
+from master.bus import Subscription
+from master.events import TaskAnswered
 from sendscript.backoff import Backoff, every
 from sendscript.models import Task, utcnow
 from sendscript.settings import Settings
@@ -103,6 +105,21 @@ class DelayedTasks:
         self._taken_back_upto: int | None = None  # the count when the last one began
         # Set when the master stops: a fire that fails is not retried past it.
         self._halt = asyncio.Event()
+
+    def subscriptions(self) -> list[Subscription]:
+        return [(TaskAnswered, self._on_answered)]
+
+    def _on_answered(self, event: TaskAnswered) -> None:
+        """A retry its worker scheduled: the task is ours in Mongo, waiting till `run_at`."""
+        if event.outcome == "retry" and event.answer.run_at is not None:
+            self.hold(event.task.id, event.answer.run_at)
+
+    def __len__(self) -> int:
+        return len(self.heap)
+
+    def report(self) -> dict[str, Any]:
+        return {"delayed_held": len(self.heap), "delayed_fired": self.fired,
+                "delayed_fire_lateness": percentiles(self.lateness)}
 
     async def run(self, stop: asyncio.Event) -> None:
         try:

@@ -31,7 +31,7 @@ from typing import Any
 import redis.asyncio
 from loguru import logger
 
-from master.bus import GO, Bus, Hold, Verdict
+from master.bus import GO, Bus, Hold, Subscription, Verdict
 from master.events import Incident, TaskAnswered, TasksWithdrawn, WakeRequested
 from master.following import follow
 from sendscript import device_health
@@ -115,9 +115,12 @@ class Benching:
         self.benched_here = 0  # benches this master's outcomes made
         self.reloads = 0
         self.many = False  # the devices_benched incident is on
-        bus.add_gate(self.gate)
-        bus.subscribe(TaskAnswered, self._on_answered)
-        bus.subscribe(TasksWithdrawn, lambda e: self.gate.withdrawn({t.id for t in e.tasks}))
+
+    def subscriptions(self) -> list[Subscription]:
+        return [
+            (TaskAnswered, self._on_answered),
+            (TasksWithdrawn, lambda e: self.gate.withdrawn({t.id for t in e.tasks})),
+        ]
 
     def _on_answered(self, event: TaskAnswered) -> None:
         a = event.answer

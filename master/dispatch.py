@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 from loguru import logger
 
 from master.board import DeviceBoard
-from master.bus import Bus, Drop, Go
+from master.bus import Bus, Drop, Go, Subscription
 from master.events import (
+    AnswerReceived,
     CapacityChanged,
     DeviceFreed,
     TaskAnswered,
@@ -30,8 +32,8 @@ from master.events import (
     WorkerLost,
     WorkRecovered,
 )
-from master.pool import WorkerPool, WorkerSlot
-from sendscript.ipc import TaskDone, TaskHandle
+from master.pool import WorkerPool
+from sendscript.ipc import TaskHandle
 from sendscript.models import Task, utcnow
 
 ERROR_COOLDOWN_S = 2.0
@@ -58,16 +60,22 @@ class Dispatcher:
         self._scheduled = False
         self._queued_at: dict[str, float] = {}  # task id -> when it went on the board
         self._dispatched: dict[str, tuple[float, float]] = {}  # task id -> (at, waited_s)
-        bus.subscribe(TasksTaken, self._on_taken)
-        bus.subscribe(WithdrawRequested, self._on_withdraw)
-        bus.subscribe(DeviceFreed, self._on_freed)
-        bus.subscribe(WorkerLost, lambda _: self._note_idle())
-        bus.subscribe(WorkRecovered, self._on_recovered)
-        bus.subscribe(CapacityChanged, lambda _: self.kick())
-        bus.subscribe(WakeRequested, self._on_wake)
 
-    # -- pool callbacks (the pool knows nothing of the bus) ---------------------------
-    def on_answer(self, slot: WorkerSlot, done: TaskDone) -> None:
+    def subscriptions(self) -> list[Subscription]:
+        return [
+            (TasksTaken, self._on_taken),
+            (WithdrawRequested, self._on_withdraw),
+            (DeviceFreed, self._on_freed),
+            (AnswerReceived, self._on_answer),
+            (WorkerLost, self._on_lost),
+            (WorkRecovered, self._on_recovered),
+            (CapacityChanged, lambda _: self.kick()),
+            (WakeRequested, self._on_wake),
+        ]
+
+    # -- events ---------------------------------------------------------------------------
+    def _on_answer(self, event: AnswerReceived) -> None:
+        done = event.answer
         device = self.board.devices.get(done.device_id)
         task = device.inflight if device is not None else None
         if task is None or task.id != done.task_id:
@@ -84,19 +92,15 @@ class Dispatcher:
                 self.board.finished(done.device_id)
             case "error" | "unsent" | "quota":
                 self._cool_down(task, ERROR_COOLDOWN_S)
-        self.bus.emit(TaskAnswered(task, done, slot.name, waited, time.monotonic() - at))
+        self.bus.emit(TaskAnswered(task, done, event.worker, waited, time.monotonic() - at))
         self._note_idle()
         self.kick()
 
-    def on_lost(self, slot: WorkerSlot, handles: list[TaskHandle]) -> None:
-        for h in handles:
+    def _on_lost(self, event: WorkerLost) -> None:
+        for h in event.handles:
             self._dispatched.pop(h.task_id, None)
-        self.bus.emit(WorkerLost(slot.name, handles))
+        self._note_idle()
 
-    def on_change(self) -> None:
-        self.bus.emit(CapacityChanged())
-
-    # -- events ---------------------------------------------------------------------------
     def _on_taken(self, event: TasksTaken) -> None:
         added = [t for t in event.tasks if self.board.add(t)]
         if added:
@@ -196,6 +200,11 @@ class Dispatcher:
     def _note_idle(self) -> None:
         if not self.accepting and self.pool.inflight() == 0:
             self.idle.set()
+
+    def report(self) -> dict[str, Any]:
+        board = self.board
+        return {"queued": board.queued, "held_devices": board.held_devices,
+                "running_by_queue": dict(board.running_by_queue)}
 
     def drain(self) -> list[Task]:
         """Everything still queued, off the board (to hand back at stop)."""

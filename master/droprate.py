@@ -32,9 +32,14 @@ from typing import Any
 import redis.asyncio
 from loguru import logger
 
-from master.breaker import CircuitBreakerPart
-from master.bus import Bus
-from master.events import Incident, TaskAnswered, TasksWithdrawn
+from master.bus import Bus, Subscription
+from master.events import (
+    BreakerFloorRequested,
+    BreakerTripRequested,
+    Incident,
+    TaskAnswered,
+    TasksWithdrawn,
+)
 from master.expiry import EXPIRED
 from sendscript import pauses
 from sendscript.backoff import every
@@ -143,19 +148,21 @@ def policy_from(settings: Settings) -> LadderPolicy:
 class DropRate:
     """The ladder on the bus: counts finished and dropped tasks, climbs in its loop."""
 
-    def __init__(self, settings: Settings, bus: Bus, client: redis.asyncio.Redis,
-                 breaker: CircuitBreakerPart) -> None:
+    def __init__(self, settings: Settings, bus: Bus, client: redis.asyncio.Redis) -> None:
         self.settings = settings
         self.bus = bus
         self.redis = client
-        self.breaker = breaker
         self.ladder = DropLadder(policy_from(settings))
         self._finished = 0
         self._dropped = 0
         self.window = (0, 0)
         self.hard_stops = 0
-        bus.subscribe(TaskAnswered, self._on_answered)
-        bus.subscribe(TasksWithdrawn, self._on_withdrawn)
+
+    def subscriptions(self) -> list[Subscription]:
+        return [
+            (TaskAnswered, self._on_answered),
+            (TasksWithdrawn, self._on_withdrawn),
+        ]
 
     def _on_answered(self, event: TaskAnswered) -> None:
         if event.outcome in FINISHED:
@@ -204,8 +211,9 @@ class DropRate:
                                        f"drop rate: {detail}")
             self.hard_stops += 1
         if after >= Level.OPEN > before:
-            self.breaker.trip(f"drop rate: {detail}")
-        self.breaker.set_floor(Circuit.DEGRADED if after >= Level.DEGRADE else Circuit.CLOSED)
+            self.bus.emit(BreakerTripRequested(f"drop rate: {detail}"))
+        self.bus.emit(BreakerFloorRequested(
+            Circuit.DEGRADED if after >= Level.DEGRADE else Circuit.CLOSED))
         for level in Level:
             if before < level <= after:
                 self.bus.emit(Incident(INCIDENT, level.label, True, detail))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from sendscript.breaker import Circuit
 from sendscript.ipc import TaskDone, TaskHandle
 from sendscript.models import Task
 
@@ -54,6 +55,15 @@ class TaskAnswered:
 
 
 @dataclass(frozen=True, slots=True)
+class AnswerReceived:
+    """A worker's answer as the pool read it off the pipe; the dispatcher decides what
+    the board does with it and announces `TaskAnswered`."""
+
+    worker: str
+    answer: TaskDone
+
+
+@dataclass(frozen=True, slots=True)
 class TasksWithdrawn:
     """Queued tasks taken off the board without being dispatched."""
 
@@ -82,6 +92,12 @@ class DeviceFreed:
     device_id: str
     fence: int | None  # None: the fallback check found the lock gone
     via: Literal["event", "lock-check"]
+
+
+@dataclass(frozen=True, slots=True)
+class FreeEventsMissed:
+    """The device-free channel was (re)subscribed: events may have been missed while it
+    was down, so the fallback lock check should look now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,3 +140,27 @@ class Incident:
     key: str
     active: bool
     detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentForgotten:
+    """This master no longer watches the incident (another leads now): forget it
+    without announcing an end."""
+
+    kind: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerTripRequested:
+    """Open the shared circuit breaker at its next sync (the drop-rate ladder asks)."""
+
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerFloorRequested:
+    """Let this master's breaker gate act no better than `floor`, whatever the shared
+    state (the drop-rate ladder asks: DEGRADED while the drop rate is high)."""
+
+    floor: Circuit

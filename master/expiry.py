@@ -12,11 +12,12 @@ import asyncio
 import heapq
 from collections import Counter
 from datetime import datetime
+from typing import Any
 
 import redis.asyncio
 from loguru import logger
 
-from master.bus import GO, Bus, Drop, Verdict
+from master.bus import GO, Bus, Drop, Subscription, Verdict
 from master.events import TasksQueued, TasksWithdrawn, WithdrawRequested
 from master.jobs import Jobs
 from sendscript.backoff import every
@@ -41,9 +42,13 @@ class Expiry:
         self._heap: list[tuple[float, str]] = []
         self._unwritten: list[Task] = []  # off the board, not yet marked expired
         self.expired = 0
-        bus.subscribe(TasksQueued, self._track)
-        bus.subscribe(TasksWithdrawn, self._on_withdrawn)
-        bus.add_gate(self)
+        self.gate = self
+
+    def subscriptions(self) -> list[Subscription]:
+        return [
+            (TasksQueued, self._track),
+            (TasksWithdrawn, self._on_withdrawn),
+        ]
 
     def _track(self, event: TasksQueued) -> None:
         for task in event.tasks:
@@ -59,6 +64,9 @@ class Expiry:
         if event.reason == EXPIRED:
             self._unwritten.extend(event.tasks)
             self.jobs.spawn(self.write(), "mark tasks expired")
+
+    def report(self) -> dict[str, Any]:
+        return {"expired": self.expired}
 
     async def run(self, stop: asyncio.Event) -> None:
         await every(stop, self.settings.expiry_check_interval_s, "expiry", self.sweep,

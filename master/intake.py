@@ -18,7 +18,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from loguru import logger
 from pydantic import ValidationError
@@ -104,6 +104,9 @@ class Intake:
         self.quarantined = 0
         self.deduplicated = 0
         self._recheck = True
+
+    def report(self) -> dict[str, Any]:
+        return {"taken": self.taken, "quarantined": self.quarantined}
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = Backoff(base_s=0.2, cap_s=10.0)

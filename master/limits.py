@@ -39,7 +39,7 @@ from typing import Any
 import redis.asyncio
 from pymongo.asynchronous.collection import AsyncCollection
 
-from master.bus import GO, Bus, Hold, Verdict
+from master.bus import GO, Hold, Subscription, Verdict
 from master.events import MasterStopping
 from sendscript.backoff import Backoff, every
 from sendscript.groups import devices_of
@@ -209,7 +209,7 @@ class LimitBook:
 class RateLimits:
     """The gate and its loop: reservations, and the limited groups' devices."""
 
-    def __init__(self, settings: Settings, bus: Bus, client: redis.asyncio.Redis,
+    def __init__(self, settings: Settings, client: redis.asyncio.Redis,
                  groups: AsyncCollection) -> None:
         self.settings = settings
         self.limits = parse_limits(settings.rate_limits)
@@ -224,9 +224,10 @@ class RateLimits:
         # device -> its groups' limits; None until the first load.
         self._by_device: dict[str, list[LimitState]] | None = None if self._group_names else {}
         self.groups_held = 0
-        if self.limits:
-            bus.add_gate(self)
-            bus.subscribe(MasterStopping, lambda _: self._wake.set())
+        self.gate: RateLimits | None = self if self.limits else None  # no limit, no gate
+
+    def subscriptions(self) -> list[Subscription]:
+        return [(MasterStopping, lambda _: self._wake.set())] if self.limits else []
 
     # -- the gate --------------------------------------------------------------------------
     def admit(self, task: Task, now: datetime) -> Verdict:

@@ -13,7 +13,7 @@ import asyncio
 
 from loguru import logger
 
-from master.bus import Bus
+from master.bus import Bus, Subscription
 from master.events import WorkerLost, WorkRecovered
 from master.jobs import Jobs
 from master.recovery import Recovery
@@ -29,7 +29,11 @@ class LostWork:
         self.jobs = jobs
         self.stop = stop
         self.lost = 0
-        bus.subscribe(WorkerLost, self._on_lost)
+
+    def subscriptions(self) -> list[Subscription]:
+        return [
+            (WorkerLost, self._on_lost),
+        ]
 
     def _on_lost(self, event: WorkerLost) -> None:
         self.lost += len(event.handles)

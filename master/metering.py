@@ -9,11 +9,13 @@ nor the workers do anything for it. The snapshot goes to `{prefix}:metrics` (see
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
+from typing import Any
 
 import redis.asyncio
 from loguru import logger
 
-from master.bus import Bus
+from master.bus import Subscription
 from master.events import TaskAnswered, TaskDispatched, TasksTaken, TasksWithdrawn, WorkerLost
 from sendscript import metrics
 from sendscript.backoff import every
@@ -25,15 +27,20 @@ def metrics_key(settings: Settings) -> str:
 
 
 class Metering:
-    def __init__(self, settings: Settings, bus: Bus, client: redis.asyncio.Redis) -> None:
+    def __init__(self, settings: Settings, client: redis.asyncio.Redis) -> None:
         self.settings = settings
         self.client = client
         self.m = metrics.setup("master", settings.master_id)
-        bus.subscribe(TasksTaken, self.on_taken)
-        bus.subscribe(TaskDispatched, self.on_dispatched)
-        bus.subscribe(TaskAnswered, self.on_answered)
-        bus.subscribe(TasksWithdrawn, self.on_withdrawn)
-        bus.subscribe(WorkerLost, lambda e: self.m.lost.inc(len(e.handles)))
+        self.outcomes: Counter[str] = Counter()  # answers by outcome, and tasks lost
+
+    def subscriptions(self) -> list[Subscription]:
+        return [
+            (TasksTaken, self.on_taken),
+            (TaskDispatched, self.on_dispatched),
+            (TaskAnswered, self.on_answered),
+            (TasksWithdrawn, self.on_withdrawn),
+            (WorkerLost, self.on_lost),
+        ]
 
     def on_taken(self, event: TasksTaken) -> None:
         for task in event.tasks:
@@ -46,6 +53,7 @@ class Metering:
 
     def on_answered(self, event: TaskAnswered) -> None:
         queue = event.task.queue
+        self.outcomes[event.outcome] += 1
         self.m.answered.labels(queue, event.outcome).inc()
         self.m.send_time.labels(queue).observe(max(0.0, event.handled_s))
         if event.outcome == "retry":
@@ -53,6 +61,13 @@ class Metering:
 
     def on_withdrawn(self, event: TasksWithdrawn) -> None:
         self.m.withdrawn.labels(event.reason).inc(len(event.tasks))
+
+    def on_lost(self, event: WorkerLost) -> None:
+        self.outcomes.update(lost=len(event.handles))
+        self.m.lost.inc(len(event.handles))
+
+    def report(self) -> dict[str, Any]:
+        return {"outcomes": dict(self.outcomes)}
 
     async def run(self, stop: asyncio.Event) -> None:
         await every(stop, self.settings.heartbeat_interval_s, "metrics", self.publish)

@@ -32,7 +32,7 @@ import redis.asyncio
 from loguru import logger
 from pymongo.asynchronous.collection import AsyncCollection
 
-from master.bus import GO, Bus, Hold, Verdict
+from master.bus import GO, Bus, Hold, Subscription, Verdict
 from master.events import Incident, TaskAnswered, TasksWithdrawn, WakeRequested
 from master.following import follow
 from master.jobs import Jobs
@@ -68,6 +68,11 @@ class PauseGate:
         self.probe_task: str | None = None
         self.holds = 0
         self.probes = 0
+
+    @property
+    def quota(self) -> bool:
+        """The quota pause is in force (as last loaded)."""
+        return self.view is not None and self.view.quota
 
     def scope_of(self, queue: str, device_id: str) -> str | None:
         return LOADING if self.view is None else self.view.match(queue, device_id)
@@ -145,9 +150,12 @@ class Pausing:
         self._next_probe: float | None = None
         self._members: dict[str, list[str]] = {}  # paused group -> its devices, last read
         self._mongo = OutageLog("pauses: paused groups' devices")
-        bus.add_gate(self.gate)
-        bus.subscribe(TasksWithdrawn, lambda e: self.gate.withdrawn(t.id for t in e.tasks))
-        bus.subscribe(TaskAnswered, self._on_answered)
+
+    def subscriptions(self) -> list[Subscription]:
+        return [
+            (TasksWithdrawn, lambda e: self.gate.withdrawn(t.id for t in e.tasks)),
+            (TaskAnswered, self._on_answered),
+        ]
 
     async def run(self, stop: asyncio.Event) -> None:
         await follow(self.redis, self.settings.keys.pauses_channel, stop, what="pauses",

@@ -10,7 +10,10 @@ it has finished what it holds.
 A worker that hangs instead of dying (its loop blocked, or a send that never
 returns) is found by `master.watchdog` from its pipe heartbeat and the age of
 the oldest task it holds, killed with SIGKILL, and then handled like any dead
-worker: its tasks go through `on_lost`, and it is replaced.
+worker: its tasks go back as `WorkerLost`, and it is replaced.
+
+The pool speaks to the master's bus only: a worker's answer is `AnswerReceived`, a
+dead worker's tasks `WorkerLost`, a worker online, retiring or gone `CapacityChanged`.
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ from collections import Counter
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 from loguru import logger
 
 from master.balancer import select_worker
+from master.bus import Bus
+from master.events import AnswerReceived, CapacityChanged, WorkerLost
 from master.watchdog import hung_reason, limits, responsive
 from sendscript.ipc import (
     Shutdown,
@@ -91,21 +97,14 @@ class WorkerSlot:
         return handle
 
 
-OnDone = Callable[[WorkerSlot, TaskDone], None]
-OnLost = Callable[[WorkerSlot, list[TaskHandle]], None]
-OnChange = Callable[[], None]
-
-
 class WorkerPool:
     def __init__(
-        self, settings: Settings, *, on_done: OnDone, on_lost: OnLost, on_change: OnChange,
+        self, settings: Settings, bus: Bus, *,
         target: Callable[..., None] | None = None,
     ) -> None:
         self.settings = settings
         self.target = target  # the worker's entry point; worker.process.main by default
-        self.on_done = on_done
-        self.on_lost = on_lost
-        self.on_change = on_change
+        self.bus = bus
         self.limits = limits(settings)  # a too-short task limit stops the master here
         self.ctx = multiprocessing.get_context("spawn")
         self.slots: dict[int, WorkerSlot] = {}
@@ -210,9 +209,15 @@ class WorkerPool:
             slot.process.kill()  # SIGKILL also ends a stopped (SIGSTOP) process
         except (OSError, ValueError) as exc:  # already gone: its sentinel fires anyway
             logger.warning("could not kill worker {}: {!r}", slot.name, exc)
-        self.on_change()
+        self.bus.emit(CapacityChanged())
 
     # -- dispatch ------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        online = self.online()
+        return {"workers_alive": len(online), "workers": self.settings.workers,
+                "inflight": self.inflight(), "worker_names": [w.name for w in online],
+                "workers_recycled": self.recycled}
+
     def online(self) -> list[WorkerSlot]:
         """Workers that take tasks: online and heard from lately."""
         now = time.monotonic()
@@ -252,16 +257,16 @@ class WorkerPool:
         if slot.online and silent_s > self.limits.quiet_s:
             logger.info("worker {} heard from again after {:.1f}s of silence", slot.name,
                         silent_s)
-            self.on_change()  # it takes tasks again
+            self.bus.emit(CapacityChanged())  # it takes tasks again
         if isinstance(msg, WorkerHeartbeat):
             return
         if isinstance(msg, TaskDone):
             if slot.drop(msg.task_id) is not None:
-                self.on_done(slot, msg)
+                self.bus.emit(AnswerReceived(slot.name, msg))
         elif isinstance(msg, WorkerOnline):
             slot.online = True
             logger.info("worker {} online", slot.name)
-            self.on_change()
+            self.bus.emit(CapacityChanged())
         elif isinstance(msg, WorkerRetiring):
             self.retire(slot, msg.reason)
         elif isinstance(msg, WorkerExit):
@@ -279,7 +284,7 @@ class WorkerPool:
                     slot.load)
         self._send(slot, Shutdown(reason=f"recycled: {reason}"))
         self._fill()
-        self.on_change()
+        self.bus.emit(CapacityChanged())
 
     def _on_exit(self, slot: WorkerSlot) -> None:
         """The process is gone: read what it said last, hand back its tasks, replace it."""
@@ -307,10 +312,10 @@ class WorkerPool:
         else:
             logger.info("worker {} exited: {}", slot.name, slot.exit_reason)
         if lost:
-            self.on_lost(slot, lost)
+            self.bus.emit(WorkerLost(slot.name, lost))
         if not self.stopping:
             self._restart_later(slot)
-        self.on_change()
+        self.bus.emit(CapacityChanged())
 
     def _restart_later(self, slot: WorkerSlot) -> None:
         lived = time.monotonic() - slot.started_at

@@ -8,13 +8,12 @@ only raises the flag, once per burst of quota answers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio
 from loguru import logger
 
-from master.bus import Bus
+from master.bus import Subscription
 from master.events import TaskAnswered
 from master.jobs import Jobs
 from sendscript import pauses
@@ -23,23 +22,34 @@ from sendscript.settings import Settings
 QUOTA = "quota"
 
 
+class PauseView(Protocol):
+    """What this part reads of the pauses in force here (the pause gate's state)."""
+
+    @property
+    def quota(self) -> bool: ...
+
+
 class QuotaSignal:
-    def __init__(self, settings: Settings, bus: Bus, client: redis.asyncio.Redis, jobs: Jobs,
-                 paused: Callable[[], bool]) -> None:
+    def __init__(self, settings: Settings, client: redis.asyncio.Redis, jobs: Jobs,
+                 pauses: PauseView) -> None:
         self.settings = settings
         self.redis = client
         self.jobs = jobs
-        self.paused = paused  # is the quota pause already in force here?
+        self.pauses = pauses
         self.answers = 0
         self.set = 0
         self._setting = False
-        bus.subscribe(TaskAnswered, self._on_answered)
+
+    def subscriptions(self) -> list[Subscription]:
+        return [
+            (TaskAnswered, self._on_answered),
+        ]
 
     def _on_answered(self, event: TaskAnswered) -> None:
         if event.outcome != QUOTA:
             return
         self.answers += 1
-        if self._setting or self.paused():
+        if self._setting or self.pauses.quota:  # already in force here
             return
         self._setting = True
         logger.warning("central-control quota exhausted (task {}): pausing sends",

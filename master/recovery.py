@@ -180,6 +180,10 @@ class Recovery:
                            len(back))
 
     # -- dead masters ------------------------------------------------------------------
+    async def dead_peers(self) -> list[str]:
+        """The other masters whose heartbeat is gone."""
+        return await self.dead_masters(exclude=self.settings.master_id)
+
     async def dead_masters(self, exclude: str | None = None) -> list[str]:
         ids = [k.decode() for k in await self.redis.hkeys(self.keys.masters)]
         ids = [i for i in ids if i != exclude]

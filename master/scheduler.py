@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 from loguru import logger
 from pymongo.asynchronous.database import AsyncDatabase
@@ -38,6 +39,9 @@ class Scheduler:
         self.fired = 0
         # Fire times before this master started are ones no master fired in time.
         self.online_since = online_since
+
+    def report(self) -> dict[str, Any]:
+        return {"schedule_fires": self.fired}
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = Backoff(base_s=0.5, cap_s=10.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from datetime import datetime, timedelta
+from typing import Any
 
 import redis.asyncio
 from loguru import logger
@@ -49,6 +50,10 @@ class LeaderLease:
         self._let_go = client.register_script(LET_GO)
         self.leading = False
 
+    def is_leading(self) -> bool:
+        """The read-only view other parts are handed: is this master the leader now?"""
+        return self.leading
+
     async def hold(self) -> bool:
         held = bool(await self._hold(keys=[self.key], args=[self.holder, self.lease_ms]))
         if held != self.leading:
@@ -63,17 +68,25 @@ class LeaderLease:
             self.leading = False
 
 
+def leader_lease(settings: Settings, client: redis.asyncio.Redis) -> LeaderLease:
+    return LeaderLease(client, f"{settings.key_prefix}:leader", settings.master_id,
+                       settings.leader_lease_s)
+
+
 class Sweeper:
     def __init__(self, settings: Settings, client: redis.asyncio.Redis, recovery: Recovery,
-                 ingest_for: IngestFor) -> None:
+                 ingest_for: IngestFor, lease: LeaderLease | None = None) -> None:
         self.settings = settings
         self.recovery = recovery
         self.ingest_for = ingest_for
-        self.lease = LeaderLease(client, f"{settings.key_prefix}:leader", settings.master_id,
-                                 settings.leader_lease_s)
+        self.lease = lease or leader_lease(settings, client)
         self.sweeps = 0
         self.totals: Counter[str] = Counter()
         self._orphans_checked: datetime | None = None
+
+    def report(self) -> dict[str, Any]:
+        return {"leader": self.lease.leading, "sweeps": self.sweeps,
+                "recovered": dict(self.totals)}
 
     async def run(self, stop: asyncio.Event) -> None:
         await every(stop, self.settings.sweep_interval_s, "sweeps", self._lead_and_sweep)

@@ -29,8 +29,8 @@ from typing import Any, Protocol
 
 import redis.asyncio
 
-from master.bus import Bus
-from master.events import CapacityChanged, Incident, MasterStopping
+from master.bus import Bus, Subscription
+from master.events import CapacityChanged, Incident, IncidentForgotten, MasterStopping
 from sendscript.backoff import every
 from sendscript.settings import Settings
 
@@ -144,16 +144,21 @@ class GoneMasters:
         self.missing.clear()
 
 
+class PoolView(Protocol):
+    """What the watches read of the worker pool: its slots, by id."""
+
+    @property
+    def slots(self) -> Mapping[int, Slot]: ...
+
+
 class Watches:
     def __init__(self, settings: Settings, bus: Bus, client: redis.asyncio.Redis,
-                 slots: Callable[[], Mapping[int, Slot]], leading: Callable[[], bool],
-                 forget: Callable[[str, str], None]) -> None:
+                 pool: PoolView, leading: Callable[[], bool]) -> None:
         self.settings = settings
         self.bus = bus
         self.redis = client
-        self.slots = slots
-        self.leading = leading
-        self.forget = forget
+        self.pool = pool
+        self.leading = leading  # is this master the leader now? (the lease's view)
         self.deaths = PoolDeaths()
         self.dying = Episode(settings.alert_worker_deaths, settings.alert_worker_deaths_window_s)
         self.died: deque[str] = deque(maxlen=10)  # the latest deaths' names, for the detail
@@ -163,8 +168,12 @@ class Watches:
         self._dead_lettered: int | None = None
         self._led = False
         self._stopping = False
-        bus.subscribe(CapacityChanged, lambda _: self._look_at_pool())
-        bus.subscribe(MasterStopping, self._on_stopping)
+
+    def subscriptions(self) -> list[Subscription]:
+        return [
+            (CapacityChanged, lambda _: self._look_at_pool()),
+            (MasterStopping, self._on_stopping),
+        ]
 
     def _on_stopping(self, _: MasterStopping) -> None:
         self._stopping = True  # workers exiting now exit on purpose
@@ -172,7 +181,7 @@ class Watches:
     def _look_at_pool(self) -> None:
         if self._stopping:
             return
-        died = self.deaths.look(self.slots())
+        died = self.deaths.look(self.pool.slots)
         if died:
             self.dying.add(time.monotonic(), len(died))
             self.died.extend(died)
@@ -236,9 +245,9 @@ class Watches:
         """No longer the leader: the next one watches; forget without announcing."""
         self._led = False
         for master in self.masters.gone:
-            self.forget(MASTER_GONE, master)
+            self.bus.emit(IncidentForgotten(MASTER_GONE, master))
         if self.dead_letters.on:
-            self.forget(DEAD_LETTERS, self.settings.dlq_topic)
+            self.bus.emit(IncidentForgotten(DEAD_LETTERS, self.settings.dlq_topic))
         self.masters.reset()
         self.dead_letters.reset()
         self._dead_lettered = None

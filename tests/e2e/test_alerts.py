@@ -211,7 +211,9 @@ def test_one_incident_seen_by_two_masters_is_announced_once(
                 "alert_webhook_url": f"{receiver.url}/hook"})
             bus = Bus()
             client = redis.asyncio.Redis.from_url(settings.redis_url or "")
-            parts.append((bus, Alerting(s, bus, client), client))
+            alerting = Alerting(s, client)
+            bus.attach(alerting)
+            parts.append((bus, alerting, client))
         loops = [asyncio.create_task(a.run(stop)) for _, a, _ in parts]
         for bus, _, _ in parts:
             bus.emit(Incident("breaker_open", "central", True, "central-control failing"))
@@ -297,7 +299,7 @@ def test_incident_records_outlive_their_announcer_but_not_the_incident(
     announced once; a new start after the end announced again."""
     async def go() -> None:
         client = redis.asyncio.Redis.from_url(settings.redis_url or "")
-        a, b = (Alerting(settings.model_copy(update={"master_id": m}), Bus(), client)
+        a, b = (Alerting(settings.model_copy(update={"master_id": m}), client)
                 for m in ("m-a", "m-b"))
         record = settings.keys.alert("drop_rate", "bulk")
         on = Incident("drop_rate", "bulk", True)

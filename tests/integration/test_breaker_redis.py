@@ -25,7 +25,9 @@ class Master:
         self.incidents: list[Incident] = []
         self.bus.subscribe(Incident, self.incidents.append)
         self.breaker = CircuitBreakerPart(settings, self.bus, client, lambda: 0)
-        self.drops = DropRate(settings, self.bus, client, self.breaker)
+        self.drops = DropRate(settings, self.bus, client)  # tells the breaker by event
+        self.bus.attach(self.breaker, self.drops)
+        self.bus.add_gate(self.breaker.gate)
 
     def answer(self, ok: bool | None, n: int = 1, outcome: str = "sent") -> None:
         for _ in range(n):

@@ -124,6 +124,9 @@ async def test_two_masters_one_benches_from_refused_sends_both_hold_resume_wakes
                                     "heartbeat_interval_s": 30.0})
     buses = [Bus(), Bus()]
     parts = [Benching(s, bus, redis_client) for bus in buses]
+    for bus, part in zip(buses, parts, strict=True):
+        bus.attach(part)
+        bus.add_gate(part.gate)
     seen: list[list[object]] = [[], []]
     for bus, got in zip(buses, seen, strict=True):
         bus.subscribe(Incident, got.append)

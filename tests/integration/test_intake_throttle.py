@@ -66,6 +66,7 @@ async def test_throttled_intake_takes_back_its_processing_list_waits_and_stops(
                                            "intake_batch": BATCH})
     bus, board = Bus(), Board()
     backpressure = Backpressure(settings, bus, board.held)
+    bus.attach(backpressure)
     throttle = Watched(backpressure)
     queue = IntakeQueue(redis_client, settings.keys, settings.master_id)
     intake = Intake(settings, queue, TaskStore(db), db[GROUPS], board, nothing, nothing,

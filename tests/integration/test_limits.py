@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import redis.asyncio
 from pymongo.asynchronous.database import AsyncDatabase
 
-from master.bus import Bus, Go, Hold
+from master.bus import Go, Hold
 from master.limits import RateLimits
 from sendscript import connect
 from sendscript.limits import Ask, RateLimit, RateLimiter, window_use
@@ -92,7 +92,7 @@ async def test_two_masters_stay_within_the_limit_in_every_window(
     s = settings.model_copy(update={"rate_limits": {"global": "10/200ms"}})
     other = connect.redis_async(settings)
     stop = asyncio.Event()
-    gates = [RateLimits(s, Bus(), client, db[GROUPS]) for client in (redis_client, other)]
+    gates = [RateLimits(s, client, db[GROUPS]) for client in (redis_client, other)]
     loops = [asyncio.create_task(g.run(stop)) for g in gates]
     gone: list[tuple[int, str]] = []
     holds: Counter[str] = Counter()
@@ -124,7 +124,7 @@ async def test_group_and_queue_limits_apply_to_their_tasks_only(
     s = settings.model_copy(update={"rate_limits": {"group:rack-7": "1/1h",
                                                     "queue:bulk": "2/1h"}})
     stop = asyncio.Event()
-    gate = RateLimits(s, Bus(), redis_client, db[GROUPS])
+    gate = RateLimits(s, redis_client, db[GROUPS])
     now = datetime.now(UTC)
     held = gate.admit(task(1, "r1"), now)
     assert isinstance(held, Hold) and "not loaded" in held.reason  # never unlimited by mistake

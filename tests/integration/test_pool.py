@@ -16,7 +16,9 @@ import pytest
 from loguru import logger
 from pymongo.asynchronous.database import AsyncDatabase
 
-from master.pool import WorkerPool, WorkerSlot
+from master.bus import Bus
+from master.events import WorkerLost
+from master.pool import WorkerPool
 from sendscript.ipc import TaskHandle
 from sendscript.models import Task, new_id
 from sendscript.settings import Settings
@@ -43,8 +45,7 @@ async def test_a_worker_that_keeps_dying_is_restarted_with_growing_waits(
     sink_id = logger.add(sink, level="ERROR", format="{message}")
     pool = WorkerPool(settings.model_copy(update={"workers": 1,
                                                   "worker_restart_backoff_max_s": 8.0}),
-                      on_done=lambda *_: None, on_lost=lambda *_: None,
-                      on_change=lambda: None, target=die_at_once)
+                      Bus(), target=die_at_once)
     spawn = pool.spawn
 
     def timed_spawn() -> Any:
@@ -130,9 +131,9 @@ class Lost:
         self.workers: list[str] = []
         self.event = asyncio.Event()
 
-    def __call__(self, slot: WorkerSlot, handles: list[TaskHandle]) -> None:
-        self.workers.append(slot.name)
-        self.handles += handles
+    def __call__(self, event: WorkerLost) -> None:
+        self.workers.append(event.worker)
+        self.handles += event.handles
         self.event.set()
 
 
@@ -153,8 +154,9 @@ async def stored_handle(db: AsyncDatabase, device: str) -> TaskHandle:
 
 
 def pool_of_one(settings: Settings, lost: Lost, **changes: Any) -> WorkerPool:
-    return WorkerPool(settings.model_copy(update={"workers": 1, **changes}),
-                      on_done=lambda *_: None, on_lost=lost, on_change=lambda: None)
+    bus = Bus()
+    bus.subscribe(WorkerLost, lost)
+    return WorkerPool(settings.model_copy(update={"workers": 1, **changes}), bus)
 
 
 def errors_logged() -> tuple[list[str], int]:

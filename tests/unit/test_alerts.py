@@ -183,7 +183,8 @@ def test_an_alert_another_master_claimed_is_not_sent_nor_throttled() -> None:
 
 def test_an_incident_is_offered_once_when_it_starts_and_once_when_it_ends() -> None:
     bus = Bus()
-    alerting = Alerting(settings(), bus, redis.asyncio.Redis())  # never connects here
+    alerting = Alerting(settings(), redis.asyncio.Redis())  # never connects here
+    bus.attach(alerting)
     events = [Incident("high_water", "m-a", True, "5000 held"),
               Incident("high_water", "m-a", True, "5100 held"),  # a repeat
               Incident("breaker_open", "central", False),  # the end of one never seen

@@ -84,7 +84,9 @@ def wired(high: int = 50, low: int = 10) -> tuple[Backpressure, Bus, Held, list[
     bus, held, incidents = Bus(), Held(), []
     bus.subscribe(Incident, incidents.append)
     settings = Settings(master_id="m1", high_water=high, low_water=low)
-    return Backpressure(settings, bus, held), bus, held, incidents
+    backpressure = Backpressure(settings, bus, held)
+    bus.attach(backpressure)
+    return backpressure, bus, held, incidents
 
 
 def test_events_close_and_reopen_with_one_incident_each_way() -> None:

@@ -83,7 +83,7 @@ def test_a_failing_gate_holds_the_task_rather_than_sending_it() -> None:
 def test_expiry_gate_drops_a_task_past_its_deadline_only() -> None:
     bus = Bus()
     settings = Settings(queue_max_wait={"bulk": 60})
-    Expiry(settings, bus, None, None, None)  # type: ignore[arg-type]  # gate only: no I/O
+    bus.add_gate(Expiry(settings, bus, None, None, None).gate)  # type: ignore[arg-type]
     now = utcnow()
     assert isinstance(bus.admit(task(expire_at=now + timedelta(seconds=5)), now), Go)
     assert bus.admit(task(expire_at=now - timedelta(seconds=1)), now) == Drop(EXPIRED)

@@ -9,6 +9,7 @@ from master.board import DeviceBoard
 from master.bus import GO, Bus, Drop, Hold, Verdict
 from master.dispatch import Dispatcher
 from master.events import (
+    AnswerReceived,
     DeviceFreed,
     TaskAnswered,
     TaskDispatched,
@@ -54,6 +55,7 @@ def task(task_id: str, device: str = "d1", priority: int = 5) -> Task:
 def setup() -> tuple[Bus, Pool, Dispatcher, dict[type, list[Any]]]:
     bus, pool = Bus(), Pool()
     dispatcher = Dispatcher(bus, DeviceBoard(), pool)  # type: ignore[arg-type]
+    bus.attach(dispatcher)
     seen: dict[type, list[Any]] = {}
     for kind in (TasksQueued, TaskDispatched, TaskAnswered, TasksWithdrawn):
         bus.subscribe(kind, lambda e, k=kind: seen.setdefault(k, []).append(e))
@@ -75,12 +77,12 @@ async def test_taken_tasks_are_queued_then_dispatched_one_per_device() -> None:
 
 
 async def test_sent_answer_then_device_free_lets_the_next_task_go() -> None:
-    bus, pool, dispatcher, seen = setup()
+    bus, pool, _, seen = setup()
     bus.emit(TasksTaken([task("a"), task("b")], "intake"))
     await settle()
     pool.sent.clear()
-    dispatcher.on_answer(Slot(), TaskDone(task_id="a", device_id="d1", outcome="sent",
-                                          attempt=1, fence=41))  # type: ignore[arg-type]
+    bus.emit(AnswerReceived(Slot.name, TaskDone(task_id="a", device_id="d1", outcome="sent",
+                                                attempt=1, fence=41)))
     await settle()
     assert pool.sent == []  # the device stays held by fence 41
     answered = seen[TaskAnswered][0]
@@ -146,8 +148,8 @@ async def test_stopping_dispatches_nothing_and_reports_idle_when_answers_are_in(
     dispatcher.stop_dispatching()
     assert not dispatcher.idle.is_set()
     pool.sent.clear()
-    dispatcher.on_answer(Slot(), TaskDone(task_id="a", device_id="d1", outcome="failed",
-                                          attempt=1))  # type: ignore[arg-type]
+    bus.emit(AnswerReceived(Slot.name, TaskDone(task_id="a", device_id="d1",
+                                                outcome="failed", attempt=1)))
     assert dispatcher.idle.is_set()
     bus.emit(TasksTaken([task("b")], "intake"))
     await settle()
