@@ -1,10 +1,15 @@
 """The master process: builds its parts, wires them to the event seam, runs, stops.
 
-Parts never call each other: each emits what happened on the bus (`master.bus`)
-and subscribes to what it reacts to. Intake, the delay heap, schedules and
-recovery hand over due tasks (`TasksTaken`); the dispatcher puts them on the
-device board and sends them to workers past the gates (expiry is one); worker
-answers, device-free events and the fallback lock check come back as events too.
+Parts never call each other: each emits what happened on the bus (`master.bus`,
+events in `master.events`) and lists what it reacts to (`subscriptions()`); none
+subscribes or adds a gate itself. Here, and only here, they are built, wired in one
+order, run and stopped; nothing is decided here. Intake, the delay heap, schedules
+and recovery hand over due tasks (`TasksTaken`); the dispatcher puts them on the
+device board and sends them to workers past the gates (`Master.gates`, one
+ordered list); the pool's answers, lost workers and capacity, device-free events
+and the fallback lock check come back as events too. A part that reads another's
+state gets a small read-only view (the leader lease's `is_leading`, the pause
+gate's `quota`, the board and heap behind `Backlog`).
 """
 
 from __future__ import annotations
