@@ -77,7 +77,7 @@ def status_counts(stores: Stores) -> dict[str, int]:
     """Tasks per status: the counts the leader keeps in Redis as tasks move
     (sendscript/counts.py, one round trip), or, until they are first built, the
     aggregate `sendscript status` falls back to."""
-    kept = counts.read_sync(stores.redis, stores.settings.key_prefix)
+    kept = counts.read_sync(stores.redis, stores.settings.keys.prefix)
     if kept.built:
         return dict(kept.by_status)
     return {d["_id"]: d["n"] for d in

@@ -578,7 +578,7 @@ class TaskLogConsumer:
             add_beat(pipe, keys.consumers, self.name, keys.consumer_alive(self.name), status,
                      self.settings.heartbeat_ttl_s)
             await pipe.execute()
-            await metrics.beat(self.metrics, self.redis, f"{self.settings.key_prefix}:metrics")
+            await metrics.beat(self.metrics, self.redis, f"{self.settings.keys.prefix}:metrics")
         except Exception as exc:
             logger.debug("consumer heartbeat failed: {!r}", exc)
 

@@ -69,7 +69,7 @@ class Sweeper:
         self.settings = settings
         self.recovery = recovery
         self.ingest_for = ingest_for
-        self.lease = LeaderLease(client, f"{settings.key_prefix}:leader", settings.master_id,
+        self.lease = LeaderLease(client, f"{settings.keys.prefix}:leader", settings.master_id,
                                  settings.leader_lease_s)
         self.sweeps = 0
         self.totals: Counter[str] = Counter()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import socket
-from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from sendscript import redis_url
 from sendscript.keys import Keys
 from sendscript.retry import RetryPolicy
 
@@ -279,6 +279,14 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = False
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        """Checked here, so a URL no client can use stops a role at start, in one line."""
+        if value is not None:
+            redis_url.parse(value)
+        return value
+
     @field_validator("breaker_pauses_s", mode="before")
     @classmethod
     def _pauses(cls, value: Any) -> Any:
@@ -353,9 +361,20 @@ class Settings(BaseSettings):
     def dlq_topic(self) -> str:
         return self.dead_letter_topic or f"{self.task_log_topic}-DLQ"
 
-    @cached_property
+    @property
+    def redis_cluster(self) -> bool:
+        return bool(self.redis_url) and redis_url.parse(self.redis_url or "").cluster
+
+    @property
+    def redis_prefix(self) -> str:
+        """The prefix of every Redis key: `key_prefix`, in a hash tag on a cluster
+        (`{sendscript}`) so that each Lua script and MULTI stays in one slot. Names
+        outside Redis (Mongo documents, Pulsar topics) keep `key_prefix` as it is."""
+        return redis_url.hash_tagged(self.key_prefix) if self.redis_cluster else self.key_prefix
+
+    @property
     def keys(self) -> Keys:
-        return Keys(self.key_prefix)
+        return Keys(self.redis_prefix)
 
     def require(self, *names: str) -> None:
         """Fail early, with the variable to set, when a role lacks a server URL."""
@@ -363,3 +382,13 @@ class Settings(BaseSettings):
         if missing:
             env = ", ".join(f"SENDSCRIPT_{n.upper()}" for n in missing)
             raise SystemExit(f"sendscript: set {env} (or use `sendscript up` for embedded servers)")
+
+
+def settings_errors(exc: ValidationError) -> list[str]:
+    """One line per refused setting, naming its variable: `SENDSCRIPT_X: why`."""
+    lines = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else "settings"
+        why = str(error["msg"]).removeprefix("Value error, ")
+        lines.append(f"SENDSCRIPT_{name.upper()}: {why}")
+    return lines
