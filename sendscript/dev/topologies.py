@@ -10,6 +10,7 @@ wheel ships, each node a process of its own on a free loopback port.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +20,24 @@ import redis
 from sendscript.dev.embedded import RedisServer, ServerProcess, free_port
 
 SERVICE = "sendscript"
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (10,000 higher) is free too."""
+    for _ in range(1000):
+        port = free_port()
+        if port <= 55535 and _free(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+def _free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _redis_cli() -> str:
@@ -31,9 +50,10 @@ class RedisNode(RedisServer):
     """An embedded redis-server with extra arguments (cluster mode, replica of ...).
     Persistence is off: these are for topology tests, not for durability tests."""
 
-    def __init__(self, data_dir: Path, name: str, extra: list[str]) -> None:
+    def __init__(self, data_dir: Path, name: str, extra: list[str],
+                 port: int | None = None) -> None:
         self.name = name
-        super().__init__(data_dir)
+        super().__init__(data_dir, port)
         self.extra = extra
 
     def command(self) -> list[str]:
@@ -79,7 +99,7 @@ class RedisClusterNodes:
     def __init__(self, data_dir: Path, masters: int = 3, timeout_s: float = 30.0) -> None:
         self.nodes = [RedisNode(data_dir, f"node{i}", [
             "--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
-            "--cluster-config-file", "nodes.conf"]) for i in range(masters)]
+            "--cluster-config-file", "nodes.conf"], cluster_port()) for i in range(masters)]
         self.timeout_s = timeout_s
 
     @property
