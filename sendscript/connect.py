@@ -105,6 +105,26 @@ def redis_sync(settings: Settings) -> redis.Redis:
         retry=no_retry, **kwargs)
 
 
+def pulsar_kwargs(settings: Settings, timeout_s: float | None = None) -> dict:
+    """Keyword arguments of pulsar.Client (sync or asyncio) for these settings: the
+    timeouts, token auth and TLS. A multi-broker URL (pulsar://h1:6650,h2:6650) is
+    the client's own: it connects to any of them for lookups."""
+    import pulsar
+
+    timeout = timeout_s if timeout_s is not None else settings.pulsar_timeout_s
+    kwargs: dict[str, Any] = {
+        "operation_timeout_seconds": max(1, int(timeout)),
+        "connection_timeout_ms": int(timeout * 1000),
+        "tls_allow_insecure_connection": settings.pulsar_tls_allow_insecure,
+        "tls_validate_hostname": settings.pulsar_tls_validate_hostname,
+    }
+    if settings.pulsar_token:
+        kwargs["authentication"] = pulsar.AuthenticationToken(settings.pulsar_token)
+    if settings.pulsar_tls_trust_certs:
+        kwargs["tls_trust_certs_file_path"] = str(settings.pulsar_tls_trust_certs)
+    return kwargs
+
+
 def retry_writes(url: str) -> bool | None:
     """retryWrites for a Mongo URL: None where the URL says (the driver reads it), else
     whether it names a replica set (replicaSet=, several hosts, or mongodb+srv).

@@ -62,6 +62,20 @@ class Settings(BaseSettings):
     # write concern already journals (a replica set with w=majority).
     mongo_journal: bool = True
     pulsar_timeout_s: float = Field(10.0, gt=0)
+    # Pulsar beyond one broker: SENDSCRIPT_PULSAR_URL may list brokers
+    # (pulsar://h1:6650,h2:6650; pulsar+ssl:// for TLS). A token for token auth; the
+    # CA bundle that signs the brokers' certificates; whether an untrusted certificate
+    # or a hostname that does not match it is accepted (both: no).
+    pulsar_token: str | None = None
+    pulsar_tls_trust_certs: Path | None = None
+    pulsar_tls_allow_insecure: bool = False
+    pulsar_tls_validate_hostname: bool = True
+    # A task log delivered this many times without an ack (negatively acknowledged or
+    # its consumer died each time) goes to pulsar_dead_letter_topic through the
+    # client's dead-letter policy (default `{task_log_topic}-{subscription}-DLQ`);
+    # 0: redeliver forever. Logs the consumer refuses go to dead_letter_topic as before.
+    pulsar_max_redeliveries: int = Field(16, ge=0)
+    pulsar_dead_letter_topic: str | None = None
 
     # Scheduling.
     delay_horizon_s: float = Field(60.0, gt=0)  # waiting tasks due this soon are held in memory
@@ -356,6 +370,11 @@ class Settings(BaseSettings):
             else self.queue_retry_base_s.get(queue, self.retry_base_s),
             factor=self.retry_factor, cap_s=self.retry_cap_s, jitter=self.retry_jitter,
         )
+
+    @property
+    def redelivery_dlq_topic(self) -> str:
+        return (self.pulsar_dead_letter_topic
+                or f"{self.task_log_topic}-{self.task_log_subscription}-DLQ")
 
     @property
     def dlq_topic(self) -> str:
