@@ -167,9 +167,9 @@ def bench_counts(settings: Settings, db: Any, repeat: int, moves: int) -> dict[s
     built = asyncio.run(keeper_pass())
     out["build_s"] = round(time.perf_counter() - started, 1)
     out["rebuilt"] = built.rebuilt
-    out["status_counts_ms"] = median_ms(lambda: counts.read_sync(r, settings.key_prefix),
+    out["status_counts_ms"] = median_ms(lambda: counts.read_sync(r, settings.keys.prefix),
                                         repeat)
-    out["counts"] = counts.read_sync(r, settings.key_prefix).by_status
+    out["counts"] = counts.read_sync(r, settings.keys.prefix).by_status
     started = time.perf_counter()
     agg = {d["_id"]: d["n"] for d in db[TASKS].aggregate(
         [{"$group": {"_id": "$status", "n": {"$sum": 1}}}])}
@@ -185,7 +185,7 @@ def bench_counts(settings: Settings, db: Any, repeat: int, moves: int) -> dict[s
     out["pass_after_moves_ms"] = round((time.perf_counter() - started) * 1000, 1)
     out["moves"] = len(moved)
     out["pass_recounted_buckets"] = report.recounted
-    after = counts.read_sync(r, settings.key_prefix).by_status
+    after = counts.read_sync(r, settings.keys.prefix).by_status
     agg["pending"] = agg.get("pending", 0) - len(moved)
     agg["running"] = agg.get("running", 0) + len(moved)
     out["counts_equal_after_moves"] = after == {k: v for k, v in agg.items() if v}

@@ -77,7 +77,7 @@ def status_counts(stores: Stores) -> dict[str, int]:
     """Tasks per status: the counts the leader keeps in Redis as tasks move
     (sendscript/counts.py, one round trip), or, until they are first built, the
     aggregate `sendscript status` falls back to."""
-    kept = counts.read_sync(stores.redis, stores.settings.key_prefix)
+    kept = counts.read_sync(stores.redis, stores.settings.keys.prefix)
     if kept.built:
         return dict(kept.by_status)
     return {d["_id"]: d["n"] for d in
@@ -405,9 +405,8 @@ def dead_letters(settings: Settings, limit: int = 200, timeout_s: float = 3.0
 
     import pulsar
 
-    client = pulsar.Client(settings.pulsar_url or "", operation_timeout_seconds=int(
-        max(1, timeout_s)), connection_timeout_ms=int(timeout_s * 1000),
-        logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Error))
+    client = pulsar.Client(settings.pulsar_url or "", **connect.pulsar_kwargs(settings, timeout_s),
+                           logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Error))
     out: list[dict[str, Any]] = []
     try:
         reader = client.create_reader(settings.dlq_topic, pulsar.MessageId.earliest)

@@ -30,7 +30,7 @@ from sendscript.settings import Settings
 def cluster_families(r: redis.Redis, settings: Settings) -> Iterator[Metric]:
     keys = settings.keys
     pipe = r.pipeline(transaction=False)
-    pipe.hgetall(f"{settings.key_prefix}:metrics")
+    pipe.hgetall(f"{settings.keys.prefix}:metrics")
     pipe.llen(keys.ready)
     pipe.llen(keys.quarantine)
     pipe.hgetall(keys.masters)
@@ -40,7 +40,7 @@ def cluster_families(r: redis.Redis, settings: Settings) -> Iterator[Metric]:
     published, ready, quarantine, masters_raw, consumers_raw, stats, breaker = pipe.execute()
     yield from metrics.families_from(metrics.parse_published(published))
 
-    kept = counts.read_sync(r, settings.key_prefix)
+    kept = counts.read_sync(r, settings.keys.prefix)
     yield metrics.gauge("sendscript_tasks", "Tasks stored, by status (kept by the leader)",
                         {(("status", s),): n for s, n in kept.by_status.items()})
     if kept.lag_s is not None:

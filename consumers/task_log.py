@@ -349,6 +349,11 @@ class TaskLogConsumer:
             # which is what waits when it dies (pulsar-lite also keeps delivering
             # up to this many to a consumer it failed to drop).
             receiver_queue_size=max(10, s.consumer_batch // 2),
+            # A log no consumer can get past (it is nacked or kills its consumer every
+            # time) stops being redelivered: the client sends it to the dead letters.
+            dead_letter_policy=pulsar.ConsumerDeadLetterPolicy(
+                s.pulsar_max_redeliveries, s.redelivery_dlq_topic,
+                f"{s.task_log_subscription}-dlq") if s.pulsar_max_redeliveries else None,
         )
 
     async def _consume(self) -> bool:
@@ -360,9 +365,7 @@ class TaskLogConsumer:
         # subscription on its own would hold connections and consumers we no
         # longer know of.
         client = apulsar.Client(
-            s.pulsar_url,
-            operation_timeout_seconds=max(1, int(s.pulsar_timeout_s)),
-            connection_timeout_ms=int(s.pulsar_timeout_s * 1000),
+            s.pulsar_url, **connect.pulsar_kwargs(s),
             logger=pulsar_logger("consumer", signals),
         )
         try:
@@ -578,7 +581,7 @@ class TaskLogConsumer:
             add_beat(pipe, keys.consumers, self.name, keys.consumer_alive(self.name), status,
                      self.settings.heartbeat_ttl_s)
             await pipe.execute()
-            await metrics.beat(self.metrics, self.redis, f"{self.settings.key_prefix}:metrics")
+            await metrics.beat(self.metrics, self.redis, f"{self.settings.keys.prefix}:metrics")
         except Exception as exc:
             logger.debug("consumer heartbeat failed: {!r}", exc)
 

@@ -34,6 +34,7 @@ from master.droprate import DropRate
 from master.events import MasterStopping, TasksTaken
 from master.expiry import Expiry
 from master.heartbeat import Heartbeat
+from master.identity import IdentityTaken, MasterIdentity
 from master.intake import Intake
 from master.jobs import Jobs
 from master.limits import RateLimits
@@ -109,6 +110,7 @@ class Master:
         self.scheduler = Scheduler(s, self.db, self.tasks, self._taken("schedule"),
                                    self.started_at)
         self.heartbeat = Heartbeat(self.redis, s, self.report, self.started_at)
+        self.identity = MasterIdentity(self.redis, s, self.request_stop)
         self.metering = Metering(s, self.redis)
         self.counts = CountKeeper(s, self.redis, self.db, self.lease.is_leading)
         self.retention = Retention(s, self.db, self.lease.is_leading)
@@ -140,7 +142,7 @@ class Master:
         # Every part with a loop of its own; each runs until the stop event is set.
         self.loops: dict[str, Loop] = {
             "intake": self.intake, "device-free": self.listener, "lock-check": self.checker,
-            "heartbeat": self.heartbeat, "delayed": self.delayed,
+            "heartbeat": self.heartbeat, "identity": self.identity, "delayed": self.delayed,
             "scheduler": self.scheduler, "expiry": self.expiry, "sweeper": self.sweeper,
             "alerts": self.alerting, "watches": self.watches,
             "pausing": self.pausing, "benching": self.benching,
@@ -174,10 +176,17 @@ class Master:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig.name)
         self._build()
+        try:  # first of all: no other live process runs under our master_id
+            claimed = await self._until_ok("master_id claim", self.identity.claim)
+        except IdentityTaken as exc:
+            logger.error("master refused to start: {}", exc)
+            await self.redis.aclose()
+            await self.mongo.close()
+            return 2
         log_retention = max(s.retention_success_s, s.retention_failed_s)
         # Alive at once: a restart slower than the heartbeat TTL is not taken for a death
         # by another master's sweep.
-        if await self._until_ok("first heartbeat", self.heartbeat.beat) and \
+        if claimed and await self._until_ok("first heartbeat", self.heartbeat.beat) and \
                 await self._until_ok("mongo indexes",
                                      lambda: ensure_indexes(self.db, log_retention)):
             logger.info("master {} starting {} worker(s) x {} tasks", s.master_id, s.workers,
@@ -214,6 +223,8 @@ class Master:
                 await step()
                 backoff.succeeded(what)
                 return True
+            except IdentityTaken:
+                raise
             except Exception as exc:
                 await backoff.failed(what, exc, self.stop_event)
         return False
@@ -241,6 +252,10 @@ class Master:
             await asyncio.wait_for(self.heartbeat.remove(), self.settings.redis_timeout_s)
         except Exception as exc:
             logger.warning("heartbeat not removed: {!r}", exc)
+        try:  # a restart under our id need not wait for the claim to lapse
+            await asyncio.wait_for(self.identity.release(), self.settings.redis_timeout_s)
+        except Exception as exc:
+            logger.warning("master_id claim not released: {!r}", exc)
         await self.redis.aclose()
         await self.mongo.close()
         logger.info("master {} stopped", self.settings.master_id)

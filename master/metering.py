@@ -23,7 +23,7 @@ from sendscript.settings import Settings
 
 
 def metrics_key(settings: Settings) -> str:
-    return f"{settings.key_prefix}:metrics"
+    return f"{settings.keys.prefix}:metrics"
 
 
 class Metering:

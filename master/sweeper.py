@@ -69,7 +69,7 @@ class LeaderLease:
 
 
 def leader_lease(settings: Settings, client: redis.asyncio.Redis) -> LeaderLease:
-    return LeaderLease(client, f"{settings.key_prefix}:leader", settings.master_id,
+    return LeaderLease(client, f"{settings.keys.prefix}:leader", settings.master_id,
                        settings.leader_lease_s)
 
 

@@ -19,7 +19,7 @@ from sendscript.models import (
     DEFAULT_QUEUE,
     DEFAULT_TIMEOUT_S,
 )
-from sendscript.settings import Settings
+from sendscript.settings import Settings, settings_errors
 
 app = typer.Typer(help="Dispatch scripts to the phones of a device farm.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -37,7 +37,15 @@ QUEUE_FULL_EXIT = 75  # EX_TEMPFAIL: `submit` refused at SENDSCRIPT_READY_MAX, t
 
 
 def _settings() -> Settings:
-    return Settings()
+    """The settings, or exit 2 with one line per setting that cannot be used."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        for line in settings_errors(exc):
+            typer.echo(f"sendscript: {line}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 import redis.asyncio
 from pymongo import AsyncMongoClient, MongoClient, uri_parser
@@ -9,15 +11,14 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.synchronous.database import Database
 from redis.backoff import NoBackoff
 
-from sendscript import roundtrips
+from sendscript import redis_url, roundtrips
+from sendscript.redis_url import RedisTarget
 from sendscript.settings import Settings
 
 DEFAULT_DB = "sendscript"
 
 
 def _redis_kwargs(settings: Settings) -> dict:
-    # No silent retries: a retried Lua acquire whose first run did land would
-    # leave a lock nobody knows the fence of. Callers decide what to retry.
     return {
         "socket_timeout": settings.redis_timeout_s,
         "socket_connect_timeout": settings.redis_timeout_s,
@@ -25,27 +26,103 @@ def _redis_kwargs(settings: Settings) -> dict:
     }
 
 
-def redis_async(settings: Settings, *, socket_timeout: float | None = None) -> redis.asyncio.Redis:
+def _target(settings: Settings) -> RedisTarget:
     settings.require("redis_url")
+    return redis_url.parse(settings.redis_url or "")
+
+
+def _auth(target: RedisTarget) -> dict:
+    return {"username": target.username, "password": target.password}
+
+
+def _sentinels(target: RedisTarget, module: Any, settings: Settings) -> Any:
+    # The Sentinels get their own short timeouts: asking one that is down must not
+    # hold a connection for longer than asking the next.
+    sentinel_kwargs = {"socket_timeout": settings.redis_timeout_s,
+                       "socket_connect_timeout": settings.redis_timeout_s}
+    if target.sentinel_password:
+        sentinel_kwargs["password"] = target.sentinel_password
+    return module.Sentinel(list(target.nodes), sentinel_kwargs=sentinel_kwargs)
+
+
+def redis_async(settings: Settings, *, socket_timeout: float | None = None) -> redis.asyncio.Redis:
+    """An asyncio client for the topology SENDSCRIPT_REDIS_URL names (sendscript.redis_url).
+
+    No silent retries: a retried Lua acquire whose first run did land would leave a
+    lock nobody knows the fence of. Callers decide what to retry. (A cluster's
+    MOVED/ASK redirections are not retries: the command did not run.)"""
+    target = _target(settings)
     kwargs = _redis_kwargs(settings)
     if socket_timeout is not None:
         kwargs["socket_timeout"] = socket_timeout
+    no_retry = redis.asyncio.retry.Retry(NoBackoff(), 0)
+    if target.kind == "cluster":
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        client = RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], retry=no_retry,
+            ssl=target.ssl, **_auth(target), **kwargs)
+        # Nodes' connections are made from these kwargs: count them like the others'.
+        client.connection_kwargs["connection_class"] = (
+            roundtrips.CountingAsyncSSLConnection if target.ssl
+            else roundtrips.CountingAsyncConnection)
+        return client  # type: ignore[return-value]
+    if target.kind == "sentinel":
+        import redis.asyncio.sentinel as sentinel
+
+        return _sentinels(target, sentinel, settings).master_for(
+            target.service, redis_class=redis.asyncio.Redis, db=target.db,
+            connection_class=roundtrips.CountingAsyncSentinelSSLConnection if target.ssl
+            else roundtrips.CountingAsyncSentinelConnection, retry=no_retry,
+            **_auth(target), **kwargs)
     return redis.asyncio.Redis.from_url(
-        settings.redis_url,
-        connection_class=roundtrips.CountingAsyncConnection,
-        retry=redis.asyncio.retry.Retry(NoBackoff(), 0),
-        **kwargs,
-    )
+        target.url, connection_class=roundtrips.counting_async_class(target.url),
+        retry=no_retry, **kwargs)
 
 
 def redis_sync(settings: Settings) -> redis.Redis:
-    settings.require("redis_url")
+    """A blocking client for the same topology, with the same rules as `redis_async`."""
+    target = _target(settings)
+    kwargs = _redis_kwargs(settings)
+    no_retry = redis.retry.Retry(NoBackoff(), 0)
+    if target.kind == "cluster":
+        from redis.cluster import ClusterNode, RedisCluster
+
+        return RedisCluster(  # type: ignore[return-value]
+            startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], retry=no_retry,
+            ssl=target.ssl, connection_class=roundtrips.CountingSSLConnection if target.ssl
+            else roundtrips.CountingConnection, **_auth(target), **kwargs)
+    if target.kind == "sentinel":
+        import redis.sentinel as sentinel
+
+        return _sentinels(target, sentinel, settings).master_for(
+            target.service, redis_class=redis.Redis, db=target.db,
+            connection_class=roundtrips.CountingSentinelSSLConnection if target.ssl
+            else roundtrips.CountingSentinelConnection, retry=no_retry,
+            **_auth(target), **kwargs)
     return redis.Redis.from_url(
-        settings.redis_url,
-        connection_class=roundtrips.CountingConnection,
-        retry=redis.retry.Retry(NoBackoff(), 0),
-        **_redis_kwargs(settings),
-    )
+        target.url, connection_class=roundtrips.counting_class(target.url),
+        retry=no_retry, **kwargs)
+
+
+def pulsar_kwargs(settings: Settings, timeout_s: float | None = None) -> dict:
+    """Keyword arguments of pulsar.Client (sync or asyncio) for these settings: the
+    timeouts, token auth and TLS. A multi-broker URL (pulsar://h1:6650,h2:6650) is
+    the client's own: it connects to any of them for lookups."""
+    import pulsar
+
+    timeout = timeout_s if timeout_s is not None else settings.pulsar_timeout_s
+    kwargs: dict[str, Any] = {
+        "operation_timeout_seconds": max(1, int(timeout)),
+        "connection_timeout_ms": int(timeout * 1000),
+        "tls_allow_insecure_connection": settings.pulsar_tls_allow_insecure,
+        "tls_validate_hostname": settings.pulsar_tls_validate_hostname,
+    }
+    if settings.pulsar_token:
+        kwargs["authentication"] = pulsar.AuthenticationToken(settings.pulsar_token)
+    if settings.pulsar_tls_trust_certs:
+        kwargs["tls_trust_certs_file_path"] = str(settings.pulsar_tls_trust_certs)
+    return kwargs
 
 
 def retry_writes(url: str) -> bool | None:

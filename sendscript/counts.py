@@ -187,7 +187,7 @@ class CountKeeper:
         self.settings = settings
         self.client = client
         self.col = db[TASKS]
-        self.keys = CountKeys(settings.key_prefix)
+        self.keys = CountKeys(settings.keys.prefix)
         self.leading = leading
         self.width = int(settings.counts_bucket_s)
         self._replace = client.register_script(REPLACE)

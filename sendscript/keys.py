@@ -56,6 +56,11 @@ class Keys:
         """Expiring key: present while the master's heartbeat is fresh."""
         return f"{self.prefix}:master:{master_id}:alive"
 
+    def master_claim(self, master_id: str) -> str:
+        """Expiring key: the token of the one live process running under master_id
+        (master/identity.py); a second process under that id refuses to start."""
+        return f"{self.prefix}:master:{master_id}:claim"
+
     @property
     def consumers(self) -> str:
         """Hash consumer name -> JSON heartbeat (totals, time)."""

@@ -190,16 +190,22 @@ class RateLimiter:
         return Reservation(out[0], grants)
 
 
+# KEYS the limits' hashes. The server's TIME and each hash's d, w, used, read by the
+# server that holds them (a pipelined TIME would ask any node of a cluster).
+WINDOWS = """
+local out = {redis.call('TIME')}
+for _, key in ipairs(KEYS) do out[#out + 1] = redis.call('HMGET', key, 'd', 'w', 'used') end
+return out
+"""
+
+
 def window_use(client: redis.Redis, keys: Keys,
                limits: Sequence[RateLimit]) -> dict[str, dict[str, Any]]:
     """Each limit's current window as Redis has it: used and seconds left (for status)."""
     if not limits:
         return {}
-    pipe = client.pipeline(transaction=False)
-    pipe.time()
-    for limit in limits:
-        pipe.hmget(keys.rate_limit(limit.name), "d", "w", "used")
-    seconds, micros, *rows = _flatten_time(pipe.execute())
+    names = [keys.rate_limit(limit.name) for limit in limits]
+    seconds, micros, *rows = _flatten_time(client.eval(WINDOWS, len(names), *names))
     now_ms = seconds * 1000 + micros // 1000
     out: dict[str, dict[str, Any]] = {}
     for limit, (d, w, used) in zip(limits, rows, strict=True):

@@ -50,7 +50,7 @@ def gather(settings: Settings) -> dict[str, Any]:
         db = connect.database(mongo)
         # Kept by the leader as tasks move (sendscript/counts.py); an aggregate over the
         # collection only until they are first built.
-        kept = counts.read_sync(r, settings.key_prefix)
+        kept = counts.read_sync(r, settings.keys.prefix)
         by_status = kept.by_status if kept.built else {
             d["_id"]: d["n"]
             for d in db[TASKS].aggregate([{"$group": {"_id": "$status", "n": {"$sum": 1}}}])
@@ -163,7 +163,7 @@ def progress_counts(settings: Settings, batch_id: str | None) -> dict[str, int]:
     if batch_id is None:
         r = connect.redis_sync(settings)
         try:
-            return counts.read_sync(r, settings.key_prefix).by_status
+            return counts.read_sync(r, settings.keys.prefix).by_status
         finally:
             r.close()
     mongo = connect.mongo_sync(settings)

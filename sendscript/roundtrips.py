@@ -13,6 +13,8 @@ from typing import Any
 
 import redis
 import redis.asyncio
+import redis.asyncio.sentinel as asentinel
+import redis.sentinel as sentinel
 from pymongo import monitoring
 
 _counts: Counter[str] = Counter()
@@ -32,16 +34,72 @@ def snapshot() -> dict[str, int]:
     return dict(_counts)
 
 
-class CountingAsyncConnection(redis.asyncio.Connection):
+class _CountingAsync:
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         count("redis")
-        await super().send_packed_command(command, check_health)
+        await super().send_packed_command(command, check_health)  # type: ignore[misc]
 
 
-class CountingConnection(redis.Connection):
+class _Counting:
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         count("redis")
-        super().send_packed_command(command, check_health)
+        super().send_packed_command(command, check_health)  # type: ignore[misc]
+
+
+# One counting class per connection kind redis-py may make for a URL: a plain class
+# given for a rediss:// or unix:// URL would silently replace the TLS or socket one.
+class CountingAsyncConnection(_CountingAsync, redis.asyncio.Connection):
+    pass
+
+
+class CountingAsyncSSLConnection(_CountingAsync, redis.asyncio.SSLConnection):
+    pass
+
+
+class CountingAsyncUnixConnection(_CountingAsync, redis.asyncio.UnixDomainSocketConnection):
+    pass
+
+
+class CountingAsyncSentinelConnection(_CountingAsync, asentinel.SentinelManagedConnection):
+    pass
+
+
+class CountingAsyncSentinelSSLConnection(_CountingAsync,
+                                         asentinel.SentinelManagedSSLConnection):
+    pass
+
+
+class CountingConnection(_Counting, redis.Connection):
+    pass
+
+
+class CountingSSLConnection(_Counting, redis.SSLConnection):
+    pass
+
+
+class CountingUnixConnection(_Counting, redis.UnixDomainSocketConnection):
+    pass
+
+
+class CountingSentinelConnection(_Counting, sentinel.SentinelManagedConnection):
+    pass
+
+
+class CountingSentinelSSLConnection(_Counting, sentinel.SentinelManagedSSLConnection):
+    pass
+
+
+def counting_async_class(url: str) -> type[redis.asyncio.Connection]:
+    """The counting connection class for a one-server URL (redis://, rediss://, unix://)."""
+    scheme = url.partition("://")[0].lower()
+    return {"rediss": CountingAsyncSSLConnection,
+            "unix": CountingAsyncUnixConnection}.get(scheme, CountingAsyncConnection)
+
+
+def counting_class(url: str) -> type[redis.Connection]:
+    scheme = url.partition("://")[0].lower()
+    return {"rediss": CountingSSLConnection,
+            "unix": CountingUnixConnection}.get(scheme, CountingConnection)
 
 
 class MongoCommandCounter(monitoring.CommandListener):

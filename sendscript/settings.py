@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import socket
-from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from sendscript import redis_url
 from sendscript.keys import Keys
 from sendscript.retry import RetryPolicy
 
@@ -62,6 +62,20 @@ class Settings(BaseSettings):
     # write concern already journals (a replica set with w=majority).
     mongo_journal: bool = True
     pulsar_timeout_s: float = Field(10.0, gt=0)
+    # Pulsar beyond one broker: SENDSCRIPT_PULSAR_URL may list brokers
+    # (pulsar://h1:6650,h2:6650; pulsar+ssl:// for TLS). A token for token auth; the
+    # CA bundle that signs the brokers' certificates; whether an untrusted certificate
+    # or a hostname that does not match it is accepted (both: no).
+    pulsar_token: str | None = None
+    pulsar_tls_trust_certs: Path | None = None
+    pulsar_tls_allow_insecure: bool = False
+    pulsar_tls_validate_hostname: bool = True
+    # A task log delivered this many times without an ack (negatively acknowledged or
+    # its consumer died each time) goes to pulsar_dead_letter_topic through the
+    # client's dead-letter policy (default `{task_log_topic}-{subscription}-DLQ`);
+    # 0: redeliver forever. Logs the consumer refuses go to dead_letter_topic as before.
+    pulsar_max_redeliveries: int = Field(16, ge=0)
+    pulsar_dead_letter_topic: str | None = None
 
     # Scheduling.
     delay_horizon_s: float = Field(60.0, gt=0)  # waiting tasks due this soon are held in memory
@@ -279,6 +293,14 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = False
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        """Checked here, so a URL no client can use stops a role at start, in one line."""
+        if value is not None:
+            redis_url.parse(value)
+        return value
+
     @field_validator("breaker_pauses_s", mode="before")
     @classmethod
     def _pauses(cls, value: Any) -> Any:
@@ -350,12 +372,28 @@ class Settings(BaseSettings):
         )
 
     @property
+    def redelivery_dlq_topic(self) -> str:
+        return (self.pulsar_dead_letter_topic
+                or f"{self.task_log_topic}-{self.task_log_subscription}-DLQ")
+
+    @property
     def dlq_topic(self) -> str:
         return self.dead_letter_topic or f"{self.task_log_topic}-DLQ"
 
-    @cached_property
+    @property
+    def redis_cluster(self) -> bool:
+        return bool(self.redis_url) and redis_url.parse(self.redis_url or "").cluster
+
+    @property
+    def redis_prefix(self) -> str:
+        """The prefix of every Redis key: `key_prefix`, in a hash tag on a cluster
+        (`{sendscript}`) so that each Lua script and MULTI stays in one slot. Names
+        outside Redis (Mongo documents, Pulsar topics) keep `key_prefix` as it is."""
+        return redis_url.hash_tagged(self.key_prefix) if self.redis_cluster else self.key_prefix
+
+    @property
     def keys(self) -> Keys:
-        return Keys(self.key_prefix)
+        return Keys(self.redis_prefix)
 
     def require(self, *names: str) -> None:
         """Fail early, with the variable to set, when a role lacks a server URL."""
@@ -363,3 +401,13 @@ class Settings(BaseSettings):
         if missing:
             env = ", ".join(f"SENDSCRIPT_{n.upper()}" for n in missing)
             raise SystemExit(f"sendscript: set {env} (or use `sendscript up` for embedded servers)")
+
+
+def settings_errors(exc: ValidationError) -> list[str]:
+    """One line per refused setting, naming its variable: `SENDSCRIPT_X: why`."""
+    lines = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else "settings"
+        why = str(error["msg"]).removeprefix("Value error, ")
+        lines.append(f"SENDSCRIPT_{name.upper()}: {why}")
+    return lines

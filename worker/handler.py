@@ -54,7 +54,7 @@ class ScriptHandler:
         self.tasks = TaskStore(db)
         self.records = RecordStore(db)
         # Fences from an epoch kept in Mongo: they keep rising across Redis data loss.
-        locks = DeviceLocks(redis_client, keys, MongoEpochs(db, keys.prefix))
+        locks = DeviceLocks(redis_client, keys, MongoEpochs(db, settings.key_prefix))
         self._acquire = Coalescer(locks.acquire_many)
         self._release = Coalescer(self._release_batch)
         self._locks = locks

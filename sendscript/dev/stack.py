@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import redis
 
+from sendscript import connect
 from sendscript.dev.embedded import SERVERS, URL_SETTING, EmbeddedServers, free_port
 from sendscript.dev.processes import RoleProcess, wait_until
 from sendscript.settings import Settings
@@ -121,7 +122,7 @@ class LocalStack:
             if role is not None and not role.running:
                 raise RuntimeError(f"{name} exited during start:\n{role.log_tail()}")
         settings = self.effective
-        client = redis.Redis.from_url(settings.redis_url or "", socket_timeout=2)
+        client = connect.redis_sync(settings)
         try:
             raw = client.hget(settings.keys.masters, settings.master_id)
             info = json.loads(raw) if raw else {}

