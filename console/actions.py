@@ -110,15 +110,17 @@ class Actions:
 
     def _confirmed(self, who: auth.Principal, action: BulkAction, flt: TaskFilter,
                    confirm: str) -> int:
-        """The count the confirmation allows, spent now; Refused (audited) otherwise."""
+        """The count the confirmation allows, spent now; Refused otherwise (a replay
+        audited: someone holds a real confirmation and tried it twice)."""
         try:
             confirmation = auth.check_confirmation(self.secret, confirm, action, flt.digest(),
                                                    who.name)
-            if not auth.spend_confirmation(self.stores.db, confirmation.nonce, who.name):
-                raise ValueError("confirmation already used: preview again")
         except ValueError as exc:
-            self.audit(who, f"bulk {action} refused", flt=flt, result={"reason": str(exc)})
             raise Refused(str(exc), 403) from None
+        if not auth.spend_confirmation(self.stores.db, confirmation.nonce, who.name):
+            reason = "confirmation already used: preview again"
+            self.audit(who, f"bulk {action} refused", flt=flt, result={"reason": reason})
+            raise Refused(reason, 403)
         return confirmation.count
 
     def bulk(self, who: auth.Principal, action: BulkAction, flt: TaskFilter, confirm: str,
