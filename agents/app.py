@@ -22,7 +22,7 @@ from agents.registry import Registry
 from agents.routes import HEADROOM, Api
 from sendscript import connect
 from sendscript.backoff import Backoff
-from sendscript.serving import GracefulServer
+from sendscript.serving import GracefulServer, allowed_hosts, guard_hosts, proxy_options
 from sendscript.settings import Settings
 from sendscript.store import ensure_indexes
 
@@ -85,7 +85,17 @@ def create_app(settings: Settings) -> FastAPI:
                            allow_headers=["Authorization", "Content-Type"], max_age=600)
     app.include_router(role["role"].api.router())
     app.state.role = role["role"]
+    # Last: the outermost, so a request naming another host is refused before CORS or
+    # any route runs.
+    guard_hosts(app, agents_hosts(settings))
     return app
+
+
+def agents_hosts(settings: Settings) -> list[str]:
+    try:
+        return allowed_hosts(settings.agents_host, settings.agents_hosts, "AGENTS_HOSTS")
+    except ValueError as exc:
+        raise SystemExit(f"sendscript agents: {exc}") from None
 
 
 class _Server(GracefulServer):
@@ -100,10 +110,12 @@ def run(settings: Settings) -> int:
     from sendscript import runtime
 
     runtime.setup(settings, "agents")
+    agents_hosts(settings)  # a bind it cannot name stops it before any connection
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.agents_host, port=settings.agents_port,
                             log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=max(5, int(settings.shutdown_grace_s)))
+                            timeout_graceful_shutdown=max(5, int(settings.shutdown_grace_s)),
+                            **proxy_options(settings.trusted_proxies))
     logger.info("agents API on http://{}:{}", settings.agents_host, settings.agents_port)
     server = _Server(config)
     server.run()

@@ -1,6 +1,6 @@
 """The HTTP JSON routes of the agents API; requests are checked here, decided in leases.
 
-Every route but /healthz needs `Authorization: Bearer TOKEN` (a token made by
+Every route but /healthz and /readyz needs `Authorization: Bearer TOKEN` (a token made by
 `sendscript agent token add`). Bodies are read with a size cap, parsed and validated
 here, so a malformed call is refused with a 4xx and the reason (`{"detail": ...}`)
 before anything is read or written.
@@ -8,6 +8,7 @@ before anything is read or written.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, TypeVar
 
@@ -16,8 +17,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agents.leases import Leases
-from agents.registry import Refused, Registry
+from agents.registry import Caller, Refused, Registry
 from agents.rules import AgentView, RateBudget
+from sendscript.health import CHECK_TIMEOUT_S
 from sendscript.models import describe_error
 
 ID = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:@-]+$")
@@ -63,6 +65,17 @@ class Fail(OnLease):
 M = TypeVar("M", bound=Call)
 
 
+async def _probe(call: Any, timeout_s: float = CHECK_TIMEOUT_S) -> dict[str, Any]:
+    """A readiness check's answer; it reports any failure, it never raises."""
+    try:
+        await asyncio.wait_for(call, timeout_s)
+        return {"ok": True, "detail": "ok"}
+    except TimeoutError:
+        return {"ok": False, "detail": f"no answer within {timeout_s:g}s"}
+    except Exception as exc:
+        return {"ok": False, "detail": f"{type(exc).__name__}: {exc}"[:300]}
+
+
 def refused(exc: Refused) -> JSONResponse:
     headers = {"Retry-After": f"{exc.retry_after:.0f}"} if getattr(exc, "retry_after", 0) else {}
     return JSONResponse({"detail": exc.reason}, status_code=exc.status, headers=headers)
@@ -76,11 +89,11 @@ class Api:
         self.body_limit = body_limit
         self.budget = RateBudget(lease_rate, lease_burst)
 
-    async def _parse(self, request: Request, model: type[M]) -> tuple[str, M]:
+    async def _parse(self, request: Request, model: type[M]) -> tuple[Caller, M]:
         header = request.headers.get("authorization", "")
         scheme, _, secret = header.partition(" ")
-        token = await self.registry.authenticate(secret.strip() if scheme.lower() == "bearer"
-                                                 else None)
+        caller = await self.registry.authenticate(secret.strip() if scheme.lower() == "bearer"
+                                                  else None)
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.body_limit:
             raise Refused(413, f"body of {declared} bytes is over {self.body_limit}")
@@ -96,13 +109,13 @@ class Api:
         if not isinstance(data, dict):
             raise Refused(400, f"body must be a JSON object, got {type(data).__name__}")
         try:
-            return token, model.model_validate(data)
+            return caller, model.model_validate(data)
         except ValidationError as exc:
             raise Refused(422, describe_error(exc)) from None
 
     async def _agent(self, request: Request, model: type[M]) -> tuple[AgentView, M]:
-        token, call = await self._parse(request, model)
-        return await self.registry.agent(token, call.agent_id), call
+        caller, call = await self._parse(request, model)
+        return await self.registry.agent(caller, call.agent_id), call
 
     def router(self) -> APIRouter:
         r = APIRouter()
@@ -115,14 +128,22 @@ class Api:
 
         @r.get("/healthz")
         async def healthz() -> dict[str, Any]:
-            return {"ok": True}
+            return {"ok": True, "status": "ok", "role": "agents"}
+
+        @r.get("/readyz")
+        async def readyz() -> JSONResponse:
+            checks = {"redis": await _probe(self.leases.redis.ping()),
+                      "mongo": await _probe(self.leases.tasks.database.command("ping"))}
+            ready = all(c["ok"] for c in checks.values())
+            return JSONResponse({"status": "ready" if ready else "not ready", "role": "agents",
+                                 "checks": checks}, status_code=200 if ready else 503)
 
         @r.post("/api/agents/register")
         async def register(request: Request) -> Any:
             async def go() -> dict[str, Any]:
-                token, call = await self._parse(request, Register)
+                caller, call = await self._parse(request, Register)
                 s = self.leases.settings
-                await self.registry.register(token, call.agent_id, call.name, call.labels,
+                await self.registry.register(caller, call.agent_id, call.name, call.labels,
                                              call.devices, call.version)
                 return {"ok": True, "agent_id": call.agent_id, "heartbeat_s": s.agent_heartbeat_s,
                         "ttl_s": s.agent_ttl_s, "lease_s": s.agent_lease_s,

@@ -18,20 +18,63 @@ from sendscript.models import ANY_DEVICE
 
 @dataclass(frozen=True, slots=True)
 class AgentView:
-    """A registered agent as lease decisions need it."""
+    """A registered agent as lease decisions need it. `anywhere`: it may lease tasks
+    that name no device (an agent whose token has a scope may not)."""
 
     id: str
     labels: frozenset[str] = frozenset()
     devices: frozenset[str] = frozenset()
+    anywhere: bool = True
 
 
 def eligible(task: dict[str, Any], agent: AgentView) -> bool:
-    """An agent may lease a task that names no device or one of its devices, and whose
-    labels it all carries."""
+    """An agent may lease a task that names one of its devices, or none (unless its
+    token is scoped), and whose labels it all carries."""
     device = task.get("device_id", ANY_DEVICE)
-    if device != ANY_DEVICE and device not in agent.devices:
+    if device == ANY_DEVICE:
+        if not agent.anywhere:
+            return False
+    elif device not in agent.devices:
         return False
     return set(task.get("labels") or ()) <= agent.labels
+
+
+# -- token scopes ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """The devices a token's agents may serve: ids starting with one of `prefixes`, or
+    members of one of `groups` (`members`: those groups' devices, read when the token
+    was checked). No prefix and no group: every device, and tasks naming none."""
+
+    prefixes: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    members: frozenset[str] = frozenset()
+
+    @property
+    def unlimited(self) -> bool:
+        return not self.prefixes and not self.groups
+
+    def allows(self, device: str) -> bool:
+        return self.unlimited or device in self.members or any(
+            device.startswith(p) for p in self.prefixes)
+
+    def outside(self, devices: list[str] | frozenset[str]) -> list[str]:
+        """The devices this scope does not cover, sorted."""
+        return sorted(d for d in devices if not self.allows(d))
+
+    def narrow(self, agent: AgentView) -> AgentView:
+        """The agent as its token may act now: devices outside the scope dropped (a
+        group may have lost members since it registered), no device-less tasks."""
+        if self.unlimited:
+            return agent
+        return AgentView(agent.id, agent.labels,
+                         frozenset(d for d in agent.devices if self.allows(d)), anywhere=False)
+
+    def describe(self) -> str:
+        parts = [f"{p}*" for p in self.prefixes] + [f"group:{g}" for g in self.groups]
+        return ",".join(parts) or "all devices"
 
 
 def one_per_device(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:

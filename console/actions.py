@@ -1,10 +1,12 @@
 """What an operator may do from the console, each written to the `audit` collection.
 
 One task: retry, cancel. Many: the same on every task a filter selects, in two steps
-(preview counts and signs a confirmation bound to the action, the filter and the
-person; the action requires it). Quarantined queue items go back onto the ready list.
+(preview counts and signs a confirmation bound to the action, the filter, the count
+and the person; the action requires it, spends it once, and touches at most that
+count; a replay is refused and audited). Quarantined queue items go back onto the ready list.
 Pauses are the service's flags (sendscript/pauses.py). An agent is asked to stop
-as `sendscript agent stop` asks it. Every change goes through the
+as `sendscript agent stop` asks it; agents' API tokens are made and removed as
+`sendscript agent token add|remove` does. Every change goes through the
 SDK or the same compare-and-set the service uses, so the masters see it as they see
 the CLI's.
 """
@@ -15,7 +17,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from agents.registry import AGENTS
+from agents.registry import AGENTS, add_token_sync, remove_token_sync
 from console import auth
 from console.data import AUDIT, Stores, entry_id, task_query
 from console.filters import TaskFilter
@@ -100,19 +102,35 @@ class Actions:
         if count > cap:
             raise Refused(f"more than {cap} tasks match: narrow the filter "
                           "(SENDSCRIPT_CONSOLE_BULK_MAX)", 422)
+        nonce = auth.new_nonce()
+        auth.keep_confirmation(self.stores.db, nonce, who.name, ttl_s)
         token = auth.make_confirmation(self.secret, action, flt.digest(), count, who.name,
-                                       ttl_s)
+                                       ttl_s, nonce)
         return {"action": action, "count": count, "confirm": token, "expires_in_s": ttl_s}
+
+    def _confirmed(self, who: auth.Principal, action: BulkAction, flt: TaskFilter,
+                   confirm: str) -> int:
+        """The count the confirmation allows, spent now; Refused otherwise (a replay
+        audited: someone holds a real confirmation and tried it twice)."""
+        try:
+            confirmation = auth.check_confirmation(self.secret, confirm, action, flt.digest(),
+                                                   who.name)
+        except ValueError as exc:
+            raise Refused(str(exc), 403) from None
+        if not auth.spend_confirmation(self.stores.db, confirmation.nonce, who.name):
+            reason = "confirmation already used: preview again"
+            self.audit(who, f"bulk {action} refused", flt=flt, result={"reason": reason})
+            raise Refused(reason, 403)
+        return confirmation.count
 
     def bulk(self, who: auth.Principal, action: BulkAction, flt: TaskFilter, confirm: str,
              cap: int) -> dict[str, Any]:
-        try:
-            confirmed = auth.check_confirmation(self.secret, confirm, action, flt.digest(),
-                                                who.name)
-        except ValueError as exc:
-            raise Refused(str(exc), 403) from None
-        ids = [d["_id"] for d in self.stores.db[TASKS].find(
-            self._query(action, flt), {"_id": 1}).limit(cap)]
+        confirmed = min(self._confirmed(who, action, flt, confirm), cap)
+        # One more than confirmed tells whether the filter matches more than was shown
+        # (pymongo reads limit 0 as "no limit": nothing confirmed reads nothing).
+        found = [d["_id"] for d in self.stores.db[TASKS].find(
+            self._query(action, flt), {"_id": 1}).limit(confirmed + 1)] if confirmed else []
+        ids, beyond = found[:confirmed], len(found) > confirmed
         if action == "cancel":
             done, skipped = self._cancel_many(who, ids), 0
         else:
@@ -123,7 +141,10 @@ class Actions:
                 except ValueError:
                     skipped += 1  # its dedupe key belongs to an unfinished task
         result = {"action": action, "confirmed": confirmed, "matched": len(ids), "done": done,
-                  "skipped": skipped}
+                  "skipped": skipped, "beyond_confirmed": beyond}
+        if beyond:
+            result["note"] = (f"more than the {confirmed} confirmed tasks match now; only "
+                              f"{confirmed} were touched: preview again for the rest")
         self.audit(who, f"bulk {action}", flt=flt, count=done, result=result)
         return result
 
@@ -177,3 +198,23 @@ class Actions:
         result = {"already": found.modified_count == 0}
         self.audit(who, "agent stop", target=agent_id, count=1, result=result)
         return {"stopped": agent_id, **result}
+
+    def add_agent_token(self, who: auth.Principal, name: str, prefixes: list[str],
+                        groups: list[str]) -> dict[str, Any]:
+        """A new agents' API token, shown in this answer only (the audit never holds it)."""
+        try:
+            token = add_token_sync(self.stores.db, name, prefixes, groups)
+        except ValueError as exc:
+            raise Refused(str(exc), 422) from None
+        scope = {"prefixes": sorted(set(prefixes)), "groups": sorted(set(groups))}
+        self.audit(who, "agent token add", target=name, count=1, result=scope)
+        return {"name": name, "token": token, **scope}
+
+    def remove_agent_token(self, who: auth.Principal, name: str) -> dict[str, Any]:
+        """Remove the agents' tokens of that name (or short id): refused everywhere
+        within a second, their agents unbound and asked to stop."""
+        removed = remove_token_sync(self.stores.db, name)
+        if not removed:
+            raise Refused(f"no agent token {name}", 404)
+        self.audit(who, "agent token remove", target=name, count=removed)
+        return {"removed": removed, "name": name}

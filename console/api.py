@@ -9,6 +9,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from agents.registry import list_tokens_sync
 from console import data, live
 from console.actions import BulkAction, Refused
 from console.context import Console, Operator, Who, console_of
@@ -169,6 +170,37 @@ def agents(_: Who, c: Ctx) -> list[dict[str, Any]]:
 @router.post("/agents/{agent_id}/stop")
 async def stop_agent(who: Operator, c: Ctx, agent_id: AgentId) -> dict[str, Any]:
     return await act(c.actions.stop_agent, who, agent_id)
+
+
+class AgentTokenSpec(BaseModel):
+    """A new agents' API token; its scope (device id prefixes, device groups) limits
+    what its agents may register and lease (none: every device)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.@-]{1,100}$")
+    prefixes: list[Annotated[str, Field(pattern=NAME)]] = Field(default_factory=list,
+                                                                 max_length=50)
+    groups: list[Annotated[str, Field(pattern=NAME)]] = Field(default_factory=list,
+                                                               max_length=50)
+
+
+@router.get("/agent-tokens")
+def agent_tokens(_: Operator, c: Ctx) -> list[dict[str, Any]]:
+    """Agents' API tokens: name, short id, scope, created (never the token)."""
+    return list_tokens_sync(c.stores.db)
+
+
+@router.post("/agent-tokens")
+async def add_agent_token(who: Operator, c: Ctx, body: AgentTokenSpec) -> dict[str, Any]:
+    """Make one; the token is in this answer only."""
+    return await act(c.actions.add_agent_token, who, body.name, body.prefixes, body.groups)
+
+
+@router.post("/agent-tokens/{name}/remove")
+async def remove_agent_token(who: Operator, c: Ctx, name: Annotated[
+        str, Path(pattern=r"^[A-Za-z0-9_.@-]{1,100}$")]) -> dict[str, Any]:
+    """Remove the tokens of that name (or short id): refused within a second."""
+    return await act(c.actions.remove_agent_token, who, name)
 
 
 @router.get("/pauses")

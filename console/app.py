@@ -1,6 +1,8 @@
 """The console role (`sendscript console`): pages, the JSON API and live updates, on the
 service's own stores. Binds SENDSCRIPT_CONSOLE_HOST (127.0.0.1 by default); on any other
-address it refuses to start until an operator token exists (`sendscript token add`)."""
+address it refuses to start until an operator token exists (`sendscript token add`).
+It answers only the Host names of SENDSCRIPT_CONSOLE_HOSTS (default: its bind address
+and localhost), and /healthz and /readyz without a token."""
 
 from __future__ import annotations
 
@@ -17,12 +19,13 @@ from loguru import logger
 
 from console import api, auth, pages
 from console.actions import Actions
-from console.context import LOOPBACK, Console, LoginRequired, same_origin
+from console.context import Console, LoginRequired, same_origin
 from console.data import AUDIT, Stores
+from console.health import health_router
 from console.live import Sampler
 from console.metrics import metrics_router
 from sendscript.client import SendScriptClient
-from sendscript.serving import GracefulServer
+from sendscript.serving import LOOPBACK, GracefulServer, allowed_hosts, guard_hosts, proxy_options
 from sendscript.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
@@ -38,6 +41,14 @@ def check_bind(settings: Settings, stores: Stores) -> None:
             f"sendscript console: refusing to listen on {settings.console_host}: no operator "
             "token exists. Create one with `sendscript token add NAME --role operator`, or "
             "bind 127.0.0.1 (SENDSCRIPT_CONSOLE_HOST).")
+    hosts(settings)
+
+
+def hosts(settings: Settings) -> list[str]:
+    try:
+        return allowed_hosts(settings.console_host, settings.console_hosts, "CONSOLE_HOSTS")
+    except ValueError as exc:
+        raise Refusal(f"sendscript console: {exc}") from None
 
 
 def build(settings: Settings, stores: Stores | None = None,
@@ -93,11 +104,14 @@ def build(settings: Settings, stores: Stores | None = None,
 
     app.include_router(api.router)
     app.include_router(pages.router)
-    # Prometheus scrapes without a token (as scrapers do); it shows counts, never tasks.
-    app.include_router(metrics_router(settings))
+    app.include_router(health_router(stores))
+    # On loopback Prometheus scrapes without a token (as scrapers do); exposed, with
+    # SENDSCRIPT_METRICS_TOKEN. It shows counts, never tasks.
+    app.include_router(metrics_router(settings, console.principal_of))
     for router in extra_routers or []:
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    guard_hosts(app, hosts(settings))  # last: the outermost, before anything else runs
     return app
 
 
@@ -121,7 +135,8 @@ def run(settings: Settings) -> int:
     app = build(settings, stores)
     logger.info("console on {}", url(settings))
     config = uvicorn.Config(app, host=settings.console_host, port=settings.console_port,
-                            log_level="warning", timeout_graceful_shutdown=3)
+                            log_level="warning", timeout_graceful_shutdown=3,
+                            **proxy_options(settings.trusted_proxies))
     server = GracefulServer(config)
     server.run()
     logger.info("console stopped")

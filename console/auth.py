@@ -6,6 +6,9 @@ its SHA-256 (tokens are 256 random bits: a salted slow hash buys nothing). A ses
 cookie is `<token hash>.<expiry>.<HMAC>`: it dies with its token (checked on every
 request) and at its expiry. Cookies and confirmations are signed with the console's
 secret: SENDSCRIPT_CONSOLE_SECRET, else one kept in Mongo so every console agrees.
+
+A bulk action's confirmation also names a nonce kept in Mongo `console_confirmations`
+until its expiry: the action spends it with one compare-and-set, so it runs once.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Literal
 
 from pymongo.database import Database
@@ -25,6 +29,7 @@ from sendscript.models import utcnow
 
 TOKENS = "console_tokens"
 SECRETS = "console_secrets"
+CONFIRMATIONS = "console_confirmations"
 Role = Literal["viewer", "operator"]
 ROLES: tuple[str, ...] = ("viewer", "operator")
 TOKEN_PREFIX = "ssc_"
@@ -54,6 +59,7 @@ def new_token() -> str:
 
 def ensure_indexes(db: Database) -> None:
     db[TOKENS].create_index("name", unique=True)
+    db[CONFIRMATIONS].create_index("expires_at", expireAfterSeconds=0)
 
 
 def add_token(db: Database, name: str, role: str) -> str:
@@ -137,27 +143,55 @@ def read_cookie(secret: bytes, value: str, now: float | None = None) -> str | No
     return token_hash
 
 
+@dataclass(frozen=True)
+class Confirmation:
+    """What a valid confirmation was given for: the count shown, and its nonce."""
+
+    count: int
+    nonce: str
+
+
 def make_confirmation(secret: bytes, action: str, digest: str, count: int, who: str,
-                      ttl_s: float, now: float | None = None) -> str:
+                      ttl_s: float, nonce: str, now: float | None = None) -> str:
     """A bulk action's confirmation: bound to the action, the filter's digest, the count
-    shown and the person, valid ttl_s."""
+    shown, the person and a single-use nonce, valid ttl_s."""
     expiry = int((time.time() if now is None else now) + ttl_s)
-    body = f"{action}.{digest}.{count}.{expiry}"
+    body = f"{action}.{digest}.{count}.{expiry}.{nonce}"
     return f"{body}.{_sign(secret, f'confirm:{who}:{body}')}"
 
 
 def check_confirmation(secret: bytes, token: str, action: str, digest: str, who: str,
-                       now: float | None = None) -> int:
-    """The count the confirmation was given for; ValueError saying why it is refused."""
+                       now: float | None = None) -> Confirmation:
+    """What the confirmation was given for; ValueError saying why it is refused. Whether
+    its nonce was spent already is the store's to say (`spend_confirmation`)."""
     parts = token.split(".")
-    if len(parts) != 5 or len(token) > 400:
+    if len(parts) != 6 or len(token) > 400:
         raise ValueError("malformed confirmation")
-    t_action, t_digest, count, expiry, mac = parts
-    body = ".".join(parts[:4])
+    t_action, t_digest, count, expiry, nonce, mac = parts
+    body = ".".join(parts[:5])
     if not hmac.compare_digest(mac, _sign(secret, f"confirm:{who}:{body}")):
         raise ValueError("confirmation not valid")
     if t_action != action or t_digest != digest:
         raise ValueError("confirmation was given for another action or filter")
     if not expiry.isdigit() or int(expiry) < (time.time() if now is None else now):
         raise ValueError("confirmation expired: preview again")
-    return int(count)
+    if not count.isdigit():
+        raise ValueError("malformed confirmation")
+    return Confirmation(int(count), nonce)
+
+
+def new_nonce() -> str:
+    return secrets.token_hex(16)
+
+
+def keep_confirmation(db: Database, nonce: str, who: str, ttl_s: float) -> None:
+    """Record an issued confirmation, unspent, until it expires (Mongo's TTL removes it)."""
+    db[CONFIRMATIONS].insert_one({"_id": nonce, "who": who, "used_at": None,
+                                  "expires_at": utcnow() + timedelta(seconds=ttl_s)})
+
+
+def spend_confirmation(db: Database, nonce: str, who: str) -> bool:
+    """Spend it: True once, for the first caller; False if spent or never issued."""
+    return db[CONFIRMATIONS].update_one(
+        {"_id": nonce, "who": who, "used_at": None},
+        {"$set": {"used_at": utcnow()}}).modified_count == 1

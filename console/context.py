@@ -13,10 +13,10 @@ from console import auth
 from console.actions import Actions
 from console.data import Stores
 from console.live import Sampler
+from sendscript.serving import exposed
 from sendscript.settings import Settings
 
 COOKIE = "sendscript_console"
-LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 class LoginRequired(Exception):
@@ -35,13 +35,16 @@ class Console:
     _seen: dict[str, tuple[float, auth.Principal | None]] = field(default_factory=dict)
 
     @property
-    def loopback(self) -> bool:
-        return self.settings.console_host in LOOPBACK
+    def may_open(self) -> bool:
+        """Open mode is asked for (SENDSCRIPT_CONSOLE_OPEN: `sendscript demo`) and
+        possible: loopback, no proxy in front."""
+        s = self.settings
+        return s.console_open and not exposed(s.console_host, s.trusted_proxies)
 
     def open_mode(self) -> bool:
-        """On a loopback address with no token at all, the console is open (a local
-        `sendscript up`); the first token created closes it within 2 s."""
-        if not self.loopback:
+        """Asked for, on loopback and with no token at all, the console is open (the
+        demo's); the first token created closes it within 2 s."""
+        if not self.may_open:
             return False
         now = time.monotonic()
         if now - self._open_checked > 2.0:

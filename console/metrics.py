@@ -2,6 +2,10 @@
 
 Include it with one line: `app.include_router(metrics_router(settings))`.
 
+On loopback it needs no token (as scrapers expect). Exposed (bound off loopback, or
+behind trusted proxies) it wants `Authorization: Bearer` with SENDSCRIPT_METRICS_TOKEN,
+or any console token when the caller passes `principal_of`.
+
 Every figure comes from Redis, read at scrape time in a handful of round trips:
 each role's published counters and histograms (`sendscript.metrics`), the task
 counts the leader keeps (`sendscript.counts`), queue lengths, the masters' and
@@ -10,21 +14,27 @@ consumers' heartbeats, the shared breaker and the stats hash. No Mongo query.
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from console.auth import hash_token
 from sendscript import connect, counts, metrics
 from sendscript.breaker import Circuit
 from sendscript.report import breaker_view
+from sendscript.serving import exposed
 from sendscript.settings import Settings
+
+# A console token's holder, or None (console.context.Console.principal_of).
+PrincipalOf = Callable[[str], Any]
 
 
 def cluster_families(r: redis.Redis, settings: Settings) -> Iterator[Metric]:
@@ -124,12 +134,35 @@ def render(settings: Settings, collector: _Cluster | None = None) -> bytes:
     return generate_latest(registry)
 
 
-def metrics_router(settings: Settings) -> APIRouter:
+def scrape_allowed(settings: Settings, authorization: str,
+                   principal_of: PrincipalOf | None = None) -> bool:
+    """May this scrape read the metrics? Always on loopback; exposed, with the metrics
+    token or (given principal_of) a console token."""
+    if not exposed(settings.console_host, settings.trusted_proxies):
+        return True
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or len(token) > 200:
+        return False
+    if settings.metrics_token and hmac.compare_digest(token.encode(),
+                                                      settings.metrics_token.encode()):
+        return True
+    if principal_of is None:
+        return False
+    return principal_of(hash_token(token)) is not None
+
+
+def metrics_router(settings: Settings, principal_of: PrincipalOf | None = None) -> APIRouter:
     router = APIRouter()
     cluster = _Cluster(settings)
 
     @router.get("/metrics", include_in_schema=False)
-    def scrape() -> Response:  # sync: FastAPI runs it in its thread pool
+    def scrape(request: Request) -> Response:  # sync: FastAPI runs it in its thread pool
+        if not scrape_allowed(settings, request.headers.get("authorization", ""),
+                              principal_of):
+            return Response("metrics need Authorization: Bearer <SENDSCRIPT_METRICS_TOKEN>\n",
+                            status_code=401, media_type="text/plain",
+                            headers={"WWW-Authenticate": "Bearer"})
         return Response(render(settings, cluster), media_type=CONTENT_TYPE_LATEST)
 
     return router

@@ -58,8 +58,14 @@ async def login(request: Request, c: Ctx) -> Response:
     response.set_cookie(COOKIE, auth.make_cookie(c.secret, auth.hash_token(token),
                                                  c.settings.console_session_s),
                         max_age=int(c.settings.console_session_s), httponly=True,
-                        samesite="strict", secure=request.url.scheme == "https")
+                        samesite="strict", secure=secure_cookie(request, c))
     return response
+
+
+def secure_cookie(request: Request, c: Console) -> bool:
+    """Secure over HTTPS, and always behind trusted proxies: they terminate TLS, and
+    one that forgets X-Forwarded-Proto must not get a cookie sent in clear."""
+    return request.url.scheme == "https" or bool(c.settings.trusted_proxies)
 
 
 @router.post("/logout")

@@ -203,7 +203,8 @@ def up(
     stack.start(log_dir=None)
     console.print(f"[green]sendscript up[/green]: {stack.describe()}")
     if stack.console_url:
-        console.print(f"console: {stack.console_url}")
+        console.print(f"console: {stack.console_url} (log in with a token: "
+                      "`sendscript token add NAME --role operator`)")
     console.print("Ctrl-C stops everything.")
     try:
         while not stopping:
@@ -903,14 +904,61 @@ def agent_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.
 
 
 @agent_token_app.command("add")
-def agent_token_add(name: str) -> None:
-    """Make an API token for agents; it is shown once (only its hash is stored)."""
+def agent_token_add(
+    name: str,
+    prefix: Annotated[list[str] | None, typer.Option(
+        "--prefix", help="Scope: device ids starting with this (repeatable).")] = None,
+    group: Annotated[list[str] | None, typer.Option(
+        "--group", help="Scope: the devices of this group (repeatable).")] = None,
+) -> None:
+    """Make an API token for agents; it is shown once (only its hash is stored). With a
+    scope its agents may register and lease only those devices (and no task that names
+    none); without, every device."""
     from agents.registry import add_token_sync
     from sendscript import connect
 
     with connect.mongo_sync(_settings()) as mongo:
-        token = add_token_sync(connect.database(mongo), name)
+        try:
+            token = add_token_sync(connect.database(mongo), name, prefix or [], group or [])
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(2) from None
     console.print(token, soft_wrap=True, highlight=False)
+
+
+@agent_token_app.command("list")
+def agent_token_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
+                     = False) -> None:
+    """Agents' tokens: name, short id, scope, created (never the token nor its hash)."""
+    from agents.registry import list_tokens_sync
+    from sendscript import connect
+
+    with connect.mongo_sync(_settings()) as mongo:
+        rows = list_tokens_sync(connect.database(mongo))
+    if as_json:
+        console.print_json(json.dumps(rows, default=str))
+        return
+    table = Table("name", "id", "scope", "created", title=f"agent tokens ({len(rows)})")
+    for row in rows:
+        scope = ",".join([f"{p}*" for p in row["prefixes"]]
+                         + [f"group:{g}" for g in row["groups"]]) or "all devices"
+        table.add_row(row["name"], row["id"], scope, str(row["created_at"] or ""))
+    console.print(table)
+
+
+@agent_token_app.command("remove")
+def agent_token_remove(name: str) -> None:
+    """Remove the tokens of that name (or short id from `list`): every agents process
+    refuses them within a second; their agents are asked to stop and unbound."""
+    from agents.registry import remove_token_sync
+    from sendscript import connect
+
+    with connect.mongo_sync(_settings()) as mongo:
+        removed = remove_token_sync(connect.database(mongo), name)
+    if not removed:
+        console.print(f"[red]no agent token {name}[/red]")
+        raise typer.Exit(1)
+    console.print(f"agent token {name} removed ({removed})")
 
 
 @agent_app.command("stop")

@@ -254,6 +254,18 @@ class Settings(BaseSettings):
     console_counts_s: float = Field(5.0, gt=0)
     console_task_stream_s: float = Field(0.5, gt=0)
     console_dlq_timeout_s: float = Field(3.0, gt=0)
+    # Who may reach the HTTP roles. The Host names a request may carry (empty: the bind
+    # address and localhost; `*` any): any other is refused before anything runs, so a
+    # page whose name was rebound to this address cannot drive it. Open mode (no token
+    # needed) only where console_open says so: `sendscript demo` sets it. Forwarded
+    # headers (X-Forwarded-For / -Proto) are believed from trusted_proxies alone
+    # (addresses or networks; empty: from nobody). Off loopback or behind a proxy,
+    # /metrics wants `Authorization: Bearer` with metrics_token (or a console token).
+    console_hosts: Annotated[tuple[str, ...], NoDecode] = ()
+    agents_hosts: Annotated[tuple[str, ...], NoDecode] = ()
+    console_open: bool = False
+    trusted_proxies: Annotated[tuple[str, ...], NoDecode] = ()
+    metrics_token: str | None = None
 
     # Pull-mode agents (issue 11, agents/): the agents role's HTTP API. A lease lasts
     # agent_lease_s, each progress call extends it (never past the task's timeout_s
@@ -311,6 +323,14 @@ class Settings(BaseSettings):
         if not pauses or min(pauses) <= 0:
             raise ValueError("breaker_pauses_s: one or more pauses above 0")
         return pauses
+
+    @field_validator("console_hosts", "agents_hosts", "trusted_proxies", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        """`a,b,c` (the env form) or a sequence."""
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        return value
 
     @field_validator("final_error_codes", "central_quota_codes", mode="before")
     @classmethod

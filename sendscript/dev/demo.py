@@ -51,7 +51,9 @@ def run_demo(settings: Settings, *, tasks: int, devices: int, workers: int, run_
     stack = LocalStack(local, workers=workers, data_dir=data_dir,
                        sim_args=["--run-ms", str(run_ms), "--fail-rate", str(fail_rate)],
                        extra_env={"SENDSCRIPT_LOG_LEVEL": "WARNING",
-                                  "SENDSCRIPT_CONSOLE_PORT": str(port)}, console=True)
+                                  "SENDSCRIPT_CONSOLE_PORT": str(port),
+                                  # the demo's throwaway data: no token to make first
+                                  "SENDSCRIPT_CONSOLE_OPEN": "true"}, console=True)
     console.print(f"starting embedded Redis, MongoDB (SecantusDB) and Pulsar (pulsar-lite) "
                   f"under {data_dir} ...")
     ok = False

@@ -40,11 +40,11 @@ def _snapshot(inspect: Inspect) -> tuple[list[tuple[str, str]], int, int]:
         inspect.settings.keys.ready)
 
 
-def test_open_then_tokens_roles_cookie_and_cross_site(console_role: ConsoleRole,
+def test_open_then_tokens_roles_cookie_and_cross_site(roles: Roles,
                                                       inspect: Inspect) -> None:
-    c = console_role
+    c = start_console(roles, console_open=True)  # as `sendscript demo` runs it
     with c.client() as anon:
-        # loopback and no token yet: open, as the local operator
+        # asked for, loopback and no token yet: open, as the local operator
         assert anon.get("/api/whoami").json() == {"name": "local", "role": "operator",
                                                   "can_act": True, "open": True}
     op, viewer = c.token("ops", "operator"), c.token("eve", "viewer")
@@ -187,11 +187,11 @@ def test_bulk_cancel_counts_first_then_cancels_only_the_filter(console_role: Con
         assert inspect.count("cancelled") == 0  # a preview changes nothing
         run = api.post("/api/bulk", json={"action": "cancel", "filter": flt,
                                           "confirm": preview.json()["confirm"]}).json()
-        assert run["done"] == 5 and run["confirmed"] == 5
-        # nothing left to cancel: a second run with the same confirmation does nothing
+        assert run["done"] == 5 and run["confirmed"] == 5 and not run["beyond_confirmed"]
+        # a confirmation is spent by its action: the same one again is refused
         again = api.post("/api/bulk", json={"action": "cancel", "filter": flt,
-                                            "confirm": preview.json()["confirm"]}).json()
-        assert again["done"] == 0
+                                            "confirm": preview.json()["confirm"]})
+        assert again.status_code == 403 and "already used" in again.json()["detail"]
     statuses = {d["_id"]: d["status"] for d in inspect.db.script_tasks.find()}
     assert all(statuses[i] == "cancelled" for i in mine)
     assert all(statuses[i] == "pending" for i in others)

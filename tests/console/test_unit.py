@@ -79,8 +79,12 @@ def test_cookie_is_signed_expires_and_names_its_token() -> None:
 
 def test_confirmation_binds_action_filter_person_and_time() -> None:
     digest = TaskFilter(device="p").digest()
-    token = auth.make_confirmation(SECRET, "cancel", digest, 7, "ops", 120, now=1000)
-    assert auth.check_confirmation(SECRET, token, "cancel", digest, "ops", now=1100) == 7
+    token = auth.make_confirmation(SECRET, "cancel", digest, 7, "ops", 120, "n1", now=1000)
+    assert auth.check_confirmation(SECRET, token, "cancel", digest, "ops",
+                                   now=1100) == auth.Confirmation(7, "n1")
+    with pytest.raises(ValueError, match="not valid"):  # the nonce is signed too
+        auth.check_confirmation(SECRET, token.replace(".n1.", ".n2."), "cancel", digest,
+                                "ops", now=1100)
     with pytest.raises(ValueError, match="another"):
         auth.check_confirmation(SECRET, token, "retry", digest, "ops", now=1100)
     with pytest.raises(ValueError, match="another"):
