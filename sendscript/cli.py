@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Column, Table
 
 from sendscript.models import (
@@ -993,10 +994,12 @@ def main() -> None:
     try:
         app()
     except (PyMongoError, RedisError) as exc:
-        # A command that cannot reach its servers says which and why, in one line.
+        # A command that cannot reach its servers says which and why, in one line on
+        # stderr: never wrapped to the terminal's width, the driver's text never markup.
         server = "Mongo" if isinstance(exc, PyMongoError) else "Redis"
-        console.print(f"[red]sendscript: {server} did not answer: "
-                      f"{str(exc).splitlines()[0][:300]}[/red]")
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        Console(stderr=True, soft_wrap=True).print(
+            f"[red]sendscript: {server} did not answer: {escape(reason)}[/red]")
         raise SystemExit(2) from None
 
 

@@ -193,11 +193,7 @@ def test_devices_pauses_and_lost_agents(settings: Settings, api: tuple[str, str]
 
 
 def _held(url: str, token: str) -> bool:
-    import httpx
-
-    held = httpx.get(f"{url}/api/agents", headers={"Authorization": f"Bearer {token}"},
-                     timeout=10).json()["held"]
-    return held.get("device:phone-1", 0) > 0
+    return _held_count(url, token, "device:phone-1") > 0
 
 
 def test_pull_tasks_are_never_held_by_a_master(settings: Settings) -> None:
@@ -260,27 +256,33 @@ def test_queue_caps_and_rate_limits_hold_leases(settings: Settings, roles: Roles
     assert sorted(held) == ["pending", "running"]  # the other waits for the next window
 
 
-def test_sigterm_stops_the_agents_role_with_exit_code_0(settings: Settings,
+def test_sigterm_answers_a_long_poll_at_once_and_exits_0(settings: Settings,
                                                         roles: Roles) -> None:
     import signal
     import threading
 
-    import httpx
-
-    proc, url = start_agents(roles)
+    proc, url = start_agents(roles, agent_poll_interval_s=0.05)
     token = new_token(settings)
+    # A paused task: every turn of the long poll counts it as held, which says, from
+    # outside, that the call is inside its wait (not still on its way in).
+    with connect.redis_sync(settings) as r:
+        pauses.pause_sync(r, settings.keys, "global", "test")
+    submit(settings)
     a = agent(url, token, "a")
-    answers: list[int] = []
-
-    def poll() -> None:
-        try:
-            answers.append(a.post("lease", wait_s=30)[0])
-        except httpx.HTTPError:
-            answers.append(0)  # it came after the stop
-
-    waiting = threading.Thread(target=poll)
+    answers: list[tuple[int, dict[str, Any]]] = []
+    waiting = threading.Thread(target=lambda: answers.append(a.post("lease", wait_s=30)))
     waiting.start()
+    wait_for(lambda: _held_count(url, token, "global") > 0, 20, "the long poll waiting")
     proc.signal(signal.SIGTERM)
     assert proc.wait(20) == 0  # well before the 30 s long poll would have ended
     waiting.join(20)
-    assert answers in ([200], [0])
+    # Ended early and empty, not cut off: the agent is told, and asks again elsewhere.
+    assert answers == [(200, {"ok": True, "tasks": []})], answers
+
+
+def _held_count(url: str, token: str, scope: str) -> int:
+    import httpx
+
+    held = httpx.get(f"{url}/api/agents", headers={"Authorization": f"Bearer {token}"},
+                     timeout=10).json()["held"]
+    return int(held.get(scope, 0))

@@ -58,10 +58,18 @@ def test_metrics_agree_with_mongo_during_a_run(settings: Settings, roles: Roles,
     roles.simulator(run_ms=30, jitter=0.5, fail_rate=0.25)
     roles._start("consumer", ["consumer"], consumer_health_port=consumer_port)
     wait_for(lambda: inspect.redis.hlen(settings.keys.consumers), 30, "the consumer")
-    roles.master(master_health_port=master_port, counts_interval_s=0.5)
     app = FastAPI()
     app.include_router(metrics_router(settings))
     client = TestClient(app)
+    # Before any master: the lists hold exactly what was pushed.
+    with SendScriptClient(settings) as sdk:
+        sdk.submit_many([{"device_id": f"dev-{i % 20:02d}", "script": {"id": "tap"},
+                          "max_retries": 1, "retry_base_s": 0.1} for i in range(N)])
+    inspect.redis.lpush(settings.keys.ready, "not json", json.dumps({"script": {}}))
+    before = _scrape(client)
+    assert _total(before, "sendscript_queue_length", list="ready") == N + 2
+    assert _total(before, "sendscript_queue_length", list="quarantine") == 0
+    roles.master(master_health_port=master_port, counts_interval_s=0.5)
 
     for port, role in ((master_port, "master"), (consumer_port, "consumer")):
         code, body = _health(port, "/healthz")
@@ -73,13 +81,9 @@ def test_metrics_agree_with_mongo_during_a_run(settings: Settings, roles: Roles,
     assert _health(consumer_port, "/readyz")[1]["checks"]["subscribed"]["ok"]
     assert _health(master_port, "/nothing")[0] == 404
 
-    with SendScriptClient(settings) as sdk:
-        sdk.submit_many([{"device_id": f"dev-{i % 20:02d}", "script": {"id": "tap"},
-                          "max_retries": 1, "retry_base_s": 0.1} for i in range(N)])
-        mid = _scrape(client)  # during the run: scrapes work while tasks move
-        assert _total(mid, "sendscript_queue_length", list="ready") >= 0
-        wait_for(lambda: inspect.count("success") + inspect.count("failed") == N, 240,
-                 "every task finished", interval_s=0.5)
+    _scrape(client)  # during the run: scrapes work (and name well) while tasks move
+    wait_for(lambda: inspect.count("success") + inspect.count("failed") == N, 240,
+             "every task finished", interval_s=0.5)
     success, failed = inspect.count("success"), inspect.count("failed")
     assert failed > 0 and success > 0  # the run had failures and retries
     records = inspect.db.task_exec_records.count_documents({})
@@ -104,6 +108,8 @@ def test_metrics_agree_with_mongo_during_a_run(settings: Settings, roles: Roles,
         ("sendscript_masters_alive", None, None): 1,
         ("sendscript_consumers_alive", None, None): 1,
         ("sendscript_breaker_state", "state", "closed"): 1,
+        ("sendscript_queue_length", "list", "ready"): 0,
+        ("sendscript_queue_length", "list", "quarantine"): 2,  # the two malformed items
     }
 
     def mismatches() -> dict:

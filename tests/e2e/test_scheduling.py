@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 import signal
 import time
 from collections import Counter, defaultdict
@@ -72,10 +73,9 @@ def test_1000_delayed_tasks_fire_once_and_never_early(
              "the master to hold the delayed tasks")
     assert inspect.count("success") == 0  # nothing fired ahead of time
     wait_for(lambda: inspect.count("success") == 1000, 90, "1000 delayed tasks", 0.5)
-    lateness = sorted(assert_fired_once_never_early(inspect, ids))
+    # How late they fire is a figure for `python -m bench.scheduling`, not a test.
+    assert_fired_once_never_early(inspect, ids)
     assert roles.farm()["accepted"] == 1000
-    print(f"lateness p50 {lateness[500] * 1000:.0f} ms, p99 {lateness[990] * 1000:.0f} ms, "
-          f"max {lateness[-1] * 1000:.0f} ms")
 
 
 def test_killed_master_leaves_its_delayed_tasks_to_another(
@@ -139,8 +139,10 @@ def test_restarted_master_takes_back_its_delayed_tasks_at_once(
         wait_for(lambda: succeeded(delayed) >= 10, 30, "the first delayed tasks", 0.05)
         assert (roles.master_info() or {}).get("delayed_held", 0) > 0
         first.kill()  # SIGKILL: its claims stay in Mongo
-        roles.master("master-2")  # the same master id, at once; back once its workers are
-        up = now()
+        held_at_kill = view.db.script_tasks.count_documents(
+            {"master": settings.master_id, "status": {"$in": ["waiting", "retry_waiting"]}})
+        assert held_at_kill >= len(retries)  # the retries are due well after the restart
+        second = roles.master("master-2")  # the same master id, at once
         wait_for(lambda: succeeded(every) == len(every), 90, "every delayed task", 0.5)
 
         tasks = {t["_id"]: t for t in view.db.script_tasks.find({"_id": {"$in": every}})}
@@ -148,7 +150,6 @@ def test_restarted_master_takes_back_its_delayed_tasks_at_once(
         for run in roles.farm("runs"):
             runs[run["task_id"]].append(run["started"])
         records = records_by_task(view)
-        late_after_up = []
         for task_id in every:
             task = tasks[task_id]
             due = task["run_at"].timestamp()
@@ -156,15 +157,13 @@ def test_restarted_master_takes_back_its_delayed_tasks_at_once(
             assert runs[task_id][0] >= due, (task_id, runs[task_id][0], due)  # never early
             ok = [r for r in records[task_id] if r["status"] == "success"]
             assert len(ok) == 1 and ok[0]["started_at"] >= task["run_at"], records[task_id]
-            if task["run_at"] >= up:
-                late_after_up.append(runs[task_id][0] - due)
         assert all(len(records[t]) == 2 for t in retries)  # the failed try and the retry
-        # Generous: a fire is late by the restart at worst, and only for what fell due
-        # while the master was down; the benchmark carries the precise figure.
-        assert max(late_after_up, default=0.0) < 10.0, sorted(late_after_up)[-5:]
-        due_after_up = sum(1 for t in retries if tasks[t]["run_at"] >= up)
-        print(f"{len(late_after_up)} due after the restart ({due_after_up} of them retries), "
-              f"latest {max(late_after_up, default=0.0):.2f}s late")
+        # At once: the restarted master's first load takes back every task it held, the
+        # ones past its horizon too (no later load would: they are a live master's).
+        # How late that makes a fire is `python -m bench.scheduling --restart`'s figure.
+        log = second.log_path.read_text(errors="replace") if second.log_path else ""
+        taken = [int(n) for n in re.findall(r"took back (\d+) delayed task", log)]
+        assert taken[:1] == [held_at_kill], (held_at_kill, taken)
     finally:
         roles.stop()
         view.close()
