@@ -15,7 +15,7 @@ and search pages, in milliseconds per call (median of several).
    replaces; then `--moves` tasks change status and one incremental pass is timed.
 3. Search (sendscript/search.py): several filters, the first page and a deep page
    (reached by following the cursor `--deep` pages).
-4. The write cost of the counts' `updated_at` index (issue 12): `--writes` status
+4. The write cost of the counts' `updated_at` index: `--writes` status
    changes timed with and without it.
 """
 

@@ -3,12 +3,13 @@
     python -m bench.peers --tasks 5000 --devices 200
 
 Starts one set of embedded servers (Redis, SecantusDB, pulsar-lite) and one
-simulated farm whose devices answer at once, then runs the seed-003 job through
+simulated farm whose devices answer at once, then runs the reference job through
 each system in turn, back to back: sendscript (`bench.throughput --run-ms 0`:
 master, 2 workers, consumer), Dramatiq (2 processes x 8 threads), Celery
 (prefork, 2 processes) and the same job body in 2 plain processes
-(bench/peer_jobs/). A peer's job locks the device, makes the 8 document writes
-of seed 003 and POSTs to the farm (bench/peer_jobs/job.py). Every system runs
+(bench/peer_jobs/). A peer's job locks the device, makes 8 document writes (the
+task and its exec record through their states, the log) and POSTs to the farm
+(bench/peer_jobs/job.py). Every system runs
 with sendscript's default durability (journaled writes, retryWrites as the URL
 decides) and, with `--durability both` (default), again unjournaled: the peers
 with their drivers' defaults (no journal, retryable writes), sendscript with
@@ -198,7 +199,7 @@ def render(runs: list[Run]) -> None:
     out = Console(width=160)
     # each run against sendscript at the same durability
     base = {r.durable: r.tasks_per_s for r in runs if r.system == "sendscript"}
-    table = Table(title="the seed-003 job: tasks/s and CPU ms per task by process "
+    table = Table(title="the reference job: tasks/s and CPU ms per task by process "
                         "(x sendscript: at the same durability)")
     for col in ("system", "durability", "tasks/s", "x sendscript", *GROUPS, "all", "ok"):
         table.add_column(col, justify="left" if col in ("system", "durability") else "right")
