@@ -99,10 +99,8 @@ from rich.table import Table
 
 from bench import tally
 from bench.throughput import (
-    TERMINAL_NAMES,
     _json_safe,
     percentile,
-    status_counts,
     wait_for,
     warm_up,
 )
@@ -355,17 +353,11 @@ def run_lateness(opts: Options) -> LatenessResult:
 
 def wait_terminal(stack: LocalStack, db: Any, n: int, timeout_s: float,
                   script_id: str) -> None:
-    """Until Mongo holds `n` terminal tasks of `script_id` (one aggregate a second),
-    the timeout passes or a role dies; the read-back then says what became of each."""
-    deadline = time.monotonic() + timeout_s
-    while sum(v for k, v in status_counts(db, script_id).items() if k in TERMINAL_NAMES) < n:
-        if dead := stack.dead_roles():
-            console.print(f"[red]role(s) exited during the run: {', '.join(dead)}[/red]")
-            return
-        if time.monotonic() > deadline:
-            console.print(f"[red]timed out after {timeout_s:.0f}s[/red]")
-            return
-        time.sleep(1.0)
+    """Until Mongo holds `n` terminal tasks of `script_id`, the timeout passes or a
+    role dies; the read-back then says what became of each."""
+    if why := tally.wait_terminal(db, {"script.id": script_id}, n, timeout_s,
+                                  dead=stack.dead_roles):
+        console.print(f"[red]{script_id}: {why}[/red]")
 
 
 def _measure_lateness(stack: LocalStack, opts: Options) -> LatenessResult:

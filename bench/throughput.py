@@ -541,12 +541,9 @@ def render(r: Result) -> None:
     if r.roundtrips_added_by_stop:
         added = " ".join(f"{k}=+{v}" for k, v in sorted(r.roundtrips_added_by_stop.items()))
         out.print(f"added by the graceful stop: {added}")
-    print(tally.Tally(r.tally["submitted"], r.tally["statuses"], r.tally["lost"],
-                      r.tally["duplicates"]).line(), flush=True)
+    print(tally.Tally.from_dict(r.tally).line(), flush=True)
     out.print("[green]ok[/green]" if r.ok else "[red]FAILED[/red] (a task lost, unfinished "
                                                 "or stored twice, or the farm saw an overlap)")
-
-
 
 def _role_row(counts: dict[str, int], role: str, tasks: int) -> tuple[str, str]:
     return (_fmt(counts.get(f"{role}:redis", 0) / tasks),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.tally import count
+from bench.tally import Tally, count, field_of
 
 
 def test_every_task_terminal_is_ok() -> None:
@@ -31,3 +31,28 @@ def test_a_key_stored_twice_is_a_duplicate_counted_once() -> None:
 def test_documents_of_other_runs_are_not_counted() -> None:
     t = count(range(2), [(0, "success"), (1, "success"), (7, "pending"), (None, "running")])
     assert t.ok and t.submitted == 2 and t.statuses == {"success": 2}
+
+
+def test_items_still_listed_in_redis_are_accounted_not_lost() -> None:
+    t = count(range(5), [(0, "success"), (1, "pending")], listed=[2, 3, "ref"])
+    assert t.listed == 2 and t.lost == 1 and not t.accounted
+    assert t.line() == ("read back from Mongo and Redis: 2 of 5 submitted item(s) stored "
+                        "(pending=1 success=1; 1 terminal), 2 still listed in Redis; lost 1, "
+                        "duplicates 0")
+    t = count(range(3), [(0, "success"), (1, "pending")], listed=[2])
+    assert t.accounted and not t.ok  # the pending one is stored, not finished
+
+
+def test_an_item_both_stored_and_listed_is_a_duplicate() -> None:
+    t = count(range(2), [(0, "success"), (1, "pending")], listed=[1])
+    assert t.duplicates == 1 and t.listed == 0 and not t.accounted
+
+
+def test_the_tally_survives_its_json_form() -> None:
+    t = count(range(3), [(0, "success")], listed=[1])
+    assert Tally.from_dict(t.as_dict()).line() == t.line()
+
+
+def test_a_dotted_field_of_a_spec() -> None:
+    assert field_of({"script": {"args": {"n": 3}}}, "script.args.n") == 3
+    assert field_of({"task_id": "t"}, "script.args.n") is None
