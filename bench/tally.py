@@ -123,11 +123,12 @@ def by_ids(db: Any, ids: Iterable[str], collection: str = TASKS) -> Tally:
 
 
 def by_key(db: Any, submitted: Iterable[Hashable], match: Mapping[str, Any],
-           key: str) -> Tally:
+           key: str, listed: Iterable[Hashable] | None = None) -> Tally:
     """Tasks submitted as raw specs, named by the dotted field `key` (e.g.
-    `script.args.n`) among the documents `match` selects, read back in one pass."""
+    `script.args.n`) among the documents `match` selects, read back in one pass;
+    `listed`: the keys of the specs still waiting in Redis, when they count."""
     cursor = db[TASKS].find(dict(match), {key: 1, "status": 1}, batch_size=5000)
-    return count(submitted, ((field_of(d, key), d["status"]) for d in cursor))
+    return count(submitted, ((field_of(d, key), d["status"]) for d in cursor), listed)
 
 
 def field_of(doc: Any, key: str) -> Hashable:
