@@ -16,8 +16,10 @@ speak: register, heartbeat, long-poll lease (limit 1), complete.
    time it became due (`run_at`), p50 and p99. Then `--delayed` tasks due 2 s after
    they are stored (the sweep makes them pending, `SENDSCRIPT_AGENT_SWEEP_INTERVAL_S`).
 
-Printed: both figures, the Mongo round trips, and `ok` when every task succeeded
-exactly once (one success record each).
+Printed: both figures and, at the end, every submitted task read back from Mongo by
+its id (bench/tally.py): terminal by status, lost (never stored), unfinished,
+duplicates. `ok` (exit 0) when that tally is clean and every task succeeded exactly
+once (status success, one success record each).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import httpx
 from pymongo import MongoClient
 
 from agents.registry import add_token_sync
+from bench import tally
 from sendscript import connect
 from sendscript.client import SendScriptClient
 from sendscript.dev.embedded import EmbeddedServers, free_port
@@ -174,11 +177,14 @@ def run(opts: Options) -> dict[str, Any]:
                          "p99_ms": round(percentile(waits, 0.99) * 1000, 1),
                          "max_ms": round(max(waits) * 1000, 1)}
         every = ids + trickled + delayed
+        counted = tally.by_ids(db, every)
         successes: dict[str, int] = {}
         for r in db[RECORDS].find({"status": "success"}, {"task_id": 1}):
             successes[r["task_id"]] = successes.get(r["task_id"], 0) + 1
-        done = db[TASKS].count_documents({"status": "success"})
-        out["ok"] = done == len(every) and all(successes.get(t) == 1 for t in every)
+        out["tally"] = counted.as_dict()
+        out["read_back"] = counted.line()
+        out["ok"] = (counted.ok and counted.statuses == {"success": len(every)}
+                     and all(successes.get(t) == 1 for t in every))
         mongo.close()
     finally:
         role.stop(30)
@@ -203,6 +209,7 @@ def render(out: dict[str, Any]) -> str:
         f"p99 {now['p99_ms']} ms, max {now['max_ms']} ms",
         f"  due -> lease, delayed tasks ({later['tasks']}, made pending by the sweep): "
         f"p50 {later['p50_ms']} ms, p99 {later['p99_ms']} ms",
+        f"  {out['read_back']}",
         f"  {'ok' if out['ok'] else 'NOT OK'}: every task succeeded exactly once",
     ])
 

@@ -18,10 +18,18 @@ the growth from the first sample at high water to the end, the tasks held
 (heartbeat samples and the master's own peak), the ready list's length and how
 many tasks ran meanwhile.
 
-`ok` when no heartbeat sample and not the master's own peak held more than high
-water plus one intake batch, the master did reach high water (else nothing was
-measured), most items still wait in Redis, and the RSS grew by less than
-`--flat-mib` from the first sample at high water to the end.
+Then the master is stopped (it hands the tasks it holds back to the ready list, by
+reference) and every pushed item is accounted for by its `script.args.i`
+(bench/tally.py): stored in Mongo (by status), or still listed raw in the ready
+list or the master's intake lists, or lost; an item both stored and listed, or
+stored twice, is a duplicate. Most items are still listed: they were never meant
+to run within the run.
+
+`ok` (exit 0) when no heartbeat sample and not the master's own peak held more than
+high water plus one intake batch, the master did reach high water (else nothing
+was measured), most items still wait in Redis, the RSS grew by less than
+`--flat-mib` from the first sample at high water to the end, and no item is lost
+(neither stored nor listed) or there twice.
 
 `run(Options(...))` is the part `bench/protections.py` calls; `render` prints it.
 """
@@ -34,20 +42,24 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import redis
+from pymongo import MongoClient
 from rich.console import Console
 from rich.table import Table
 
+from bench import tally
+from sendscript import connect
 from sendscript.dev.stack import LocalStack
 from sendscript.settings import Settings
 
 MIB = 1024 * 1024
 SCRIPT = "bench-backpressure"
+LRANGE_CHUNK = 50_000  # items read a call when the lists are read back
 
 console = Console(stderr=True)
 
@@ -102,6 +114,8 @@ class Result:
     taken: int  # items the master took off the ready list
     ran: int  # tasks with a worker answer (any outcome)
     throttled_times: int
+    tally: dict[str, Any] = field(default_factory=dict)  # every pushed item accounted for
+    read_back: str = ""  # the tally's line
     samples: list[Sample] = field(default_factory=list)
     ok: bool = False
     why_not: list[str] = field(default_factory=list)
@@ -219,11 +233,12 @@ def _measure(stack: LocalStack, opts: Options) -> Result:
         time.sleep(2 * opts.heartbeat_s)  # a fresh heartbeat for the totals
         hb = heartbeat(client, settings)
         ready_end = int(client.llen(settings.keys.ready))
+        vmhwm = status_kib(pid, "VmHWM")
+        counted = read_back(stack, client, opts.items)
     finally:
         client.close()
 
     bp = hb.get("backpressure") or {}
-    vmhwm = status_kib(pid, "VmHWM")
     at_high = next((i for i, s in enumerate(samples) if s.state == "throttled"), None)
     growth = samples[-1].rss_mib - samples[at_high].rss_mib if at_high is not None else None
     bound = opts.high + opts.intake_batch
@@ -239,6 +254,7 @@ def _measure(stack: LocalStack, opts: Options) -> Result:
         ready_end=ready_end, taken=int(hb.get("taken", 0)),
         ran=sum(int(v) for v in (hb.get("outcomes") or {}).values()),
         throttled_times=int(bp.get("throttled_times", 0)), samples=samples,
+        tally=counted.as_dict(), read_back=counted.line(),
     )
     why = result.why_not
     if max(result.held_max_sampled, result.peak_held) > bound:
@@ -249,8 +265,36 @@ def _measure(stack: LocalStack, opts: Options) -> Result:
         why.append("the master took more than half the items off the ready list")
     if growth is not None and growth > opts.flat_mib:
         why.append(f"RSS grew by {growth:.1f} MiB at high water (limit {opts.flat_mib:g})")
+    if not counted.accounted:
+        why.append(f"{counted.lost} item(s) neither stored nor listed, "
+                   f"{counted.duplicates} there twice")
     result.ok = not why
     return result
+
+
+def read_back(stack: LocalStack, client: redis.Redis, items: int) -> tally.Tally:
+    """Every pushed item (`script.args.i` 0 .. items-1): stored in Mongo, or still
+    listed raw in Redis. The master is stopped first, so that nothing moves between
+    the two reads; what it held goes back to the ready list as references to stored
+    tasks, which name no item."""
+    settings = stack.effective
+    keys = settings.keys
+    stack.roles["master"].stop(timeout_s=max(30.0, settings.shutdown_grace_s + 10))
+    lists = (keys.ready, keys.staging(settings.master_id), keys.processing(settings.master_id))
+    listed = (tally.field_of(json.loads(item), "script.args.i")
+              for key in lists for item in list_items(client, key))
+    console.print("master stopped; reading back every pushed item ...")
+    with MongoClient(settings.mongo_url, socketTimeoutMS=300_000) as mongo:
+        return tally.by_key(mongo.get_default_database(connect.DEFAULT_DB), range(items),
+                            {"script.id": SCRIPT}, "script.args.i", listed)
+
+
+def list_items(client: redis.Redis, key: str) -> Iterator[bytes]:
+    """A Redis list's items, `LRANGE_CHUNK` a call (nothing pushes or pops meanwhile)."""
+    start = 0
+    while batch := client.lrange(key, start, start + LRANGE_CHUNK - 1):
+        yield from batch
+        start += len(batch)
 
 
 def render(r: Result, out: Console | None = None) -> None:
@@ -273,6 +317,7 @@ def render(r: Result, out: Console | None = None) -> None:
     t.add_row("throttled (times)", str(r.throttled_times))
     t.add_row("ok", "yes" if r.ok else f"[red]no: {'; '.join(r.why_not)}[/red]")
     out.print(t)
+    out.print(r.read_back, markup=False, highlight=False, soft_wrap=True)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:

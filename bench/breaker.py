@@ -23,8 +23,13 @@ every `--sample` seconds.
    the first moment the accepted rate over the last `--speed-window` seconds
    reaches `--full` (90 %) of the baseline.
 
+4. The producer stops; once Mongo holds every submitted task terminal (within
+   `--timeout`), each is read back by its id (bench/tally.py) and the tally printed:
+   terminal by status, lost (never stored), unfinished, duplicates.
+
 `run(Options(...))` is the part `bench/protections.py` calls; `render` prints it.
-`ok` when the breaker opened and full speed came back, each within `--timeout`.
+`ok` (exit 0) when the breaker opened and full speed came back, each within
+`--timeout`, and the tally is clean.
 """
 
 from __future__ import annotations
@@ -43,9 +48,12 @@ from typing import Any
 
 import httpx
 import redis
+from pymongo import MongoClient
 from rich.console import Console
 from rich.table import Table
 
+from bench import tally
+from sendscript import connect
 from sendscript.client import SendScriptClient
 from sendscript.dev.stack import LocalStack
 from sendscript.settings import Settings
@@ -87,6 +95,8 @@ class Result:
     to_full_speed_s: float | None  # recovery -> accepted rate back at `full` x baseline
     trips: int
     after_recovery_per_s: list[int]  # accepted sends in each whole second after recovery
+    tally: dict[str, Any]  # every submitted task read back (bench/tally.py)
+    read_back: str  # the tally's line
     ok: bool
     notes: list[str] = field(default_factory=list)
 
@@ -100,6 +110,7 @@ class Producer(threading.Thread):
         self.opts = opts
         self.stop_event = threading.Event()
         self.submitted = 0
+        self.ids: list[str] = []  # what the SDK stored, read back at the end
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -113,7 +124,7 @@ class Producer(threading.Thread):
                     specs = [{"device_id": f"bd-{(self.submitted + i) % o.devices}",
                               "script": {"id": SCRIPT}, "max_retries": o.max_retries}
                              for i in range(due)]
-                    self.client.submit_many(specs)
+                    self.ids += [s.task_id for s in self.client.submit_many(specs)]
                     self.submitted += due
                 self.stop_event.wait(tick)
         except BaseException as exc:  # reported by the run
@@ -250,6 +261,7 @@ def _measure(stack: LocalStack, opts: Options, env: dict[str, str]) -> Result:
         producer.stop_event.set()
         producer.join(timeout=30)
         client.close()
+    counted = read_back(stack, producer.ids, opts.timeout_s, notes)
     if producer.error is not None:
         notes.append(f"producer failed: {producer.error!r}")
     defaults = Settings()
@@ -268,8 +280,24 @@ def _measure(stack: LocalStack, opts: Options, env: dict[str, str]) -> Result:
         to_closed_s=since(recovered_at, closed_at),
         to_full_speed_s=since(recovered_at, full_at), trips=trips,
         after_recovery_per_s=_per_second(samples, recovered_at),
-        ok=open_at is not None and full_at is not None and producer.error is None,
+        tally=counted.as_dict(), read_back=counted.line(),
+        ok=open_at is not None and full_at is not None and producer.error is None
+        and counted.ok,
         notes=notes)
+
+
+def read_back(stack: LocalStack, ids: list[str], timeout_s: float,
+              notes: list[str]) -> tally.Tally:
+    """Every task the producer submitted, from Mongo, once all are terminal (or the
+    wait ends: the tally then says which are not)."""
+    settings = stack.effective
+    console.print(f"waiting for the {len(ids)} submitted task(s) to be terminal ...")
+    with MongoClient(settings.mongo_url, socketTimeoutMS=60_000) as mongo:
+        db = mongo.get_default_database(connect.DEFAULT_DB)
+        if why := tally.wait_terminal(db, {"script.id": SCRIPT}, len(ids), timeout_s,
+                                      dead=stack.dead_roles):
+            notes.append(f"read-back: {why}")
+        return tally.by_ids(db, ids)
 
 
 def _per_second(samples: list[tuple[float, int]], start: float) -> list[int]:
@@ -300,6 +328,7 @@ def render(r: Result, out: Console | None = None) -> None:
     for note in r.notes:
         t.add_row("note", note)
     out.print(t)
+    out.print(r.read_back, markup=False, highlight=False, soft_wrap=True)
 
 
 def _s(value: float | None) -> str:

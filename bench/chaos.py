@@ -10,7 +10,11 @@ supervisord would) and stops Redis, Mongo and Pulsar, by SIGKILL or SIGTERM, and
 starts them again. Then it waits, within a bound, until every task is terminal
 and reports: tasks, kills, restarts, lost, unsettled, overlaps, duplicate,
 excess and unexplained sends, repeated fences, and whether every refused input
-carries a reason. Any finding makes the run fail (exit status 1).
+carries a reason. Every accepted task (an SDK id, or a raw item's number) is read
+back from Mongo and the tally printed as every benchmark prints it (bench/tally.py:
+terminal by status, lost, unfinished, duplicates; a raw item stored twice is
+explained only by a push the producer made again). Any finding makes the run fail
+(exit status 1).
 `tests/chaos/` runs a short version in CI.
 """
 
@@ -36,6 +40,7 @@ import httpx
 import pulsar
 import redis
 
+from bench import tally
 from sendscript.client import SendScriptClient
 from sendscript.dev.embedded import EmbeddedServers, free_port
 from sendscript.dev.processes import RoleProcess, wait_until
@@ -85,6 +90,9 @@ class Report:
     exits: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     failed_reasons: dict[str, int] = field(default_factory=dict)
     lost: int = 0  # accepted tasks (SDK ids, raw items) with no task document at the end
+    # Every accepted task read back (bench/tally.py), and the tally's line.
+    tally: dict[str, Any] = field(default_factory=dict)
+    read_back: str = ""
     lost_sdk: list[str] = field(default_factory=list)
     lost_raw: list[int] = field(default_factory=list)
     # When the producer had its answer for each lost item (epoch seconds, one line a batch).
@@ -184,10 +192,13 @@ def check_lost(report: Report, tasks: dict[str, dict[str, Any]], sdk_ids: Iterab
     sdk_ids = list(sdk_ids)
     report.submitted_sdk, report.submitted_raw = len(sdk_ids), raw_sent
     known = set(sdk_ids)
+    counted = tally.count([*sdk_ids, *(f"raw:{n}" for n in range(raw_sent))],
+                          ((_accepted_key(i, d), d["status"]) for i, d in tasks.items()))
+    report.tally, report.read_back = counted.as_dict(), counted.line()
     report.lost_sdk = [i for i in sdk_ids if i not in tasks]
     raw_tasks = Counter(_raw_number(d) for d in tasks.values() if _raw_number(d) is not None)
     report.lost_raw = [n for n in range(raw_sent) if n not in raw_tasks]
-    report.lost = len(report.lost_sdk) + len(report.lost_raw)
+    report.lost = counted.lost
     when: dict[float, list[str]] = defaultdict(list)
     for key in [f"sdk:{i}" for i in report.lost_sdk] + [f"raw:{n}" for n in report.lost_raw]:
         when[(accepted_at or {}).get(key, 0.0)].append(key)
@@ -304,6 +315,12 @@ def check_refusals(report: Report, quarantined: list[bytes], dead_letters: list[
     lettered = {d.get("data") for d in letters}
     report.bad_logs_not_dead_lettered = sum(
         1 for bad in BAD_LOGS if bad.decode("utf-8", "replace") not in lettered)
+
+
+def _accepted_key(task_id: str, doc: dict[str, Any]) -> str:
+    """How the producer named a stored task: a raw item by its number, else its id."""
+    n = _raw_number(doc)
+    return task_id if n is None else f"raw:{n}"
 
 
 def _raw_number(doc: dict[str, Any]) -> int | None:
@@ -681,6 +698,7 @@ def print_report(report: Report) -> None:
     print(f"  kills {dict(report.kills)}; roles that died unkilled {dict(report.exits)}")
     print(f"  server restarts {dict(report.restarts)}: by SIGKILL "
           f"{dict(report.restarts_sigkill)}, by SIGTERM {dict(report.restarts_sigterm)}")
+    print(f"  {report.read_back}")
     print(f"  lost {report.lost} (sdk {report.lost_sdk[:SAMPLES]}, raw "
           f"{report.lost_raw[:SAMPLES]}); not terminal {report.unsettled}; intake lists "
           f"left {report.intake_left}")

@@ -15,8 +15,16 @@ and search pages, in milliseconds per call (median of several).
    replaces; then `--moves` tasks change status and one incremental pass is timed.
 3. Search (sendscript/search.py): several filters, the first page and a deep page
    (reached by following the cursor `--deep` pages).
-4. The write cost of the counts' `updated_at` index (issue 12): `--writes` status
+4. The write cost of the counts' `updated_at` index: `--writes` status
    changes timed with and without it.
+
+What is timed here is store reads and writes, not tasks run, so the run verifies
+what it measured rather than any task's status: the documents stored are counted
+back exactly (the fill's inserts, every one); the kept counts equal the aggregate,
+before and after the moves, and every move changed its task; each search page
+timed (first and deep) holds exactly what a direct query of the same filter,
+newest first, returns over the span the page covers; every timed write matched
+its task. Each check is printed; exits 1 when one fails.
 """
 
 from __future__ import annotations
@@ -41,7 +49,14 @@ from rich.table import Table
 
 from sendscript import connect, counts
 from sendscript.dev.embedded import EmbeddedServers
-from sendscript.search import TaskQuery, search_tasks_sync
+from sendscript.search import (
+    NEWEST_FIRST,
+    SearchPage,
+    TaskQuery,
+    build_filter,
+    decode_cursor,
+    search_tasks_sync,
+)
 from sendscript.settings import Settings
 from sendscript.status import TaskStatus, task_cas
 from sendscript.store import GROUPS, TASKS, ensure_indexes
@@ -94,6 +109,7 @@ def make_docs(start: int, n: int, total: int, now: datetime, days: float, device
 def fill(db: Any, n: int, days: float, devices: int, batch: int) -> dict[str, Any]:
     rng = random.Random(1)
     now = datetime.now(UTC)
+    before = db[TASKS].count_documents({})
     started = time.perf_counter()
     for start in range(0, n, batch):
         db[TASKS].insert_many(make_docs(start, min(batch, n - start), n, now, days, devices,
@@ -105,7 +121,9 @@ def fill(db: Any, n: int, days: float, devices: int, batch: int) -> dict[str, An
                            {"_id": "rack-1", "devices": [f"dev-{i:05d}" for i in range(50)]},
                            upsert=True)
     took = time.perf_counter() - started
-    return {"tasks": n, "fill_s": round(took, 1), "inserts_per_s": round(n / took)}
+    stored = db[TASKS].count_documents({}) - before  # read back, not assumed
+    return {"tasks": n, "fill_s": round(took, 1), "inserts_per_s": round(n / took),
+            "read_back": stored, "all_stored": stored == n}
 
 
 def search_cases(now: datetime, stored: int) -> dict[str, TaskQuery]:
@@ -130,6 +148,7 @@ def bench_search(db: Any, repeat: int, deep: int) -> list[dict[str, Any]]:
     for name, query in search_cases(now, stored).items():
         first = search_tasks_sync(db, query)
         first_ms = median_ms(lambda q=query: search_tasks_sync(db, q), repeat)
+        same = same_as_direct(db, query, first)
         page, pages = first, 1
         while page.next_after and pages < deep:
             page = search_tasks_sync(db, _with_after(query, page.next_after))
@@ -138,15 +157,49 @@ def bench_search(db: Any, repeat: int, deep: int) -> list[dict[str, Any]]:
         if page.next_after:
             deep_query = _with_after(query, page.next_after)
             deep_ms = median_ms(lambda q=deep_query: search_tasks_sync(db, q), repeat)
+            same = same and same_as_direct(db, deep_query, search_tasks_sync(db, deep_query))
         rows.append({"search": name, "first_page_ms": first_ms, "items": len(first.items),
                      "windows": first.queries, "deep_page": pages + 1 if deep_ms else None,
-                     "deep_page_ms": deep_ms})
+                     "deep_page_ms": deep_ms, "same_as_direct": same})
         console.print(f"  search {name}: {first_ms} ms, deep {deep_ms} ms")
     return rows
 
 
 def _with_after(query: TaskQuery, after: str) -> TaskQuery:
     return TaskQuery(**{**query.__dict__, "after": after})
+
+
+def same_as_direct(db: Any, query: TaskQuery, page: SearchPage) -> bool:
+    """The page holds exactly the tasks a direct query of its filter returns, newest
+    first, over the span it covers: below its cursor (`after`) and down to its last
+    item (a full page: those first), to where it stopped (a partial one) or to the
+    range's start (the last page)."""
+    devices = None
+    if query.group is not None:
+        doc = db[GROUPS].find_one({"_id": query.group})
+        devices = list(doc.get("devices", [])) if doc else []
+    created: dict[str, Any] = {}
+    lowest = query.created_from
+    below = decode_cursor(query.after) if query.after else None
+    if below is not None:
+        created["$lte"] = below[0]
+    full = page.next_after is not None and not page.partial
+    if full:
+        lowest = page.items[-1]["created_at"]
+    elif page.partial and page.searched_to is not None:
+        lowest = page.searched_to
+    if lowest is not None:
+        # ">= lowest" for dates of whole milliseconds (BSON's): the embedded server
+        # drops the document at a `$gte` bound read through the batch index
+        # (batch_id, created_at descending), and this query must not share a flaw.
+        created["$gt"] = lowest - timedelta(milliseconds=1)
+    flt = build_filter(query, devices)
+    if created:
+        flt["created_at"] = created
+    direct = [d["_id"] for d in db[TASKS].find(flt, {"_id": 1, "created_at": 1})
+              .sort(NEWEST_FIRST) if below is None or (d["created_at"], d["_id"]) < below]
+    got = [d["_id"] for d in page.items]
+    return got == (direct[:len(got)] if full else direct)
 
 
 def bench_counts(settings: Settings, db: Any, repeat: int, moves: int) -> dict[str, Any]:
@@ -178,8 +231,10 @@ def bench_counts(settings: Settings, db: Any, repeat: int, moves: int) -> dict[s
     # Some tasks move: pending -> running, as workers would.
     now = datetime.now(UTC)
     moved = [d["_id"] for d in db[TASKS].find({"status": "pending"}, {"_id": 1}).limit(moves)]
-    for task_id in moved:
-        db[TASKS].update_one(*task_cas(task_id, TaskStatus.PENDING, TaskStatus.RUNNING, now))
+    changed = sum(db[TASKS].update_one(*task_cas(task_id, TaskStatus.PENDING,
+                                                 TaskStatus.RUNNING, now)).modified_count
+                  for task_id in moved)
+    out["moves_applied"] = changed == len(moved)
     started = time.perf_counter()
     report = asyncio.run(keeper_pass())
     out["pass_after_moves_ms"] = round((time.perf_counter() - started) * 1000, 1)
@@ -199,11 +254,15 @@ def bench_index_cost(db: Any, writes: int) -> dict[str, Any]:
     ids = [d["_id"] for d in col.find({"status": "success"}, {"_id": 1}).limit(writes * 2)]
     now = datetime.now(UTC)
 
+    matched = 0
+
     def touch(part: Sequence[str]) -> float:
+        nonlocal matched
         started = time.perf_counter()
         for task_id in part:
-            col.update_one({"_id": task_id, "status": "success"},
-                           {"$set": {"updated_at": now, "status": "success"}})
+            matched += col.update_one({"_id": task_id, "status": "success"},
+                                      {"$set": {"updated_at": now, "status": "success"}}
+                                      ).matched_count
         return (time.perf_counter() - started) * 1000 / max(1, len(part))
 
     with_index = touch(ids[:writes])
@@ -211,7 +270,8 @@ def bench_index_cost(db: Any, writes: int) -> dict[str, Any]:
     without = touch(ids[writes:])
     col.create_index("updated_at")
     return {"writes": writes, "ms_per_write_with": round(with_index, 3),
-            "ms_per_write_without": round(without, 3)}
+            "ms_per_write_without": round(without, 3),
+            "all_matched": matched == len(ids) == 2 * writes}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -234,7 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if stored < args.tasks:
             console.print(f"storing {args.tasks - stored:,} tasks")
             result["fill"] = fill(db, args.tasks - stored, args.days, args.devices, args.batch)
-        result["stored"] = db[TASKS].estimated_document_count()
+        result["stored"] = db[TASKS].count_documents({})
         console.print("counts")
         result["counts"] = bench_counts(settings, db, args.repeat, args.moves)
         console.print("search")
@@ -269,6 +329,26 @@ def render(result: dict[str, Any]) -> None:
     ic = result["index_cost"]
     out.print(f"updated_at index: {ic['ms_per_write_with']} ms per status change with it, "
               f"{ic['ms_per_write_without']} ms without ({ic['writes']} writes each)")
+    for check, passed in checks(result).items():
+        out.print(f"verified: {check}: {'yes' if passed else 'NO'}", markup=False,
+                  highlight=False)
+
+
+def checks(result: dict[str, Any]) -> dict[str, bool]:
+    """What the run read back against what it did (see the module's docstring)."""
+    c, fill = result["counts"], result.get("fill")
+    out = {}
+    if fill is not None:
+        out[f"{fill['tasks']:,} inserted, {fill['read_back']:,} counted back"] = \
+            fill["all_stored"]
+    out["kept counts equal the aggregate"] = c["counts_equal_aggregate"]
+    out[f"all {c['moves']} moves changed their task"] = c["moves_applied"]
+    out["kept counts equal the aggregate after the moves"] = c["counts_equal_after_moves"]
+    differ = [row["search"] for row in result["search"] if not row["same_as_direct"]]
+    out["every search page equals a direct query"
+        + (f" (not: {', '.join(differ)})" if differ else "")] = not differ
+    out["every timed write matched its task"] = result["index_cost"]["all_matched"]
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -290,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(result, default=str))
     else:
         render(result)
-    return 0
+    return 0 if all(checks(result).values()) else 1
 
 
 if __name__ == "__main__":

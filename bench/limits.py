@@ -12,16 +12,17 @@ measured span (`--limit` x (`--duration` + `--slack`)) are LPUSHed at once over
 holds the sends back. Sends are the farm's accept times (the simulator's `/runs`,
 `started`): the measured span is `--duration` whole seconds, starting at the first
 whole second after every task was taken from the ready list and the first send.
-Every task is then waited for.
+Every task is then waited for and read back from Mongo by its `script.args.n`
+(bench/tally.py): terminal by status, lost (never stored), unfinished, duplicates.
 
 Printed: the per-second counts' mean, min and max, the span's total against
 LIMIT x duration and its error, the largest count in any one-second bucket, each
 master's share (tokens spent) and its reservations (Lua calls) per second, tasks
-held by the limit, statuses, attempts above 1 and the farm's overlaps.
+held by the limit, statuses, attempts above 1, the farm's overlaps and the tally.
 
-`ok` when the span's total is within `--tolerance` (default 5 %) of LIMIT x
-duration, no task was sent twice, every task succeeded, and the limit stayed
-saturated over the whole span (the last send came after it).
+`ok` (exit 0) when the span's total is within `--tolerance` (default 5 %) of LIMIT x
+duration, no task was sent twice, the tally is clean and every task succeeded, and
+the limit stayed saturated over the whole span (the last send came after it).
 
 `run(Options(...))` is the part `bench/protections.py` calls; `render` prints it.
 """
@@ -47,6 +48,7 @@ from pymongo import MongoClient
 from rich.console import Console
 from rich.table import Table
 
+from bench import tally
 from sendscript import connect
 from sendscript.dev.processes import RoleProcess, wait_until
 from sendscript.dev.stack import LocalStack
@@ -92,7 +94,9 @@ class Result:
     spent_by_master: dict[str, int]
     reservations_per_s: dict[str, float]
     held_by_limit: int
-    statuses: dict[str, int]
+    statuses: dict[str, int]  # every pushed spec read back (bench/tally.py)
+    tally: dict[str, Any]
+    read_back: str  # the tally's line
     attempts_above_1: int
     sent_twice: int
     overlaps: int
@@ -175,7 +179,10 @@ def _measure(stack: LocalStack, settings: Settings, opts: Options, ids: list[str
         reports_at_start = _reports(client, settings, ids)
         time.sleep(max(0.0, end - time.time()) + 1.0)
         reports = _reports(client, settings, ids)
-        counts = _wait_done(db, tasks, opts.timeout_s)
+        if why := tally.wait_terminal(db, {"script.id": SCRIPT}, tasks, opts.timeout_s,
+                                      dead=stack.dead_roles):
+            notes.append(f"read-back: {why}")
+        counted = tally.by_key(db, range(tasks), {"script.id": SCRIPT}, "script.args.n")
         runs = httpx.get(f"{stack.central_url}/runs", timeout=30).json()
         farm = stack.simulator_stats()
         attempts_above_1 = db[TASKS].count_documents({"script.id": SCRIPT,
@@ -195,9 +202,9 @@ def _measure(stack: LocalStack, settings: Settings, opts: Options, ids: list[str
         notes.append("the tasks ran out before the measured span ended: not saturated")
     sent_twice = len(started) - len({r["task_id"] for r in runs})
     span_s = max(1e-9, reports[ids[0]]["_at"] - reports_at_start[ids[0]]["_at"])
-    success = counts.get("success", 0)
+    success = counted.statuses.get("success", 0)
     ok = (abs(error) <= opts.tolerance * 100 and saturated and sent_twice == 0
-          and success == tasks and int(farm.get("overlaps", 0)) == 0)
+          and counted.ok and success == tasks and int(farm.get("overlaps", 0)) == 0)
     return Result(
         limit=opts.limit, masters=opts.masters, duration_s=opts.duration_s, tasks=tasks,
         devices=opts.devices, per_second=per_second,
@@ -210,7 +217,8 @@ def _measure(stack: LocalStack, settings: Settings, opts: Options, ids: list[str
                 - reports_at_start[m]["rate_limits"]["reservations"]) / span_s
             for m, r in reports.items()},
         held_by_limit=sum(r["rate_limits"]["held"] for r in reports.values()),
-        statuses=counts, attempts_above_1=attempts_above_1, sent_twice=sent_twice,
+        statuses=counted.statuses, tally=counted.as_dict(), read_back=counted.line(),
+        attempts_above_1=attempts_above_1, sent_twice=sent_twice,
         overlaps=int(farm.get("overlaps", 0)), ok=ok, notes=notes,
     )
 
@@ -237,19 +245,6 @@ def _limit(report: dict[str, Any]) -> dict[str, Any]:
     return report["rate_limits"]["limits"]["global"]
 
 
-def _wait_done(db: Any, tasks: int, timeout_s: float) -> dict[str, int]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        counts = {d["_id"]: d["n"] for d in db[TASKS].aggregate([
-            {"$match": {"script.id": SCRIPT}},
-            {"$group": {"_id": "$status", "n": {"$sum": 1}}}])}
-        done = sum(n for s, n in counts.items() if s in ("success", "failed", "cancelled",
-                                                         "expired"))
-        if done >= tasks or time.monotonic() > deadline:
-            return counts
-        time.sleep(1.0)
-
-
 def render(r: Result, out: Console | None = None) -> None:
     out = out or Console()
     t = Table(title=f"rate limit global={r.limit}/1s, {r.masters} masters", show_header=False)
@@ -273,6 +268,7 @@ def render(r: Result, out: Console | None = None) -> None:
         t.add_row("note", note)
     t.add_row("ok", "yes" if r.ok else "[red]no[/red]")
     out.print(t)
+    out.print(r.read_back, markup=False, highlight=False, soft_wrap=True)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:

@@ -9,6 +9,12 @@ the roles run it: store (intake), claim, exec record, mark sent, save the log,
 read the records, apply the result. For each step: the server's CPU per task
 (from /proc), the commands sent per task, and the wall time. The client has the
 roles' options (connect.py) unless `--retry-writes` overrides them.
+
+What is timed is store steps, so the run verifies that the steps did what they
+were timed doing, from the store itself once they are done: every task read back
+by its id with the status the last step gave it (success), every exec record
+likewise, and the logs saved counted back (bench/tally.py for the first two).
+Printed after the figures; exits 1 when a write is missing.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-from pymongo import ASCENDING, IndexModel
+from pymongo import ASCENDING, IndexModel, MongoClient
 
+from bench import tally
 from bench.cpu import tree_cpu_s
 from consumers.task_log import result_updates
 from sendscript import connect, roundtrips
@@ -72,7 +79,10 @@ PEER_INDEXES = {TASKS: [IndexModel([("status", ASCENDING)])],
 
 
 async def hot_path(settings: Settings, steps: Steps, tasks: int, batch: int,
-                   devices: int, indexes: str = "service") -> None:
+                   devices: int, indexes: str = "service") -> tuple[list[str], list[str]]:
+    """Run the steps; the ids of the tasks and exec records written."""
+    task_ids: list[str] = []
+    record_ids: list[str] = []
     client = connect.mongo_async(settings)
     db = connect.database(client)
     if indexes == "service":
@@ -93,6 +103,8 @@ async def hot_path(settings: Settings, steps: Steps, tasks: int, batch: int,
             rids = await steps.run("2 claim (pending->running)",
                                    lambda c=claims: store.claim_many(c, utcnow()))
             assert all(rids)
+            task_ids += [t.id for t in batch_tasks]
+            record_ids += rids
             recs = [ExecRecord(_id=rid, task_id=t.id, attempt=1, device_id=t.device_id,
                                lock_value=start + i + 1, worker="w-1", started_at=utcnow())
                     for i, (rid, t) in enumerate(zip(rids, batch_tasks, strict=True))]
@@ -125,6 +137,24 @@ async def hot_path(settings: Settings, steps: Steps, tasks: int, batch: int,
             await steps.run("7 apply result (task, record)", apply)
     finally:
         await client.close()
+    return task_ids, record_ids
+
+
+def read_back(settings: Settings, task_ids: list[str], record_ids: list[str]
+              ) -> tuple[list[str], bool]:
+    """Every write of the steps, from the store: each task and record success (the
+    last step's), and a log a task. The lines to print, and whether all are there."""
+    with MongoClient(settings.mongo_url, socketTimeoutMS=120_000) as mongo:
+        db = connect.database(mongo)
+        tasks = tally.by_ids(db, task_ids)
+        records = tally.by_ids(db, record_ids, RECORDS)
+        logs = db[LOGS].count_documents({})  # a fresh server: only this run's
+    n = len(task_ids)
+    ok = (tasks.statuses == {"success": n} and tasks.ok and records.ok
+          and records.statuses == {"success": n} and logs == n)
+    record_statuses = " ".join(f"{k}={v}" for k, v in sorted(records.statuses.items()))
+    return [tasks.line(), f"exec records: {record_statuses or 'none'} of {len(record_ids)} "
+            f"written ({records.lost} missing); logs: {logs} of {n} saved"], ok
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -150,8 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         assert server.proc is not None
         steps = Steps(server.proc.pid)
         t0 = perf_counter()
-        asyncio.run(hot_path(settings, steps, a.tasks, a.batch, a.devices, a.indexes))
+        task_ids, record_ids = asyncio.run(hot_path(settings, steps, a.tasks, a.batch,
+                                                    a.devices, a.indexes))
         elapsed = perf_counter() - t0
+        verified, ok = read_back(settings, task_ids, record_ids)
     finally:
         server.stop()
         shutil.rmtree(data, ignore_errors=True)
@@ -164,11 +196,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in sorted(steps.cpu):
         print(f"{name:34} {steps.cpu[name] / a.tasks * 1000:15.3f} "
               f"{steps.cmds[name] / a.tasks:10.3f} {steps.wall[name] / a.tasks * 1000:13.3f}")
+    for line in verified:
+        print(line)
     if a.json:
         print(json.dumps({"tasks": a.tasks, "batch": a.batch, "retry_writes": a.retry_writes,
                           "server_ms_per_task": {k: v / a.tasks * 1000
-                                                 for k, v in steps.cpu.items()}}))
-    return 0
+                                                 for k, v in steps.cpu.items()},
+                          "verified": ok}))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

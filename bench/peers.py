@@ -3,12 +3,13 @@
     python -m bench.peers --tasks 5000 --devices 200
 
 Starts one set of embedded servers (Redis, SecantusDB, pulsar-lite) and one
-simulated farm whose devices answer at once, then runs the seed-003 job through
+simulated farm whose devices answer at once, then runs the reference job through
 each system in turn, back to back: sendscript (`bench.throughput --run-ms 0`:
 master, 2 workers, consumer), Dramatiq (2 processes x 8 threads), Celery
 (prefork, 2 processes) and the same job body in 2 plain processes
-(bench/peer_jobs/). A peer's job locks the device, makes the 8 document writes
-of seed 003 and POSTs to the farm (bench/peer_jobs/job.py). Every system runs
+(bench/peer_jobs/). A peer's job locks the device, makes 8 document writes (the
+task and its exec record through their states, the log) and POSTs to the farm
+(bench/peer_jobs/job.py). Every system runs
 with sendscript's default durability (journaled writes, retryWrites as the URL
 decides) and, with `--durability both` (default), again unjournaled: the peers
 with their drivers' defaults (no journal, retryable writes), sendscript with
@@ -21,6 +22,15 @@ counters), its ratio to sendscript at the same durability, and CPU ms per task
 by process group from
 /proc: the system's own processes, the Mongo, Redis and Pulsar servers and the
 farm. The producer (this process) is not counted, for any system.
+
+No system's figure counts a task it did not finish. After each run every task
+submitted to it is read back from where its job writes it (bench/tally.py):
+sendscript's from `script_tasks` (bench.throughput's read-back), a peer's from its
+own database's `tasks` collection, by id, where the job marks each task success
+after its last write (bench/peer_jobs/job.py). The tally line of each run is
+printed; a peer's tasks/s counts only the tasks read back terminal (and no more
+than its Redis counter had counted when the clock stopped). Exits 1 when any run's
+tally shows a task lost, unfinished or stored twice.
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from bench import throughput
+from bench import tally, throughput
 from bench.cpu import CpuMeter
 from sendscript.dev.embedded import EmbeddedServers, child_env, free_port
 from sendscript.dev.processes import RoleProcess, wait_until
@@ -64,6 +74,7 @@ class Run:
     cpu_ms_per_task: dict[str, float]
     ok: bool
     note: str = ""
+    read_back: str = ""  # the tally's line (bench/tally.py)
 
 
 def peer_command(system: str) -> list[str]:
@@ -149,10 +160,13 @@ def run_peer(system: str, durable: bool, servers: EmbeddedServers, central_url: 
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
-    ok = done >= opts.tasks
-    return Run(system, durable, done, elapsed, done / elapsed if elapsed > 0 else 0.0,
-               {k: v * 1000 / max(1, done) for k, v in cpu.items()}, ok,
-               "" if ok else f"only {done} of {opts.tasks} done")
+    counted = tally.by_ids(ctx.db, [f"{name}-{i}" for i in range(opts.tasks)], "tasks")
+    finished = min(done, counted.terminal)  # read back, and done when the clock stopped
+    return Run(system, durable, finished, elapsed,
+               finished / elapsed if elapsed > 0 else 0.0,
+               {k: v * 1000 / max(1, finished) for k, v in cpu.items()}, counted.ok,
+               "" if counted.ok else f"only {counted.terminal} of {opts.tasks} finished",
+               counted.line())
 
 
 def server_groups(servers: EmbeddedServers) -> dict[str, list[int]]:
@@ -190,15 +204,15 @@ def run_sendscript(servers: EmbeddedServers, central_url: str, sim_pid: int,
     cpu["own"] = cpu.pop("sendscript", 0.0)
     note = (f"round trips/task: redis {r.service_rt_per_task['redis']:.2f}, "
             f"mongo {r.service_rt_per_task['mongo']:.2f}")
-    return Run("sendscript", durable, opts.tasks - r.not_terminal, r.elapsed_s, r.tasks_per_s,
-               cpu, r.ok, note)
+    return Run("sendscript", durable, r.tally["terminal"], r.elapsed_s, r.tasks_per_s,
+               cpu, r.ok, note, tally.Tally.from_dict(r.tally).line())
 
 
 def render(runs: list[Run]) -> None:
     out = Console(width=160)
     # each run against sendscript at the same durability
     base = {r.durable: r.tasks_per_s for r in runs if r.system == "sendscript"}
-    table = Table(title="the seed-003 job: tasks/s and CPU ms per task by process "
+    table = Table(title="the reference job: tasks/s and CPU ms per task by process "
                         "(x sendscript: at the same durability)")
     for col in ("system", "durability", "tasks/s", "x sendscript", *GROUPS, "all", "ok"):
         table.add_column(col, justify="left" if col in ("system", "durability") else "right")
@@ -212,6 +226,9 @@ def render(runs: list[Run]) -> None:
     for r in runs:
         if r.system == "sendscript" and r.note:
             out.print(f"sendscript ({'j=true' if r.durable else 'as it comes'}): {r.note}")
+    for r in runs:
+        out.print(f"{r.system} ({'j=true' if r.durable else 'as they come'}): {r.read_back}",
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

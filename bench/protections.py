@@ -13,6 +13,12 @@ Runs, one after the other, each on fresh embedded servers:
 
 `--quick` runs each for a fraction of the time (a smoke run, not the figures).
 Each part can also be run alone with its own options.
+
+Each part accounts for what it submitted from the stores (bench/tally.py): the
+limits and breaker parts read every task back terminal from Mongo, the
+backpressure part finds every pushed item stored in Mongo or still listed in
+Redis. Their tally lines are printed again at the end; exits 1 when any part is
+not ok, a task lost or unfinished among the reasons.
 """
 
 from __future__ import annotations
@@ -38,12 +44,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     result_bp = backpressure.run(bp)
     backpressure.render(result_bp, out)
     ok &= result_bp.ok
+    read_back = [("backpressure", result_bp.read_back)]
 
     out.rule("rate limits: 2 masters against one global limit")
     lim = limits.parse_args(["--duration", "15"] if opts.quick else [])
     result_lim = limits.run(lim)
     limits.render(result_lim, out)
     ok &= result_lim.ok
+    read_back.append(("rate limits", result_lim.read_back))
 
     out.rule("circuit breaker: outage to open, recovery to full speed")
     for mode in ("503", "timeout"):
@@ -51,6 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         result_br = breaker.run(br)
         breaker.render(result_br, out)
         ok &= result_br.ok
+        read_back.append((f"breaker, {mode}", result_br.read_back))
+
+    out.rule("read back from the stores")
+    for part, line in read_back:
+        out.print(f"{part}: {line}", markup=False, highlight=False, soft_wrap=True)
     return 0 if ok else 1
 
 

@@ -97,12 +97,11 @@ from pymongo import MongoClient
 from rich.console import Console
 from rich.table import Table
 
+from bench import tally
 from bench.throughput import (
-    TERMINAL_NAMES,
     _json_safe,
     percentile,
     wait_for,
-    wait_terminal,
     warm_up,
 )
 from sendscript import connect
@@ -169,8 +168,9 @@ class LatenessResult:
     run_ms: float
     submit_s: float  # first submit_many call -> last one returned
     first_due_after_submit_s: float  # slack between the end of submitting and the first run_at
-    statuses: dict[str, int]
-    not_terminal: int
+    statuses: dict[str, int]  # every submitted task read back (bench/tally.py)
+    not_terminal: int  # lost (never stored) or unfinished
+    read_back: str  # the tally's line
     fired_by_master: int  # the heartbeat's delayed_fired
     fire_lateness_ms: dict[str, float]  # the heartbeat's delayed_fire_lateness
     start_lateness_ms: dict[str, float]  # started_at - run_at, first record of each task
@@ -229,8 +229,9 @@ class RestartResult:
     late_after_kill_ms: dict[str, float]  # the two groups above together
     new_master_fire_lateness_ms: dict[str, float]  # its heartbeat's delayed_fire_lateness
     new_master_fired: int
-    statuses: dict[str, int]
-    not_terminal: int
+    statuses: dict[str, int]  # every submitted task read back (bench/tally.py)
+    not_terminal: int  # lost (never stored) or unfinished
+    read_back: str  # the tally's line
     never_started: int
     early: int  # farm runs that started before the task's run_at
     run_twice: int  # tasks the farm ran more than once
@@ -350,6 +351,15 @@ def run_lateness(opts: Options) -> LatenessResult:
     return measured(stack, data_dir, opts, _measure_lateness)
 
 
+def wait_terminal(stack: LocalStack, db: Any, n: int, timeout_s: float,
+                  script_id: str) -> None:
+    """Until Mongo holds `n` terminal tasks of `script_id`, the timeout passes or a
+    role dies; the read-back then says what became of each."""
+    if why := tally.wait_terminal(db, {"script.id": script_id}, n, timeout_s,
+                                  dead=stack.dead_roles):
+        console.print(f"[red]{script_id}: {why}[/red]")
+
+
 def _measure_lateness(stack: LocalStack, opts: Options) -> LatenessResult:
     settings = stack.effective
     inspect_redis = redis.Redis.from_url(settings.redis_url or "")
@@ -358,7 +368,7 @@ def _measure_lateness(stack: LocalStack, opts: Options) -> LatenessResult:
     try:
         wait_for(lambda: inspect_redis.hlen(settings.keys.consumers) > 0, 30, "the consumer")
         console.print("warming up with 1 task ...")
-        warm_up(settings, db, 1, timeout_s=120)
+        warm_up(settings, inspect_redis, 1, timeout_s=120)
 
         n = opts.tasks
         t0 = time.time() + opts.start_s
@@ -383,7 +393,7 @@ def _measure_lateness(stack: LocalStack, opts: Options) -> LatenessResult:
                           "due before they were stored[/yellow]")
 
         wait_s = max(0.0, t0 + opts.spread_s - time.time()) + opts.timeout_s
-        counts = wait_terminal(stack, db, n, wait_s, LATENESS_SCRIPT)
+        wait_terminal(stack, db, n, wait_s, LATENESS_SCRIPT)
         # The heartbeat that follows the last fire (it beats every heartbeat_s).
         hb: dict[str, Any] = {}
         try:
@@ -394,6 +404,7 @@ def _measure_lateness(stack: LocalStack, opts: Options) -> LatenessResult:
             console.print(f"[yellow]{exc}[/yellow]")
         farm = stack.simulator_stats()
 
+        counted = tally.by_ids(db, ids)
         tasks = {d["_id"]: d["run_at"] for d in db[TASKS].find(
             {"_id": {"$in": ids}}, {"run_at": 1})}
         starts: dict[str, list[datetime]] = {}
@@ -416,20 +427,20 @@ def _measure_lateness(stack: LocalStack, opts: Options) -> LatenessResult:
         late.append((min(started) - run_at).total_seconds())
     duplicates = sum(1 for started in starts.values() if len(started) > 1)
     never_started = sum(1 for task_id in ids if task_id not in starts)
-    terminal = sum(v for k, v in counts.items() if k in TERMINAL_NAMES)
     overlaps = int(farm.get("overlaps", 0))
     fire = hb.get("delayed_fire_lateness") or {}
     return LatenessResult(
         tasks=n, devices=opts.devices, workers=opts.workers, start_s=opts.start_s,
         spread_s=opts.spread_s, run_ms=opts.run_ms,
         submit_s=submitted - first, first_due_after_submit_s=slack,
-        statuses=counts, not_terminal=n - terminal,
+        statuses=counted.statuses, not_terminal=counted.lost + counted.unfinished,
+        read_back=counted.line(),
         fired_by_master=int(hb.get("delayed_fired", 0)),
         fire_lateness_ms={k: float(fire.get(k, math.nan)) for k in ("p50_ms", "p99_ms", "max_ms")},
         start_lateness_ms=stats_ms(late),
         started=len(starts), never_started=never_started, early=early, duplicates=duplicates,
         overlaps=overlaps, role_exit_codes=codes,
-        ok=early == 0 and duplicates == 0 and never_started == 0 and terminal == n
+        ok=early == 0 and duplicates == 0 and never_started == 0 and counted.ok
         and overlaps == 0,
     )
 
@@ -575,7 +586,7 @@ def _measure_restart(stack: LocalStack, opts: Options) -> RestartResult:
     try:
         wait_for(lambda: inspect_redis.hlen(settings.keys.consumers) > 0, 30, "the consumer")
         console.print("warming up with 1 task ...")
-        warm_up(settings, db, 1, timeout_s=120)
+        warm_up(settings, inspect_redis, 1, timeout_s=120)
 
         n = opts.restart_tasks
         t0 = time.time() + opts.restart_start_s
@@ -625,8 +636,10 @@ def _measure_restart(stack: LocalStack, opts: Options) -> RestartResult:
                 cancelled = client.cancel_batch(held_batch.batch_id, "bench: held only")
             console.print(f"cancelled {cancelled}/{m} held-besides task(s)")
         wait_s = max(0.0, t0 + opts.restart_spread_s - time.time()) + opts.timeout_s
-        counts = wait_terminal(stack, db, n, wait_s, RESTART_SCRIPT)
-        held_counts = wait_terminal(stack, db, m, opts.timeout_s, HELD_SCRIPT) if m else {}
+        wait_terminal(stack, db, n, wait_s, RESTART_SCRIPT)
+        if m:
+            wait_terminal(stack, db, m, opts.timeout_s, HELD_SCRIPT)
+        counted = tally.by_ids(db, ids)  # the timed tasks and the held-besides ones
         done_at = datetime.now(UTC)
         hb: dict[str, Any] = {}
         try:  # a heartbeat from after the last fire
@@ -662,8 +675,6 @@ def _measure_restart(stack: LocalStack, opts: Options) -> RestartResult:
         group = "before" if due < killed_at else "starting" if due < up_at else "up"
         groups[group].append(min(ts) - due)
     due_times = [due for task_id, due in run_at.items() if task_id in timed]
-    terminal = sum(v for k, v in counts.items() if k in TERMINAL_NAMES)
-    held_terminal = sum(v for k, v in held_counts.items() if k in TERMINAL_NAMES)
     never_started = sum(1 for task_id in timed if task_id not in starts)
     run_twice = sum(1 for ts in starts.values() if len(ts) > 1)
     duplicates = sum(1 for c in records.values() if c > 1)
@@ -685,12 +696,13 @@ def _measure_restart(stack: LocalStack, opts: Options) -> RestartResult:
         new_master_fire_lateness_ms={k: float(fire.get(k, math.nan))
                                      for k in ("p50_ms", "p99_ms", "max_ms")},
         new_master_fired=int(hb.get("delayed_fired", 0)),
-        statuses=counts, not_terminal=n + m - terminal - held_terminal,
+        statuses=counted.statuses, not_terminal=counted.lost + counted.unfinished,
+        read_back=counted.line(),
         never_started=never_started,
         early=early, run_twice=run_twice, duplicates=duplicates, overlaps=overlaps,
         role_exit_codes=codes,
         ok=early == 0 and run_twice == 0 and duplicates == 0 and never_started == 0
-        and terminal + held_terminal == n + m and overlaps == 0,
+        and counted.ok and overlaps == 0,
     )
 
 
@@ -723,6 +735,7 @@ def render(report: Report) -> None:
         t.add_row("start lateness p50 / p99 / max (Mongo)", f"{_ms(r.start_lateness_ms)} ms")
         t.add_row("statuses", " ".join(f"{k}={v}" for k, v in sorted(r.statuses.items())))
         t.add_row("not terminal", _flag(r.not_terminal))
+        t.add_row("read back", r.read_back)
         t.add_row("never started", _flag(r.never_started))
         t.add_row("started early", _flag(r.early))
         t.add_row("more than one exec record", _flag(r.duplicates))
@@ -770,6 +783,7 @@ def render(report: Report) -> None:
                   f"{x.new_master_fired} / {_ms(x.new_master_fire_lateness_ms)} ms")
         t.add_row("statuses", " ".join(f"{k}={v}" for k, v in sorted(x.statuses.items())))
         t.add_row("not terminal", _flag(x.not_terminal))
+        t.add_row("read back", x.read_back)
         t.add_row("never started", _flag(x.never_started))
         t.add_row("started early", _flag(x.early))
         t.add_row("run twice (farm) / more than one exec record",

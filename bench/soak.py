@@ -13,7 +13,10 @@ processes, the Mongo, Redis and Pulsar servers, the farm) in that window.
 
 Verdict: throughput and memory are flat when the last window's tasks/s is
 within 10 % of the first's and no role's RSS grew by more than 10 % from the
-first window to the last. Exits 1 otherwise, or when a task is lost.
+first window to the last. At the end every submitted spec is read back from Mongo
+(bench/tally.py, by its `script.args.n`) and the tally printed: terminal by
+status, lost (never stored), unfinished, duplicates. Exits 1 when the run is not
+flat, or when any task is lost, unfinished or stored twice.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import redis
 from pymongo import MongoClient
 from rich.console import Console
 
+from bench import tally
 from bench.cpu import CpuMeter, tree_rss_mb
 from bench.throughput import BENCH_SCRIPT, finished_so_far, process_groups
 from sendscript.dev.stack import LocalStack
@@ -44,15 +49,27 @@ console = Console(stderr=True)
 TOLERANCE = 0.10
 # Redis counters undercount a result whose apply timed out on the client but reached
 # the store (the redelivery finds it applied). Past this long without progress once
-# everything is submitted, Mongo is asked whether any task is still open.
+# everything is submitted, Mongo is asked whether any task is still open; if none is,
+# the run ends and the read-back tally says what became of every task.
 STALL_CHECK_S = 30.0
-TERMINAL = ["success", "failed", "cancelled", "expired"]
+TERMINAL = sorted(tally.TERMINAL_NAMES)
+
+
+def mongo_client(settings: Settings) -> MongoClient[dict[str, Any]]:
+    return MongoClient(settings.mongo_url, retryWrites=False, socketTimeoutMS=300_000)
 
 
 def still_open(settings: Settings) -> int:
-    with MongoClient(settings.mongo_url, retryWrites=False, socketTimeoutMS=120_000) as mongo:
+    with mongo_client(settings) as mongo:
         return mongo.get_default_database("sendscript")[TASKS].count_documents(
             {"status": {"$nin": TERMINAL}})
+
+
+def read_back(settings: Settings, submitted: int) -> tally.Tally:
+    """Every spec this soak pushed (`script.args.n` 0 .. submitted-1), from Mongo."""
+    with mongo_client(settings) as mongo:
+        return tally.by_key(mongo.get_default_database("sendscript"), range(submitted),
+                            {"script.id": BENCH_SCRIPT}, "script.args.n")
 
 
 @dataclass
@@ -79,7 +96,7 @@ def role_rss(stack: LocalStack) -> dict[str, float]:
     return out
 
 
-def run(opts: argparse.Namespace) -> list[Window]:
+def run(opts: argparse.Namespace) -> tuple[list[Window], tally.Tally]:
     base = Settings(redis_url=None, mongo_url=None, pulsar_url=None, central_url=None,
                     workers=opts.workers, heartbeat_interval_s=1.0)
     data_dir = Path(tempfile.mkdtemp(prefix="sendscript-soak-"))
@@ -101,15 +118,16 @@ def run(opts: argparse.Namespace) -> list[Window]:
         t_window, done_window = time.monotonic(), 0
         deadline = time.monotonic() + opts.timeout
         seen, moved_at = -1, time.monotonic()
+        settled = False
         while True:
             done = finished_so_far(client, keys) - start
             if done != seen:
                 seen, moved_at = done, time.monotonic()
             elif submitted >= opts.tasks and time.monotonic() - moved_at > STALL_CHECK_S:
                 if still_open(settings) == 0:
-                    console.print(f"the counters say {done} finished, Mongo says all "
-                                  f"{opts.tasks}: the rest were applied by timed-out calls")
-                    done = opts.tasks
+                    console.print(f"the counters stalled at {done} of {opts.tasks} and Mongo "
+                                  "holds no open task: the read-back decides")
+                    settled = True
                 moved_at = time.monotonic()
             while submitted < opts.tasks and submitted - done < opts.outstanding:
                 n = min(1000, opts.tasks - submitted)
@@ -118,17 +136,18 @@ def run(opts: argparse.Namespace) -> list[Window]:
                     "script": {"id": BENCH_SCRIPT, "args": {"n": i}}})
                     for i in range(submitted, submitted + n)])
                 submitted += n
-            if done - done_window >= opts.window or done >= opts.tasks:
+            if done - done_window >= opts.window or done >= opts.tasks or settled:
                 now = time.monotonic()
                 cpu = meter.stop()
                 meter.start()
                 n = done - done_window
                 w = Window(done, now - t_window, n / (now - t_window), role_rss(stack),
                            {k: v * 1000 / max(1, n) for k, v in cpu.items()})
-                windows.append(w)
-                print_window(w)
+                if n > 0:  # a stall right after a window adds an empty one otherwise
+                    windows.append(w)
+                    print_window(w)
                 t_window, done_window = now, done
-                if done >= opts.tasks:
+                if done >= opts.tasks or settled:
                     break
             if dead := stack.dead_roles():
                 raise RuntimeError(f"role(s) exited during the soak: {dead}")
@@ -136,8 +155,9 @@ def run(opts: argparse.Namespace) -> list[Window]:
                 raise TimeoutError(f"{done} of {opts.tasks} finished at the timeout")
             time.sleep(0.25)
         client.close()
-        ok = True
-        return windows
+        counted = read_back(settings, submitted)
+        ok = counted.ok
+        return windows, counted
     finally:
         stack.stop()
         if ok and not opts.keep:
@@ -185,14 +205,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A background run ignores SIGINT: SIGTERM ends it through run's finally block,
     # which stops the stack it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    windows = run(opts)
+    windows, counted = run(opts)
     flat, notes = verdict(windows)
     for note in notes:
         print(note)
     print("flat" if flat else "NOT flat (beyond 10 %)")
+    print(counted.line())
     if opts.json:
-        print(json.dumps([asdict(w) for w in windows]))
-    return 0 if flat else 1
+        print(json.dumps({"windows": [asdict(w) for w in windows],
+                          "tally": counted.as_dict()}))
+    return 0 if flat and counted.ok else 1
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ task (`--warmup`) goes through the whole service first and is not measured.
 Reported: throughput from the first submit to the last `finished_at`,
 submit -> finished latency, the farm's overlap count (must be 0), and the round
 trips to Redis and Mongo per task, for the service (master + workers + consumer)
-and for the producer, against the budget in DESIGN.md (4 Redis, 3 Mongo).
+and for the producer, against the budget (4 Redis, 3 Mongo; README, "Performance").
 
 Progress is read from Redis (the consumers' and masters' heartbeats: results
 applied, tasks failed or expired by a master), not by counting tasks in Mongo: a
@@ -29,8 +29,13 @@ benchmark stops master and consumer gracefully *before* the servers and then
 reads it. It also reads it once before the stop, after two heartbeat intervals,
 and reports what the stop added (shutdown traffic, or counts only flushed at
 exit). Producer figures include setting up its clients (connection handshakes,
-the SDK's index creation), so they shrink as --tasks grows. Exits 1 when a task
-is not terminal or the farm saw an overlap.
+the SDK's index creation), so they shrink as --tasks grows.
+
+With `--backlog`, the first `--tasks` done are timed while the rest wait; then the
+whole backlog is let finish. Either way every submitted spec is read back from
+Mongo at the end (bench/tally.py, by its `script.args.n`) and the tally printed:
+terminal by status, lost (never stored), unfinished, duplicates. Exits 1 when a
+task is lost, unfinished or stored twice, or the farm saw an overlap.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from pymongo import MongoClient
 from rich.console import Console
 from rich.table import Table
 
+from bench import tally
 from bench.cpu import CpuMeter
 from sendscript import connect, roundtrips
 from sendscript.client import SendScriptClient
@@ -63,10 +69,11 @@ from sendscript.status import TERMINAL, TaskStatus
 from sendscript.store import TASKS
 
 SERVICE_ROLES = ("master", "worker", "consumer")
-BUDGET = {"redis": 4.0, "mongo": 3.0}  # per task, DESIGN.md "Performance budget"
+BUDGET = {"redis": 4.0, "mongo": 3.0}  # per task, the hot path's budget (README)
 TERMINAL_NAMES = sorted(str(s) for s in TERMINAL)
 BENCH_SCRIPT = "bench"  # script id of measured tasks; warm-up tasks use another
 WARMUP_SCRIPT = "bench-warmup"
+STALL_CHECK_S = 30.0  # counters still this long: ask Mongo whether all are terminal
 
 console = Console(stderr=True)
 
@@ -124,6 +131,7 @@ class Result:
     producer_split: dict[str, dict[str, Any]]
     role_exit_codes: dict[str, int | None]
     cpu_ms_per_task: dict[str, float]  # process group -> CPU ms per task
+    tally: dict[str, Any]  # every submitted spec read back (bench/tally.py)
     ok: bool
 
 
@@ -262,30 +270,41 @@ def warm_up(settings: Settings, client: redis.Redis, n: int, timeout_s: float) -
              f"{n} warm-up task(s)", interval_s=0.2)
 
 
-def wait_terminal(stack: LocalStack, client: redis.Redis, db: Any, n: int, start: int,
-                  timeout_s: float, script_id: str = BENCH_SCRIPT) -> dict[str, int]:
-    """Wait until `n` more tasks are finished by the Redis counters (from `start`), the
-    timeout passes or a role dies; then the counts by status, from Mongo once."""
+def wait_settled(stack: LocalStack, client: redis.Redis, db: Any, n: int, start: int,
+                 timeout_s: float, script_id: str = BENCH_SCRIPT) -> None:
+    """Wait until `n` more tasks are finished by the Redis counters (from `start`) and
+    Mongo holds `n` terminal ones of `script_id`, the counters stall (they undercount
+    a result applied by a call that timed out) with Mongo saying so, the timeout
+    passes or a role dies. What became of each task is the read-back's to say."""
     keys = stack.effective.keys
     deadline = time.monotonic() + timeout_s
     last_report = 0.0
+    seen, moved_at = -1, time.monotonic()
     while True:
         done = finished_so_far(client, keys) - start
-        if done >= n:
+        now = time.monotonic()
+        if done != seen:
+            seen, moved_at = done, now
+        if done >= n or now - moved_at > STALL_CHECK_S:
+            moved_at = now
             counts = status_counts(db, script_id)
             if sum(v for k, v in counts.items() if k in TERMINAL_NAMES) >= n:
-                return counts
+                return
         if dead := stack.dead_roles():
             console.print(f"[red]role(s) exited during the run: {', '.join(dead)}[/red]")
-            return status_counts(db, script_id)
-        now = time.monotonic()
+            return
         if now > deadline:
             console.print(f"[red]timed out after {timeout_s:.0f}s[/red]")
-            return status_counts(db, script_id)
+            return
         if now - last_report > 5:
             last_report = now
             console.print(f"  {done}/{n} finished")
         time.sleep(0.25)
+
+
+def read_back(db: Any, submitted: int) -> tally.Tally:
+    """Every spec this run submitted (`script.args.n` 0 .. submitted-1), from Mongo."""
+    return tally.by_key(db, range(submitted), {"script.id": BENCH_SCRIPT}, "script.args.n")
 
 
 def process_groups(stack: LocalStack) -> dict[str, list[int]]:
@@ -395,13 +414,14 @@ def _measure(stack: LocalStack, opts: Options,
                      opts.timeout_s, f"{opts.tasks} tasks of the backlog", interval_s=0.25)
             cpu = meter.stop()
             lat, last_finished = [], time.time()
-            counts = {str(TaskStatus.SUCCESS): opts.tasks}
+            console.print(f"timed; letting the rest of the {opts.backlog} finish")
+            wait_settled(stack, inspect_redis, db, opts.backlog, start, opts.timeout_s)
         else:
             console.print(f"submitting {opts.tasks} tasks over {opts.devices} devices "
                           f"({opts.producer}) ...")
             prod = submit_all(settings, opts)
             console.print(f"submitted in {prod.last_submit - prod.first_submit:.2f}s; waiting")
-            counts = wait_terminal(stack, inspect_redis, db, opts.tasks, start, opts.timeout_s)
+            wait_settled(stack, inspect_redis, db, opts.tasks, start, opts.timeout_s)
             cpu = meter.stop()
             lat, last_finished = latencies_and_end(db)
         farm = stack.simulator_stats()
@@ -411,16 +431,17 @@ def _measure(stack: LocalStack, opts: Options,
         live = read_roundtrips(inspect_redis, key)
         codes = stop_roles(stack, grace_s=max(30.0, settings.shutdown_grace_s + 10))
         final = read_roundtrips(inspect_redis, key)
-        if not opts.backlog:
-            counts = status_counts(db)  # after the stop: nothing may have moved
+        # After the stop: nothing may move any more.
+        counted = read_back(db, opts.backlog or opts.tasks)
     finally:
         inspect_redis.close()
         mongo.close()
 
-    terminal = sum(n for s, n in counts.items() if s in TERMINAL_NAMES)
+    counts = counted.statuses
     end = last_finished if last_finished is not None else time.time()
     elapsed = end - prod.first_submit
-    not_terminal = opts.tasks - terminal
+    # Timed: the first --tasks done of a backlog (by the counters), else every task.
+    timed = opts.tasks if opts.backlog else counted.terminal
     overlaps = int(farm.get("overlaps", 0))
     added = {k: final.get(k, 0) - live.get(k, 0) for k in final
              if final.get(k, 0) != live.get(k, 0)}
@@ -433,13 +454,13 @@ def _measure(stack: LocalStack, opts: Options,
         producer=opts.producer,
         elapsed_s=elapsed,
         submit_s=prod.last_submit - prod.first_submit,
-        tasks_per_s=terminal / elapsed if elapsed > 0 else math.nan,
+        tasks_per_s=timed / elapsed if elapsed > 0 else math.nan,
         latency_p50_ms=percentile(lat, 0.50) * 1000,
         latency_p99_ms=percentile(lat, 0.99) * 1000,
         latency_max_ms=max(lat) * 1000 if lat else math.nan,
         statuses=counts,
-        not_terminal=not_terminal,
-        not_successful=opts.tasks - counts.get(str(TaskStatus.SUCCESS), 0),
+        not_terminal=counted.unfinished + counted.lost,
+        not_successful=counted.submitted - counts.get(str(TaskStatus.SUCCESS), 0),
         overlaps=overlaps,
         farm={k: v for k, v in farm.items() if k != "config"},
         service_rt_per_task=per_task(final, SERVICE_ROLES, opts.tasks),
@@ -449,7 +470,8 @@ def _measure(stack: LocalStack, opts: Options,
         producer_split=split,
         role_exit_codes=codes,
         cpu_ms_per_task={k: v * 1000 / opts.tasks for k, v in cpu.items()},
-        ok=not_terminal == 0 and overlaps == 0,
+        tally=counted.as_dict(),
+        ok=counted.ok and overlaps == 0,
     )
 
 
@@ -519,9 +541,9 @@ def render(r: Result) -> None:
     if r.roundtrips_added_by_stop:
         added = " ".join(f"{k}=+{v}" for k, v in sorted(r.roundtrips_added_by_stop.items()))
         out.print(f"added by the graceful stop: {added}")
-    out.print("[green]ok[/green]" if r.ok else "[red]FAILED[/red] (a task not terminal, "
-                                                "or the farm saw an overlap)")
-
+    print(tally.Tally.from_dict(r.tally).line(), flush=True)
+    out.print("[green]ok[/green]" if r.ok else "[red]FAILED[/red] (a task lost, unfinished "
+                                                "or stored twice, or the farm saw an overlap)")
 
 def _role_row(counts: dict[str, int], role: str, tasks: int) -> tuple[str, str]:
     return (_fmt(counts.get(f"{role}:redis", 0) / tasks),
@@ -557,7 +579,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                    help="tasks per LPUSH / submit_many call (default 100)")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds to wait for every task to be terminal "
-                        "(default 120 + 0.1 s a task)")
+                        "(default 120 + 0.1 s a task of --tasks or --backlog)")
     p.add_argument("--heartbeat", type=float, default=None,
                    help="roles' heartbeat / counter flush interval in s "
                         "(default: SENDSCRIPT_HEARTBEAT_INTERVAL_S or 2)")
@@ -577,7 +599,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     return Options(
         tasks=a.tasks, devices=a.devices, workers=a.workers, run_ms=a.run_ms,
         producer=a.producer, batch=a.batch,
-        timeout_s=a.timeout if a.timeout is not None else 120 + 0.1 * a.tasks,
+        timeout_s=a.timeout if a.timeout is not None else 120 + 0.1 * max(a.tasks, a.backlog),
         heartbeat_s=heartbeat, warmup=max(0, a.warmup), keep=a.keep, json=a.json,
         backlog=max(0, a.backlog),
     )

@@ -1,14 +1,22 @@
-"""The drop-rate ladder: too many dropped tasks degrade, then open the breaker, then stop.
+"""The drop-rate ladder: too many lost tasks degrade, then open the breaker, then stop.
 
-A drop is a task that will never run because it waited too long: withdrawn from the
-board as expired (`TasksWithdrawn`, reason "expired"), expired at the worker right
-before its send (answer `expired`), or sent but never reported (the leader's result
-timeouts, its `result_timeouts` counter in the stats hash). It is measured against
-the tasks that left the master's hands in the same window: sent, failed for good,
-or expired. Every master adds its counts to one sliding window in Redis (per-second
-fields of one hash, old ones pruned, the result timeouts folded in once, all in one
-Lua call) and reads the window's totals back, so every master climbs the same
-ladder within one sync:
+A drop is a task that will never run: withdrawn from the board as expired
+(`TasksWithdrawn`, reason "expired"), expired at the worker right before its send
+(answer `expired`), failed for good because its last attempt failed in a way that
+says central-control is unwell (answer `failed` with `central_ok` False: timeouts,
+408/429/5xx), or failed for good by the leader's result timeout sweep (its
+`result_timeouts_final` counter in the stats hash). An attempt that will be retried
+is not a drop, however it ended: a result timeout with attempts left is a lost
+result, counted as its own signal (`result_timeouts`, shown as `lost_results`; it
+already feeds the breaker's sends and the device's health) but not climbed on.
+
+A drop is measured against the tasks that left the master's hands in the same
+window: sent, failed for good, expired, or failed for good by a result timeout (a
+drop is always counted as finished in the same second, so the window never holds
+more drops than finished tasks). Every master adds its counts to one sliding window
+in Redis (per-second fields of one hash, old ones pruned, the stats' counters folded
+in once, all in one Lua call) and reads the window's totals back, so every master
+climbs the same ladder within one sync:
 
     ok ──(≥ degrade_at)──► degrade ──(≥ open_at)──► open ──(≥ hard_stop_at)──► hard_stop
 
@@ -48,7 +56,18 @@ from sendscript.settings import Settings
 
 INCIDENT = "drop_rate"
 FINISHED = frozenset({"sent", "failed", "expired"})  # answers: the task left our hands
-DROPPED = frozenset({"expired"})
+
+
+def is_finished(outcome: str) -> bool:
+    """The answer says the task left the master's hands (a retry has not)."""
+    return outcome in FINISHED
+
+
+def is_drop(outcome: str, central_ok: bool | None) -> bool:
+    """The answer says the task will never run through no fault of its own: expired,
+    or failed for good after a last attempt that central-control's trouble ended.
+    A task central-control refused for good (a 4xx) was answered, not dropped."""
+    return outcome == "expired" or (outcome == "failed" and central_ok is False)
 
 
 class Level(IntEnum):
@@ -60,6 +79,15 @@ class Level(IntEnum):
     @property
     def label(self) -> str:
         return self.name.lower()
+
+
+@dataclass(frozen=True)
+class Window:
+    """The shared window's totals: tasks finished, dropped, and results lost."""
+
+    finished: int = 0
+    dropped: int = 0
+    lost_results: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,40 +130,56 @@ class DropLadder:
         return before, level
 
 
+def describe(window: Window, rate: float | None, policy: LadderPolicy, window_s: int) -> str:
+    """What the ladder stands on, for logs, the hard stop's reason and incidents."""
+    if rate is None:
+        return (f"{window.finished} task(s) finished in {window_s}s, fewer than "
+                f"{policy.min_volume} to judge ({window.dropped} dropped)")
+    return (f"{window.dropped} of {window.finished} tasks dropped in {window_s}s "
+            f"({rate:.0%})")
+
+
 # KEYS[1] the drop-rate window (hash: `f:<second>` finished, `d:<second>` dropped,
-# `rt_seen`), KEYS[2] the stats hash (its `result_timeouts` counter).
+# `l:<second>` results lost; `rt_seen`, `rf_seen` the stats' counters already folded
+# in), KEYS[2] the stats hash (`result_timeouts`: every result timeout;
+# `result_timeouts_final`: those that failed their task for good).
 # ARGV[1] now in whole seconds, ARGV[2] the window in seconds, ARGV[3] finished to
 # add, ARGV[4] dropped to add.
-# Adds the counts to this second, folds in the result timeouts counted since the last
-# call by any master (the first call only notes the counter), prunes the seconds out
-# of the window and returns {finished, dropped} over the window.
+# Adds the counts to this second; folds in what any master's sweep counted since the
+# last call (the first call only notes the counters): each result timeout as a lost
+# result, each final one as a finished task and a drop; prunes the seconds out of the
+# window and returns {finished, dropped, lost} over the window.
 WINDOW = """
 local now = tonumber(ARGV[1])
 local cutoff = now - tonumber(ARGV[2])
-if tonumber(ARGV[3]) > 0 then redis.call('HINCRBY', KEYS[1], 'f:' .. now, ARGV[3]) end
-if tonumber(ARGV[4]) > 0 then redis.call('HINCRBY', KEYS[1], 'd:' .. now, ARGV[4]) end
-local rt = tonumber(redis.call('HGET', KEYS[2], 'result_timeouts') or '0')
-local seen = redis.call('HGET', KEYS[1], 'rt_seen')
-if seen and rt > tonumber(seen) then
-  redis.call('HINCRBY', KEYS[1], 'd:' .. now, rt - tonumber(seen))
+local function fold(counter, seen_field)
+  local total = tonumber(redis.call('HGET', KEYS[2], counter) or '0')
+  local seen = redis.call('HGET', KEYS[1], seen_field)
+  redis.call('HSET', KEYS[1], seen_field, total)
+  if seen and total > tonumber(seen) then return total - tonumber(seen) end
+  return 0
 end
-redis.call('HSET', KEYS[1], 'rt_seen', rt)
+local lost = fold('result_timeouts', 'rt_seen')
+local final = fold('result_timeouts_final', 'rf_seen')
+local add_f = tonumber(ARGV[3]) + final
+local add_d = tonumber(ARGV[4]) + final
+if add_f > 0 then redis.call('HINCRBY', KEYS[1], 'f:' .. now, add_f) end
+if add_d > 0 then redis.call('HINCRBY', KEYS[1], 'd:' .. now, add_d) end
+if lost > 0 then redis.call('HINCRBY', KEYS[1], 'l:' .. now, lost) end
 local fields = redis.call('HGETALL', KEYS[1])
-local finished, dropped, old = 0, 0, {}
+local totals, old = {f = 0, d = 0, l = 0}, {}
 for i = 1, #fields, 2 do
   local kind, second = string.match(fields[i], '^(%a):(%d+)$')
   if kind then
     if tonumber(second) <= cutoff then
       table.insert(old, fields[i])
-    elseif kind == 'f' then
-      finished = finished + tonumber(fields[i + 1])
-    else
-      dropped = dropped + tonumber(fields[i + 1])
+    elseif totals[kind] then
+      totals[kind] = totals[kind] + tonumber(fields[i + 1])
     end
   end
 end
 if #old > 0 then redis.call('HDEL', KEYS[1], unpack(old)) end
-return {finished, dropped}
+return {totals.f, totals.d, totals.l}
 """
 
 
@@ -155,7 +199,7 @@ class DropRate:
         self.ladder = DropLadder(policy_from(settings))
         self._finished = 0
         self._dropped = 0
-        self.window = (0, 0)
+        self.window = Window()
         self.hard_stops = 0
 
     def subscriptions(self) -> list[Subscription]:
@@ -165,10 +209,10 @@ class DropRate:
         ]
 
     def _on_answered(self, event: TaskAnswered) -> None:
-        if event.outcome in FINISHED:
+        if is_finished(event.outcome):
             self._finished += 1
-        if event.outcome in DROPPED:
-            self._dropped += 1
+            if is_drop(event.outcome, event.answer.central_ok):
+                self._dropped += 1
 
     def _on_withdrawn(self, event: TasksWithdrawn) -> None:
         if event.reason == EXPIRED:
@@ -190,8 +234,8 @@ class DropRate:
             self._finished += finished
             self._dropped += dropped
             raise
-        self.window = (int(totals[0]), int(totals[1]))
-        before, after = self.ladder.update(*self.window)
+        self.window = Window(*(int(t) for t in totals))
+        before, after = self.ladder.update(self.window.finished, self.window.dropped)
         if after != before:
             try:
                 await self._act(before, after)
@@ -201,10 +245,8 @@ class DropRate:
         return after
 
     async def _act(self, before: Level, after: Level) -> None:
-        rate = self.ladder.rate
-        detail = (f"{self.window[1]} of {self.window[0]} tasks dropped in "
-                  f"{self.settings.drop_window_s}s"
-                  + (f" ({rate:.0%})" if rate is not None else ""))
+        detail = describe(self.window, self.ladder.rate, self.ladder.policy,
+                          self.settings.drop_window_s)
         logger.warning("drop rate: {} -> {}: {}", before.label, after.label, detail)
         if after >= Level.HARD_STOP > before:
             await pauses.set_hard_stop(self.redis, self.settings.keys,
@@ -226,8 +268,9 @@ class DropRate:
         return {
             "level": self.ladder.level.label,
             "rate": round(rate, 3) if rate is not None else None,
-            "finished": self.window[0],
-            "dropped": self.window[1],
+            "finished": self.window.finished,
+            "dropped": self.window.dropped,
+            "lost_results": self.window.lost_results,
             "hard_stops": self.hard_stops,
             "limits": {"degrade_at": p.degrade_at, "open_at": p.open_at,
                        "hard_stop_at": p.hard_stop_at, "min_volume": p.min_volume,

@@ -2,7 +2,8 @@
 
 - `time_out_results`: tasks sent (or stuck running) past their `timeout_s` get a
   retry or fail, their record is marked `timeout`, their device lock is released
-  by its fence.
+  by its fence; counted in the stats as `result_timeouts`, and those failed for
+  good also as `result_timeouts_final`.
 - `recover_dead_master`: a master whose heartbeat expired: its processing list is
   taken over and stored, the tasks it held go back to the ready queue, its entry
   is removed.
@@ -133,7 +134,12 @@ class Recovery:
         await self._push(retries)
         found.retried += retries
         if mine:
+            # Every timeout is a lost result; one with no attempt left is a lost task,
+            # which the drop-rate ladder counts (master/droprate.py).
             await self.redis.hincrby(self.keys.stats, "result_timeouts", len(mine))
+            if len(mine) > len(retries):
+                await self.redis.hincrby(self.keys.stats, "result_timeouts_final",
+                                         len(mine) - len(retries))
             # A sent task's silence counts against its device (one stuck running was
             # never sent to it): one call for the sweep's timeouts.
             await device_health.record_quietly(self.redis, self.keys, BenchPolicy.of(

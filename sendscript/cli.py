@@ -776,7 +776,8 @@ def _print_breaker(shared: dict[str, Any], masters: list[dict[str, Any]]) -> Non
                 f"  {m['master_id']}: gate {b.get('state')}, held {b.get('held')}; drop rate "
                 f"{d.get('level')} ({d.get('dropped')} of {d.get('finished')}, limits "
                 f"{drop.get('degrade_at')}/{drop.get('open_at')}/{drop.get('hard_stop_at')} "
-                f"over {drop.get('window_s')}s)")
+                f"over {drop.get('window_s')}s); results lost (retried) "
+                f"{d.get('lost_results', 0)}")
 
 
 def _print_limits(limits: list[dict[str, Any]]) -> None:

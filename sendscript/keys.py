@@ -114,8 +114,9 @@ class Keys:
     @property
     def drop_rate(self) -> str:
         """Hash of the drop-rate window shared by all masters (master/droprate.py):
-        `f:<second>` tasks finished, `d:<second>` dropped, `rt_seen` the stats'
-        result_timeouts already counted."""
+        `f:<second>` tasks finished, `d:<second>` dropped, `l:<second>` results lost;
+        `rt_seen`, `rf_seen` the stats' result_timeouts and result_timeouts_final
+        already counted."""
         return f"{self.prefix}:droprate"
 
     @property

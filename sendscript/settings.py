@@ -215,10 +215,11 @@ class Settings(BaseSettings):
     central_quota_status: int | None = None
     central_quota_codes: Annotated[frozenset[str], NoDecode] = frozenset()
 
-    # Drop-rate ladder (issue 9, master/droprate.py), over a sliding drop_window_s
-    # shared by every master, once it holds drop_min_volume finished tasks: expired
-    # tasks and result timeouts at drop_degrade_at of them degrade the breaker, at
-    # drop_open_at open it, at drop_hard_stop_at set the hard stop (only
+    # Drop-rate ladder (master/droprate.py), over a sliding drop_window_s shared by
+    # every master, once it holds drop_min_volume finished tasks: tasks that will
+    # never run (expired, or failed for good by a result timeout or by central-control
+    # trouble; not an attempt that is retried) at drop_degrade_at of them degrade the
+    # breaker, at drop_open_at open it, at drop_hard_stop_at set the hard stop (only
     # `sendscript resume --hard` lifts it). Merged every drop_sync_s.
     drop_window_s: int = Field(60, ge=1)
     drop_min_volume: int = Field(100, ge=1)

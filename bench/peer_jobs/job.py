@@ -1,7 +1,7 @@
-"""The job body every peer runs, sync: what seed 003 does for one task, plainly.
+"""The job body every peer runs, sync: one task of the reference job, plainly.
 
 Lock the device in Redis (fence from INCR, SET NX PX; a busy device is waited for),
-then the 8 document writes of seed 003 — the task inserted, running, the exec
+then the 8 document writes of the job — the task inserted, running, the exec
 record, POST to central-control, sent (task and record), the log, success (task
 and record) — each an update by id with a status filter, then free the device
 (compare-and-delete) and count the task done in Redis (progress, not Mongo).
@@ -113,7 +113,7 @@ def run_job(task_id: str, device_id: str, n: int) -> None:
                             {"$set": {"status": "sent", "updated_at": sent}})
         db.records.update_one({"_id": record_id, "status": "running"},
                               {"$set": {"status": "sent", "sent_at": sent}})
-        # The device answers at once: its log and result, as seed 003's consumer saves them.
+        # The device answers at once: its log and result, saved as a consumer saves them.
         db.logs.insert_one({"_id": f"{record_id}:success", "record_id": record_id,
                             "task_id": task_id, "device_id": device_id,
                             "log_type": "SUCCESS", "message": "done", "timestamp": sent,

@@ -139,6 +139,8 @@ def test_lost_sdk_and_raw_tasks_and_unexplained_raw_duplicates() -> None:
     check_lost(rep, {"t1": task("t1"), **raw}, ["t1", "t2"], 3)
     assert rep.lost_sdk == ["t2"] and rep.lost_raw == [2] and rep.lost == 2
     assert rep.raw_duplicates == 1
+    assert rep.read_back == ("read back from Mongo: 3 of 5 submitted task(s) terminal "
+                             "(success=3); lost 2, unfinished 0, duplicates 1")
     assert set(rep.problems()) >= {"invariant 2: 2 accepted task(s) lost",
                                    "1 raw items stored twice, only 0 pushed again"}
 

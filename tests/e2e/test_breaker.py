@@ -7,7 +7,9 @@ farm as processes, the farm's failures changed at run time (`configure_farm`).
 - a quota answer (HTTP 402) sets the quota pause with no attempt used; the probe
   keeps it while the quota lasts and lifts it once a send is accepted;
 - a task that reaches a worker past its deadline is not sent (expired, no record);
-- the drop-rate ladder reaches the hard stop, which a plain resume does not lift.
+- the drop-rate ladder reaches the hard stop, which a plain resume does not lift;
+- an outage whose sends lost their results, then 503s, is no drop: every lost result
+  is retried, the ladder stays at ok (no hard stop) and every task runs.
 """
 
 from __future__ import annotations
@@ -228,5 +230,37 @@ def test_the_drop_rate_ladder_reaches_the_hard_stop_and_a_plain_resume_keeps_it(
         assert inspect.db.task_exec_records.count_documents({"task_id": {"$in": held}}) == 0
         assert "resumed hard" in cli(settings, "resume", "--hard")
         wait_for(lambda: all_succeeded(inspect, held), 20, "the tasks after resume --hard")
+    finally:
+        client.close()
+
+
+def test_lost_results_then_503s_are_retried_with_no_hard_stop_and_every_task_runs(
+        settings: Settings, roles: Roles, inspect: Inspect) -> None:
+    roles.simulator(run_ms=20, jitter=0.2)
+    roles.consumer()
+    roles.master(**BREAKER, drop_min_volume=10, drop_window_s=60, drop_sync_s=0.3,
+                 sweep_interval_s=0.5)
+    client = SendScriptClient(settings)
+    tag = uuid.uuid4().hex[:6]
+    try:
+        # Central-control takes every send and the device never reports: each send is
+        # ambiguous (it may have run), so it waits its result timeout, then retries.
+        roles.configure_farm(silent_rate=1.0)
+        ids = submit(client, f"o{tag}", 20, timeout_s=2, max_retries=20)
+        wait_for(lambda: int(inspect.redis.hget(settings.keys.stats, "result_timeouts")
+                             or 0) >= len(ids), 30, "every result to time out once")
+        # Then every send answered 503: the breaker holds them, using no attempt.
+        roles.configure_farm(silent_rate=0.0, http_error_rate=1.0, http_error_status=503)
+        wait_circuit(inspect, "open")
+        drop = (roles.master_info() or {})["breaker"]["drop_rate"]
+        assert drop["lost_results"] >= len(ids) and drop["finished"] >= len(ids)
+        assert drop["dropped"] == 0 and drop["level"] == "ok"
+        # Central-control back: every task runs, none was dropped, nothing stopped.
+        roles.configure_farm(http_error_rate=0.0)
+        wait_for(lambda: all_succeeded(inspect, ids), 90, "every task to succeed")
+        assert pauses.HARD not in pauses.list_sync(inspect.redis, settings.keys)
+        drop = (roles.master_info() or {})["breaker"]["drop_rate"]
+        assert drop["hard_stops"] == 0 and drop["dropped"] == 0
+        assert int(inspect.redis.hget(settings.keys.stats, "result_timeouts_final") or 0) == 0
     finally:
         client.close()

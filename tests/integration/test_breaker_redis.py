@@ -10,7 +10,7 @@ import redis.asyncio
 
 from master.breaker import CircuitBreakerPart
 from master.bus import Bus, Hold
-from master.droprate import DropRate, Level
+from master.droprate import DropRate, Level, Window
 from master.events import Incident, TaskAnswered, TasksWithdrawn
 from sendscript import pauses
 from sendscript.breaker import Circuit
@@ -122,19 +122,42 @@ async def test_the_drop_window_is_shared_and_counts_result_timeouts_once(
     a.expire(1)
     b.answer(None, 9, outcome="sent")
     b.answer(None, 5, outcome="retry")  # not finished: it will be tried again
-    await redis_client.hincrby(s.keys.stats, "result_timeouts", 3)
+    b.answer(False, 2, outcome="retry")  # nor a drop, whatever ended the attempt
+    b.answer(False, 1, outcome="failed")  # its last attempt ended by a 5xx: dropped
+    b.answer(None, 1, outcome="failed")  # refused for good: finished, not dropped
+    # Five results lost by the sweep, two of them on their last attempt.
+    await redis_client.hincrby(s.keys.stats, "result_timeouts", 5)
+    await redis_client.hincrby(s.keys.stats, "result_timeouts_final", 2)
     await asyncio.gather(a.drops.sync(), b.drops.sync())
     await a.drops.sync()
-    assert a.drops.window == (20, 4)
+    assert a.drops.window == Window(finished=24, dropped=4, lost_results=5)
+    report = a.drops.report()
+    assert (report["finished"], report["dropped"], report["lost_results"]) == (24, 4, 5)
 
     async def pruned() -> bool:
         await a.drops.sync()
-        return a.drops.window == (0, 0)
+        return a.drops.window == Window()
 
     deadline = time.monotonic() + 6
     while not await pruned():
         assert time.monotonic() < deadline, "old seconds never left the window"
         await asyncio.sleep(0.2)
+
+
+async def test_lost_results_that_are_retried_climb_no_level(
+    settings: Settings, redis_client: redis.asyncio.Redis,
+) -> None:
+    """An outage's ambiguous sends: 100 of 438 sent tasks time out with attempts left.
+    They are lost results, shown as such; no level, no hard stop."""
+    s = shared(settings, drop_min_volume=100, drop_window_s=60)
+    a = Master(s, redis_client)
+    await a.drops.sync()  # notes the counters so far
+    a.answer(True, 438)
+    await redis_client.hincrby(s.keys.stats, "result_timeouts", 100)
+    assert await a.drops.sync() is Level.OK
+    assert a.drops.window == Window(finished=438, dropped=0, lost_results=100)
+    assert pauses.HARD not in await pauses.load(redis_client, s.keys)
+    assert not [i for i in a.incidents if i.kind == "drop_rate"]
 
 
 async def test_the_ladder_climbs_to_a_hard_stop_and_trips_the_breaker(

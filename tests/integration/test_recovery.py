@@ -134,6 +134,8 @@ async def test_overdue_results_retry_or_fail_and_free_their_devices(
         ("dev-retry", retried_fence), ("dev-stuck", stuck_fence), ("dev-last", last_fence)])
     assert sorted(await ready(redis_client, settings)) == sorted([retried, stuck])
     assert await redis_client.hget(settings.keys.stats, "result_timeouts") == b"3"
+    # Only the task with no attempt left is lost (the drop-rate ladder counts it).
+    assert await redis_client.hget(settings.keys.stats, "result_timeouts_final") == b"1"
 
 
 async def test_a_timeout_releases_only_its_own_fence(
@@ -225,6 +227,7 @@ async def test_two_masters_racing_push_and_count_each_retry_once(
     ids, found, _ = await race(settings, redis_client, db, locks)
     assert sorted(await ready(redis_client, settings)) == sorted(ids)
     assert await redis_client.hget(settings.keys.stats, "result_timeouts") == b"4"
+    assert await redis_client.hget(settings.keys.stats, "result_timeouts_final") is None
     assert sorted(found[0].retried + found[1].retried) == sorted(ids)
 
 
