@@ -97,14 +97,30 @@ def scope_of(doc: dict[str, Any]) -> tuple[list[str], list[str]]:
 
 def list_tokens_sync(db: Database) -> list[dict[str, Any]]:
     """The tokens by name: a short id (the hash's head, to tell same-named ones apart),
-    scope, dates; never a hash whole nor the token."""
+    scope, dates; never a hash whole nor the token. `last_used`: when an agent bound to
+    it was last seen (None: none is, e.g. never used or its agents took another)."""
+    docs = list(db[TOKENS].find({}).sort([("name", ASCENDING), ("created_at", ASCENDING)]))
+    seen = last_seen_by_token(db, [d["_id"] for d in docs])
     out = []
-    for doc in db[TOKENS].find({}).sort([("name", ASCENDING), ("created_at", ASCENDING)]):
+    for doc in docs:
         prefixes, groups = scope_of(doc)
         out.append({"id": str(doc["_id"])[:12], "name": doc.get("name", ""),
                     "prefixes": prefixes, "groups": groups,
-                    "created_at": doc.get("created_at")})
+                    "created_at": doc.get("created_at"), "last_used": seen.get(doc["_id"])})
     return out
+
+
+def last_seen_by_token(db: Database, hashes: list[str]) -> dict[str, datetime]:
+    """Token hash -> the latest `last_seen` of the agents bound to it. Tokens are not
+    written on use (every call would be a write); an agent's heartbeat already is."""
+    latest: dict[str, datetime] = {}
+    if not hashes:
+        return latest
+    for agent in db[AGENTS].find({"token": {"$in": hashes}}, {"token": 1, "last_seen": 1}):
+        at, token = agent.get("last_seen"), agent.get("token")
+        if at is not None and (token not in latest or at > latest[token]):
+            latest[token] = at
+    return latest
 
 
 def remove_token_sync(db: Database, name_or_id: str) -> int:

@@ -186,7 +186,8 @@ class AgentTokenSpec(BaseModel):
 
 @router.get("/agent-tokens")
 def agent_tokens(_: Operator, c: Ctx) -> list[dict[str, Any]]:
-    """Agents' API tokens: name, short id, scope, created (never the token)."""
+    """Agents' API tokens: name, short id, scope, created, last used (when one of its
+    agents was last seen); never the token."""
     return list_tokens_sync(c.stores.db)
 
 

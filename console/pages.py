@@ -12,6 +12,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 
+from agents.registry import list_tokens_sync
 from console import auth, data
 from console.context import COOKIE, Console, LoginRequired, Who, console_of
 from console.filters import NAME, TASK_ID, Page, TaskFilter
@@ -31,7 +32,15 @@ def fmt_time(value: Any) -> str:
     return str(value or "")
 
 
+def scope_text(token: dict[str, Any]) -> str:
+    """An agent token's scope as `sendscript agent token list` shows it."""
+    parts = [f"{p}*" for p in token.get("prefixes", [])]
+    parts += [f"group:{g}" for g in token.get("groups", [])]
+    return ", ".join(parts) or "all devices"
+
+
 TEMPLATES.env.filters["t"] = fmt_time
+TEMPLATES.env.filters["scope"] = scope_text
 
 
 def page(request: Request, name: str, who: auth.Principal, status: int = 200,
@@ -143,7 +152,9 @@ def masters(request: Request, who: Who, c: Ctx) -> HTMLResponse:
 
 @router.get("/agents", response_class=HTMLResponse)
 def agents(request: Request, who: Who, c: Ctx) -> HTMLResponse:
-    return page(request, "agents.html", who, agents=data.agents(c.stores),
+    # Agents' tokens are the operators' (the API refuses viewers their list too).
+    tokens = list_tokens_sync(c.stores.db) if who.can_act else None
+    return page(request, "agents.html", who, agents=data.agents(c.stores), tokens=tokens,
                 ttl_s=c.settings.agent_ttl_s)
 
 

@@ -931,7 +931,8 @@ def agent_token_add(
 @agent_token_app.command("list")
 def agent_token_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
                      = False) -> None:
-    """Agents' tokens: name, short id, scope, created (never the token nor its hash)."""
+    """Agents' tokens: name, short id, scope, created, last used (when one of its agents
+    was last seen); never the token nor its hash."""
     from agents.registry import list_tokens_sync
     from sendscript import connect
 
@@ -940,11 +941,13 @@ def agent_token_list(as_json: Annotated[bool, typer.Option("--json", help="Print
     if as_json:
         console.print_json(json.dumps(rows, default=str))
         return
-    table = Table("name", "id", "scope", "created", title=f"agent tokens ({len(rows)})")
+    table = Table("name", "id", "scope", "created", "last used",
+                  title=f"agent tokens ({len(rows)})")
     for row in rows:
         scope = ",".join([f"{p}*" for p in row["prefixes"]]
                          + [f"group:{g}" for g in row["groups"]]) or "all devices"
-        table.add_row(row["name"], row["id"], scope, str(row["created_at"] or ""))
+        table.add_row(row["name"], row["id"], scope, str(row["created_at"] or ""),
+                      str(row["last_used"] or ""))
     console.print(table)
 
 

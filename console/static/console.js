@@ -105,6 +105,123 @@ function wirePause() {
   }
 }
 
+// -- agents' API tokens on the Agents page: list, add (secret shown once), remove ---------------
+function listOf(text) {
+  return text.split(/[\s,]+/).filter((x) => x);
+}
+
+function shortTime(value) {
+  return value ? String(value).replace("T", " ").slice(0, 19) : "";
+}
+
+function scopeText(t) {
+  const parts = t.prefixes.map((p) => `${p}*`).concat(t.groups.map((g) => `group:${g}`));
+  return parts.length ? parts.join(", ") : "all devices";
+}
+
+function cell(row, text, tag = "td") {
+  const td = document.createElement(tag);
+  td.textContent = text;
+  row.appendChild(td);
+  return td;
+}
+
+function drawTokens(tokens) {
+  const body = $("#token-table tbody");
+  body.replaceChildren();
+  for (const t of tokens) {
+    const row = document.createElement("tr");
+    row.dataset.token = t.id;
+    row.dataset.name = t.name;
+    cell(row, t.name);
+    const id = document.createElement("code");
+    id.textContent = t.id;
+    cell(row, "").appendChild(id);
+    cell(row, scopeText(t));
+    cell(row, shortTime(t.created_at));
+    cell(row, shortTime(t.last_used) || "—");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "act danger token-remove";
+    button.dataset.token = t.id;
+    button.textContent = "Remove";
+    cell(row, "").appendChild(button);
+    body.appendChild(row);
+  }
+  if (!tokens.length) {
+    const row = document.createElement("tr");
+    row.className = "none";
+    cell(row, "none").colSpan = 6;
+    body.appendChild(row);
+  }
+}
+
+async function reloadTokens() {
+  const res = await fetch("/api/agent-tokens", {credentials: "same-origin"});
+  if (!res.ok) throw new Error(`${res.status}: could not list the agent tokens`);
+  drawTokens(await res.json());
+}
+
+function wireTokens() {
+  const form = $("#token-form");
+  if (!form) return;
+  const made = $("#token-made");
+  const confirm = $("#token-confirm");
+  let pending = null;  // {id, name}: the token Confirm removes
+
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const body = {name: form.name.value.trim(), prefixes: listOf(form.prefixes.value),
+                  groups: listOf(form.groups.value)};
+    $("#token-add").disabled = true;
+    try {
+      const out = await post("/api/agent-tokens", body);
+      $("#token-made-name").textContent = out.name;
+      $("#token-secret").textContent = out.token;
+      made.hidden = false;
+      form.reset();
+      flash(`agent token ${out.name} made: copy it now, it is shown once`, false);
+      await reloadTokens();
+    } catch (err) {
+      flash(err.message, true);
+    } finally {
+      $("#token-add").disabled = false;
+    }
+  });
+  // The secret leaves the page once its holder says it is copied.
+  $("#token-done").addEventListener("click", () => {
+    $("#token-secret").textContent = "";
+    made.hidden = true;
+  });
+
+  // Remove asks first (its agents stop); the buttons are redrawn, so listen on the table.
+  $("#token-table").addEventListener("click", (ev) => {
+    const button = ev.target.closest("button.token-remove");
+    if (!button) return;
+    const row = button.closest("tr");
+    pending = {id: button.dataset.token, name: row.dataset.name};
+    $("#token-confirm-text").textContent =
+      `Remove agent token ${pending.name} (${pending.id})? Its agents are refused ` +
+      "within a second and asked to stop.";
+    confirm.hidden = false;
+  });
+  $("#token-remove-abort").addEventListener("click", () => { confirm.hidden = true; pending = null; });
+  $("#token-remove-run").addEventListener("click", async () => {
+    if (!pending) return;
+    const {id, name} = pending;
+    confirm.hidden = true;
+    pending = null;
+    try {
+      // by its short id: a same-named token elsewhere in the list stays
+      await post(`/api/agent-tokens/${encodeURIComponent(id)}/remove`);
+      flash(`agent token ${name} (${id}) removed`, false);
+      await reloadTokens();
+    } catch (err) {
+      flash(err.message, true);
+    }
+  });
+}
+
 // -- live overview ----------------------------------------------------------------------------
 function pick(obj, path) {
   return path.split(".").reduce((o, k) => (o == null ? undefined : o[k]), obj);
@@ -208,6 +325,7 @@ document.addEventListener("DOMContentLoaded", () => {
   wireActions();
   wireBulk();
   wirePause();
+  wireTokens();
   liveOverview();
   liveTask();
 });
