@@ -167,6 +167,14 @@ def _limit(q: TaskQuery) -> int:
     return q.limit
 
 
+def _at_or_after(at: datetime) -> dict[str, Any]:
+    """`>= at` as the wire compares it: dates are whole milliseconds, so this is `>` the
+    millisecond before. The embedded server's index scan skips the document that sits
+    exactly on a `$gte` bound of a compound index (the batch's), where `$gt` is exact."""
+    whole = at.replace(microsecond=at.microsecond - at.microsecond % 1000)
+    return {"$gt": whole - timedelta(milliseconds=1)}
+
+
 def _indexed_first(flt: dict[str, Any], created: Any) -> dict[str, Any]:
     """`flt` with its created_at condition, the keys in the order a server that takes
     the first indexed clause (the embedded one) should read them: a batch's index,
@@ -275,7 +283,7 @@ def _plan_windows(q: TaskQuery, flt: dict[str, Any], now: datetime) -> Plan:
     page: SearchPage | None = None
     while top > lo and len(items) <= limit and queries < MAX_WINDOWS:
         bottom = max(lo, top - width)
-        window = _indexed_first(served, {"$gte": bottom, "$lt": top})
+        window = _indexed_first(served, {**_at_or_after(bottom), "$lt": top})
         got = yield (Read(window, 0, fields=LISTED_FIELDS) if listed
                      else Read(window, limit + 1 - len(items)))
         queries += 1
@@ -337,7 +345,7 @@ def _plan_by_status(q: TaskQuery, flt: dict[str, Any], statuses: list[str],
     read_down_to: datetime | None = None  # run_at at and above this has been read
     while top > lo and len(items) <= limit and queries < MAX_WINDOWS:
         bottom = max(lo, top - width)
-        run_at: dict[str, Any] = {"$gte": bottom - EARLIEST_DUE}
+        run_at: dict[str, Any] = _at_or_after(bottom - EARLIEST_DUE)
         if read_down_to is not None:
             run_at["$lt"] = read_down_to
         took_ms = left_ms = 0.0

@@ -89,3 +89,25 @@ async def test_filters_and_pages(db: AsyncDatabase) -> None:
         got, pages = await _all(db, query)
         assert got == want, query
         assert pages == max(1, -(-len(want) // query.limit)), query
+
+
+async def test_a_task_on_the_lower_bound_is_found(db: AsyncDatabase) -> None:
+    """created_from is inclusive: a task created exactly then is on the page, whichever
+    index serves the query (the batch's, a device's, created_at alone, a status's)."""
+    now = utcnow().replace(microsecond=0)
+    tasks = []
+    for i in range(31):
+        task = Task.from_spec(TaskSpec(device_id=f"e{i % 3}", script={"id": "x"}), now=now,
+                              batch_id="edge")
+        task.created_at = now - timedelta(seconds=i)
+        tasks.append(task)
+    await TaskStore(db).store(tasks)
+    edge = tasks[15].created_at
+    for query in (TaskQuery(batch_id="edge", created_from=edge),
+                  TaskQuery(device_id=tasks[15].device_id, created_from=edge),
+                  TaskQuery(created_from=edge),
+                  TaskQuery(statuses=("pending",), created_from=edge)):
+        got, _ = await _all(db, query)
+        assert tasks[15].id in got, query
+        want = [t.id for t in tasks[:16] if query.device_id in (None, t.device_id)]
+        assert sorted(got) == sorted(want), query
