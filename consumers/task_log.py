@@ -39,6 +39,7 @@ from pymongo.errors import BulkWriteError
 
 from sendscript import connect, device_health, metrics, roundtrips
 from sendscript.backoff import Backoff, stopped_within
+from sendscript.failover import ride_out
 from sendscript.health import start_health
 from sendscript.heartbeat import add_beat
 from sendscript.locks import DeviceLocks
@@ -453,7 +454,13 @@ class TaskLogConsumer:
                                  batch: list[pulsar.Message]) -> None:
         what = "consumer: apply task logs (batches negatively acked)"
         try:
-            result = await self.process(batch)
+            # Through a Mongo failover the batch is applied again in place rather than
+            # negatively acknowledged: a redelivery would count towards the client's
+            # dead-letter policy, and a result dead-lettered by a failover would cost
+            # its task an attempt. Applying again is safe (logs by id, compare-and-
+            # sets), and every Mongo step comes before the batch's Redis and Pulsar ones.
+            result = await ride_out(lambda: self.process(batch),
+                                    self.settings.mongo_failover_s)
         except Exception as exc:
             for msg in batch:
                 await consumer.negative_acknowledge(msg)

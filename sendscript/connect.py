@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -125,27 +126,86 @@ def pulsar_kwargs(settings: Settings, timeout_s: float | None = None) -> dict:
     return kwargs
 
 
-def retry_writes(url: str) -> bool | None:
-    """retryWrites for a Mongo URL: None where the URL says (the driver reads it), else
-    whether it names a replica set (replicaSet=, several hosts, or mongodb+srv).
+def replica_set(url: str) -> bool | None:
+    """Whether a Mongo URL names a replica set: replicaSet=, several hosts, or
+    mongodb+srv. None where the driver cannot parse it (it says why, in its words).
 
-    A single host without replicaSet= is taken for a standalone or embedded server:
-    retryable writes buy nothing there but cost the server (SecantusDB keeps a record
-    of every one; past 10,000 of them each write costs 6-8 ms instead of 0.4). A
-    replica-set deployment reached through one host should name replicaSet= (or
-    retryWrites=true) to keep the driver's one retry of a write after a failover.
-    Without it nothing is lost either: every write here is a compare-and-set or an
-    insert by id, and a failed one is retried by the caller or the sweeps."""
-    if "retrywrites=" in url.lower():
-        return None
+    A replica set reached through one host without replicaSet= looks standalone here:
+    name replicaSet= (MongoDB's advice too), or set the concerns explicitly."""
     if url.startswith("mongodb+srv://"):  # parsing it would resolve DNS
         return True
     try:
         parsed = uri_parser.parse_uri(url, validate=False, warn=True)
-    except Exception:  # the driver says what is wrong with it, in its own words
+    except Exception:
         return None
     options = {k.lower() for k in parsed["options"]}
     return len(parsed["nodelist"]) > 1 or "replicaset" in options
+
+
+def retry_writes(url: str) -> bool | None:
+    """retryWrites for a Mongo URL: None where the URL says (the driver reads it), else
+    whether it names a replica set (`replica_set`).
+
+    On a replica set, on: a write the driver sent as a primary stepped down is sent
+    once more to the new one, which knows from its record whether it ran (single-
+    document writes; the multi-document ones are retried by sendscript itself,
+    sendscript/failover.py). On a standalone or embedded server, off: it buys
+    nothing there but costs the server (SecantusDB keeps a record of every one; past
+    10,000 of them each write costs 6-8 ms instead of 0.4). Without it nothing is
+    lost either: every write here is a compare-and-set or an insert by id."""
+    if "retrywrites=" in url.lower():
+        return None
+    found = replica_set(url)
+    return None if found is None else found
+
+
+@dataclass(frozen=True)
+class MongoConcerns:
+    """Client options that decide what an acknowledged write and a read promise."""
+
+    w: str | int | None  # None: the server's default
+    journal: bool
+    read_concern: str | None  # None: the server's default (local)
+    retry_writes: bool | None  # None: what the URL says, or the driver's default
+
+    def kwargs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.w is not None:
+            out["w"] = self.w
+        if self.journal:
+            out["journal"] = True
+        if self.read_concern is not None:
+            out["readConcernLevel"] = self.read_concern
+        if self.retry_writes is not None:
+            out["retryWrites"] = self.retry_writes
+        return out
+
+
+def mongo_concerns(url: str, write_concern: str = "auto", read_concern: str = "auto",
+                   journal: bool = True) -> MongoConcerns:
+    """The concerns for a URL and the settings (SENDSCRIPT_MONGO_WRITE_CONCERN,
+    _READ_CONCERN, _JOURNAL). Pure.
+
+    On a replica set (`auto`): w=majority with j=true. A claim, a status change or an
+    exec record acknowledged by a primary alone can be rolled back when it steps down
+    before a secondary has it; the task would then be claimed, or sent, again. Reads
+    at majority: what decides dispatch (which claim won, which tasks a fire made
+    pending, which record a result applies to) is what a failover cannot take back.
+    Elsewhere the server's defaults, with j=true while SENDSCRIPT_MONGO_JOURNAL is on
+    (a crash of the server must not lose an acknowledged claim)."""
+    rs = bool(replica_set(url))
+    if write_concern == "auto":
+        w: str | int | None = "majority" if rs else None
+    elif write_concern == "majority":
+        w = "majority"
+    else:
+        w = int(write_concern)
+    if read_concern == "auto":
+        level: str | None = "majority" if rs else None
+    else:
+        level = read_concern
+    return MongoConcerns(w=w, journal=journal, read_concern=level,
+                         retry_writes=retry_writes(url))
 
 
 def _mongo_kwargs(settings: Settings) -> dict:
@@ -157,14 +217,9 @@ def _mongo_kwargs(settings: Settings) -> dict:
         "socketTimeoutMS": ms,
         "event_listeners": [roundtrips.MongoCommandCounter()],
     }
-    if settings.mongo_journal:
-        # A write is acknowledged once it is in the journal: an acknowledged task,
-        # claim or exec record must survive a crash of the server (kill -9), or a
-        # task is lost or its attempt is sent twice.
-        kwargs["journal"] = True
-    retry = retry_writes(settings.mongo_url or "")
-    if retry is not None:
-        kwargs["retryWrites"] = retry
+    concerns = mongo_concerns(settings.mongo_url or "", settings.mongo_write_concern,
+                              settings.mongo_read_concern, settings.mongo_journal)
+    kwargs.update(concerns.kwargs())
     return kwargs
 
 

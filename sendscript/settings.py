@@ -61,6 +61,16 @@ class Settings(BaseSettings):
     # Mongo server loses writes it had acknowledged. Off only where the deployment's
     # write concern already journals (a replica set with w=majority).
     mongo_journal: bool = True
+    # Write concern of every write (claims, status changes, exec records above all):
+    # `auto` is w=majority on a replica set (a URL naming replicaSet=, several hosts or
+    # mongodb+srv) and the server's default elsewhere; else `majority` or a number of
+    # members. Read concern: `auto` is majority on a replica set, else local.
+    mongo_write_concern: str = "auto"
+    mongo_read_concern: str = "auto"
+    # How long a Mongo step that may run twice (a compare-and-set, a claim, an exec
+    # record) is retried in place through transient errors (a failover: not writable
+    # primary, step-down, network) before it fails as any other error would.
+    mongo_failover_s: float = Field(30.0, ge=0)
     pulsar_timeout_s: float = Field(10.0, gt=0)
     # Pulsar beyond one broker: SENDSCRIPT_PULSAR_URL may list brokers
     # (pulsar://h1:6650,h2:6650; pulsar+ssl:// for TLS). A token for token auth; the
@@ -312,6 +322,22 @@ class Settings(BaseSettings):
         """Checked here, so a URL no client can use stops a role at start, in one line."""
         if value is not None:
             redis_url.parse(value)
+        return value
+
+    @field_validator("mongo_write_concern")
+    @classmethod
+    def _write_concern(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in ("auto", "majority") and not value.isdigit():
+            raise ValueError("auto, majority or a number of members (e.g. 1)")
+        return value
+
+    @field_validator("mongo_read_concern")
+    @classmethod
+    def _read_concern(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in ("auto", "majority", "local"):
+            raise ValueError("auto, majority or local")
         return value
 
     @field_validator("breaker_pauses_s", mode="before")

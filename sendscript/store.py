@@ -18,7 +18,9 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError, OperationFailure
+from pymongo.results import BulkWriteResult
 
+from sendscript.failover import ride_out
 from sendscript.models import ExecRecord, Task, new_id, utcnow
 from sendscript.refusals import encoding_refusal, permanent_write_errors, transient_write_errors
 from sendscript.status import (
@@ -464,9 +466,17 @@ class TaskStore:
                 {"_id": {"$in": part}, "master": master_id, "status": str(TaskStatus.PENDING)})]
         return pending
 
-    async def claim_many(self, claims: Sequence[Claim], now: datetime) -> list[str | None]:
+    async def claim_many(self, claims: Sequence[Claim], now: datetime,
+                         failover_s: float = 0.0) -> list[str | None]:
         """pending -> running for each claim, bumping the attempt; the record id of each
         claim that won (None: the task is not pending at that attempt, another won).
+
+        Through a failover (transient errors, sendscript/failover.py) the same
+        statements, with the same tokens, are sent again for up to `failover_s`: one
+        that had landed matches nothing the second time, and the read-back of the
+        tokens then says which claims are ours. So a claim the server applied but did
+        not acknowledge is neither lost (the task stuck running, its attempt spent)
+        nor made twice.
 
         One statement per attempt and worker, not per task (each statement costs the
         embedded server a journaled commit): the server sets each task's record id to
@@ -496,16 +506,26 @@ class TaskStore:
                     expected[i] = f"{token}-{claims[i].task_id}"
         if not ops:
             return []
-        result = await self.col.bulk_write(ops, ordered=False)
-        if result.matched_count == len(claims):
+        tries = 0
+
+        async def write() -> BulkWriteResult:
+            nonlocal tries
+            tries += 1
+            return await self.col.bulk_write(ops, ordered=False)
+
+        result = await ride_out(write, failover_s)
+        if tries == 1 and result.matched_count == len(claims):
             return list(expected)
-        # Someone else won some of them: read back which ones carry our record id.
-        current = {
-            d["_id"]: d.get("record_id")
-            async for d in self.col.find(
-                {"_id": {"$in": list({c.task_id for c in claims})}}, {"record_id": 1}
-            )
-        }
+        # Someone else won some of them, or an earlier try may have landed: read back
+        # which ones carry our record id (at the client's read concern: majority on a
+        # replica set, so a claim a failover may still take back is not counted).
+        ids = list({c.task_id for c in claims})
+
+        async def read() -> dict[str, Any]:
+            return {d["_id"]: d.get("record_id")
+                    async for d in self.col.find({"_id": {"$in": ids}}, {"record_id": 1})}
+
+        current = await ride_out(read, failover_s)
         return [e if current.get(c.task_id) == e else None
                 for c, e in zip(claims, expected, strict=True)]
 
@@ -530,16 +550,33 @@ class RecordStore:
     def __init__(self, db: AsyncDatabase) -> None:
         self.col = db[RECORDS]
 
-    async def insert_many(self, records: Sequence[ExecRecord]) -> list[bool]:
-        """Store records; False where that (task, attempt) has a record already."""
+    async def insert_many(self, records: Sequence[ExecRecord],
+                          failover_s: float = 0.0) -> list[bool]:
+        """Store records; False where that (task, attempt) has another record already.
+
+        A record refused as a duplicate of its own id is ours: an earlier try landed
+        though its answer was lost (a failover, retried for up to `failover_s`); a
+        record id is minted for one claim, so no other writer has it."""
         if not records:
             return []
-        try:
-            await self.col.insert_many([r.to_doc() for r in records], ordered=False)
-        except BulkWriteError as exc:
-            dups = duplicate_indexes(exc)
-            return [i not in dups for i in range(len(records))]
-        return [True] * len(records)
+        docs = [r.to_doc() for r in records]
+
+        async def insert() -> set[int]:
+            try:
+                await self.col.insert_many(docs, ordered=False)
+            except BulkWriteError as exc:
+                return duplicate_indexes(exc)
+            return set()
+
+        dups = await ride_out(insert, failover_s)
+        if dups:
+            ids = [records[i].id for i in dups]
+
+            async def ours() -> set[str]:
+                return {d["_id"] async for d in self.col.find({"_id": {"$in": ids}}, {"_id": 1})}
+
+            dups -= {i for i in dups if records[i].id in await ride_out(ours, failover_s)}
+        return [i not in dups for i in range(len(records))]
 
     async def find_many(self, record_ids: Iterable[str]) -> dict[str, ExecRecord]:
         return {d["_id"]: ExecRecord.model_validate(d) for part in chunks(record_ids)

@@ -13,11 +13,18 @@ its record and gets its attempt counter back: nothing was sent) and the answer i
 Each Mongo and Redis step is coalesced across the tasks the worker holds at once
 (group commit), so a busy worker pays one round trip per step per batch, not per
 task.
+
+Every Mongo step here may run twice with the effect of once (a compare-and-set, a
+claim read back by its token, a record inserted under its minted id), so through a
+Mongo failover each is retried in place (sendscript/failover.py) for up to
+SENDSCRIPT_MONGO_FAILOVER_S: the task keeps its lock and its attempt, and nothing is
+sent before the claim and the record are known to be stored.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import redis.asyncio
 from loguru import logger
@@ -26,6 +33,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from sendscript.backoff import OutageLog
 from sendscript.batching import Coalescer
 from sendscript.central import CentralClient, CentralError
+from sendscript.failover import ride_out
 from sendscript.fencing import MongoEpochs
 from sendscript.ipc import TaskDone, TaskHandle
 from sendscript.locks import DeviceLocks
@@ -53,13 +61,14 @@ class ScriptHandler:
         self.central = central
         self.tasks = TaskStore(db)
         self.records = RecordStore(db)
+        self.failover_s = settings.mongo_failover_s
         # Fences from an epoch kept in Mongo: they keep rising across Redis data loss.
         locks = DeviceLocks(redis_client, keys, MongoEpochs(db, settings.key_prefix))
         self._acquire = Coalescer(locks.acquire_many)
         self._release = Coalescer(self._release_batch)
         self._locks = locks
         self._claim = Coalescer(self._claim_batch)
-        self._insert = Coalescer(self.records.insert_many)
+        self._insert = Coalescer(self._insert_batch)
         self._mark_sent = Coalescer(self._mark_sent_batch)
         # Best-effort writes after a step that counts: their failures say "down" once.
         self.writes = OutageLog("worker: bookkeeping writes")
@@ -153,7 +162,14 @@ class ScriptHandler:
                         fence=fence, error=error, run_at=run_at, central_ok=central_ok)
 
     async def _claim_batch(self, claims: list[Claim]) -> list[str | None]:
-        return await self.tasks.claim_many(claims, utcnow())
+        return await self.tasks.claim_many(claims, utcnow(), self.failover_s)
+
+    async def _insert_batch(self, records: list[ExecRecord]) -> list[bool]:
+        return await self.records.insert_many(records, self.failover_s)
+
+    async def _cas(self, flt: dict[str, Any], update: dict[str, Any]) -> bool:
+        """A compare-and-set, through a failover (a second run matches nothing)."""
+        return await ride_out(lambda: self.tasks.cas(flt, update), self.failover_s)
 
     async def _mark_sent_batch(self, items: list[tuple[str, int, str, str | None]]) -> list[None]:
         # One time for the batch (its sends ended within a loop tick): the updates are
@@ -165,8 +181,8 @@ class ScriptHandler:
             for task_id, attempt, record_id, _ in items
         ]
         record_updates = [record_sent(record_id, now, note) for _, _, record_id, note in items]
-        await self.tasks.run_updates(task_updates)
-        await self.records.run_updates(record_updates)
+        await ride_out(lambda: self.tasks.run_updates(task_updates), self.failover_s)
+        await ride_out(lambda: self.records.run_updates(record_updates), self.failover_s)
         return [None] * len(items)
 
     async def _release_batch(self, releases: list[tuple[str, int]]) -> list[None]:
@@ -182,7 +198,7 @@ class ScriptHandler:
     async def _unclaim(self, h: TaskHandle, fence: int, attempt: int, error: str) -> TaskDone:
         """Nothing was sent: give the task back as pending for another attempt."""
         try:
-            await self.tasks.cas(*task_cas(
+            await self._cas(*task_cas(
                 h.task_id, TaskStatus.RUNNING, TaskStatus.PENDING, utcnow(), attempt=attempt,
                 set_={"last_error": error},
             ))
@@ -210,9 +226,9 @@ class ScriptHandler:
         compare-and-set then fails, the task stays running with no record, which
         the stuck-running sweep gives back (at the cost of one attempt)."""
         try:
-            await self.records.col.delete_one({"_id": record_id,
-                                               "status": str(RecordStatus.RUNNING)})
-            await self.tasks.cas(*task_cas(
+            await ride_out(lambda: self.records.col.delete_one(
+                {"_id": record_id, "status": str(RecordStatus.RUNNING)}), self.failover_s)
+            await self._cas(*task_cas(
                 h.task_id, TaskStatus.RUNNING, to, utcnow(), attempt=attempt,
                 extra_filter={"record_id": record_id}, inc={"attempt": -1},
                 set_={"last_error": error}, unset=("record_id", "worker"),
@@ -228,7 +244,7 @@ class ScriptHandler:
         """Past its deadline before the lock: pending -> expired, nothing else to undo."""
         reason = self._expired_reason(h)
         try:
-            changed = await self.tasks.cas(*task_cas(
+            changed = await self._cas(*task_cas(
                 h.task_id, TaskStatus.PENDING, TaskStatus.EXPIRED, utcnow(), attempt=h.attempt,
                 set_={"last_error": reason},
             ))
@@ -244,8 +260,9 @@ class ScriptHandler:
         policy = self.settings.retry_policy(h.max_retries, h.queue, h.retry_base_s)
         decision = decide(policy, attempt, exc.retryable, str(exc), now)
         try:
-            await self.records.finish(record_id, RecordStatus.FAILED, now, str(exc))
-            await self.tasks.cas(*failure_cas(h.task_id, [TaskStatus.RUNNING], attempt, decision,
+            await ride_out(lambda: self.records.finish(
+                record_id, RecordStatus.FAILED, now, str(exc)), self.failover_s)
+            await self._cas(*failure_cas(h.task_id, [TaskStatus.RUNNING], attempt, decision,
                                               now, master=self.settings.master_id))
         except Exception as err:
             self.writes.failed(f"task {h.task_id} failed ({exc}) but not recorded: {err!r}")
@@ -260,7 +277,7 @@ class ScriptHandler:
     async def _exhausted(self, h: TaskHandle) -> TaskDone:
         reason = f"attempts exhausted ({h.attempt} of {h.max_retries + 1})"
         try:
-            await self.tasks.cas(*task_cas(
+            await self._cas(*task_cas(
                 h.task_id, TaskStatus.PENDING, TaskStatus.FAILED, utcnow(), attempt=h.attempt,
                 set_={"last_error": reason},
             ))

@@ -143,15 +143,22 @@ class MongoServer(ServerProcess):
     # stored (11-15 s a minute at 700,000 tasks). The leader master deletes what is
     # due instead (master/retention.py).
     ttl_sweep_s = 0.0
+    # None: a standalone server. A name: a one-member replica set of that name
+    # (sendscript/dev/topologies.py), which drivers treat as any replica set.
+    replica_set: str | None = None
 
     @property
     def url(self) -> str:
+        if self.replica_set:
+            return f"mongodb://127.0.0.1:{self.port}/?replicaSet={self.replica_set}"
         return f"mongodb://127.0.0.1:{self.port}/"
 
     def command(self) -> list[str]:
+        extra = ["--replica-set", self.replica_set] if self.replica_set else []
         return [
             sys.executable, "-m", "sendscript.dev.embedded", "mongo", "--port", str(self.port),
             "--storage-path", str(self.data_dir / "db"), "--ttl-sweep-s", str(self.ttl_sweep_s),
+            *extra,
         ]
 
     def ready(self) -> bool:
@@ -324,7 +331,8 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def serve_mongo(port: int, storage_path: str, ttl_sweep_s: float) -> None:
+def serve_mongo(port: int, storage_path: str, ttl_sweep_s: float,
+                replica_set: str | None = None) -> None:
     """SecantusDB in this process (its own CLI does not pass the TTL sweep interval)."""
     import logging
     import threading
@@ -335,8 +343,11 @@ def serve_mongo(port: int, storage_path: str, ttl_sweep_s: float) -> None:
     # Standalone (no replica-set name in hello): sendscript uses no transactions or
     # change streams, so the oplog write of every document (~8 % of the server's CPU)
     # buys nothing, and drivers then send no retryable writes whatever the URL says.
+    # With a replica-set name: a one-member replica set, for tests of failovers
+    # (replSetStepDown, and the failCommand failpoint of its test commands).
     server = SecantusDBServer(host="127.0.0.1", port=port, storage_path=storage_path,
-                              ttl_sweep_seconds=ttl_sweep_s, replica_set_name=None)
+                              ttl_sweep_seconds=ttl_sweep_s, replica_set_name=replica_set,
+                              enable_test_commands=replica_set is not None)
     stopped = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:
@@ -357,5 +368,6 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--storage-path", required=True)
     parser.add_argument("--ttl-sweep-s", type=float, default=0.0)
+    parser.add_argument("--replica-set", default=None)
     args = parser.parse_args()
-    serve_mongo(args.port, args.storage_path, args.ttl_sweep_s)
+    serve_mongo(args.port, args.storage_path, args.ttl_sweep_s, args.replica_set)

