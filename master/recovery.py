@@ -14,7 +14,9 @@
 - `release_orphan_locks`: a device lock whose fence no unfinished attempt holds,
   and held no attempt for `orphan_lock_grace_s`, is released.
 - `return_lost_tasks`: the tasks a worker held when it died (or was killed as
-  hung): those it had claimed go back to pending; run by the master at once.
+  hung): those it provably never sent (claimed, no exec record) go back to
+  pending with their attempt unused and their lock released, at once; those it
+  may have sent wait for their result or result timeout. Run by their master.
 
 Every step is a compare-and-set or an idempotent move, so two masters running
 one by mistake, or a crash half way, do no harm. The leader runs them
@@ -81,16 +83,48 @@ class Recovery:
         self._suspect_locks: dict[tuple[str, int], float] = {}
 
     # -- a dead worker's tasks -------------------------------------------------------------
-    async def return_lost_tasks(self, worker: str, task_ids: list[str]) -> list[Task]:
-        """running -> pending for the tasks `worker` had claimed; the tasks of
-        `task_ids` that are pending now (to queue again). One it had sent stays
-        sent: its device reports, or the result timeout applies."""
+    async def return_lost_tasks(self, worker: str, task_ids: list[str],
+                                fences: dict[str, int] | None = None) -> list[Task]:
+        """Put back what a dead worker held, by what it left behind (the worker is
+        gone: nothing it does can follow); the tasks of `task_ids` pending now.
+
+        - Claimed by it (running, `worker` it), with no exec record for the claimed
+          attempt: no POST ever left (the record is written last before it,
+          `worker.handler`). Undone as the worker's own undo would: pending again
+          with its attempt counter as before (the attempt is not used; the number
+          is reused, and no record of it exists to collide), and its device lock
+          released by the fence it said it took (`fences`), so it runs again now.
+        - Claimed, with a record: a send may have reached central-control. It stays
+          running, lock held: the device's result or the result timeout ends it
+          (the timeout closes the record too), never a second send of the attempt.
+        - Not claimed (pending) but locked: the lock is released by its fence.
+        - Anything else (sent, finished, another worker's now): left alone.
+        """
+        fences = fences or {}
         now = utcnow()
-        for task_id in task_ids:
-            await self.tasks.cas(*task_cas(
-                task_id, TaskStatus.RUNNING, TaskStatus.PENDING, now,
-                extra_filter={"worker": worker}, set_={"last_error": f"worker {worker} died"},
-            ))
+        tasks = {t.id: t for t in await self.tasks.find_many(task_ids)}
+        claimed = [t for t in tasks.values()
+                   if t.status == TaskStatus.RUNNING and t.worker == worker and t.record_id]
+        records = await self.records.find_many(t.record_id for t in claimed if t.record_id)
+        releases: list[tuple[str, int]] = []
+        waiting = 0
+        for task in claimed:
+            if task.record_id in records:
+                waiting += 1
+                continue
+            if await self.tasks.cas(*task_cas(
+                task.id, TaskStatus.RUNNING, TaskStatus.PENDING, now, attempt=task.attempt,
+                extra_filter={"worker": worker, "record_id": task.record_id},
+                inc={"attempt": -1}, unset=("record_id", "worker"),
+                set_={"last_error": f"worker {worker} died before sending; attempt not used"},
+            )) and task.id in fences:
+                releases.append((task.device_id, fences[task.id]))
+        releases += [(t.device_id, fences[t.id]) for t in tasks.values()
+                     if t.status == TaskStatus.PENDING and t.id in fences]
+        await self.locks.release_many(releases)
+        if waiting:
+            logger.warning("{} task(s) of dead worker {} may have been sent: they wait for "
+                           "their result or result timeout", waiting, worker)
         return [t for t in await self.tasks.find_many(task_ids)
                 if t.status == TaskStatus.PENDING]
 
