@@ -37,6 +37,7 @@ from master.heartbeat import Heartbeat
 from master.identity import IdentityTaken, MasterIdentity
 from master.intake import Intake
 from master.jobs import Jobs
+from master.leadership import leader_lease
 from master.limits import RateLimits
 from master.lost_work import LostWork
 from master.metering import Metering
@@ -46,7 +47,7 @@ from master.quota import QuotaSignal
 from master.recovery import Recovery
 from master.retention import Retention
 from master.scheduler import Scheduler
-from master.sweeper import Sweeper, leader_lease
+from master.sweeper import Sweeper
 from master.watches import Watches
 from sendscript import connect
 from sendscript.backoff import Backoff
@@ -87,7 +88,8 @@ class Master:
         self.lease = leader_lease(s, self.redis)  # read by the leader's duties
         self.pool = WorkerPool(s, bus)
         self.dispatcher = Dispatcher(bus, self.board, self.pool, s.queue_max_wait)
-        self.recovery = Recovery(s, self.redis, self.tasks, RecordStore(self.db))
+        # The leader's sweeps write only while the lease holds its token (its fence).
+        self.recovery = Recovery(s, self.redis, self.tasks, RecordStore(self.db), self.lease)
         self.lost_work = LostWork(bus, self.recovery, self.jobs, self.stop_event)
         self.expiry = Expiry(s, bus, self.tasks, self.redis, self.jobs)
         self.benching = Benching(s, bus, self.redis)
@@ -112,8 +114,9 @@ class Master:
         self.heartbeat = Heartbeat(self.redis, s, self.report, self.started_at)
         self.identity = MasterIdentity(self.redis, s, self.request_stop)
         self.metering = Metering(s, self.redis)
-        self.counts = CountKeeper(s, self.redis, self.db, self.lease.is_leading)
-        self.retention = Retention(s, self.db, self.lease.is_leading)
+        self.counts = CountKeeper(s, self.redis, self.db, self.lease.is_leading,
+                                  self.lease.guard)
+        self.retention = Retention(s, self.db, self.lease.is_leading, self.lease)
         if s.master_health_port:
             self.health = HealthServer(s.health_host, s.master_health_port,
                                        master_checks(self), "master")
@@ -143,7 +146,8 @@ class Master:
         self.loops: dict[str, Loop] = {
             "intake": self.intake, "device-free": self.listener, "lock-check": self.checker,
             "heartbeat": self.heartbeat, "identity": self.identity, "delayed": self.delayed,
-            "scheduler": self.scheduler, "expiry": self.expiry, "sweeper": self.sweeper,
+            "scheduler": self.scheduler, "expiry": self.expiry, "leader": self.lease,
+            "sweeper": self.sweeper,
             "alerts": self.alerting, "watches": self.watches,
             "pausing": self.pausing, "benching": self.benching,
             "backpressure": self.backpressure, "rate-limits": self.rate_limits,

@@ -8,7 +8,7 @@ subscribe to the events they react to; none of them calls another.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from sendscript.breaker import Circuit
@@ -102,10 +102,12 @@ class FreeEventsMissed:
 
 @dataclass(frozen=True, slots=True)
 class WorkerLost:
-    """A worker died (or was killed) holding these tasks."""
+    """A worker died (or was killed) holding these tasks; `fences`: the device lock
+    each had taken (task id -> fence), as the worker said before claiming it."""
 
     worker: str
     handles: list[TaskHandle]
+    fences: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """A dead worker's tasks go back on the board.
 
-Subscribes to `WorkerLost`: the tasks the worker had claimed are put back to
-pending in Mongo (`Recovery.return_lost_tasks`), retried until the store
+Subscribes to `WorkerLost`: the tasks the worker provably never sent are put back
+to pending in Mongo with their locks released (`Recovery.return_lost_tasks`; one
+it may have sent waits for its result), retried until the store
 answers or the master stops (then the leader's stuck-running sweep does it),
 and `WorkRecovered` tells the board which devices are no longer in flight and
 which tasks to queue again.
@@ -45,7 +46,8 @@ class LostWork:
         ids = [h.task_id for h in event.handles]
         while True:
             try:
-                pending = await self.recovery.return_lost_tasks(event.worker, ids)
+                pending = await self.recovery.return_lost_tasks(event.worker, ids,
+                                                                 event.fences)
                 break
             except Exception as exc:
                 if await backoff.failed(WHAT, exc, self.stop):

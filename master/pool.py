@@ -37,6 +37,7 @@ from sendscript.ipc import (
     Shutdown,
     TaskDone,
     TaskHandle,
+    TaskLocked,
     WorkerExit,
     WorkerHeartbeat,
     WorkerOnline,
@@ -62,6 +63,7 @@ class WorkerSlot:
         # In the order they were handed over: the first is the oldest.
         self.inflight: dict[str, TaskHandle] = {}
         self.handed_at: dict[str, float] = {}
+        self.fences: dict[str, int] = {}  # task id -> the lock fence it said it took
         self.devices: Counter[str] = Counter()
         self.started_at = time.monotonic()
         self.last_seen = self.started_at  # any message from it counts as a heartbeat
@@ -90,6 +92,7 @@ class WorkerSlot:
     def drop(self, task_id: str) -> TaskHandle | None:
         handle = self.inflight.pop(task_id, None)
         self.handed_at.pop(task_id, None)
+        self.fences.pop(task_id, None)
         if handle is not None:
             self.devices[handle.device_id] -= 1
             if self.devices[handle.device_id] <= 0:
@@ -263,6 +266,9 @@ class WorkerPool:
         if isinstance(msg, TaskDone):
             if slot.drop(msg.task_id) is not None:
                 self.bus.emit(AnswerReceived(slot.name, msg))
+        elif isinstance(msg, TaskLocked):
+            if msg.task_id in slot.inflight:
+                slot.fences[msg.task_id] = msg.fence
         elif isinstance(msg, WorkerOnline):
             slot.online = True
             logger.info("worker {} online", slot.name)
@@ -299,7 +305,9 @@ class WorkerPool:
         del self.slots[slot.worker_id]
         slot.exited.set()
         lost = list(slot.inflight.values())
+        fences = dict(slot.fences)
         slot.inflight.clear()
+        slot.fences.clear()
         slot.handed_at.clear()
         slot.devices.clear()
         code = slot.process.exitcode
@@ -312,7 +320,7 @@ class WorkerPool:
         else:
             logger.info("worker {} exited: {}", slot.name, slot.exit_reason)
         if lost:
-            self.bus.emit(WorkerLost(slot.name, lost))
+            self.bus.emit(WorkerLost(slot.name, lost, fences))
         if not self.stopping:
             self._restart_later(slot)
         self.bus.emit(CapacityChanged())

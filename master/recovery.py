@@ -15,11 +15,15 @@
 - `release_orphan_locks`: a device lock whose fence no unfinished attempt holds,
   and held no attempt for `orphan_lock_grace_s`, is released.
 - `return_lost_tasks`: the tasks a worker held when it died (or was killed as
-  hung): those it had claimed go back to pending; run by the master at once.
+  hung): those it provably never sent (claimed, no exec record) go back to
+  pending with their attempt unused and their lock released, at once; those it
+  may have sent wait for their result or result timeout. Run by their master.
 
 Every step is a compare-and-set or an idempotent move, so two masters running
 one by mistake, or a crash half way, do no harm. The leader runs them
-(`master.sweeper`); `sendscript recover` runs them by hand.
+(`master.sweeper`), and each of their writes is fenced by its lease's token
+(`fence`, `master.leadership`): a master that no longer leads stops at its next
+write. `sendscript recover` runs them by hand, unfenced.
 """
 
 from __future__ import annotations
@@ -32,12 +36,13 @@ from datetime import datetime, timedelta
 import redis.asyncio
 from loguru import logger
 
+from master.leadership import Fence
 from sendscript import device_health
 from sendscript.device_health import BenchPolicy, Outcome
 from sendscript.keys import Keys
 from sendscript.locks import DeviceLocks
 from sendscript.models import DEFAULT_QUEUE, DEFAULT_TIMEOUT_S, ExecRecord, Task, utcnow
-from sendscript.queue import Entry, IntakeQueue, push_refs
+from sendscript.queue import Entry, IntakeQueue, push_refs, ref_item
 from sendscript.retry import decide, failure_cas
 from sendscript.settings import Settings
 from sendscript.status import SCHEDULED, RecordStatus, TaskStatus, record_cas, task_cas
@@ -67,8 +72,9 @@ class Found:
 
 class Recovery:
     def __init__(self, settings: Settings, client: redis.asyncio.Redis, tasks: TaskStore,
-                 records: RecordStore) -> None:
+                 records: RecordStore, fence: Fence | None = None) -> None:
         self.settings = settings
+        self.fence = fence  # the leader's token check before each write of a sweep
         self.keys: Keys = settings.keys
         self.redis = client
         self.tasks = tasks
@@ -78,16 +84,48 @@ class Recovery:
         self._suspect_locks: dict[tuple[str, int], float] = {}
 
     # -- a dead worker's tasks -------------------------------------------------------------
-    async def return_lost_tasks(self, worker: str, task_ids: list[str]) -> list[Task]:
-        """running -> pending for the tasks `worker` had claimed; the tasks of
-        `task_ids` that are pending now (to queue again). One it had sent stays
-        sent: its device reports, or the result timeout applies."""
+    async def return_lost_tasks(self, worker: str, task_ids: list[str],
+                                fences: dict[str, int] | None = None) -> list[Task]:
+        """Put back what a dead worker held, by what it left behind (the worker is
+        gone: nothing it does can follow); the tasks of `task_ids` pending now.
+
+        - Claimed by it (running, `worker` it), with no exec record for the claimed
+          attempt: no POST ever left (the record is written last before it,
+          `worker.handler`). Undone as the worker's own undo would: pending again
+          with its attempt counter as before (the attempt is not used; the number
+          is reused, and no record of it exists to collide), and its device lock
+          released by the fence it said it took (`fences`), so it runs again now.
+        - Claimed, with a record: a send may have reached central-control. It stays
+          running, lock held: the device's result or the result timeout ends it
+          (the timeout closes the record too), never a second send of the attempt.
+        - Not claimed (pending) but locked: the lock is released by its fence.
+        - Anything else (sent, finished, another worker's now): left alone.
+        """
+        fences = fences or {}
         now = utcnow()
-        for task_id in task_ids:
-            await self.tasks.cas(*task_cas(
-                task_id, TaskStatus.RUNNING, TaskStatus.PENDING, now,
-                extra_filter={"worker": worker}, set_={"last_error": f"worker {worker} died"},
-            ))
+        tasks = {t.id: t for t in await self.tasks.find_many(task_ids)}
+        claimed = [t for t in tasks.values()
+                   if t.status == TaskStatus.RUNNING and t.worker == worker and t.record_id]
+        records = await self.records.find_many(t.record_id for t in claimed if t.record_id)
+        releases: list[tuple[str, int]] = []
+        waiting = 0
+        for task in claimed:
+            if task.record_id in records:
+                waiting += 1
+                continue
+            if await self.tasks.cas(*task_cas(
+                task.id, TaskStatus.RUNNING, TaskStatus.PENDING, now, attempt=task.attempt,
+                extra_filter={"worker": worker, "record_id": task.record_id},
+                inc={"attempt": -1}, unset=("record_id", "worker"),
+                set_={"last_error": f"worker {worker} died before sending; attempt not used"},
+            )) and task.id in fences:
+                releases.append((task.device_id, fences[task.id]))
+        releases += [(t.device_id, fences[t.id]) for t in tasks.values()
+                     if t.status == TaskStatus.PENDING and t.id in fences]
+        await self.locks.release_many(releases)
+        if waiting:
+            logger.warning("{} task(s) of dead worker {} may have been sent: they wait for "
+                           "their result or result timeout", waiting, worker)
         return [t for t in await self.tasks.find_many(task_ids)
                 if t.status == TaskStatus.PENDING]
 
@@ -126,9 +164,14 @@ class Recovery:
             if decision.retry:
                 retries.append(doc["_id"])
         # One by one, to know which this master won: another may be sweeping too.
-        won = [await self.tasks.cas(flt, upd) for flt, upd in task_updates]
+        won = []
+        for flt, upd in task_updates:
+            await self._guard("result timeout")
+            won.append(await self.tasks.cas(flt, upd))
         mine = {doc["_id"] for doc, ok in zip(overdue, won, strict=True) if ok}
+        await self._guard("result timeout records")
         await self.records.run_updates(record_updates)
+        await self._guard("result timeout lock releases")
         await self.locks.release_many(releases)
         retries = [t for t in retries if t in mine]
         await self._push(retries)
@@ -175,6 +218,7 @@ class Recovery:
             flt, update = task_cas(doc["_id"], TaskStatus.RUNNING, TaskStatus.PENDING, now,
                                    attempt=doc["attempt"], unset=("master",),
                                    set_={"last_error": "its worker lost it before sending"})
+            await self._guard("release a task stuck running")
             if await self.tasks.cas(flt, update):
                 back.append(doc["_id"])
                 if record is not None:
@@ -216,9 +260,11 @@ class Recovery:
             found.adopted_entries += await self.redis.llen(self.keys.processing(dead_id))
             found.adopted_entries += await self.redis.llen(self.keys.staging(dead_id))
             return
+        await self._guard(f"take over dead master {dead_id}'s queue")
         await queue.tag_staging()
         entries = await queue.unfinished()
         if entries:
+            await self._guard(f"store dead master {dead_id}'s queue items")
             await ingest_for(dead_id)(entries)
             found.adopted_entries += len(entries)
         if await self.redis.exists(self.keys.master_alive(dead_id)):
@@ -233,6 +279,7 @@ class Recovery:
             {"master": dead_id, "status": {"$in": [str(TaskStatus.PENDING),
                                                    *[str(s) for s in SCHEDULED]]}},
             {"_id": 1, "status": 1, "run_at": 1})]
+        await self._guard(f"disown dead master {dead_id}'s tasks")
         await self.tasks.col.update_many({"master": dead_id,
                                           "status": {"$in": [str(TaskStatus.PENDING),
                                                              *[str(s) for s in SCHEDULED]]}},
@@ -243,6 +290,7 @@ class Recovery:
         found.requeued += held
         if await self.redis.llen(self.keys.processing(dead_id)):
             return  # not all stored: the next sweep takes them again
+        await self._guard(f"remove dead master {dead_id}")
         await self.redis.hdel(self.keys.masters, dead_id)
         logger.warning("recovered dead master {}: {} queue item(s), {} task(s) requeued",
                        dead_id, len(entries), len(held))
@@ -259,6 +307,7 @@ class Recovery:
         found.requeued += ids
         if not dry:
             # Touch them, so the next sweep waits a grace again before pushing twice.
+            await self._guard("requeue orphans")
             await self.tasks.col.update_many({"_id": {"$in": ids}, "master": None},
                                              {"$set": {"updated_at": now}})
             await self._push(ids)
@@ -291,14 +340,23 @@ class Recovery:
             return
         found.orphan_locks += sure
         if not dry:
+            await self._guard("release orphaned locks")
             await self.locks.release_many(sure)
             for o in sure:
                 self._suspect_locks.pop(o, None)
             logger.warning("released {} orphaned device lock(s): {}", len(sure), sure[:10])
 
+    async def _guard(self, what: str) -> None:
+        if self.fence is not None:
+            await self.fence.guard(what)
+
     async def _push(self, task_ids: list[str]) -> None:
         for start in range(0, len(task_ids), 1000):
-            await push_refs(self.redis, self.keys.ready, task_ids[start:start + 1000])
+            part = task_ids[start:start + 1000]
+            if self.fence is None:
+                await push_refs(self.redis, self.keys.ready, part)
+            else:  # checked and pushed in one script: no window
+                await self.fence.push("requeue", self.keys.ready, [ref_item(t) for t in part])
 
 
 async def recover_once(settings: Settings, *, dry: bool, lock_confirm_s: float) -> Found:

@@ -11,6 +11,12 @@ documents, whichever comes first.
 
 What is due, per collection: `script_tasks` and `task_exec_records` past their
 `purge_at`; `task_logs` received more than the longest retention ago (the log TTL).
+
+Each delete is fenced by the leader lease's token (`fence.guard` right before it,
+`master.leadership`): a master that stopped leading deletes nothing more. The
+delete names what it expects besides (still due), so even the one delete a
+process paused between its check and its send may issue late removes only what
+was due anyway.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from datetime import UTC, datetime, timedelta
 from loguru import logger
 from pymongo.asynchronous.database import AsyncDatabase
 
+from master.leadership import Fence, NotLeading
 from sendscript.backoff import every
 from sendscript.models import utcnow
 from sendscript.settings import Settings
@@ -98,17 +105,22 @@ class Retention:
     """The leader's retention sweep, every `SENDSCRIPT_RETENTION_SWEEP_S` seconds."""
 
     def __init__(self, settings: Settings, db: AsyncDatabase,
-                 leading: Callable[[], bool] = lambda: True) -> None:
+                 leading: Callable[[], bool] = lambda: True,
+                 fence: Fence | None = None) -> None:
         self.settings = settings
         self.db = db
         self.leading = leading
+        self.fence = fence
         self.targets = targets(settings)
         self.deleted: dict[str, int] = {t.collection: 0 for t in self.targets}
 
     async def run(self, stop: asyncio.Event) -> None:
         async def step() -> None:
             if self.leading():
-                await self.sweep(stop)
+                try:
+                    await self.sweep(stop)
+                except NotLeading as exc:  # logged and counted by the lease
+                    logger.info("retention stopped: {}", exc)
             else:  # a new leader starts from the beginning: what it knew may be stale
                 for target in self.targets:
                     target.window = PurgeWindow()
@@ -133,7 +145,7 @@ class Retention:
         for _ in range(READS):
             if (window := target.window.next(cutoff)) is None:
                 break
-            if stop is not None and stop.is_set():
+            if (stop is not None and stop.is_set()) or not self.leading():
                 target.window.pos = None
                 break
             lo, hi = window
@@ -141,6 +153,8 @@ class Retention:
             ids = [d["_id"] async for d in col.find(due, {"_id": 1}).limit(BATCH)]
             if ids:
                 # Still due as the delete runs: a task retried meanwhile has no purge_at.
+                if self.fence is not None:
+                    await self.fence.guard(f"retention delete in {target.collection}")
                 result = await col.delete_many({"_id": {"$in": ids},
                                                 target.key: {"$lt": hi}})
                 total += result.deleted_count

@@ -32,7 +32,7 @@ import asyncio
 import json
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -183,12 +183,16 @@ class CountKeeper:
     """The leader's pass over what moved (see the module's doc); a loop for the master."""
 
     def __init__(self, settings: Settings, client: redis.asyncio.Redis, db: AsyncDatabase,
-                 leading: Callable[[], bool] = lambda: True) -> None:
+                 leading: Callable[[], bool] = lambda: True,
+                 guard: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.settings = settings
         self.client = client
         self.col = db[TASKS]
         self.keys = CountKeys(settings.keys.prefix)
         self.leading = leading
+        # The leader's token check (master.leadership) before the rebuild's delete:
+        # the one rewrite that removes what a pass did not read again.
+        self.guard = guard
         self.width = int(settings.counts_bucket_s)
         self._replace = client.register_script(REPLACE)
         self.last = PassReport()
@@ -241,6 +245,8 @@ class CountKeeper:
                 tallies[bucket_of(doc.get("created_at"), self.width)].add(doc)
                 seen += 1
             top = bottom
+        if self.guard is not None:
+            await self.guard("rebuild task counts")
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(self.keys.buckets, self.keys.total, self.keys.purge)
         await pipe.execute()

@@ -60,6 +60,17 @@ class TaskHandle(_Msg):
     deadline: datetime | None = None  # not sent after this (expire_at or queue max_wait)
 
 
+class TaskLocked(_Msg):
+    """Worker -> master, right after the device lock is taken and before the task is
+    claimed: the fence this attempt holds. A worker that dies before its send
+    leaves a lock only this fence may release; the master releases it at once
+    (`master.recovery.Recovery.return_lost_tasks`) instead of waiting for the
+    orphaned-lock sweep."""
+
+    task_id: str
+    fence: int
+
+
 class TaskDone(_Msg):
     task_id: str
     device_id: str

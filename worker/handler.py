@@ -19,10 +19,21 @@ claim read back by its token, a record inserted under its minted id), so through
 Mongo failover each is retried in place (sendscript/failover.py) for up to
 SENDSCRIPT_MONGO_FAILOVER_S: the task keeps its lock and its attempt, and nothing is
 sent before the claim and the record are known to be stored.
+
+What a worker leaves behind tells how far it got, so that the master recovers a
+dead worker's task at once when it provably was not sent:
+- the fence it took is said to the master (`on_locked`, a `TaskLocked` on the
+  pipe) before the claim;
+- the exec record is the pre-send marker: it is inserted last before the POST,
+  with nothing in between but a local deadline check. No record for the claimed
+  attempt (`task.record_id`) means no POST left; a record means one may have.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -43,6 +54,28 @@ from sendscript.settings import Settings
 from sendscript.status import RecordStatus, TaskStatus, record_sent, task_cas
 from sendscript.store import Claim, RecordStore, TaskStore
 
+# Test-only crash points, for the recovery tests: the variable names a file holding
+# "<point> <device_id>" (points: CRASH_POINTS). The first worker to reach that point
+# with a task for that device removes the file and SIGKILLs itself there. Unset in
+# production; nothing reads the file then.
+CRASH_POINT_ENV = "SENDSCRIPT_TEST_CRASH_POINT"
+CRASH_POINTS = ("before-record", "before-send", "after-send")
+
+
+def crash_point(point: str, device_id: str) -> None:
+    path = os.environ.get(CRASH_POINT_ENV)
+    if not path:
+        return
+    try:
+        with open(path) as f:
+            wanted = f.read().split()
+        if wanted != [point, device_id]:
+            return
+        os.unlink(path)  # one crash: whoever removes it first
+    except OSError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
 
 class ScriptHandler:
     def __init__(
@@ -53,8 +86,10 @@ class ScriptHandler:
         central: CentralClient,
         settings: Settings,
         worker_name: str,
+        on_locked: Callable[[str, int], None] | None = None,
     ) -> None:
         keys = settings.keys
+        self.on_locked = on_locked  # tells the master the fence taken (task id, fence)
         self.settings = settings
         self.worker_name = worker_name
         self.lock_margin_s = settings.lock_margin_s
@@ -84,6 +119,8 @@ class ScriptHandler:
             return self._done(h, "error", error=f"lock: {exc!r}")
         if not fence:
             return self._done(h, "busy")
+        if self.on_locked is not None:
+            self.on_locked(h.task_id, fence)
         try:
             record_id = await self._claim(Claim(h.task_id, h.attempt, self.worker_name))
         except Exception as exc:
@@ -93,6 +130,7 @@ class ScriptHandler:
             await self._release_quietly(h.device_id, fence)
             return self._done(h, "stale")
         attempt = h.attempt + 1
+        crash_point("before-record", h.device_id)
         started = utcnow()
         record = ExecRecord(
             _id=record_id, task_id=h.task_id, attempt=attempt, device_id=h.device_id,
@@ -108,10 +146,12 @@ class ScriptHandler:
         if self._past_deadline(h):  # the steps above may have taken a while
             return await self._undo(h, fence, attempt, record_id, TaskStatus.EXPIRED,
                                     self._expired_reason(h), "expired")
+        crash_point("before-send", h.device_id)
         try:
             await self.central.send_script(
                 device_id=h.device_id, task_id=h.task_id, record_id=record_id, script=h.script
             )
+            crash_point("after-send", h.device_id)
         except CentralError as exc:
             if self._is_quota(exc):
                 logger.warning("task {}: central-control quota exhausted: {}", h.task_id, exc)

@@ -27,6 +27,7 @@ from sendscript.ipc import (
     Shutdown,
     TaskDone,
     TaskHandle,
+    TaskLocked,
     WorkerExit,
     WorkerHeartbeat,
     WorkerOnline,
@@ -80,7 +81,7 @@ class WorkerProcess:
         )
         self.handler = ScriptHandler(
             redis_client=redis_client, db=connect.database(mongo), central=central,
-            settings=self.settings, worker_name=self.name,
+            settings=self.settings, worker_name=self.name, on_locked=self._on_locked,
         )
         loop.add_signal_handler(signal.SIGTERM, self._stop, "SIGTERM")
         loop.add_reader(self.conn.fileno(), self._on_readable)
@@ -132,6 +133,9 @@ class WorkerProcess:
         while True:
             self._send(beat)
             await asyncio.sleep(interval)
+
+    def _on_locked(self, task_id: str, fence: int) -> None:
+        self._send(TaskLocked(task_id=task_id, fence=fence))
 
     def _stop(self, reason: str) -> None:
         if not self.stopping.is_set():

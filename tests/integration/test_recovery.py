@@ -16,8 +16,10 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ServerSelectionTimeoutError
 
 from master.intake import Intake
+from master.leadership import LeaderLease, NotLeading, token_of
 from master.recovery import Found, Recovery
-from master.sweeper import LeaderLease, Sweeper
+from master.retention import Retention
+from master.sweeper import Sweeper
 from sendscript.dev.embedded import free_port
 from sendscript.locks import DeviceLocks
 from sendscript.models import ExecRecord, Task, TaskSpec, id_from_tag, new_id, utcnow
@@ -463,7 +465,8 @@ async def test_one_holder_among_two(settings: Settings,
     assert sorted(held) == [False, True]
     winner, loser = (a, b) if held[0] else (b, a)
     assert winner.leading and not loser.leading
-    assert await redis_client.get(winner.key) == winner.holder.encode()
+    value = (await redis_client.get(winner.key)).decode()
+    assert value.startswith(f"{winner.holder}#") and token_of(value) == winner.token
     assert await loser.hold() is False
 
 
@@ -471,12 +474,14 @@ async def test_the_holder_renews_its_lease(settings: Settings,
                                            redis_client: redis.asyncio.Redis) -> None:
     a, b = leases(redis_client, settings)
     assert await a.hold()
-    for _ in range(3):  # past the lease in all, renewed within it each time
-        await asyncio.sleep(LEASE_S * 0.6)
+    token = a.token
+    for _ in range(3):  # past the lease in all, renewed within its local deadline each time
+        await asyncio.sleep(LEASE_S * 0.4)
         assert await a.hold()
         assert await redis_client.pttl(a.key) > LEASE_S * 1000 * 0.8
         assert await b.hold() is False
-    assert await redis_client.get(a.key) == b"m-a"
+    # Renewals keep the term's token; only an acquisition draws a new one.
+    assert a.token == token and (await redis_client.get(a.key)).decode() == f"m-a#{token}"
 
 
 async def test_another_master_takes_over_after_expiry(
@@ -484,14 +489,18 @@ async def test_another_master_takes_over_after_expiry(
 ) -> None:
     a, b = leases(redis_client, settings)
     assert await a.hold()
+    old = a.token
     assert await b.hold() is False
     await asyncio.sleep(LEASE_S + 0.2)  # a paused: its lease lapses
+    assert not a.leading  # by its own clock, before it asks Redis
     assert await b.hold() and b.leading
-    assert await a.hold() is False and not a.leading
-    # The old holder letting go does not end the new holder's lease.
-    a.leading = True
+    assert b.token is not None and old is not None and b.token > old
+    # The old holder, not yet told, still thinks it holds its term's value: letting go
+    # with it does not end the new holder's lease.
+    assert a.term.value is not None
     await a.let_go()
-    assert await redis_client.get(b.key) == b"m-b"
+    assert (await redis_client.get(b.key)).decode() == f"m-b#{b.token}"
+    assert await a.hold() is False and not a.leading
 
 
 async def test_let_go_hands_over_at_once(settings: Settings,
@@ -499,7 +508,7 @@ async def test_let_go_hands_over_at_once(settings: Settings,
     a, b = leases(redis_client, settings)
     assert await a.hold()
     await b.let_go()  # not leading: does nothing
-    assert await redis_client.get(a.key) == b"m-a"
+    assert (await redis_client.get(a.key)).decode() == f"m-a#{a.token}"
     await a.let_go()
     assert not a.leading and await redis_client.exists(a.key) == 0
     assert await b.hold()
@@ -511,7 +520,7 @@ async def test_only_the_leader_sweeps_and_lets_go_when_stopped(
     sweepers = []
     for master in ("m-a", "m-b"):
         s = recovery_settings(settings, master_id=master, sweep_interval_s=0.05,
-                              leader_lease_s=5.0)
+                              leader_lease_s=0.6)
         rec = Recovery(s, redis_client, TaskStore(db), RecordStore(db))
 
         async def ingest(entries: list[Entry]) -> None:
@@ -540,6 +549,59 @@ async def test_only_the_leader_sweeps_and_lets_go_when_stopped(
     assert min(tries) >= 3, tries
     assert counts[0] == 0 and counts[1] >= 3, counts
     assert await redis_client.exists(f"{settings.key_prefix}:leader") == 0
+
+
+async def deposed(client: redis.asyncio.Redis, a: LeaderLease, b: LeaderLease) -> None:
+    """`a` led; its key lapsed in Redis (a partition, a pause) and `b` took the lease,
+    while `a`'s own deadline has not passed yet: only the token tells `a` apart."""
+    assert await a.hold()
+    await client.delete(a.key)
+    assert await b.hold()
+    assert a.is_leading() and b.token is not None and a.token is not None
+    assert b.token > a.token
+
+
+async def test_a_deposed_leader_pushes_nothing(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase,
+) -> None:
+    key = f"{settings.key_prefix}:leader"
+    a, b = LeaderLease(redis_client, key, "m-a", 30.0), LeaderLease(redis_client, key, "m-b", 30.0)
+    await deposed(redis_client, a, b)
+    orphan = await put_task(db, "dev-o", TaskStatus.PENDING,
+                            updated_at=utcnow() - timedelta(hours=1))
+    old = Recovery(recovery_settings(settings, orphan_grace_s=1.0), redis_client, TaskStore(db),
+                   RecordStore(db), fence=a)
+    with pytest.raises(NotLeading):
+        await old.requeue_orphans(utcnow(), Found())
+    with pytest.raises(NotLeading):  # the push alone: checked in the same script
+        await a.push("test", settings.keys.ready, ["x"])
+    assert await ready(redis_client, settings) == []
+    doc = await db[TASKS].find_one({"_id": orphan})
+    assert doc["updated_at"] < utcnow() - timedelta(minutes=30)  # not touched either
+    assert a.fenced_refusals == 2 and not a.is_leading()
+    # The new leader does what the old one was refused.
+    new = Recovery(recovery_settings(settings, orphan_grace_s=1.0), redis_client,
+                   TaskStore(db), RecordStore(db), fence=b)
+    found = Found()
+    await new.requeue_orphans(utcnow(), found)
+    assert found.requeued == [orphan] and await ready(redis_client, settings) == [orphan]
+
+
+async def test_a_deposed_leader_deletes_nothing(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase,
+) -> None:
+    key = f"{settings.key_prefix}:leader"
+    a, b = LeaderLease(redis_client, key, "m-a", 30.0), LeaderLease(redis_client, key, "m-b", 30.0)
+    await deposed(redis_client, a, b)
+    due = utcnow() - timedelta(minutes=5)
+    await db[TASKS].insert_many([{"_id": f"due-{i}", "status": "success", "purge_at": due}
+                                 for i in range(5)])
+    old = Retention(settings, db, a.is_leading, a)
+    with pytest.raises(NotLeading):
+        await old.sweep()
+    assert await db[TASKS].count_documents({"purge_at": due}) == 5
+    assert a.fenced_refusals == 1
+    assert (await Retention(settings, db, b.is_leading, b).sweep())[TASKS] == 5
 
 
 @pytest.fixture
