@@ -66,3 +66,14 @@ def test_a_cursor_of_a_time_no_date_holds_is_refused(fuzzed: Fuzzed) -> None:
             assert "not a cursor" in r.json()["detail"]
         page = http.get("/tasks", params={"before": "WyJpbmYiLCAieCJd"})
         assert page.status_code == 422 and "not a cursor" in page.text
+
+
+def test_a_range_reaching_the_first_years_is_searched(fuzzed: Fuzzed) -> None:
+    """`since` in year 243 (found by the fuzzer: the search's windows went below year 1,
+    OverflowError, a 500) searches from the first task on."""
+    with fuzzed.role.client(fuzzed.viewer) as http:
+        r = http.get("/api/tasks", params={"since": "0243-07-21T18:24:40+23:44"})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["tasks"]) == 3
+        r = http.get("/api/tasks", params={"until": "9999-12-31T23:59:59-23:59"})
+        assert r.status_code == 422 and "range" in r.text
