@@ -27,7 +27,8 @@ HEADROOM = 16_384  # a body may exceed the checkpoint / result cap by this much
 
 
 class Call(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "5" is not a number nor 1 a boolean here, as /openapi.json says
+    model_config = ConfigDict(extra="forbid", strict=True)
     agent_id: str = ID
 
 
@@ -76,9 +77,32 @@ async def _probe(call: Any, timeout_s: float = CHECK_TIMEOUT_S) -> dict[str, Any
         return {"ok": False, "detail": f"{type(exc).__name__}: {exc}"[:300]}
 
 
+class Problem(BaseModel):
+    detail: str
+
+
+WHY = {400: "Body is not a JSON object", 401: "No valid agent token",
+       403: "The agent or the lease is another token's or agent's",
+       404: "No such task", 409: "The lease is over, or the state does not allow it",
+       413: "Body over the size cap", 422: "Body does not match this document",
+       429: "Too many lease calls: wait Retry-After seconds"}
+
+
+def documented(model: type[Call], *statuses: int) -> dict[str, Any]:
+    """What /openapi.json says of a route that reads its body itself (size cap first):
+    the body's schema and every refusal it may answer."""
+    refusals = (400, 401, 413, 422, *statuses)
+    return {"openapi_extra": {"requestBody": {"required": True, "content": {
+                "application/json": {"schema": model.model_json_schema()}}}},
+            "responses": {s: {"model": Problem, "description": WHY[s]} for s in refusals}}
+
+
 def refused(exc: Refused) -> JSONResponse:
     headers = {"Retry-After": f"{exc.retry_after:.0f}"} if getattr(exc, "retry_after", 0) else {}
     return JSONResponse({"detail": exc.reason}, status_code=exc.status, headers=headers)
+
+
+ON_LEASE = (403, 404, 409)
 
 
 class Api:
@@ -138,7 +162,7 @@ class Api:
             return JSONResponse({"status": "ready" if ready else "not ready", "role": "agents",
                                  "checks": checks}, status_code=200 if ready else 503)
 
-        @r.post("/api/agents/register")
+        @r.post("/api/agents/register", **documented(Register, 403, 409))
         async def register(request: Request) -> Any:
             async def go() -> dict[str, Any]:
                 caller, call = await self._parse(request, Register)
@@ -152,7 +176,7 @@ class Api:
                         "result_max_bytes": s.agent_result_max_bytes}
             return await guarded(go())
 
-        @r.post("/api/agents/heartbeat")
+        @r.post("/api/agents/heartbeat", **documented(Call, 403, 404, 409))
         async def heartbeat(request: Request) -> Any:
             async def go() -> dict[str, Any]:
                 agent, _ = await self._agent(request, Call)
@@ -162,7 +186,7 @@ class Api:
                         "cancel": await self.leases.cancelled_for(agent)}
             return await guarded(go())
 
-        @r.post("/api/agents/lease")
+        @r.post("/api/agents/lease", **documented(LeaseCall, 403, 404, 409, 429))
         async def lease(request: Request) -> Any:
             async def go() -> dict[str, Any]:
                 agent, call = await self._agent(request, LeaseCall)
@@ -177,7 +201,7 @@ class Api:
                 return {"ok": True, "tasks": tasks}
             return await guarded(go())
 
-        @r.post("/api/agents/progress")
+        @r.post("/api/agents/progress", **documented(Progress, *ON_LEASE))
         async def progress(request: Request) -> Any:
             async def go() -> dict[str, Any]:
                 agent, call = await self._agent(request, Progress)
@@ -185,7 +209,7 @@ class Api:
                                                   call.checkpoint)
             return await guarded(go())
 
-        @r.post("/api/agents/complete")
+        @r.post("/api/agents/complete", **documented(Complete, *ON_LEASE))
         async def complete(request: Request) -> Any:
             async def go() -> dict[str, Any]:
                 agent, call = await self._agent(request, Complete)
@@ -193,7 +217,7 @@ class Api:
                                                   call.result)
             return await guarded(go())
 
-        @r.post("/api/agents/fail")
+        @r.post("/api/agents/fail", **documented(Fail, *ON_LEASE))
         async def fail(request: Request) -> Any:
             async def go() -> dict[str, Any]:
                 agent, call = await self._agent(request, Fail)
@@ -201,14 +225,15 @@ class Api:
                                               call.retryable, call.result)
             return await guarded(go())
 
-        @r.post("/api/agents/release")
+        @r.post("/api/agents/release", **documented(OnLease, *ON_LEASE))
         async def release(request: Request) -> Any:
             async def go() -> dict[str, Any]:
                 agent, call = await self._agent(request, OnLease)
                 return await self.leases.release(agent, call.task_id, call.lease_token)
             return await guarded(go())
 
-        @r.get("/api/agents")
+        @r.get("/api/agents", responses={401: {"model": Problem,
+                                                           "description": WHY[401]}})
         async def listing(request: Request) -> Any:
             async def go() -> dict[str, Any]:
                 header = request.headers.get("authorization", "")

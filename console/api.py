@@ -17,7 +17,30 @@ from console.filters import NAME, TASK_ID, Page, TaskFilter
 from sendscript import pauses as flags
 from sendscript.search import SearchError
 
-router = APIRouter(prefix="/api")
+
+class Problem(BaseModel):
+    """Every refusal: `detail` says why (a list of the fields at fault when the request
+    does not match this document)."""
+
+    detail: str | list[dict[str, Any]]
+
+
+def answers(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": Problem, "description": WHY[status]} for status in statuses}
+
+
+WHY = {400: "Malformed body (not JSON)", 401: "No valid token or cookie",
+       403: "A viewer's token, a cross-site request or a bad confirmation",
+       404: "No such item", 409: "The item's state does not allow it",
+       415: "Body is not application/json",
+       422: "The request does not match this document, or asks for what cannot be"}
+EVENTS = {200: {"content": {"text/event-stream": {}},
+                "description": "Server-Sent Events"}}
+
+# Every route needs a token; every one may refuse what it is sent.
+router = APIRouter(prefix="/api", responses=answers(401, 422))
+ACTS = answers(400, 403, 409, 415)  # POSTs: an operator's, JSON bodies, state decides
+FOUND = answers(404)
 Ctx = Annotated[Console, Depends(console_of)]
 TaskId = Annotated[str, Path(pattern=TASK_ID)]
 DeviceId = Annotated[str, Path(pattern=NAME)]
@@ -82,7 +105,7 @@ class TaskSearch(TaskFilter):
     """The filter and the page (`limit`, `before`: the previous page's `next`)."""
 
     limit: int = Field(50, ge=1, le=200)
-    before: str | None = Field(None, max_length=200)
+    before: str | None = Field(None, pattern=r"^[A-Za-z0-9_=-]{8,200}$")
 
 
 @router.get("/tasks")
@@ -96,7 +119,7 @@ def search(_: Who, c: Ctx, q: Annotated[TaskSearch, Query()]) -> dict[str, Any]:
         raise HTTPException(422, str(exc)) from None
 
 
-@router.get("/tasks/{task_id}")
+@router.get("/tasks/{task_id}", responses=FOUND)
 def task(_: Who, c: Ctx, task_id: TaskId) -> dict[str, Any]:
     found = data.task_detail(c.stores, task_id)
     if found is None:
@@ -104,21 +127,21 @@ def task(_: Who, c: Ctx, task_id: TaskId) -> dict[str, Any]:
     return found
 
 
-@router.post("/tasks/{task_id}/retry")
+@router.post("/tasks/{task_id}/retry", responses={**ACTS, **FOUND})
 async def retry(who: Operator, c: Ctx, task_id: TaskId) -> dict[str, Any]:
     await act(c.actions.retry, who, task_id)
     c.sampler.poke()
     return {"retried": task_id}
 
 
-@router.post("/tasks/{task_id}/cancel")
+@router.post("/tasks/{task_id}/cancel", responses={**ACTS, **FOUND})
 async def cancel(who: Operator, c: Ctx, task_id: TaskId) -> dict[str, Any]:
     was = await act(c.actions.cancel, who, task_id)
     c.sampler.poke()
     return {"cancelled": task_id, "was": was}
 
 
-@router.post("/bulk/preview")
+@router.post("/bulk/preview", responses=ACTS)
 async def bulk_preview(who: Operator, c: Ctx, body: BulkPreview) -> dict[str, Any]:
     """How many tasks the action would change, and the confirmation it requires."""
     s = c.settings
@@ -126,7 +149,7 @@ async def bulk_preview(who: Operator, c: Ctx, body: BulkPreview) -> dict[str, An
                      s.console_confirm_ttl_s)
 
 
-@router.post("/bulk")
+@router.post("/bulk", responses=ACTS)
 async def bulk(who: Operator, c: Ctx, body: BulkRun) -> dict[str, Any]:
     out = await act(c.actions.bulk, who, body.action, body.filter, body.confirm,
                     c.settings.console_bulk_max)
@@ -167,7 +190,7 @@ def agents(_: Who, c: Ctx) -> list[dict[str, Any]]:
     return data.agents(c.stores)
 
 
-@router.post("/agents/{agent_id}/stop")
+@router.post("/agents/{agent_id}/stop", responses={**ACTS, **FOUND})
 async def stop_agent(who: Operator, c: Ctx, agent_id: AgentId) -> dict[str, Any]:
     return await act(c.actions.stop_agent, who, agent_id)
 
@@ -209,7 +232,7 @@ def get_pauses(_: Who, c: Ctx) -> dict[str, Any]:
     return {s: p.to_dict() for s, p in flags.list_sync(c.stores.redis, c.stores.keys).items()}
 
 
-@router.post("/pauses")
+@router.post("/pauses", responses=ACTS)
 async def pause(who: Operator, c: Ctx, body: PauseScope) -> dict[str, Any]:
     try:
         scope = body.scope()
@@ -220,7 +243,7 @@ async def pause(who: Operator, c: Ctx, body: PauseScope) -> dict[str, Any]:
     return out
 
 
-@router.post("/pauses/resume")
+@router.post("/pauses/resume", responses=ACTS)
 async def resume(who: Operator, c: Ctx, body: PauseScope) -> dict[str, Any]:
     try:
         scope = body.scope()
@@ -236,7 +259,7 @@ def quarantine(_: Who, c: Ctx, limit: Limit = 200) -> list[dict[str, Any]]:
     return data.quarantine(c.stores, limit)
 
 
-@router.post("/quarantine/{item_id}/requeue")
+@router.post("/quarantine/{item_id}/requeue", responses={**ACTS, **FOUND})
 async def requeue(who: Operator, c: Ctx,
                   item_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]) -> dict[str, Any]:
     return await act(c.actions.requeue, who, item_id)
@@ -252,7 +275,7 @@ def audit(_: Who, c: Ctx, limit: Limit = 200) -> list[dict[str, Any]]:
     return data.audit(c.stores, limit)
 
 
-@router.get("/stream/overview")
+@router.get("/stream/overview", response_class=StreamingResponse, responses=EVENTS)
 async def stream_overview(_: Who, c: Ctx, request: Request) -> StreamingResponse:
     """Server-Sent Events: `series` (the last hour of rates) once, then `overview`."""
     return StreamingResponse(c.sampler.stream(request.is_disconnected),
@@ -260,9 +283,13 @@ async def stream_overview(_: Who, c: Ctx, request: Request) -> StreamingResponse
                              headers={"Cache-Control": "no-store"})
 
 
-@router.get("/stream/tasks/{task_id}")
+@router.get("/stream/tasks/{task_id}", response_class=StreamingResponse,
+            responses={**EVENTS, **FOUND})
 async def stream_task(_: Who, c: Ctx, task_id: TaskId, request: Request) -> StreamingResponse:
-    """Server-Sent Events: `task` (status, attempt, last error) on each change."""
+    """Server-Sent Events: `task` (status, attempt, last error) at once, then on each
+    change; `{"gone": true}` once the task is gone. No such task: 404."""
+    if not await run_in_threadpool(data.task_exists, c.stores, task_id):
+        raise HTTPException(404, f"no task {task_id}")
     return StreamingResponse(
         live.task_stream(c.stores, task_id, request.is_disconnected,
                          c.settings.console_task_stream_s),

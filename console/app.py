@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from loguru import logger
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from console import api, auth, pages
 from console.actions import Actions
@@ -81,6 +84,7 @@ def build(settings: Settings, stores: Stores | None = None,
                   "Authenticate with `Authorization: Bearer <token>` (`sendscript token add`).")
     app.state.console = console
     app.add_exception_handler(LoginRequired, pages.login_redirect)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, allow_every_method)  # type: ignore[arg-type]
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable[[Request], Any]) -> Response:
@@ -113,6 +117,19 @@ def build(settings: Settings, stores: Stores | None = None,
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     guard_hosts(app, hosts(settings))  # last: the outermost, before anything else runs
     return app
+
+
+async def allow_every_method(request: Request, exc: HTTPException) -> Response:
+    """A 405 names every method of the path (Starlette names those of the first route
+    that matched it alone: `Allow: GET` for /api/pauses, which also takes POST)."""
+    if exc.status_code == 405:
+        methods: set[str] = set()
+        for route in request.app.router.routes:
+            match, _ = route.matches(request.scope)
+            if match != Match.NONE:
+                methods.update(getattr(route, "methods", None) or ())
+        exc.headers = {**(exc.headers or {}), "Allow": ", ".join(sorted(methods))}
+    return await http_exception_handler(request, exc)
 
 
 def url(settings: Settings) -> str:

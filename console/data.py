@@ -182,6 +182,10 @@ def search_tasks(stores: Stores, flt: TaskFilter, page: Page) -> dict[str, Any]:
             "partial": found.partial, "searched_to": found.searched_to}
 
 
+def task_exists(stores: Stores, task_id: str) -> bool:
+    return stores.db[TASKS].find_one({"_id": task_id}, {"_id": 1}) is not None
+
+
 def task_detail(stores: Stores, task_id: str) -> dict[str, Any] | None:
     db = stores.db
     task = db[TASKS].find_one({"_id": task_id})

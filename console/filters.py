@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from sendscript.status import TaskStatus
 
@@ -24,6 +24,24 @@ NAME = r"^[A-Za-z0-9_.:@/+=-][A-Za-z0-9_.:@/+= -]{0,199}$"
 TASK_ID = r"^[A-Za-z0-9_.:-]{1,100}$"
 MAX_ERROR_TEXT = 200
 MAX_PAGE = 200
+# A date and a time (seconds, fraction and offset optional; no offset: UTC). Dates
+# alone and epoch numbers are refused: "2024" must not quietly mean 1970 + 2024 s.
+DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?"
+                       r"([Zz]|[+-]\d{2}:?\d{2})?")
+# What the document promises: RFC 3339, or "" (a form's empty field) meaning none. The
+# pages' own form also sends a time without offset (datetime-local), taken as UTC.
+Instant = Annotated[datetime | None, WithJsonSchema({"anyOf": [
+    {"type": "string", "format": "date-time"}, {"type": "string", "maxLength": 0},
+    {"type": "null"}]})]
+
+# Spaces and tabs around a name are dropped; a blank field is no filter (forms send them).
+PAD = " \t"
+PADDED_NAME = r"^[ \t]*([A-Za-z0-9_.:@/+=-][A-Za-z0-9_.:@/+= -]{0,199})?[ \t]*$"
+Name = Annotated[str | None, Field(pattern=NAME), WithJsonSchema({"anyOf": [
+    {"type": "string", "pattern": PADDED_NAME, "maxLength": MAX_ERROR_TEXT},
+    {"type": "null"}]})]
+ErrorText = Annotated[str | None, Field(max_length=MAX_ERROR_TEXT), WithJsonSchema({"anyOf": [
+    {"type": "string", "maxLength": MAX_ERROR_TEXT}, {"type": "null"}]})]
 
 
 class TaskFilter(BaseModel):
@@ -32,22 +50,23 @@ class TaskFilter(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    device: str | None = Field(None, pattern=NAME)
-    group: str | None = Field(None, pattern=NAME)
-    queue: str | None = Field(None, pattern=NAME)
-    script: str | None = Field(None, pattern=NAME)
+    device: Name = None
+    group: Name = None
+    queue: Name = None
+    script: Name = None
     status: TaskStatus | None = None
-    error: str | None = Field(None, min_length=1, max_length=MAX_ERROR_TEXT)
-    batch: str | None = Field(None, pattern=NAME)
-    since: datetime | None = None
-    until: datetime | None = None
+    error: ErrorText = None
+    batch: Name = None
+    since: Instant = None
+    until: Instant = None
 
     @field_validator("device", "group", "queue", "script", "batch", "error", mode="before")
     @classmethod
     def _blank_is_none(cls, value: Any) -> Any:
         if isinstance(value, str):
-            value = value.strip()
-            return value or None
+            if len(value) > MAX_ERROR_TEXT:
+                raise ValueError(f"at most {MAX_ERROR_TEXT} characters")
+            return value.strip(PAD) or None
         if value is not None and not isinstance(value, str):
             raise ValueError("must be text")  # an object here would be a query document
         return value
@@ -55,7 +74,27 @@ class TaskFilter(BaseModel):
     @field_validator("since", "until", mode="before")
     @classmethod
     def _blank_time(cls, value: Any) -> Any:
-        return None if value == "" else value
+        if value is None or isinstance(value, datetime):
+            return value
+        if not isinstance(value, str):
+            raise ValueError("must be a date and time in text (ISO 8601)")
+        value = value.strip()
+        if not value:
+            return None
+        if not DATE_TIME.fullmatch(value):
+            raise ValueError("must be a date and time, e.g. 2024-05-01T10:00:00Z")
+        return value
+
+    @field_validator("since", "until", mode="after")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        """In UTC (no offset given: UTC), so no store or query has to shift it."""
+        if value is None:
+            return None
+        try:
+            return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+        except OverflowError:
+            raise ValueError("out of the range of dates") from None
 
     @model_validator(mode="after")
     def _range(self) -> TaskFilter:

@@ -140,10 +140,13 @@ class Sampler:
             self.unsubscribe(q)
 
 
+_UNSEEN = object()
+
+
 async def task_stream(stores: data.Stores, task_id: str, disconnected: Callable[[], Any],
                       interval_s: float) -> AsyncIterator[str]:
     """The task's status, attempt and last error each time they change."""
-    last: Any = None
+    last: Any = _UNSEEN  # the first state is always sent, even "gone"
     quiet = 0.0
     while not await disconnected():
         doc = await run_in_threadpool(stores.db[TASKS].find_one, {"_id": task_id},

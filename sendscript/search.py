@@ -56,6 +56,11 @@ LONGEST = timedelta(days=36500)
 EMPTY_READ_MS = 3.0  # a read this fast read (next to) no documents
 MAX_WINDOWS = 240  # reads of a page at most (the time budget ends most sooner)
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+# No task is older or younger than these: the windows' arithmetic (a bound less a width
+# of up to LONGEST, less EARLIEST_DUE) stays inside the years a datetime holds, whatever
+# range is asked for (`created_from` of year 243 is read as 1970).
+FLOOR = datetime(1970, 1, 1, tzinfo=UTC)
+CEILING = datetime(9000, 1, 1, tzinfo=UTC)
 LIST_FIELDS = {"script.args": 0, "checkpoint": 0, "result": 0, "lease": 0, "last_lease": 0}
 LISTED_FIELDS = {"_id": 1, "created_at": 1, "device_id": 1}
 NEWEST_FIRST = [("created_at", DESCENDING), ("_id", DESCENDING)]
@@ -118,7 +123,8 @@ def decode_cursor(token: str) -> tuple[datetime, str]:
     try:
         ts, task_id = json.loads(base64.urlsafe_b64decode(token.encode()))
         return datetime.fromtimestamp(float(ts), UTC), str(task_id)
-    except (ValueError, TypeError) as exc:
+    # OverflowError, OSError: a time no datetime holds ("inf", 1e300, -1e20)
+    except (ValueError, TypeError, OverflowError, OSError) as exc:
         raise SearchError("after: not a cursor this search gave") from exc
 
 
@@ -153,8 +159,8 @@ def build_filter(q: TaskQuery, devices: Sequence[str] | None = None) -> dict[str
 
 
 def _bounds(q: TaskQuery, now: datetime) -> tuple[datetime, datetime, tuple[datetime, str] | None]:
-    lo = _aware(q.created_from) or EARLIEST
-    hi = _aware(q.created_to) or now + timedelta(minutes=1)  # clocks a little ahead
+    lo = max(_aware(q.created_from) or EARLIEST, FLOOR)
+    hi = min(_aware(q.created_to) or now + timedelta(minutes=1), CEILING)  # clocks run ahead
     cursor = decode_cursor(q.after) if q.after else None
     if lo >= hi:
         return lo, lo, cursor
