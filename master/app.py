@@ -54,6 +54,7 @@ from sendscript.counts import CountKeeper
 from sendscript.health import HealthServer, master_checks
 from sendscript.models import Task, utcnow
 from sendscript.queue import Entry, IntakeQueue
+from sendscript.replicas import NotReplicated, ReplicaWait
 from sendscript.settings import Settings
 from sendscript.status import TaskStatus
 from sendscript.store import GROUPS, RecordStore, TaskStore, ensure_indexes
@@ -82,7 +83,7 @@ class Master:
         self.mongo = connect.mongo_async(s)
         self.db = connect.database(self.mongo)
         self.tasks = TaskStore(self.db)
-        self.queue = IntakeQueue(self.redis, s.keys, s.master_id)
+        self.queue = IntakeQueue(self.redis, s.keys, s.master_id, ReplicaWait.of(s))
         self.groups = self.db[GROUPS]
         self.lease = leader_lease(s, self.redis)  # read by the leader's duties
         self.pool = WorkerPool(s, bus)
@@ -266,7 +267,10 @@ class Master:
             return
         ids = [t.id for t in queued]
         try:
-            await self.queue.hand_back(ids)
+            try:
+                await self.queue.hand_back(ids)
+            except NotReplicated as exc:  # disowned all the same: the orphan sweep
+                logger.warning("{}", exc)  # pushes them again if a failover loses them
             await self.tasks.disown(ids, self.settings.master_id)
             logger.info("handed {} queued task(s) back to the ready queue", len(ids))
         except Exception as exc:  # they stay ours in Mongo; a restart restores them

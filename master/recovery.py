@@ -37,6 +37,7 @@ from sendscript.keys import Keys
 from sendscript.locks import DeviceLocks
 from sendscript.models import DEFAULT_QUEUE, DEFAULT_TIMEOUT_S, ExecRecord, Task, utcnow
 from sendscript.queue import Entry, IntakeQueue, push_refs
+from sendscript.replicas import ReplicaWait
 from sendscript.retry import decide, failure_cas
 from sendscript.settings import Settings
 from sendscript.status import SCHEDULED, RecordStatus, TaskStatus, record_cas, task_cas
@@ -292,7 +293,8 @@ class Recovery:
 
     async def _push(self, task_ids: list[str]) -> None:
         for start in range(0, len(task_ids), 1000):
-            await push_refs(self.redis, self.keys.ready, task_ids[start:start + 1000])
+            await push_refs(self.redis, self.keys.ready, task_ids[start:start + 1000],
+                            ReplicaWait.of(self.settings))
 
 
 async def recover_once(settings: Settings, *, dry: bool, lock_confirm_s: float) -> Found:
