@@ -90,7 +90,8 @@ class Settings(BaseSettings):
     schedule_reload_s: float = Field(5.0, gt=0)
     misfire_grace_s: float = Field(2.0, ge=0)
     # Named queues: at most this many of a queue's tasks running at once, across every
-    # master (master/queue_caps.py: slots in Redis) ("high=50,bulk=10"), and how long a task may wait before it expires ("bulk=600").
+    # master (master/queue_caps.py: slots in Redis) ("high=50,bulk=10"), and how long
+    # a task may wait before it expires ("bulk=600").
     queues: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
     queue_max_wait: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
     # Shares of dispatch turns between queues at one priority ("high=3"; default 1):

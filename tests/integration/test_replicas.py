@@ -8,7 +8,6 @@ from __future__ import annotations
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -78,7 +77,7 @@ async def test_a_lock_the_replica_does_not_confirm_is_released(
     try:
         locks = DeviceLocks(client, settings.keys, replicas=ReplicaWait.of(settings))
         with stopped(group.replica):
-            with pytest.raises(NotReplicated, match="device lock: .* confirmed by 0 of the 1"):
+            with pytest.raises(NotReplicated, match=r"device lock: .* confirmed by 0 of the 1"):
                 await locks.acquire_many([("d1", TTL_MS), ("d2", TTL_MS)])
             assert await locks.holders(["d1", "d2"]) == [None, None]  # released
         [fence] = await locks.acquire_many([("d1", TTL_MS)])  # the replica is back
