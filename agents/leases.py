@@ -44,6 +44,7 @@ from agents.rules import (
 from sendscript.fencing import MongoEpochs
 from sendscript.locks import DeviceLocks
 from sendscript.models import ANY_DEVICE, PULL, PULL_HOLDER, new_id, utcnow
+from sendscript.replicas import NotReplicated, ReplicaWait
 from sendscript.retry import decide, failure_cas
 from sendscript.settings import Settings
 from sendscript.status import SCHEDULED, RecordStatus, TaskStatus, record_cas, task_cas
@@ -80,7 +81,8 @@ class Leases:
         self.records = db[RECORDS]
         self.registry = registry
         self.redis = client
-        self.locks = DeviceLocks(client, settings.keys, MongoEpochs(db, settings.key_prefix))
+        self.locks = DeviceLocks(client, settings.keys, MongoEpochs(db, settings.key_prefix),
+                                 ReplicaWait.of(settings))
         self.gates = LeaseGates(settings, client, db)
         self.stats = Stats()
         self.outcomes: Counter[str] = Counter()
@@ -182,7 +184,12 @@ class Leases:
         devices = [(d["device_id"], int((d.get("timeout_s", 300) + self.settings.lock_margin_s)
                                         * 1000))
                    for d in picks if d.get("device_id", ANY_DEVICE) != ANY_DEVICE]
-        fences = iter(await self.locks.acquire_many(devices) if devices else [])
+        try:
+            fences = iter(await self.locks.acquire_many(devices) if devices else [])
+        except NotReplicated as exc:  # released already: their tasks wait, as if busy
+            logger.warning("device locks held back: {}", exc)
+            self.gates.held["not_replicated"] += len(devices)
+            fences = iter([0] * len(devices))
         out: list[int | None] = []
         for doc in picks:
             if doc.get("device_id", ANY_DEVICE) == ANY_DEVICE:

@@ -92,6 +92,7 @@ class Options:
     keep: bool
     json: bool
     backlog: int = 0  # tasks pushed before measuring; then the first `tasks` done are timed
+    min_replicas: int = 0  # >0: a Redis with this many replicas, every role WAITing for them
 
 
 @dataclass
@@ -348,19 +349,43 @@ def stop_roles(stack: LocalStack, grace_s: float) -> dict[str, int | None]:
     return codes
 
 
+def start_replicated_redis(data_dir: Path, replicas: int) -> list[Any]:
+    """A Redis primary and `replicas` replicas in sync with it (primary first)."""
+    from sendscript.dev.topologies import RedisNode
+
+    primary = RedisNode(data_dir, "primary", [])
+    primary.start()
+    nodes = [primary]
+    for n in range(replicas):
+        node = RedisNode(data_dir, f"replica{n}", ["--replicaof", "127.0.0.1",
+                                                   str(primary.port)])
+        node.start()
+        nodes.append(node)
+    deadline = time.monotonic() + 30
+    with primary.client() as client:
+        while int(client.info("replication").get("connected_slaves", 0)) < replicas:
+            if time.monotonic() > deadline:
+                raise RuntimeError("replicas did not connect in 30 s")
+            time.sleep(0.1)
+    return nodes
+
+
 def run(opts: Options) -> Result:
-    base = Settings(
-        redis_url=None, mongo_url=None, pulsar_url=None, central_url=None,
-        workers=opts.workers, heartbeat_interval_s=opts.heartbeat_s,
-    )
     data_dir = Path(tempfile.mkdtemp(prefix="sendscript-bench-"))
+    extra_env = {"SENDSCRIPT_LOG_LEVEL": "WARNING",
+                 "SENDSCRIPT_HEARTBEAT_INTERVAL_S": str(opts.heartbeat_s)}
+    redis_nodes = start_replicated_redis(data_dir / "redis", opts.min_replicas) \
+        if opts.min_replicas else []
+    if opts.min_replicas:
+        extra_env["SENDSCRIPT_REDIS_MIN_REPLICAS"] = str(opts.min_replicas)
+    base = Settings(
+        redis_url=redis_nodes[0].url if redis_nodes else None, mongo_url=None,
+        pulsar_url=None, central_url=None, workers=opts.workers,
+        heartbeat_interval_s=opts.heartbeat_s, redis_min_replicas=opts.min_replicas,
+    )
     stack = LocalStack(
         base, workers=opts.workers, data_dir=data_dir,
-        sim_args=["--run-ms", str(opts.run_ms)],
-        extra_env={
-            "SENDSCRIPT_LOG_LEVEL": "WARNING",
-            "SENDSCRIPT_HEARTBEAT_INTERVAL_S": str(opts.heartbeat_s),
-        },
+        sim_args=["--run-ms", str(opts.run_ms)], extra_env=extra_env,
     )
     ok = False
     console.print(f"starting embedded servers and roles under {data_dir} ...")
@@ -373,6 +398,8 @@ def run(opts: Options) -> Result:
         return result
     finally:
         stack.stop()  # what is left: the simulator, then the servers
+        for node in redis_nodes:
+            node.kill()
         if ok and not opts.keep:
             shutil.rmtree(data_dir, ignore_errors=True)
         else:
@@ -590,6 +617,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                    help="push this many tasks first, then time the next --tasks done while "
                         "the rest wait (cost per task with a long queue; default 0: off)")
     p.add_argument("--json", action="store_true", help="also print one JSON result line")
+    p.add_argument("--min-replicas", type=int, default=0,
+                   help="run Redis with this many replicas and every role with "
+                        "SENDSCRIPT_REDIS_MIN_REPLICAS set to it (default 0: one server)")
     a = p.parse_args(argv)
     if a.tasks < 1 or a.devices < 1 or a.workers < 1 or a.batch < 1:
         p.error("--tasks, --devices, --workers and --batch must be at least 1")
@@ -601,7 +631,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         producer=a.producer, batch=a.batch,
         timeout_s=a.timeout if a.timeout is not None else 120 + 0.1 * max(a.tasks, a.backlog),
         heartbeat_s=heartbeat, warmup=max(0, a.warmup), keep=a.keep, json=a.json,
-        backlog=max(0, a.backlog),
+        backlog=max(0, a.backlog), min_replicas=max(0, a.min_replicas),
     )
 
 

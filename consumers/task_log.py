@@ -58,6 +58,7 @@ from sendscript.refusals import (
     permanent_write_errors,
     transient_write_errors,
 )
+from sendscript.replicas import NotReplicated, ReplicaWait
 from sendscript.retry import Decision, decide, failure_cas, log_retryable
 from sendscript.settings import Settings
 from sendscript.status import RecordStatus, TaskStatus, record_cas, task_cas
@@ -555,7 +556,11 @@ class TaskLogConsumer:
         await device_health.record_results(self.redis, self.settings, finals, records, now)
         result.released = await self.locks.release_many(writes.releases)
         if retries:  # any master takes them and fires them at their time
-            await push_refs(self.redis, self.settings.keys.ready, retries)
+            try:
+                await push_refs(self.redis, self.settings.keys.ready, retries,
+                                ReplicaWait.of(self.settings))
+            except NotReplicated as exc:  # retry_waiting in Mongo: the masters'
+                logger.warning("{}", exc)  # delayed loader claims them if it is lost
             result.retries += len(retries)
 
     async def _dead_letter(self, msg: pulsar.Message, reason: str) -> None:

@@ -43,6 +43,7 @@ from master.lost_work import LostWork
 from master.metering import Metering
 from master.pauses import Pausing
 from master.pool import WorkerPool
+from master.queue_caps import QueueCaps
 from master.quota import QuotaSignal
 from master.recovery import Recovery
 from master.retention import Retention
@@ -55,6 +56,7 @@ from sendscript.counts import CountKeeper
 from sendscript.health import HealthServer, master_checks
 from sendscript.models import Task, utcnow
 from sendscript.queue import Entry, IntakeQueue
+from sendscript.replicas import NotReplicated, ReplicaWait
 from sendscript.settings import Settings
 from sendscript.status import TaskStatus
 from sendscript.store import GROUPS, RecordStore, TaskStore, ensure_indexes
@@ -83,7 +85,7 @@ class Master:
         self.mongo = connect.mongo_async(s)
         self.db = connect.database(self.mongo)
         self.tasks = TaskStore(self.db)
-        self.queue = IntakeQueue(self.redis, s.keys, s.master_id)
+        self.queue = IntakeQueue(self.redis, s.keys, s.master_id, ReplicaWait.of(s))
         self.groups = self.db[GROUPS]
         self.lease = leader_lease(s, self.redis)  # read by the leader's duties
         self.pool = WorkerPool(s, bus)
@@ -103,6 +105,7 @@ class Master:
         self.drop_rate = DropRate(s, bus, self.redis)
         self.quota = QuotaSignal(s, self.redis, self.jobs, self.pausing.gate)
         self.rate_limits = RateLimits(s, self.redis, self.groups)
+        self.queue_caps = QueueCaps(s, bus, self.redis)
         self.intake = self._intake(self.queue, "intake")
         self.intake.throttle = self.backpressure  # only the ready list's intake waits
         self.listener = DeviceFreeListener(self.redis, s.keys.device_free_channel, bus)
@@ -129,6 +132,7 @@ class Master:
             self.expiry.gate,  # drops what is past its deadline, whoever else would hold it
             self.benching.gate,  # a sick device's task: held before any permit is spent
             self.pausing.gate,  # paused: held before the breaker's probe permits
+            self.queue_caps.gate,  # a queue at its cap: held before permits and tokens
             self.breaker.gate,  # may spend a probe permit: after every gate that holds
             self.rate_limits.gate,  # spends rate tokens: last (None without limits)
         ]
@@ -139,7 +143,8 @@ class Master:
         self.bus.attach(
             self.dispatcher, self.lost_work, self.expiry, self.benching, self.alerting,
             self.watches, self.pausing, self.backpressure, self.breaker, self.drop_rate,
-            self.quota, self.rate_limits, self.delayed, self.metering, self.checker)
+            self.quota, self.queue_caps, self.rate_limits, self.delayed, self.metering,
+            self.checker)
         for gate in self.gates():
             self.bus.add_gate(gate)
         # Every part with a loop of its own; each runs until the stop event is set.
@@ -151,6 +156,7 @@ class Master:
             "alerts": self.alerting, "watches": self.watches,
             "pausing": self.pausing, "benching": self.benching,
             "backpressure": self.backpressure, "rate-limits": self.rate_limits,
+            "queue-caps": self.queue_caps,
             "breaker": self.breaker, "drop-rate": self.drop_rate,
             "metrics": self.metering, "counts": self.counts,
             "retention": self.retention,
@@ -270,7 +276,10 @@ class Master:
             return
         ids = [t.id for t in queued]
         try:
-            await self.queue.hand_back(ids)
+            try:
+                await self.queue.hand_back(ids)
+            except NotReplicated as exc:  # disowned all the same: the orphan sweep
+                logger.warning("{}", exc)  # pushes them again if a failover loses them
             await self.tasks.disown(ids, self.settings.master_id)
             logger.info("handed {} queued task(s) back to the ready queue", len(ids))
         except Exception as exc:  # they stay ours in Mongo; a restart restores them
@@ -289,6 +298,7 @@ class Master:
             "alerts": {**self.alerting.report(), **self.watches.report()},
             "backpressure": self.backpressure.report(),
             "rate_limits": self.rate_limits.report(),
+            "queue_caps": self.queue_caps.report(),
             "breaker": {**self.breaker.report(), "drop_rate": self.drop_rate.report(),
                         "quota": self.quota.report()},
         })

@@ -43,6 +43,7 @@ from sendscript.keys import Keys
 from sendscript.locks import DeviceLocks
 from sendscript.models import DEFAULT_QUEUE, DEFAULT_TIMEOUT_S, ExecRecord, Task, utcnow
 from sendscript.queue import Entry, IntakeQueue, push_refs, ref_item
+from sendscript.replicas import ReplicaWait
 from sendscript.retry import decide, failure_cas
 from sendscript.settings import Settings
 from sendscript.status import SCHEDULED, RecordStatus, TaskStatus, record_cas, task_cas
@@ -354,8 +355,9 @@ class Recovery:
         for start in range(0, len(task_ids), 1000):
             part = task_ids[start:start + 1000]
             if self.fence is None:
-                await push_refs(self.redis, self.keys.ready, part)
-            else:  # checked and pushed in one script: no window
+                await push_refs(self.redis, self.keys.ready, part, ReplicaWait.of(self.settings))
+            else:  # checked and pushed in one script: no window. Not WAITed for: the
+                # tasks are in Mongo, and a push a failover loses is the orphan sweep's
                 await self.fence.push("requeue", self.keys.ready, [ref_item(t) for t in part])
 
 

@@ -16,6 +16,14 @@ within SENDSCRIPT_DEDUPE_WINDOW_S) answers that task with `created=False`.
 With SENDSCRIPT_READY_MAX set, a submission raises QueueFull, storing nothing, while
 the ready list holds that many items. It is a soft cap: one LLEN before storing, so
 producers submitting at the same moment may each add their batch past it.
+
+With SENDSCRIPT_REDIS_MIN_REPLICAS set, each push waits for that many replicas
+(SENDSCRIPT_REDIS_WAIT_TIMEOUT_MS at most) and raises `NotReplicated` if fewer
+confirmed: the tasks are stored and pushed, but the push may be lost if the Redis
+master fails now. Do not submit them again: a stored task whose push is lost is
+pushed again by the masters' orphan sweep (after SENDSCRIPT_ORPHAN_GRACE_S).
+`NotReplicated.task_ids` names them; `push_raw` items have no stored task behind
+them, so a raw item it raises for may be gone.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from sendscript.models import (
     utcnow,
 )
 from sendscript.queue import push_refs
+from sendscript.replicas import NotReplicated, ReplicaWait, push
 from sendscript.schedules import Schedule
 from sendscript.settings import Settings
 from sendscript.status import (
@@ -108,6 +117,7 @@ class SendScriptClient:
         self._mongo = connect.mongo_sync(self.settings)
         self._db = connect.database(self._mongo)
         self._keys = self.settings.keys
+        self._wait = ReplicaWait.of(self.settings)
         configure_retention(self.settings.retention_success_s, self.settings.retention_failed_s,
                             self.settings.dedupe_window_s)
         self._context = {MAX_SCRIPT_BYTES: self.settings.max_script_bytes}
@@ -210,9 +220,21 @@ class SendScriptClient:
                 out.append(Submitted(task.id, str(task.status)))
         # Delayed tasks too: a master holding them in its horizon fires them on time.
         pushed = [t.id for t in tasks if t.id in created]
-        for start in range(0, len(pushed), 1000):
-            push_refs(self._redis, self._keys.ready, pushed[start:start + 1000])
+        self._push_refs(pushed)
         return out
+
+    def _push_refs(self, task_ids: list[str]) -> None:
+        """Push stored tasks' ids; NotReplicated names them all (each is stored)."""
+        unconfirmed: NotReplicated | None = None
+        for start in range(0, len(task_ids), 1000):
+            try:
+                push_refs(self._redis, self._keys.ready, task_ids[start:start + 1000],
+                          self._wait)
+            except NotReplicated as exc:  # the rest are pushed all the same
+                unconfirmed = exc
+        if unconfirmed is not None:
+            unconfirmed.task_ids = list(task_ids)
+            raise unconfirmed
 
     def check_room(self) -> None:
         """Raise QueueFull if the ready list is at its cap (one LLEN; none if no cap)."""
@@ -226,8 +248,8 @@ class SendScriptClient:
         """Push queue items as a non-Python producer would (raw JSON on the list)."""
         payloads = [i if isinstance(i, str | bytes) else json.dumps(i, default=str)
                     for i in items]
-        if payloads:
-            self._redis.lpush(self._keys.ready, *payloads)
+        push(self._redis, self._keys.ready, payloads, self._wait,
+             what=f"push of {len(payloads)} raw item(s)")
 
     def get(self, task_id: str) -> Task | None:
         doc = self._db[TASKS].find_one({"_id": task_id})
@@ -277,7 +299,7 @@ class SendScriptClient:
         else:
             raise ValueError(f"task {task_id}: its dedupe key keeps changing hands")
         if changed:
-            push_refs(self._redis, self._keys.ready, [task_id])
+            self._push_refs([task_id])
         return changed
 
     def _release_finished_holder(self, task_id: str) -> bool:

@@ -27,6 +27,11 @@ class Keys:
         """Tagged items a master has taken but not yet stored in Mongo."""
         return f"{self.prefix}:queue:processing:{master_id}"
 
+    def queue_cap(self, queue: str) -> str:
+        """Sorted set task id -> expiry (Redis ms): the running slots of a capped queue,
+        held by every master together (master/queue_caps.py)."""
+        return f"{self.prefix}:queue:cap:{queue}"
+
     @property
     def intake_seq(self) -> str:
         return f"{self.prefix}:queue:seq"

@@ -11,17 +11,25 @@ epoch's floor (see `sendscript.fencing`). `{prefix}:lock:epoch` is a hash of the
 adopted `run_id` and `epoch`. In the steady state an acquire batch is one round
 trip; after a restart, the first acquire of each process adopts an epoch (one
 Mongo bump, two more Redis round trips).
+
+With a `ReplicaWait` (SENDSCRIPT_REDIS_MIN_REPLICAS), each acquire is pipelined with
+`WAIT` on its connection (still one round trip): a lock a Redis failover could lose
+is never handed out. If fewer replicas confirm in time, the locks just taken are
+released and `NotReplicated` is raised: their tasks are held, nothing is sent.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Protocol
 
 import redis.asyncio
+from redis.exceptions import NoScriptError
 
 from sendscript.fencing import fence_floor
 from sendscript.keys import Keys
+from sendscript.replicas import NotReplicated, ReplicaWait
 
 # The run id of the server running the script: new on every Redis restart.
 _RUN_ID = "string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')"
@@ -128,13 +136,16 @@ class DeviceLocks:
     for release-only roles and tests; it is still safe beside processes that have
     a source, because they do not accept a run adopted at epoch 0 and adopt a real
     epoch over it (the counter only rises). Release and `holders` need no epochs.
+    `replicas`: WAIT after each acquire (module docstring); None: no wait.
     """
 
     def __init__(self, client: redis.asyncio.Redis, keys: Keys,
-                 epochs: EpochSource | None = None) -> None:
+                 epochs: EpochSource | None = None,
+                 replicas: ReplicaWait | None = None) -> None:
         self._redis = client
         self._keys = keys
         self._epochs = epochs
+        self._replicas = replicas
         self._acquire = client.register_script(ACQUIRE)
         self._adopt = client.register_script(ADOPT)
         self._release = client.register_script(RELEASE)
@@ -148,12 +159,45 @@ class DeviceLocks:
                 + [self._keys.device_lock(d) for d, _ in requests])
         args = [1 if self._epochs is not None else 0] + [int(ttl) for _, ttl in requests]
         for _ in range(MAX_ADOPTIONS + 1):
-            fences = await self._acquire(keys=keys, args=args)
+            fences, acked = await self._run_acquire(keys, args)
             if not (fences and int(fences[0]) == -1):
-                return [int(f) for f in fences]
+                return await self._replicated(requests, [int(f) for f in fences], acked)
             run_id = fences[1]
             await self._adopt_epoch(run_id.decode() if isinstance(run_id, bytes) else run_id)
         raise FenceEpochError(f"Redis restarted {MAX_ADOPTIONS} times during one acquire")
+
+    async def _run_acquire(self, keys: list[str], args: list[int]) -> tuple[list, object]:
+        """The script's answer, and WAIT's (None without a ReplicaWait)."""
+        if self._replicas is None:
+            return await self._acquire(keys=keys, args=args), None
+        # EVALSHA and WAIT on one connection; a Script in a pipeline would first ask
+        # SCRIPT EXISTS (a round trip more), so a missing script is loaded on demand.
+        for _ in range(2):
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.evalsha(self._acquire.sha, len(keys), *keys, *args)
+            pipe.wait(self._replicas.replicas, self._replicas.timeout_ms)
+            fences, acked = await pipe.execute(raise_on_error=False)
+            if isinstance(fences, NoScriptError):
+                await self._redis.script_load(ACQUIRE)
+                continue
+            if isinstance(fences, Exception):
+                raise fences
+            return fences, acked
+        raise RuntimeError("acquire script missing right after SCRIPT LOAD")
+
+    async def _replicated(self, requests: Sequence[tuple[str, int]], fences: list[int],
+                          acked: object) -> list[int]:
+        """The fences, once enough replicas hold them; else released, NotReplicated."""
+        if self._replicas is None or not any(fences):
+            return fences
+        try:
+            self._replicas.check(acked, "device lock")
+        except NotReplicated:
+            taken = [(d, f) for (d, _), f in zip(requests, fences, strict=True) if f]
+            with contextlib.suppress(Exception):  # else their TTL or the orphan sweep
+                await self.release_many(taken)
+            raise
+        return fences
 
     async def _adopt_epoch(self, run_id: str) -> None:
         # Taken after this run was seen: above every epoch adopted on an earlier run.

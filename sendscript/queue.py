@@ -16,7 +16,9 @@ from typing import Any
 
 import redis.asyncio
 
+from sendscript import replicas
 from sendscript.keys import Keys
+from sendscript.replicas import ReplicaWait
 
 # KEYS: staging, ready, processing, seq; ARGV[1]: how many at most.
 TAKE = """
@@ -49,11 +51,13 @@ def ref_item(task_id: str) -> str:
     return json.dumps({"task_id": task_id})
 
 
-def push_refs(client: Any, ready_key: str, task_ids: Iterable[str]) -> Any:
+def push_refs(client: Any, ready_key: str, task_ids: Iterable[str],
+              wait: ReplicaWait | None = None) -> Any:
     """LPUSH a reference per task, first id taken first; with a sync redis client
-    this pushes, with an async one it returns the awaitable. None if no ids."""
+    this pushes, with an async one it returns the awaitable. None if no ids. With
+    `wait`, WAITs for replicas after it (`replicas.NotReplicated` if too few)."""
     items = [ref_item(t) for t in task_ids]
-    return client.lpush(ready_key, *items) if items else None
+    return replicas.push(client, ready_key, items, wait, what=f"push of {len(items)} task(s)")
 
 
 def quarantine_record(item: bytes, reason: str, master: str, at: str) -> dict[str, Any]:
@@ -85,8 +89,10 @@ class Entry:
 
 
 class IntakeQueue:
-    def __init__(self, client: redis.asyncio.Redis, keys: Keys, master_id: str) -> None:
+    def __init__(self, client: redis.asyncio.Redis, keys: Keys, master_id: str,
+                 wait: ReplicaWait | None = None) -> None:
         self._redis = client
+        self._wait = wait  # replicas to WAIT for after a hand-back
         self._keys = keys
         self._staging = keys.staging(master_id)
         self._processing = keys.processing(master_id)
@@ -131,10 +137,13 @@ class IntakeQueue:
         await pipe.execute()
 
     async def hand_back(self, task_ids: list[str]) -> None:
-        """Put task ids at the head of the ready queue, for any master to take next."""
+        """Put task ids at the head of the ready queue, for any master to take next.
+        Raises `replicas.NotReplicated` if pushed but too few replicas confirmed."""
         if task_ids:
             # RPUSH puts the last argument nearest the taking end: reverse to keep order.
-            await self._redis.rpush(self._keys.ready, *[ref_item(t) for t in reversed(task_ids)])
+            await replicas.push(self._redis, self._keys.ready,
+                                [ref_item(t) for t in reversed(task_ids)], self._wait,
+                                what=f"hand-back of {len(task_ids)} task(s)", head=True)
 
     async def backlog(self) -> int:
         return int(await self._redis.llen(self._keys.ready))

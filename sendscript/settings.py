@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sendscript import redis_url
@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     central_connect_timeout_s: float = Field(3.0, gt=0)
     central_timeout_s: float = Field(10.0, gt=0)
     redis_timeout_s: float = Field(5.0, gt=0)
+    # Durability across a Redis failover (sendscript/replicas.py): after each device
+    # lock acquire and each intake push, WAIT until this many replicas hold the write,
+    # at most redis_wait_timeout_ms; 0: off (replication stays asynchronous, and a
+    # failover may lose the last acknowledged writes: docs/deploy.md). A lock not
+    # confirmed in time is released and its task held; a producer's push raises.
+    redis_min_replicas: int = Field(0, ge=0, le=16)
+    redis_wait_timeout_ms: int = Field(1000, ge=1, le=60_000)
     mongo_timeout_s: float = Field(10.0, gt=0)
     # Writes acknowledged only once journaled (j=true): without it a crash of the
     # Mongo server loses writes it had acknowledged. Off only where the deployment's
@@ -92,8 +99,9 @@ class Settings(BaseSettings):
     delay_load_interval_s: float = Field(20.0, gt=0)
     schedule_reload_s: float = Field(5.0, gt=0)
     misfire_grace_s: float = Field(2.0, ge=0)
-    # Named queues: at most this many of a queue's tasks running at once, per master
-    # ("high=50,bulk=10"), and how long a task may wait before it expires ("bulk=600").
+    # Named queues: at most this many of a queue's tasks running at once, across every
+    # master (master/queue_caps.py: slots in Redis) ("high=50,bulk=10"), and how long
+    # a task may wait before it expires ("bulk=600").
     queues: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
     queue_max_wait: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
     # Shares of dispatch turns between queues at one priority ("high=3"; default 1):
@@ -340,6 +348,15 @@ class Settings(BaseSettings):
             raise ValueError("auto, majority or local")
         return value
 
+    @model_validator(mode="after")
+    def _replicas_where_wait_works(self) -> Settings:
+        # A cluster client sends WAIT to every primary on connections of their own,
+        # never after the write on the connection that made it: it would prove nothing.
+        if self.redis_min_replicas and self.redis_cluster:
+            raise ValueError("SENDSCRIPT_REDIS_MIN_REPLICAS: WAIT needs redis:// or "
+                             "redis+sentinel://; leave it 0 on redis+cluster://")
+        return self
+
     @field_validator("breaker_pauses_s", mode="before")
     @classmethod
     def _pauses(cls, value: Any) -> Any:
@@ -454,7 +471,9 @@ def settings_errors(exc: ValidationError) -> list[str]:
     """One line per refused setting, naming its variable: `SENDSCRIPT_X: why`."""
     lines = []
     for error in exc.errors():
-        name = str(error["loc"][0]) if error["loc"] else "settings"
         why = str(error["msg"]).removeprefix("Value error, ")
-        lines.append(f"SENDSCRIPT_{name.upper()}: {why}")
+        if not error["loc"]:  # a check across settings names them itself
+            lines.append(why)
+            continue
+        lines.append(f"SENDSCRIPT_{str(error['loc'][0]).upper()}: {why}")
     return lines

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis
 from pymongo import MongoClient
 
+from sendscript import connect
 from sendscript.dev.embedded import EmbeddedServers, free_port
 from sendscript.dev.processes import RoleProcess
 from sendscript.settings import Settings
@@ -125,7 +125,7 @@ class Roles:
         httpx.post(f"{self.central_url}/config", json=config, timeout=10).raise_for_status()
 
     def master_info(self, master_id: str | None = None) -> dict[str, Any] | None:
-        r = redis.Redis.from_url(self.settings.redis_url or "")
+        r = connect.redis_sync(self.settings)
         try:
             raw = r.hget(self.settings.keys.masters, master_id or self.settings.master_id)
             return json.loads(raw) if raw else None
@@ -141,7 +141,7 @@ class Roles:
 
     def _consumer_up(self, proc: RoleProcess) -> bool:
         assert proc.running, f"consumer exited:\n{proc.log_tail()}"
-        r = redis.Redis.from_url(self.settings.redis_url or "")
+        r = connect.redis_sync(self.settings)
         try:
             return bool(r.hlen(self.settings.keys.consumers))
         finally:
@@ -170,7 +170,7 @@ class Inspect:
         self.settings = settings
         self.mongo = MongoClient(settings.mongo_url, tz_aware=True)
         self.db = self.mongo.get_default_database("sendscript")
-        self.redis = redis.Redis.from_url(settings.redis_url or "")
+        self.redis = connect.redis_sync(settings)
 
     def counts(self) -> dict[str, int]:
         return {d["_id"]: d["n"] for d in self.db.script_tasks.aggregate(

@@ -49,6 +49,7 @@ from sendscript.fencing import MongoEpochs
 from sendscript.ipc import TaskDone, TaskHandle
 from sendscript.locks import DeviceLocks
 from sendscript.models import ExecRecord, utcnow
+from sendscript.replicas import ReplicaWait
 from sendscript.retry import decide, failure_cas
 from sendscript.settings import Settings
 from sendscript.status import RecordStatus, TaskStatus, record_sent, task_cas
@@ -98,7 +99,10 @@ class ScriptHandler:
         self.records = RecordStore(db)
         self.failover_s = settings.mongo_failover_s
         # Fences from an epoch kept in Mongo: they keep rising across Redis data loss.
-        locks = DeviceLocks(redis_client, keys, MongoEpochs(db, settings.key_prefix))
+        # With min replicas, a lock not confirmed by them is released and the acquire
+        # raises: the task is answered `error` (held, no attempt used) below.
+        locks = DeviceLocks(redis_client, keys, MongoEpochs(db, settings.key_prefix),
+                            ReplicaWait.of(settings))
         self._acquire = Coalescer(locks.acquire_many)
         self._release = Coalescer(self._release_batch)
         self._locks = locks

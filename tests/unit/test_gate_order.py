@@ -16,6 +16,7 @@ from master.device_health import BenchGate
 from master.expiry import EXPIRED, Expiry
 from master.limits import RateLimits
 from master.pauses import PauseGate
+from master.queue_caps import QueueCaps
 from sendscript.breaker import BreakerState, Circuit
 from sendscript.models import Task, utcnow
 from sendscript.pauses import Pause, PauseView
@@ -27,7 +28,8 @@ NOBODY = "127.0.0.1:1"  # nothing is ever connected to
 @pytest.fixture
 def master() -> Master:
     settings = Settings(redis_url=f"redis://{NOBODY}", mongo_url=f"mongodb://{NOBODY}/x",
-                        central_url=f"http://{NOBODY}", rate_limits="global=5/1s")
+                        central_url=f"http://{NOBODY}", rate_limits="global=5/1s",
+                        queues="vip=1")
     m = Master(settings)
     m._build()
     m.pausing.gate.update(PauseView.build({}))  # loaded: nothing paused
@@ -55,7 +57,7 @@ def tokens(m: Master) -> int:
 
 def test_the_gates_are_wired_in_one_order(master: Master) -> None:
     kinds = [type(g) for g in master.bus.gates]
-    assert kinds == [Expiry, BenchGate, PauseGate, CircuitGate, RateLimits]
+    assert kinds == [Expiry, BenchGate, PauseGate, QueueCaps, CircuitGate, RateLimits]
     assert master.bus.gates == master.gates()
 
 
@@ -81,6 +83,20 @@ def test_a_paused_task_spends_no_probe_permit_and_no_token(master: Master) -> No
     master.pausing.gate.update(PauseView.build({"device:d1": Pause("device:d1")}))
     assert isinstance(master.bus.admit(task("d1"), utcnow()), Hold)
     assert gate.permits == 1 and tokens(master) == 5
+
+
+def test_a_task_whose_queue_is_at_its_cap_spends_no_probe_permit_and_no_token(
+        master: Master) -> None:
+    # The cap is counted across masters in Redis: a task without a slot is held (and
+    # asked for) before the breaker may give it a probe permit or the limits a token.
+    gate = half_open_with_one_permit(master)
+    capped = task("d1", queue="vip")
+    assert isinstance(master.bus.admit(capped, utcnow()), Hold)
+    assert gate.permits == 1 and tokens(master) == 5
+    assert master.queue_caps.wanted == {capped.id: ("vip", "d1")}
+    master.queue_caps.granted[capped.id] = "vip"  # the loop reserved it a slot
+    assert isinstance(master.bus.admit(capped, utcnow()), Go)
+    assert gate.permits == 0 and tokens(master) == 4
 
 
 def test_rate_limits_are_last_a_task_the_breaker_holds_spends_no_token(
