@@ -47,12 +47,13 @@ class FireTally:
 def check_fires(schedule: dict[str, Any], tasks: Iterable[dict[str, Any]],
                 runs: Iterable[dict[str, Any]], devices: int,
                 interval_s: float) -> FireTally:
-    """One schedule's fires, from its tasks (`schedule`, `run_at`) and the farm's runs."""
+    """One schedule's fires, from its tasks (`schedule`, `dedupe_key`, `device_id`) and
+    the farm's runs."""
     tally = FireTally(fires_counted=int(schedule.get("fires") or 0))
     by_fire: dict[datetime, list[str]] = defaultdict(list)
     for doc in tasks:
         if doc.get("schedule") == schedule["_id"]:
-            by_fire[doc["run_at"]].append(doc["_id"])
+            by_fire[fire_time(doc)].append(doc["_id"])
     tally.tasks = sum(len(ids) for ids in by_fire.values())
     tally.fires = len(by_fire)
     times = sorted(by_fire)
@@ -72,6 +73,14 @@ def check_fires(schedule: dict[str, Any], tasks: Iterable[dict[str, Any]],
                         if run["task_id"] in fire_ids and run["outcome"] == "SUCCESS")
     tally.run_twice = sum(1 for n in successes.values() if n > 1)
     return tally
+
+
+def fire_time(doc: dict[str, Any]) -> datetime:
+    """A fire task's fire time, from its dedupe key `schedule:{name}:{time}:{device}`
+    (its `run_at` moves on when it retries)."""
+    stamp = (str(doc["dedupe_key"]).removeprefix(f"schedule:{doc['schedule']}:")
+             .removesuffix(f":{doc['device_id']}"))
+    return datetime.fromisoformat(stamp)
 
 
 @dataclass
