@@ -311,13 +311,22 @@ class FaultRun(Chaos):
         return self.report
 
     def _pause_schedule(self) -> None:
-        from sendscript.client import SendScriptClient
+        """No fires after the load; tried for a minute (a loaded Mongo answers late)."""
+        from pymongo.errors import PyMongoError
 
-        client = SendScriptClient(self.settings)
+        mongo, db = self._mongo_db()
         try:
-            client.schedule_pause(SCHEDULE)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    db.schedules.update_one({"_id": SCHEDULE}, {"$set": {"enabled": False}})
+                    return
+                except PyMongoError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(1.0)
         finally:
-            client.close()
+            mongo.close()
 
     def _supervise(self) -> None:
         """supervisord's autorestart; a role that died unkilled is counted."""
