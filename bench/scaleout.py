@@ -589,6 +589,10 @@ def run(workdir: Path, opts: Options) -> Result:
             if fault_run.report.tasks and fault_run.problems():
                 print(cluster.log_tails(), file=sys.stderr)
             cluster.stop_roles()
+        result = Result(report, fault_run.faults, fault_run.fires, fault_run.kept,
+                        fault_run.problems(), [], quota)
+        print_faults(result, opts)  # before the scaling phase: it takes minutes
+        sys.stdout.flush()
         scaling = []
         if opts.scaling:
             for n in range(1, opts.masters + 1):
@@ -600,6 +604,11 @@ def run(workdir: Path, opts: Options) -> Result:
 
 
 def print_result(result: Result, opts: Options) -> None:
+    print_faults(result, opts)
+    print_scaling(result, opts)
+
+
+def print_faults(result: Result, opts: Options) -> None:
     print_report(result.report)
     f = result.faults
     print(f"fault tally ({opts.masters} master hosts, {opts.consumers} consumer hosts; CPU "
@@ -622,6 +631,9 @@ def print_result(result: Result, opts: Options) -> None:
     k = result.kept
     print(f"  deleted early: {k.deleted_early} (tasks {k.tasks_missing}, records behind farm "
           f"runs {k.records_missing})")
+
+
+def print_scaling(result: Result, opts: Options) -> None:
     if result.scaling:
         print("scaling (read back from Mongo; the machine is shared and loaded):")
         print("  hosts  tasks  seconds  tasks/s  ratio to N x 1 host  quota throttled")
@@ -675,8 +687,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sendscript-scaleout-") as tmp:
         path = workdir or Path(tmp)
         path.mkdir(parents=True, exist_ok=True)
-        result = run(path, opts)
-    print_result(result, opts)
+        result = run(path, opts)  # prints the fault run's tally as soon as it has it
+    print_scaling(result, opts)
     return 0 if result.ok(opts.min_ratio) else 1
 
 

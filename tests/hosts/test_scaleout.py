@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.scaleout import Options, print_result, run
+from bench.scaleout import Options, run
 from sendscript.dev.hosts import unavailable
 
 pytestmark = [pytest.mark.e2e,
@@ -21,8 +21,7 @@ pytestmark = [pytest.mark.e2e,
 def test_faults_across_hosts_keep_the_invariants(tmp_path: Path) -> None:
     opts = Options(tasks=250, rate=30.0, devices=40, fault_gap_s=1.0,
                    settle_timeout_s=90.0, scaling=False)
-    result = run(tmp_path, opts)
-    print_result(result, opts)
+    result = run(tmp_path, opts)  # prints the tally
     report, faults = result.report, result.faults
     assert faults.errors == []
     assert faults.redis_failover_s is not None, "Sentinel promoted the replica"
