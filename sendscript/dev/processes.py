@@ -12,16 +12,21 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
 
 class RoleProcess:
     def __init__(self, name: str, args: list[str], env: dict[str, str],
-                 log_dir: Path | None) -> None:
+                 log_dir: Path | None,
+                 wrap: Callable[[list[str]], list[str]] | None = None) -> None:
         self.name = name
         self.args = args
         self.env = env
+        # Turns the role's argv into the one started (e.g. run it in a network
+        # namespace); it must exec the role, so that the pid is the role's own.
+        self.wrap = wrap
         self.log_path = (log_dir / f"{name}.log") if log_dir else None
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -30,8 +35,9 @@ class RoleProcess:
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             out = open(self.log_path, "ab")
+        argv = [sys.executable, "-m", "sendscript", *self.args]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sendscript", *self.args],
+            self.wrap(argv) if self.wrap else argv,
             env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )

