@@ -13,6 +13,7 @@ import pytest
 from sendscript.client import SendScriptClient
 from sendscript.report import gather
 from sendscript.settings import Settings
+from tests.integration.test_limits import max_in_any_interval
 from tests.support import Inspect, Roles, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -40,6 +41,8 @@ def test_two_masters_share_a_global_limit_and_held_tasks_use_no_attempt(
     started = [r["started"] for r in roles.farm("runs")]
     assert len(started) == TASKS
     assert_within_windows(started, LIMIT, 1.0, pushed_at)
+    # And in every second, wherever it starts: no burst at a window's edge.
+    assert max_in_any_interval(started, 1.0) <= LIMIT, sorted(started)
 
     # Held tasks used no attempt: one exec record each, attempt 1, no error.
     assert inspect.db.script_tasks.count_documents({"attempt": 1, "last_error": None}) == TASKS
