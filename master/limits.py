@@ -106,9 +106,10 @@ class LimitBook:
     times are monotonic seconds passed in."""
 
     def __init__(self, limits: dict[str, RateLimit], tick_s: float,
-                 wake: Callable[[], None] = lambda: None) -> None:
+                 wake: Callable[[], None] = lambda: None, allowance_s: float = 0.0) -> None:
         self.states = {name: LimitState(limit) for name, limit in limits.items()}
         self.tick_s = tick_s
+        self.allowance_s = allowance_s  # dispatch to POST: counted, never spent in
         self.wake = wake  # a limit got its first demand: the loop looks again when to ask
         self.last_ask_at = -math.inf
         self.rtt = 0.0  # of the last reservation
@@ -206,8 +207,9 @@ class LimitBook:
 
     def spend_ms(self) -> int:
         """The spending window to ask for: two ticks and two round trips, so that
-        granted tokens outlive the reply's way back and the held tasks' next look."""
-        return round(1000 * (2 * self.tick_s + 2 * self.rtt)) + 5
+        granted tokens outlive the reply's way back and the held tasks' next look;
+        and the allowance for a dispatched task to reach central-control."""
+        return round(1000 * (2 * self.tick_s + 2 * self.rtt + self.allowance_s)) + 5
 
     def apply(self, asks: list[Ask], reply: Reservation, sent_at: float,
               answered_at: float) -> None:
@@ -225,7 +227,7 @@ class LimitBook:
             s.granted = got.granted  # the share of the last grant decides the turn
             if got.granted:
                 s.grant, s.tokens = got.grant, got.granted  # what was left went back
-                s.spend_until = local(got.spend_end_ms) - half
+                s.spend_until = local(got.spend_end_ms) - self.allowance_s - half
                 s.active_at = answered_at
             s.used = got.used
             s.exhausted = got.used >= s.max_now or got.hold_ms > 0
@@ -252,7 +254,8 @@ class RateLimits:
         self.groups = groups
         self.limiter = RateLimiter(client, settings.keys)
         self._wake = asyncio.Event()
-        self.book = LimitBook(self.limits, settings.rate_limit_tick_s, self._wake.set)
+        self.book = LimitBook(self.limits, settings.rate_limit_tick_s, self._wake.set,
+                              settings.rate_limit_send_allowance_s)
         states = self.book.states
         self._global = states.get("global")
         self._queues = {s.limit.target: s for s in states.values() if s.limit.kind == "queue"}
@@ -270,10 +273,7 @@ class RateLimits:
         if self._by_device is None:
             self.groups_held += 1
             return Hold("rate limit: device groups not loaded yet", GROUPS_RETRY_S)
-        states = [self._global] if self._global is not None else []
-        if (queue := self._queues.get(task.queue)) is not None:
-            states.append(queue)
-        states.extend(self._by_device.get(task.device_id, ()))
+        states = self.states_of(task)
         if not states:
             return GO
         lacking = self.book.take(states, task.id, time.monotonic())
@@ -281,6 +281,14 @@ class RateLimits:
             return GO
         state, retry_s = lacking
         return Hold(f"rate limit {state.limit.name}", retry_s)
+
+    def states_of(self, task: Task) -> list[LimitState]:
+        """The limits a task needs a token of: global, its queue's, its groups'."""
+        states = [self._global] if self._global is not None else []
+        if (queue := self._queues.get(task.queue)) is not None:
+            states.append(queue)
+        states.extend((self._by_device or {}).get(task.device_id, ()))
+        return states
 
     # -- the loop ----------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:

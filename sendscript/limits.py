@@ -19,7 +19,10 @@ late as `now + spend`, and a token granted once it stops counting is spent no
 earlier than that plus `duration`. So every interval of `duration` sees at most
 `max` spends, in Redis server time (every master agrees on it whatever its own
 clock says); the price is that a busy limit passes at most `max` per
-`duration + spend`. Unspent tokens given back leave their grant at once.
+`duration + spend`. Unspent tokens given back leave their grant at once. A master
+names a spending window longer than the one it spends in by
+`rate_limit_send_allowance_s`, the time a dispatched task may take to reach
+central-control, so that the farm too never sees more than `max` in a duration.
 
 An adaptive limit's current value is the hash's `cur`, read by the same script (it
 replaces `max`), with `hold`, a server time before which nothing is granted (a
@@ -238,8 +241,8 @@ class Reservation:
 
 
 def spend_ms(limit: RateLimit, asked_ms: int = 0) -> int:
-    """The spending window: as asked, within 5 ms .. a quarter of the duration."""
-    return max(5, min(asked_ms or 100, limit.duration_ms // 4))
+    """The spending window: as asked (at least 5 ms, at most a day)."""
+    return max(5, min(asked_ms or 100, MAX_DURATION_MS))
 
 
 class RateLimiter:
