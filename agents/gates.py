@@ -110,7 +110,7 @@ class LeaseGates:
                 admitted.append(task)
             else:
                 self.held["rate_limit"] += 1
-        back = [Ask(self.limits[n], 0, left[n], g.window)
+        back = [Ask(self.limits[n], 0, left[n], g.grant)
                 for n, g in zip(names, reservation.grants, strict=True) if left[n] > 0]
         if back:
             await self.limiter.reserve(back)

@@ -29,6 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from console.auth import hash_token
 from sendscript import connect, counts, metrics
 from sendscript.breaker import Circuit
+from sendscript.limits import parse_limits, window_use
 from sendscript.report import breaker_view
 from sendscript.serving import exposed
 from sendscript.settings import Settings
@@ -91,10 +92,25 @@ def cluster_families(r: redis.Redis, settings: Settings) -> Iterator[Metric]:
                         {(("state", str(c)),): float(view["state"] == str(c)) for c in Circuit})
     yield metrics.counter("sendscript_breaker_trips_total", "Times the breaker opened",
                           {(): view["trips"]})
+    yield from _adaptive_limits(r, settings)
     yield metrics.counter("sendscript_events_total",
                           "Counters of the stats hash: quarantined, dead_lettered, expired, ...",
                           {(("kind", k.decode()),): int(v) for k, v in stats.items()
                            if k.decode() != "roundtrips"})
+
+
+def _adaptive_limits(r: redis.Redis, settings: Settings) -> Iterator[Metric]:
+    """An adaptive limit's current value and Retry-After hold, per scope (one call)."""
+    adaptive = [lim for lim in parse_limits(settings.rate_limits).values() if lim.adaptive]
+    if not adaptive:
+        return
+    use = window_use(r, settings.keys, adaptive)
+    yield metrics.gauge("sendscript_rate_limit_current",
+                        "An adaptive rate limit's current value (tokens per its duration)",
+                        {(("limit", n),): v["current"] for n, v in use.items()})
+    yield metrics.gauge("sendscript_rate_limit_hold_seconds",
+                        "Seconds left of a Retry-After hold on an adaptive rate limit",
+                        {(("limit", n),): v["hold_s"] for n, v in use.items()})
 
 
 def _alive(r: redis.Redis, names: list[str], key: Any) -> dict[str, bool]:

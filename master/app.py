@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from loguru import logger
 
+from master.adaptive import AdaptiveLimits
 from master.alerts import Alerting
 from master.backpressure import Backlog, Backpressure
 from master.board import DeviceBoard
@@ -106,6 +107,7 @@ class Master:
         self.quota = QuotaSignal(s, self.redis, self.jobs, self.pausing.gate)
         self.rate_limits = RateLimits(s, self.redis, self.groups)
         self.queue_caps = QueueCaps(s, bus, self.redis)
+        self.adaptive = AdaptiveLimits(s, self.redis, self.rate_limits)
         self.intake = self._intake(self.queue, "intake")
         self.intake.throttle = self.backpressure  # only the ready list's intake waits
         self.listener = DeviceFreeListener(self.redis, s.keys.device_free_channel, bus)
@@ -143,8 +145,8 @@ class Master:
         self.bus.attach(
             self.dispatcher, self.lost_work, self.expiry, self.benching, self.alerting,
             self.watches, self.pausing, self.backpressure, self.breaker, self.drop_rate,
-            self.quota, self.queue_caps, self.rate_limits, self.delayed, self.metering,
-            self.checker)
+            self.quota, self.queue_caps, self.rate_limits, self.adaptive, self.delayed,
+            self.metering, self.checker)
         for gate in self.gates():
             self.bus.add_gate(gate)
         # Every part with a loop of its own; each runs until the stop event is set.
@@ -156,7 +158,7 @@ class Master:
             "alerts": self.alerting, "watches": self.watches,
             "pausing": self.pausing, "benching": self.benching,
             "backpressure": self.backpressure, "rate-limits": self.rate_limits,
-            "queue-caps": self.queue_caps,
+            "queue-caps": self.queue_caps, "adaptive-limits": self.adaptive,
             "breaker": self.breaker, "drop-rate": self.drop_rate,
             "metrics": self.metering, "counts": self.counts,
             "retention": self.retention,
@@ -297,7 +299,7 @@ class Master:
             "pauses": self.pausing.report(),
             "alerts": {**self.alerting.report(), **self.watches.report()},
             "backpressure": self.backpressure.report(),
-            "rate_limits": self.rate_limits.report(),
+            "rate_limits": {**self.rate_limits.report(), "adaptive": self.adaptive.report()},
             "queue_caps": self.queue_caps.report(),
             "breaker": {**self.breaker.report(), "drop_rate": self.drop_rate.report(),
                         "quota": self.quota.report()},

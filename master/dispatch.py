@@ -90,7 +90,7 @@ class Dispatcher:
                 self._put_back(task, self.board.busy)
             case "stale" | "failed" | "retry" | "expired":
                 self.board.finished(done.device_id)
-            case "error" | "unsent" | "quota":
+            case "error" | "unsent" | "quota" | "throttled":
                 self._cool_down(task, ERROR_COOLDOWN_S)
         self.bus.emit(TaskAnswered(task, done, event.worker, waited, time.monotonic() - at))
         self._note_idle()

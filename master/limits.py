@@ -4,24 +4,26 @@ Naming: one noun per concern; `sendscript/limits.py` holds its state and rule, s
 every role, and `master/limits.py` (this module) the master part that drives it.
 
 Every limit (`sendscript.limits`: global, per queue, per device group) counts
-tokens per fixed window in Redis, shared by all masters. The gate never calls
+tokens in a sliding window in Redis, shared by all masters. The gate never calls
 Redis: it spends tokens this master has reserved (`LimitBook.take`, O(limits of
 the task)). A task needs a token of each limit that applies to it (global, its
 queue's, its device's groups') and takes all of them or none. Without one it is
 held (`Hold`: queued, no attempt used, nothing logged as an error) and the limit
 notes the demand; the loop then reserves tokens for every limit with demand in
 one script call, at most every `rate_limit_tick_s`, and the held devices ask
-again just after the reply is due. A limit whose window Redis reports used up is
-asked for again only when the next window begins, and its tasks wait until then.
+again just after the reply is due. A limit Redis reports used up (or held by a
+Retry-After) is asked for again only when its oldest grant stops counting (or the
+hold ends), and its tasks wait until then.
 
-Unspent tokens lapse with their window; tokens nobody here asked for during
-`IDLE_S` are given back sooner, so that another master may use them. When masters
-compete for a used-up window, each asks for the next one later by `YIELD_S` times
-the share of this one it got: the one left without asks first, so over time they
-take turns rather than the quickest taking every window. Windows are
-Redis server time: each reply maps them onto this process's monotonic clock,
-conservatively by half the round trip (tokens stop a little before their window
-ends; the next window is asked for a little after it begins).
+Granted tokens are spent within their spending window (`spend_ms`: two ticks and
+two round trips) or lapse; tokens nobody here asked for during `IDLE_S` are given
+back sooner, so that another master may use them. When masters compete for a
+used-up limit, each asks again later by `YIELD_S` times the share of the last
+grants it got: the one left without asks first, so over time they take turns
+rather than the quickest taking everything. Times are Redis server time: each
+reply maps them onto this process's monotonic clock, conservatively by half the
+round trip (tokens stop a little before their spending window ends; a used-up
+limit is asked for again a little after a grant stops counting).
 
 Ordinary limiting raises no Incident: it is the service working as configured.
 """
@@ -63,25 +65,40 @@ class LimitState:
     """One limit as this master sees it."""
 
     limit: RateLimit
-    window: int = -1  # Redis window index the tokens belong to
-    tokens: int = 0  # reserved here for `window`, not yet spent
-    spend_until: float = 0.0  # monotonic: the window has surely not ended before this
-    refresh_at: float = 0.0  # monotonic: the next window has surely begun by this
-    exhausted: bool = False  # every token of `window` is taken, by us or others
-    used: int = 0  # the window's tokens taken by all masters, at the last reply
-    granted: int = 0  # of them, granted to this master
+    grant: str = ""  # the Redis grant the tokens belong to
+    tokens: int = 0  # reserved here in `grant`, not yet spent
+    spend_until: float = 0.0  # monotonic: the spending window has surely not ended
+    refresh_at: float = 0.0  # monotonic: a grant has surely stopped counting by this
+    exhausted: bool = False  # every token of the sliding window is taken, or held
+    used: int = 0  # the sliding window's tokens taken by all masters, at the last reply
+    granted: int = 0  # of them, granted to this master by the last reply
+    max_now: int = 0  # the max in force (an adaptive limit's current value)
+    hold_until: float = 0.0  # monotonic: a Retry-After holds the limit until then
+    lapsed: tuple[str, int] | None = None  # a grant's tokens that lapsed unspent
     demand: set[str] = field(default_factory=set)  # tasks held for want of a token
     spent: int = 0  # tokens spent since the last ask
     active_at: float = -math.inf  # the last grant or spend
     held: int = 0  # hold verdicts in all (report)
     taken: int = 0  # tokens spent in all (report)
 
+    def __post_init__(self) -> None:
+        self.max_now = self.max_now or self.limit.max
+
     def roll(self, now: float) -> None:
-        """Tokens lapse at the end of their window; so does its being used up."""
-        if now >= self.spend_until:
-            self.tokens = 0
+        """Tokens lapse at the end of their spending window; a used-up limit is asked
+        again once a grant stops counting."""
+        if now >= self.spend_until and self.tokens:
+            # Never spent: they go back with the next ask, so that they stop counting.
+            self.lapsed, self.tokens = (self.grant, self.tokens), 0
         if self.exhausted and now >= self.refresh_at:
             self.exhausted = False
+
+    def hold(self, until: float) -> None:
+        """A Retry-After: nothing of this limit is spent here before `until`."""
+        self.tokens = 0
+        self.hold_until = max(self.hold_until, until)
+        self.exhausted = True
+        self.refresh_at = max(self.refresh_at, self.hold_until)
 
 
 class LimitBook:
@@ -89,9 +106,10 @@ class LimitBook:
     times are monotonic seconds passed in."""
 
     def __init__(self, limits: dict[str, RateLimit], tick_s: float,
-                 wake: Callable[[], None] = lambda: None) -> None:
+                 wake: Callable[[], None] = lambda: None, allowance_s: float = 0.0) -> None:
         self.states = {name: LimitState(limit) for name, limit in limits.items()}
         self.tick_s = tick_s
+        self.allowance_s = allowance_s  # dispatch to POST: counted, never spent in
         self.wake = wake  # a limit got its first demand: the loop looks again when to ask
         self.last_ask_at = -math.inf
         self.rtt = 0.0  # of the last reservation
@@ -143,6 +161,8 @@ class LimitBook:
             s.roll(now)
             if s.demand:
                 due = s.refresh_at if s.exhausted else max(now, self.last_ask_at + self.tick_s)
+            elif s.lapsed is not None:
+                due = now
             elif s.tokens > 0:
                 due = s.active_at + IDLE_S
             else:
@@ -157,14 +177,20 @@ class LimitBook:
         for s in self.states.values():
             s.roll(now)
             want = back = 0
+            grant = s.grant
             if s.demand and not s.exhausted:
-                want = max(0, min(s.limit.max, len(s.demand) + s.spent) - s.tokens)
+                want = max(0, min(s.max_now, len(s.demand) + s.spent))
+                back, s.tokens = s.tokens, 0  # one grant at a time: the rest go back
                 s.demand.clear()
                 s.spent = 0
             elif not s.demand and s.tokens > 0 and now - s.active_at >= IDLE_S:
                 back, s.tokens = s.tokens, 0  # not ours to spend once asked back
+            if not back and s.lapsed is not None:
+                grant, back = s.lapsed
+            s.lapsed = None
             if want or back:
-                asks.append(Ask(s.limit, want, back, s.window))
+                asks.append(Ask(s.limit, want, back, grant if back else "",
+                                self.spend_ms()))
         if asks:
             self.last_ask_at = now
         return asks
@@ -175,9 +201,15 @@ class LimitBook:
         for s in self.states.values():
             s.roll(now)
             if s.tokens > 0:
-                asks.append(Ask(s.limit, 0, s.tokens, s.window))
+                asks.append(Ask(s.limit, 0, s.tokens, s.grant, self.spend_ms()))
                 s.tokens = 0
         return asks
+
+    def spend_ms(self) -> int:
+        """The spending window to ask for: two ticks and two round trips, so that
+        granted tokens outlive the reply's way back and the held tasks' next look;
+        and the allowance for a dispatched task to reach central-control."""
+        return round(1000 * (2 * self.tick_s + 2 * self.rtt + self.allowance_s)) + 5
 
     def apply(self, asks: list[Ask], reply: Reservation, sent_at: float,
               answered_at: float) -> None:
@@ -186,19 +218,25 @@ class LimitBook:
         self.reservations += 1
         self.rtt = max(0.0, answered_at - sent_at)
         mid, half = (sent_at + answered_at) / 2, self.rtt / 2
+        def local(server_ms: int) -> float:
+            return mid + (server_ms - reply.now_ms) / 1000
+
         for ask, got in zip(asks, reply.grants, strict=True):
             s = self.states[ask.limit.name]
-            if got.window != s.window:
-                s.window, s.tokens, s.granted = got.window, 0, 0  # older ones lapsed
-            end = mid + ((got.window + 1) * ask.limit.duration_ms - reply.now_ms) / 1000
-            s.spend_until = end - half
-            s.tokens += got.granted
-            s.granted += got.granted
-            s.refresh_at = end + half + 0.001 + YIELD_S * s.granted / ask.limit.max
-            s.used = got.used
-            s.exhausted = got.used >= ask.limit.max
+            s.max_now = got.max or s.max_now
+            s.granted = got.granted  # the share of the last grant decides the turn
             if got.granted:
+                s.grant, s.tokens = got.grant, got.granted  # what was left went back
+                s.spend_until = local(got.spend_end_ms) - self.allowance_s - half
                 s.active_at = answered_at
+            s.used = got.used
+            s.exhausted = got.used >= s.max_now or got.hold_ms > 0
+            if got.hold_ms:
+                s.hold_until = max(s.hold_until, local(got.hold_ms) + half)
+                s.refresh_at = s.hold_until + 0.001
+            elif s.exhausted:
+                s.refresh_at = (local(got.frees_ms) + half + 0.001
+                                + YIELD_S * min(1.0, s.granted / max(1, s.max_now)))
             s.roll(answered_at)
 
     def failed(self) -> None:
@@ -216,7 +254,8 @@ class RateLimits:
         self.groups = groups
         self.limiter = RateLimiter(client, settings.keys)
         self._wake = asyncio.Event()
-        self.book = LimitBook(self.limits, settings.rate_limit_tick_s, self._wake.set)
+        self.book = LimitBook(self.limits, settings.rate_limit_tick_s, self._wake.set,
+                              settings.rate_limit_send_allowance_s)
         states = self.book.states
         self._global = states.get("global")
         self._queues = {s.limit.target: s for s in states.values() if s.limit.kind == "queue"}
@@ -234,10 +273,7 @@ class RateLimits:
         if self._by_device is None:
             self.groups_held += 1
             return Hold("rate limit: device groups not loaded yet", GROUPS_RETRY_S)
-        states = [self._global] if self._global is not None else []
-        if (queue := self._queues.get(task.queue)) is not None:
-            states.append(queue)
-        states.extend(self._by_device.get(task.device_id, ()))
+        states = self.states_of(task)
         if not states:
             return GO
         lacking = self.book.take(states, task.id, time.monotonic())
@@ -245,6 +281,14 @@ class RateLimits:
             return GO
         state, retry_s = lacking
         return Hold(f"rate limit {state.limit.name}", retry_s)
+
+    def states_of(self, task: Task) -> list[LimitState]:
+        """The limits a task needs a token of: global, its queue's, its groups'."""
+        states = [self._global] if self._global is not None else []
+        if (queue := self._queues.get(task.queue)) is not None:
+            states.append(queue)
+        states.extend((self._by_device or {}).get(task.device_id, ()))
+        return states
 
     # -- the loop ----------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -311,7 +355,7 @@ class RateLimits:
         return {
             "limits": {s.limit.name: {
                 "rule": s.limit.rule, "tokens": s.tokens, "window_used": s.used,
-                "held": s.held, "spent": s.taken,
+                "held": s.held, "spent": s.taken, "max": s.max_now,
             } for s in states},
             "held": sum(s.held for s in states) + self.groups_held,
             "reservations": self.book.reservations,

@@ -16,11 +16,15 @@ It also says what the failure tells of central-control itself (`sick`, fed to th
 circuit breaker in master/breaker.py): unreachable, timed out, 408, 429 or 5xx
 say it is unwell; a busy device (409) or a refusal of this script does not. The
 error code of an answer's body (`code`, `errorCode` or `error_code`) is kept, so
-the worker can tell a quota answer (settings `central_quota_*`) from the rest.
+the worker can tell a quota answer (settings `central_quota_*`) from the rest, and
+so is a `Retry-After` header (seconds, or an HTTP date), which adaptive rate limits
+honour.
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -41,7 +45,7 @@ class CentralError(Exception):
 
     def __init__(self, reason: str, retryable: bool, status: int | None = None, *,
                  maybe_sent: bool = False, never_sent: bool = False,
-                 code: str | None = None) -> None:
+                 code: str | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(reason)
         if maybe_sent and never_sent:
             raise ValueError("a send cannot be both maybe sent and never sent")
@@ -51,6 +55,7 @@ class CentralError(Exception):
         self.maybe_sent = maybe_sent
         self.never_sent = never_sent
         self.code = code
+        self.retry_after_s = retry_after_s
 
     @property
     def sick(self) -> bool:
@@ -81,6 +86,28 @@ def transport_error(exc: httpx.TransportError) -> CentralError:
                         maybe_sent=True)
 
 
+THROTTLED = 429
+
+
+def retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """A `Retry-After` header in seconds (delta-seconds or an HTTP date); None when
+    absent or unreadable (a malformed header is no reason to fail the send)."""
+    if not value or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
 CODE_FIELDS = ("code", "errorCode", "error_code")
 
 
@@ -103,7 +130,8 @@ def check_response(response: httpx.Response) -> None:
         except ValueError:
             code = None
         raise CentralError(f"HTTP {response.status_code} {body}".strip(), retryable,
-                           response.status_code, code=code)
+                           response.status_code, code=code,
+                           retry_after_s=retry_after(response.headers.get("retry-after")))
     try:
         payload = response.json()
     except ValueError as exc:

@@ -790,6 +790,10 @@ def _print_limits(limits: list[dict[str, Any]]) -> None:
         table.add_row(lim["name"], lim["rule"], str(lim["used"]), f"{lim['left_s']:.1f}s",
                       str(lim["reserved"]), str(lim["held"]), str(lim["spent"]))
     console.print(table)
+    for lim in (x for x in limits if "current" in x):  # adaptive: where it is and why
+        hold = f", held {lim['hold_s']:.1f}s more (Retry-After)" if lim["hold_s"] else ""
+        console.print(f"adaptive {lim['name']}: now {lim['current']:.1f} per "
+                      f"{lim['rule'].split('/')[1].split('~')[0]} ({lim['why']}){hold}")
 
 
 def _print_alerts(alerts: dict[str, Any], masters: list[dict[str, Any]]) -> None:

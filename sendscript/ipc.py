@@ -21,8 +21,11 @@ from pydantic import BaseModel, ConfigDict
 #            attempt used); the master sets the quota pause
 #   expired - the task's deadline passed before the POST: not sent, marked expired,
 #            lock released; finished (a drop)
+#   throttled - central-control answered 429 while an adaptive rate limit is set:
+#            undone as for unsent (no attempt used); the limit lowers and honours
+#            the answer's Retry-After
 Outcome = Literal["sent", "busy", "stale", "failed", "retry", "error", "unsent", "quota",
-                  "expired"]
+                  "expired", "throttled"]
 
 
 def heartbeat_interval_s(worker_timeout_s: float) -> float:
@@ -83,6 +86,9 @@ class TaskDone(_Msg):
     # accepted, False it failed in a way that says it is unwell (unreachable, timed
     # out, 408/429/5xx), None not asked or nothing about its health (busy, refused).
     central_ok: bool | None = None
+    send_s: float | None = None  # the POST's duration, when one was made
+    status: int | None = None  # central-control's HTTP status, when it refused
+    retry_after_s: float | None = None  # its Retry-After header, when it sent one
 
 
 class WorkerRetiring(_Msg):

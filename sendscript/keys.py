@@ -80,9 +80,13 @@ class Keys:
         return f"{self.prefix}:stats"
 
     def rate_limit(self, name: str) -> str:
-        """Hash of a rate limit's current window (`d` ms, `w` index) and `used`, the
-        tokens all masters took in it (`sendscript.limits`)."""
+        """Hash of a rate limit: `d` ms, `used` (the tokens all masters took in its
+        sliding window), an adaptive limit's `cur`, `hold`, `why` (`sendscript.limits`)."""
         return f"{self.prefix}:limit:{name}"
+
+    def rate_limit_grants(self, name: str) -> str:
+        """Sorted set of a rate limit's grants that still count (`sendscript.limits`)."""
+        return f"{self.prefix}:limit:{name}:grants"
 
     @property
     def roundtrips(self) -> str:

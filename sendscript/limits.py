@@ -1,20 +1,32 @@
-"""Cluster-wide rate limits: their syntax, and the window counters in Redis.
+"""Cluster-wide rate limits: their syntax, and the sliding-window counts in Redis.
 
 A rate limit allows `max` dispatches per `duration`, for every task (`global`), a
 named queue (`queue:NAME`) or a device group (`group:NAME`), counted across every
 master. The setting reads `NAME=MAX/DURATION,...`, e.g.
 `global=20/1s,queue:bulk=5/2s,group:rack-7=1/1s` (duration: a number with `ms`,
-`s`, `m` or `h`; a bare number is seconds; `20/s` means `20/1s`).
+`s`, `m` or `h`; a bare number is seconds; `20/s` means `20/1s`). A limit may be
+adaptive: `global=20/1s~2..100` starts at 20 a second and follows the farm's
+answers between 2 and 100 (`sendscript.adaptive`).
 
-Windows are fixed, as BullMQ's limiter's are: window `w` of a limit covers Redis
-server time `[w * duration, (w + 1) * duration)`, so every master agrees on them
-whatever its own clock says. `{prefix}:limit:{name}` is a hash of the window the
-count belongs to (`d` the duration in ms, `w` its index) and `used`, the tokens
-handed out in it to all masters together. A master reserves tokens for all of its
-limits in one script call and spends them locally; a count from an older window
-(or another duration) counts for nothing, so unspent tokens lapse with their
-window. As with any fixed window, up to 2 x max may go within one duration that
-straddles two windows; never more than max within one window.
+The window slides: no interval of `duration`, wherever it starts, holds more than
+`max` sends. A master reserves tokens for all of its limits in one script call and
+spends them locally, within a short spending window `spend` (ms) it names in the
+call; Redis keeps each grant in `{prefix}:limit:{name}:grants` (a sorted set,
+member `SEQ:COUNT`, score the end of its spending window) and their sum in the
+hash `{prefix}:limit:{name}` (`d` the duration, `used`). A grant counts until
+`duration` after its spending window ends: a token granted now may be spent as
+late as `now + spend`, and a token granted once it stops counting is spent no
+earlier than that plus `duration`. So every interval of `duration` sees at most
+`max` spends, in Redis server time (every master agrees on it whatever its own
+clock says); the price is that a busy limit passes at most `max` per
+`duration + spend`. Unspent tokens given back leave their grant at once. A master
+names a spending window longer than the one it spends in by
+`rate_limit_send_allowance_s`, the time a dispatched task may take to reach
+central-control, so that the farm too never sees more than `max` in a duration.
+
+An adaptive limit's current value is the hash's `cur`, read by the same script (it
+replaces `max`), with `hold`, a server time before which nothing is granted (a
+`Retry-After`), and `v`, `why`, `at`, `down_at`: what last moved it and when.
 """
 
 from __future__ import annotations
@@ -30,7 +42,8 @@ import redis.asyncio
 from sendscript.keys import Keys
 
 KINDS = ("global", "queue", "group")
-_RULE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*(ms|s|m|h)?\s*$")
+_RULE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*(ms|s|m|h)?\s*"
+                   r"(?:~\s*(\d+)\s*\.\.\s*(\d+)\s*)?$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000}
 _TARGET = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 MIN_DURATION_MS = 10
@@ -41,8 +54,10 @@ MAX_TOKENS = 1_000_000
 @dataclass(frozen=True, slots=True)
 class RateLimit:
     name: str  # "global", "queue:bulk", "group:rack-7"
-    max: int
+    max: int  # an adaptive limit's starting value
     duration_ms: int
+    floor: int | None = None  # adaptive: the bounds it moves between
+    ceil: int | None = None
 
     @property
     def kind(self) -> str:
@@ -58,9 +73,14 @@ class RateLimit:
         return self.duration_ms / 1000
 
     @property
+    def adaptive(self) -> bool:
+        return self.floor is not None
+
+    @property
     def rule(self) -> str:
-        """`max/duration`, as the setting writes it."""
-        return f"{self.max}/{format_duration(self.duration_ms)}"
+        """`max/duration` (and `~floor..ceil`), as the setting writes it."""
+        rule = f"{self.max}/{format_duration(self.duration_ms)}"
+        return rule if self.floor is None else f"{rule}~{self.floor}..{self.ceil}"
 
 
 def format_duration(ms: int) -> str:
@@ -70,18 +90,26 @@ def format_duration(ms: int) -> str:
     return f"{ms}ms"
 
 
-def parse_rule(text: str) -> tuple[int, int]:
-    """`20/1s` -> (20, 1000); raises ValueError with what is wrong."""
+def parse_rule(text: str) -> tuple[int, int, int | None, int | None]:
+    """`20/1s` -> (20, 1000, None, None); `20/1s~2..100` -> (20, 1000, 2, 100);
+    raises ValueError with what is wrong."""
     m = _RULE.match(text)
     if not m:
-        raise ValueError(f"expected MAX/DURATION such as 20/1s or 5/500ms, got {text!r}")
+        raise ValueError(f"expected MAX/DURATION such as 20/1s or 5/500ms (adaptive: "
+                         f"20/1s~2..100), got {text!r}")
     count, number, unit = int(m.group(1)), m.group(2), m.group(3) or "s"
     duration_ms = round(float(number or "1") * _UNIT_MS[unit])
     if not 1 <= count <= MAX_TOKENS:
         raise ValueError(f"{text!r}: max must be 1..{MAX_TOKENS}")
     if not MIN_DURATION_MS <= duration_ms <= MAX_DURATION_MS:
         raise ValueError(f"{text!r}: duration must be {MIN_DURATION_MS} ms .. 24 h")
-    return count, duration_ms
+    if m.group(4) is None:
+        return count, duration_ms, None, None
+    floor, ceil = int(m.group(4)), int(m.group(5))
+    if not 1 <= floor <= count <= ceil <= MAX_TOKENS:
+        raise ValueError(f"{text!r}: adaptive bounds need 1 <= floor <= max <= ceil "
+                         f"<= {MAX_TOKENS}")
+    return count, duration_ms, floor, ceil
 
 
 def check_name(name: str) -> str:
@@ -109,44 +137,78 @@ def parse_limits(value: str | Mapping[str, Any]) -> dict[str, RateLimit]:
         value = pairs
     limits: dict[str, RateLimit] = {}
     for name, rule in value.items():
-        count, duration_ms = parse_rule(str(rule))
-        limits[name] = RateLimit(check_name(name), count, duration_ms)
+        limits[name] = RateLimit(check_name(name), *parse_rule(str(rule)))
     return limits
 
 
-# KEYS[i] the window hash of limit i; ARGV per limit, 5 each: max, duration (ms), want
-# (tokens asked for), back (unspent tokens given back), back_window (the window index
-# those tokens belong to).
-# For each limit, in Redis server time: a count of an older window or of another
-# duration is dropped; tokens given back for the current window are subtracted; then
-# up to `want` are granted, never past max. The hash lives two durations.
-# Returns {now_ms, then per limit: window index, granted, used}.
+# KEYS per limit, 2 each: its hash and its grants' sorted set. ARGV per limit, 6 each:
+# max, duration (ms), want (tokens asked for), back (unspent tokens given back),
+# back_grant (the member of the grant they belong to, "" none), spend (ms: the
+# spending window of what is granted now).
+# For each limit, in Redis server time: grants that stopped counting (their spending
+# window ended a duration ago or more) leave the sum; a count kept for another
+# duration is dropped; tokens given back leave their grant; an adaptive limit's `cur`
+# replaces max and its `hold` grants nothing before it ends; then up to `want` are
+# granted, never past max, as one new grant. Keys live twice duration + spend.
+# Returns {now_ms, then per limit: grant member ("" none), granted, used, max in force,
+# end of the spending window, when the oldest counted grant stops counting (0: none),
+# hold (0: none)}.
 RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {now}
-for i = 1, #KEYS do
-  local b = (i - 1) * 5
+for i = 1, #KEYS / 2 do
+  local hash, log = KEYS[2 * i - 1], KEYS[2 * i]
+  local b = (i - 1) * 6
   local max = tonumber(ARGV[b + 1])
   local dur = tonumber(ARGV[b + 2])
   local want = tonumber(ARGV[b + 3])
   local back = tonumber(ARGV[b + 4])
-  local w = math.floor(now / dur)
-  local stored = redis.call('HMGET', KEYS[i], 'd', 'w', 'used')
+  local spend = tonumber(ARGV[b + 6])
+  local stored = redis.call('HMGET', hash, 'd', 'used', 'cur', 'hold')
   local used = 0
-  if tonumber(stored[1]) == dur and tonumber(stored[2]) == w then
-    used = tonumber(stored[3]) or 0
+  if tonumber(stored[1]) == dur then
+    used = tonumber(stored[2]) or 0
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', log, '-inf', now - dur)) do
+      used = used - tonumber(string.match(m, ':(%d+)$'))
+    end
+    redis.call('ZREMRANGEBYSCORE', log, '-inf', now - dur)
+  else
+    redis.call('DEL', log)
   end
-  if back > 0 and tonumber(ARGV[b + 5]) == w then
-    used = math.max(0, used - back)
+  if back > 0 and ARGV[b + 5] ~= '' then
+    local score = redis.call('ZSCORE', log, ARGV[b + 5])
+    if score then
+      local seq, count = string.match(ARGV[b + 5], '^(%d+):(%d+)$')
+      local gone = math.min(back, tonumber(count))
+      used = used - gone
+      redis.call('ZREM', log, ARGV[b + 5])
+      if tonumber(count) > gone then
+        redis.call('ZADD', log, score, seq .. ':' .. (tonumber(count) - gone))
+      end
+    end
   end
-  local grant = math.max(0, math.min(want, max - used))
-  used = used + grant
-  redis.call('HSET', KEYS[i], 'd', dur, 'w', string.format('%d', w), 'used', used)
-  redis.call('PEXPIRE', KEYS[i], dur * 2)
-  out[#out + 1] = w
-  out[#out + 1] = grant
-  out[#out + 1] = used
+  used = math.max(0, used)
+  if stored[3] then max = math.max(1, math.floor(tonumber(stored[3]))) end
+  local hold = tonumber(stored[4]) or 0
+  if hold <= now then hold = 0 end
+  local grant = 0
+  if hold == 0 then grant = math.max(0, math.min(want, max - used)) end
+  local member = ''
+  if grant > 0 then
+    member = redis.call('HINCRBY', hash, 'seq', 1) .. ':' .. grant
+    redis.call('ZADD', log, now + spend, member)
+    used = used + grant
+  end
+  redis.call('HSET', hash, 'd', dur, 'used', used)
+  redis.call('PEXPIRE', hash, math.max((dur + spend) * 2, hold - now))
+  redis.call('PEXPIRE', log, (dur + spend) * 2)
+  local first = redis.call('ZRANGE', log, 0, 0, 'WITHSCORES')
+  local frees = 0
+  if first[2] then frees = tonumber(first[2]) + dur end
+  for _, x in ipairs({member, grant, used, max, now + spend, frees, hold}) do
+    out[#out + 1] = x
+  end
 end
 return out
 """
@@ -157,20 +219,30 @@ class Ask:
     limit: RateLimit
     want: int
     back: int = 0
-    back_window: int = -1
+    back_grant: str = ""  # the grant the tokens given back belong to
+    spend_ms: int = 0  # the spending window asked for (0: the default)
 
 
 @dataclass(frozen=True, slots=True)
 class Granted:
-    window: int
+    grant: str  # the grant's member in the sorted set ("" nothing granted)
     granted: int
-    used: int  # by all masters in this window, this grant included
+    used: int  # by all masters in the sliding window, this grant included
+    max: int = 0  # in force (an adaptive limit's current value)
+    spend_end_ms: int = 0  # server time: the granted tokens are spent before this
+    frees_ms: int = 0  # server time: the oldest counted grant stops counting (0: none)
+    hold_ms: int = 0  # server time: nothing is granted before this (0: no hold)
 
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
     now_ms: int  # Redis server time when the script ran
     grants: list[Granted]
+
+
+def spend_ms(limit: RateLimit, asked_ms: int = 0) -> int:
+    """The spending window: as asked (at least 5 ms, at most a day)."""
+    return max(5, min(asked_ms or 100, MAX_DURATION_MS))
 
 
 class RateLimiter:
@@ -181,53 +253,84 @@ class RateLimiter:
         self._reserve = client.register_script(RESERVE)
 
     async def reserve(self, asks: Sequence[Ask]) -> Reservation:
-        keys = [self._keys.rate_limit(a.limit.name) for a in asks]
-        args: list[int] = []
+        keys: list[str] = []
+        args: list[int | str] = []
         for a in asks:
-            args += [a.limit.max, a.limit.duration_ms, a.want, a.back, a.back_window]
-        out = [int(x) for x in await self._reserve(keys=keys, args=args)]
-        grants = [Granted(*out[i:i + 3]) for i in range(1, len(out), 3)]
-        return Reservation(out[0], grants)
+            name = a.limit.name
+            keys += [self._keys.rate_limit(name), self._keys.rate_limit_grants(name)]
+            args += [a.limit.max, a.limit.duration_ms, a.want, a.back, a.back_grant,
+                     spend_ms(a.limit, a.spend_ms)]
+        out = await self._reserve(keys=keys, args=args)
+        grants = [Granted(_text(out[i]), *(int(x) for x in out[i + 1:i + 7]))
+                  for i in range(1, len(out), 7)]
+        return Reservation(int(out[0]), grants)
 
 
-# KEYS the limits' hashes. The server's TIME and each hash's d, w, used, read by the
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# KEYS per limit: its hash and grants. The server's TIME, then per limit the hash's
+# d, cur, hold, why, at and the counts of the grants that still count, read by the
 # server that holds them (a pipelined TIME would ask any node of a cluster).
+# ARGV: the durations, one per limit.
 WINDOWS = """
-local out = {redis.call('TIME')}
-for _, key in ipairs(KEYS) do out[#out + 1] = redis.call('HMGET', key, 'd', 'w', 'used') end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {now}
+for i = 1, #KEYS / 2 do
+  local dur = tonumber(ARGV[i])
+  local row = redis.call('HMGET', KEYS[2 * i - 1], 'd', 'cur', 'hold', 'why', 'at')
+  local used, oldest = 0, 0
+  if tonumber(row[1]) == dur then
+    local live = redis.call('ZRANGEBYSCORE', KEYS[2 * i], '(' .. (now - dur), '+inf',
+                            'WITHSCORES')
+    for j = 1, #live, 2 do
+      used = used + tonumber(string.match(live[j], ':(%d+)$'))
+      if oldest == 0 then oldest = tonumber(live[j + 1]) end
+    end
+  end
+  out[#out + 1] = {used, oldest, row[2] or '', row[3] or '', row[4] or '', row[5] or ''}
+end
 return out
 """
 
 
 def window_use(client: redis.Redis, keys: Keys,
                limits: Sequence[RateLimit]) -> dict[str, dict[str, Any]]:
-    """Each limit's current window as Redis has it: used and seconds left (for status)."""
+    """Each limit's sliding window as Redis has it (for status): `used`, `left_s` until
+    its oldest counted grant stops counting, and an adaptive limit's `current` value,
+    `why` it last moved, `moved_s` ago, `hold_s` left of a Retry-After hold."""
     if not limits:
         return {}
-    names = [keys.rate_limit(limit.name) for limit in limits]
-    seconds, micros, *rows = _flatten_time(client.eval(WINDOWS, len(names), *names))
-    now_ms = seconds * 1000 + micros // 1000
+    names = [k for lim in limits
+             for k in (keys.rate_limit(lim.name), keys.rate_limit_grants(lim.name))]
+    now, *rows = client.eval(WINDOWS, len(names), *names, *[lim.duration_ms for lim in limits])
+    now = int(now)
     out: dict[str, dict[str, Any]] = {}
-    for limit, (d, w, used) in zip(limits, rows, strict=True):
-        window = now_ms // limit.duration_ms
-        current = d is not None and int(d) == limit.duration_ms and int(w) == window
-        out[limit.name] = {
-            "used": int(used) if current and used is not None else 0,
-            "left_s": ((window + 1) * limit.duration_ms - now_ms) / 1000,
+    for limit, (used, oldest, cur, hold, why, at) in zip(limits, rows, strict=True):
+        view: dict[str, Any] = {
+            "used": int(used),
+            "left_s": max(0.0, (int(oldest) + limit.duration_ms - now) / 1000) if int(oldest)
+            else 0.0,
         }
+        if limit.adaptive:
+            cur, hold, why, at = (_text(x) for x in (cur, hold, why, at))
+            view.update({
+                "current": float(cur) if cur else float(limit.max),
+                "why": why or "start",
+                "moved_s": (now - int(at)) / 1000 if at else None,
+                "hold_s": max(0.0, (int(hold) - now) / 1000) if hold else 0.0,
+            })
+        out[limit.name] = view
     return out
-
-
-def _flatten_time(results: list[Any]) -> list[Any]:
-    (seconds, micros), *rest = results
-    return [int(seconds), int(micros), *rest]
 
 
 def status(client: redis.Redis, keys: Keys, configured: Mapping[str, str],
            masters: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """For `sendscript status`: every limit set here or reported by a live master, with
-    its current window's use (Redis) and the held / spent / reserved counts of the
-    live masters' reports."""
+    its sliding window's use (Redis), an adaptive limit's current value and why, and
+    the held / spent / reserved counts of the live masters' reports."""
     rules = dict(configured)
     live = [m.get("rate_limits", {}).get("limits", {}) for m in masters if m.get("alive")]
     for reported in live:

@@ -206,6 +206,20 @@ class Settings(BaseSettings):
     rate_limits: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     rate_limit_tick_s: float = Field(0.05, gt=0, le=10)
     rate_limit_groups_refresh_s: float = Field(30.0, gt=0)
+    # No interval of a limit's duration holds more than its max, at the farm too, as
+    # long as a dispatched task reaches central-control within this allowance (each
+    # grant counts this much longer).
+    rate_limit_send_allowance_s: float = Field(0.25, ge=0, le=10)
+    # Adaptive limits ("global=20/1s~2..100", sendscript/adaptive.py): on a 429 (or a
+    # mean send latency above rate_limit_adapt_latency_s, off when unset) the value is
+    # multiplied by rate_limit_adapt_decrease, at most once a duration, and a 429's
+    # Retry-After holds the limit on every master; while the limit holds tasks back it
+    # climbs by rate_limit_adapt_step x its ceiling per duration. Each master looks
+    # every rate_limit_adapt_tick_s (at once on a 429).
+    rate_limit_adapt_decrease: float = Field(0.9, gt=0, lt=1)
+    rate_limit_adapt_step: float = Field(0.02, gt=0, le=1)
+    rate_limit_adapt_latency_s: float | None = Field(None, gt=0)
+    rate_limit_adapt_tick_s: float = Field(0.25, gt=0, le=10)
 
     # Circuit breaker on central-control (issue 9, sendscript/breaker.py,
     # master/breaker.py), one state shared by every master through Redis, merged every

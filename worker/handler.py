@@ -5,7 +5,9 @@ POST central-control -> CAS running->sent. A POST that provably never left
 (central-control unreachable) undoes the attempt instead: the record goes, the
 task is pending again with its attempt counter as before, the lock is released.
 An answer that says central-control's quota is exhausted is undone the same way
-(outcome `quota`). A task whose deadline (`TaskHandle.deadline`: its expire_at or
+(outcome `quota`), and so is a 429 while an adaptive rate limit is set (outcome
+`throttled`: the limit lowers and holds for the answer's Retry-After; a held task
+uses no attempt). A task whose deadline (`TaskHandle.deadline`: its expire_at or
 its queue's max_wait) has passed is not sent: checked before the lock and again
 right before the POST; past it, the task becomes `expired` (a claimed one loses
 its record and gets its attempt counter back: nothing was sent) and the answer is
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -43,7 +46,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from sendscript.backoff import OutageLog
 from sendscript.batching import Coalescer
-from sendscript.central import CentralClient, CentralError
+from sendscript.central import THROTTLED, CentralClient, CentralError
 from sendscript.failover import ride_out
 from sendscript.fencing import MongoEpochs
 from sendscript.ipc import TaskDone, TaskHandle
@@ -111,6 +114,7 @@ class ScriptHandler:
         self._mark_sent = Coalescer(self._mark_sent_batch)
         # Best-effort writes after a step that counts: their failures say "down" once.
         self.writes = OutageLog("worker: bookkeeping writes")
+        self.adaptive = any(v.partition("~")[1] for v in settings.rate_limits.values())
 
     async def handle(self, h: TaskHandle) -> TaskDone:
         if h.attempt > h.max_retries:
@@ -151,12 +155,20 @@ class ScriptHandler:
             return await self._undo(h, fence, attempt, record_id, TaskStatus.EXPIRED,
                                     self._expired_reason(h), "expired")
         crash_point("before-send", h.device_id)
+        posted = time.monotonic()
         try:
             await self.central.send_script(
                 device_id=h.device_id, task_id=h.task_id, record_id=record_id, script=h.script
             )
             crash_point("after-send", h.device_id)
         except CentralError as exc:
+            seen = {"send_s": time.monotonic() - posted, "status": exc.status,
+                    "retry_after_s": exc.retry_after_s}
+            if self.adaptive and exc.status == THROTTLED:
+                done = await self._undo(h, fence, attempt, record_id, TaskStatus.PENDING,
+                                        str(exc), "throttled")
+                # The limit answers a 429 here; it says nothing of central-control's health.
+                return done.model_copy(update=seen)
             if self._is_quota(exc):
                 logger.warning("task {}: central-control quota exhausted: {}", h.task_id, exc)
                 return await self._undo(h, fence, attempt, record_id, TaskStatus.PENDING,
@@ -181,7 +193,8 @@ class ScriptHandler:
             # Sent is sent: the device will report, and the consumer applies a
             # result to a task still marked running.
             self.writes.failed(f"task {h.task_id} sent but not marked sent: {exc!r}")
-        return self._done(h, "sent", attempt=attempt, fence=fence, central_ok=central_ok)
+        return self._done(h, "sent", attempt=attempt, fence=fence, central_ok=central_ok
+                          ).model_copy(update={"send_s": time.monotonic() - posted})
 
     def _past_deadline(self, h: TaskHandle) -> bool:
         return h.deadline is not None and utcnow() >= h.deadline

@@ -1,0 +1,179 @@
+"""Adaptive rate limits: the rule that moves a limit from the farm's answers, and its
+state in Redis.
+
+A limit written `global=20/1s~2..100` starts at 20 a second and moves between 2
+and 100 (AIMD, as TCP's congestion window):
+
+- down, multiplied by `rate_limit_adapt_decrease` (default 0.9), on a 429 from
+  central-control or when the mean send latency of a look exceeds
+  `rate_limit_adapt_latency_s` (off by default); at most once a duration, since the
+  429s of one overshoot arrive together;
+- nothing is granted under it until a 429's `Retry-After` has passed (`hold`), on
+  every master: the reservation script reads the hold;
+- up, by `rate_limit_adapt_step` x ceiling (default 0.02), once a duration at most,
+  while the limit holds tasks back and nothing pushed it down for a duration.
+
+The value lives in the limit's Redis hash (`sendscript.limits`), shared by every
+master and changed live: each master proposes a change as a compare-and-set on the
+hash's version `v`, so two masters seeing the same 429s lower it once.
+`decide` is the whole rule, pure; `AdaptiveStore` reads and writes the hash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio
+
+from sendscript.keys import Keys
+from sendscript.limits import RateLimit
+
+MAX_HOLD_S = 300.0  # a Retry-After longer than this is taken as this
+
+
+@dataclass(frozen=True, slots=True)
+class AdaptParams:
+    decrease: float = 0.9  # the value is multiplied by this on a 429 or slow sends
+    step: float = 0.02  # of the ceiling, added per duration while the limit holds tasks
+    latency_s: float | None = None  # mean send latency above this is a push down
+
+
+@dataclass(frozen=True, slots=True)
+class AdaptState:
+    """An adaptive limit as Redis has it."""
+
+    value: float
+    version: int = 0
+    at_ms: int = 0  # server time of the last change
+    down_at_ms: int = 0  # and of the last decrease
+    why: str = "start"
+
+
+@dataclass(frozen=True, slots=True)
+class Signals:
+    """What one master saw of one limit's tasks since it last looked."""
+
+    throttled: int = 0  # 429 answers
+    retry_after_s: float | None = None  # the longest Retry-After among them
+    latency_s: float | None = None  # mean send latency of the answers
+    held: int = 0  # tasks the limit held back (it is the bottleneck)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    value: float
+    why: str
+    decreased: bool
+
+
+def decide(limit: RateLimit, state: AdaptState, seen: Signals, params: AdaptParams,
+           now_ms: int) -> Change | None:
+    """The limit's next value, or None to leave it."""
+    floor, ceil = float(limit.floor or 1), float(limit.ceil or limit.max)
+    cooled = now_ms - state.down_at_ms >= limit.duration_ms
+    down = None
+    if seen.throttled:
+        down = f"429 x{seen.throttled}"
+        if seen.retry_after_s is not None:
+            down += f", Retry-After {seen.retry_after_s:g}s"
+    elif params.latency_s is not None and seen.latency_s is not None \
+            and seen.latency_s > params.latency_s:
+        down = f"latency {seen.latency_s:.3f}s > {params.latency_s:g}s"
+    if down is not None:
+        if not cooled or state.value <= floor:
+            return None
+        return Change(max(floor, state.value * params.decrease), down, True)
+    if seen.held and cooled and now_ms - state.at_ms >= limit.duration_ms \
+            and state.value < ceil:
+        return Change(min(ceil, state.value + params.step * ceil), "climb", False)
+    return None
+
+
+def hold_ms(seen: Signals) -> int:
+    """How long a Retry-After holds the limit, in ms (0: no hold)."""
+    if seen.retry_after_s is None or seen.retry_after_s <= 0:
+        return 0
+    return round(min(seen.retry_after_s, MAX_HOLD_S) * 1000)
+
+
+# KEYS the limits' hashes. The server time, then per hash cur, v, at, down_at, why.
+READ = """
+local t = redis.call('TIME')
+local out = {tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
+for _, key in ipairs(KEYS) do
+  out[#out + 1] = redis.call('HMGET', key, 'cur', 'v', 'at', 'down_at', 'why')
+end
+return out
+"""
+
+# KEYS the limits' hashes; ARGV per limit, 5 each: the version the change was decided
+# on, the new value ("" none), why, decreased (1/0), hold (ms, 0 none).
+# A change applies only if the version is unchanged (no other master moved it since);
+# a hold applies always and only ever lengthens. Returns the changes applied (1/0).
+WRITE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+for i, key in ipairs(KEYS) do
+  local b = (i - 1) * 5
+  local hold = tonumber(ARGV[b + 5])
+  if hold > 0 then
+    local until_ms = now + hold
+    if until_ms > (tonumber(redis.call('HGET', key, 'hold')) or 0) then
+      redis.call('HSET', key, 'hold', until_ms)
+    end
+  end
+  local applied = 0
+  local v = tonumber(redis.call('HGET', key, 'v')) or 0
+  if ARGV[b + 2] ~= '' and v == tonumber(ARGV[b + 1]) then
+    redis.call('HSET', key, 'cur', ARGV[b + 2], 'why', ARGV[b + 3], 'at', now)
+    redis.call('HINCRBY', key, 'v', 1)
+    if ARGV[b + 4] == '1' then redis.call('HSET', key, 'down_at', now) end
+    applied = 1
+  end
+  out[#out + 1] = applied
+end
+return out
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Proposal:
+    limit: RateLimit
+    version: int
+    change: Change | None
+    hold_ms: int = 0
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else ("" if value is None else str(value))
+
+
+class AdaptiveStore:
+    """The adaptive limits' hashes: read their state, propose changes."""
+
+    def __init__(self, client: redis.asyncio.Redis, keys: Keys) -> None:
+        self._keys = keys
+        self._read = client.register_script(READ)
+        self._write = client.register_script(WRITE)
+
+    async def read(self, limits: Sequence[RateLimit]) -> tuple[int, list[AdaptState]]:
+        """Redis server time (ms) and each limit's state."""
+        now, *rows = await self._read(keys=[self._keys.rate_limit(lim.name) for lim in limits])
+        states = []
+        for limit, row in zip(limits, rows, strict=True):
+            cur, v, at, down, why = (_text(x) for x in row)
+            states.append(AdaptState(float(cur) if cur else float(limit.max), int(v or 0),
+                                     int(at or 0), int(down or 0), why or "start"))
+        return int(now), states
+
+    async def write(self, proposals: Sequence[Proposal]) -> list[bool]:
+        keys, args = [], []
+        for p in proposals:
+            keys.append(self._keys.rate_limit(p.limit.name))
+            c = p.change
+            args += [p.version, "" if c is None else f"{c.value:.3f}",
+                     "" if c is None else c.why, int(bool(c and c.decreased)), p.hold_ms]
+        return [bool(x) for x in await self._write(keys=keys, args=args)]
