@@ -38,9 +38,9 @@ from typing import Any
 import httpx
 from pymongo import MongoClient
 
-from agents.registry import add_token_sync
 from bench import tally
 from sendscript import connect
+from sendscript.agent_store import add_token_sync
 from sendscript.client import SendScriptClient
 from sendscript.dev.embedded import EmbeddedServers, free_port
 from sendscript.dev.processes import RoleProcess, wait_until

@@ -875,8 +875,8 @@ agent_app.add_typer(agent_token_app, name="token")
 def agent_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
                ) -> None:
     """Registered agents: labels, devices, last seen, active or lost, leases held."""
-    from agents.registry import AGENTS, agent_state
     from sendscript import connect
+    from sendscript.agent_store import AGENTS, agent_state
     from sendscript.models import PULL, utcnow
     from sendscript.store import TASKS
 
@@ -916,8 +916,8 @@ def agent_token_add(
     """Make an API token for agents; it is shown once (only its hash is stored). With a
     scope its agents may register and lease only those devices (and no task that names
     none); without, every device."""
-    from agents.registry import add_token_sync
     from sendscript import connect
+    from sendscript.agent_store import add_token_sync
 
     with connect.mongo_sync(_settings()) as mongo:
         try:
@@ -933,8 +933,8 @@ def agent_token_list(as_json: Annotated[bool, typer.Option("--json", help="Print
                      = False) -> None:
     """Agents' tokens: name, short id, scope, created, last used (when one of its agents
     was last seen); never the token nor its hash."""
-    from agents.registry import list_tokens_sync
     from sendscript import connect
+    from sendscript.agent_store import list_tokens_sync
 
     with connect.mongo_sync(_settings()) as mongo:
         rows = list_tokens_sync(connect.database(mongo))
@@ -955,8 +955,8 @@ def agent_token_list(as_json: Annotated[bool, typer.Option("--json", help="Print
 def agent_token_remove(name: str) -> None:
     """Remove the tokens of that name (or short id from `list`): every agents process
     refuses them within a second; their agents are asked to stop and unbound."""
-    from agents.registry import remove_token_sync
     from sendscript import connect
+    from sendscript.agent_store import remove_token_sync
 
     with connect.mongo_sync(_settings()) as mongo:
         removed = remove_token_sync(connect.database(mongo), name)
@@ -970,8 +970,8 @@ def agent_token_remove(name: str) -> None:
 def agent_stop(agent_id: str) -> None:
     """Ask an agent to stop: its next heartbeat answers stop (it finishes or gives back
     what it holds); registering again clears the request."""
-    from agents.registry import AGENTS
     from sendscript import connect
+    from sendscript.agent_store import AGENTS
 
     with connect.mongo_sync(_settings()) as mongo:
         found = connect.database(mongo)[AGENTS].update_one({"_id": agent_id},

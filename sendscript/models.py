@@ -58,7 +58,7 @@ def script_refusal(script: dict[str, Any], max_bytes: int) -> str | None:
 
 # A task's run_at is never further before its creation than this: a past due time
 # means "now" to dispatch, and the task search finds a status's tasks created after
-# T among those with run_at after T - EARLIEST_DUE (sendscript/search.py). A fire of
+# T among those with run_at after T - EARLIEST_DUE (console/search.py). A fire of
 # a schedule keeps its fire time unless it comes more than this late.
 EARLIEST_DUE = timedelta(hours=1)
 

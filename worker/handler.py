@@ -24,8 +24,6 @@ from loguru import logger
 from pymongo.asynchronous.database import AsyncDatabase
 
 from sendscript.backoff import OutageLog
-from sendscript.batching import Coalescer
-from sendscript.central import CentralClient, CentralError
 from sendscript.fencing import MongoEpochs
 from sendscript.ipc import TaskDone, TaskHandle
 from sendscript.locks import DeviceLocks
@@ -34,6 +32,8 @@ from sendscript.retry import decide, failure_cas
 from sendscript.settings import Settings
 from sendscript.status import RecordStatus, TaskStatus, record_sent, task_cas
 from sendscript.store import Claim, RecordStore, TaskStore
+from worker.batching import Coalescer
+from worker.central import CentralClient, CentralError
 
 
 class ScriptHandler:
