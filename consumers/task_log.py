@@ -243,7 +243,7 @@ class TaskLogConsumer:
         # _subscribe); grows each time the broker refuses the subscription.
         self.slot = 0
         self._stop_at: float | None = None
-        self.metrics = metrics.setup("consumer", self.name)  # issue 10
+        self.metrics = metrics.setup("consumer", self.name)
         self.subscribed = False
 
     async def run(self) -> int:
@@ -256,7 +256,7 @@ class TaskLogConsumer:
         db = connect.database(self.mongo)
         self.tasks, self.records, self.logs = TaskStore(db), RecordStore(db), LogStore(db)
         self.locks = DeviceLocks(self.redis, s.keys)
-        health = start_health(self)  # /healthz, /readyz when a port is set (issue 10)
+        health = start_health(self)  # /healthz, /readyz when a port is set
         backoff = Backoff(base_s=0.5, cap_s=10.0)
         while not self.stop_event.is_set():
             try:

@@ -1007,7 +1007,7 @@ def main() -> None:
         raise SystemExit(2) from None
 
 
-# -- monitoring (issue 10) ------------------------------------------------------------------
+# -- monitoring: health and progress --------------------------------------------------------
 
 monitor_app = typer.Typer(help="Health of the service; progress of tasks.", no_args_is_help=True)
 app.add_typer(monitor_app, name="monitor")
