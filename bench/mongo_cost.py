@@ -34,7 +34,7 @@ from typing import Any
 from pymongo import ASCENDING, IndexModel, MongoClient
 
 from bench.cpu import tree_cpu_s
-from consumers.task_log import result_updates
+from consumers.rules import result_updates
 from sendscript import connect, roundtrips
 from sendscript.dev import tally
 from sendscript.dev.embedded import MongoServer

@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio
 from pymongo.asynchronous.database import AsyncDatabase
 
-from consumers.task_log import result_updates
+from consumers.rules import result_updates
 from sendscript.dev.embedded import free_port
 from sendscript.ipc import TaskHandle
 from sendscript.locks import DeviceLocks
