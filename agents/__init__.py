@@ -1,4 +1,5 @@
-"""The agents role: the pull-mode HTTP API of seed 001 (issue 11).
+"""The agents role: the pull-mode HTTP API (register, heartbeat, lease, progress,
+complete) through which agents pull tasks instead of being sent them.
 
 Agents (browser userscripts, Python processes) register, lease pull tasks, report
 progress with checkpoints, and complete, fail or release them. Every lease lives in

@@ -1,12 +1,6 @@
-"""Agents and their API tokens in Mongo: `agents` and `agent_tokens`.
-
-`agent_tokens`: `_id` the SHA-256 of a token (the token itself is shown once, when it
-is made, and never stored), `name`, `created_at`, `scope` (`prefixes`, `groups`: the
-devices its agents may serve; both empty: all). `agents`: `_id` the agent id,
-`name`, `labels`, `devices`, `version`, `token` (the hash it registered with: only
-that token may speak for it; empty once that token is removed), `registered_at`,
-`last_seen`, `state` (`active`, or `lost` once silent for SENDSCRIPT_AGENT_TTL_S),
-`stop` (an operator asked it to stop).
+"""The agents API's registry: who calls (a token's verdict), registration, heartbeats,
+agents gone silent. The documents and the queries the console and the CLI share too
+(tokens, listings) are in `sendscript/agent_store.py`.
 
 A token's verdict (known, its scope) is trusted VERDICT_S in each agents process: a
 removed token stops working everywhere within it.
@@ -14,32 +8,30 @@ removed token stops working everywhere within it.
 
 from __future__ import annotations
 
-import re
-import secrets
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.database import Database
 
-from agents.rules import AgentView, Scope, hash_secret
-from sendscript.groups import check_name
+from agents.rules import AgentView, Scope
+from sendscript.agent_store import (
+    ACTIVE,
+    AGENTS,
+    LOST,
+    TOKENS,
+    agent_state,
+    hash_secret,
+    scope_of,
+)
 from sendscript.models import utcnow
 from sendscript.store import GROUPS
 
-AGENTS = "agents"
-TOKENS = "agent_tokens"
-ACTIVE = "active"
-LOST = "lost"
 AGENT_INDEXES = [IndexModel([("last_seen", ASCENDING)])]
 CACHE_S = 30.0  # how long an agent's labels and devices are trusted
 VERDICT_S = 1.0  # how long a token's verdict is trusted (a removed token: this long)
-TOKEN_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,100}$")
-PREFIX = re.compile(r"^[A-Za-z0-9_.:@-]{1,200}$")
 
 
 class Refused(Exception):
@@ -57,95 +49,6 @@ class Caller:
 
     token: str
     scope: Scope = field(default_factory=Scope)
-
-
-def token_doc(name: str, prefixes: Iterable[str] = (), groups: Iterable[str] = ()
-              ) -> tuple[str, dict[str, Any]]:
-    """A new token and the document that stores it (hashed); ValueError on a bad name,
-    prefix or group."""
-    if not TOKEN_NAME.match(name):
-        raise ValueError(f"invalid token name {name!r}: letters, digits, _ . @ - (1-100)")
-    prefixes = sorted({p.strip() for p in prefixes if p.strip()})
-    for prefix in prefixes:
-        if not PREFIX.match(prefix):
-            raise ValueError(f"invalid device prefix {prefix!r}")
-    groups = sorted({check_name(g.strip()) for g in groups if g.strip()})
-    secret = secrets.token_urlsafe(24)
-    return secret, {"_id": hash_secret(secret), "name": name, "created_at": utcnow(),
-                    "scope": {"prefixes": prefixes, "groups": groups}}
-
-
-def add_token_sync(db: Database, name: str, prefixes: Iterable[str] = (),
-                   groups: Iterable[str] = ()) -> str:
-    """A new API token for agents (CLI, console, tests): stored hashed, returned once."""
-    secret, doc = token_doc(name, prefixes, groups)
-    db[TOKENS].insert_one(doc)
-    return secret
-
-
-async def add_token(db: AsyncDatabase, name: str, prefixes: Iterable[str] = (),
-                    groups: Iterable[str] = ()) -> str:
-    secret, doc = token_doc(name, prefixes, groups)
-    await db[TOKENS].insert_one(doc)
-    return secret
-
-
-def scope_of(doc: dict[str, Any]) -> tuple[list[str], list[str]]:
-    scope = doc.get("scope") or {}
-    return list(scope.get("prefixes") or []), list(scope.get("groups") or [])
-
-
-def list_tokens_sync(db: Database) -> list[dict[str, Any]]:
-    """The tokens by name: a short id (the hash's head, to tell same-named ones apart),
-    scope, dates; never a hash whole nor the token. `last_used`: when an agent bound to
-    it was last seen (None: none is, e.g. never used or its agents took another)."""
-    docs = list(db[TOKENS].find({}).sort([("name", ASCENDING), ("created_at", ASCENDING)]))
-    seen = last_seen_by_token(db, [d["_id"] for d in docs])
-    out = []
-    for doc in docs:
-        prefixes, groups = scope_of(doc)
-        out.append({"id": str(doc["_id"])[:12], "name": doc.get("name", ""),
-                    "prefixes": prefixes, "groups": groups,
-                    "created_at": doc.get("created_at"), "last_used": seen.get(doc["_id"])})
-    return out
-
-
-def last_seen_by_token(db: Database, hashes: list[str]) -> dict[str, datetime]:
-    """Token hash -> the latest `last_seen` of the agents bound to it. Tokens are not
-    written on use (every call would be a write); an agent's heartbeat already is."""
-    latest: dict[str, datetime] = {}
-    if not hashes:
-        return latest
-    for agent in db[AGENTS].find({"token": {"$in": hashes}}, {"token": 1, "last_seen": 1}):
-        at, token = agent.get("last_seen"), agent.get("token")
-        if at is not None and (token not in latest or at > latest[token]):
-            latest[token] = at
-    return latest
-
-
-def remove_token_sync(db: Database, name_or_id: str) -> int:
-    """Remove the tokens of that name (or that short id): how many. Their agents are
-    unbound (another token may register those ids) and asked to stop; every agents
-    process refuses the tokens within VERDICT_S."""
-    if not name_or_id:
-        return 0
-    docs = list(db[TOKENS].find({"name": name_or_id}, {"_id": 1}))
-    if not docs and re.fullmatch(r"[0-9a-f]{8,64}", name_or_id):
-        docs = list(db[TOKENS].find({"_id": {"$regex": f"^{name_or_id}"}}, {"_id": 1}))
-    hashes = [d["_id"] for d in docs]
-    if not hashes:
-        return 0
-    removed = db[TOKENS].delete_many({"_id": {"$in": hashes}}).deleted_count
-    db[AGENTS].update_many({"token": {"$in": hashes}}, {"$set": {"token": "", "stop": True}})
-    return removed
-
-
-def agent_state(doc: dict[str, Any], now: datetime, ttl_s: float) -> str:
-    """`lost` once silent for ttl_s, whatever the stored state says."""
-    seen = doc.get("last_seen")
-    if seen is None or seen <= now - timedelta(seconds=ttl_s):
-        return LOST
-    return str(doc.get("state", ACTIVE))
 
 
 class Registry:

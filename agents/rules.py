@@ -5,7 +5,6 @@ Pure functions over plain documents, so the rules are unit-tested on their own.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 import time
@@ -113,11 +112,6 @@ def parse_token(token: str) -> TokenParts | None:
     if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or not parts[2]:
         return None
     return TokenParts(parts[0], int(parts[1]))
-
-
-def hash_secret(secret: str) -> str:
-    """Agent API tokens are stored as this hash only."""
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 # -- sizes and deadlines ------------------------------------------------------------------

@@ -17,7 +17,7 @@ speak: register, heartbeat, long-poll lease (limit 1), complete.
    they are stored (the sweep makes them pending, `SENDSCRIPT_AGENT_SWEEP_INTERVAL_S`).
 
 Printed: both figures and, at the end, every submitted task read back from Mongo by
-its id (bench/tally.py): terminal by status, lost (never stored), unfinished,
+its id (sendscript/dev/tally.py): terminal by status, lost (never stored), unfinished,
 duplicates. `ok` (exit 0) when that tally is clean and every task succeeded exactly
 once (status success, one success record each).
 """
@@ -38,10 +38,10 @@ from typing import Any
 import httpx
 from pymongo import MongoClient
 
-from agents.registry import add_token_sync
-from bench import tally
 from sendscript import connect
+from sendscript.agent_store import add_token_sync
 from sendscript.client import SendScriptClient
+from sendscript.dev import tally
 from sendscript.dev.embedded import EmbeddedServers, free_port
 from sendscript.dev.processes import RoleProcess, wait_until
 from sendscript.settings import Settings

@@ -20,7 +20,7 @@ many tasks ran meanwhile.
 
 Then the master is stopped (it hands the tasks it holds back to the ready list, by
 reference) and every pushed item is accounted for by its `script.args.i`
-(bench/tally.py): stored in Mongo (by status), or still listed raw in the ready
+(sendscript/dev/tally.py): stored in Mongo (by status), or still listed raw in the ready
 list or the master's intake lists, or lost; an item both stored and listed, or
 stored twice, is a duplicate. Most items are still listed: they were never meant
 to run within the run.
@@ -52,8 +52,8 @@ from pymongo import MongoClient
 from rich.console import Console
 from rich.table import Table
 
-from bench import tally
 from sendscript import connect
+from sendscript.dev import tally
 from sendscript.dev.stack import LocalStack
 from sendscript.settings import Settings
 

@@ -24,7 +24,7 @@ every `--sample` seconds.
    reaches `--full` (90 %) of the baseline.
 
 4. The producer stops; once Mongo holds every submitted task terminal (within
-   `--timeout`), each is read back by its id (bench/tally.py) and the tally printed:
+   `--timeout`), each is read back by its id (sendscript/dev/tally.py) and the tally printed:
    terminal by status, lost (never stored), unfinished, duplicates.
 
 `run(Options(...))` is the part `bench/protections.py` calls; `render` prints it.
@@ -52,9 +52,9 @@ from pymongo import MongoClient
 from rich.console import Console
 from rich.table import Table
 
-from bench import tally
 from sendscript import connect
 from sendscript.client import SendScriptClient
+from sendscript.dev import tally
 from sendscript.dev.stack import LocalStack
 from sendscript.settings import Settings
 
@@ -95,7 +95,7 @@ class Result:
     to_full_speed_s: float | None  # recovery -> accepted rate back at `full` x baseline
     trips: int
     after_recovery_per_s: list[int]  # accepted sends in each whole second after recovery
-    tally: dict[str, Any]  # every submitted task read back (bench/tally.py)
+    tally: dict[str, Any]  # every submitted task read back (sendscript/dev/tally.py)
     read_back: str  # the tally's line
     ok: bool
     notes: list[str] = field(default_factory=list)

@@ -13,7 +13,7 @@ and search pages, in milliseconds per call (median of several).
 2. Counts: the leader's keeper builds its counts once (one pass over the
    collection), then `status`'s read of them is timed, beside the aggregate it
    replaces; then `--moves` tasks change status and one incremental pass is timed.
-3. Search (sendscript/search.py): several filters, the first page and a deep page
+3. Search (console/search.py): several filters, the first page and a deep page
    (reached by following the cursor `--deep` pages).
 4. The write cost of the counts' `updated_at` index: `--writes` status
    changes timed with and without it.
@@ -47,9 +47,7 @@ from pymongo import MongoClient
 from rich.console import Console
 from rich.table import Table
 
-from sendscript import connect, counts
-from sendscript.dev.embedded import EmbeddedServers
-from sendscript.search import (
+from console.search import (
     NEWEST_FIRST,
     SearchPage,
     TaskQuery,
@@ -57,6 +55,8 @@ from sendscript.search import (
     decode_cursor,
     search_tasks_sync,
 )
+from sendscript import connect, counts
+from sendscript.dev.embedded import EmbeddedServers
 from sendscript.settings import Settings
 from sendscript.status import TaskStatus, task_cas
 from sendscript.store import GROUPS, TASKS, ensure_indexes

@@ -13,7 +13,7 @@ holds the sends back. Sends are the farm's accept times (the simulator's `/runs`
 `started`): the measured span is `--duration` whole seconds, starting at the first
 whole second after every task was taken from the ready list and the first send.
 Every task is then waited for and read back from Mongo by its `script.args.n`
-(bench/tally.py): terminal by status, lost (never stored), unfinished, duplicates.
+(sendscript/dev/tally.py): terminal by status, lost (never stored), unfinished, duplicates.
 
 Printed: the per-second counts' mean, min and max, the span's total against
 LIMIT x duration and its error, the largest count in any one-second bucket, each
@@ -48,8 +48,8 @@ from pymongo import MongoClient
 from rich.console import Console
 from rich.table import Table
 
-from bench import tally
 from sendscript import connect
+from sendscript.dev import tally
 from sendscript.dev.processes import RoleProcess, wait_until
 from sendscript.dev.stack import LocalStack
 from sendscript.settings import Settings
@@ -94,7 +94,7 @@ class Result:
     spent_by_master: dict[str, int]
     reservations_per_s: dict[str, float]
     held_by_limit: int
-    statuses: dict[str, int]  # every pushed spec read back (bench/tally.py)
+    statuses: dict[str, int]  # every pushed spec read back (sendscript/dev/tally.py)
     tally: dict[str, Any]
     read_back: str  # the tally's line
     attempts_above_1: int

@@ -13,7 +13,7 @@ roles' options (connect.py) unless `--retry-writes` overrides them.
 What is timed is store steps, so the run verifies that the steps did what they
 were timed doing, from the store itself once they are done: every task read back
 by its id with the status the last step gave it (success), every exec record
-likewise, and the logs saved counted back (bench/tally.py for the first two).
+likewise, and the logs saved counted back (sendscript/dev/tally.py for the first two).
 Printed after the figures; exits 1 when a write is missing.
 """
 
@@ -33,10 +33,10 @@ from typing import Any
 
 from pymongo import ASCENDING, IndexModel, MongoClient
 
-from bench import tally
 from bench.cpu import tree_cpu_s
-from consumers.task_log import result_updates
+from consumers.rules import result_updates
 from sendscript import connect, roundtrips
+from sendscript.dev import tally
 from sendscript.dev.embedded import MongoServer
 from sendscript.models import ExecRecord, LogType, Task, TaskLogMessage, TaskSpec, utcnow
 from sendscript.settings import Settings

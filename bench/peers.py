@@ -24,7 +24,7 @@ by process group from
 farm. The producer (this process) is not counted, for any system.
 
 No system's figure counts a task it did not finish. After each run every task
-submitted to it is read back from where its job writes it (bench/tally.py):
+submitted to it is read back from where its job writes it (sendscript/dev/tally.py):
 sendscript's from `script_tasks` (bench.throughput's read-back), a peer's from its
 own database's `tasks` collection, by id, where the job marks each task success
 after its last write (bench/peer_jobs/job.py). The tally line of each run is
@@ -53,8 +53,9 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from bench import tally, throughput
+from bench import throughput
 from bench.cpu import CpuMeter
+from sendscript.dev import tally
 from sendscript.dev.embedded import EmbeddedServers, child_env, free_port
 from sendscript.dev.processes import RoleProcess, wait_until
 from sendscript.dev.stack import LocalStack
@@ -74,7 +75,7 @@ class Run:
     cpu_ms_per_task: dict[str, float]
     ok: bool
     note: str = ""
-    read_back: str = ""  # the tally's line (bench/tally.py)
+    read_back: str = ""  # the tally's line (sendscript/dev/tally.py)
 
 
 def peer_command(system: str) -> list[str]:

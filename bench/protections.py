@@ -14,7 +14,7 @@ Runs, one after the other, each on fresh embedded servers:
 `--quick` runs each for a fraction of the time (a smoke run, not the figures).
 Each part can also be run alone with its own options.
 
-Each part accounts for what it submitted from the stores (bench/tally.py): the
+Each part accounts for what it submitted from the stores (sendscript/dev/tally.py): the
 limits and breaker parts read every task back terminal from Mongo, the
 backpressure part finds every pushed item stored in Mongo or still listed in
 Redis. Their tally lines are printed again at the end; exits 1 when any part is

@@ -97,7 +97,6 @@ from pymongo import MongoClient
 from rich.console import Console
 from rich.table import Table
 
-from bench import tally
 from bench.throughput import (
     _json_safe,
     percentile,
@@ -106,6 +105,7 @@ from bench.throughput import (
 )
 from sendscript import connect
 from sendscript.client import SendScriptClient
+from sendscript.dev import tally
 from sendscript.dev.stack import LocalStack
 from sendscript.settings import Settings
 from sendscript.store import RECORDS, TASKS
@@ -168,7 +168,7 @@ class LatenessResult:
     run_ms: float
     submit_s: float  # first submit_many call -> last one returned
     first_due_after_submit_s: float  # slack between the end of submitting and the first run_at
-    statuses: dict[str, int]  # every submitted task read back (bench/tally.py)
+    statuses: dict[str, int]  # every submitted task read back (sendscript/dev/tally.py)
     not_terminal: int  # lost (never stored) or unfinished
     read_back: str  # the tally's line
     fired_by_master: int  # the heartbeat's delayed_fired
@@ -229,7 +229,7 @@ class RestartResult:
     late_after_kill_ms: dict[str, float]  # the two groups above together
     new_master_fire_lateness_ms: dict[str, float]  # its heartbeat's delayed_fire_lateness
     new_master_fired: int
-    statuses: dict[str, int]  # every submitted task read back (bench/tally.py)
+    statuses: dict[str, int]  # every submitted task read back (sendscript/dev/tally.py)
     not_terminal: int  # lost (never stored) or unfinished
     read_back: str  # the tally's line
     never_started: int

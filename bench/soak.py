@@ -14,7 +14,7 @@ processes, the Mongo, Redis and Pulsar servers, the farm) in that window.
 Verdict: throughput and memory are flat when the last window's tasks/s is
 within 10 % of the first's and no role's RSS grew by more than 10 % from the
 first window to the last. At the end every submitted spec is read back from Mongo
-(bench/tally.py, by its `script.args.n`) and the tally printed: terminal by
+(sendscript/dev/tally.py, by its `script.args.n`) and the tally printed: terminal by
 status, lost (never stored), unfinished, duplicates. Exits 1 when the run is not
 flat, or when any task is lost, unfinished or stored twice.
 """
@@ -38,9 +38,9 @@ import redis
 from pymongo import MongoClient
 from rich.console import Console
 
-from bench import tally
 from bench.cpu import CpuMeter, tree_rss_mb
 from bench.throughput import BENCH_SCRIPT, finished_so_far, process_groups
+from sendscript.dev import tally
 from sendscript.dev.stack import LocalStack
 from sendscript.settings import Settings
 from sendscript.store import TASKS

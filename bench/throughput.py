@@ -33,7 +33,7 @@ the SDK's index creation), so they shrink as --tasks grows.
 
 With `--backlog`, the first `--tasks` done are timed while the rest wait; then the
 whole backlog is let finish. Either way every submitted spec is read back from
-Mongo at the end (bench/tally.py, by its `script.args.n`) and the tally printed:
+Mongo at the end (sendscript/dev/tally.py, by its `script.args.n`) and the tally printed:
 terminal by status, lost (never stored), unfinished, duplicates. Exits 1 when a
 task is lost, unfinished or stored twice, or the farm saw an overlap.
 """
@@ -59,10 +59,10 @@ from pymongo import MongoClient
 from rich.console import Console
 from rich.table import Table
 
-from bench import tally
 from bench.cpu import CpuMeter
 from sendscript import connect, roundtrips
 from sendscript.client import SendScriptClient
+from sendscript.dev import tally
 from sendscript.dev.stack import LocalStack
 from sendscript.settings import Settings
 from sendscript.status import TERMINAL, TaskStatus
@@ -132,7 +132,7 @@ class Result:
     producer_split: dict[str, dict[str, Any]]
     role_exit_codes: dict[str, int | None]
     cpu_ms_per_task: dict[str, float]  # process group -> CPU ms per task
-    tally: dict[str, Any]  # every submitted spec read back (bench/tally.py)
+    tally: dict[str, Any]  # every submitted spec read back (sendscript/dev/tally.py)
     ok: bool
 
 

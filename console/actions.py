@@ -17,11 +17,11 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from agents.registry import AGENTS, add_token_sync, remove_token_sync
 from console import auth
 from console.data import AUDIT, Stores, entry_id, task_query
 from console.filters import TaskFilter
 from sendscript import pauses as flags
+from sendscript.agent_store import add_token_sync, ask_stop_sync, remove_token_sync
 from sendscript.client import SendScriptClient
 from sendscript.models import utcnow
 from sendscript.status import CANCELLABLE, RETRYABLE_BY_HAND, TaskStatus, task_cas
@@ -192,10 +192,10 @@ class Actions:
     def stop_agent(self, who: auth.Principal, agent_id: str) -> dict[str, Any]:
         """Ask an agent to stop, as the CLI does: its next heartbeat answers stop (it
         finishes or gives back what it holds)."""
-        found = self.stores.db[AGENTS].update_one({"_id": agent_id}, {"$set": {"stop": True}})
-        if not found.matched_count:
+        asked = ask_stop_sync(self.stores.db, agent_id)
+        if asked is None:
             raise Refused(f"no agent {agent_id}", 404)
-        result = {"already": found.modified_count == 0}
+        result = {"already": not asked}
         self.audit(who, "agent stop", target=agent_id, count=1, result=result)
         return {"stopped": agent_id, **result}
 

@@ -9,13 +9,13 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from agents.registry import list_tokens_sync
 from console import data, live
 from console.actions import BulkAction, Refused
 from console.context import Console, Operator, Who, console_of
 from console.filters import NAME, TASK_ID, Page, TaskFilter
+from console.search import SearchError
 from sendscript import pauses as flags
-from sendscript.search import SearchError
+from sendscript.agent_store import list_tokens_sync
 
 
 class Problem(BaseModel):

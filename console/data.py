@@ -15,13 +15,13 @@ import redis
 from pymongo import DESCENDING, MongoClient
 from pymongo.database import Database
 
-from agents.registry import AGENTS, agent_state
 from console.filters import Page, TaskFilter, to_query
+from console.search import TaskQuery, search_tasks_sync
 from sendscript import alerts, connect, counts, device_health, pauses
+from sendscript.agent_store import agents_sync, leases_held_sync
 from sendscript.keys import Keys
-from sendscript.models import PULL, utcnow
+from sendscript.models import PULL
 from sendscript.report import breaker_view
-from sendscript.search import TaskQuery, search_tasks_sync
 from sendscript.settings import Settings
 from sendscript.store import GROUPS, LOGS, RECORDS, SCHEDULES, TASKS
 
@@ -170,7 +170,7 @@ def _row(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def search_tasks(stores: Stores, flt: TaskFilter, page: Page) -> dict[str, Any]:
-    """One page, newest first, through the service's task search (sendscript/search.py:
+    """One page, newest first, through the service's task search (console/search.py:
     bounded windows of the created_at indexes, keyset cursor). SearchError: a 4xx."""
     q = TaskQuery(device_id=flt.device, group=flt.group, queue=flt.queue,
                   script_id=flt.script, statuses=[str(flt.status)] if flt.status else [],
@@ -318,32 +318,22 @@ def device_detail(stores: Stores, device_id: str) -> dict[str, Any]:
 
 
 def leases_held(stores: Stores, limit: int = MAX_LEASES) -> dict[str, list[dict[str, Any]]]:
-    """Running pull tasks per leasing agent (the mode/status index bounds the read)."""
-    held: dict[str, list[dict[str, Any]]] = {}
-    for doc in stores.db[TASKS].find(
-            {"mode": PULL, "status": "running"},
-            {"lease.agent": 1, "lease.deadline": 1, "lease.cap": 1, "device_id": 1}
-    ).limit(limit):
-        lease = doc.get("lease") or {}
-        held.setdefault(str(lease.get("agent", "")), []).append(
-            {"task_id": doc["_id"], "device_id": doc.get("device_id"),
-             "deadline": lease.get("deadline"), "cap": lease.get("cap")})
-    return held
+    """Running pull tasks per leasing agent."""
+    return leases_held_sync(stores.db, limit)
 
 
 def agents(stores: Stores, limit: int = MAX_AGENTS) -> list[dict[str, Any]]:
     """Registered agents, their state (`active`, or `lost` once silent for
     SENDSCRIPT_AGENT_TTL_S) and the leases they hold; never the token they registered
     with."""
-    now, ttl_s = utcnow(), stores.settings.agent_ttl_s
     held = leases_held(stores)
     out = []
-    for doc in stores.db[AGENTS].find({}, {"token": 0}).sort("_id", 1).limit(limit):
+    for doc in agents_sync(stores.db, stores.settings.agent_ttl_s, limit):
         leases = sorted(held.get(doc["_id"], []), key=lambda x: x["task_id"])
         out.append({"id": doc["_id"], "name": doc.get("name", ""),
                     "labels": doc.get("labels", []), "devices": doc.get("devices", []),
                     "version": doc.get("version", ""),
-                    "state": agent_state(doc, now, ttl_s), "stop": bool(doc.get("stop")),
+                    "state": doc["state"], "stop": bool(doc.get("stop")),
                     "last_seen": doc.get("last_seen"), "registered_at": doc.get("registered_at"),
                     "leases": len(leases), "tasks": leases})
     return out

@@ -153,7 +153,7 @@ def to_query(flt: TaskFilter, group_devices: list[str] | None = None) -> dict[st
 
 class Page(BaseModel):
     """Newest first, `limit` at a time; `before` is the cursor the previous page gave
-    (keyset paging in sendscript/search.py: no skip over thousands of rows)."""
+    (keyset paging in console/search.py: no skip over thousands of rows)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -12,10 +12,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 
-from agents.registry import list_tokens_sync
 from console import auth, data
 from console.context import COOKIE, Console, LoginRequired, Who, console_of
 from console.filters import NAME, TASK_ID, Page, TaskFilter
+from sendscript.agent_store import list_tokens_sync
 
 TEMPLATES = Jinja2Templates(directory=str(FsPath(__file__).parent / "templates"))
 router = APIRouter(include_in_schema=False)

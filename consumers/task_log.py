@@ -11,6 +11,11 @@ on; only a failure retrying can cure (a server down or slow) negatively
 acknowledges the batch. Applying a redelivered message again changes nothing,
 because every write is a CAS or an insert keyed by the log's identity.
 
+The pure rules (parsing, log documents, dead letters, result writes) are in
+`consumers/rules.py`; the subscription and its way past the embedded broker's
+refusals in `consumers/subscription.py`. This module is the runtime: the loop,
+heartbeats, counters, stopping.
+
 Every wait of the consumer ends when it is told to stop: connecting, subscribing,
 backing off, and a batch in flight gets the shutdown grace, then is abandoned
 (unacknowledged, so redelivered).
@@ -19,24 +24,30 @@ backing off, and a batch in flight gets the shutdown grace, then is abandoned
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import os
 import secrets
 import signal
 import socket
 import time
 from collections.abc import Awaitable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime
 from typing import Any, TypeVar
 
 import pulsar
 import pulsar.asyncio as apulsar
 from loguru import logger
-from pydantic import ValidationError
 from pymongo.errors import BulkWriteError
 
+from consumers.rules import (
+    BatchResult,
+    dead_letter_payload,
+    log_document,
+    parse_message,
+    result_updates,
+    safe_text,
+)
+from consumers.subscription import ClientSignals, Subscriber
 from sendscript import connect, device_health, metrics, roundtrips
 from sendscript.backoff import Backoff, stopped_within
 from sendscript.failover import ride_out
@@ -47,187 +58,19 @@ from sendscript.models import (
     RESULT_TYPES,
     LogType,
     TaskLogMessage,
-    describe_error,
-    parse_json_object,
     utcnow,
 )
 from sendscript.pulsar_log import pulsar_logger
 from sendscript.queue import push_refs
 from sendscript.refusals import (
-    encoding_refusal,
     permanent_write_errors,
     transient_write_errors,
 )
 from sendscript.replicas import NotReplicated, ReplicaWait
-from sendscript.retry import Decision, decide, failure_cas, log_retryable
 from sendscript.settings import Settings
-from sendscript.status import RecordStatus, TaskStatus, record_cas, task_cas
 from sendscript.store import LogStore, RecordStore, TaskStore
 
-# A result for attempt k applies while the task is still on attempt k. SUCCESS
-# also applies to a task put back after its worker died mid-send: the device did
-# run it, so running it again would be the mistake.
-APPLIES_TO = {
-    LogType.SUCCESS: frozenset({TaskStatus.RUNNING, TaskStatus.SENT, TaskStatus.PENDING,
-                                TaskStatus.RETRY_WAITING}),
-    LogType.ERROR: frozenset({TaskStatus.RUNNING, TaskStatus.SENT}),
-    LogType.SYSTEM_ERROR: frozenset({TaskStatus.RUNNING, TaskStatus.SENT}),
-}
-OPEN_RECORD = frozenset({RecordStatus.RUNNING, RecordStatus.SENT})
-
 T = TypeVar("T")
-
-# A dead letter keeps this much of the refused message: the dead-letter topic has
-# the same message size limit as the task-log topic, and the payload adds to it.
-DEAD_LETTER_DATA_BYTES = 256 * 1024
-# How the C++ client says the broker refused a consumer it was creating.
-REFUSED_CONSUMER = "creating consumer"
-# Throw-away readers before the subscription: at most this many (see _subscribe).
-MAX_SLOT = 64
-
-
-def parse_message(data: bytes) -> TaskLogMessage:
-    """A task-log message, or ValueError with the reason it is refused."""
-    obj = parse_json_object(data)
-    try:
-        return TaskLogMessage.model_validate(obj)
-    except ValidationError as exc:
-        raise ValueError(describe_error(exc)) from None
-
-
-def cut_message(message: str, max_chars: int) -> str:
-    """`message` as stored: at most `max_chars`, saying how long it was if cut."""
-    if len(message) <= max_chars:
-        return message
-    note = f" [cut: {len(message)} characters]"
-    return message[:max(0, max_chars - len(note))] + note
-
-
-def log_document(msg: TaskLogMessage, received_at: datetime, max_chars: int) -> dict[str, Any]:
-    """The document a log is stored as, its message cut; ValueError with the reason
-    when the store could never hold it (retrying the batch would not change that)."""
-    try:
-        doc = msg.to_doc(received_at)
-    except ValueError as exc:  # its identity hashes text UTF-8 cannot carry
-        raise ValueError(f"cannot be stored: {type(exc).__name__}: {exc}"[:500]) from None
-    doc["message"] = cut_message(doc["message"], max_chars)
-    reason = encoding_refusal(doc)
-    if reason is not None:
-        raise ValueError(reason)
-    return doc
-
-
-def safe_text(text: str) -> str:
-    """`text` with anything UTF-8 cannot carry (lone surrogates) escaped."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def dead_letter_payload(data: bytes, reason: str, message_id: str, topic: str) -> bytes:
-    """The dead letter of a refused message: its reason and (the head of) its data."""
-    payload: dict[str, Any] = {
-        "reason": safe_text(reason),
-        "data": data[:DEAD_LETTER_DATA_BYTES].decode("utf-8", "replace"),
-        "message_id": message_id,
-        "topic": topic,
-    }
-    if len(data) > DEAD_LETTER_DATA_BYTES:
-        payload["data_bytes"] = len(data)  # the data above is its head only
-    return json.dumps(payload).encode()
-
-
-@dataclass
-class BatchResult:
-    saved: int = 0
-    applied: int = 0
-    dead_lettered: int = 0
-    released: int = 0
-    retries: int = 0
-    unknown_records: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ResultWrites:
-    """What a batch of result logs changes."""
-
-    tasks: list[tuple[dict, dict]] = field(default_factory=list)  # in message order
-    # Which of `tasks` end a failed attempt: (index, task id, waits for a retry). They
-    # are applied one by one, so a retry is queued only where the task did move.
-    failures: list[tuple[int, str, bool]] = field(default_factory=list)
-    records: list[tuple[dict, dict]] = field(default_factory=list)
-    releases: list[tuple[str, int]] = field(default_factory=list)
-
-    @property
-    def retries(self) -> list[str]:
-        """Tasks to queue for a retry, if their update applies."""
-        return [task_id for _, task_id, retry in self.failures if retry]
-
-    def successes(self) -> list[tuple[dict, dict]]:
-        failed = {i for i, _, _ in self.failures}
-        return [u for i, u in enumerate(self.tasks) if i not in failed]
-
-
-def result_updates(
-    results: Sequence[TaskLogMessage],
-    records: dict[str, Any],
-    tasks: dict[str, dict[str, Any]],
-    settings: Settings,
-    now: datetime,
-) -> ResultWrites:
-    """CAS updates for tasks and records, locks to release and retries, for result logs.
-
-    `tasks` holds the retry fields (max_retries, queue, retry_base_s) of the tasks
-    with a failed result; a task missing there is failed without a retry.
-    """
-    out = ResultWrites()
-    for msg in results:
-        record = records.get(msg.record_id)
-        if record is None:
-            continue
-        out.releases.append((record.device_id, record.lock_value))
-        # Past the task's deadline the result still applies (the device did run it).
-        late = {"late": True} if device_health.is_late(record, now) else {}
-        if msg.log_type == LogType.SUCCESS:
-            out.tasks.append(task_cas(record.task_id, APPLIES_TO[msg.log_type],
-                                      TaskStatus.SUCCESS, now, attempt=record.attempt))
-            out.records.append(record_cas(msg.record_id, OPEN_RECORD, RecordStatus.SUCCESS, now,
-                                          set_=late))
-            continue
-        error = f"{msg.log_type}{f' [{msg.code}]' if msg.code else ''}: {msg.message}"[:1000]
-        task = tasks.get(record.task_id)
-        if task is None:
-            decision = Decision(False, error)
-        else:
-            policy = settings.retry_policy(task.get("max_retries", 0),
-                                           task.get("queue", "default"),
-                                           task.get("retry_base_s"))
-            retryable = log_retryable(msg.log_type, msg.code, settings.final_error_codes)
-            decision = decide(policy, record.attempt, retryable, error, now)
-        out.failures.append((len(out.tasks), record.task_id, decision.retry))
-        out.tasks.append(failure_cas(record.task_id, APPLIES_TO[msg.log_type], record.attempt,
-                                     decision, now))
-        out.records.append(record_cas(msg.record_id, OPEN_RECORD, RecordStatus.FAILED, now,
-                                      set_={"error": error, **late}))
-    return out
-
-
-class _ClientSignals:
-    """What one Pulsar client's own log tells the consumer, handed to the event loop.
-
-    pulsar-lite (the embedded broker) refuses a subscription whose consumer id is
-    already in the subscription, and says so only by dropping the connection; the
-    client then logs "Temporary error in creating consumer" and retries until its
-    operation timeout. Seen here, the refusal ends the try at once."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.refused = asyncio.Event()
-
-    def __call__(self, level: int, message: str) -> None:  # on a client thread
-        if level >= logging.WARNING and REFUSED_CONSUMER in message:
-            try:
-                self.loop.call_soon_threadsafe(self.refused.set)
-            except RuntimeError:  # the loop is closed: the process is ending
-                pass
 
 
 class TaskLogConsumer:
@@ -241,11 +84,9 @@ class TaskLogConsumer:
         # leftovers are never mistaken for ours.
         self.consumer_name = f"sendscript-{self.name}-{secrets.token_hex(3)}"
         self.backoff = Backoff(base_s=0.2, cap_s=5.0)
-        # How many consumer ids this process skips before its subscription's (see
-        # _subscribe); grows each time the broker refuses the subscription.
-        self.slot = 0
+        self.subscriber = Subscriber(settings, self.consumer_name)
         self._stop_at: float | None = None
-        self.metrics = metrics.setup("consumer", self.name)  # issue 10
+        self.metrics = metrics.setup("consumer", self.name)
         self.subscribed = False
 
     async def run(self) -> int:
@@ -258,7 +99,7 @@ class TaskLogConsumer:
         db = connect.database(self.mongo)
         self.tasks, self.records, self.logs = TaskStore(db), RecordStore(db), LogStore(db)
         self.locks = DeviceLocks(self.redis, s.keys)
-        health = start_health(self)  # /healthz, /readyz when a port is set (issue 10)
+        health = start_health(self)  # /healthz, /readyz when a port is set
         backoff = Backoff(base_s=0.5, cap_s=10.0)
         while not self.stop_event.is_set():
             try:
@@ -268,7 +109,7 @@ class TaskLogConsumer:
                 continue
             backoff.succeeded("consumer: pulsar")
             if refused:
-                self._next_slot()
+                self.subscriber.next_slot()
                 await stopped_within(self.stop_event, 0.2)
         await self._close()
         await health.stop()
@@ -315,54 +156,11 @@ class TaskLogConsumer:
         except Exception as exc:
             logger.debug("consumer: {} failed: {!r}", what, exc)
 
-    def _next_slot(self) -> None:
-        self.slot = (self.slot + 1) % MAX_SLOT
-        logger.warning(
-            "consumer: the broker refused subscription {!r}; trying again with consumer id "
-            "{} (pulsar-lite keeps a consumer whose connection ended with a reset and "
-            "refuses any other with its id)", self.settings.task_log_subscription, self.slot)
-
-    def _slot_topic(self) -> str:
-        namespace = self.settings.task_log_topic.split("://", 1)[-1].rsplit("/", 1)[0]
-        return f"non-persistent://{namespace}/{self.settings.key_prefix}-consumer-slots"
-
-    async def _subscribe(self, client: apulsar.Client) -> apulsar.Consumer:
-        """Subscribe, first opening and closing `self.slot` throw-away readers.
-
-        pulsar-lite keys a subscription's consumers by the id the client gives
-        them, which counts from 0 in every client, and keeps the consumer of a
-        connection that ended with a reset (a process killed with deliveries still
-        unread in its socket) until it restarts. Each reader takes the next id, so
-        after a refusal the next try subscribes under an id no dead consumer holds.
-        A real Pulsar broker keys consumers by connection and never refuses one so
-        (slot stays 0)."""
-        s = self.settings
-        for _ in range(self.slot):
-            reader = await client.create_reader(self._slot_topic(), pulsar.MessageId.latest)
-            await reader.close()
-        return await client.subscribe(
-            s.task_log_topic, s.task_log_subscription,
-            consumer_type=pulsar.ConsumerType.Shared,
-            consumer_name=self.consumer_name,
-            negative_ack_redelivery_delay_ms=s.consumer_nack_delay_ms,
-            initial_position=pulsar.InitialPosition.Earliest,
-            # Prefetch half a batch: with the batch in hand and the next one
-            # buffered (see _loop), that is all one consumer holds unacknowledged,
-            # which is what waits when it dies (pulsar-lite also keeps delivering
-            # up to this many to a consumer it failed to drop).
-            receiver_queue_size=max(10, s.consumer_batch // 2),
-            # A log no consumer can get past (it is nacked or kills its consumer every
-            # time) stops being redelivered: the client sends it to the dead letters.
-            dead_letter_policy=pulsar.ConsumerDeadLetterPolicy(
-                s.pulsar_max_redeliveries, s.redelivery_dlq_topic,
-                f"{s.task_log_subscription}-dlq") if s.pulsar_max_redeliveries else None,
-        )
-
     async def _consume(self) -> bool:
         """One client: subscribe, consume until stopped or failed. True if the broker
         refused the subscription (the next try takes another consumer id)."""
         s = self.settings
-        signals = _ClientSignals(asyncio.get_running_loop())
+        signals = ClientSignals(asyncio.get_running_loop())
         # A fresh client per try: a client left retrying a refused or lost
         # subscription on its own would hold connections and consumers we no
         # longer know of.
@@ -371,8 +169,8 @@ class TaskLogConsumer:
             logger=pulsar_logger("consumer", signals),
         )
         try:
-            consumer = await self._until_stopped(self._subscribe(client), s.pulsar_timeout_s,
-                                                 signals.refused)
+            consumer = await self._until_stopped(self.subscriber.subscribe(client),
+                                                 s.pulsar_timeout_s, signals.refused)
             if consumer is None:
                 return signals.refused.is_set() and not self.stop_event.is_set()
             try:
@@ -382,7 +180,8 @@ class TaskLogConsumer:
                     return False
                 self.dlq = dlq
                 logger.info("consuming {} as {} ({}, consumer id {})", s.task_log_topic,
-                            s.task_log_subscription, self.consumer_name, self.slot)
+                            s.task_log_subscription, self.consumer_name,
+                            self.subscriber.slot)
                 self.subscribed = True
                 await self._loop(consumer)
             finally:

@@ -7,7 +7,7 @@
 // @grant        none
 // ==/UserScript==
 //
-// A small pull-mode agent for a browser (seed 001's Chrome workers). Load it as a
+// A small pull-mode agent for a browser (an agent running in a Chrome tab). Load it as a
 // userscript (Tampermonkey / Violentmonkey: fill in @match), or with a <script> tag:
 // it defines window.SendscriptAgent and starts nothing by itself.
 //

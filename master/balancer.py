@@ -1,4 +1,4 @@
-"""Which worker gets a device's task (seed 003, 3.1.3). Pure logic.
+"""Which worker gets a device's task: device affinity, then load. Pure logic.
 
 Prefer a worker that holds no task of this device, least loaded first; failing
 that, the worker holding fewest tasks of the device, then least loaded.

@@ -1,6 +1,6 @@
 """Prometheus metrics: their definitions, and how each process publishes its own.
 
-Design (issue 10). Each role process keeps its own counters and histograms in a
+Each role process keeps its own counters and histograms in a
 private `CollectorRegistry` and publishes a snapshot of them every heartbeat into
 the Redis hash `{prefix}:metrics` (field `{role}:{instance}`, JSON). The console's
 `/metrics` renders every snapshot with `role` and `instance` labels, beside gauges

@@ -33,7 +33,7 @@ DEFAULT_QUEUE = "default"
 # boundaries where producers submit (intake, SDK) pass it; tasks built from what is
 # already stored (schedules, fan-out copies) are not measured again.
 MAX_SCRIPT_BYTES = "max_script_bytes"
-# Pull mode (issue 11): a task an agent leases over the agents API instead of one a
+# Pull mode: a task an agent leases over the agents API instead of one a
 # master pushes to central-control. Its `master` holds this name for as long as it is
 # unfinished, so no master's delay loader, orphan sweep or restore ever takes it; a pull
 # task may leave the device open (ANY_DEVICE): any agent with its labels may run it.
@@ -58,7 +58,7 @@ def script_refusal(script: dict[str, Any], max_bytes: int) -> str | None:
 
 # A task's run_at is never further before its creation than this: a past due time
 # means "now" to dispatch, and the task search finds a status's tasks created after
-# T among those with run_at after T - EARLIEST_DUE (sendscript/search.py). A fire of
+# T among those with run_at after T - EARLIEST_DUE (console/search.py). A fire of
 # a schedule keeps its fire time unless it comes more than this late.
 EARLIEST_DUE = timedelta(hours=1)
 
@@ -232,7 +232,7 @@ class Task(BaseModel):
     schedule: str | None = None
     dedupe_active: str | None = None
     purge_at: datetime | None = None
-    # Pull mode (issue 11; absent on pushed tasks): the mode, the labels an agent must
+    # Pull mode (absent on pushed tasks): the mode, the labels an agent must
     # carry, the last checkpoint an agent saved (handed to the next lease), the lease
     # held now ({token, agent, record_id, fence, seq, leased_at, deadline, cap}), the
     # last lease's end ({token, agent, outcome}: a repeated call is answered from it),

@@ -93,7 +93,7 @@ def gather(settings: Settings) -> dict[str, Any]:
         mongo.close()
 
 
-# -- `sendscript monitor health` / `progress` (issue 10) ----------------------------------
+# -- `sendscript monitor health` / `progress` ---------------------------------------------
 
 
 def health_checks(settings: Settings, info: dict[str, Any] | None, error: str | None = None

@@ -2,7 +2,7 @@
 
 Retryable: central-control failures its client marks retryable (the one rule of
 which HTTP statuses and transport errors those are, 409 included, lives in
-`sendscript.central`), SYSTEM_ERROR logs, ERROR logs whose code is not marked
+`worker.central`), SYSTEM_ERROR logs, ERROR logs whose code is not marked
 final, result timeouts. Final: what the client marks final, ERROR logs whose
 code is marked final, and a task out of attempts. A retry waits
 base * factor^(attempt-1), capped, with jitter.

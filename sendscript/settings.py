@@ -147,19 +147,19 @@ class Settings(BaseSettings):
     worker_timeout_s: float = Field(30.0, gt=0)
     worker_task_timeout_s: float = Field(0.0, ge=0)
 
-    # Submissions (issue 8): the largest script accepted, as its BSON size in bytes
+    # Submissions: the largest script accepted, as its BSON size in bytes
     # (what Mongo stores; at most its 16 MiB document limit), and how long a finished
     # task keeps its dedupe key (0: only while it is unfinished).
     max_script_bytes: int = Field(1024 * 1024, ge=1, le=16 * 1024 * 1024)
     dedupe_window_s: float = Field(86400.0, ge=0)
 
-    # Pauses (issue 9, sendscript/pauses.py): a lifted pause wakes the devices it held
+    # Pauses (sendscript/pauses.py): a lifted pause wakes the devices it held
     # at once; this is only the fallback re-ask of a held device. While the quota pause
     # is set, one task is let through this often as a probe (its success lifts it).
     pause_recheck_s: float = Field(10.0, gt=0)
     quota_probe_s: float = Field(30.0, gt=0)
 
-    # Backpressure (issue 9): a master stops taking from the ready list while it holds
+    # Backpressure: a master stops taking from the ready list while it holds
     # high_water tasks (queued on its board plus delayed in its heap) and takes again
     # once down to low_water; 0 turns it off. Producers (SDK, `sendscript submit`)
     # refuse with QueueFull while the ready list holds ready_max items (0: no cap; a
@@ -170,7 +170,7 @@ class Settings(BaseSettings):
     low_water: int = Field(5_000, ge=0)
     ready_max: int = Field(0, ge=0)
 
-    # Alerts (issue 9, sendscript/alerts.py, master/alerts.py): a WeCom group robot
+    # Alerts (sendscript/alerts.py, master/alerts.py): a WeCom group robot
     # (its full webhook URL, key included) and/or a JSON webhook; neither set: alerts
     # are only logged. At most alert_max_per_minute messages a minute in all (what is
     # dropped is said in the next one); each POST times out after alert_timeout_s and
@@ -197,7 +197,7 @@ class Settings(BaseSettings):
     # A master silent this long is gone (the leader says so); one restarted sooner is not.
     alert_master_gone_after_s: float = Field(30.0, ge=0)
 
-    # Rate limits (issue 9, sendscript/limits.py, master/limits.py), shared by every
+    # Rate limits (sendscript/limits.py, master/limits.py), shared by every
     # master: at most MAX dispatches per DURATION for all tasks, a queue or a device
     # group: "global=20/1s,queue:bulk=5/2s,group:rack-7=1/1s" (ms, s, m, h). A task
     # over a limit waits (no attempt used, no error). Tokens are reserved in Redis at
@@ -221,7 +221,7 @@ class Settings(BaseSettings):
     rate_limit_adapt_latency_s: float | None = Field(None, gt=0)
     rate_limit_adapt_tick_s: float = Field(0.25, gt=0, le=10)
 
-    # Circuit breaker on central-control (issue 9, sendscript/breaker.py,
+    # Circuit breaker on central-control (sendscript/breaker.py,
     # master/breaker.py), one state shared by every master through Redis, merged every
     # breaker_sync_s. Over a sliding breaker_window_s holding at least
     # breaker_min_volume sends, a failure rate (unreachable, timeouts, 408/429/5xx) at
@@ -241,7 +241,7 @@ class Settings(BaseSettings):
     breaker_degraded_concurrency: int = Field(8, ge=1)
     breaker_sync_s: float = Field(0.5, gt=0, le=10)
 
-    # Quota (issue 9): central-control answering this HTTP status, or an error code
+    # Quota: central-control answering this HTTP status, or an error code
     # (its body's `code`/`errorCode`/`error_code`) among these, means its quota is
     # exhausted: no attempt used, the quota pause is set (quota_probe_s lifts it).
     central_quota_status: int | None = None
@@ -260,7 +260,7 @@ class Settings(BaseSettings):
     drop_hard_stop_at: float = Field(0.20, gt=0, le=1)
     drop_sync_s: float = Field(1.0, gt=0, le=60)
 
-    # Benching (issue 9, sendscript/device_health.py, master/device_health.py): a device
+    # Benching (sendscript/device_health.py, master/device_health.py): a device
     # whose last bench_after attempts failed (SYSTEM_ERROR results, result timeouts,
     # sends central-control refused for it) is benched, its tasks held by every master
     # without using attempts, for bench_cooldown_s, doubled per bench in a row up to
@@ -272,7 +272,7 @@ class Settings(BaseSettings):
     bench_cooldown_max_s: float = Field(900.0, gt=0)
     bench_alert_count: int = Field(10, ge=0)
 
-    # Console (issue 10, console/): where it listens (any address but a loopback one
+    # Console (console/): where it listens (any address but a loopback one
     # needs an operator token in Mongo first), the cookie-signing secret (unset: one
     # shared through Mongo), how long a login lasts, the most tasks a bulk action may
     # change, how long its confirmation holds, how often live views refresh (counts of
@@ -300,7 +300,7 @@ class Settings(BaseSettings):
     trusted_proxies: Annotated[tuple[str, ...], NoDecode] = ()
     metrics_token: str | None = None
 
-    # Pull-mode agents (issue 11, agents/): the agents role's HTTP API. A lease lasts
+    # Pull-mode agents (agents/): the agents role's HTTP API. A lease lasts
     # agent_lease_s, each progress call extends it (never past the task's timeout_s
     # from its start); an agent silent for agent_ttl_s is lost and its leases go back
     # with their checkpoints. Lease calls wait up to agent_max_wait_s, look again every
@@ -322,7 +322,7 @@ class Settings(BaseSettings):
     agent_sweep_interval_s: float = Field(1.0, gt=0)
     agent_cors_origins: str = "*"
 
-    # Monitoring (issue 10). Task counts (sendscript/counts.py): buckets of
+    # Monitoring. Task counts (sendscript/counts.py): buckets of
     # created_at this wide, the leader's pass this often, changes re-read this far
     # back (clocks apart, writes in flight), a purged bucket recounted this long after
     # its purge time (the TTL monitor's lag). Health endpoints (sendscript/health.py):

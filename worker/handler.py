@@ -45,8 +45,6 @@ from loguru import logger
 from pymongo.asynchronous.database import AsyncDatabase
 
 from sendscript.backoff import OutageLog
-from sendscript.batching import Coalescer
-from sendscript.central import THROTTLED, CentralClient, CentralError
 from sendscript.failover import ride_out
 from sendscript.fencing import MongoEpochs
 from sendscript.ipc import TaskDone, TaskHandle
@@ -57,6 +55,8 @@ from sendscript.retry import decide, failure_cas
 from sendscript.settings import Settings
 from sendscript.status import RecordStatus, TaskStatus, record_sent, task_cas
 from sendscript.store import Claim, RecordStore, TaskStore
+from worker.batching import Coalescer
+from worker.central import THROTTLED, CentralClient, CentralError
 
 # Test-only crash points, for the recovery tests: the variable names a file holding
 # "<point> <device_id>" (points: CRASH_POINTS). The first worker to reach that point

@@ -22,7 +22,6 @@ from loguru import logger
 
 from sendscript import connect, roundtrips, runtime
 from sendscript.backoff import OutageLog
-from sendscript.central import CentralClient
 from sendscript.ipc import (
     Shutdown,
     TaskDone,
@@ -35,6 +34,7 @@ from sendscript.ipc import (
     heartbeat_interval_s,
 )
 from sendscript.settings import Settings
+from worker.central import CentralClient
 from worker.handler import ScriptHandler
 
 CLOSE_S = 2.0  # each client's close, bounded: a server that is down must not hold the exit

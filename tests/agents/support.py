@@ -7,8 +7,8 @@ from typing import Any
 import httpx
 from pymongo import MongoClient
 
-from agents.registry import add_token_sync
 from sendscript import connect
+from sendscript.agent_store import add_token_sync
 from sendscript.dev.embedded import free_port
 from sendscript.dev.processes import RoleProcess
 from sendscript.settings import Settings

@@ -7,7 +7,6 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import ValidationError
 
-from agents.registry import LOST, agent_state
 from agents.rules import (
     AgentView,
     RateBudget,
@@ -19,6 +18,7 @@ from agents.rules import (
     one_per_device,
     parse_token,
 )
+from sendscript.agent_store import LOST, agent_state
 from sendscript.models import ANY_DEVICE, PULL_HOLDER, Task, TaskSpec
 from sendscript.status import TASK_TRANSITIONS, TaskStatus
 

@@ -11,8 +11,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from agents.registry import AGENTS, TOKENS, VERDICT_S
+from agents.registry import VERDICT_S
 from agents.rules import AgentView, Scope, eligible
+from sendscript.agent_store import AGENTS, TOKENS
 from sendscript.models import ANY_DEVICE
 from sendscript.settings import Settings
 from sendscript.store import GROUPS

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.chaos import BAD_ITEMS, BAD_LOGS, print_report, run_chaos
+from sendscript.dev.chaos import BAD_ITEMS, BAD_LOGS, print_report, run_chaos
 
 pytestmark = pytest.mark.e2e
 

@@ -6,7 +6,7 @@ import json
 import random
 from typing import Any
 
-from bench.chaos import (
+from sendscript.dev.chaos import (
     BAD_ITEMS,
     BAD_LOGS,
     Report,

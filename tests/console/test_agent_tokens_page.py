@@ -15,9 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agents.registry import TOKENS, add_token_sync
-from agents.rules import hash_secret
 from sendscript import connect
+from sendscript.agent_store import TOKENS, add_token_sync, hash_secret
 from tests.agents.support import Api, start_agents
 from tests.console.conftest import ConsoleRole, start_console
 from tests.console.test_browser import CHROMEDRIVER, CHROMIUM, browser

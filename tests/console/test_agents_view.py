@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from agents.registry import AGENTS
-from agents.rules import hash_secret
+from sendscript.agent_store import AGENTS, hash_secret
 from sendscript.client import SendScriptClient
 from sendscript.models import utcnow
 from tests.agents.support import Api, new_token, start_agents

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.scaleout import Options, run
 from sendscript.dev.hosts import unavailable
+from sendscript.dev.scaleout import Options, run
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))]

@@ -11,7 +11,6 @@ import pytest
 import redis.asyncio
 from pymongo.asynchronous.database import AsyncDatabase
 
-from sendscript.central import CentralClient
 from sendscript.ipc import TaskHandle
 from sendscript.locks import DeviceLocks
 from sendscript.models import utcnow
@@ -19,6 +18,7 @@ from sendscript.settings import Settings
 from sendscript.store import RECORDS, TASKS
 from tests.integration.conftest import Central
 from tests.integration.test_handler import WORKER, handler_settings, stored_task
+from worker.central import CentralClient
 from worker.handler import ScriptHandler
 
 

@@ -11,8 +11,7 @@ import pytest
 import redis.asyncio
 from pymongo.asynchronous.database import AsyncDatabase
 
-from consumers.task_log import result_updates
-from sendscript.central import CentralClient
+from consumers.rules import result_updates
 from sendscript.dev.embedded import free_port
 from sendscript.ipc import TaskHandle
 from sendscript.locks import DeviceLocks
@@ -21,6 +20,7 @@ from sendscript.settings import Settings
 from sendscript.status import TaskStatus
 from sendscript.store import RECORDS, TASKS, RecordStore, TaskStore
 from tests.integration.conftest import Central, FreeEvents
+from worker.central import CentralClient
 from worker.handler import ScriptHandler
 
 WORKER = "w-test"

@@ -24,8 +24,8 @@ import pytest
 import redis
 from pymongo import MongoClient
 
-from bench.chaos import Report, check_sends
 from sendscript import connect
+from sendscript.dev.chaos import Report, check_sends
 from sendscript.dev.embedded import EmbeddedServers
 from sendscript.dev.topologies import (
     INTERRUPTED_DUE_TO_REPL_STATE_CHANGE,

@@ -9,8 +9,8 @@ from datetime import timedelta
 
 from pymongo.asynchronous.database import AsyncDatabase
 
+from console.search import SearchPage, TaskQuery, search_tasks
 from sendscript.models import Task, TaskSpec, utcnow
-from sendscript.search import SearchPage, TaskQuery, search_tasks
 from sendscript.store import GROUPS, TASKS, TaskStore
 
 

@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 import pytest
 
 from sendscript.adaptive import AdaptParams, AdaptState, Signals, decide, hold_ms
-from sendscript.central import retry_after
 from sendscript.limits import RateLimit, parse_limits
 from sendscript.settings import Settings
+from worker.central import retry_after
 
 LIM = RateLimit("global", 20, 1000, 2, 100)
 P = AdaptParams(decrease=0.5, step=0.1, latency_s=0.3)

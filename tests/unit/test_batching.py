@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from sendscript.batching import Coalescer
+from worker.batching import Coalescer
 
 
 class Recorder:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from bench.fires import check_fires, check_kept
+from sendscript.dev.fires import check_fires, check_kept
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 SCHEDULE = {"_id": "every2", "fires": 3}

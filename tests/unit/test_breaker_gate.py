@@ -11,8 +11,8 @@ import pytest
 from master.breaker import CircuitGate
 from master.bus import Go, Hold
 from sendscript.breaker import BreakerPolicy, BreakerState, Circuit, CircuitBreaker
-from sendscript.central import CentralError, check_response, transport_error
 from sendscript.models import Task, new_id
+from worker.central import CentralError, check_response, transport_error
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sendscript.central import (
+from worker.central import (
     DEVICE_BUSY,
     CentralClient,
     CentralError,

@@ -41,7 +41,7 @@ async def test_the_central_client_drops_idle_connections_before_servers_do() -> 
     """uvicorn and node close idle keep-alive connections after 5 s; a request written on
     one as it closes fails with a ReadError, counted as maybe sent (the device stays
     locked until the result timeout). httpx keeps them 5 s by default: a race."""
-    from sendscript.central import CentralClient
+    from worker.central import CentralClient
 
     client = CentralClient("http://127.0.0.1:1")
     try:

@@ -11,10 +11,9 @@ from typing import Any
 
 import pytest
 
-from consumers.task_log import (
+from consumers.rules import (
     DEAD_LETTER_DATA_BYTES,
     ResultWrites,
-    _ClientSignals,
     cut_message,
     dead_letter_payload,
     log_document,
@@ -22,6 +21,7 @@ from consumers.task_log import (
     result_updates,
     safe_text,
 )
+from consumers.subscription import ClientSignals
 from sendscript.models import MAX_EPOCH_MS, ExecRecord, LogType, TaskLogMessage
 from sendscript.settings import Settings
 from sendscript.status import RecordStatus
@@ -336,7 +336,7 @@ def test_a_dead_letter_keeps_the_head_of_a_huge_message_and_its_size() -> None:
 
 
 async def test_a_refused_subscription_in_the_client_log_is_signalled_to_the_loop() -> None:
-    signals = _ClientSignals(asyncio.get_running_loop())
+    signals = ClientSignals(asyncio.get_running_loop())
     signals(logging.INFO, "[t, sub, 0] Getting connection from pool")
     signals(logging.WARNING, "Connection refused")
     await asyncio.sleep(0)

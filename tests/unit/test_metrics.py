@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 import pytest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from sendscript import counts, metrics, search
+from console import search
+from sendscript import counts, metrics
 
 
 def _full() -> metrics.RoleMetrics:

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from sendscript.central import classify_status
 from sendscript.models import LogType, Task, TaskLogMessage, TaskSpec
 from sendscript.retry import (
     Decision,
@@ -20,6 +19,7 @@ from sendscript.retry import (
 )
 from sendscript.settings import Settings
 from sendscript.status import TaskStatus
+from worker.central import classify_status
 
 NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 OPEN = [TaskStatus.RUNNING, TaskStatus.SENT]

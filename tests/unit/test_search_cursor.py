@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from sendscript.search import SearchError, decode_cursor, encode_cursor
+from console.search import SearchError, decode_cursor, encode_cursor
 
 
 def b64(raw: str) -> str:

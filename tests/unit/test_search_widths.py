@@ -1,10 +1,10 @@
-"""How wide the task search's next window of created_at is (sendscript/search.py)."""
+"""How wide the task search's next window of created_at is (console/search.py)."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
-from sendscript.search import EMPTY_GROWTH, MAX_GROWTH, Widths
+from console.search import EMPTY_GROWTH, MAX_GROWTH, Widths
 
 MINUTE = timedelta(minutes=1)
 
@@ -35,7 +35,7 @@ def test_growth_is_bounded_both_ways() -> None:
 
 
 def test_an_idle_stretch_is_crossed_in_capped_steps_then_doubling() -> None:
-    from sendscript.search import EMPTY_CAP, IDLE_SPAN
+    from console.search import EMPTY_CAP, IDLE_SPAN
 
     w = Widths()
     width, crossed = MINUTE, timedelta(0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.tally import Tally, count, field_of
+from sendscript.dev.tally import Tally, count, field_of
 
 
 def test_every_task_terminal_is_ok() -> None:

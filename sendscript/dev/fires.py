@@ -1,4 +1,4 @@
-"""Checks a chaos run adds to bench.chaos's when schedules and retention are in play
+"""Checks a chaos run adds to the chaos run's when schedules and retention are in play
 (pure: documents and farm runs in, findings out).
 
 - Each cron fire once: one task per target device for every fire time, fire times one
