@@ -452,7 +452,7 @@ class FaultRun(Chaos):
         try:
             tasks = {d["_id"]: d for d in db.script_tasks.find({}, {
                 "status": 1, "script": 1, "attempt": 1, "max_retries": 1, "last_error": 1,
-                "device_id": 1, "updated_at": 1, "schedule": 1, "dedupe_key": 1})}
+                "device_id": 1, "updated_at": 1, "master": 1, "schedule": 1, "dedupe_key": 1})}
             records = list(db.task_exec_records.find({}, {
                 "task_id": 1, "attempt": 1, "status": 1, "device_id": 1, "lock_value": 1}))
             schedule = db.schedules.find_one({"_id": SCHEDULE}) or {"_id": SCHEDULE}
