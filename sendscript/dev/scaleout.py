@@ -360,7 +360,8 @@ class FaultRun(Chaos):
 
     def _partition_leader(self) -> None:
         holder = leader(self.settings)
-        host = holder if holder in self.masters else self.masters[0]
+        name = holder.rsplit("#", 1)[0] if holder else None  # the lease holds name#token
+        host = name if name in self.masters else self.masters[0]
         lease = self.settings.leader_lease_s
         down_s = lease + 3  # past the lease, and past another master's renewal
         self.faults.partitioned, self.faults.leader_before = host, holder
