@@ -9,6 +9,14 @@ flows (a fan-out batch, or else a queue) take fair turns, weighted per queue,
 and within a flow the oldest goes first (`master.fairness`).
 The board also counts, per named queue, the tasks that hold a device (dispatched
 or sent and not yet freed), so the master can cap what a queue runs at once.
+
+A task may reach the board again at a newer attempt while an older copy of it is
+queued or in flight here: two masters held it (a queue item a Redis failover kept
+after one took it, a dead master's tasks handed out while it was only cut off), the
+other ran an attempt, which failed and was retried, and this master fired the retry.
+The older copy can only go stale (its claim names the older attempt), so the newer
+one takes its place, or follows it once it is no longer in flight; refused, the
+task would stay pending, held by this master, on no board.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ class Device:
     cooling: bool = False  # an error just happened; wait for wake()
     freed_fence: int = 0  # newest fence announced free
     holder_queue: str | None = None  # queue of our task that holds the device
+    successor: Task | None = None  # the in-flight task again, at a newer attempt
 
     @property
     def free(self) -> bool:
@@ -77,8 +86,13 @@ class DeviceBoard:
 
     # -- adding and taking -------------------------------------------------
     def add(self, task: Task) -> bool:
-        """Queue a pending task; False if the board holds it already."""
-        if task.id in self._queued or self._is_inflight(task):
+        """Queue a pending task; False if the board holds it already (a copy at an
+        older attempt is replaced by it, or followed by it if in flight)."""
+        if task.id in self._queued:
+            self._replace_queued(task)
+            return False
+        if self._is_inflight(task):
+            self._follow_inflight(task)
             return False
         key = sort_key(task, next(self._seq))
         self._push(task, key)
@@ -116,7 +130,7 @@ class DeviceBoard:
     # -- what happened to a dispatched task ----------------------------------
     def sent(self, device_id: str, fence: int) -> None:
         device = self._device(device_id)
-        device.inflight = None
+        self._land(device, None)
         if device.freed_fence < fence:
             device.held_fence = fence
         else:
@@ -126,7 +140,7 @@ class DeviceBoard:
     def busy(self, task: Task) -> None:
         """The device lock is someone else's: keep the task, wait for a free event."""
         device = self._device(task.device_id)
-        device.inflight = None
+        task = self._land(device, task)
         device.blocked = True
         self._end_hold(device)
         self.put_back(task)
@@ -134,14 +148,14 @@ class DeviceBoard:
     def finished(self, device_id: str) -> None:
         """The attempt ended (failed, stale) and its lock was released."""
         device = self._device(device_id)
-        device.inflight = None
+        self._land(device, None)
         self._end_hold(device)
         self._settle(device)
 
     def failed_to_start(self, task: Task) -> None:
         """An infrastructure error before the task was claimed: keep it, cool down."""
         device = self._device(task.device_id)
-        device.inflight = None
+        task = self._land(device, task)
         device.cooling = True
         self._end_hold(device)
         self.put_back(task)
@@ -149,7 +163,7 @@ class DeviceBoard:
     def lost(self, task: Task | None, device_id: str) -> None:
         """The worker died holding the task: whatever lock it took decides what's next."""
         device = self._device(device_id)
-        device.inflight = None
+        task = self._land(device, task)
         self._end_hold(device)
         if task is not None:
             self.put_back(task)
@@ -248,6 +262,31 @@ class DeviceBoard:
         if device is None:
             device = self.devices[device_id] = Device(device_id)
         return device
+
+    def _land(self, device: Device, task: Task | None) -> Task | None:
+        """The in-flight task is back or done: what to put back in its place (its newer
+        copy, if one came meanwhile; one that is not put back is queued here)."""
+        device.inflight = None
+        successor, device.successor = device.successor, None
+        if successor is None:
+            return task
+        if task is None:
+            self.put_back(successor)
+            return None
+        return successor
+
+    def _replace_queued(self, task: Task) -> None:
+        key, device_id = self._queued[task.id]
+        device = self.devices[device_id]
+        index = next(i for i, (k, _) in enumerate(device.queue) if k == key)
+        if task.attempt > device.queue[index][1].attempt:
+            device.queue[index] = (key, task)  # same key: the heap order holds
+
+    def _follow_inflight(self, task: Task) -> None:
+        device = self.devices[task.device_id]
+        newest = device.successor or device.inflight
+        if newest is not None and task.attempt > newest.attempt:
+            device.successor = task
 
     def _is_inflight(self, task: Task) -> bool:
         device = self.devices.get(task.device_id)

@@ -281,10 +281,14 @@ class Recovery:
                                                    *[str(s) for s in SCHEDULED]]}},
             {"_id": 1, "status": 1, "run_at": 1})]
         await self._guard(f"disown dead master {dead_id}'s tasks")
+        # Touched as the orphan sweep touches what it pushes: else that sweep, which
+        # may run right after this one, finds them unheld and older than the grace
+        # and pushes them a second time, and two masters queue each of them.
         await self.tasks.col.update_many({"master": dead_id,
                                           "status": {"$in": [str(TaskStatus.PENDING),
                                                              *[str(s) for s in SCHEDULED]]}},
-                                         {"$unset": {"master": ""}})
+                                         {"$unset": {"master": ""},
+                                          "$set": {"updated_at": utcnow()}})
         held = [d["_id"] for d in docs if d["status"] == str(TaskStatus.PENDING)
                 or d.get("run_at") is None or d["run_at"] <= soon]
         await self._push(held)

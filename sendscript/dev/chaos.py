@@ -218,7 +218,7 @@ def check_settled(report: Report, tasks: dict[str, dict[str, Any]]) -> None:
     report.unsettled = len(open_)
     report.unsettled_tasks = [
         f"{d['_id']} {d['status']} attempt {d.get('attempt')} device {d.get('device_id')} "
-        f"updated {d.get('updated_at')} last_error {d.get('last_error')!r}"
+        f"master {d.get('master')} updated {d.get('updated_at')} last_error {d.get('last_error')!r}"
         for d in open_[:SAMPLES]]
     reasons = Counter(_reason(d.get("last_error") or "") for d in tasks.values()
                       if d["status"] == "failed")
@@ -633,7 +633,7 @@ class Chaos:
         try:
             tasks = {d["_id"]: d for d in db.script_tasks.find({}, {
                 "status": 1, "script": 1, "attempt": 1, "max_retries": 1, "last_error": 1,
-                "device_id": 1, "updated_at": 1})}
+                "device_id": 1, "updated_at": 1, "master": 1})}
             records = list(db.task_exec_records.find({}, {
                 "task_id": 1, "attempt": 1, "status": 1, "device_id": 1, "lock_value": 1}))
         finally:

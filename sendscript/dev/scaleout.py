@@ -360,7 +360,8 @@ class FaultRun(Chaos):
 
     def _partition_leader(self) -> None:
         holder = leader(self.settings)
-        host = holder if holder in self.masters else self.masters[0]
+        name = holder.rsplit("#", 1)[0] if holder else None  # the lease holds name#token
+        host = name if name in self.masters else self.masters[0]
         lease = self.settings.leader_lease_s
         down_s = lease + 3  # past the lease, and past another master's renewal
         self.faults.partitioned, self.faults.leader_before = host, holder
@@ -452,7 +453,7 @@ class FaultRun(Chaos):
         try:
             tasks = {d["_id"]: d for d in db.script_tasks.find({}, {
                 "status": 1, "script": 1, "attempt": 1, "max_retries": 1, "last_error": 1,
-                "device_id": 1, "updated_at": 1, "schedule": 1, "dedupe_key": 1})}
+                "device_id": 1, "updated_at": 1, "master": 1, "schedule": 1, "dedupe_key": 1})}
             records = list(db.task_exec_records.find({}, {
                 "task_id": 1, "attempt": 1, "status": 1, "device_id": 1, "lock_value": 1}))
             schedule = db.schedules.find_one({"_id": SCHEDULE}) or {"_id": SCHEDULE}

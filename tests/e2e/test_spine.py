@@ -78,15 +78,19 @@ def test_2000_tasks_over_100_devices(settings: Settings, roles: Roles, inspect: 
 def test_worker_killed_mid_task_is_replaced_and_task_completes(
     settings: Settings, roles: Roles, inspect: Inspect
 ) -> None:
-    # The farm starts the script at once but answers the send late, so the worker
-    # is killed while it still holds the task.
-    roles.simulator(run_ms=3000, jitter=0, accept_delay_ms=2500, progress=False)
+    # The farm starts the script at once but answers the send late (within the
+    # worker's central timeout), so the worker is killed while it still holds the task.
+    roles.simulator(run_ms=3000, jitter=0, accept_delay_ms=8000, progress=False)
     roles.consumer()
     roles.master()
     with SendScriptClient(settings) as client:
         task_id = client.submit("dev-kill", {"id": "long"}).task_id
     record = wait_for(lambda: inspect.db.task_exec_records.find_one({"task_id": task_id}),
                       20, "the exec record")
+    # The record is written before the POST leaves: a kill between the two is a task
+    # that may have been sent, left to its result timeout (test_crash_recovery). Here
+    # the POST must have reached the farm first (it counts a send as it receives it).
+    wait_for(lambda: roles.farm()["accepted"] == 1, 20, "the send to reach the farm")
     victim = int(record["worker"].rsplit(":", 1)[1])
     before = roles.master_info()
     os.kill(victim, signal.SIGKILL)

@@ -331,6 +331,33 @@ async def test_a_dead_masters_work_is_taken_over_once(
     assert await db[TASKS].count_documents({}) == 8
 
 
+async def test_a_dead_masters_tasks_are_not_pushed_again_by_the_orphan_sweep_after(
+    settings: Settings, recovery: Recovery, redis_client: redis.asyncio.Redis,
+    db: AsyncDatabase,
+) -> None:
+    # Queued long ago by a master that died: the takeover pushes them, and the orphan
+    # sweep of the same pass must not find them unheld and old and push them again
+    # (two masters would each queue a copy, and one copy goes stale on its board).
+    keys, dead = settings.keys, "m-dead"
+    long_ago = utcnow() - timedelta(hours=1)
+    held = [await put_task(db, f"dev-{i}", TaskStatus.PENDING, master=dead,
+                           updated_at=long_ago) for i in range(3)]
+    await redis_client.hset(keys.masters, mapping={dead: "{}"})
+
+    def ingest_for(dead_id: str) -> Any:
+        raise AssertionError("no queue items to store")
+
+    found = Found()
+    await recovery.recover_dead_master(dead, ingest_for, found)
+    await recovery.requeue_orphans(utcnow(), found)
+    assert sorted(found.requeued) == sorted(held)
+    assert sorted(await ready(redis_client, settings)) == sorted(held)
+    # Still orphans a grace later, if no master took them: then pushed again.
+    later = Found()
+    await recovery.requeue_orphans(utcnow() + timedelta(seconds=31), later)
+    assert sorted(later.requeued) == sorted(held)
+
+
 async def test_adopted_entries_keep_their_tags(
     settings: Settings, recovery: Recovery, redis_client: redis.asyncio.Redis,
 ) -> None:

@@ -302,6 +302,65 @@ def test_add_refuses_duplicates_queued_or_in_flight() -> None:
     assert board.next() is None
 
 
+def at_attempt(t: Task, attempt: int) -> Task:
+    """The same task as Mongo holds it later: pending again after `attempt` attempts."""
+    return t.model_copy(update={"attempt": attempt})
+
+
+def test_add_of_a_newer_attempt_replaces_a_stale_queued_copy() -> None:
+    # Two masters held the task (a push the Redis failover kept, a dead master's
+    # hand-back); the other one ran attempt 1, which failed and was retried: its fire
+    # here must not be refused for the copy of attempt 0 still queued, which can only
+    # go stale (its claim names attempt 0).
+    t = task("d")
+    board = board_with(t)
+    assert board.add(at_attempt(t, 1)) is False  # queued already: replaced, not added
+    assert board.queued == 1
+    assert take(board).attempt == 1
+    assert board.add(t) is False  # an older copy never replaces a newer one
+    board.finished("d")
+    assert board.next() is None
+
+
+def test_add_of_a_newer_attempt_while_a_stale_copy_is_in_flight_goes_next() -> None:
+    t = task("d")
+    board = board_with(t)
+    take(board)  # attempt 0 in flight: its claim will find attempt 1 and answer stale
+    assert board.add(at_attempt(t, 1)) is False
+    assert board.add(at_attempt(t, 1)) is False
+    board.finished("d")
+    again = take(board)
+    assert (again.id, again.attempt) == (t.id, 1)
+    board.finished("d")
+    assert board.next() is None
+
+
+@pytest.mark.parametrize("ending", ["busy", "failed_to_start", "lost"])
+def test_a_put_back_keeps_the_newer_attempt_that_came_in_flight(ending: str) -> None:
+    t = task("d")
+    board = board_with(t)
+    take(board)
+    board.add(at_attempt(t, 2))
+    if ending == "lost":
+        board.lost(t, "d")
+    else:
+        getattr(board, ending)(t)
+        board.lock_gone("d")
+        board.wake("d")
+    assert take(board).attempt == 2
+    assert board.queued == 0
+
+
+def test_same_attempt_in_flight_is_not_queued_twice() -> None:
+    t = task("d")
+    board = board_with(t)
+    take(board)
+    assert board.add(t) is False
+    board.sent("d", 7)
+    board.freed("d", 7)
+    assert board.next() is None
+
+
 def test_drain_takes_every_queued_task_and_empties_board() -> None:
     a1, a2, b1 = task("A", age_s=2), task("A", age_s=1), task("B")
     board = board_with(a1, a2, b1)

@@ -155,3 +155,21 @@ async def test_stopping_dispatches_nothing_and_reports_idle_when_answers_are_in(
     await settle()
     assert pool.sent == []
     assert [t.id for t in dispatcher.drain()] == ["b"]
+
+
+async def test_a_retry_fired_while_a_stale_copy_is_in_flight_is_dispatched_after_it() -> None:
+    # This master queued the task at attempt 0; another master ran attempt 1, which
+    # failed and was retried, and this master fired the retry while its own copy was
+    # still in flight. That copy comes back stale; the retry must still go.
+    bus, pool, _, _ = setup()
+    bus.emit(TasksTaken([task("a")], "intake"))
+    await settle()
+    assert [(h.task_id, h.attempt) for h in pool.sent] == [("a", 0)]
+    retry = task("a").model_copy(update={"attempt": 1})
+    bus.emit(TasksTaken([retry], "delayed"))
+    await settle()
+    pool.sent.clear()
+    bus.emit(AnswerReceived(Slot.name, TaskDone(task_id="a", device_id="d1", outcome="stale",
+                                                attempt=0)))
+    await settle()
+    assert [(h.task_id, h.attempt) for h in pool.sent] == [("a", 1)]
