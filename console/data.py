@@ -17,7 +17,7 @@ from pymongo.database import Database
 
 from console.filters import Page, TaskFilter, to_query
 from console.search import TaskQuery, search_tasks_sync
-from sendscript import alerts, connect, counts, device_health, pauses
+from sendscript import alerts, connect, counts, device_health, limits, pauses
 from sendscript.agent_store import agents_sync, leases_held_sync
 from sendscript.keys import Keys
 from sendscript.models import PULL
@@ -132,9 +132,34 @@ def overview(stores: Stores, by_status: dict[str, int] | None = None,
                      "pauses": m.get("pauses")} for m in masters],
         "pauses": {s: p.to_dict() for s, p in pauses.list_sync(r, keys).items()},
         "breaker": breaker_view(settings, breaker_raw),
+        "rate_limits": rate_limits(r, settings, masters),
         "stats": {_text(k): int(v) for k, v in stats.items()},
         "incidents": alerts.records(r, keys, settings)["incidents"],
     }
+
+
+def rate_limits(r: redis.Redis, settings: Settings, masters: list[dict[str, Any]]
+                ) -> list[dict[str, Any]]:
+    """Every rate limit set here or reported by a live master, as `status` shows it
+    (one script call), each with `shown`: an adaptive limit's current value, why it
+    last moved and the hold left of a Retry-After."""
+    rows = limits.status(r, settings.keys, settings.rate_limits, masters)
+    for row in rows:
+        row["shown"] = limit_line(row)
+    return rows
+
+
+def limit_line(row: dict[str, Any]) -> str:
+    """`global 12/1s (20/1s~2..100): 429 x3, Retry-After 2s, hold 1.4s`; a fixed
+    limit: `queue:bulk 5/2s`."""
+    if "current" not in row:
+        return f"{row['name']} {row['rule']}"
+    rule = limits.RateLimit(row["name"], *limits.parse_rule(row["rule"]))
+    line = (f"{row['name']} {row['current']:.1f}/{limits.format_duration(rule.duration_ms)} "
+            f"({row['rule']}): {row['why']}")
+    if row.get("hold_s"):
+        line += f", hold {row['hold_s']:.1f}s"
+    return line
 
 
 def rate_totals(masters: list[dict[str, Any]], consumers: list[dict[str, Any]]

@@ -127,6 +127,9 @@ class AdaptiveLimits:
             return
         applied = await self.store.write(proposals)
         for p, ok in zip(proposals, applied, strict=True):
+            if p.change is not None and ok and p.change.why != "climb" \
+                    and not p.change.decreased:
+                continue  # a curve anchored at the value it had: no move
             if p.change is not None and ok:
                 logger.info("rate limit {}: {:.1f} -> {:.1f} ({})", p.limit.name,
                             self.states[p.limit.name].max_now, p.change.value, p.change.why)

@@ -2,7 +2,7 @@
 state in Redis.
 
 A limit written `global=20/1s~2..100` starts at 20 a second and moves between 2
-and 100 (AIMD, as TCP's congestion window):
+and 100, as TCP CUBIC moves its window:
 
 - down, multiplied by `rate_limit_adapt_decrease` (default 0.9), on a 429 from
   central-control or when the mean send latency of a look exceeds
@@ -10,17 +10,26 @@ and 100 (AIMD, as TCP's congestion window):
   429s of one overshoot arrive together;
 - nothing is granted under it until a 429's `Retry-After` has passed (`hold`), on
   every master: the reservation script reads the hold;
-- up, by `rate_limit_adapt_step` x ceiling (default 0.02), once a duration at most,
-  while the limit holds tasks back and nothing pushed it down for a duration.
+- up, while the limit holds tasks back and no hold is in force, along a cubic
+  curve anchored at the last decrease: it comes back fast towards the plateau (one
+  token below the value that drew the 429: the highest one the farm took), lingers
+  there, then probes above it ever faster, so that a farm that took more finds the
+  limit again within seconds while a steady farm sees a 429 only every few
+  durations. Past its plateau the curve climbs `rate_limit_adapt_step` x ceiling
+  in 5 durations (default 0.025), 8 times that in 10. Time on the curve counts
+  from the decrease or the end of its hold, whichever is later.
 
 The value lives in the limit's Redis hash (`sendscript.limits`), shared by every
 master and changed live: each master proposes a change as a compare-and-set on the
-hash's version `v`, so two masters seeing the same 429s lower it once.
+hash's version `v`, so two masters seeing the same 429s lower it once; a decrease
+(and the first look at a limit) anchors the curve: `p` its plateau, `base` the
+value it starts from and `epoch` when.
 `decide` is the whole rule, pure; `AdaptiveStore` reads and writes the hash.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,12 +40,13 @@ from sendscript.keys import Keys
 from sendscript.limits import RateLimit
 
 MAX_HOLD_S = 300.0  # a Retry-After longer than this is taken as this
+CURVE_DURATIONS = 5  # past its plateau the curve climbs step x ceiling in this many
 
 
 @dataclass(frozen=True, slots=True)
 class AdaptParams:
     decrease: float = 0.9  # the value is multiplied by this on a 429 or slow sends
-    step: float = 0.02  # of the ceiling, added per duration while the limit holds tasks
+    step: float = 0.025  # of the ceiling: the climb past the plateau in 5 durations
     latency_s: float | None = None  # mean send latency above this is a push down
 
 
@@ -49,6 +59,10 @@ class AdaptState:
     at_ms: int = 0  # server time of the last change
     down_at_ms: int = 0  # and of the last decrease
     why: str = "start"
+    plateau: float = 0.0  # the climbing curve: where it lingers,
+    base: float = 0.0  # the value it starts from
+    epoch_ms: int = 0  # and when (0: not anchored yet)
+    hold_ms: int = 0  # server time before which nothing is granted (0: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,13 +80,13 @@ class Change:
     value: float
     why: str
     decreased: bool
+    plateau: float | None = None  # anchors a new curve here, from `value`, now
 
 
 def decide(limit: RateLimit, state: AdaptState, seen: Signals, params: AdaptParams,
            now_ms: int) -> Change | None:
     """The limit's next value, or None to leave it."""
     floor, ceil = float(limit.floor or 1), float(limit.ceil or limit.max)
-    cooled = now_ms - state.down_at_ms >= limit.duration_ms
     down = None
     if seen.throttled:
         down = f"429 x{seen.throttled}"
@@ -82,13 +96,26 @@ def decide(limit: RateLimit, state: AdaptState, seen: Signals, params: AdaptPara
             and seen.latency_s > params.latency_s:
         down = f"latency {seen.latency_s:.3f}s > {params.latency_s:g}s"
     if down is not None:
-        if not cooled or state.value <= floor:
+        if now_ms - state.down_at_ms < limit.duration_ms or state.value <= floor:
             return None
-        return Change(max(floor, state.value * params.decrease), down, True)
-    if seen.held and cooled and now_ms - state.at_ms >= limit.duration_ms \
-            and state.value < ceil:
-        return Change(min(ceil, state.value + params.step * ceil), "climb", False)
-    return None
+        value = max(floor, state.value * params.decrease)
+        return Change(value, down, True, plateau=max(value, state.value - 1))
+    if not state.epoch_ms:  # a curve to climb along, from the value it starts at
+        return Change(state.value, state.why, False, plateau=state.value)
+    if not seen.held or now_ms < state.hold_ms or state.value >= ceil:
+        return None
+    t = (now_ms - max(state.epoch_ms, state.hold_ms)) / limit.duration_ms
+    target = min(ceil, curve(state, params.step * ceil / CURVE_DURATIONS ** 3, t))
+    if math.floor(target) <= math.floor(state.value):  # the tokens in force: unchanged
+        return None
+    return Change(target, "climb", False)
+
+
+def curve(state: AdaptState, c: float, t: float) -> float:
+    """The cubic through `base` at t = 0, flat at `plateau` (t = k), steeper past it:
+    plateau + c (t - k)^3, t in durations."""
+    k = ((max(0.0, state.plateau - state.base)) / c) ** (1 / 3)
+    return state.plateau + c * (t - k) ** 3
 
 
 def hold_ms(seen: Signals) -> int:
@@ -98,18 +125,21 @@ def hold_ms(seen: Signals) -> int:
     return round(min(seen.retry_after_s, MAX_HOLD_S) * 1000)
 
 
-# KEYS the limits' hashes. The server time, then per hash cur, v, at, down_at, why.
+# KEYS the limits' hashes. The server time, then per hash cur, v, at, down_at, why,
+# p, base, epoch, hold.
 READ = """
 local t = redis.call('TIME')
 local out = {tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
 for _, key in ipairs(KEYS) do
-  out[#out + 1] = redis.call('HMGET', key, 'cur', 'v', 'at', 'down_at', 'why')
+  out[#out + 1] = redis.call('HMGET', key, 'cur', 'v', 'at', 'down_at', 'why', 'p', 'base',
+                             'epoch', 'hold')
 end
 return out
 """
 
-# KEYS the limits' hashes; ARGV per limit, 5 each: the version the change was decided
-# on, the new value ("" none), why, decreased (1/0), hold (ms, 0 none).
+# KEYS the limits' hashes; ARGV per limit, 6 each: the version the change was decided
+# on, the new value ("" none), why, decreased (1/0), hold (ms, 0 none), the plateau of
+# a curve the change anchors ("" none).
 # A change applies only if the version is unchanged (no other master moved it since);
 # a hold applies always and only ever lengthens. Returns the changes applied (1/0).
 WRITE = """
@@ -117,7 +147,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
 for i, key in ipairs(KEYS) do
-  local b = (i - 1) * 5
+  local b = (i - 1) * 6
   local hold = tonumber(ARGV[b + 5])
   if hold > 0 then
     local until_ms = now + hold
@@ -131,6 +161,9 @@ for i, key in ipairs(KEYS) do
     redis.call('HSET', key, 'cur', ARGV[b + 2], 'why', ARGV[b + 3], 'at', now)
     redis.call('HINCRBY', key, 'v', 1)
     if ARGV[b + 4] == '1' then redis.call('HSET', key, 'down_at', now) end
+    if ARGV[b + 6] ~= '' then
+      redis.call('HSET', key, 'p', ARGV[b + 6], 'base', ARGV[b + 2], 'epoch', now)
+    end
     applied = 1
   end
   out[#out + 1] = applied
@@ -164,9 +197,11 @@ class AdaptiveStore:
         now, *rows = await self._read(keys=[self._keys.rate_limit(lim.name) for lim in limits])
         states = []
         for limit, row in zip(limits, rows, strict=True):
-            cur, v, at, down, why = (_text(x) for x in row)
-            states.append(AdaptState(float(cur) if cur else float(limit.max), int(v or 0),
-                                     int(at or 0), int(down or 0), why or "start"))
+            cur, v, at, down, why, plateau, base, epoch, hold = (_text(x) for x in row)
+            states.append(AdaptState(
+                float(cur) if cur else float(limit.max), int(v or 0), int(at or 0),
+                int(down or 0), why or "start", float(plateau or 0), float(base or 0),
+                int(epoch or 0), int(hold or 0)))
         return int(now), states
 
     async def write(self, proposals: Sequence[Proposal]) -> list[bool]:
@@ -174,6 +209,8 @@ class AdaptiveStore:
         for p in proposals:
             keys.append(self._keys.rate_limit(p.limit.name))
             c = p.change
+            anchor = "" if c is None or c.plateau is None else f"{c.plateau:.3f}"
             args += [p.version, "" if c is None else f"{c.value:.3f}",
-                     "" if c is None else c.why, int(bool(c and c.decreased)), p.hold_ms]
+                     "" if c is None else c.why, int(bool(c and c.decreased)), p.hold_ms,
+                     anchor]
         return [bool(x) for x in await self._write(keys=keys, args=args)]

@@ -233,6 +233,9 @@ function render(snap) {
     if (cell.dataset.fmt === "keys") {
       const names = Object.keys(value || {});
       cell.textContent = names.length ? names.join(", ") : "none";
+    } else if (cell.dataset.fmt === "limits") {
+      const shown = (value || []).map((l) => l.shown);
+      cell.textContent = shown.length ? shown.join("; ") : "none";
     } else if (cell.dataset.fmt === "backpressure") {
       const parts = (value || []).filter((m) => m.backpressure)
         .map((m) => `${m.master_id}: ${m.backpressure.state}`);

@@ -57,6 +57,12 @@ def simulate(
     progress: Annotated[bool, typer.Option(help="Report PROGRESS halfway through.")] = True,
     error_code: Annotated[str | None, typer.Option(help="Code carried by ERROR results.")]
     = None,
+    capacity: Annotated[float | None, typer.Option(
+        help="Hidden capacity: accepted sends per second, all devices; above it 429 "
+             "with Retry-After.")] = None,
+    retry_after: Annotated[float | None, typer.Option(
+        help="Retry-After (s) of the capacity's 429s (default: until the window has "
+             "room).")] = None,
     seed: int | None = None,
 ) -> None:
     """Run a simulated farm: the central-control API plus devices reporting to Pulsar."""
@@ -72,6 +78,7 @@ def simulate(
         run_ms=run_ms, jitter=jitter, fail_rate=fail_rate, system_error_rate=system_error_rate,
         http_error_rate=http_error_rate, silent_rate=silent_rate, duplicate_rate=duplicate_rate,
         accept_delay_ms=accept_delay_ms, progress=progress, error_code=error_code,
+        capacity=capacity, retry_after_s=retry_after,
     )
     sim = Simulator(settings.pulsar_url or "", settings.task_log_topic, config, seed=seed)
     asyncio.run(sim.serve(host, port))

@@ -5,15 +5,24 @@ then publishes the device's task log. A device already running a script refuses
 another with HTTP 409 and the refusal is counted: the farm's own check that no
 device ever runs two scripts at once. Failures can be injected: HTTP errors,
 ERROR / SYSTEM_ERROR results, devices that never report, duplicated logs.
+
+A hidden capacity (`capacity`, sends per second across all devices) makes the farm
+behave as a rate-limited API: a send that would put more than `capacity` x
+`capacity_window_s` accepted sends into any window of `capacity_window_s` (a sliding
+log) is answered 429 with a `Retry-After` header, the seconds until the window has
+room again (whole seconds, at least 1) or `retry_after_s` when set. Every 429 is kept
+(`/throttled`) so a test can tell which sends came during a hold. All of it can be
+changed while the farm runs (`POST /config`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -44,6 +53,21 @@ class FarmConfig(BaseModel):
     # Devices that always end this way (SUCCESS, ERROR, SYSTEM_ERROR or SILENT), e.g.
     # one sick device among healthy ones; the rates above decide for the others.
     device_outcomes: dict[str, str] = Field(default_factory=dict)
+    # The hidden capacity: accepted sends per second over a sliding window (None: no
+    # limit); above it a 429 with Retry-After (fixed when retry_after_s is set).
+    capacity: float | None = Field(None, gt=0)
+    capacity_window_s: float = Field(1.0, gt=0, le=60)
+    retry_after_s: float | None = Field(None, ge=0, le=300)
+
+
+@dataclass
+class Throttle:
+    """A send answered 429: when, for which task, and the Retry-After it carried."""
+
+    device_id: str
+    task_id: str
+    at: float
+    retry_after_s: float
 
 
 @dataclass
@@ -63,6 +87,21 @@ class Farm:
     runs: list[Run] = field(default_factory=list)
     counters: Counter[str] = field(default_factory=Counter)
     rand: random.Random = field(default_factory=random.Random)
+    throttles: list[Throttle] = field(default_factory=list)
+    window: deque[float] = field(default_factory=deque)  # accept times, the capacity's
+
+    def over_capacity(self, now: float) -> float | None:
+        """None when a send fits the capacity now, else the Retry-After to answer."""
+        c = self.config
+        if c.capacity is None:
+            return None
+        while self.window and self.window[0] <= now - c.capacity_window_s:
+            self.window.popleft()
+        if len(self.window) < c.capacity * c.capacity_window_s:
+            return None
+        if c.retry_after_s is not None:
+            return c.retry_after_s
+        return float(max(1, math.ceil(self.window[0] + c.capacity_window_s - now)))
 
     def accept(self, body: Any) -> tuple[int, dict[str, Any], Run | None]:
         """Decide on one send request: (HTTP status, response body, run started)."""
@@ -81,12 +120,19 @@ class Farm:
             if self.config.http_error_code:
                 payload["code"] = self.config.http_error_code
             return self.config.http_error_status, payload, None
+        now = time.time()
+        if (wait_s := self.over_capacity(now)) is not None:
+            self.counters["throttled"] += 1
+            self.throttles.append(Throttle(device_id, str(body["taskId"]), now, wait_s))
+            return 429, {"success": False, "error": "over capacity",
+                         "retry_after_s": wait_s}, None
         if device_id in self.running:
             self.counters["refused_busy"] += 1
             logger.error("device {} asked to run {} while running {}", device_id,
                          body["taskId"], self.running[device_id].task_id)
             return 409, {"success": False, "error": "device is running another script"}, None
-        run = Run(device_id, str(body["taskId"]), str(body["recordId"]), time.time())
+        run = Run(device_id, str(body["taskId"]), str(body["recordId"]), now)
+        self.window.append(now)
         self.running[device_id] = run
         self.runs.append(run)
         self.counters["accepted"] += 1
@@ -124,7 +170,8 @@ class Farm:
     def stats(self) -> dict[str, Any]:
         return {
             **{k: self.counters.get(k, 0) for k in (
-                "requests", "accepted", "refused_busy", "http_errors", "bad_requests",
+                "requests", "accepted", "refused_busy", "throttled", "http_errors",
+                "bad_requests",
                 "result_success", "result_error", "result_system_error", "result_silent",
                 "published", "duplicates")},
             "overlaps": self.counters.get("refused_busy", 0),
@@ -165,13 +212,16 @@ class Simulator:
             except ValueError:
                 body = None
             status, payload, run = self.farm.accept(body)
+            headers = None
+            if status == 429:
+                headers = {"Retry-After": f"{payload['retry_after_s']:g}"}
             if run is not None:
                 job = asyncio.create_task(self._run(run))
                 self.jobs.add(job)
                 job.add_done_callback(self.jobs.discard)
                 if self.farm.config.accept_delay_ms:
                     await asyncio.sleep(self.farm.config.accept_delay_ms / 1000)
-            return JSONResponse(payload, status_code=status)
+            return JSONResponse(payload, status_code=status, headers=headers)
 
         @app.get("/stats")
         async def stats() -> dict[str, Any]:
@@ -180,6 +230,10 @@ class Simulator:
         @app.get("/runs")
         async def runs() -> list[dict[str, Any]]:
             return [asdict(r) for r in self.farm.runs]
+
+        @app.get("/throttled")
+        async def throttled() -> list[dict[str, Any]]:
+            return [asdict(t) for t in self.farm.throttles]
 
         @app.post("/config")
         async def configure(update: dict[str, Any]) -> dict[str, Any]:

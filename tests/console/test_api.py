@@ -297,3 +297,23 @@ def test_refuses_an_open_address_until_an_operator_token_exists(settings: Settin
 def test_token_roles_are_checked(console_role: ConsoleRole, role: str) -> None:
     with pytest.raises(ValueError):
         console_role.token("x", role)
+
+
+def test_the_overview_shows_rate_limits_and_an_adaptive_ones_value_why_and_hold(
+        roles: Roles, inspect: Inspect) -> None:
+    c = start_console(roles, rate_limits="global=20/1s~2..100,queue:bulk=5/2s")
+    now_ms = int(time.time() * 1000)
+    # What masters write when 429s lowered the limit and a Retry-After holds it.
+    inspect.redis.hset(roles.settings.keys.rate_limit("global"), mapping={
+        "cur": "12.5", "why": "429 x3, Retry-After 60s", "at": now_ms, "down_at": now_ms,
+        "hold": now_ms + 60_000, "v": 4})
+    with c.client(c.token("vera", "viewer")) as api:
+        shown = {row["name"]: row for row in api.get("/api/overview").json()["rate_limits"]}
+        assert shown["global"]["current"] == 12.5 and 50 < shown["global"]["hold_s"] <= 60
+        assert shown["global"]["shown"].startswith(
+            "global 12.5/1s (20/1s~2..100): 429 x3, Retry-After 60s, hold ")
+        assert shown["queue:bulk"]["shown"] == "queue:bulk 5/2s"
+        page = api.get("/")
+        assert page.status_code == 200
+        assert "global 12.5/1s (20/1s~2..100): 429 x3, Retry-After 60s, hold" in page.text
+        assert "queue:bulk 5/2s" in page.text

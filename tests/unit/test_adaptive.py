@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from sendscript.adaptive import AdaptParams, AdaptState, Signals, decide, hold_ms
+from sendscript.adaptive import AdaptParams, AdaptState, Change, Signals, decide, hold_ms
 from sendscript.limits import RateLimit, parse_limits
 from sendscript.settings import Settings
 from worker.central import retry_after
@@ -32,7 +32,7 @@ def test_a_429_lowers_it_multiplicatively_once_a_duration_and_never_below_the_fl
     state = AdaptState(20.0, 3, at_ms=T - 5000, down_at_ms=T - 5000)
     change = decide(LIM, state, Signals(throttled=4, retry_after_s=2), P, T)
     assert change is not None and change.value == 10.0 and change.decreased
-    assert change.why == "429 x4, Retry-After 2s"
+    assert change.why == "429 x4, Retry-After 2s" and change.plateau == 19.0
     # The 429s of the same overshoot, within a duration of the decrease: no more.
     lowered = AdaptState(10.0, 4, at_ms=T, down_at_ms=T)
     assert decide(LIM, lowered, Signals(throttled=9), P, T + 999) is None
@@ -43,20 +43,57 @@ def test_a_429_lowers_it_multiplicatively_once_a_duration_and_never_below_the_fl
     assert decide(LIM, AdaptState(2.0, 6), Signals(throttled=1), P, T) is None
 
 
-def test_latency_above_the_target_lowers_it_and_a_held_limit_climbs_additively() -> None:
-    state = AdaptState(20.0, 1, at_ms=T - 2000, down_at_ms=T - 2000)
+def test_latency_above_the_target_lowers_it_and_the_first_look_anchors_a_curve() -> None:
+    state = AdaptState(20.0, 1, at_ms=T - 2000, down_at_ms=T - 2000, plateau=20.0,
+                       base=20.0, epoch_ms=T - 2000)
     slow = decide(LIM, state, Signals(latency_s=0.5), P, T)
     assert slow is not None and slow.value == 10.0 and "latency" in slow.why
+    assert slow.plateau == 19.0  # one below the value that was too much
     assert decide(LIM, state, Signals(latency_s=0.2), P, T) is None  # fast, not held
-    climb = decide(LIM, state, Signals(latency_s=0.2, held=3), P, T)
-    assert climb is not None and climb.value == 30.0 and not climb.decreased  # +0.1 x 100
-    # Once a duration at most, and never above the ceiling.
-    assert decide(LIM, AdaptState(30.0, 2, at_ms=T - 500), Signals(held=3), P, T) is None
-    top = decide(LIM, AdaptState(95.0, 2), Signals(held=3), P, T)
-    assert top is not None and top.value == 100.0
-    assert decide(LIM, AdaptState(100.0, 3), Signals(held=3), P, T) is None
     # No latency target: latency never lowers it.
     assert decide(LIM, state, Signals(latency_s=9.0), AdaptParams(), T) is None
+    # A limit no look has anchored yet: a curve from where it is, nothing else moves.
+    fresh = decide(LIM, AdaptState(20.0), Signals(held=5), P, T)
+    assert fresh == Change(20.0, "start", False, plateau=20.0)
+
+
+# After a 429 at 41: down to 36.9, a curve through 36.9 that lingers at 40. With
+# step 0.025 and ceiling 100 it climbs 2.5 tokens in 5 s past its plateau; it
+# reaches the plateau k = (3.1 / 0.02) ** (1/3) = 5.37 s after the decrease.
+AIMD = AdaptParams(decrease=0.9, step=0.025)
+DOWN = AdaptState(36.9, 7, at_ms=T, down_at_ms=T, plateau=40.0, base=36.9, epoch_ms=T)
+
+
+HELD = Signals(held=3)
+
+
+def climb(state: AdaptState, after_s: float, seen: Signals = HELD) -> float:
+    change = decide(LIM, state, seen, AIMD, state.epoch_ms + round(after_s * 1000))
+    return state.value if change is None else change.value
+
+
+def test_a_held_limit_climbs_back_fast_lingers_below_the_429_then_probes_faster() -> None:
+    assert climb(DOWN, 0.0) == 36.9  # the tokens in force would not change: no write
+    assert 37.0 <= climb(DOWN, 0.5) < 38.0  # fast at first
+    assert 39.5 <= climb(DOWN, 3.0) < 40.0  # most of the way back in 3 s
+    # Near the plateau, for seconds: the value the farm last took without a 429.
+    at_plateau = [climb(DOWN, t) for t in (4.5, 5.0, 5.5, 6.0)]
+    assert all(39.9 <= v <= 40.05 for v in at_plateau), at_plateau
+    # Past it, ever faster: 2.5 tokens 5 s on (step x ceiling), 8x that 10 s on.
+    assert climb(DOWN, 5.37 + 5) == pytest.approx(42.5, abs=0.1)
+    assert climb(DOWN, 5.37 + 10) == pytest.approx(60.0, abs=0.2)
+    assert climb(DOWN, 60) == 100.0  # never above the ceiling
+
+
+def test_it_climbs_only_while_holding_tasks_back_and_never_under_a_hold() -> None:
+    assert climb(DOWN, 10, Signals()) == 36.9  # the limit is not what holds tasks back
+    held = AdaptState(36.9, 7, at_ms=T, down_at_ms=T, plateau=40.0, base=36.9,
+                      epoch_ms=T, hold_ms=T + 3000)
+    assert climb(held, 2.9) == 36.9  # a Retry-After in force: no climb
+    # The curve's time counts from the hold's end: 1 s past it is 1 s past a decrease.
+    assert climb(held, 4.0) == climb(DOWN, 1.0)
+    top = AdaptState(100.0, 9, plateau=100.0, base=100.0, epoch_ms=T - 60_000)
+    assert decide(LIM, top, Signals(held=3), AIMD, T) is None
 
 
 def test_retry_after_reads_seconds_and_dates_and_holds_at_most_five_minutes() -> None:
