@@ -147,3 +147,20 @@ class AgentRow(Answer):
     registered_at: datetime | None
     leases: int
     tasks: list[AgentTask]
+
+
+class Alive(BaseModel):
+    status: Literal["ok"]
+    role: str
+    uptime_s: float
+
+
+class Check(BaseModel):
+    ok: bool
+    detail: str
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not ready"]
+    role: str
+    checks: dict[str, Check]
