@@ -16,11 +16,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agents.answers import Alive, Beat, Ended, Extended, Failed, Leased, Readiness, Registered
 from agents.leases import Leases
 from agents.registry import Caller, Refused, Registry
 from agents.rules import AgentView, RateBudget
 from sendscript.health import CHECK_TIMEOUT_S
 from sendscript.models import describe_error
+from sendscript.serving import host_refused
 
 ID = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:@-]+$")
 HEADROOM = 16_384  # a body may exceed the checkpoint / result cap by this much
@@ -81,20 +83,27 @@ class Problem(BaseModel):
     detail: str
 
 
-WHY = {400: "Body is not a JSON object", 401: "No valid agent token",
+WHY = {400: "Body is not a JSON object, or the Host header names no host of the allow-list",
+       401: "No valid agent token",
        403: "The agent or the lease is another token's or agent's",
        404: "No such task", 409: "The lease is over, or the state does not allow it",
        413: "Body over the size cap", 422: "Body does not match this document",
        429: "Too many lease calls: wait Retry-After seconds"}
 
 
-def documented(model: type[Call], *statuses: int) -> dict[str, Any]:
+def documented(model: type[Call], answer: type[BaseModel], *statuses: int) -> dict[str, Any]:
     """What /openapi.json says of a route that reads its body itself (size cap first):
-    the body's schema and every refusal it may answer."""
+    the body's schema, the answer's, and every refusal it may answer (a 400 is also the
+    Host guard's, in plain text)."""
     refusals = (400, 401, 413, 422, *statuses)
+    responses: dict[int | str, dict[str, Any]] = {
+        s: {"model": Problem, "description": WHY[s]} for s in refusals}
+    responses[400] = {**responses[400], "description": WHY[400],
+                      "content": host_refused()[400]["content"]}
     return {"openapi_extra": {"requestBody": {"required": True, "content": {
                 "application/json": {"schema": model.model_json_schema()}}}},
-            "responses": {s: {"model": Problem, "description": WHY[s]} for s in refusals}}
+            "responses": responses, "response_model": answer,
+            "response_model_exclude_unset": True}
 
 
 def refused(exc: Refused) -> JSONResponse:
@@ -150,11 +159,13 @@ class Api:
             except Refused as exc:
                 return refused(exc)
 
-        @r.get("/healthz")
+        @r.get("/healthz", response_model=Alive, responses=host_refused())
         async def healthz() -> dict[str, Any]:
             return {"ok": True, "status": "ok", "role": "agents"}
 
-        @r.get("/readyz")
+        @r.get("/readyz", response_model=Readiness, responses={
+            **host_refused(), 503: {"model": Readiness, "description": "Redis or Mongo "
+                                    "does not answer: `checks` says which and why"}})
         async def readyz() -> JSONResponse:
             checks = {"redis": await _probe(self.leases.redis.ping()),
                       "mongo": await _probe(self.leases.tasks.database.command("ping"))}
@@ -162,7 +173,7 @@ class Api:
             return JSONResponse({"status": "ready" if ready else "not ready", "role": "agents",
                                  "checks": checks}, status_code=200 if ready else 503)
 
-        @r.post("/api/agents/register", **documented(Register, 403, 409))
+        @r.post("/api/agents/register", **documented(Register, Registered, 403, 409))
         async def register(request: Request) -> Any:
             async def go() -> dict[str, Any]:
                 caller, call = await self._parse(request, Register)
@@ -176,7 +187,7 @@ class Api:
                         "result_max_bytes": s.agent_result_max_bytes}
             return await guarded(go())
 
-        @r.post("/api/agents/heartbeat", **documented(Call, 403, 404, 409))
+        @r.post("/api/agents/heartbeat", **documented(Call, Beat, 403, 404, 409))
         async def heartbeat(request: Request) -> Any:
             async def go() -> dict[str, Any]:
                 agent, _ = await self._agent(request, Call)
@@ -186,7 +197,7 @@ class Api:
                         "cancel": await self.leases.cancelled_for(agent)}
             return await guarded(go())
 
-        @r.post("/api/agents/lease", **documented(LeaseCall, 403, 404, 409, 429))
+        @r.post("/api/agents/lease", **documented(LeaseCall, Leased, 403, 404, 409, 429))
         async def lease(request: Request) -> Any:
             async def go() -> dict[str, Any]:
                 agent, call = await self._agent(request, LeaseCall)
@@ -201,7 +212,7 @@ class Api:
                 return {"ok": True, "tasks": tasks}
             return await guarded(go())
 
-        @r.post("/api/agents/progress", **documented(Progress, *ON_LEASE))
+        @r.post("/api/agents/progress", **documented(Progress, Extended, *ON_LEASE))
         async def progress(request: Request) -> Any:
             async def go() -> dict[str, Any]:
                 agent, call = await self._agent(request, Progress)
@@ -209,7 +220,7 @@ class Api:
                                                   call.checkpoint)
             return await guarded(go())
 
-        @r.post("/api/agents/complete", **documented(Complete, *ON_LEASE))
+        @r.post("/api/agents/complete", **documented(Complete, Ended, *ON_LEASE))
         async def complete(request: Request) -> Any:
             async def go() -> dict[str, Any]:
                 agent, call = await self._agent(request, Complete)
@@ -217,7 +228,7 @@ class Api:
                                                   call.result)
             return await guarded(go())
 
-        @r.post("/api/agents/fail", **documented(Fail, *ON_LEASE))
+        @r.post("/api/agents/fail", **documented(Fail, Failed, *ON_LEASE))
         async def fail(request: Request) -> Any:
             async def go() -> dict[str, Any]:
                 agent, call = await self._agent(request, Fail)
@@ -225,15 +236,15 @@ class Api:
                                               call.retryable, call.result)
             return await guarded(go())
 
-        @r.post("/api/agents/release", **documented(OnLease, *ON_LEASE))
+        @r.post("/api/agents/release", **documented(OnLease, Ended, *ON_LEASE))
         async def release(request: Request) -> Any:
             async def go() -> dict[str, Any]:
                 agent, call = await self._agent(request, OnLease)
                 return await self.leases.release(agent, call.task_id, call.lease_token)
             return await guarded(go())
 
-        @r.get("/api/agents", responses={401: {"model": Problem,
-                                                           "description": WHY[401]}})
+        @r.get("/api/agents", responses={**host_refused(),
+                                         401: {"model": Problem, "description": WHY[401]}})
         async def listing(request: Request) -> Any:
             async def go() -> dict[str, Any]:
                 header = request.headers.get("authorization", "")

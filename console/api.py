@@ -11,11 +11,23 @@ from starlette.concurrency import run_in_threadpool
 
 from console import data, live
 from console.actions import BulkAction, Refused
+from console.answers import (
+    AgentRow,
+    AgentToken,
+    NewAgentToken,
+    Pause,
+    RemovedAgentTokens,
+    TaskDetail,
+    TaskPage,
+    WhoAmI,
+)
 from console.context import Console, Operator, Who, console_of
 from console.filters import NAME, TASK_ID, Page, TaskFilter
 from console.search import SearchError
 from sendscript import pauses as flags
-from sendscript.agent_store import list_tokens_sync
+from sendscript.agent_store import PREFIX, TOKEN_NAME, list_tokens_sync
+from sendscript.groups import GROUP_NAME
+from sendscript.serving import host_refused
 
 
 class Problem(BaseModel):
@@ -26,10 +38,16 @@ class Problem(BaseModel):
 
 
 def answers(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {status: {"model": Problem, "description": WHY[status]} for status in statuses}
+    """A 400 is also the Host guard's refusal, in plain text."""
+    out: dict[int | str, dict[str, Any]] = {
+        status: {"model": Problem, "description": WHY[status]} for status in statuses}
+    if 400 in out:
+        out[400]["content"] = host_refused()[400]["content"]
+    return out
 
 
-WHY = {400: "Malformed body (not JSON)", 401: "No valid token or cookie",
+WHY = {400: "Malformed body (not JSON), or the Host header names no host of the allow-list",
+       401: "No valid token or cookie",
        403: "A viewer's token, a cross-site request or a bad confirmation",
        404: "No such item", 409: "The item's state does not allow it",
        415: "Body is not application/json",
@@ -37,10 +55,13 @@ WHY = {400: "Malformed body (not JSON)", 401: "No valid token or cookie",
 EVENTS = {200: {"content": {"text/event-stream": {}},
                 "description": "Server-Sent Events"}}
 
-# Every route needs a token; every one may refuse what it is sent.
-router = APIRouter(prefix="/api", responses=answers(401, 422))
-ACTS = answers(400, 403, 409, 415)  # POSTs: an operator's, JSON bodies, state decides
+# Every route needs a token and a Host of SENDSCRIPT_CONSOLE_HOSTS; every one may
+# refuse what it is sent.
+router = APIRouter(prefix="/api", responses=answers(400, 401, 422))
+OPERATOR = answers(403)  # a viewer's token, or a POST from another site
+ACTS = answers(403, 409, 415)  # POSTs with a JSON body: an operator's, state decides
 FOUND = answers(404)
+TYPED: dict[str, Any] = {"response_model_exclude_unset": True}  # console/answers.py
 Ctx = Annotated[Console, Depends(console_of)]
 TaskId = Annotated[str, Path(pattern=TASK_ID)]
 DeviceId = Annotated[str, Path(pattern=NAME)]
@@ -89,7 +110,7 @@ async def act(fn: Any, *args: Any) -> Any:
         raise refused(exc) from None
 
 
-@router.get("/whoami")
+@router.get("/whoami", response_model=WhoAmI, **TYPED)
 def whoami(who: Who, c: Ctx) -> dict[str, Any]:
     return {"name": who.name, "role": who.role, "can_act": who.can_act,
             "open": who.name == "local" and c.open_mode()}
@@ -108,7 +129,7 @@ class TaskSearch(TaskFilter):
     before: str | None = Field(None, pattern=r"^[A-Za-z0-9_=-]{8,200}$")
 
 
-@router.get("/tasks")
+@router.get("/tasks", response_model=TaskPage, **TYPED)
 def search(_: Who, c: Ctx, q: Annotated[TaskSearch, Query()]) -> dict[str, Any]:
     """Tasks matching every field given, newest first, `limit` at a time."""
     try:
@@ -119,7 +140,7 @@ def search(_: Who, c: Ctx, q: Annotated[TaskSearch, Query()]) -> dict[str, Any]:
         raise HTTPException(422, str(exc)) from None
 
 
-@router.get("/tasks/{task_id}", responses=FOUND)
+@router.get("/tasks/{task_id}", responses=FOUND, response_model=TaskDetail, **TYPED)
 def task(_: Who, c: Ctx, task_id: TaskId) -> dict[str, Any]:
     found = data.task_detail(c.stores, task_id)
     if found is None:
@@ -184,7 +205,7 @@ def masters(_: Who, c: Ctx) -> dict[str, Any]:
     return {"masters": m, "consumers": consumers}
 
 
-@router.get("/agents")
+@router.get("/agents", response_model=list[AgentRow], **TYPED)
 def agents(_: Who, c: Ctx) -> list[dict[str, Any]]:
     """Pull-mode agents: state, last seen and the leases they hold (tokens never)."""
     return data.agents(c.stores)
@@ -200,39 +221,44 @@ class AgentTokenSpec(BaseModel):
     what its agents may register and lease (none: every device)."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=r"^[A-Za-z0-9_.@-]{1,100}$")
-    prefixes: list[Annotated[str, Field(pattern=NAME)]] = Field(default_factory=list,
-                                                                 max_length=50)
-    groups: list[Annotated[str, Field(pattern=NAME)]] = Field(default_factory=list,
-                                                               max_length=50)
+    name: str = Field(pattern=TOKEN_NAME.pattern)
+    prefixes: list[Annotated[str, Field(pattern=PREFIX.pattern)]] = Field(
+        default_factory=list, max_length=50)
+    groups: list[Annotated[str, Field(pattern=GROUP_NAME.pattern)]] = Field(
+        default_factory=list, max_length=50)
 
 
-@router.get("/agent-tokens")
+TokenName = Annotated[str, Path(pattern=TOKEN_NAME.pattern,
+                                description="a token's name, or its short id")]
+
+
+@router.get("/agent-tokens", responses=OPERATOR, response_model=list[AgentToken], **TYPED)
 def agent_tokens(_: Operator, c: Ctx) -> list[dict[str, Any]]:
     """Agents' API tokens: name, short id, scope, created, last used (when one of its
     agents was last seen); never the token."""
     return list_tokens_sync(c.stores.db)
 
 
-@router.post("/agent-tokens")
+@router.post("/agent-tokens", responses=answers(403, 415), response_model=NewAgentToken,
+             **TYPED)
 async def add_agent_token(who: Operator, c: Ctx, body: AgentTokenSpec) -> dict[str, Any]:
     """Make one; the token is in this answer only."""
     return await act(c.actions.add_agent_token, who, body.name, body.prefixes, body.groups)
 
 
-@router.post("/agent-tokens/{name}/remove")
-async def remove_agent_token(who: Operator, c: Ctx, name: Annotated[
-        str, Path(pattern=r"^[A-Za-z0-9_.@-]{1,100}$")]) -> dict[str, Any]:
+@router.post("/agent-tokens/{name}/remove", responses={**OPERATOR, **FOUND},
+             response_model=RemovedAgentTokens, **TYPED)
+async def remove_agent_token(who: Operator, c: Ctx, name: TokenName) -> dict[str, Any]:
     """Remove the tokens of that name (or short id): refused within a second."""
     return await act(c.actions.remove_agent_token, who, name)
 
 
-@router.get("/pauses")
+@router.get("/pauses", response_model=dict[str, Pause], **TYPED)
 def get_pauses(_: Who, c: Ctx) -> dict[str, Any]:
     return {s: p.to_dict() for s, p in flags.list_sync(c.stores.redis, c.stores.keys).items()}
 
 
-@router.post("/pauses", responses=ACTS)
+@router.post("/pauses", responses=ACTS, response_model=Pause, **TYPED)
 async def pause(who: Operator, c: Ctx, body: PauseScope) -> dict[str, Any]:
     try:
         scope = body.scope()

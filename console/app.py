@@ -119,16 +119,19 @@ def build(settings: Settings, stores: Stores | None = None,
     return app
 
 
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 async def allow_every_method(request: Request, exc: HTTPException) -> Response:
     """A 405 names every method of the path (Starlette names those of the first route
-    that matched it alone: `Allow: GET` for /api/pauses, which also takes POST)."""
+    that matched it alone: `Allow: GET` for /api/pauses, which also takes POST). Each
+    method is tried against the routes, as routing would: FastAPI's included routers
+    are one route each, whose `methods` say nothing."""
     if exc.status_code == 405:
-        methods: set[str] = set()
-        for route in request.app.router.routes:
-            match, _ = route.matches(request.scope)
-            if match != Match.NONE:
-                methods.update(getattr(route, "methods", None) or ())
-        exc.headers = {**(exc.headers or {}), "Allow": ", ".join(sorted(methods))}
+        allowed = [method for method in METHODS if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL
+            for route in request.app.router.routes)]
+        exc.headers = {**(exc.headers or {}), "Allow": ", ".join(allowed)}
     return await http_exception_handler(request, exc)
 
 

@@ -13,8 +13,10 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from console.answers import Alive, Readiness
 from console.data import Stores
 from sendscript.health import CHECK_TIMEOUT_S
+from sendscript.serving import host_refused
 
 ROLE = "console"
 
@@ -30,14 +32,16 @@ async def _check(probe: Callable[[], Any], timeout_s: float) -> dict[str, Any]:
 
 
 def health_router(stores: Stores, timeout_s: float = CHECK_TIMEOUT_S) -> APIRouter:
-    router = APIRouter(include_in_schema=False)
+    router = APIRouter(tags=["health"], responses=host_refused())
     started = time.monotonic()
 
-    @router.get("/healthz")
+    @router.get("/healthz", response_model=Alive)
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "role": ROLE, "uptime_s": round(time.monotonic() - started, 1)}
 
-    @router.get("/readyz")
+    @router.get("/readyz", response_model=Readiness, responses={503: {
+        "model": Readiness, "description": "Redis or Mongo does not answer: `checks` says "
+                                           "which and why"}})
     async def readyz() -> JSONResponse:
         redis_ok, mongo_ok = await asyncio.gather(
             _check(stores.redis.ping, timeout_s),

@@ -31,7 +31,7 @@ from sendscript import connect, counts, metrics
 from sendscript.breaker import Circuit
 from sendscript.limits import parse_limits, window_use
 from sendscript.report import breaker_view
-from sendscript.serving import exposed
+from sendscript.serving import exposed, host_refused
 from sendscript.settings import Settings
 
 # A console token's holder, or None (console.context.Console.principal_of).
@@ -172,7 +172,12 @@ def metrics_router(settings: Settings, principal_of: PrincipalOf | None = None) 
     router = APIRouter()
     cluster = _Cluster(settings)
 
-    @router.get("/metrics", include_in_schema=False)
+    @router.get("/metrics", tags=["metrics"], response_class=Response, responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+              "description": "Prometheus' text format"},
+        401: {"content": {"text/plain": {"schema": {"type": "string"}}},
+              "description": "Exposed, and no SENDSCRIPT_METRICS_TOKEN nor console token"},
+        **host_refused()})
     def scrape(request: Request) -> Response:  # sync: FastAPI runs it in its thread pool
         if not scrape_allowed(settings, request.headers.get("authorization", ""),
                               principal_of):

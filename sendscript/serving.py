@@ -43,6 +43,13 @@ def allowed_hosts(bind: str, configured: tuple[str, ...], setting: str) -> list[
     return sorted(_bracketed(h) for h in names)
 
 
+def host_refused() -> dict[int | str, dict[str, Any]]:
+    """What /openapi.json says of that refusal (Starlette's plain-text answer), for every
+    route; a new dict each time, as FastAPI adds to the one a route is given."""
+    return {400: {"description": "The Host header names no host of the allow-list",
+                  "content": {"text/plain": {"schema": {"type": "string"}}}}}
+
+
 def guard_hosts(app: FastAPI, hosts: list[str]) -> None:
     """Refuse (400) a request whose Host is not one of `hosts`, before anything else of
     the app runs: a page whose name was rebound to our address sends its own name.

@@ -53,3 +53,16 @@ def test_agent_calls(case: schemathesis.Case, fuzzed: Fuzzed) -> None:
 @api.parametrize()
 def test_anonymous_calls(case: schemathesis.Case, fuzzed: Fuzzed) -> None:
     case.call_and_validate()
+
+
+def test_bodies_are_strict(fuzzed: Fuzzed) -> None:
+    """A string is not a number nor 1 a boolean, and an unknown field is refused."""
+    headers = {"Authorization": f"Bearer {fuzzed.token}"}
+    for body in ({"agent_id": AGENT, "limit": "5"}, {"agent_id": AGENT, "wait_s": "0"},
+                 {"agent_id": AGENT, "limits": 1}):
+        r = httpx.post(f"{fuzzed.url}/api/agents/lease", json=body, headers=headers,
+                       timeout=20)
+        assert r.status_code == 422, (body, r.text)
+    r = httpx.post(f"{fuzzed.url}/api/agents/lease", json={"agent_id": AGENT, "limit": 5},
+                   headers=headers, timeout=20)
+    assert r.status_code == 200 and r.json() == {"ok": True, "tasks": []}, r.text

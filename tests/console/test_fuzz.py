@@ -77,3 +77,34 @@ def test_a_range_reaching_the_first_years_is_searched(fuzzed: Fuzzed) -> None:
         assert len(r.json()["tasks"]) == 3
         r = http.get("/api/tasks", params={"until": "9999-12-31T23:59:59-23:59"})
         assert r.status_code == 422 and "range" in r.text
+
+
+def test_what_the_document_promises_callers(fuzzed: Fuzzed) -> None:
+    """The contract's HTTP section: times, a missing task's stream, 405, token scopes."""
+    with fuzzed.role.client(fuzzed.viewer) as http:
+        for since in ("2024-05-01T10:00:00Z", "2024-05-01T12:00:00+02:00",
+                      "2024-05-01T10:00", "2024-05-01 10:00:00", ""):
+            r = http.get("/api/tasks", params={"since": since})
+            assert r.status_code == 200, (since, r.text)
+        for since in ("2024-05-01", "1714557600", "2024"):
+            r = http.get("/api/tasks", params={"since": since})
+            assert r.status_code == 422, (since, r.text)
+        r = http.get("/api/stream/tasks/no-such-task")
+        assert r.status_code == 404 and r.json()["detail"] == "no task no-such-task"
+        r = http.delete("/api/pauses")
+        assert r.status_code == 405
+        assert r.headers["allow"] == "GET, POST"
+    with fuzzed.role.client(fuzzed.operator) as http:
+        # The schema's patterns are the store's: what it allows is made, the rest refused.
+        ok = http.post("/api/agent-tokens", json={"name": "rack@1.a_b-c", "prefixes": [
+            "ph:1@a.b_c-"], "groups": ["lab:1.a_b-c"]})
+        assert ok.status_code == 200, ok.text
+        assert set(ok.json()) == {"name", "token", "prefixes", "groups"}
+        schema = http.get("/openapi.json").json()["components"]["schemas"]["AgentTokenSpec"]
+        assert schema["properties"]["groups"]["items"]["pattern"] == r"^[A-Za-z0-9_.:-]{1,200}$"
+        for body in ({"name": "x", "groups": ["a@b"]}, {"name": "x", "prefixes": ["a/b"]},
+                     {"name": "x:y"}):
+            r = http.post("/api/agent-tokens", json=body)
+            assert r.status_code == 422, (body, r.text)
+        names = [t["name"] for t in http.get("/api/agent-tokens").json()]
+        assert names == ["rack@1.a_b-c"]
