@@ -27,7 +27,8 @@ from tests.integration.test_device_health import (  # noqa: F401
     test_the_script_follows_the_model_on_random_batches,
 )
 from tests.integration.test_limits import (  # noqa: F401
-    test_concurrent_reservations_never_exceed_the_window,
+    test_concurrent_reservations_never_exceed_the_limit,
+    test_no_interval_of_the_duration_holds_twice_the_limit_at_a_window_edge,
 )
 from tests.integration.test_locks import (  # noqa: F401
     test_acquire_gives_increasing_fences_and_zero_when_locked,
