@@ -48,7 +48,7 @@ from rich.table import Table
 
 from sendscript import connect
 from sendscript.dev import tally
-from sendscript.dev.processes import RoleProcess, wait_until
+from sendscript.dev.processes import RoleProcess
 from sendscript.dev.stack import LocalStack
 from sendscript.settings import Settings
 from sendscript.store import TASKS
@@ -130,16 +130,7 @@ def run(opts: Options, masters: int) -> Run:
     try:
         stack.start(log_dir=data_dir / "logs")
         settings = stack.effective
-        for master_id in ids[1:]:
-            env = {**stack.env, "SENDSCRIPT_MASTER_ID": master_id}
-            others.append(RoleProcess(master_id, ["master"], env, data_dir / "logs").start())
-        client = redis.Redis.from_url(settings.redis_url or "", socket_timeout=10)
-        try:
-            for proc, master_id in zip(others, ids[1:], strict=True):
-                wait_until(lambda p=proc, m=master_id: _up(client, settings, p, m, opts.workers),
-                           90, 0.2, what=f"master {master_id}")
-        finally:
-            client.close()
+        others = stack.start_masters(ids[1:], data_dir / "logs")
         result = _measure(stack, settings, opts, masters, rule)
         ok = result.ok
         return result
@@ -151,15 +142,6 @@ def run(opts: Options, masters: int) -> Run:
             shutil.rmtree(data_dir, ignore_errors=True)
         else:
             console.print(f"logs and data kept in {data_dir}")
-
-
-def _up(client: redis.Redis, settings: Settings, proc: RoleProcess, master_id: str,
-        workers: int) -> bool:
-    if not proc.running:
-        raise RuntimeError(f"{master_id} exited during start:\n{proc.log_tail()}")
-    raw = client.hget(settings.keys.masters, master_id)
-    info = json.loads(raw) if raw else {}
-    return info.get("pid") == proc.pid and info.get("workers_alive") == workers
 
 
 def _measure(stack: LocalStack, settings: Settings, opts: Options, masters: int,

@@ -600,12 +600,20 @@ class Chaos:
                 self._role(name, role.args)
 
     # -- checks -------------------------------------------------------------------------------
+    def _lists(self) -> dict[str, str]:
+        """The intake lists that must be empty once the run has settled."""
+        keys = self.settings.keys
+        return {"ready": keys.ready, "staging": keys.staging(self.settings.master_id),
+                "processing": keys.processing(self.settings.master_id)}
+
+    def _tend(self) -> None:
+        """What keeps the roles up while the run settles."""
+        self._autorestart()
+
     def _settle(self, timeout_s: float) -> None:
         """Wait until every task is terminal and nothing is left in the intake lists."""
         started = time.monotonic()
-        keys = self.settings.keys
-        lists = {"ready": keys.ready, "staging": keys.staging(self.settings.master_id),
-                 "processing": keys.processing(self.settings.master_id)}
+        lists = self._lists()
         mongo, db = self._mongo_db()
         r = self._redis()
         try:
@@ -620,7 +628,7 @@ class Chaos:
                 if time.monotonic() - started > timeout_s:
                     self.report.settle_timed_out = True
                     break
-                self._autorestart()  # a role dying now would never settle
+                self._tend()  # a role dying now would never settle
                 time.sleep(1.0)
         finally:
             mongo.close()

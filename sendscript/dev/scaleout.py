@@ -306,7 +306,7 @@ class FaultRun(Chaos):
             raise RuntimeError("the load did not stop within 120s")
         self._pause_schedule()
         self.report.duration_s = time.monotonic() - started
-        self._settle_all(self.opts.settle_timeout_s)
+        self._settle(self.opts.settle_timeout_s)
         self._check_all()
         return self.report
 
@@ -423,29 +423,8 @@ class FaultRun(Chaos):
             lists |= {f"staging:{m}": keys.staging(m), f"processing:{m}": keys.processing(m)}
         return lists
 
-    def _settle_all(self, timeout_s: float) -> None:
-        started = time.monotonic()
-        mongo, db = self._mongo_db()
-        r = self._redis()
-        try:
-            while True:
-                try:
-                    open_ = db.script_tasks.count_documents(
-                        {"status": {"$nin": sorted(TERMINAL)}})
-                    left = {n: int(r.llen(k)) for n, k in self._lists().items()}
-                except Exception:
-                    open_, left = -1, {}
-                if open_ == 0 and left and not any(left.values()):
-                    break
-                if time.monotonic() - started > timeout_s:
-                    self.report.settle_timed_out = True
-                    break
-                self._supervise()
-                time.sleep(1.0)
-        finally:
-            mongo.close()
-            r.close()
-        self.report.settle_s = time.monotonic() - started
+    def _tend(self) -> None:
+        self._supervise()
 
     def _check_all(self) -> None:
         rep = self.report

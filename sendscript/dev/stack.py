@@ -121,14 +121,35 @@ class LocalStack:
             role = self.roles.get(name)
             if role is not None and not role.running:
                 raise RuntimeError(f"{name} exited during start:\n{role.log_tail()}")
+        return self._heartbeats(self.roles["master"], self.settings.master_id)
+
+    def start_masters(self, master_ids: Sequence[str], log_dir: Path | None) -> list[RoleProcess]:
+        """More masters beside the stack's own, one per id; returns once each heartbeats
+        with all its workers alive. The caller stops them (all of them, if this raises)."""
+        started: list[RoleProcess] = []
+        try:
+            for master_id in master_ids:
+                env = {**self.env, "SENDSCRIPT_MASTER_ID": master_id}
+                started.append(RoleProcess(master_id, ["master"], env, log_dir).start())
+            for proc, master_id in zip(started, master_ids, strict=True):
+                wait_until(lambda p=proc, m=master_id: self._heartbeats(p, m), 90, 0.2,
+                           what=f"master {master_id}")
+        except Exception:
+            for proc in started:
+                proc.stop(timeout_s=60)
+            raise
+        return started
+
+    def _heartbeats(self, role: RoleProcess, master_id: str) -> bool:
+        if not role.running:
+            raise RuntimeError(f"{master_id} exited during start:\n{role.log_tail()}")
         settings = self.effective
         client = connect.redis_sync(settings)
         try:
-            raw = client.hget(settings.keys.masters, settings.master_id)
+            raw = client.hget(settings.keys.masters, master_id)
             info = json.loads(raw) if raw else {}
             # The pid tells our master from the entry an earlier run left behind.
-            return (info.get("pid") == self.roles["master"].pid
-                    and info.get("workers_alive") == self.workers)
+            return info.get("pid") == role.pid and info.get("workers_alive") == self.workers
         except redis.RedisError:
             return False
         finally:
