@@ -14,8 +14,9 @@ address (a private 10.251.N.0/24 made for the run); every role runs as
 with malformed items and task logs, and a cron schedule firing every 2 s) while, in
 turn: the Redis master is SIGKILLed (Sentinel promotes the replica), the leading
 master's host is partitioned (its link down) for longer than the leader lease and then
-healed, Mongo steps down (when it runs as a replica set; the embedded one may be
-standalone, and the tally says so), and a master is SIGKILLed and restarted. It then
+healed, Mongo steps down (the embedded SecantusDB runs as a one-member replica set;
+`replSetStepDown` makes it a secondary for a few seconds, every write meanwhile
+answered NotWritablePrimary), and a master is SIGKILLed and restarted. It then
 waits until every task is terminal and checks, with the chaos run's checks
 (sendscript/dev/chaos.py, fires.py): 0 overlaps (farm 409s), 0 lost, no attempt
 sent twice and no task sent more than max_retries + 1 times or without a recorded
@@ -57,12 +58,12 @@ from sendscript.dev.chaos import (
     check_settled,
     print_report,
 )
-from sendscript.dev.embedded import MongoServer, PulsarServer, free_port
+from sendscript.dev.embedded import PulsarServer, free_port
 from sendscript.dev.fires import FireTally, KeptTally, check_fires, check_kept
 from sendscript.dev.hosts import Hosts
 from sendscript.dev.processes import RoleProcess, wait_until
 from sendscript.dev.readback import tasks_by_arg
-from sendscript.dev.topologies import SentinelGroup
+from sendscript.dev.topologies import MongoReplicaSet, SentinelGroup
 from sendscript.schedules import Schedule
 from sendscript.settings import Settings
 
@@ -113,6 +114,8 @@ class Faults:
         out = [f"fault step failed: {e}" for e in self.errors]
         if self.redis_failover_s is None:
             out.append("no Redis failover")
+        if not self.mongo_stepdown.startswith("stepped down"):
+            out.append(f"no Mongo step-down ({self.mongo_stepdown})")
         if self.partitioned and self.leader_during in (None, self.leader_before):
             out.append(f"no other master took the lease while {self.partitioned} was cut off "
                        f"(held by {self.leader_during})")
@@ -142,7 +145,7 @@ class Cluster:
         self.hosts = Hosts(names, cpu)
         self.roles: dict[str, RoleProcess] = {}
         self.group: SentinelGroup | None = None
-        self.mongo: MongoServer | None = None
+        self.mongo: MongoReplicaSet | None = None
         self.pulsar: PulsarServer | None = None
 
     def start(self) -> None:
@@ -151,7 +154,7 @@ class Cluster:
         self.group = SentinelGroup(self.workdir / "redis", down_after_ms=1000, sentinels=3,
                                    host=ip)
         self.group.start()
-        self.mongo = MongoServer(self.workdir / "servers")
+        self.mongo = MongoReplicaSet(self.workdir / "servers")
         self.mongo.host = ip
         self.mongo.start()
         self.pulsar = PulsarServer(self.workdir / "servers")
@@ -160,7 +163,7 @@ class Cluster:
 
     def settings(self, prefix: str) -> Settings:
         assert self.group and self.mongo and self.pulsar
-        return Settings(redis_url=self.group.url, mongo_url=f"{self.mongo.url}{prefix}",
+        return Settings(redis_url=self.group.url, mongo_url=self.mongo.database_url(prefix),
                         pulsar_url=self.pulsar.url,
                         central_url=f"http://{self.hosts.bridge_ip}:{free_port()}",
                         key_prefix=prefix, master_id=f"{prefix}-none",
@@ -379,23 +382,25 @@ class FaultRun(Chaos):
         self.faults.leader_after = leader(self.settings)
 
     def _mongo_step_down(self) -> None:
-        from pymongo import MongoClient
+        """replSetStepDown (forced): the one member is a secondary for a few seconds,
+        every write meanwhile answered NotWritablePrimary; then primary again."""
         from pymongo.errors import PyMongoError
 
-        client: MongoClient[dict[str, Any]] = MongoClient(self.settings.mongo_url,
-                                                          serverSelectionTimeoutMS=5000)
+        rs = self.cluster.mongo
+        assert rs is not None
+        seconds = 5
+        self._event(f"mongo replSetStepDown for {seconds}s")
+        t0 = time.monotonic()
         try:
-            if not client.admin.command("hello").get("setName"):
-                self.faults.mongo_stepdown = "skipped: the embedded Mongo runs standalone"
-                return
-            try:
-                client.admin.command("replSetStepDown", 5)
-            except PyMongoError as exc:  # the primary drops its connections as it steps down
-                self._event(f"replSetStepDown answered {exc!r}")
-            self.faults.mongo_stepdown = "stepped down"
-            self._event("mongo stepped down")
-        finally:
-            client.close()
+            rs.step_down(seconds)
+        except PyMongoError as exc:  # the member may drop its connections as it steps down
+            self._event(f"replSetStepDown answered {exc!r}")
+        if rs.is_primary():
+            raise RuntimeError("Mongo still primary after replSetStepDown")
+        wait_until(rs.is_primary, 60, 0.2, what="Mongo to be primary again")
+        back_s = time.monotonic() - t0
+        self.faults.mongo_stepdown = f"stepped down, primary again after {back_s:.1f}s"
+        self._event(self.faults.mongo_stepdown)
 
     def _kill_master(self) -> None:
         name = next((m for m in self.masters if m != self.faults.partitioned), self.masters[0])
