@@ -363,7 +363,9 @@ class FaultRun(Chaos):
 
     def _partition_leader(self) -> None:
         holder = leader(self.settings)
-        host = holder if holder in self.masters else self.masters[0]
+        # The lease value is `{master_id}#{fencing token}`; the host is the master_id.
+        holder_id = holder.rsplit("#", 1)[0] if holder else None
+        host = holder_id if holder_id in self.masters else self.masters[0]
         lease = self.settings.leader_lease_s
         down_s = lease + 3  # past the lease, and past another master's renewal
         self.faults.partitioned, self.faults.leader_before = host, holder
