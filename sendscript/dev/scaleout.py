@@ -22,7 +22,8 @@ waits until every task is terminal and checks, with the chaos run's checks
 sent twice and no task sent more than max_retries + 1 times or without a recorded
 attempt, each cron fire once, nothing deleted early.
 
-Scaling: for 1, 2 and 3 master hosts, with each master host's quota the bottleneck,
+Scaling: for 1, 2 and 3 master hosts, with each master host's quota the bottleneck
+(Mongo standalone again for this phase: SecantusDB as a replica set would be it),
 `--scale-tasks` raw items are pushed at once and read back from Mongo: tasks/s is
 their count over the time from the push to the last `finished_at`. Exit status 1 on
 any finding or a ratio under `--min-ratio` of N x one host's rate.
@@ -58,7 +59,7 @@ from sendscript.dev.chaos import (
     check_settled,
     print_report,
 )
-from sendscript.dev.embedded import PulsarServer, free_port
+from sendscript.dev.embedded import MongoServer, PulsarServer, free_port
 from sendscript.dev.fires import FireTally, KeptTally, check_fires, check_kept
 from sendscript.dev.hosts import Hosts
 from sendscript.dev.processes import RoleProcess, wait_until
@@ -145,7 +146,7 @@ class Cluster:
         self.hosts = Hosts(names, cpu)
         self.roles: dict[str, RoleProcess] = {}
         self.group: SentinelGroup | None = None
-        self.mongo: MongoReplicaSet | None = None
+        self.mongo: MongoReplicaSet | MongoServer | None = None
         self.pulsar: PulsarServer | None = None
 
     def start(self) -> None:
@@ -163,12 +164,25 @@ class Cluster:
 
     def settings(self, prefix: str) -> Settings:
         assert self.group and self.mongo and self.pulsar
-        return Settings(redis_url=self.group.url, mongo_url=self.mongo.database_url(prefix),
+        mongo_url = (self.mongo.database_url(prefix) if isinstance(self.mongo, MongoReplicaSet)
+                     else f"{self.mongo.url}{prefix}")
+        return Settings(redis_url=self.group.url, mongo_url=mongo_url,
                         pulsar_url=self.pulsar.url,
                         central_url=f"http://{self.hosts.bridge_ip}:{free_port()}",
                         key_prefix=prefix, master_id=f"{prefix}-none",
                         task_log_topic=f"persistent://public/default/{prefix}-log",
                         **{**CHAOS_SETTINGS, "workers": self.opts.workers})
+
+    def use_standalone_mongo(self) -> None:
+        """A fresh standalone SecantusDB in place of the replica set, for the scaling
+        phase: there the masters' CPU quota must be the bottleneck, and SecantusDB as a
+        replica set (retryable writes on, each recorded; past 10,000 records a write
+        costs 6-8 ms instead of 0.4) would be, long before the masters."""
+        if self.mongo is not None:
+            self.mongo.stop()
+        self.mongo = MongoServer(self.workdir / "servers-scaling")
+        self.mongo.host = self.hosts.bridge_ip
+        self.mongo.start()
 
     def env(self, settings: Settings) -> dict[str, str]:
         return {**os.environ, **settings.to_env(), **self.opts.extra_env}
@@ -602,6 +616,7 @@ def run(workdir: Path, opts: Options) -> Result:
         sys.stdout.flush()
         scaling = []
         if opts.scaling:
+            cluster.use_standalone_mongo()
             for n in range(1, opts.masters + 1):
                 scaling.append(measure_scaling(cluster, n, opts))
         return Result(report, fault_run.faults, fault_run.fires, fault_run.kept,
