@@ -116,7 +116,7 @@ def test_result_timeout_swept_once_with_two_masters(
     assert int(inspect.redis.hget(settings.keys.stats, "result_timeouts")) == 2
     leaders = [p for p in (a, b) if "result timeout" in (p.log_path.read_text()
                                                           if p.log_path else "")]
-    holder = inspect.redis.get(f"{settings.key_prefix}:leader")
+    holder = inspect.redis.get(f"{settings.keys.prefix}:leader")
     assert holder is not None and len(leaders) >= 1
     assert inspect.db.script_tasks.find_one({"_id": after})["status"] == "success"
     assert roles.farm()["refused_busy"] == 0
