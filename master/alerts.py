@@ -21,6 +21,7 @@ import asyncio
 from typing import Any
 
 import redis.asyncio
+from redis.exceptions import NoScriptError
 
 from master.bus import Subscription
 from master.events import Incident, IncidentForgotten
@@ -111,11 +112,22 @@ class Alerting:
         """Keep the records of the incidents still on from lapsing."""
         if not self.active:
             return
-        pipe = self.redis.pipeline(transaction=False)
-        for kind, key in list(self.active):
-            await self._renew(keys=[self.settings.keys.alert(kind, key)],
-                              args=[self.settings.master_id, self.ttl_ms], client=pipe)
-        await pipe.execute()
+        keys = [self.settings.keys.alert(kind, key) for kind, key in list(self.active)]
+        # EVALSHA in one pipeline, the script loaded on demand: a cluster's pipeline
+        # does not load a Script as a one-server pipeline does (it answered NoScript).
+        for _ in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.evalsha(self._renew.sha, 1, key, self.settings.master_id, self.ttl_ms)
+            answers = await pipe.execute(raise_on_error=False)
+            if any(isinstance(a, NoScriptError) for a in answers):
+                await self.redis.script_load(RENEW)
+                continue
+            for answer in answers:
+                if isinstance(answer, Exception):
+                    raise answer
+            return
+        raise RuntimeError("alert renew script missing right after SCRIPT LOAD")
 
     async def run(self, stop: asyncio.Event) -> None:
         renewing = asyncio.create_task(every(

@@ -10,12 +10,12 @@ import pytest
 
 from sendscript.dev.embedded import EmbeddedServers
 from sendscript.settings import Settings
-from tests.support import Inspect, Roles, unique_settings
+from tests.support import Inspect, Roles, session_servers, unique_settings
 
 
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServers]:
-    embedded = EmbeddedServers(tmp_path_factory.mktemp("servers"))
+    embedded = session_servers(tmp_path_factory.mktemp("servers"))
     embedded.start()
     yield embedded
     embedded.stop()

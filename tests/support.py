@@ -13,12 +13,56 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from pymongo import MongoClient
 
 from sendscript import connect
 from sendscript.dev.embedded import EmbeddedServers, free_port
 from sendscript.dev.processes import RoleProcess
+from sendscript.dev.topologies import RedisClusterNodes
 from sendscript.settings import Settings
+
+# SENDSCRIPT_TEST_REDIS=cluster: the session's servers give every test a 3-node Redis
+# Cluster (redis+cluster://, keys under a hash-tagged prefix) instead of one server.
+REDIS_TOPOLOGY = os.environ.get("SENDSCRIPT_TEST_REDIS", "server").strip().lower() or "server"
+if REDIS_TOPOLOGY not in ("server", "cluster"):
+    raise RuntimeError(f"SENDSCRIPT_TEST_REDIS must be 'server' or 'cluster', "
+                       f"got {REDIS_TOPOLOGY!r}")
+ON_CLUSTER = REDIS_TOPOLOGY == "cluster"
+
+# For tests that need one Redis server of their own (they kill or restart it, or
+# read its AOF): they run in the default mode, and say why they skip in this one.
+needs_one_redis_server = pytest.mark.skipif(
+    ON_CLUSTER, reason="SENDSCRIPT_TEST_REDIS=cluster: this test kills or restarts one "
+                       "Redis server; it runs in the default mode")
+
+
+class ClusterServers(EmbeddedServers):
+    """The embedded Mongo and Pulsar, with a 3-node Redis Cluster for Redis."""
+
+    def __init__(self, data_dir: Path | str) -> None:
+        super().__init__(data_dir, ("mongo", "pulsar"))
+        self.cluster = RedisClusterNodes(self.data_dir / "redis-cluster")
+
+    def start(self) -> dict[str, str]:
+        self.cluster.start()
+        try:
+            return super().start()
+        except Exception:
+            self.cluster.stop()
+            raise
+
+    def urls(self) -> dict[str, str]:
+        return {"redis_url": self.cluster.url, **super().urls()}
+
+    def stop(self) -> None:
+        super().stop()
+        self.cluster.stop()
+
+
+def session_servers(data_dir: Path) -> EmbeddedServers:
+    """Embedded servers (not started) for the Redis topology SENDSCRIPT_TEST_REDIS names."""
+    return ClusterServers(data_dir) if ON_CLUSTER else EmbeddedServers(data_dir)
 
 
 def unique_settings(servers: EmbeddedServers, **overrides: Any) -> Settings:

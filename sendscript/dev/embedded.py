@@ -193,8 +193,13 @@ class PulsarServer(ServerProcess):
     heal_resets = True
     RESET_MARK = b"Connection reset by peer"
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, *,
+                 default_partitions: int = 0) -> None:
         super().__init__(data_dir, port)
+        # pulsar-lite partitions topics only broker-wide: with N > 0 every topic a
+        # client first names is created with N partitions (`default_partitions` in
+        # its pulsar-lite.toml); there is no admin API to partition one topic.
+        self.default_partitions = default_partitions
         self._lock = threading.RLock()
         self._quit = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -273,7 +278,8 @@ class PulsarServer(ServerProcess):
 
         config = self.data_dir / "pulsar-lite.toml"
         # The broker's metrics endpoint would bind 0.0.0.0:8080; we keep to loopback.
-        config.write_text("[metrics]\nenabled = false\n")
+        config.write_text(f"default_partitions = {int(self.default_partitions)}\n"
+                          "[metrics]\nenabled = false\n")
         return [
             find_pulsar_lite_binary(), "--config", str(config),
             "--addr", f"{self.host}:{self.port}", "--db-path", str(self.data_dir / "db"),

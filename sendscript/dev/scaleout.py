@@ -14,14 +14,16 @@ address (a private 10.251.N.0/24 made for the run); every role runs as
 with malformed items and task logs, and a cron schedule firing every 2 s) while, in
 turn: the Redis master is SIGKILLed (Sentinel promotes the replica), the leading
 master's host is partitioned (its link down) for longer than the leader lease and then
-healed, Mongo steps down (when it runs as a replica set; the embedded one may be
-standalone, and the tally says so), and a master is SIGKILLed and restarted. It then
+healed, Mongo steps down (the embedded SecantusDB runs as a one-member replica set;
+`replSetStepDown` makes it a secondary for a few seconds, every write meanwhile
+answered NotWritablePrimary), and a master is SIGKILLed and restarted. It then
 waits until every task is terminal and checks, with the chaos run's checks
 (sendscript/dev/chaos.py, fires.py): 0 overlaps (farm 409s), 0 lost, no attempt
 sent twice and no task sent more than max_retries + 1 times or without a recorded
 attempt, each cron fire once, nothing deleted early.
 
-Scaling: for 1, 2 and 3 master hosts, with each master host's quota the bottleneck,
+Scaling: for 1, 2 and 3 master hosts, with each master host's quota the bottleneck
+(Mongo standalone again for this phase: SecantusDB as a replica set would be it),
 `--scale-tasks` raw items are pushed at once and read back from Mongo: tasks/s is
 their count over the time from the push to the last `finished_at`. Exit status 1 on
 any finding or a ratio under `--min-ratio` of N x one host's rate.
@@ -62,7 +64,7 @@ from sendscript.dev.fires import FireTally, KeptTally, check_fires, check_kept
 from sendscript.dev.hosts import Hosts
 from sendscript.dev.processes import RoleProcess, wait_until
 from sendscript.dev.readback import tasks_by_arg
-from sendscript.dev.topologies import SentinelGroup
+from sendscript.dev.topologies import MongoReplicaSet, SentinelGroup
 from sendscript.schedules import Schedule
 from sendscript.settings import Settings
 
@@ -113,6 +115,8 @@ class Faults:
         out = [f"fault step failed: {e}" for e in self.errors]
         if self.redis_failover_s is None:
             out.append("no Redis failover")
+        if not self.mongo_stepdown.startswith("stepped down"):
+            out.append(f"no Mongo step-down ({self.mongo_stepdown})")
         if self.partitioned and self.leader_during in (None, self.leader_before):
             out.append(f"no other master took the lease while {self.partitioned} was cut off "
                        f"(held by {self.leader_during})")
@@ -142,7 +146,7 @@ class Cluster:
         self.hosts = Hosts(names, cpu)
         self.roles: dict[str, RoleProcess] = {}
         self.group: SentinelGroup | None = None
-        self.mongo: MongoServer | None = None
+        self.mongo: MongoReplicaSet | MongoServer | None = None
         self.pulsar: PulsarServer | None = None
 
     def start(self) -> None:
@@ -151,7 +155,7 @@ class Cluster:
         self.group = SentinelGroup(self.workdir / "redis", down_after_ms=1000, sentinels=3,
                                    host=ip)
         self.group.start()
-        self.mongo = MongoServer(self.workdir / "servers")
+        self.mongo = MongoReplicaSet(self.workdir / "servers")
         self.mongo.host = ip
         self.mongo.start()
         self.pulsar = PulsarServer(self.workdir / "servers")
@@ -160,12 +164,25 @@ class Cluster:
 
     def settings(self, prefix: str) -> Settings:
         assert self.group and self.mongo and self.pulsar
-        return Settings(redis_url=self.group.url, mongo_url=f"{self.mongo.url}{prefix}",
+        mongo_url = (self.mongo.database_url(prefix) if isinstance(self.mongo, MongoReplicaSet)
+                     else f"{self.mongo.url}{prefix}")
+        return Settings(redis_url=self.group.url, mongo_url=mongo_url,
                         pulsar_url=self.pulsar.url,
                         central_url=f"http://{self.hosts.bridge_ip}:{free_port()}",
                         key_prefix=prefix, master_id=f"{prefix}-none",
                         task_log_topic=f"persistent://public/default/{prefix}-log",
                         **{**CHAOS_SETTINGS, "workers": self.opts.workers})
+
+    def use_standalone_mongo(self) -> None:
+        """A fresh standalone SecantusDB in place of the replica set, for the scaling
+        phase: there the masters' CPU quota must be the bottleneck, and SecantusDB as a
+        replica set (retryable writes on, each recorded; past 10,000 records a write
+        costs 6-8 ms instead of 0.4) would be, long before the masters."""
+        if self.mongo is not None:
+            self.mongo.stop()
+        self.mongo = MongoServer(self.workdir / "servers-scaling")
+        self.mongo.host = self.hosts.bridge_ip
+        self.mongo.start()
 
     def env(self, settings: Settings) -> dict[str, str]:
         return {**os.environ, **settings.to_env(), **self.opts.extra_env}
@@ -360,8 +377,9 @@ class FaultRun(Chaos):
 
     def _partition_leader(self) -> None:
         holder = leader(self.settings)
-        name = holder.rsplit("#", 1)[0] if holder else None  # the lease holds name#token
-        host = name if name in self.masters else self.masters[0]
+        # The lease value is `{master_id}#{fencing token}`; the host is the master_id.
+        holder_id = holder.rsplit("#", 1)[0] if holder else None
+        host = holder_id if holder_id in self.masters else self.masters[0]
         lease = self.settings.leader_lease_s
         down_s = lease + 3  # past the lease, and past another master's renewal
         self.faults.partitioned, self.faults.leader_before = host, holder
@@ -380,23 +398,25 @@ class FaultRun(Chaos):
         self.faults.leader_after = leader(self.settings)
 
     def _mongo_step_down(self) -> None:
-        from pymongo import MongoClient
+        """replSetStepDown (forced): the one member is a secondary for a few seconds,
+        every write meanwhile answered NotWritablePrimary; then primary again."""
         from pymongo.errors import PyMongoError
 
-        client: MongoClient[dict[str, Any]] = MongoClient(self.settings.mongo_url,
-                                                          serverSelectionTimeoutMS=5000)
+        rs = self.cluster.mongo
+        assert rs is not None
+        seconds = 5
+        self._event(f"mongo replSetStepDown for {seconds}s")
+        t0 = time.monotonic()
         try:
-            if not client.admin.command("hello").get("setName"):
-                self.faults.mongo_stepdown = "skipped: the embedded Mongo runs standalone"
-                return
-            try:
-                client.admin.command("replSetStepDown", 5)
-            except PyMongoError as exc:  # the primary drops its connections as it steps down
-                self._event(f"replSetStepDown answered {exc!r}")
-            self.faults.mongo_stepdown = "stepped down"
-            self._event("mongo stepped down")
-        finally:
-            client.close()
+            rs.step_down(seconds)
+        except PyMongoError as exc:  # the member may drop its connections as it steps down
+            self._event(f"replSetStepDown answered {exc!r}")
+        if rs.is_primary():
+            raise RuntimeError("Mongo still primary after replSetStepDown")
+        wait_until(rs.is_primary, 60, 0.2, what="Mongo to be primary again")
+        back_s = time.monotonic() - t0
+        self.faults.mongo_stepdown = f"stepped down, primary again after {back_s:.1f}s"
+        self._event(self.faults.mongo_stepdown)
 
     def _kill_master(self) -> None:
         name = next((m for m in self.masters if m != self.faults.partitioned), self.masters[0])
@@ -575,6 +595,7 @@ def run(workdir: Path, opts: Options) -> Result:
         sys.stdout.flush()
         scaling = []
         if opts.scaling:
+            cluster.use_standalone_mongo()
             for n in range(1, opts.masters + 1):
                 scaling.append(measure_scaling(cluster, n, opts))
         return Result(report, fault_run.faults, fault_run.fires, fault_run.kept,

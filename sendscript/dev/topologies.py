@@ -268,7 +268,7 @@ class MongoReplicaSet(MongoServer):
 
     def admin(self) -> MongoClient:  # type: ignore[type-arg]
         # Direct to the member: it answers whatever its state (a stepped-down one too).
-        return MongoClient(f"mongodb://127.0.0.1:{self.port}/", directConnection=True,
+        return MongoClient(f"mongodb://{self.host}:{self.port}/", directConnection=True,
                            serverSelectionTimeoutMS=5000)
 
     def _command(self, doc: dict[str, Any]) -> dict[str, Any]:
@@ -299,6 +299,15 @@ class MongoReplicaSet(MongoServer):
 
     def failpoints_off(self) -> None:
         self._command({"configureFailPoint": "failCommand", "mode": "off"})
+
+    def database_url(self, name: str) -> str:
+        """The replica set's URL naming database `name` (which goes before the options).
+
+        heartbeatFrequencyMS=500: SecantusDB tells the drivers' monitors of a step-down
+        at once but not of its end, which they learn at their next heartbeat (10 s by
+        default); MongoDB tells them of a new primary's election at once."""
+        return (f"mongodb://{self.host}:{self.port}/{name}?replicaSet={self.replica_set}"
+                "&heartbeatFrequencyMS=500")
 
     def __enter__(self) -> MongoReplicaSet:
         self.start()

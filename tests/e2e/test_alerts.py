@@ -24,11 +24,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-import redis.asyncio
 
 from master.alerts import Alerting
 from master.bus import Bus
 from master.events import Incident
+from sendscript import connect
 from sendscript.alerts import Alert, State
 from sendscript.client import SendScriptClient
 from sendscript.dev.embedded import free_port
@@ -210,7 +210,7 @@ def test_one_incident_seen_by_two_masters_is_announced_once(
                 "master_id": master_id, "alert_wecom_url": f"{receiver.url}/wecom",
                 "alert_webhook_url": f"{receiver.url}/hook"})
             bus = Bus()
-            client = redis.asyncio.Redis.from_url(settings.redis_url or "")
+            client = connect.redis_async(settings)
             alerting = Alerting(s, client)
             bus.attach(alerting)
             parts.append((bus, alerting, client))
@@ -298,7 +298,7 @@ def test_incident_records_outlive_their_announcer_but_not_the_incident(
     incident; one that lapsed (its announcer died) taken over silently; the end
     announced once; a new start after the end announced again."""
     async def go() -> None:
-        client = redis.asyncio.Redis.from_url(settings.redis_url or "")
+        client = connect.redis_async(settings)
         a, b = (Alerting(settings.model_copy(update={"master_id": m}), client)
                 for m in ("m-a", "m-b"))
         record = settings.keys.alert("drop_rate", "bulk")

@@ -33,7 +33,7 @@ def settings(servers: EmbeddedServers) -> Settings:
 
 
 def holder(inspect: Inspect, settings: Settings) -> str:
-    value = inspect.redis.get(f"{settings.key_prefix}:leader")
+    value = inspect.redis.get(f"{settings.keys.prefix}:leader")
     return value.decode().rsplit("#", 1)[0] if value else ""
 
 
@@ -46,7 +46,7 @@ def test_a_paused_leader_resumes_without_acting_and_steps_down(
     wait_for(lambda: holder(inspect, settings) == a_id, 10, "master a to lead")
     b = roles.master("master-b", master_id=b_id, retention_sweep_s=3600)
     assert holder(inspect, settings) == a_id
-    token_a = int(inspect.redis.get(f"{settings.key_prefix}:leader").decode().rsplit("#")[1])
+    token_a = int(inspect.redis.get(f"{settings.keys.prefix}:leader").decode().rsplit("#")[1])
 
     a.signal(signal.SIGSTOP)
     try:
@@ -77,6 +77,6 @@ def test_a_paused_leader_resumes_without_acting_and_steps_down(
     log = after_resume()
     assert inspect.db.script_tasks.count_documents({"purge_at": due}) == 20, log
     assert "retention deleted" not in log and "requeued" not in log, log
-    value = inspect.redis.get(f"{settings.key_prefix}:leader").decode()
+    value = inspect.redis.get(f"{settings.keys.prefix}:leader").decode()
     assert value.startswith(f"{b_id}#") and int(value.rsplit("#")[1]) > token_a
     assert a.running and b.running

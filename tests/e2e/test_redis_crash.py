@@ -30,9 +30,9 @@ from sendscript.dev.embedded import EmbeddedServers, RedisServer
 from sendscript.fencing import EPOCHS, MongoEpochs, fence_floor
 from sendscript.locks import DeviceLocks, epoch_key
 from sendscript.settings import Settings
-from tests.support import Inspect, Roles, unique_settings, wait_for
+from tests.support import Inspect, Roles, needs_one_redis_server, unique_settings, wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, needs_one_redis_server]
 
 TTL_MS = 60_000
 WORKERS = 4

@@ -17,7 +17,15 @@ from sendscript.client import SendScriptClient
 from sendscript.dev.embedded import EmbeddedServers
 from sendscript.models import Task, TaskSpec, id_from_tag, utcnow
 from sendscript.settings import Settings
-from tests.support import Inspect, Roles, settings_env, unique_settings, wait_for
+from tests.support import (
+    Inspect,
+    Roles,
+    needs_one_redis_server,
+    session_servers,
+    settings_env,
+    unique_settings,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -108,7 +116,7 @@ def test_result_timeout_swept_once_with_two_masters(
     assert int(inspect.redis.hget(settings.keys.stats, "result_timeouts")) == 2
     leaders = [p for p in (a, b) if "result timeout" in (p.log_path.read_text()
                                                           if p.log_path else "")]
-    holder = inspect.redis.get(f"{settings.key_prefix}:leader")
+    holder = inspect.redis.get(f"{settings.keys.prefix}:leader")
     assert holder is not None and len(leaders) >= 1
     assert inspect.db.script_tasks.find_one({"_id": after})["status"] == "success"
     assert roles.farm()["refused_busy"] == 0
@@ -238,13 +246,14 @@ def test_manual_retry_and_recover_command(
 @pytest.fixture(scope="module")
 def own_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServers]:
     """Servers of this module's own, to stop and start without disturbing others."""
-    embedded = EmbeddedServers(tmp_path_factory.mktemp("restart-servers"))
+    embedded = session_servers(tmp_path_factory.mktemp("restart-servers"))
     embedded.start()
     yield embedded
     embedded.stop()
 
 
-@pytest.mark.parametrize("server", ["redis", "mongo", "pulsar"])
+@pytest.mark.parametrize("server", [pytest.param("redis", marks=needs_one_redis_server),
+                                    "mongo", "pulsar"])
 def test_every_process_rides_out_a_server_restart(
     own_servers: EmbeddedServers, tmp_path: Path, server: str
 ) -> None:

@@ -1,7 +1,8 @@
 """Many hosts for real: 3 masters and 2 consumers in network namespaces of their own,
 each under a CPU quota, against Redis with a replica and 3 Sentinels, the embedded
-Mongo and Pulsar and the simulated farm; a Redis failover, a partitioned leader host
-and a master SIGKILL under load keep invariants 1-5, each cron fire once and nothing
+Mongo as a one-member replica set, Pulsar and the simulated farm; a Redis failover, a
+partitioned leader host, a Mongo step-down and a master SIGKILL under load keep
+invariants 1-5, each cron fire once and nothing
 deleted early (bench.scaleout's fault run, shorter)."""
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def test_faults_across_hosts_keep_the_invariants(tmp_path: Path) -> None:
     assert faults.redis_failover_s is not None, "Sentinel promoted the replica"
     assert faults.partitioned and faults.leader_during not in (None, faults.leader_before), \
         "another master led while the leader's host was cut off"
+    assert faults.mongo_stepdown.startswith("stepped down"), faults.mongo_stepdown
     assert report.kills["master"] == 1 and faults.master_back_s is not None
     assert report.tasks >= opts.tasks and not report.settle_timed_out
     assert report.lost == 0 and report.unsettled == 0, "invariant 2"

@@ -57,8 +57,7 @@ def no_failpoint(rs: MongoReplicaSet) -> Iterator[None]:
 
 def rs_settings(servers: EmbeddedServers, rs: MongoReplicaSet, **overrides: object) -> Settings:
     tag = uuid.uuid4().hex[:8]
-    url = f"mongodb://127.0.0.1:{rs.port}/rs_{tag}?replicaSet={rs.replica_set}" \
-          "&heartbeatFrequencyMS=500"
+    url = rs.database_url(f"rs_{tag}")
     return unique_settings(servers, mongo_url=url, mongo_timeout_s=3.0, **overrides)
 
 

@@ -481,7 +481,7 @@ LEASE_S = 0.4
 
 
 def leases(client: redis.asyncio.Redis, settings: Settings) -> tuple[LeaderLease, LeaderLease]:
-    key = f"{settings.key_prefix}:leader"
+    key = f"{settings.keys.prefix}:leader"
     return (LeaderLease(client, key, "m-a", LEASE_S), LeaderLease(client, key, "m-b", LEASE_S))
 
 
@@ -575,7 +575,7 @@ async def test_only_the_leader_sweeps_and_lets_go_when_stopped(
     counts = sorted(sw.sweeps for sw in sweepers)
     assert min(tries) >= 3, tries
     assert counts[0] == 0 and counts[1] >= 3, counts
-    assert await redis_client.exists(f"{settings.key_prefix}:leader") == 0
+    assert await redis_client.exists(f"{settings.keys.prefix}:leader") == 0
 
 
 async def deposed(client: redis.asyncio.Redis, a: LeaderLease, b: LeaderLease) -> None:
@@ -591,7 +591,7 @@ async def deposed(client: redis.asyncio.Redis, a: LeaderLease, b: LeaderLease) -
 async def test_a_deposed_leader_pushes_nothing(
     settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase,
 ) -> None:
-    key = f"{settings.key_prefix}:leader"
+    key = f"{settings.keys.prefix}:leader"
     a, b = LeaderLease(redis_client, key, "m-a", 30.0), LeaderLease(redis_client, key, "m-b", 30.0)
     await deposed(redis_client, a, b)
     orphan = await put_task(db, "dev-o", TaskStatus.PENDING,
@@ -617,7 +617,7 @@ async def test_a_deposed_leader_pushes_nothing(
 async def test_a_deposed_leader_deletes_nothing(
     settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase,
 ) -> None:
-    key = f"{settings.key_prefix}:leader"
+    key = f"{settings.keys.prefix}:leader"
     a, b = LeaderLease(redis_client, key, "m-a", 30.0), LeaderLease(redis_client, key, "m-b", 30.0)
     await deposed(redis_client, a, b)
     due = utcnow() - timedelta(minutes=5)
