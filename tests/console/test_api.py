@@ -308,7 +308,12 @@ def test_the_overview_shows_rate_limits_and_an_adaptive_ones_value_why_and_hold(
         "cur": "12.5", "why": "429 x3, Retry-After 60s", "at": now_ms, "down_at": now_ms,
         "hold": now_ms + 60_000, "v": 4})
     with c.client(c.token("vera", "viewer")) as api:
-        shown = {row["name"]: row for row in api.get("/api/overview").json()["rate_limits"]}
+        def overview() -> dict[str, dict]:
+            return {row["name"]: row for row in api.get("/api/overview").json()["rate_limits"]}
+
+        # The overview is drawn every live interval: wait for one drawn after the write.
+        wait_for(lambda: overview()["global"]["current"] == 12.5, 10, "the adaptive value")
+        shown = overview()
         assert shown["global"]["current"] == 12.5 and 50 < shown["global"]["hold_s"] <= 60
         assert shown["global"]["shown"].startswith(
             "global 12.5/1s (20/1s~2..100): 429 x3, Retry-After 60s, hold ")

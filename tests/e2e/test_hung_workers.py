@@ -197,11 +197,12 @@ def _send_never_returns(farm: SlowFarm, settings: Settings, roles: Roles,
         task_id = client.submit("slow-1", {"id": "x"}).task_id
         wait_for(lambda: farm.requests, 30, "the send to reach central-control")
         wait_for(lambda: "is hung" in master_log(master), 90, "the master to kill the worker")
-        # Recovered as a dead worker's: pending again, but its device lock holds the
-        # fence of an attempt that may be running, so the next try finds it busy.
-        wait_for(lambda: outcomes(roles).get("busy", 0) >= 1, 60,
-                 "the task to be tried again and find its device busy")
-        assert status_of(inspect, task_id) == "pending" and len(farm.requests) == 1
+        # Recovered as a dead worker's: its exec record says a send may have reached
+        # central-control, so it waits for its result with its lock held (no retry
+        # that would only find the device busy, never a second send).
+        wait_for(lambda: "may have been sent" in master_log(master), 60,
+                 "the lost task to be left waiting for its result")
+        assert status_of(inspect, task_id) == "running" and len(farm.requests) == 1
         report(settings, farm.requests[0])  # the device ran it after all
         wait_for(lambda: status_of(inspect, task_id) == "success", 60, "the task to succeed")
         # The replacement worker serves the device next.
