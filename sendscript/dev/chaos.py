@@ -635,24 +635,34 @@ class Chaos:
             r.close()
         self.report.settle_s = time.monotonic() - started
 
-    def _check(self) -> None:
+    def _stored(self, db: Any, *more: str) -> tuple[dict[str, dict], list[dict]]:
+        """Every task (by id, with `more` fields) and every exec record, as Mongo has them."""
+        fields = ["status", "script", "attempt", "max_retries", "last_error", "device_id",
+                  "updated_at", "master", *more]
+        tasks = {d["_id"]: d for d in db.script_tasks.find({}, dict.fromkeys(fields, 1))}
+        records = list(db.task_exec_records.find({}, {
+            "task_id": 1, "attempt": 1, "status": 1, "device_id": 1, "lock_value": 1}))
+        return tasks, records
+
+    def _check_tasks_and_sends(self, tasks: dict[str, dict], records: list[dict]) -> list[dict]:
+        """Settled, nothing lost, and the farm's runs against the records; the runs."""
         rep = self.report
-        mongo, db = self._mongo_db()
-        try:
-            tasks = {d["_id"]: d for d in db.script_tasks.find({}, {
-                "status": 1, "script": 1, "attempt": 1, "max_retries": 1, "last_error": 1,
-                "device_id": 1, "updated_at": 1, "master": 1})}
-            records = list(db.task_exec_records.find({}, {
-                "task_id": 1, "attempt": 1, "status": 1, "device_id": 1, "lock_value": 1}))
-        finally:
-            mongo.close()
         check_settled(rep, tasks)
         check_lost(rep, tasks, self.sdk_ids, self.raw_sent, self.accepted_at)
-
         farm = httpx.get(f"{self.settings.central_url}/stats", timeout=30).json()
         runs = httpx.get(f"{self.settings.central_url}/runs", timeout=60).json()
         rep.refused_busy = farm["refused_busy"]
         check_sends(rep, tasks, records, runs)
+        return runs
+
+    def _check(self) -> None:
+        rep = self.report
+        mongo, db = self._mongo_db()
+        try:
+            tasks, records = self._stored(db)
+        finally:
+            mongo.close()
+        self._check_tasks_and_sends(tasks, records)
 
         r = self._redis()
         try:

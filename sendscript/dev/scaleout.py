@@ -53,10 +53,7 @@ from sendscript.dev.chaos import (
     TERMINAL,
     Chaos,
     Report,
-    check_lost,
     check_refusals,
-    check_sends,
-    check_settled,
     print_report,
 )
 from sendscript.dev.embedded import MongoServer, PulsarServer, free_port
@@ -450,20 +447,11 @@ class FaultRun(Chaos):
         rep = self.report
         mongo, db = self._mongo_db()
         try:
-            tasks = {d["_id"]: d for d in db.script_tasks.find({}, {
-                "status": 1, "script": 1, "attempt": 1, "max_retries": 1, "last_error": 1,
-                "device_id": 1, "updated_at": 1, "master": 1, "schedule": 1, "dedupe_key": 1})}
-            records = list(db.task_exec_records.find({}, {
-                "task_id": 1, "attempt": 1, "status": 1, "device_id": 1, "lock_value": 1}))
+            tasks, records = self._stored(db, "schedule", "dedupe_key")
             schedule = db.schedules.find_one({"_id": SCHEDULE}) or {"_id": SCHEDULE}
         finally:
             mongo.close()
-        check_settled(rep, tasks)
-        check_lost(rep, tasks, self.sdk_ids, self.raw_sent, self.accepted_at)
-        farm = httpx.get(f"{self.settings.central_url}/stats", timeout=30).json()
-        runs = httpx.get(f"{self.settings.central_url}/runs", timeout=60).json()
-        rep.refused_busy = farm["refused_busy"]
-        check_sends(rep, tasks, records, runs)
+        runs = self._check_tasks_and_sends(tasks, records)
         self.fires = check_fires(schedule, tasks.values(), runs, len(CRON_DEVICES),
                                  CRON_INTERVAL_S)
         self.kept = check_kept(self.sdk_ids, tasks, records, runs)
