@@ -20,12 +20,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 SERVERS = ("redis", "mongo", "pulsar")
+START_ATTEMPTS = 3
 READY_TIMEOUT_S = 60.0
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
@@ -48,6 +49,10 @@ class ServerProcess:
 
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = Path(data_dir).absolute() / self.name
+        # A port the caller named is kept whatever happens (a restart must come back
+        # where the clients look); one we picked may be taken again between the pick
+        # and the server's bind, by any process on the machine: then we pick anew.
+        self.port_chosen = port is None
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -69,6 +74,20 @@ class ServerProcess:
         if self.running:
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(START_ATTEMPTS):
+            if self._start_once():
+                self.port_chosen = False  # clients know it now: a restart comes back here
+                return
+            if not self.port_chosen or attempt == START_ATTEMPTS - 1:
+                break
+            self.port = free_port(self.host)
+        assert self.proc is not None
+        raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; "
+                           f"its log ({self.data_dir / 'server.log'}) ends:\n"
+                           f"{self.log_tail()}")
+
+    def _start_once(self) -> bool:
+        """Spawn and wait until it answers: False if it exited first (its log says why)."""
         log = open(self.data_dir / "server.log", "ab")
         self.proc = subprocess.Popen(
             self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -78,12 +97,20 @@ class ServerProcess:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not self.ready():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; "
-                                   f"see {self.data_dir / 'server.log'}")
+                return False
             if time.monotonic() > deadline:
                 self.kill()
-                raise RuntimeError(f"{self.name} did not answer on port {self.port}")
+                raise RuntimeError(f"{self.name} did not answer on port {self.port}; "
+                                   f"its log ends:\n{self.log_tail()}")
             time.sleep(0.05)
+        return True
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = (self.data_dir / "server.log").read_text(errors="replace")
+        except OSError as exc:
+            return f"(no log: {exc})"
+        return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """Stop cleanly (SIGTERM), killing what does not exit in time."""

@@ -252,7 +252,14 @@ def test_lost_results_then_503s_are_retried_with_no_hard_stop_and_every_task_run
         # Then every send answered 503: the breaker holds them, using no attempt.
         roles.configure_farm(silent_rate=0.0, http_error_rate=1.0, http_error_status=503)
         wait_circuit(inspect, "open")
-        drop = (roles.master_info() or {})["breaker"]["drop_rate"]
+        # The master's report is redrawn on its own beat: wait for the one that has
+        # counted the lost results.
+        def drop_rate() -> dict:
+            return ((roles.master_info() or {}).get("breaker") or {}).get("drop_rate") or {}
+        wait_for(lambda: min(drop_rate().get("lost_results", 0),
+                             drop_rate().get("finished", 0)) >= len(ids), 10,
+                 "the drop-rate window to count every lost result")
+        drop = drop_rate()
         assert drop["lost_results"] >= len(ids) and drop["finished"] >= len(ids)
         assert drop["dropped"] == 0 and drop["level"] == "ok"
         # Central-control back: every task runs, none was dropped, nothing stopped.
