@@ -6,6 +6,12 @@ master reads its processing list first, and the tag-derived task ids make the
 second store find the first. Due tasks go to the device board; delayed ones to
 the delay heap; a fan-out item becomes one task per device under one batch id.
 
+A fan-out is stored a chunk a round (`intake_fanout_chunk` devices, in device-id
+order), between the items taken behind it, so one big item cannot hold the intake:
+it is acknowledged with its last chunk. The last device stored is kept in Redis
+with the acknowledgements, so a restarted master goes on from there; a chunk stored
+twice (a crash between the store and the cursor) finds its tasks by their ids.
+
 No item can stall the others: one that cannot be parsed, or whose task the store
 refuses for good (too large, not encodable, refused by the server), is quarantined
 with the reason and the rest of its batch is stored. Only errors retrying can cure
@@ -17,7 +23,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from loguru import logger
@@ -62,14 +68,37 @@ def parse_item(raw: bytes, max_script_bytes: int | None = None) -> Item:
 
 
 @dataclass
+class Fanout:
+    """A fan-out item being stored chunk by chunk: the devices not yet stored."""
+
+    entry: Entry
+    item: FanoutSpec
+    batch_id: str
+    todo: list[str]  # sorted
+    stored: int = 0  # devices stored so far (by this master, since it took the item)
+    cursor_kept: bool = False  # a cursor is in Redis: drop it with the acknowledgement
+
+
+@dataclass
+class Chunk:
+    """The devices of one fan-out stored in this round, and their task ids."""
+
+    fanout: Fanout
+    devices: list[str]
+    task_ids: list[str]
+
+
+@dataclass
 class Batch:
     """One intake batch, sorted out."""
 
     fresh: list[Task] = field(default_factory=list)
     owners: list[tuple[Entry, list[str]]] = field(default_factory=list)  # entry, its task ids
+    chunks: list[Chunk] = field(default_factory=list)
     refs: dict[str, list[Entry]] = field(default_factory=dict)
     done: list[Entry] = field(default_factory=list)
     bad: list[tuple[Entry, str]] = field(default_factory=list)
+    cursors: dict[str, str | None] = field(default_factory=dict)  # tag -> last device / drop
 
 
 class Throttle(Protocol):
@@ -104,6 +133,7 @@ class Intake:
         self.quarantined = 0
         self.deduplicated = 0
         self._recheck = True
+        self._fanouts: dict[str, Fanout] = {}  # by entry tag, in the order they are served
 
     def report(self) -> dict[str, Any]:
         return {"taken": self.taken, "quarantined": self.quarantined}
@@ -115,20 +145,22 @@ class Intake:
             try:
                 if self._recheck:
                     self._recheck = False
-                    if leftovers := await self.queue.unfinished():
+                    leftovers = [e for e in await self.queue.unfinished()
+                                 if e.tag not in self._fanouts]
+                    if leftovers:
                         logger.info("taking back {} item(s) left in processing", len(leftovers))
-                        await self.ingest(leftovers)
+                        await self.ingest_round(leftovers)
                 if stop.is_set():
                     await self._drain()
                     return
-                batch = self.settings.intake_batch
+                batch, chunk = self.settings.intake_batch, self.settings.intake_fanout_chunk
                 if self.throttle is not None:
                     if not await self.throttle.wait_open(stop):
                         continue  # stopping (the drain above runs next)
-                    batch = self.throttle.room(batch)
+                    batch, chunk = self.throttle.room(batch), self.throttle.room(chunk)
                 entries = await self.queue.take(batch)
-                if entries:
-                    await self.ingest(entries)
+                if entries or self._fanouts:
+                    await self.ingest_round(entries, chunk)
                 else:
                     await self.queue.wait(WAIT_S)
                 backoff.succeeded("intake")
@@ -141,10 +173,20 @@ class Intake:
         Only staging: the ready list stays for the masters that go on (taking it
         here would keep a stop busy for as long as the list is long)."""
         if entries := await self.queue.tag_staging():
-            await self.ingest(entries)
+            await self.ingest_round(entries)
 
     async def ingest(self, entries: list[Entry]) -> None:
+        """Store `entries` whole, fan-outs too (a chunk a round until each is done):
+        for a dead master's list, where nothing else waits behind."""
+        await self.ingest_round(entries)
+        while self._fanouts:
+            await self.ingest_round([])
+
+    async def ingest_round(self, entries: list[Entry], chunk: int | None = None) -> None:
+        """Store `entries` and the next chunk (`chunk` devices, the setting's by default)
+        of the fan-outs in progress; a fan-out is acknowledged with its last chunk."""
         batch = await self._sort(entries)
+        self._carve(batch, chunk or self.settings.intake_fanout_chunk)
         stored = await self.tasks.store(batch.fresh)
         for entry, task_ids in batch.owners:
             reason = next((stored.refused[i] for i in task_ids if i in stored.refused), None)
@@ -152,6 +194,7 @@ class Intake:
                 batch.done.append(entry)
             else:
                 batch.bad.append((entry, reason))
+        finished = self._settle_chunks(batch, stored.refused)
         lookup = set(batch.refs) | {t.id for t in stored.stored_before}
         found = {t.id: t for t in await self.tasks.find_many(lookup)}
         for task_id, ref_entries in batch.refs.items():
@@ -167,7 +210,8 @@ class Intake:
         scheduled = [t for t in tasks if t.status in SCHEDULED]
         await self.tasks.adopt([t.id for t in pending if t.master != self.settings.master_id],
                                self.settings.master_id)
-        await self.queue.ack(batch.done, batch.bad)
+        await self.queue.ack(batch.done, batch.bad, batch.cursors)
+        self._advance(batch.chunks, finished)
         for entry, reason in batch.bad:
             logger.warning("quarantined queue item {!r}: {}", entry.item[:200], reason)
         for ours, existing in stored.deduplicated.items():
@@ -183,42 +227,98 @@ class Intake:
             await self.on_scheduled(scheduled)
 
     async def _sort(self, entries: list[Entry]) -> Batch:
+        """Single specs become tasks of this batch; fan-outs join those in progress."""
         batch = Batch()
-        now = utcnow()
-        horizon = now + timedelta(seconds=self.settings.delay_horizon_s)
         parsed: list[tuple[Entry, Item]] = []
         for entry in entries:
+            if entry.tag in self._fanouts:
+                continue  # in progress already (handed again by a re-check)
             try:
                 parsed.append((entry, parse_item(entry.item, self.settings.max_script_bytes)))
             except ValueError as exc:
                 batch.bad.append((entry, str(exc)))
-        groups = await self._groups({p.group for _, p in parsed
-                                     if isinstance(p, FanoutSpec) and p.group})
-        prefix, me = self.settings.key_prefix, self.settings.master_id
+        fanouts = [(e, p) for e, p in parsed if isinstance(p, FanoutSpec)]
+        groups = await self._groups({p.group for _, p in fanouts if p.group})
+        cursors = await self.queue.fanout_cursors([e.tag for e, _ in fanouts])
+        prefix, now = self.settings.key_prefix, utcnow()
         for entry, item in parsed:
             if isinstance(item, TaskRef):
                 batch.refs.setdefault(item.task_id, []).append(entry)
-                continue
-            if isinstance(item, TaskSpec):
-                specs = [(item, id_from_tag(prefix, entry.tag))]
-                batch_id = None
+            elif isinstance(item, TaskSpec):
+                task = self._task(item, id_from_tag(prefix, entry.tag), None, now)
+                batch.fresh.append(task)
+                batch.owners.append((entry, [task.id]))
             else:
-                devices = item.device_ids or groups.get(item.group or "")
+                devices = sorted(set(item.device_ids or groups.get(item.group or "") or []))
                 if not devices:
                     batch.bad.append((entry, f"device group {item.group!r} is unknown or empty"))
                     continue
-                specs = [(item.for_device(d), id_from_tag(prefix, f"{entry.tag}:{d}"))
-                         for d in dict.fromkeys(devices)]
-                batch_id = id_from_tag(prefix, entry.tag)
-            for spec, task_id in specs:
-                task = Task.from_spec(spec, task_id=task_id, now=now, batch_id=batch_id)
-                # Far-future tasks stay unheld: whichever master loads them in time fires them.
-                if not task.pull and (task.status == TaskStatus.PENDING
-                                      or (task.run_at and task.run_at <= horizon)):
-                    task.master = me
-                batch.fresh.append(task)
-            batch.owners.append((entry, [task_id for _, task_id in specs]))
+                cursor = cursors.get(entry.tag)
+                todo = [d for d in devices if cursor is None or d > cursor]
+                self._fanouts[entry.tag] = Fanout(entry, item, id_from_tag(prefix, entry.tag),
+                                                  todo, cursor_kept=cursor is not None)
         return batch
+
+    def _task(self, spec: TaskSpec, task_id: str, batch_id: str | None,
+              now: datetime) -> Task:
+        task = Task.from_spec(spec, task_id=task_id, now=now, batch_id=batch_id)
+        # Far-future tasks stay unheld: whichever master loads them in time fires them.
+        horizon = now + timedelta(seconds=self.settings.delay_horizon_s)
+        if not task.pull and (task.status == TaskStatus.PENDING
+                              or (task.run_at and task.run_at <= horizon)):
+            task.master = self.settings.master_id
+        return task
+
+    def _carve(self, batch: Batch, budget: int) -> None:
+        """This round's chunks: `budget` devices over the fan-outs in progress, each
+        served in turn (those served go to the back of the line)."""
+        served: list[str] = []
+        now = utcnow()
+        for tag, fanout in list(self._fanouts.items()):
+            if budget <= 0:
+                break
+            devices = fanout.todo[:budget]
+            budget -= len(devices)
+            ids = [id_from_tag(self.settings.key_prefix, f"{tag}:{d}") for d in devices]
+            batch.fresh.extend(self._task(fanout.item.for_device(d), i, fanout.batch_id, now)
+                               for d, i in zip(devices, ids, strict=True))
+            batch.chunks.append(Chunk(fanout, devices, ids))
+            served.append(tag)
+        for tag in served:
+            self._fanouts[tag] = self._fanouts.pop(tag)
+
+    def _settle_chunks(self, batch: Batch, refused: dict[str, str]) -> set[str]:
+        """Per chunk stored: the item done (its last chunk), refused (quarantined, the
+        tasks stored before stand) or its cursor moved on. Answers the tags finished."""
+        finished: set[str] = set()
+        for chunk in batch.chunks:
+            fanout, tag = chunk.fanout, chunk.fanout.entry.tag
+            reason = next((refused[i] for i in chunk.task_ids if i in refused), None)
+            last = len(chunk.devices) == len(fanout.todo)
+            if reason is not None:
+                if fanout.stored or fanout.cursor_kept:
+                    reason += " (the devices before it in id order were stored)"
+                batch.bad.append((fanout.entry, reason))
+            elif last:
+                batch.done.append(fanout.entry)
+            else:
+                batch.cursors[tag] = chunk.devices[-1]
+                continue
+            finished.add(tag)
+            if fanout.cursor_kept or fanout.stored:
+                batch.cursors[tag] = None
+        return finished
+
+    def _advance(self, chunks: list[Chunk], finished: set[str]) -> None:
+        """After the acknowledgement: what each fan-out has left (none: it is done)."""
+        for chunk in chunks:
+            tag = chunk.fanout.entry.tag
+            if tag in finished:
+                self._fanouts.pop(tag, None)
+                continue
+            chunk.fanout.todo = chunk.fanout.todo[len(chunk.devices):]
+            chunk.fanout.stored += len(chunk.devices)
+            chunk.fanout.cursor_kept = True
 
     async def _groups(self, names: set[str | None]) -> dict[str, list[str]]:
         wanted = [n for n in names if n]

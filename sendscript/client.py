@@ -48,6 +48,7 @@ from sendscript.models import (
     FanoutSpec,
     Task,
     TaskSpec,
+    id_from_tag,
     new_id,
     parse_when,
     script_refusal,
@@ -180,46 +181,66 @@ class SendScriptClient:
         *,
         devices: Sequence[str] | None = None,
         group: str | None = None,
+        batch_id: str | None = None,
         **template: Any,
     ) -> Batch:
         """One submission for many devices (a list, or a stored group): a task each,
-        under one batch id."""
+        under one batch id.
+
+        Stored and pushed `intake_fanout_chunk` devices at a time (in device-id order),
+        so masters start on the first devices while the rest are stored. Each task id
+        derives from the batch id and the device: calling again with the `batch_id`
+        of a submission cut short (the producer died half way) stores the devices it
+        had not reached, each exactly once. Refused on its first chunk, nothing of it
+        is kept; refused on a later one (the server refusing one device's document),
+        ValueError says so and the chunks before stand."""
         spec = FanoutSpec.model_validate(
             dict(script=script, device_ids=list(devices) if devices else None, group=group,
                  **template), context=self._context)
-        targets = spec.device_ids or self.group_devices(spec.group or "")
+        targets = sorted(set(spec.device_ids or self.group_devices(spec.group or "")))
         if not targets:
             raise ValueError(f"device group {group!r} is unknown or empty")
-        batch_id = new_id()
-        now = utcnow()
-        tasks = [Task.from_spec(spec.for_device(d), now=now, batch_id=batch_id)
-                 for d in dict.fromkeys(targets)]
-        results = self._store_and_push(tasks)
-        # One batch id: refused, the fan-out is refused whole and nothing of it is kept.
-        if reason := next((r for r in results if isinstance(r, str)), None):
-            raise ValueError(f"fan-out refused: {reason}")
-        return Batch(batch_id, [r for r in results if not isinstance(r, str)])
+        batch_id = batch_id or new_id()
+        prefix, size = self.settings.key_prefix, self.settings.intake_fanout_chunk
+        answers: list[Submitted] = []
+        for start in range(0, len(targets), size):
+            now = utcnow()
+            tasks = [Task.from_spec(spec.for_device(d), now=now, batch_id=batch_id,
+                                    task_id=id_from_tag(prefix, f"batch:{batch_id}:{d}"))
+                     for d in targets[start:start + size]]
+            results = self._store_and_push(tasks, resumable=True)
+            if reason := next((r for r in results if isinstance(r, str)), None):
+                stood = f" ({start} device(s) before it stored)" if start else ""
+                raise ValueError(f"fan-out refused: {reason}{stood}")
+            answers += [r for r in results if not isinstance(r, str)]
+        return Batch(batch_id, answers)
 
-    def _store_and_push(self, tasks: list[Task]) -> list[Submitted | str]:
+    def _store_and_push(self, tasks: list[Task],
+                        resumable: bool = False) -> list[Submitted | str]:
         """Store (the one store plan, run on this client's sync collection), then push
-        the new ones; per task its answer, or the reason the store refused it."""
+        the new ones; per task its answer, or the reason the store refused it. With
+        `resumable`, ids are derived and a task stored before is a resumed submission:
+        answered `created=False` and pushed again (its push may be what was cut)."""
         self.check_room()
         window = self.settings.dedupe_window_s
         stored = run_plan_sync(self._db[TASKS], store_plan(tasks, utcnow(), window))
-        if stored.stored_before:  # fresh ObjectIds never collide; something else is wrong
+        if stored.stored_before and not resumable:  # fresh ObjectIds never collide
             raise RuntimeError(f"task id {stored.stored_before[0].id} exists already")
         created = {t.id for t in stored.created}
+        before = {t.id for t in stored.stored_before}
         out: list[Submitted | str] = []
         for task in tasks:
             if task.id in stored.refused:
                 out.append(stored.refused[task.id])
+            elif task.id in before:
+                out.append(Submitted(task.id, str(task.status), created=False))
             elif task.id in stored.deduplicated:
                 existing = stored.deduplicated[task.id]
                 out.append(Submitted(existing, stored.existing_status[existing], created=False))
             else:
                 out.append(Submitted(task.id, str(task.status)))
         # Delayed tasks too: a master holding them in its horizon fires them on time.
-        pushed = [t.id for t in tasks if t.id in created]
+        pushed = [t.id for t in tasks if t.id in created or t.id in before]
         self._push_refs(pushed)
         return out
 

@@ -33,6 +33,12 @@ class Keys:
         return f"{self.prefix}:queue:cap:{queue}"
 
     @property
+    def fanout_cursors(self) -> str:
+        """Hash queue-item tag -> the last device (in sorted order) of a fan-out item
+        whose tasks are stored: where storing it goes on after a crash."""
+        return f"{self.prefix}:queue:fanout-cursor"
+
+    @property
     def intake_seq(self) -> str:
         return f"{self.prefix}:queue:seq"
 

@@ -120,12 +120,19 @@ class IntakeQueue:
         entries = await self._redis.lrange(self._processing, 0, -1)
         return [Entry(e) for e in reversed(entries)]
 
-    async def ack(self, done: list[Entry], quarantined: list[tuple[Entry, str]]) -> None:
-        """Drop stored entries; move refused ones to quarantine with their reasons."""
-        if not done and not quarantined:
+    async def ack(self, done: list[Entry], quarantined: list[tuple[Entry, str]],
+                  cursors: dict[str, str | None] | None = None) -> None:
+        """Drop stored entries; move refused ones to quarantine with their reasons; in
+        the same step, set (a device) or drop (None) the fan-out cursors named."""
+        if not done and not quarantined and not cursors:
             return
         at = datetime.now(UTC).isoformat()
         pipe = self._redis.pipeline(transaction=True)
+        for tag, device in (cursors or {}).items():
+            if device is None:
+                pipe.hdel(self._keys.fanout_cursors, tag)
+            else:
+                pipe.hset(self._keys.fanout_cursors, tag, device)
         for entry in done:
             pipe.lrem(self._processing, 1, entry.raw_entry)
         for entry, reason in quarantined:
@@ -135,6 +142,14 @@ class IntakeQueue:
         if quarantined:
             pipe.hincrby(self._keys.stats, "quarantined", len(quarantined))
         await pipe.execute()
+
+    async def fanout_cursors(self, tags: list[str]) -> dict[str, str]:
+        """The last device stored of each fan-out item named that is part stored."""
+        if not tags:
+            return {}
+        values = await self._redis.hmget(self._keys.fanout_cursors, tags)
+        return {t: v.decode() if isinstance(v, bytes) else v
+                for t, v in zip(tags, values, strict=True) if v is not None}
 
     async def hand_back(self, task_ids: list[str]) -> None:
         """Put task ids at the head of the ready queue, for any master to take next.

@@ -39,6 +39,9 @@ def submit(
     count: Annotated[int, typer.Option(help="Submit this many tasks...")] = 1,
     devices: Annotated[int, typer.Option(help="...spread over this many devices.")] = 1,
     device_prefix: str = "device-",
+    batch_id: Annotated[str | None, typer.Option(
+        help="Fan-out: this batch id; again after a cut-short submit, it stores the rest.")]
+    = None,
 ) -> None:
     """Submit one task; a fan-out (--group or --device-list); or --count N over --devices K."""
     from pydantic import ValidationError
@@ -58,7 +61,8 @@ def submit(
             targets = [d.strip() for d in (device_list or "").split(",") if d.strip()] or None
             try:
                 batch = client.submit_fanout(devices=targets, group=group,
-                                             dedupe_key=dedupe_key, **template)
+                                             batch_id=batch_id, dedupe_key=dedupe_key,
+                                             **template)
             except ValidationError as exc:
                 raise typer.BadParameter(describe_error(exc)) from None
             except QueueFull as exc:

@@ -151,3 +151,42 @@ def test_a_retry_by_hand_is_refused_while_an_unfinished_task_holds_the_key(
     with pytest.raises(ValueError, match="belongs to an unfinished task"):
         sdk.retry(old)
     assert sdk._db[TASKS].find_one({"_id": old})["status"] == "cancelled"
+
+
+def test_a_fan_out_is_stored_in_chunks_and_resumed_by_its_batch_id(
+    settings: Settings,
+) -> None:
+    sdk = SendScriptClient(settings.model_copy(update={"intake_fanout_chunk": 3}))
+    try:
+        devices = [f"d{i}" for i in range(8)]
+        # A producer cut short: it stored the first six devices' chunks, then died.
+        first = sdk.submit_fanout({"id": "x"}, devices=devices[:6], batch_id="b-1")
+        assert [t.created for t in first.tasks] == [True] * 6
+        again = sdk.submit_fanout({"id": "x"}, devices=list(reversed(devices)),
+                                  batch_id="b-1")
+        assert again.batch_id == "b-1"
+        assert [t.created for t in again.tasks] == [False] * 6 + [True] * 2
+        assert [t.task_id for t in again.tasks[:6]] == [t.task_id for t in first.tasks]
+        docs = list(sdk._db[TASKS].find({"batch_id": "b-1"}))
+        assert sorted(d["device_id"] for d in docs) == devices
+        # Every stored task is pushed (the resumed ones again: a push may be what was cut).
+        assert set(refs(sdk)) == {d["_id"] for d in docs}
+    finally:
+        sdk._mongo.drop_database(sdk._db.name)
+        sdk._redis.delete(settings.keys.ready)
+        sdk.close()
+
+
+def test_a_fan_out_refused_on_a_later_chunk_keeps_the_chunks_before(
+    settings: Settings,
+) -> None:
+    sdk = SendScriptClient(settings.model_copy(update={"intake_fanout_chunk": 3}))
+    try:
+        sdk._db.command("collMod", TASKS, validator={"device_id": {"$ne": "f4"}})
+        with pytest.raises(ValueError, match=r"code 121.*3 device\(s\) before it stored"):
+            sdk.submit_fanout({"id": "x"}, devices=[f"f{i}" for i in range(8)])
+        assert sorted(d["device_id"] for d in sdk._db[TASKS].find({})) == ["f0", "f1", "f2"]
+    finally:
+        sdk._mongo.drop_database(sdk._db.name)
+        sdk._redis.delete(settings.keys.ready)
+        sdk.close()
