@@ -184,9 +184,20 @@ class Intake:
 
     async def ingest_round(self, entries: list[Entry], chunk: int | None = None) -> None:
         """Store `entries` and the next chunk (`chunk` devices, the setting's by default)
-        of the fan-outs in progress; a fan-out is acknowledged with its last chunk."""
-        batch = await self._sort(entries)
-        self._carve(batch, chunk or self.settings.intake_fanout_chunk)
+        of the fan-outs in progress; a fan-out is acknowledged with its last chunk.
+        The items taken go first, each step stored, acknowledged and handed on alone:
+        what was pushed behind a fan-out waits for no chunk of it."""
+        await self._settle(await self._sort(entries))
+        self.taken += len(entries)
+        if self._fanouts:
+            chunks = Batch()
+            self._carve(chunks, chunk or self.settings.intake_fanout_chunk)
+            await self._settle(chunks)
+
+    async def _settle(self, batch: Batch) -> None:
+        """Store a batch's tasks, acknowledge its items, hand its tasks on."""
+        if not (batch.fresh or batch.refs or batch.bad):
+            return
         stored = await self.tasks.store(batch.fresh)
         for entry, task_ids in batch.owners:
             reason = next((stored.refused[i] for i in task_ids if i in stored.refused), None)
@@ -218,7 +229,6 @@ class Intake:
             logger.info("duplicate submission {} -> existing task {}", ours, existing)
         if stored.deduplicated:
             await self.on_count("deduplicated", len(stored.deduplicated))
-        self.taken += len(entries)
         self.quarantined += len(batch.bad)
         self.deduplicated += len(stored.deduplicated)
         if pending:
