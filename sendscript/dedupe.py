@@ -18,10 +18,10 @@ Debounce (`debounce_s`, `debounce_max_s`): the first submission stores a waiting
 task due `debounce_s` later; each later debounced submission with the key, while
 that task is still waiting, replaces its spec and pushes its due time to
 `debounce_s` after itself, never past `debounce_max_s` after the first. The
-replacement is one update whose filter names the `debounce_seq` read, so of two
-producers racing one wins and the other reads again; the delayed-task path fires
-the task (its fire filter checks `run_at <= now`, so a pushed-back task does not
-fire early).
+replacement is one update computed by the server on the document (no
+read-modify-write, so racing producers all apply, the server's last one last); the
+delayed-task path fires the task, and its fire filter checks `run_at <= now`, so a
+task pushed back does not fire early and a fired one is no longer replaced.
 """
 
 from __future__ import annotations
@@ -51,8 +51,7 @@ REPLACED_FIELDS = ("device_id", "script", "priority", "max_retries", "timeout_s"
                    "debounce_s")
 # What the store reads of a task holding a key: to release it, or to debounce into it.
 HOLDER_FIELDS = {"dedupe_active": 1, "status": 1, "finished_at": 1, "dedupe_mode": 1,
-                 "dedupe_window_s": 1, "debounce_s": 1, "debounce_until": 1,
-                 "debounce_seq": 1, "run_at": 1}
+                 "dedupe_window_s": 1, "debounce_s": 1}
 
 
 def hold_after_finish_s(mode: str | None, window_s: float | None, setting_s: float) -> float:
@@ -102,28 +101,30 @@ def debouncing(doc: dict[str, Any]) -> bool:
     return doc.get("status") == WAITING and doc.get("debounce_s") is not None
 
 
-def _aware(when: datetime, like: datetime) -> datetime:
-    # pymongo answers naive UTC unless told otherwise
-    return when if when.tzinfo else when.replace(tzinfo=like.tzinfo)
-
-
 def debounce_merge(holder: dict[str, Any], spec_doc: dict[str, Any],
-                   now: datetime) -> tuple[dict[str, Any], dict[str, Any], datetime]:
-    """(filter, update, new due time) replacing a debouncing task's spec with that of
-    a later submission (`spec_doc`, the later task's document). The filter names the
-    status, the key and the `debounce_seq` read: it matches nothing if the task fired
-    or another submission got in first (read again, then decide)."""
-    until = holder.get("debounce_until")
-    until = _aware(until, now) if until is not None else None
-    due = next_due(now, _aware(holder["run_at"], now), float(spec_doc["debounce_s"]), until)
+                   now: datetime) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(filter, pipeline update) replacing a debouncing task's spec with that of a
+    later submission (`spec_doc`, the later task's document).
+
+    The filter names the task, its key and the quiet period (status waiting): it
+    matches nothing once the task fired (then the caller reads again and decides).
+    The new due time is `next_due` computed by the server from the document as it
+    is then, so two submissions racing need no read-modify-write: both apply, in the
+    server's order, the later spec last; neither brings the run forward."""
+    due = now + timedelta(seconds=float(spec_doc["debounce_s"]))
+    bounded = {"$min": [due, {"$ifNull": ["$debounce_until", due]}]}
     flt = {"_id": holder["_id"], "dedupe_active": holder["dedupe_active"], "status": WAITING,
-           "debounce_seq": holder.get("debounce_seq", 0)}
-    fields: dict[str, Any] = {k: spec_doc[k] for k in REPLACED_FIELDS if k in spec_doc}
-    fields.update(run_at=due, updated_at=now, debounce_last_at=now)
-    update: dict[str, Any] = {"$set": fields, "$inc": {"debounce_seq": 1}}
+           "debounce_s": {"$exists": True}}
+    # $literal: a script's strings may start with `$`, which a pipeline reads as a path.
+    fields: dict[str, Any] = {k: {"$literal": spec_doc[k]} for k in REPLACED_FIELDS
+                              if k in spec_doc}
+    fields.update(run_at={"$max": ["$run_at", bounded]}, updated_at={"$literal": now},
+                  debounce_last_at={"$literal": now},
+                  debounce_seq={"$add": [{"$ifNull": ["$debounce_seq", 0]}, 1]})
+    update: list[dict[str, Any]] = [{"$set": fields}]
     if gone := [k for k in REPLACED_FIELDS if k not in spec_doc]:
-        update["$unset"] = {k: "" for k in gone}
-    return flt, update, due
+        update.append({"$unset": gone})
+    return flt, update
 
 
 def describe(doc: dict[str, Any], setting_s: float) -> str | None:

@@ -177,7 +177,7 @@ class UpdateOp:
     """update_one; answers the matched count."""
 
     filter: dict[str, Any]
-    update: dict[str, Any]
+    update: dict[str, Any] | list[dict[str, Any]]  # a document, or a pipeline
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,15 +297,14 @@ def _store_chunk(
 def _debounce_into(
     holder: dict[str, Any], mine: tuple[Task, dict[str, Any]], now: datetime, out: Stored,
 ) -> Generator[StoreOp, Any, dict[str, Any] | None]:
-    """Replace a debouncing holder's spec with ours (one compare-and-set); the holder
-    as it is now (for the next of ours with the key), or None if the set missed."""
+    """Replace a debouncing holder's spec with ours (one update); the holder, or None
+    if it fired or finished meanwhile."""
     task, doc = mine
-    flt, update, due = debounce_merge(holder, doc, now)
-    if not (yield UpdateOp(flt, update)):
+    if not (yield UpdateOp(*debounce_merge(holder, doc, now))):
         return None
     out.deduplicated[task.id] = out.debounced[task.id] = holder["_id"]
     out.existing_status[holder["_id"]] = holder["status"]
-    return {**holder, **update["$set"], "debounce_seq": flt["debounce_seq"] + 1, "run_at": due}
+    return holder
 
 
 async def run_plan_async(col: AsyncCollection, plan: StorePlan) -> Stored:
