@@ -4,6 +4,8 @@ farm's side (the simulator's runs, with the script each was sent)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,7 +15,7 @@ import pytest
 from sendscript.client import SendScriptClient
 from sendscript.dev.embedded import EmbeddedServers
 from sendscript.settings import Settings
-from tests.support import Inspect, Roles, unique_settings, wait_for
+from tests.support import Inspect, Roles, cli, settings_env, unique_settings, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -117,3 +119,31 @@ def test_a_master_killed_in_the_quiet_period_leaves_one_run_of_the_latest_spec(
     assert task["master"] == survivor  # taken over from the dead one
     assert [r["script"]["args"] for r in view.runs(task["_id"])] == [{"v": 3}]
     assert inspect.db.task_exec_records.count_documents({"task_id": task["_id"]}) == 1
+
+
+def test_the_cli_submits_a_mode_and_a_debounce_and_shows_them(
+    settings: Settings, inspect: Inspect
+) -> None:
+    debounce = ("--dedupe-key", "sync:p1", "--debounce-s", "60")
+    first = cli(settings, "submit", "p1", "--script", '{"id": "sync", "args": {"v": 1}}',
+                *debounce, "--debounce-max-s", "120", "--dedupe-mode", "until_start")
+    task_id, status = first.split()
+    assert status == "waiting"
+    assert inspect.db.script_tasks.find_one({"_id": task_id})["dedupe_mode"] == "until_start"
+    again = cli(settings, "submit", "p1", "--script", '{"id": "sync", "args": {"v": 2}}',
+                *debounce)
+    assert again.strip() == f"{task_id} waiting (debounced into the existing task with this " \
+                            "dedupe key)"
+    doc = inspect.db.script_tasks.find_one({"_id": task_id})
+    assert doc["script"]["args"] == {"v": 2} and doc["debounce_max_s"] == 120
+    assert "dedupe_mode" not in doc  # the latest spec gave none
+    info = cli(settings, "task", "info", task_id)
+    assert "dedupe: key 'sync:p1' · no mode given" in info
+    assert "debouncing: runs at" in info and "1 later submission(s) merged" in info
+    refused = subprocess.run(
+        [sys.executable, "-m", "sendscript", "submit", "p3", "--debounce-s", "5"],
+        env=settings_env(settings), capture_output=True, text=True, timeout=60,
+        stdin=subprocess.DEVNULL)
+    assert refused.returncode != 0
+    assert "only with a dedupe_key" in refused.stdout + refused.stderr
+    assert inspect.db.script_tasks.count_documents({"device_id": "p3"}) == 0
