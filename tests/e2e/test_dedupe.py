@@ -68,9 +68,9 @@ def test_each_mode_with_two_masters(settings: Settings, roles: Roles, inspect: I
                  and view.status("rr") == view.status("w") == "success",
                  20, "the first of each mode started (s, r) or done (rr, w)")
         view.push(firsts)  # each mode's second submission, well inside w's window
-        # Debounce: five submissions 0.3 s apart, each well inside the 2 s quiet period.
+        # Debounce: five submissions 0.3 s apart, each well inside the 3 s quiet period.
         for version in range(1, 6):
-            view.push([item("dev-debounce", "d", version, debounce_s=2, debounce_max_s=20)])
+            view.push([item("dev-debounce", "d", version, debounce_s=3, debounce_max_s=20)])
             time.sleep(0.3)
         wait_for(lambda: len(view.tasks("s")) == 2 and len(view.tasks("rr")) == 2
                  and view.stat("deduplicated") - view.stat("debounced") == 2, 20,

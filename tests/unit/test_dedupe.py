@@ -23,6 +23,7 @@ from sendscript.dedupe import (
     released_at_start,
 )
 from sendscript.models import FanoutSpec, Task, TaskSpec, describe_error
+from sendscript.schedules import Schedule, fire_tasks
 from sendscript.status import TaskStatus
 from sendscript.store import FindOp, InsertOp, UpdateOp, store_plan
 from tests.unit.test_store_plan import drive, dup_key, refusal
@@ -212,3 +213,17 @@ def test_a_finished_until_result_holder_gives_its_key_up_at_once() -> None:
     ops, stored = drive(store_plan([mine], NOW, 86400), [refusal(dup_key(0)), [done], 1, None])
     assert [type(o) for o in ops] == [InsertOp, FindOp, UpdateOp, InsertOp]
     assert [t.id for t in stored.created] == ["n"]
+
+
+def test_a_schedule_template_takes_no_debounce() -> None:
+    """Each fire has its own time and key: a debounce there would make every fire's
+    spec invalid, so the schedule is refused when it is made, not at its fires."""
+    template = {"script": {}, "dedupe_key": "k", "debounce_s": 5}
+    with pytest.raises(ValidationError, match="takes no debounce_s"):
+        Schedule.model_validate({"_id": "s", "interval_s": 60, "device_ids": ["d"],
+                                 "template": template})
+    ok = Schedule.model_validate({"_id": "s", "interval_s": 60, "device_ids": ["d"],
+                                  "template": {"script": {}, "dedupe_key": "k",
+                                               "dedupe_mode": "until_start"}})
+    [fired] = fire_tasks(ok, NOW, ["d"], "p", None, NOW)
+    assert fired.dedupe_mode == "until_start"
