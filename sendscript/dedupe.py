@@ -138,6 +138,9 @@ def describe(doc: dict[str, Any], setting_s: float) -> str | None:
     rule = (f"mode {mode}" if mode else "no mode given") + (
         f", held {hold:g}s after the result" if mode in (None, WINDOW) else "")
     state = "holds the key" if doc.get("dedupe_active") == key else "key released"
+    if state == "holds the key" and (finished := doc.get("finished_at")) is not None:
+        # Released lazily, by the next submission with the key once the hold is over.
+        state += f" until {_clock(finished + timedelta(seconds=hold))}"
     parts = [f"key {key!r}", rule, state]
     if doc.get("debounce_s") is not None:
         merged = int(doc.get("debounce_seq") or 0)

@@ -227,3 +227,10 @@ def test_a_schedule_template_takes_no_debounce() -> None:
                                                "dedupe_mode": "until_start"}})
     [fired] = fire_tasks(ok, NOW, ["d"], "p", None, NOW)
     assert fired.dedupe_mode == "until_start"
+
+
+def test_a_finished_holder_is_described_with_the_end_of_its_hold() -> None:
+    done = {"dedupe_key": "k", "dedupe_active": "k", "status": "success",
+            "finished_at": NOW, "dedupe_mode": "window", "dedupe_window_s": 90}
+    assert describe(done, 3600) == ("key 'k' · mode window, held 90s after the result · "
+                                    "holds the key until 2024-05-01 12:01:30.000Z")
