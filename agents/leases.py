@@ -41,6 +41,7 @@ from agents.rules import (
     one_per_device,
     parse_token,
 )
+from sendscript.dedupe import released_at_start
 from sendscript.fencing import MongoEpochs
 from sendscript.locks import DeviceLocks
 from sendscript.models import ANY_DEVICE, PULL, PULL_HOLDER, new_id, utcnow
@@ -214,6 +215,8 @@ class Leases:
                      "seq": 0, "leased_at": now, "deadline": deadline, "cap": cap}
             flt, upd = task_cas(doc["_id"], S.PENDING, S.RUNNING, now, attempt=attempt,
                                 extra_filter={"mode": PULL},
+                                unset=["dedupe_active"] if released_at_start(
+                                    doc.get("dedupe_mode")) else (),
                                 set_={"attempt": attempt + 1, "record_id": record_id,
                                       "worker": f"agent:{agent.id}", "master": PULL_HOLDER,
                                       "lease": lease})

@@ -98,6 +98,8 @@ class TaskDetail(Answer):
     logs: list[dict[str, Any]] = Field(description="the device's log entries, oldest first")
     pull: PullView | None = Field(description="a pull task's agent side; null: pushed")
     timeline: list[Event]
+    dedupe: str | None = Field(None, description="its dedupe key, mode and debounce state; "
+                               "null: no key")
 
 
 class Pause(Answer):

@@ -19,6 +19,7 @@ from console.filters import Page, TaskFilter, to_query
 from console.search import TaskQuery, search_tasks_sync
 from sendscript import alerts, connect, counts, device_health, limits, pauses
 from sendscript.agent_store import agents_sync, leases_held_sync
+from sendscript.dedupe import describe as describe_dedupe
 from sendscript.keys import Keys
 from sendscript.models import PULL
 from sendscript.report import breaker_view
@@ -221,7 +222,8 @@ def task_detail(stores: Stores, task_id: str) -> dict[str, Any] | None:
     logs = list(db[LOGS].find({"task_id": task_id}).sort("timestamp", 1).limit(MAX_LOGS))
     task = without_lease_tokens(task)
     return {"task": task, "records": records, "logs": logs, "pull": pull_view(task),
-            "timeline": timeline(task, records, logs)}
+            "timeline": timeline(task, records, logs),
+            "dedupe": describe_dedupe(task, stores.settings.dedupe_window_s)}
 
 
 def without_lease_tokens(task: dict[str, Any]) -> dict[str, Any]:

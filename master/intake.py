@@ -226,7 +226,10 @@ class Intake:
         for entry, reason in batch.bad:
             logger.warning("quarantined queue item {!r}: {}", entry.item[:200], reason)
         for ours, existing in stored.deduplicated.items():
-            logger.info("duplicate submission {} -> existing task {}", ours, existing)
+            how = "debounced" if ours in stored.debounced else "duplicate"
+            logger.info("{} submission {} -> existing task {}", how, ours, existing)
+        if stored.debounced:
+            await self.on_count("debounced", len(stored.debounced))
         if stored.deduplicated:
             await self.on_count("deduplicated", len(stored.deduplicated))
         self.quarantined += len(batch.bad)

@@ -10,8 +10,10 @@ task that the master's orphan sweep finds; pushing first could lose it.
 
 A spec the store would refuse for good (a script over SENDSCRIPT_MAX_SCRIPT_BYTES,
 a value BSON cannot hold, a document the server refuses) raises ValueError and
-nothing is stored for it; a dedupe key held by a task (unfinished, or finished
-within SENDSCRIPT_DEDUPE_WINDOW_S) answers that task with `created=False`.
+nothing is stored for it; a dedupe key held by a task (per its dedupe mode:
+unfinished, or finished within SENDSCRIPT_DEDUPE_WINDOW_S by default) answers that
+task with `created=False`; a debounced spec whose key a task still debouncing holds
+replaces that task's spec (`debounced=True`).
 
 With SENDSCRIPT_READY_MAX set, a submission raises QueueFull, storing nothing, while
 the ready list holds that many items. It is a soft cap: one LLEN before storing, so
@@ -82,6 +84,8 @@ class Submitted:
     task_id: str
     status: str
     created: bool = True  # False when an existing task was returned instead
+    # True when this spec replaced that of the existing task, still debouncing.
+    debounced: bool = False
 
 
 @dataclass(frozen=True)
@@ -140,11 +144,21 @@ class SendScriptClient:
         expire_at: Any = None,
         queue: str = DEFAULT_QUEUE,
         retry_base_s: float | None = None,
+        dedupe_mode: str | None = None,
+        dedupe_window_s: float | None = None,
+        debounce_s: float | None = None,
+        debounce_max_s: float | None = None,
     ) -> Submitted:
+        """One task. With a `dedupe_key`: `dedupe_mode` (until_start, until_result,
+        window; none: as SENDSCRIPT_DEDUPE_WINDOW_S says), `dedupe_window_s` (window),
+        and a trailing debounce: `debounce_s` quiet, at most `debounce_max_s` after the
+        first (docs/contract.md, "Dedupe")."""
         spec = dict(
             device_id=device_id, script=script, priority=priority, run_at=run_at,
             dedupe_key=dedupe_key, max_retries=max_retries, timeout_s=timeout_s,
             expire_at=expire_at, queue=queue, retry_base_s=retry_base_s,
+            dedupe_mode=dedupe_mode, dedupe_window_s=dedupe_window_s,
+            debounce_s=debounce_s, debounce_max_s=debounce_max_s,
         )
         return self.submit_many([spec])[0]
 
@@ -236,7 +250,8 @@ class SendScriptClient:
                 out.append(Submitted(task.id, str(task.status), created=False))
             elif task.id in stored.deduplicated:
                 existing = stored.deduplicated[task.id]
-                out.append(Submitted(existing, stored.existing_status[existing], created=False))
+                out.append(Submitted(existing, stored.existing_status[existing], created=False,
+                                     debounced=task.id in stored.debounced))
             else:
                 out.append(Submitted(task.id, str(task.status)))
         # Delayed tasks too: a master holding them in its horizon fires them on time.

@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from sendscript.dedupe import WINDOW, DedupeMode, first_due
 from sendscript.status import RecordStatus, TaskStatus
 
 # A task's defaults, the one definition the SDK, the CLI and the models use.
@@ -133,6 +134,35 @@ class TaskTemplate(BaseModel):
     mode: Literal["push", "pull"] = PUSH
     labels: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
         default_factory=list, max_length=20)
+    # How long the dedupe key is held (sendscript/dedupe.py; none: as always, until
+    # SENDSCRIPT_DEDUPE_WINDOW_S after the result), and a trailing debounce.
+    dedupe_mode: DedupeMode | None = None
+    dedupe_window_s: float | None = Field(None, ge=0, le=366 * 86400)
+    debounce_s: float | None = Field(None, gt=0, le=86400)
+    debounce_max_s: float | None = Field(None, gt=0, le=7 * 86400)
+
+    @model_validator(mode="after")
+    def _dedupe_rules(self) -> TaskTemplate:
+        keyed = ("dedupe_mode", "dedupe_window_s", "debounce_s", "debounce_max_s")
+        if self.dedupe_key is None and (given := [k for k in keyed if getattr(self, k)
+                                                  is not None]):
+            raise ValueError(f"{', '.join(given)}: only with a dedupe_key")
+        if self.dedupe_window_s is not None:
+            if self.dedupe_mode not in (None, DedupeMode.WINDOW):
+                raise ValueError(f"dedupe_window_s goes with dedupe_mode {WINDOW!r}, "
+                                 f"not {str(self.dedupe_mode)!r}")
+            self.dedupe_mode = DedupeMode.WINDOW
+        if self.debounce_max_s is not None:
+            if self.debounce_s is None:
+                raise ValueError("debounce_max_s needs debounce_s")
+            if self.debounce_max_s < self.debounce_s:
+                raise ValueError("debounce_max_s must be at least debounce_s")
+        if self.debounce_s is not None:
+            if self.run_at is not None:
+                raise ValueError("debounce_s sets when the task runs: give no run_at")
+            if self.mode == PULL:
+                raise ValueError("debounce_s is for pushed tasks, not mode 'pull'")
+        return self
 
     @field_validator("run_at", "expire_at", mode="before")
     @classmethod
@@ -243,6 +273,17 @@ class Task(BaseModel):
     lease: dict[str, Any] | None = None
     last_lease: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
+    # Dedupe mode and debounce (sendscript/dedupe.py), present when the spec gave
+    # them: `debounce_until` the latest it may run (first submission + debounce_max_s),
+    # `debounce_seq` how many later submissions replaced its spec, the last at
+    # `debounce_last_at`.
+    dedupe_mode: str | None = None
+    dedupe_window_s: float | None = None
+    debounce_s: float | None = None
+    debounce_max_s: float | None = None
+    debounce_until: datetime | None = None
+    debounce_seq: int | None = None
+    debounce_last_at: datetime | None = None
 
     @property
     def pull(self) -> bool:
@@ -263,14 +304,18 @@ class Task(BaseModel):
         batch_id: str | None = None,
     ) -> Task:
         now = now or utcnow()
-        due = spec.run_at is None or spec.run_at <= now
+        run_at, until = spec.run_at, None
+        if spec.debounce_s is not None:  # quiet for debounce_s first: a delayed task
+            run_at, until = first_due(now, spec.debounce_s, spec.debounce_max_s)
+        due = run_at is None or run_at <= now
+        debounced = spec.debounce_s is not None
         return cls(
             _id=task_id or new_id(),
             device_id=spec.device_id,
             script=spec.script,
             priority=spec.priority,
             status=TaskStatus.PENDING if due else TaskStatus.WAITING,
-            run_at=due_time(spec.run_at, now),
+            run_at=due_time(run_at, now),
             max_retries=spec.max_retries,
             timeout_s=spec.timeout_s,
             dedupe_key=spec.dedupe_key,
@@ -284,6 +329,12 @@ class Task(BaseModel):
             mode=PULL if spec.mode == PULL else None,
             labels=sorted(set(spec.labels)) if spec.mode == PULL else None,
             master=PULL_HOLDER if spec.mode == PULL else None,
+            dedupe_mode=str(spec.dedupe_mode) if spec.dedupe_mode else None,
+            dedupe_window_s=spec.dedupe_window_s,
+            debounce_s=spec.debounce_s,
+            debounce_max_s=spec.debounce_max_s,
+            debounce_until=until,
+            debounce_seq=0 if debounced else None,
         )
 
     def to_doc(self) -> dict[str, Any]:

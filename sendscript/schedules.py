@@ -51,6 +51,9 @@ class Schedule(BaseModel):
     def _valid(self) -> Schedule:
         if (self.device_ids is None) == (self.group is None):
             raise ValueError("target exactly one of: devices, or a group")
+        if self.template.debounce_s is not None:
+            raise ValueError("a schedule's template takes no debounce_s: each fire has its "
+                             "own time and its own dedupe key")
         rule = self.rule()  # raises on a bad expression, interval or zone
         if self.next_fire_at is None:
             self.next_fire_at = rule.next_fire(utcnow())

@@ -20,6 +20,7 @@ from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError, OperationFailure
 from pymongo.results import BulkWriteResult
 
+from sendscript.dedupe import HOLDER_FIELDS, KEY_AT_CLAIM, debounce_merge, debouncing, holder_hold_s
 from sendscript.failover import ride_out
 from sendscript.models import ExecRecord, Task, new_id, utcnow
 from sendscript.refusals import encoding_refusal, permanent_write_errors, transient_write_errors
@@ -150,6 +151,8 @@ class Stored:
     # Our id -> why the store refuses it for good (too large, not encodable, refused
     # by the server). A fan-out batch is refused whole: none of its tasks is kept.
     refused: dict[str, str] = field(default_factory=dict)
+    # Our id -> the debouncing task whose spec ours replaced (also in `deduplicated`).
+    debounced: dict[str, str] = field(default_factory=dict)
 
 
 # The store's steps, written once as a generator of operations (a plan) that an async
@@ -174,7 +177,7 @@ class UpdateOp:
     """update_one; answers the matched count."""
 
     filter: dict[str, Any]
-    update: dict[str, Any]
+    update: dict[str, Any] | list[dict[str, Any]]  # a document, or a pipeline
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,8 +190,9 @@ class DeleteOp:
 StoreOp = InsertOp | FindOp | UpdateOp | DeleteOp
 StorePlan = Generator[StoreOp, Any, Stored]
 # A key may change hands between our insert and our look-up (its holder finished with
-# no window, or another producer released it first): insert again, this many times.
-DEDUPE_ROUNDS = 4
+# no window, or another producer released it first), or a debouncing holder may move
+# on under us (another submission, its fire): insert again, this many times.
+DEDUPE_ROUNDS = 8
 
 
 def _unit(task: Task) -> str:
@@ -201,9 +205,11 @@ def store_plan(
 ) -> StorePlan:
     """Store tasks: new ones are inserted; one stored before under the same id (a
     re-ingest) is said so; one whose dedupe key a task holds is answered with that
-    task, unless it finished more than `window_s` ago, when its key is released and
-    ours is stored. A document the store refuses for good is refused with the reason
-    (with its whole fan-out batch) and the others are stored. An error retrying can
+    task, unless that task's hold is over (sendscript/dedupe.py; `window_s` is
+    SENDSCRIPT_DEDUPE_WINDOW_S), when its key is released and ours is stored; a
+    debounced one whose key a debouncing task holds replaces that task's spec. A
+    document the store refuses for good is refused with the reason (with its whole
+    fan-out batch) and the others are stored. An error retrying can
     cure (server away, transient codes) is raised: the caller tries the batch again,
     and the ids make that second try find the first."""
     out = Stored()
@@ -262,14 +268,14 @@ def _store_chunk(
         keys: dict[str, list[int]] = {}  # several of ours may share a key
         for i in dedupe:
             keys.setdefault(str(part[i][0].dedupe_active), []).append(i)
-        holders = yield FindOp({"dedupe_active": {"$in": list(keys)}},
-                               {"dedupe_active": 1, "status": 1, "finished_at": 1})
+        holders = yield FindOp({"dedupe_active": {"$in": list(keys)}}, HOLDER_FIELDS)
         held = {d["dedupe_active"]: d for d in holders}
         for key, mine in keys.items():
             doc = held.get(key)
-            if doc is not None and dedupe_released(doc, now, window_s):
+            hold_s = holder_hold_s(doc, window_s) if doc is not None else 0.0
+            if doc is not None and dedupe_released(doc, now, hold_s):
                 # Whoever wins this compare-and-set, the key is free: insert again.
-                yield UpdateOp(*release_dedupe(doc["_id"], key, now, window_s))
+                yield UpdateOp(*release_dedupe(doc["_id"], key, now, hold_s))
                 doc = None
             for i in mine:
                 task = part[i][0]
@@ -277,11 +283,28 @@ def _store_chunk(
                     todo.append(i)
                 elif doc["_id"] == task.id:  # our own task, stored before a crash
                     same_id.add(task.id)
+                elif task.debounce_s is not None and debouncing(doc):
+                    doc = yield from _debounce_into(doc, part[i], now, out)
+                    if doc is None:  # it moved on under us: look again
+                        todo.append(i)
                 else:
                     out.deduplicated[task.id] = doc["_id"]
                     out.existing_status[doc["_id"]] = doc["status"]
     if todo:
         raise RuntimeError(f"{len(todo)} dedupe key(s) kept changing hands; try again")
+
+
+def _debounce_into(
+    holder: dict[str, Any], mine: tuple[Task, dict[str, Any]], now: datetime, out: Stored,
+) -> Generator[StoreOp, Any, dict[str, Any] | None]:
+    """Replace a debouncing holder's spec with ours (one update); the holder, or None
+    if it fired or finished meanwhile."""
+    task, doc = mine
+    if not (yield UpdateOp(*debounce_merge(holder, doc, now))):
+        return None
+    out.deduplicated[task.id] = out.debounced[task.id] = holder["_id"]
+    out.existing_status[holder["_id"]] = holder["status"]
+    return holder
 
 
 async def run_plan_async(col: AsyncCollection, plan: StorePlan) -> Stored:
@@ -501,6 +524,7 @@ class TaskStore:
                 if upd:  # a claim only sets fields; anything else would be lost here
                     raise ValueError(f"claim update has more than $set: {sorted(upd)}")
                 fields["record_id"] = {"$concat": [f"{token}-", "$_id"]}
+                fields["dedupe_active"] = KEY_AT_CLAIM  # until_start: the key is free now
                 ops.append(UpdateMany(flt, [{"$set": fields}]))
                 for i in part:
                     expected[i] = f"{token}-{claims[i].task_id}"

@@ -161,6 +161,15 @@ class Roles:
         wait_for(lambda: self._master_up(proc, master_id, workers), 60, "the master's workers")
         return proc
 
+    def masters(self, master_ids: list[str], **env: Any) -> dict[str, RoleProcess]:
+        """Several masters started together (their workers start side by side), by id."""
+        procs = {m: self._start(f"master-{n}", ["master"], master_id=m, **env)
+                 for n, m in enumerate(master_ids)}
+        workers = int(env.get("workers", self.settings.workers))
+        wait_for(lambda: all(self._master_up(p, m, workers) for m, p in procs.items()), 60,
+                 "the masters' workers")
+        return procs
+
     # -- views of the farm and the service --------------------------------------------
     def farm(self, path: str = "stats") -> Any:
         return httpx.get(f"{self.central_url}/{path}", timeout=10).json()

@@ -44,7 +44,8 @@ def status_view(info: dict[str, Any]) -> Group:
             f"   device locks held: {info['locks_held']}"
             f"   workers alive: {info['workers_alive']}"
             + (f"   counts: {counted['lag_s']} s old" if counted.get("lag_s") is not None
-               else ""))
+               else "")
+            + _dedupe_counts(info.get("stats") or {}))
     tasks = Table("status", "tasks", title="tasks")
     for name, n in sorted(info["tasks"].items()):
         tasks.add_row(name, str(n))
@@ -71,6 +72,15 @@ def status_view(info: dict[str, Any]) -> Group:
                  limits_view(info.get("rate_limits", [])),
                  breaker_view(info.get("breaker") or {}, info["masters"]),
                  benched_view(info.get("benched") or {}))
+
+
+def _dedupe_counts(stats: dict[str, int]) -> str:
+    """Submissions answered by an existing task since the start: duplicates, and those
+    of them whose spec replaced a debouncing task's."""
+    if not stats.get("deduplicated"):
+        return ""
+    return (f"   deduplicated: {stats['deduplicated']}"
+            f" (debounced: {stats.get('debounced', 0)})")
 
 
 def _watch_status(settings: Settings) -> None:

@@ -42,6 +42,15 @@ def submit(
     batch_id: Annotated[str | None, typer.Option(
         help="Fan-out: this batch id; again after a cut-short submit, it stores the rest.")]
     = None,
+    dedupe_mode: Annotated[str | None, typer.Option(
+        help="With --dedupe-key: until_start, until_result or window.")] = None,
+    dedupe_window_s: Annotated[float | None, typer.Option(
+        help="dedupe_mode window: hold the key this long after the result.")] = None,
+    debounce_s: Annotated[float | None, typer.Option(
+        help="With --dedupe-key: run the latest spec once the key is quiet this long.")]
+    = None,
+    debounce_max_s: Annotated[float | None, typer.Option(
+        help="...and never later than this after the first submission.")] = None,
 ) -> None:
     """Submit one task; a fan-out (--group or --device-list); or --count N over --devices K."""
     from pydantic import ValidationError
@@ -56,13 +65,15 @@ def submit(
     template = {"script": script_obj, "priority": priority, "run_at": run_at,
                 "max_retries": max_retries, "timeout_s": timeout_s, "expire_at": expire_at,
                 "queue": queue}
+    keyed = {k: v for k, v in {"dedupe_key": dedupe_key, "dedupe_mode": dedupe_mode,
+                               "dedupe_window_s": dedupe_window_s, "debounce_s": debounce_s,
+                               "debounce_max_s": debounce_max_s}.items() if v is not None}
     with SendScriptClient(load_settings()) as client:
         if group or device_list:
             targets = [d.strip() for d in (device_list or "").split(",") if d.strip()] or None
             try:
-                batch = client.submit_fanout(devices=targets, group=group,
-                                             batch_id=batch_id, dedupe_key=dedupe_key,
-                                             **template)
+                batch = client.submit_fanout(devices=targets, group=group, **keyed,
+                                             batch_id=batch_id, **template)
             except ValidationError as exc:
                 raise typer.BadParameter(describe_error(exc)) from None
             except QueueFull as exc:
@@ -80,7 +91,7 @@ def submit(
             specs = [TaskSpec.model_validate({
                 "device_id": device_id if device_id and devices == 1
                 else f"{device_prefix}{i % devices}",
-                **template, "dedupe_key": dedupe_key if count == 1 else None,
+                **template, **(keyed if count == 1 else {}),
             }) for i in range(count)]
         except ValidationError as exc:
             raise typer.BadParameter(describe_error(exc)) from None
@@ -91,8 +102,9 @@ def submit(
             raise typer.Exit(QUEUE_FULL_EXIT) from None
     if len(submitted) == 1:
         s = submitted[0]
-        console.print(f"{s.task_id} {s.status}" + ("" if s.created else
-                                                    " (existing task with this dedupe key)"))
+        console.print(f"{s.task_id} {s.status}" + (
+            "" if s.created else " (debounced into the existing task with this dedupe key)"
+            if s.debounced else " (existing task with this dedupe key)"))
     else:
         console.print(f"submitted {len(submitted)} tasks over {devices} device(s)")
 
@@ -101,6 +113,7 @@ def submit(
 def task_info(task_id: str) -> None:
     """A task, its exec records and its logs."""
     from sendscript.client import SendScriptClient
+    from sendscript.dedupe import describe as describe_dedupe
 
     with SendScriptClient(load_settings()) as client:
         task = client.get(task_id)
@@ -108,6 +121,8 @@ def task_info(task_id: str) -> None:
             console.print(f"[red]no task {task_id}[/red]")
             raise typer.Exit(1)
         console.print_json(task.model_dump_json(by_alias=True))
+        if line := describe_dedupe(task.to_doc(), client.settings.dedupe_window_s):
+            console.print(f"dedupe: {line}", highlight=False)
         records = client.records(task_id)
     table = Table("attempt", Column("record", no_wrap=True, min_width=24), "worker", "lock",
                   "status", "started", "sent", "finished", "error", title="exec records")

@@ -78,6 +78,7 @@ class Run:
     started: float
     ended: float | None = None
     outcome: str | None = None
+    script: Any = None  # what the device was sent (a test checks which spec ran)
 
 
 @dataclass
@@ -131,7 +132,8 @@ class Farm:
             logger.error("device {} asked to run {} while running {}", device_id,
                          body["taskId"], self.running[device_id].task_id)
             return 409, {"success": False, "error": "device is running another script"}, None
-        run = Run(device_id, str(body["taskId"]), str(body["recordId"]), now)
+        run = Run(device_id, str(body["taskId"]), str(body["recordId"]), now,
+                  script=body["script"])
         self.window.append(now)
         self.running[device_id] = run
         self.runs.append(run)

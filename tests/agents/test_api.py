@@ -286,3 +286,16 @@ def _held_count(url: str, token: str, scope: str) -> int:
     held = httpx.get(f"{url}/api/agents", headers={"Authorization": f"Bearer {token}"},
                      timeout=10).json()["held"]
     return int(held.get(scope, 0))
+
+
+def test_an_until_start_pull_task_frees_its_key_at_its_lease(settings: Settings,
+                                                             api: tuple[str, str]) -> None:
+    url, token = api
+    keyed = {"dedupe_key": "pk", "dedupe_mode": "until_start"}
+    [first] = submit(settings, **keyed)
+    assert submit(settings, **keyed) == [first]  # not leased yet: the key is held
+    [leased] = agent(url, token, "a").ok("lease", limit=5, wait_s=2)["tasks"]
+    assert leased["task_id"] == first
+    assert "dedupe_active" not in task(settings, first)
+    [second] = submit(settings, **keyed)
+    assert second != first and task(settings, second)["dedupe_active"] == "pk"

@@ -322,3 +322,20 @@ def test_the_overview_shows_rate_limits_and_an_adaptive_ones_value_why_and_hold(
         assert page.status_code == 200
         assert "global 12.5/1s (20/1s~2..100): 429 x3, Retry-After 60s, hold" in page.text
         assert "queue:bulk 5/2s" in page.text
+
+
+def test_the_task_view_shows_the_dedupe_mode_and_the_debounce(console_role: ConsoleRole) -> None:
+    c = console_role
+    spec = {"dedupe_key": "sync:p9", "dedupe_mode": "until_start", "debounce_s": 600,
+            "debounce_max_s": 900}
+    [first] = _tasks(c.settings, "p9", 1, **spec)
+    assert _tasks(c.settings, "p9", 1, **spec) == [first]  # debounced into it
+    with c.client(c.token("eve", "viewer")) as api:
+        detail = api.get(f"/api/tasks/{first}").json()
+        page = api.get(f"/tasks/{first}").text
+    assert detail["task"]["dedupe_mode"] == "until_start"
+    assert detail["task"]["debounce_seq"] == 1
+    line = detail["dedupe"]
+    assert line.startswith("key 'sync:p9' · mode until_start · holds the key · debouncing")
+    assert "1 later submission(s) merged" in line
+    assert 'id="task-dedupe"' in page and "1 later submission(s) merged" in page

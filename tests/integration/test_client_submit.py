@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 
-from sendscript.client import SendScriptClient, SubmitRefused
+from sendscript.client import SendScriptClient, SubmitRefused, Submitted
 from sendscript.models import TaskSpec, utcnow
 from sendscript.settings import Settings
 from sendscript.status import RETENTION, TaskStatus, task_cas
@@ -190,3 +190,17 @@ def test_a_fan_out_refused_on_a_later_chunk_keeps_the_chunks_before(
         sdk._mongo.drop_database(sdk._db.name)
         sdk._redis.delete(settings.keys.ready)
         sdk.close()
+
+
+def test_the_sdk_debounces_and_answers_which_task_took_the_spec(sdk: SendScriptClient) -> None:
+    keyed = {"dedupe_key": "sync:p1", "debounce_s": 600, "debounce_max_s": 900}
+    first = sdk.submit("p1", {"id": "sync", "args": {"v": 1}}, **keyed)
+    assert first.created and first.status == "waiting" and not first.debounced
+    later = sdk.submit("p2", {"id": "sync", "args": {"v": 2}}, priority=9, **keyed)
+    assert later == Submitted(first.task_id, "waiting", created=False, debounced=True)
+    task = sdk.get(first.task_id)
+    assert task is not None and task.script == {"id": "sync", "args": {"v": 2}}
+    assert task.device_id == "p2" and task.priority == 9 and task.debounce_seq == 1
+    assert refs(sdk) == [first.task_id]  # the later one pushed nothing
+    with pytest.raises(ValueError, match="debounce_max_s must be at least debounce_s"):
+        sdk.submit("p1", {"id": "sync"}, dedupe_key="k", debounce_s=5, debounce_max_s=1)

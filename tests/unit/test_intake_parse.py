@@ -154,3 +154,16 @@ def test_a_fanout_script_over_the_limit_is_refused() -> None:
 def test_a_script_bson_cannot_hold_is_refused_at_parse(data: bytes, words: str) -> None:
     with pytest.raises(ValueError, match=words):
         parse_item(data, max_script_bytes=1024 * 1024)
+
+
+@pytest.mark.parametrize(("item", "reason"), [
+    ({"debounce_s": 5}, "debounce_s: only with a dedupe_key"),
+    ({"dedupe_key": "k", "debounce_s": 5, "run_at": 1.7e9}, "give no run_at"),
+    ({"dedupe_key": "k", "dedupe_mode": "forever"}, "dedupe_mode: Input should be"),
+])
+def test_a_bad_dedupe_combination_is_quarantined_with_the_reason(
+    item: dict[str, Any], reason: str
+) -> None:
+    raw = json.dumps({"device_id": "d", "script": {"id": "s"}, **item}).encode()
+    with pytest.raises(ValueError, match=reason):
+        parse_item(raw)
