@@ -28,8 +28,6 @@ from sendscript.store import GROUPS, LOGS, RECORDS, SCHEDULES, TASKS
 AUDIT = "audit"
 MAX_LOGS = 500
 MAX_RECORDS = 200
-MAX_DEVICES = 500
-MAX_KEYS_SCANNED = 5000
 MAX_AGENTS = 1000
 MAX_LEASES = 5000
 IDLE_MS = 500
@@ -287,29 +285,6 @@ def _locks(stores: Stores, devices: list[str]) -> dict[str, dict[str, Any]]:
         if value is not None:
             out[d] = {"fence": _text(value), "ttl_s": round(ttl / 1000, 1) if ttl > 0 else None}
     return out
-
-
-def devices(stores: Stores, limit: int = MAX_DEVICES) -> list[dict[str, Any]]:
-    """Devices the service knows of: locked now, with a health entry, or in a group."""
-    r, keys = stores.redis, stores.keys
-    prefix = keys.device_lock("")
-    locked: list[str] = []
-    for n, key in enumerate(r.scan_iter(match=keys.device_lock_pattern, count=1000)):
-        if n >= MAX_KEYS_SCANNED:
-            break
-        locked.append(_text(key)[len(prefix):])
-    health = {_text(k): _json(v) for k, v in r.hgetall(keys.device_health).items()}
-    groups: dict[str, list[str]] = {}
-    for doc in stores.db[GROUPS].find({}, {"devices": 1}).limit(1000):
-        for d in doc.get("devices", [])[:MAX_DEVICES]:
-            groups.setdefault(d, []).append(doc["_id"])
-    names = sorted(set(locked) | set(health) | set(groups))[:limit]
-    locks = _locks(stores, names)
-    benched = device_health.benched_sync(r, keys)
-    return [{"device_id": d, "locked": d in locks, "lock": locks.get(d),
-             "streak": int(health.get(d, {}).get("streak", 0)),
-             "last": health.get(d, {}).get("last"),
-             "benched": benched.get(d), "groups": groups.get(d, [])} for d in names]
 
 
 def device_detail(stores: Stores, device_id: str) -> dict[str, Any]:

@@ -39,6 +39,7 @@ RECORDS = "task_exec_records"
 LOGS = "task_logs"
 SCHEDULES = "schedules"
 GROUPS = "device_groups"
+DEVICES = "devices"  # one per device: its last result and hourly counts (sendscript/fleet.py)
 DUPLICATE_KEY = 11000
 INDEX_NOT_FOUND = 27
 MIN_FIELDS = {"_id": 1, "run_at": 1, "status": 1, "master": 1}
