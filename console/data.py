@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -17,13 +18,13 @@ from pymongo.database import Database
 
 from console.filters import Page, TaskFilter, to_query
 from console.search import TaskQuery, search_tasks_sync
-from sendscript import alerts, connect, counts, device_health, limits, pauses
+from sendscript import alerts, connect, counts, device_health, fleet, limits, pauses
 from sendscript.agent_store import agents_sync, leases_held_sync
 from sendscript.keys import Keys
 from sendscript.models import PULL
 from sendscript.report import breaker_view
 from sendscript.settings import Settings
-from sendscript.store import GROUPS, LOGS, RECORDS, SCHEDULES, TASKS
+from sendscript.store import DEVICES, GROUPS, LOGS, RECORDS, SCHEDULES, TASKS
 
 AUDIT = "audit"
 MAX_LOGS = 500
@@ -303,8 +304,13 @@ def device_detail(stores: Stores, device_id: str) -> dict[str, Any]:
         keys.device_health, device_id) else {}
     groups = [d["_id"] for d in db[GROUPS].find({"devices": device_id}, {"_id": 1}).limit(100)]
     active = pauses.list_sync(r, keys)
+    kept = db[DEVICES].find_one({"_id": device_id}) or {}
+    ok, failed = fleet.last_day(kept.get("hours"), datetime.now(UTC))
     return {
         "device_id": device_id, "locked": lock is not None, "lock": lock, "running": running,
+        "last_task_id": kept.get("last_task_id"), "last_result": kept.get("last_result"),
+        "last_finished_at": kept.get("last_finished_at"),
+        "day": {"tasks": ok + failed, "ok": ok, "failed": failed},
         "recent": [_row(t) for t in recent],
         "health": health, "streak": int(health.get("streak", 0)),
         "benched": device_health.benched_sync(r, keys).get(device_id),

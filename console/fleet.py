@@ -100,7 +100,7 @@ def live_state(stores: Stores, ids: list[str]) -> tuple[list[Any], list[Any], li
     pipe = r.pipeline(transaction=False)
     for d in ids:
         pipe.get(keys.device_lock(d))
-    pipe.execute_command("ZMSCORE", keys.devices_benched, *ids)
+    pipe.zmscore(keys.devices_benched, ids)
     pipe.hmget(keys.device_health, ids)
     pipe.hgetall(keys.pauses)
     raw = pipe.execute()

@@ -88,6 +88,7 @@ class TaskLogConsumer:
         self._stop_at: float | None = None
         self.metrics = metrics.setup("consumer", self.name)
         self.subscribed = False
+        self.fleet_written = fleet.WrittenThisHour()
 
     async def run(self) -> int:
         s = self.settings
@@ -372,11 +373,12 @@ class TaskLogConsumer:
         results = fleet.device_results(finals, records)
         if not results:
             return
+        devices = [r.device_id for r in results]
+        updates = fleet.device_updates(results, now, self.fleet_written.current(now))
         try:
-            await asyncio.gather(
-                self.devices.bulk_write(fleet.device_updates(results, now), ordered=True),
-                fleet.note(self.redis, self.settings.keys, [r.device_id for r in results]),
-            )
+            await asyncio.gather(self.devices.bulk_write(updates, ordered=True),
+                                 fleet.note(self.redis, self.settings.keys, devices))
+            self.fleet_written.written(now, devices)
         except Exception as exc:
             logger.warning("consumer: the fleet view missed a batch of {} results: {!r}",
                            len(results), exc)

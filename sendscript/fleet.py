@@ -25,7 +25,7 @@ batch changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -106,10 +106,12 @@ def device_results(finals: Sequence[TaskLogMessage], records: Mapping[str, ExecR
     return out
 
 
-def device_updates(results: Sequence[DeviceResult], now: datetime) -> list[UpdateOne]:
-    """Two updates per device of the batch, to run in order in one bulk write: reset
+def device_updates(results: Sequence[DeviceResult], now: datetime,
+                   slot_is_current: Set[str] = frozenset()) -> list[UpdateOne]:
+    """The updates of a batch, to run in order in one bulk write. Per device: reset
     the hour's slot if it holds another hour (no upsert: a new document is made by the
-    second), then count the results and set the last one (upsert)."""
+    next), unless `slot_is_current` says this hour's slot was written already; then
+    count the results and set the last one (upsert)."""
     hour = hour_of(now)
     slot = f"hours.{slot_of(hour)}"
     by_device: dict[str, list[DeviceResult]] = {}
@@ -119,8 +121,9 @@ def device_updates(results: Sequence[DeviceResult], now: datetime) -> list[Updat
     for device, mine in by_device.items():
         ok = sum(r.ok for r in mine)
         last = mine[-1]
-        out.append(UpdateOne({"_id": device, f"{slot}.h": {"$ne": hour}},
-                             {"$set": {slot: {"h": hour, "ok": 0, "fail": 0}}}))
+        if device not in slot_is_current:
+            out.append(UpdateOne({"_id": device, f"{slot}.h": {"$ne": hour}},
+                                 {"$set": {slot: {"h": hour, "ok": 0, "fail": 0}}}))
         out.append(UpdateOne(
             {"_id": device},
             {"$inc": {f"{slot}.ok": ok, f"{slot}.fail": len(mine) - ok},
@@ -130,6 +133,25 @@ def device_updates(results: Sequence[DeviceResult], now: datetime) -> list[Updat
              "$setOnInsert": {f"{slot}.h": hour, "first_seen": now}},
             upsert=True))
     return out
+
+
+class WrittenThisHour:
+    """The devices whose slot of the current hour this process has written: their
+    next update needs no reset (no other writer can put another hour in that slot
+    within the hour), so a device costs one update a batch, not two, after its first.
+    Forgotten when the hour turns."""
+
+    def __init__(self) -> None:
+        self.hour = -1
+        self.devices: set[str] = set()
+
+    def current(self, now: datetime) -> set[str]:
+        if hour_of(now) != self.hour:
+            self.hour, self.devices = hour_of(now), set()
+        return self.devices
+
+    def written(self, now: datetime, devices: Iterable[str]) -> None:
+        self.current(now).update(devices)
 
 
 # -- Redis: the index of device ids -------------------------------------------------------

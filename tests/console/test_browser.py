@@ -173,3 +173,7 @@ def test_the_devices_page_lists_a_working_device_and_finds_it_by_prefix(
     wait.until(lambda drv: "prefix=phone-" in drv.current_url)
     rows = d.find_elements(By.CSS_SELECTOR, listed)
     assert [r.get_attribute("data-device") for r in rows] == ["phone-fleet-1"]
+    d.find_element(By.LINK_TEXT, "phone-fleet-1").click()
+    day = wait.until(lambda drv: drv.find_element(By.ID, "device-day"))
+    assert day.text == "1 task(s), 100 % success"
+    assert done[0] in d.find_element(By.ID, "device-last").text

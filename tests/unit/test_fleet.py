@@ -10,6 +10,7 @@ import pytest
 from console.fleet import decode_cursor, encode_cursor, paused_by, row
 from sendscript.fleet import (
     DeviceResult,
+    WrittenThisHour,
     add_to_hours,
     device_results,
     device_updates,
@@ -82,6 +83,17 @@ def test_a_batch_makes_two_updates_per_device_that_do_what_the_buckets_say() -> 
     assert ops[1]["$set"]["last_result"] == "ERROR"
     assert ops[3]["$inc"] == {f"{slot}.ok": 0, f"{slot}.fail": 1}
     assert ops[3]["$setOnInsert"] == {f"{slot}.h": H, "first_seen": NOW}
+    # a device whose slot this process wrote this hour needs no reset: one update
+    again = device_updates(results, NOW, slot_is_current={"a"})
+    assert [op._filter for op in again][:2] == [{"_id": "a"}, filters[2]]
+    assert len(again) == 3
+
+
+def test_what_was_written_this_hour_is_forgotten_when_the_hour_turns() -> None:
+    written = WrittenThisHour()
+    written.written(NOW, ["a", "b"])
+    assert written.current(NOW + timedelta(minutes=20)) == {"a", "b"}
+    assert written.current(NOW + timedelta(minutes=40)) == set()  # 06:10: another hour
 
 
 def test_a_row_says_running_before_benched_before_paused_before_free() -> None:
