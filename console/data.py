@@ -6,6 +6,7 @@ big farm as on a small one; nothing here writes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ class Stores:
     redis: redis.Redis
     mongo: MongoClient
     db: Database
+    # What a read may keep between requests of this process (console/fleet.py: the
+    # groups' members), each entry checked against the stores before it is used.
+    memo: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def open(cls, settings: Settings) -> Stores:

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
+import itertools
 import json
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +30,7 @@ from sendscript.store import DEVICES, GROUPS, RECORDS
 
 MAX_PAGE = 200
 MAX_GROUPS = 1000
+MAX_GROUP_AGE_S = 30.0
 CURSOR = r"^[A-Za-z0-9_=-]{2,600}$"
 EVERYTHING = ("hard", "global", "quota")
 
@@ -72,14 +76,51 @@ def ensure_index(stores: Stores) -> bool:
     return True
 
 
-def page_ids(stores: Stores, q: FleetQuery) -> tuple[list[str], str | None]:
+@dataclass
+class GroupIndex:
+    """Every group's members, sorted, and every member's groups: read whole only when
+    a group changed (its `updated_at`, which the SDK and CLI set, or the set of
+    groups) or after MAX_GROUP_AGE_S (a writer that leaves `updated_at` alone), so a
+    page does not read a 20,000-device group's list each time."""
+
+    signature: tuple[tuple[str, Any], ...]
+    read_at: float
+    members: dict[str, list[str]]
+    of_device: dict[str, list[str]]
+
+    @classmethod
+    def read(cls, stores: Stores) -> GroupIndex:
+        db, memo = stores.db, stores.memo
+        signature = tuple((d["_id"], d.get("updated_at")) for d in db[GROUPS].find(
+            {}, {"updated_at": 1}).sort("_id", 1).limit(MAX_GROUPS))
+        kept = memo.get("groups")
+        if isinstance(kept, GroupIndex) and kept.signature == signature \
+                and time.monotonic() - kept.read_at < MAX_GROUP_AGE_S:
+            return kept
+        members: dict[str, list[str]] = {}
+        of_device: dict[str, list[str]] = {}
+        for doc in db[GROUPS].find({}, {"devices": 1}).sort("_id", 1).limit(MAX_GROUPS):
+            devices = sorted({d for d in doc.get("devices", []) if isinstance(d, str)})
+            members[doc["_id"]] = devices
+            for d in devices:
+                of_device.setdefault(d, []).append(doc["_id"])
+        memo["groups"] = index = cls(signature, time.monotonic(), members, of_device)
+        return index
+
+
+def page_ids(stores: Stores, q: FleetQuery, groups: GroupIndex
+             ) -> tuple[list[str], str | None]:
     """The page's device ids in id order, and the cursor of the next page."""
     after = decode_cursor(q.after) if q.after else None
     if q.group is not None:
-        doc = stores.db[GROUPS].find_one({"_id": q.group}, {"devices": 1}) or {}
-        members = sorted({d for d in doc.get("devices", []) if isinstance(d, str)
-                          and d.startswith(q.prefix) and (after is None or d > after)})
-        ids = members[:q.limit + 1]
+        members = groups.members.get(q.group, [])
+        start = bisect.bisect_right(members, after) if after is not None \
+            and after >= q.prefix else bisect.bisect_left(members, q.prefix)
+        ids: list[str] = []
+        for d in itertools.islice(members, start, None):
+            if not d.startswith(q.prefix) or len(ids) > q.limit:
+                break
+            ids.append(d)
     else:
         ensure_index(stores)
         low = b"(" + after.encode() if after is not None and after >= q.prefix \
@@ -120,20 +161,11 @@ def running_tasks(stores: Stores, fences: dict[str, int]) -> dict[str, dict[str,
             for d in found if fences.get(d.get("device_id")) == d.get("lock_value")}
 
 
-def groups_of(stores: Stores, ids: list[str]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    wanted = set(ids)
-    for doc in stores.db[GROUPS].find({"devices": {"$in": ids}}, {"devices": 1}) \
-            .sort("_id", 1).limit(MAX_GROUPS):
-        for d in wanted.intersection(doc.get("devices", [])):
-            out.setdefault(d, []).append(doc["_id"])
-    return out
-
-
 def fleet_page(stores: Stores, q: FleetQuery, now: datetime | None = None) -> dict[str, Any]:
     """One page of the fleet: each device's state now, last result and last 24 h."""
     now = now or datetime.now(UTC)
-    ids, cursor = page_ids(stores, q)
+    groups = GroupIndex.read(stores)
+    ids, cursor = page_ids(stores, q, groups)
     if not ids:
         return {"devices": [], "next": None}
     docs = {d["_id"]: d for d in stores.db[DEVICES].find({"_id": {"$in": ids}})}
@@ -141,14 +173,14 @@ def fleet_page(stores: Stores, q: FleetQuery, now: datetime | None = None) -> di
     fences = {d: int(v) for d, v in zip(ids, locks, strict=True)
               if v is not None and _text(v).isdigit()}
     running = running_tasks(stores, fences)
-    groups = groups_of(stores, ids)
     now_ms = int(time.time() * 1000)
     rows = []
     for i, d in enumerate(ids):
         until = int(benched[i]) if benched[i] is not None else 0
         rows.append(row(d, docs.get(d, {}), now, lock=_text(locks[i]) if locks[i] else None,
                         running=running.get(d), bench_left_ms=max(0, until - now_ms),
-                        health=health[i], groups=groups.get(d, []), pauses=pauses))
+                        health=health[i], groups=groups.of_device.get(d, []),
+                        pauses=pauses))
     return {"devices": rows, "next": cursor}
 
 
