@@ -161,7 +161,7 @@ def run(settings: Settings, n: int, repeat: int, deep: int, batch: int,
         mongo_pid: int | None = None) -> dict[str, Any]:
     stores = Stores.open(settings)
     try:
-        out = {"seed": seed(stores, n, 1000)}
+        out = {"seed": seed(stores, n, 200)}
         out["pages"] = bench_pages(stores, n, repeat, deep)
         out["upkeep"] = bench_upkeep(stores, batch, repeat, mongo_pid)
         out["budget_ms"] = BUDGET_MS

@@ -31,6 +31,7 @@ from sendscript.store import DEVICES, GROUPS, RECORDS
 MAX_PAGE = 200
 MAX_GROUPS = 1000
 MAX_GROUP_AGE_S = 30.0
+ID_CHUNK = 50  # the embedded server's `$in` costs more than linearly in its length
 CURSOR = r"^[A-Za-z0-9_=-]{2,600}$"
 EVERYTHING = ("hard", "global", "quota")
 
@@ -134,6 +135,21 @@ def page_ids(stores: Stores, q: FleetQuery, groups: GroupIndex
     return ids, encode_cursor(ids[-1]) if more and ids else None
 
 
+def documents(stores: Stores, ids: list[str], contiguous: bool) -> dict[str, dict[str, Any]]:
+    """The `devices` documents of `ids` (sorted). Contiguous ids (the index's next ones)
+    are one range of the device_id index, which holds no other documents; a group's
+    members, spread over the ids, are read by id in short lists."""
+    col = stores.db[DEVICES]
+    if contiguous:
+        found = col.find({"device_id": {"$gte": ids[0], "$lte": ids[-1]}})
+        wanted = set(ids)
+        return {d["_id"]: d for d in found if d["_id"] in wanted}
+    out: dict[str, dict[str, Any]] = {}
+    for i in range(0, len(ids), ID_CHUNK):
+        out.update((d["_id"], d) for d in col.find({"_id": {"$in": ids[i:i + ID_CHUNK]}}))
+    return out
+
+
 def live_state(stores: Stores, ids: list[str]) -> tuple[list[Any], list[Any], list[Any],
                                                         dict[str, str]]:
     """Locks, bench ends and health entries of `ids`, and the pauses: one round trip."""
@@ -168,7 +184,7 @@ def fleet_page(stores: Stores, q: FleetQuery, now: datetime | None = None) -> di
     ids, cursor = page_ids(stores, q, groups)
     if not ids:
         return {"devices": [], "next": None}
-    docs = {d["_id"]: d for d in stores.db[DEVICES].find({"_id": {"$in": ids}})}
+    docs = documents(stores, ids, contiguous=q.group is None)
     locks, benched, health, pauses = live_state(stores, ids)
     fences = {d: int(v) for d, v in zip(ids, locks, strict=True)
               if v is not None and _text(v).isdigit()}

@@ -1,6 +1,7 @@
 """The fleet's record of its devices: each one's last result and its results per hour.
 
-Mongo `devices`, one document per device (`_id` the device id), written by the
+Mongo `devices`, one document per device (`_id` and `device_id` the device id, the
+latter indexed for the console's range reads), written by the
 consumer with one bulk write per batch of results (never by scanning tasks):
 
 - `last_task_id`, `last_record_id`, `last_result` (`SUCCESS`, `ERROR`,
@@ -130,7 +131,7 @@ def device_updates(results: Sequence[DeviceResult], now: datetime,
              "$set": {"last_task_id": last.task_id, "last_record_id": last.record_id,
                       "last_result": last.result, "last_error": last.error,
                       "last_finished_at": now, "updated_at": now},
-             "$setOnInsert": {f"{slot}.h": hour, "first_seen": now}},
+             "$setOnInsert": {f"{slot}.h": hour, "first_seen": now, "device_id": device}},
             upsert=True))
     return out
 

@@ -82,7 +82,7 @@ def test_a_batch_makes_two_updates_per_device_that_do_what_the_buckets_say() -> 
     assert ops[1]["$set"]["last_task_id"] == "t3"
     assert ops[1]["$set"]["last_result"] == "ERROR"
     assert ops[3]["$inc"] == {f"{slot}.ok": 0, f"{slot}.fail": 1}
-    assert ops[3]["$setOnInsert"] == {f"{slot}.h": H, "first_seen": NOW}
+    assert ops[3]["$setOnInsert"] == {f"{slot}.h": H, "first_seen": NOW, "device_id": "b"}
     # a device whose slot this process wrote this hour needs no reset: one update
     again = device_updates(results, NOW, slot_is_current={"a"})
     assert [op._filter for op in again][:2] == [{"_id": "a"}, filters[2]]
