@@ -1,8 +1,8 @@
 """The fleet's record of its devices: each one's last result and its results per hour.
 
 Mongo `devices`, one document per device (`_id` and `device_id` the device id, the
-latter indexed for the console's range reads), written by the
-consumer with one bulk write per batch of results (never by scanning tasks):
+latter indexed for the console's range reads), written by the consumer with one
+bulk write per batch of results (never by scanning tasks):
 
 - `last_task_id`, `last_record_id`, `last_result` (`SUCCESS`, `ERROR`,
   `SYSTEM_ERROR`), `last_error`, `last_finished_at`: the device's latest result
@@ -21,7 +21,8 @@ devices, a group's writer its members; a Redis that lost it has it rebuilt from
 
 A result counts once: only results whose exec record was still open when the batch
 read it (the rule of the bench, `device_health.result_outcomes`), so a redelivered
-batch changes nothing.
+batch changes nothing (a duplicate that two consumers apply at the same moment may
+count twice: a view, not a decision).
 """
 
 from __future__ import annotations
