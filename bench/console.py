@@ -4,6 +4,7 @@ and search pages, in milliseconds per call (median of several).
     python -m bench.console                      # 1,000,000 tasks on embedded servers
     python -m bench.console --tasks 100000 --json
     python -m bench.console --keep DIR           # reuse the data of an earlier run
+    python -m bench.console --only fleet         # the fleet view alone (20,000 devices)
 
 1. Fill: `--tasks` task documents `insert_many`ed straight into `script_tasks` in
    batches (the production indexes in place), with a realistic mix: created over
@@ -17,6 +18,9 @@ and search pages, in milliseconds per call (median of several).
    (reached by following the cursor `--deep` pages).
 4. The write cost of the counts' `updated_at` index: `--writes` status
    changes timed with and without it.
+5. The fleet view (bench/fleet_view.py): `--fleet` devices, the Devices page and its
+   searches (id prefix, group), first and deep pages, against the console's page
+   budget; and the consumer's upkeep of the `devices` documents per result.
 
 What is timed here is store reads and writes, not tasks run, so the run verifies
 what it measured rather than any task's status: the documents stored are counted
@@ -47,6 +51,7 @@ from pymongo import MongoClient
 from rich.console import Console
 from rich.table import Table
 
+from bench import fleet_view
 from console.search import (
     NEWEST_FIRST,
     SearchPage,
@@ -290,17 +295,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         asyncio.run(indexes())
         result: dict[str, Any] = {}
-        stored = db[TASKS].estimated_document_count()
-        if stored < args.tasks:
-            console.print(f"storing {args.tasks - stored:,} tasks")
-            result["fill"] = fill(db, args.tasks - stored, args.days, args.devices, args.batch)
-        result["stored"] = db[TASKS].count_documents({})
-        console.print("counts")
-        result["counts"] = bench_counts(settings, db, args.repeat, args.moves)
-        console.print("search")
-        result["search"] = bench_search(db, args.repeat, args.deep)
-        console.print("index cost")
-        result["index_cost"] = bench_index_cost(db, args.writes)
+        if args.only != "fleet":
+            stored = db[TASKS].estimated_document_count()
+            if stored < args.tasks:
+                console.print(f"storing {args.tasks - stored:,} tasks")
+                result["fill"] = fill(db, args.tasks - stored, args.days, args.devices,
+                                      args.batch)
+            result["stored"] = db[TASKS].count_documents({})
+            console.print("counts")
+            result["counts"] = bench_counts(settings, db, args.repeat, args.moves)
+            console.print("search")
+            result["search"] = bench_search(db, args.repeat, args.deep)
+            console.print("index cost")
+            result["index_cost"] = bench_index_cost(db, args.writes)
+        if args.only in ("fleet", None):
+            console.print(f"fleet view: {args.fleet:,} devices")
+            server = servers.servers["mongo"].proc
+            result["fleet"] = fleet_view.run(settings, args.fleet, args.repeat, args.deep,
+                                             args.fleet_batch, server.pid if server else None)
         mongo.close()
         return result
     finally:
@@ -311,6 +323,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def render(result: dict[str, Any]) -> None:
     out = Console()
+    if "counts" in result:
+        render_tasks(out, result)
+    if "fleet" in result:
+        render_fleet(out, result["fleet"])
+    for check, passed in checks(result).items():
+        out.print(f"verified: {check}: {'yes' if passed else 'NO'}", markup=False,
+                  highlight=False)
+
+
+def render_fleet(out: Console, f: dict[str, Any]) -> None:
+    s = f["seed"]
+    out.print(f"fleet: {s['stored']:,} devices documents ({s['fill_s']} s through the "
+              f"consumer's updates), {s['locked']:,} locked; id index rebuilt from Mongo in "
+              f"{s['index_build_s']} s")
+    table = Table("page", "first page ms", "deep page", "deep page ms", "within budget",
+                  title=f"Devices page reads (median ms; budget {f['budget_ms']} ms)")
+    for row in f["pages"]:
+        table.add_row(row["page"], str(row["first_ms"]), str(row["deep_page"] or "-"),
+                      str(row["deep_ms"] or "-"), "yes" if row["within_budget"] else "NO")
+    out.print(table)
+    u = f["upkeep"]
+    for name, what in (("first_of_hour", "a device's first batch of the hour"),
+                       ("steady", "the batches after it")):
+        w = u[name]
+        out.print(f"consumer upkeep, {what}: {w['ops']} updates for {u['batch']} results on "
+                  f"as many devices, {w['wall_ms']} ms wall ({w['wall_ms_per_result']} ms a "
+                  f"result), Mongo server CPU {w['server_cpu_ms_per_result']} ms a result")
+
+
+def render_tasks(out: Console, result: dict[str, Any]) -> None:
     c = result["counts"]
     out.print(f"tasks stored: {result['stored']:,}"
               + (f"  (filled in {result['fill']['fill_s']} s, "
@@ -329,13 +371,24 @@ def render(result: dict[str, Any]) -> None:
     ic = result["index_cost"]
     out.print(f"updated_at index: {ic['ms_per_write_with']} ms per status change with it, "
               f"{ic['ms_per_write_without']} ms without ({ic['writes']} writes each)")
-    for check, passed in checks(result).items():
-        out.print(f"verified: {check}: {'yes' if passed else 'NO'}", markup=False,
-                  highlight=False)
 
 
 def checks(result: dict[str, Any]) -> dict[str, bool]:
     """What the run read back against what it did (see the module's docstring)."""
+    out = {}
+    if "counts" in result:
+        out.update(task_checks(result))
+    if "fleet" in result:
+        f = result["fleet"]
+        wrong = [row["page"] for row in f["pages"] if not row["right"]]
+        out["every fleet page holds the next devices in id order, running ones with their "
+            "task" + (f" (not: {', '.join(wrong)})" if wrong else "")] = not wrong
+        out[f"{f['seed']['devices']:,} devices documents stored"] = \
+            f["seed"]["stored"] == f["seed"]["devices"]
+    return out
+
+
+def task_checks(result: dict[str, Any]) -> dict[str, bool]:
     c, fill = result["counts"], result.get("fill")
     out = {}
     if fill is not None:
@@ -362,6 +415,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--deep", type=int, default=20, help="pages followed to the deep page")
     p.add_argument("--moves", type=int, default=1000)
     p.add_argument("--writes", type=int, default=500)
+    p.add_argument("--fleet", type=int, default=20_000, help="devices of the fleet view")
+    p.add_argument("--fleet-batch", type=int, default=200,
+                   help="results per consumer write timed (SENDSCRIPT_CONSUMER_BATCH)")
+    p.add_argument("--only", choices=["tasks", "fleet"], help="run one part alone")
     p.add_argument("--keep", help="data directory kept between runs")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)

@@ -151,6 +151,40 @@ class AgentRow(Answer):
     tasks: list[AgentTask]
 
 
+class RunningTask(Answer):
+    task_id: str | None
+    attempt: int | None
+
+
+class DeviceRow(Answer):
+    """A device of the fleet view: its state now (Redis), its last result and its
+    last 24 hours (the consumer's `devices` document)."""
+
+    device_id: str
+    state: Literal["free", "running", "benched", "paused"] = Field(
+        description="running (holds a device lock) before benched before paused")
+    locked: bool
+    fence: str | None = Field(description="the device lock's fencing value")
+    running: RunningTask | None = Field(description="the attempt holding the lock")
+    benched_left_s: float | None
+    paused: list[str] = Field(description="the pause scopes that hold its tasks")
+    groups: list[str]
+    streak: int = Field(description="failures in a row (device health)")
+    last_task_id: str | None
+    last_result: Literal["SUCCESS", "ERROR", "SYSTEM_ERROR"] | None
+    last_error: str | None
+    last_finished_at: datetime | None
+    day_tasks: int = Field(description="results over the last 24 hours")
+    day_ok: int
+    day_failed: int
+    day_success_rate: float | None = Field(description="day_ok / day_tasks; null: none")
+
+
+class DevicePage(Answer):
+    devices: list[DeviceRow]
+    next: str | None = Field(description="`after` of the next page; null: no more")
+
+
 class Alive(BaseModel):
     status: Literal["ok"]
     role: str

@@ -9,11 +9,12 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from console import data, live
+from console import data, fleet, live
 from console.actions import BulkAction, Refused
 from console.answers import (
     AgentRow,
     AgentToken,
+    DevicePage,
     NewAgentToken,
     Pause,
     RemovedAgentTokens,
@@ -178,9 +179,14 @@ async def bulk(who: Operator, c: Ctx, body: BulkRun) -> dict[str, Any]:
     return out
 
 
-@router.get("/devices")
-def devices(_: Who, c: Ctx) -> list[dict[str, Any]]:
-    return data.devices(c.stores)
+@router.get("/devices", response_model=DevicePage, **TYPED)
+def devices(_: Who, c: Ctx, q: Annotated[fleet.FleetQuery, Query()]) -> dict[str, Any]:
+    """Every device that has run a task or is in a group, in id order, `limit` at a
+    time: its state now, last task and result, and results over the last 24 hours."""
+    try:
+        return fleet.fleet_page(c.stores, q)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
 
 
 @router.get("/devices/{device_id}")

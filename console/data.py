@@ -6,9 +6,11 @@ big farm as on a small one; nothing here writes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -17,20 +19,18 @@ from pymongo.database import Database
 
 from console.filters import Page, TaskFilter, to_query
 from console.search import TaskQuery, search_tasks_sync
-from sendscript import alerts, connect, counts, device_health, limits, pauses
+from sendscript import alerts, connect, counts, device_health, fleet, limits, pauses
 from sendscript.agent_store import agents_sync, leases_held_sync
 from sendscript.dedupe import describe as describe_dedupe
 from sendscript.keys import Keys
 from sendscript.models import PULL
 from sendscript.report import breaker_view
 from sendscript.settings import Settings
-from sendscript.store import GROUPS, LOGS, RECORDS, SCHEDULES, TASKS
+from sendscript.store import DEVICES, GROUPS, LOGS, RECORDS, SCHEDULES, TASKS
 
 AUDIT = "audit"
 MAX_LOGS = 500
 MAX_RECORDS = 200
-MAX_DEVICES = 500
-MAX_KEYS_SCANNED = 5000
 MAX_AGENTS = 1000
 MAX_LEASES = 5000
 IDLE_MS = 500
@@ -44,6 +44,9 @@ class Stores:
     redis: redis.Redis
     mongo: MongoClient
     db: Database
+    # What a read may keep between requests of this process (console/fleet.py: the
+    # groups' members), each entry checked against the stores before it is used.
+    memo: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def open(cls, settings: Settings) -> Stores:
@@ -291,29 +294,6 @@ def _locks(stores: Stores, devices: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def devices(stores: Stores, limit: int = MAX_DEVICES) -> list[dict[str, Any]]:
-    """Devices the service knows of: locked now, with a health entry, or in a group."""
-    r, keys = stores.redis, stores.keys
-    prefix = keys.device_lock("")
-    locked: list[str] = []
-    for n, key in enumerate(r.scan_iter(match=keys.device_lock_pattern, count=1000)):
-        if n >= MAX_KEYS_SCANNED:
-            break
-        locked.append(_text(key)[len(prefix):])
-    health = {_text(k): _json(v) for k, v in r.hgetall(keys.device_health).items()}
-    groups: dict[str, list[str]] = {}
-    for doc in stores.db[GROUPS].find({}, {"devices": 1}).limit(1000):
-        for d in doc.get("devices", [])[:MAX_DEVICES]:
-            groups.setdefault(d, []).append(doc["_id"])
-    names = sorted(set(locked) | set(health) | set(groups))[:limit]
-    locks = _locks(stores, names)
-    benched = device_health.benched_sync(r, keys)
-    return [{"device_id": d, "locked": d in locks, "lock": locks.get(d),
-             "streak": int(health.get(d, {}).get("streak", 0)),
-             "last": health.get(d, {}).get("last"),
-             "benched": benched.get(d), "groups": groups.get(d, [])} for d in names]
-
-
 def device_detail(stores: Stores, device_id: str) -> dict[str, Any]:
     r, keys, db = stores.redis, stores.keys, stores.db
     lock = _locks(stores, [device_id]).get(device_id)
@@ -330,8 +310,13 @@ def device_detail(stores: Stores, device_id: str) -> dict[str, Any]:
         keys.device_health, device_id) else {}
     groups = [d["_id"] for d in db[GROUPS].find({"devices": device_id}, {"_id": 1}).limit(100)]
     active = pauses.list_sync(r, keys)
+    kept = db[DEVICES].find_one({"_id": device_id}) or {}
+    ok, failed = fleet.last_day(kept.get("hours"), datetime.now(UTC))
     return {
         "device_id": device_id, "locked": lock is not None, "lock": lock, "running": running,
+        "last_task_id": kept.get("last_task_id"), "last_result": kept.get("last_result"),
+        "last_finished_at": kept.get("last_finished_at"),
+        "day": {"tasks": ok + failed, "ok": ok, "failed": failed},
         "recent": [_row(t) for t in recent],
         "health": health, "streak": int(health.get("streak", 0)),
         "benched": device_health.benched_sync(r, keys).get(device_id),

@@ -12,7 +12,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 
-from console import auth, data
+from console import auth, data, fleet
 from console.context import COOKIE, Console, LoginRequired, Who, console_of
 from console.filters import NAME, TASK_ID, Page, TaskFilter
 from sendscript.agent_store import list_tokens_sync
@@ -125,7 +125,14 @@ def task(request: Request, who: Who, c: Ctx,
 
 @router.get("/devices", response_class=HTMLResponse)
 def devices(request: Request, who: Who, c: Ctx) -> HTMLResponse:
-    return page(request, "devices.html", who, devices=data.devices(c.stores))
+    params = {k: v.strip() for k, v in request.query_params.items() if v.strip()}
+    try:
+        q = fleet.FleetQuery(**params)
+        found = fleet.fleet_page(c.stores, q)
+    except (ValidationError, ValueError) as exc:
+        return page(request, "devices.html", who, status=422, error=_reason(exc), q=params,
+                    found={"devices": [], "next": None})
+    return page(request, "devices.html", who, error=None, q=params, found=found)
 
 
 @router.get("/devices/{device_id}", response_class=HTMLResponse)

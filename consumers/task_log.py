@@ -48,7 +48,7 @@ from consumers.rules import (
     safe_text,
 )
 from consumers.subscription import ClientSignals, Subscriber
-from sendscript import connect, device_health, metrics, roundtrips
+from sendscript import connect, device_health, fleet, metrics, roundtrips
 from sendscript.backoff import Backoff, stopped_within
 from sendscript.failover import ride_out
 from sendscript.health import start_health
@@ -68,7 +68,7 @@ from sendscript.refusals import (
 )
 from sendscript.replicas import NotReplicated, ReplicaWait
 from sendscript.settings import Settings
-from sendscript.store import LogStore, RecordStore, TaskStore
+from sendscript.store import DEVICES, LogStore, RecordStore, TaskStore
 
 T = TypeVar("T")
 
@@ -88,6 +88,7 @@ class TaskLogConsumer:
         self._stop_at: float | None = None
         self.metrics = metrics.setup("consumer", self.name)
         self.subscribed = False
+        self.fleet_written = fleet.WrittenThisHour()
 
     async def run(self) -> int:
         s = self.settings
@@ -98,6 +99,7 @@ class TaskLogConsumer:
         self.mongo = connect.mongo_async(s)
         db = connect.database(self.mongo)
         self.tasks, self.records, self.logs = TaskStore(db), RecordStore(db), LogStore(db)
+        self.devices = db[DEVICES]
         self.locks = DeviceLocks(self.redis, s.keys)
         health = start_health(self)  # /healthz, /readyz when a port is set
         backoff = Backoff(base_s=0.5, cap_s=10.0)
@@ -336,9 +338,10 @@ class TaskLogConsumer:
         # a task its dead worker left pending must be marked done before that, or it
         # would be sent again. A crash between the two leaves the locks to the
         # redelivery (or the orphan-lock sweep).
-        result.applied, _ = await asyncio.gather(
+        result.applied, _, _ = await asyncio.gather(
             self.tasks.run_updates(writes.successes()),
             self.records.run_updates(writes.records),
+            self._keep_fleet(finals, records, now),
         )
         succeeded = result.applied
         retries = []
@@ -361,6 +364,24 @@ class TaskLogConsumer:
             except NotReplicated as exc:  # retry_waiting in Mongo: the masters'
                 logger.warning("{}", exc)  # delayed loader claims them if it is lost
             result.retries += len(retries)
+
+    async def _keep_fleet(self, finals: Sequence[TaskLogMessage], records: dict[str, Any],
+                          now: datetime) -> None:
+        """The devices' last results and hourly counts (sendscript/fleet.py): one bulk
+        write and one ZADD a batch. A view, not a decision: a failure here is logged,
+        not a reason to deliver the batch again (its tasks are applied)."""
+        results = fleet.device_results(finals, records)
+        if not results:
+            return
+        devices = [r.device_id for r in results]
+        updates = fleet.device_updates(results, now, self.fleet_written.current(now))
+        try:
+            await asyncio.gather(self.devices.bulk_write(updates, ordered=True),
+                                 fleet.note(self.redis, self.settings.keys, devices))
+            self.fleet_written.written(now, devices)
+        except Exception as exc:
+            logger.warning("consumer: the fleet view missed a batch of {} results: {!r}",
+                           len(results), exc)
 
     async def _dead_letter(self, msg: pulsar.Message, reason: str) -> None:
         data = msg.data()

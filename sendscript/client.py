@@ -38,7 +38,7 @@ from typing import Any
 from pymongo import DESCENDING
 from pymongo.errors import DuplicateKeyError
 
-from sendscript import connect, roundtrips
+from sendscript import connect, fleet, roundtrips
 from sendscript import pauses as flags
 from sendscript.groups import check_name
 from sendscript.models import (
@@ -390,6 +390,7 @@ class SendScriptClient:
             {"$addToSet": {"devices": {"$each": clean}}, "$set": {"updated_at": utcnow()}},
             upsert=True,
         )
+        fleet.note_sync(self._redis, self._keys, clean)  # listed by the fleet view
         return self.group_devices(name)
 
     def group_remove(self, name: str, devices: Sequence[str] = ()) -> bool:

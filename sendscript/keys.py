@@ -146,6 +146,18 @@ class Keys:
         return f"{self.prefix}:devices:benched"
 
     @property
+    def devices_known(self) -> str:
+        """Sorted set, every score 0: every device that has run a task or is in a group,
+        read in id order by ZRANGEBYLEX (the fleet view's prefix search and paging)."""
+        return f"{self.prefix}:devices:known"
+
+    @property
+    def devices_known_built(self) -> str:
+        """Set once `devices_known` holds every device of Mongo's `devices` and groups:
+        a Redis that lost its data has neither, and the console builds them anew."""
+        return f"{self.prefix}:devices:known:built"
+
+    @property
     def devices_channel(self) -> str:
         """Pub/sub channel: `{"benched": [...]}` or `{"resumed": device}` on each change."""
         return f"{self.prefix}:events:devices"

@@ -40,6 +40,7 @@ RECORDS = "task_exec_records"
 LOGS = "task_logs"
 SCHEDULES = "schedules"
 GROUPS = "device_groups"
+DEVICES = "devices"  # one per device: its last result and hourly counts (sendscript/fleet.py)
 DUPLICATE_KEY = 11000
 INDEX_NOT_FOUND = 27
 MIN_FIELDS = {"_id": 1, "run_at": 1, "status": 1, "master": 1}
@@ -85,6 +86,11 @@ RECORD_INDEXES = [
 ]
 
 
+# The fleet view reads a page of devices documents as one range of device ids: on the
+# embedded server a range costs what it holds, a long `$in` much more.
+DEVICE_INDEXES = [IndexModel([("device_id", ASCENDING)])]
+
+
 def log_indexes(retention_s: float) -> list[IndexModel]:
     return [
         IndexModel([("task_id", ASCENDING), ("timestamp", ASCENDING)]),
@@ -93,7 +99,8 @@ def log_indexes(retention_s: float) -> list[IndexModel]:
 
 
 def all_indexes(log_retention_s: float) -> dict[str, list[IndexModel]]:
-    return {TASKS: TASK_INDEXES, RECORDS: RECORD_INDEXES, LOGS: log_indexes(log_retention_s)}
+    return {TASKS: TASK_INDEXES, RECORDS: RECORD_INDEXES, LOGS: log_indexes(log_retention_s),
+            DEVICES: DEVICE_INDEXES}
 
 
 # Indexes an earlier version made that nothing reads any more: dropped, as each costs

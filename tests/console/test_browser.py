@@ -133,3 +133,47 @@ def test_operator_and_viewer_in_the_browser(roles: Roles, inspect: Inspect,
                for r in rows), rows
     who = {e.text for e in d.find_elements(By.CSS_SELECTOR, "#audit tbody td:nth-child(2)")}
     assert who == {"olga (operator)"}  # the viewer's refused click left no entry
+
+
+def test_the_devices_page_lists_a_working_device_and_finds_it_by_prefix(
+        roles: Roles, inspect: Inspect, driver: object) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    roles.simulator(run_ms=50, fail_rate=0.0)
+    roles.consumer()
+    roles.master()
+    c: ConsoleRole = start_console(roles)
+    with SendScriptClient(roles.settings) as client:
+        done = [client.submit(device, {"id": "open-app"}).task_id
+                for device in ("phone-fleet-1", "tablet-2")]
+    lock = roles.settings.keys.device_lock("phone-fleet-1")
+    # the consumer writes the devices' documents with the results, then frees the devices
+    wait_for(lambda: inspect.count("success") == 2 and inspect.redis.get(lock) is None
+             and inspect.db.devices.count_documents({}) == 2, 30, "both results applied")
+    d = driver
+    wait = WebDriverWait(d, 20)
+    d.get(f"{c.url}/login")
+    d.find_element(By.ID, "token").send_keys(c.token("olga", "operator"))
+    d.find_element(By.ID, "login").click()
+    wait.until(lambda drv: drv.find_elements(By.ID, "overview"))
+
+    d.find_element(By.LINK_TEXT, "Devices").click()
+    listed = "#device-table tr[data-device]"
+    rows = wait.until(lambda drv: drv.find_elements(By.CSS_SELECTOR, listed))
+    assert [r.get_attribute("data-device") for r in rows] == ["phone-fleet-1", "tablet-2"]
+    phone = rows[0]
+    cell = {k: phone.find_element(By.CSS_SELECTOR, f"td.{k}").text
+            for k in ("device-state", "last-task", "last-result", "day-tasks", "day-rate")}
+    assert cell == {"device-state": "free", "last-task": done[0], "last-result": "SUCCESS",
+                    "day-tasks": "1", "day-rate": "100 %"}
+
+    d.find_element(By.ID, "f-prefix").send_keys("phone-")
+    d.find_element(By.ID, "device-search-go").click()
+    wait.until(lambda drv: "prefix=phone-" in drv.current_url)
+    rows = d.find_elements(By.CSS_SELECTOR, listed)
+    assert [r.get_attribute("data-device") for r in rows] == ["phone-fleet-1"]
+    d.find_element(By.LINK_TEXT, "phone-fleet-1").click()
+    day = wait.until(lambda drv: drv.find_element(By.ID, "device-day"))
+    assert day.text == "1 task(s), 100 % success"
+    assert done[0] in d.find_element(By.ID, "device-last").text

@@ -37,7 +37,7 @@ def console_schema(fuzzed: Fuzzed) -> schemathesis.BaseSchema:
                                          config=fuzz_config(semantic=SEMANTIC))
 
 
-SEMANTIC = ("^/api/tasks$", "^/api/bulk", "^/api/pauses")
+SEMANTIC = ("^/api/tasks$", "^/api/bulk", "^/api/pauses", "^/api/devices$")
 api = schemathesis.pytest.from_fixture("console_schema")
 
 

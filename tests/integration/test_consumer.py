@@ -17,11 +17,12 @@ import redis.asyncio
 from pymongo.asynchronous.database import AsyncDatabase
 
 from consumers.task_log import TaskLogConsumer
+from sendscript.fleet import add_to_hours, hour_of, last_day, slot_of
 from sendscript.locks import DeviceLocks
 from sendscript.models import ExecRecord, Task, new_id, utcnow
 from sendscript.settings import Settings
 from sendscript.status import RecordStatus, TaskStatus
-from sendscript.store import LOGS, RECORDS, TASKS, LogStore, RecordStore, TaskStore
+from sendscript.store import DEVICES, LOGS, RECORDS, TASKS, LogStore, RecordStore, TaskStore
 from tests.integration.conftest import FreeEvents
 
 RECEIVE_TIMEOUT_S = 10.0
@@ -76,7 +77,7 @@ class Rig:
     async def snapshot(self) -> dict[str, Any]:
         return {
             name: [d async for d in self.db[name].find({}).sort("_id")]
-            for name in (TASKS, RECORDS, LOGS)
+            for name in (TASKS, RECORDS, LOGS, DEVICES)
         }
 
 
@@ -95,6 +96,7 @@ async def rig(
     # What run() sets up before it consumes.
     consumer.redis = redis_client
     consumer.tasks, consumer.records, consumer.logs = TaskStore(db), RecordStore(db), LogStore(db)
+    consumer.devices = db[DEVICES]
     consumer.locks = DeviceLocks(redis_client, settings.keys)
     consumer.dlq = await pulsar_client.create_producer(settings.dlq_topic)
     source = await pulsar_client.subscribe(
@@ -488,3 +490,30 @@ async def test_a_batch_of_nothing_but_refused_logs_is_dead_lettered_whole(rig: R
     assert (result.dead_lettered, result.saved, result.applied) == (3, 0, 0)
     assert len(await rig.dead_letters(3)) == 3
     assert await rig.db[LOGS].count_documents({}) == 0
+
+
+async def test_results_keep_each_devices_last_result_and_hourly_counts(rig: Rig) -> None:
+    t1, r1, _ = await rig.sent_task("dev-1")
+    await rig.consumer.process(await rig.deliver([log(t1, r1, "dev-1", "SUCCESS", "ok")]))
+    t2, r2, _ = await rig.sent_task("dev-1", max_retries=0)
+    t3, r3, _ = await rig.sent_task("dev-2", max_retries=0)
+    hour = hour_of(utcnow())
+    # dev-2 ran tasks in this hour's slot a day ago: that count is dropped, not added to
+    stale = {slot_of(hour): {"h": hour - 24, "ok": 5, "fail": 5}}
+    await rig.db[DEVICES].insert_one({"_id": "dev-2", "hours": stale, "first_seen": utcnow()})
+    await rig.consumer.process(await rig.deliver([
+        log(t2, r2, "dev-1", "ERROR", "no app"), log(t3, r3, "dev-2", "SYSTEM_ERROR", "offline")]))
+
+    docs = {d["_id"]: d async for d in rig.db[DEVICES].find({})}
+    now = utcnow()
+    one, two = docs["dev-1"], docs["dev-2"]
+    assert (one["last_task_id"], one["last_record_id"], one["last_result"],
+            one["last_error"]) == (t2, r2, "ERROR", "no app")
+    assert (two["last_task_id"], two["last_result"], two["last_error"]) == (
+        t3, "SYSTEM_ERROR", "offline")
+    assert last_day(one["hours"], now) == (1, 1)
+    assert last_day(two["hours"], now) == (0, 1)
+    # the documents hold what the pure bucket rule says
+    assert two["hours"] == add_to_hours(stale, hour_of(two["last_finished_at"]), 0, 1)
+    known = await rig.redis.zrange(rig.settings.keys.devices_known, 0, -1)
+    assert known == [b"dev-1", b"dev-2"]
