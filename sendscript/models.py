@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from sendscript import tracing
 from sendscript.status import RecordStatus, TaskStatus
 
 # A task's defaults, the one definition the SDK, the CLI and the models use.
@@ -148,7 +149,25 @@ class TaskTemplate(BaseModel):
         return value
 
 
-class TaskSpec(TaskTemplate):
+class Traced(BaseModel):
+    """A submission's trace context, W3C Trace Context strings (sendscript/tracing.py):
+    its task's spans join that trace. A malformed `traceparent` is refused."""
+
+    traceparent: str | None = Field(None, max_length=200)
+    tracestate: str | None = Field(None, max_length=4096)
+
+    @field_validator("traceparent")
+    @classmethod
+    def _w3c(cls, value: str | None) -> str | None:
+        if value and not tracing.valid_traceparent(value):
+            raise ValueError("not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)")
+        return value or None
+
+    def trace_carrier(self) -> dict[str, str] | None:
+        return tracing.carrier_of(self.traceparent, self.tracestate)
+
+
+class TaskSpec(TaskTemplate, Traced):
     """A producer's request for one script run on one device (queue item or SDK call)."""
 
     device_id: str = Field(min_length=1, max_length=200)
@@ -169,7 +188,7 @@ class TaskSpec(TaskTemplate):
         return value
 
 
-class FanoutSpec(TaskTemplate):
+class FanoutSpec(TaskTemplate, Traced):
     """One submission for many devices: a list, or a device group by name."""
 
     device_ids: list[str] | None = Field(None, min_length=1, max_length=100_000)
@@ -243,6 +262,9 @@ class Task(BaseModel):
     lease: dict[str, Any] | None = None
     last_lease: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
+    # Its trace context ({"traceparent", "tracestate"}), when it was submitted traced:
+    # every span of every attempt is a child of it (sendscript/tracing.py).
+    trace: dict[str, str] | None = None
 
     @property
     def pull(self) -> bool:
@@ -284,6 +306,7 @@ class Task(BaseModel):
             mode=PULL if spec.mode == PULL else None,
             labels=sorted(set(spec.labels)) if spec.mode == PULL else None,
             master=PULL_HOLDER if spec.mode == PULL else None,
+            trace=spec.trace_carrier(),
         )
 
     def to_doc(self) -> dict[str, Any]:
@@ -310,6 +333,8 @@ class ExecRecord(BaseModel):
     error: str | None = None
     # The task's deadline when it was sent: a result after it is recorded as late.
     deadline: datetime | None = None
+    # The send's trace context, when traced: a result links to it by record id.
+    trace: dict[str, str] | None = None
 
     def to_doc(self) -> dict[str, Any]:
         doc = self.model_dump(by_alias=True, exclude_none=True)
