@@ -154,7 +154,7 @@ def test_the_master_records_queue_waits_and_each_gates_hold(
     bus.emit(TasksQueued([task, untraced]))
     bus.emit(TaskHeld(task, Hold("paused (queue:q)", gate="PauseGate")))
     bus.emit(TaskHeld(task, Hold("paused (queue:q)", gate="PauseGate")))
-    bus.emit(TaskHeld(task, Hold("rate limit global", gate="RateLimitGate")))
+    bus.emit(TaskHeld(task, Hold("rate limit global", gate="RateLimits")))
     bus.emit(TaskDispatched(task, "w0", 0.1))
     bus.emit(TaskDispatched(untraced, "w0", 0.1))
     spans = memory_tracer.get_finished_spans()
@@ -163,7 +163,7 @@ def test_the_master_records_queue_waits_and_each_gates_hold(
     first, second, queued = spans
     assert (first.attributes["sendscript.gate"], first.attributes["sendscript.hold.times"]) \
         == ("PauseGate", 2)
-    assert second.attributes["sendscript.gate"] == "RateLimitGate"
+    assert second.attributes["sendscript.gate"] == "RateLimits"
     assert first.end_time <= second.start_time and second.end_time <= queued.end_time
     # a first attempt due at once waited from its creation (the ready list included)
     assert queued.start_time == int(task.created_at.timestamp() * 1e9)
