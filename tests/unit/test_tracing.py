@@ -18,7 +18,15 @@ from master.intake import parse_item
 from master.tracing import TaskTraces
 from sendscript import tracing
 from sendscript.dev.otlp import OtlpReceiver
-from sendscript.models import FanoutSpec, Task, TaskSpec, describe_error, utcnow
+from sendscript.models import (
+    FanoutSpec,
+    Task,
+    TaskSpec,
+    TaskTemplate,
+    describe_error,
+    utcnow,
+)
+from sendscript.schedules import Schedule, fire_tasks
 from sendscript.settings import Settings
 
 PARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -202,3 +210,22 @@ def test_the_bus_names_the_gate_that_held_without_changing_equality() -> None:
     bus.add_gate(PauseGate())
     verdict = bus.admit(Task(_id="t", device_id="d", script={}), utcnow())
     assert verdict == Hold("paused", 0.5) and verdict.gate == "PauseGate"
+
+
+def test_a_schedules_fire_is_one_trace_for_its_tasks(
+        memory_tracer: InMemorySpanExporter) -> None:
+    schedule = Schedule(_id="nightly", interval_s=60, template=TaskTemplate(script={}),
+                        device_ids=["a", "b"])
+    now = utcnow()
+    tasks = fire_tasks(schedule, now, ["a", "b"], "p", "m1", now)
+    (fire,) = memory_tracer.get_finished_spans()
+    assert fire.name == "sendscript.schedule_fire" and fire.parent is None
+    assert [t.trace for t in tasks] == [tasks[0].trace] * 2
+    assert tracing.trace_id(tasks[0].trace) == f"{fire.context.trace_id:032x}"
+
+
+def test_off_a_schedules_fire_carries_no_trace() -> None:
+    schedule = Schedule(_id="nightly", interval_s=60, template=TaskTemplate(script={}),
+                        device_ids=["a"])
+    now = utcnow()
+    assert fire_tasks(schedule, now, ["a"], "p", None, now)[0].trace is None
