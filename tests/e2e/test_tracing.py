@@ -44,7 +44,7 @@ def test_one_trace_per_task_across_the_processes_with_a_retry(
         settings: Settings, receiver: OtlpReceiver, roles: Roles, inspect: Inspect) -> None:
     roles.simulator(run_ms=40, jitter=0)
     roles.consumer()
-    roles.master()
+    roles.master(workers=1)  # with the producer and the consumer: four processes
     roles.configure_farm(device_outcomes={"dev-retry": "ERROR"})
     with SendScriptClient(settings) as client:
         # A caller that traces with its own provider: the task continues its trace.
