@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
+from loguru import logger
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -229,3 +231,18 @@ def test_off_a_schedules_fire_carries_no_trace() -> None:
                         device_ids=["a"])
     now = utcnow()
     assert fire_tasks(schedule, now, ["a"], "p", None, now)[0].trace is None
+
+
+def test_without_the_extra_tracing_stays_off_with_a_warning(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules makes the import fail as if the package were not installed.
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+                        None)
+    warnings: list[str] = []
+    handler = logger.add(warnings.append, level="WARNING")
+    try:
+        on = tracing.setup(Settings(_env_file=None, otel_enabled=True), "master")
+    finally:
+        logger.remove(handler)
+    assert on is False and tracing.ON is False
+    assert any("otel extra is not installed" in w for w in warnings)
