@@ -55,14 +55,17 @@ from rich.table import Table
 
 from bench import throughput
 from bench.cpu import CpuMeter
+from sendscript import tracing
 from sendscript.dev import tally
 from sendscript.dev.embedded import EmbeddedServers, child_env, free_port
+from sendscript.dev.otlp import OtlpReceiver
 from sendscript.dev.processes import RoleProcess, wait_until
 from sendscript.dev.stack import LocalStack
 from sendscript.settings import Settings
 
 console = Console(stderr=True)
 GROUPS = ("own", "mongo", "redis", "pulsar", "simulator")
+TRACED = "sendscript+otel"  # sendscript with end-to-end traces on
 
 
 @dataclass
@@ -180,17 +183,44 @@ def server_groups(servers: EmbeddedServers) -> dict[str, list[int]]:
 
 
 def run_sendscript(servers: EmbeddedServers, central_url: str, sim_pid: int,
-                   opts: argparse.Namespace, log_dir: Path, durable: bool = True) -> Run:
+                   opts: argparse.Namespace, log_dir: Path, durable: bool = True,
+                   traced: bool = False) -> Run:
     """sendscript as shipped (journaled writes), or with `SENDSCRIPT_MONGO_JOURNAL=false`
-    (acknowledged by the server, not yet on disk: the peers' driver defaults)."""
+    (acknowledged by the server, not yet on disk: the peers' driver defaults). `traced`:
+    with tracing on in every role and the producer, exporting to a receiver here."""
+    if traced:
+        with OtlpReceiver() as receiver:
+            try:
+                run = _run_sendscript(servers, central_url, sim_pid, opts, log_dir, durable,
+                                      receiver.endpoint)
+            finally:
+                tracing.shutdown()  # the producer's (this process): the next runs untraced
+            wait_until(lambda: len(receiver.received()) >= run.tasks, 10,
+                       what="the spans", interval_s=0.2)
+            run.system = TRACED
+            spans = len(receiver.received())
+            run.note += (f"; spans received: {spans} ({spans / max(1, run.tasks):.1f} a task,"
+                         f" {len(receiver.traces())} traces)")
+            return run
+    return _run_sendscript(servers, central_url, sim_pid, opts, log_dir, durable, None)
+
+
+def _run_sendscript(servers: EmbeddedServers, central_url: str, sim_pid: int,
+                    opts: argparse.Namespace, log_dir: Path, durable: bool,
+                    otel_endpoint: str | None) -> Run:
     # a database and key prefix per run: the second run must not count the first's tasks
-    tag = "sendscript" if durable else "sendscript_unjournaled"
+    tag = ("sendscript" if durable else "sendscript_unjournaled") + \
+        ("_traced" if otel_endpoint else "")
+    otel = {"otel_enabled": True, "otel_endpoint": otel_endpoint} if otel_endpoint else {}
     base = Settings(redis_url=servers["redis"].url, mongo_url=servers["mongo"].url + tag,
                     pulsar_url=servers["pulsar"].url, central_url=central_url, workers=2,
-                    heartbeat_interval_s=opts.heartbeat, mongo_journal=durable, key_prefix=tag)
+                    heartbeat_interval_s=opts.heartbeat, mongo_journal=durable, key_prefix=tag,
+                    **otel)
     stack = LocalStack(base, workers=2, data_dir=log_dir.parent, extra_env={
         "SENDSCRIPT_LOG_LEVEL": "WARNING", "SENDSCRIPT_MONGO_JOURNAL": str(durable).lower(),
-        "SENDSCRIPT_HEARTBEAT_INTERVAL_S": str(opts.heartbeat)})
+        "SENDSCRIPT_HEARTBEAT_INTERVAL_S": str(opts.heartbeat),
+        **{f"SENDSCRIPT_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)
+           for k, v in otel.items()}})
     topts = throughput.Options(
         tasks=opts.tasks, devices=opts.devices, workers=2, run_ms=0.0, producer="both",
         batch=100, timeout_s=opts.timeout, heartbeat_s=opts.heartbeat, warmup=1, keep=False,
@@ -211,7 +241,7 @@ def run_sendscript(servers: EmbeddedServers, central_url: str, sim_pid: int,
 
 def render(runs: list[Run]) -> None:
     out = Console(width=160)
-    # each run against sendscript at the same durability
+    # each run against sendscript (untraced) at the same durability
     base = {r.durable: r.tasks_per_s for r in runs if r.system == "sendscript"}
     table = Table(title="the reference job: tasks/s and CPU ms per task by process "
                         "(x sendscript: at the same durability)")
@@ -225,8 +255,8 @@ def render(runs: list[Run]) -> None:
                       f"{sum(cpu):.2f}", "yes" if r.ok else f"[red]{r.note}[/red]")
     out.print(table)
     for r in runs:
-        if r.system == "sendscript" and r.note:
-            out.print(f"sendscript ({'j=true' if r.durable else 'as it comes'}): {r.note}")
+        if r.system in ("sendscript", TRACED) and r.note:
+            out.print(f"{r.system} ({'j=true' if r.durable else 'as it comes'}): {r.note}")
     for r in runs:
         out.print(f"{r.system} ({'j=true' if r.durable else 'as they come'}): {r.read_back}",
                   markup=False, highlight=False, soft_wrap=True)
@@ -243,6 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="peers with sendscript's durability, their drivers' defaults, or both")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--heartbeat", type=float, default=1.0)
+    p.add_argument("--tracing", choices=("off", "on", "both"), default="off",
+                   help="sendscript untraced, with end-to-end traces on (every role and the "
+                        "producer exporting to an OTLP receiver in this process), or both, "
+                        "back to back: the cost of tracing")
     p.add_argument("--json", action="store_true")
     opts = p.parse_args(argv)
     # A background run ignores SIGINT: SIGTERM ends it through the finally blocks, which
@@ -265,15 +299,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         wait_until(lambda: _up(central_url), 60, what="the simulator")
         plan: list[tuple[str, bool]] = []
         for system in opts.systems.split(","):
-            if opts.durability in ("sendscript", "both"):
-                plan.append((system, True))
-            if opts.durability in ("driver", "both"):
-                plan.append((system, False))
+            runs_of = [system]
+            if system == "sendscript":
+                runs_of = {"off": [system], "on": [TRACED], "both": [system, TRACED]}[
+                    opts.tracing]
+            for name in runs_of:
+                if opts.durability in ("sendscript", "both"):
+                    plan.append((name, True))
+                if opts.durability in ("driver", "both"):
+                    plan.append((name, False))
         for system, durable in plan:
             servers["mongo"].restart()
             console.print(f"[bold]{system}[/bold] ({'j=true' if durable else 'as they come'})")
-            if system == "sendscript":
-                run = run_sendscript(servers, central_url, sim.pid, opts, log_dir, durable)
+            if system in ("sendscript", TRACED):
+                run = run_sendscript(servers, central_url, sim.pid, opts, log_dir, durable,
+                                     traced=system == TRACED)
             else:
                 run = run_peer(system, durable, servers, central_url, sim.pid, opts, log_dir)
             console.print(f"  {run.tasks_per_s:.1f} tasks/s")

@@ -48,7 +48,8 @@ from consumers.rules import (
     safe_text,
 )
 from consumers.subscription import ClientSignals, Subscriber
-from sendscript import connect, device_health, fleet, metrics, roundtrips
+from consumers.traces import result_spans
+from sendscript import connect, device_health, fleet, metrics, roundtrips, tracing
 from sendscript.backoff import Backoff, stopped_within
 from sendscript.failover import ride_out
 from sendscript.health import start_health
@@ -278,6 +279,7 @@ class TaskLogConsumer:
         """Apply one batch. Raises if a failure retrying can cure happened; then
         nothing is acked. A log refused for what it is goes to the dead letters."""
         now = utcnow()
+        started_ns = time.time_ns() if tracing.ON else 0
         result = BatchResult()
         good: list[tuple[pulsar.Message, TaskLogMessage, dict[str, Any]]] = []
         refused: list[tuple[pulsar.Message, str]] = []
@@ -295,6 +297,8 @@ class TaskLogConsumer:
             kept = [m for i, (_, m, _) in enumerate(good) if i not in store_refused]
             await self._apply([m for m in kept if m.log_type in RESULT_TYPES], records, now,
                               result)
+            if tracing.ON:
+                result_spans(good, store_refused, records, started_ns)
         for msg, reason in refused:
             await self._dead_letter(msg, reason)
         result.dead_lettered = len(refused)
@@ -428,4 +432,7 @@ def run(settings: Settings) -> int:
     from sendscript import runtime
 
     runtime.setup(settings, "consumer")
-    return asyncio.run(TaskLogConsumer(settings).run())
+    try:
+        return asyncio.run(TaskLogConsumer(settings).run())
+    finally:
+        tracing.shutdown()

@@ -50,6 +50,7 @@ from master.recovery import Recovery
 from master.retention import Retention
 from master.scheduler import Scheduler
 from master.sweeper import Sweeper
+from master.tracing import TaskTraces
 from master.watches import Watches
 from sendscript import connect
 from sendscript.backoff import Backoff
@@ -119,6 +120,7 @@ class Master:
         self.heartbeat = Heartbeat(self.redis, s, self.report, self.started_at)
         self.identity = MasterIdentity(self.redis, s, self.request_stop)
         self.metering = Metering(s, self.redis)
+        self.traces = TaskTraces()  # subscribes to nothing with tracing off
         self.counts = CountKeeper(s, self.redis, self.db, self.lease.is_leading,
                                   self.lease.guard)
         self.retention = Retention(s, self.db, self.lease.is_leading, self.lease)
@@ -146,7 +148,7 @@ class Master:
             self.dispatcher, self.lost_work, self.expiry, self.benching, self.alerting,
             self.watches, self.pausing, self.backpressure, self.breaker, self.drop_rate,
             self.quota, self.queue_caps, self.rate_limits, self.adaptive, self.delayed,
-            self.metering, self.checker)
+            self.metering, self.checker, self.traces)
         for gate in self.gates():
             self.bus.add_gate(gate)
         # Every part with a loop of its own; each runs until the stop event is set.
@@ -292,7 +294,8 @@ class Master:
         under its name."""
         report: dict[str, Any] = {"events": dict(self.bus.emitted)}
         for part in (self.pool, self.dispatcher, self.intake, self.metering, self.listener,
-                     self.checker, self.delayed, self.scheduler, self.expiry, self.sweeper):
+                     self.checker, self.delayed, self.scheduler, self.expiry, self.sweeper,
+                     self.traces):
             report.update(part.report())
         report.update({
             "benching": self.benching.report(),
@@ -307,7 +310,10 @@ class Master:
         return report
 
 def run(settings: Settings) -> int:
-    from sendscript import runtime
+    from sendscript import runtime, tracing
 
     runtime.setup(settings, "master")
-    return asyncio.run(Master(settings).run())
+    try:
+        return asyncio.run(Master(settings).run())
+    finally:
+        tracing.shutdown()

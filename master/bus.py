@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
@@ -42,10 +42,12 @@ class Go:
 
 @dataclass(frozen=True, slots=True)
 class Hold:
-    """Not now: the task stays queued, uses no attempt; asked again after `retry_s`."""
+    """Not now: the task stays queued, uses no attempt; asked again after `retry_s`.
+    `gate`: the gate that said it, filled in by `Bus.admit` (for traces)."""
 
     reason: str
     retry_s: float = 1.0
+    gate: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +55,7 @@ class Drop:
     """Never: the task leaves the board; subscribers of TasksWithdrawn act on it."""
 
     reason: str
+    gate: str = field(default="", compare=False)
 
 
 Verdict = Go | Hold | Drop
@@ -112,7 +115,7 @@ class Bus:
                 logger.exception("gate {} failed on task {}", type(gate).__name__, task.id)
                 return Hold(f"gate {type(gate).__name__} failed")
             if not isinstance(verdict, Go):
-                return verdict
+                return verdict if verdict.gate else replace(verdict, gate=type(gate).__name__)
         return GO
 
 

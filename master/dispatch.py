@@ -24,6 +24,7 @@ from master.events import (
     DeviceFreed,
     TaskAnswered,
     TaskDispatched,
+    TaskHeld,
     TasksQueued,
     TasksTaken,
     TasksWithdrawn,
@@ -45,6 +46,7 @@ def task_handle(task: Task, max_wait: dict[str, float] | None = None) -> TaskHan
         max_retries=task.max_retries, timeout_s=task.timeout_s, priority=task.priority,
         queue=task.queue, script=task.script, retry_base_s=task.retry_base_s,
         deadline=task.deadline(max_wait or {}),  # the worker checks it before the POST
+        trace=task.trace,
     )
 
 
@@ -164,6 +166,7 @@ class Dispatcher:
                 dropped.setdefault(verdict.reason, []).append(task)
             elif not isinstance(verdict, Go):
                 self._cool_down(task, verdict.retry_s)
+                self.bus.emit(TaskHeld(task, verdict))
             else:
                 self._send(task)
         for reason, tasks in dropped.items():

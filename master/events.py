@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from master.bus import Hold
 from sendscript.breaker import Circuit
 from sendscript.ipc import TaskDone, TaskHandle
 from sendscript.models import Task
@@ -37,6 +38,15 @@ class TaskDispatched:
     task: Task
     worker: str
     waited_s: float  # on the board, since it was queued (or put back)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskHeld:
+    """A gate held a queued task (`verdict.gate` names which): it stays on the board
+    and is asked again after the verdict's `retry_s`."""
+
+    task: Task
+    verdict: Hold
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from loguru import logger
 from pydantic import ValidationError
 from pymongo.asynchronous.collection import AsyncCollection
 
+from sendscript import tracing
 from sendscript.backoff import Backoff
 from sendscript.groups import devices_of
 from sendscript.models import (
@@ -275,6 +276,9 @@ class Intake:
     def _task(self, spec: TaskSpec, task_id: str, batch_id: str | None,
               now: datetime) -> Task:
         task = Task.from_spec(spec, task_id=task_id, now=now, batch_id=batch_id)
+        if tracing.ON:  # a raw item's spans join its traceparent, or a trace begun here
+            task.trace = tracing.entry_span("sendscript.intake", task.trace,
+                                            {"sendscript.task_id": task_id})
         # Far-future tasks stay unheld: whichever master loads them in time fires them.
         horizon = now + timedelta(seconds=self.settings.delay_horizon_s)
         if not task.pull and (task.status == TaskStatus.PENDING

@@ -38,7 +38,7 @@ from typing import Any
 from pymongo import DESCENDING
 from pymongo.errors import DuplicateKeyError
 
-from sendscript import connect, fleet, roundtrips
+from sendscript import connect, fleet, roundtrips, tracing
 from sendscript import pauses as flags
 from sendscript.groups import check_name
 from sendscript.models import (
@@ -130,6 +130,7 @@ class SendScriptClient:
         retention = max(self.settings.retention_success_s, self.settings.retention_failed_s)
         for name, indexes in all_indexes(retention).items():
             self._db[name].create_indexes(indexes)
+        tracing.setup(self.settings, "sdk")  # a no-op unless SENDSCRIPT_OTEL_ENABLED
 
     def submit(
         self,
@@ -173,12 +174,41 @@ class SendScriptClient:
         """
         now = utcnow()
         tasks = [Task.from_spec(self._spec(s, i), now=now) for i, s in enumerate(specs)]
-        results = self._store_and_push(tasks)
+        spans = self._begin_traces(tasks)
+        try:
+            results = self._store_and_push(tasks)
+        except BaseException as exc:
+            for span in spans:
+                tracing.end(span, error=repr(exc))
+            raise
+        for span, result in zip(spans, results, strict=False):  # none with tracing off
+            tracing.end(span, {"sendscript.created": getattr(result, "created", None),
+                               "sendscript.existing_task": getattr(result, "task_id", None)},
+                        error=result if isinstance(result, str) else None)
         reasons = {i: r for i, r in enumerate(results) if isinstance(r, str)}
         answers = [None if isinstance(r, str) else r for r in results]
         if reasons:
             raise SubmitRefused(reasons, answers)
         return [r for r in answers if r is not None]
+
+    def _begin_traces(self, tasks: list[Task]) -> list[Any]:
+        """A submit span each, child of the context a spec gave or of the caller's
+        current span (else a new trace), kept with the task: every later span of the
+        task joins it. Tracing off here, a caller who traces still passes its context on."""
+        if not tracing.ON:
+            if (caller := tracing.callers_context()) is not None:
+                for task in tasks:
+                    task.trace = task.trace or caller
+            return []
+        spans = []
+        for task in tasks:
+            span = tracing.begin_trace("sendscript.submit", task.trace, {
+                "sendscript.task_id": task.id, "sendscript.device_id": task.device_id,
+                "sendscript.queue": task.queue, "sendscript.priority": task.priority,
+                "sendscript.run_at": task.run_at})
+            task.trace = tracing.carrier(span)
+            spans.append(span)
+        return spans
 
     def _spec(self, spec: TaskSpec | dict[str, Any], index: int) -> TaskSpec:
         """A spec validated with this client's limits; ValueError names the spec."""
@@ -215,8 +245,25 @@ class SendScriptClient:
         if not targets:
             raise ValueError(f"device group {group!r} is unknown or empty")
         batch_id = batch_id or new_id()
-        prefix, size = self.settings.key_prefix, self.settings.intake_fanout_chunk
         answers: list[Submitted] = []
+        # A fan-out is one trace: its tasks share the batch's submit span.
+        span = tracing.begin_trace("sendscript.submit_fanout", spec.trace_carrier(), {
+            "sendscript.batch_id": batch_id, "sendscript.devices": len(targets)})
+        trace = tracing.carrier(span) or spec.trace_carrier() or tracing.callers_context()
+        if trace:
+            spec = spec.model_copy(update={"traceparent": trace[tracing.TRACEPARENT],
+                                           "tracestate": trace.get(tracing.TRACESTATE)})
+        try:
+            self._fanout_chunks(spec, targets, batch_id, answers)
+        except BaseException as exc:
+            tracing.end(span, error=repr(exc))
+            raise
+        tracing.end(span)
+        return Batch(batch_id, answers)
+
+    def _fanout_chunks(self, spec: FanoutSpec, targets: list[str], batch_id: str,
+                       answers: list[Submitted]) -> None:
+        prefix, size = self.settings.key_prefix, self.settings.intake_fanout_chunk
         for start in range(0, len(targets), size):
             now = utcnow()
             tasks = [Task.from_spec(spec.for_device(d), now=now, batch_id=batch_id,
@@ -227,7 +274,6 @@ class SendScriptClient:
                 stood = f" ({start} device(s) before it stored)" if start else ""
                 raise ValueError(f"fan-out refused: {reason}{stood}")
             answers += [r for r in results if not isinstance(r, str)]
-        return Batch(batch_id, answers)
 
     def _store_and_push(self, tasks: list[Task],
                         resumable: bool = False) -> list[Submitted | str]:

@@ -61,6 +61,7 @@ class TaskHandle(_Msg):
     script: dict[str, Any]
     retry_base_s: float | None = None
     deadline: datetime | None = None  # not sent after this (expire_at or queue max_wait)
+    trace: dict[str, str] | None = None  # the task's trace context, when traced
 
 
 class TaskLocked(_Msg):

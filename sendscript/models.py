@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from sendscript import tracing
 from sendscript.dedupe import WINDOW, DedupeMode, first_due
 from sendscript.status import RecordStatus, TaskStatus
 
@@ -178,7 +179,25 @@ class TaskTemplate(BaseModel):
         return value
 
 
-class TaskSpec(TaskTemplate):
+class Traced(BaseModel):
+    """A submission's trace context, W3C Trace Context strings (sendscript/tracing.py):
+    its task's spans join that trace. A malformed `traceparent` is refused."""
+
+    traceparent: str | None = Field(None, max_length=200)
+    tracestate: str | None = Field(None, max_length=4096)
+
+    @field_validator("traceparent")
+    @classmethod
+    def _w3c(cls, value: str | None) -> str | None:
+        if value and not tracing.valid_traceparent(value):
+            raise ValueError("not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)")
+        return value or None
+
+    def trace_carrier(self) -> dict[str, str] | None:
+        return tracing.carrier_of(self.traceparent, self.tracestate)
+
+
+class TaskSpec(TaskTemplate, Traced):
     """A producer's request for one script run on one device (queue item or SDK call)."""
 
     device_id: str = Field(min_length=1, max_length=200)
@@ -199,7 +218,7 @@ class TaskSpec(TaskTemplate):
         return value
 
 
-class FanoutSpec(TaskTemplate):
+class FanoutSpec(TaskTemplate, Traced):
     """One submission for many devices: a list, or a device group by name."""
 
     device_ids: list[str] | None = Field(None, min_length=1, max_length=100_000)
@@ -284,6 +303,9 @@ class Task(BaseModel):
     debounce_until: datetime | None = None
     debounce_seq: int | None = None
     debounce_last_at: datetime | None = None
+    # Its trace context ({"traceparent", "tracestate"}), when it was submitted traced:
+    # every span of every attempt is a child of it (sendscript/tracing.py).
+    trace: dict[str, str] | None = None
 
     @property
     def pull(self) -> bool:
@@ -335,6 +357,7 @@ class Task(BaseModel):
             debounce_max_s=spec.debounce_max_s,
             debounce_until=until,
             debounce_seq=0 if debounced else None,
+            trace=spec.trace_carrier(),
         )
 
     def to_doc(self) -> dict[str, Any]:
@@ -361,6 +384,8 @@ class ExecRecord(BaseModel):
     error: str | None = None
     # The task's deadline when it was sent: a result after it is recorded as late.
     deadline: datetime | None = None
+    # The send's trace context, when traced: a result links to it by record id.
+    trace: dict[str, str] | None = None
 
     def to_doc(self) -> dict[str, Any]:
         doc = self.model_dump(by_alias=True, exclude_none=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sendscript import tracing
 from sendscript.cron import Misfire, Rule
 from sendscript.models import Task, TaskSpec, TaskTemplate, id_from_tag, utcnow
 
@@ -71,6 +72,10 @@ def fire_tasks(schedule: Schedule, fire_at: datetime, devices: list[str], prefix
     """The tasks of one fire, one per device, with ids every master derives alike."""
     stamp = fire_at.isoformat(timespec="milliseconds")
     batch_id = id_from_tag(prefix, f"schedule:{schedule.name}:{stamp}")
+    # One fire, one trace (as a fan-out): its tasks share the fire's span.
+    trace = tracing.entry_span("sendscript.schedule_fire", None, {
+        "sendscript.schedule": schedule.name, "sendscript.batch_id": batch_id,
+        "sendscript.devices": len(devices)})
     tasks = []
     for device in devices:
         key = f"schedule:{schedule.name}:{stamp}:{device}"
@@ -81,5 +86,6 @@ def fire_tasks(schedule: Schedule, fire_at: datetime, devices: list[str], prefix
                               batch_id=batch_id)
         task.schedule = schedule.name
         task.master = master_id
+        task.trace = trace
         tasks.append(task)
     return tasks

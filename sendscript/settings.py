@@ -342,6 +342,16 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = False
 
+    # Traces (sendscript/tracing.py; needs the `otel` extra): each role exports its
+    # spans over OTLP/HTTP to otel_endpoint (a collector's traces URL) as service
+    # `{otel_service_name}-{role}`; a trace begun at a submit is kept with this
+    # probability (the processes after it follow that decision). Off: no cost.
+    otel_enabled: bool = False
+    otel_endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    otel_service_name: str = Field("sendscript", min_length=1, max_length=100)
+    otel_sample_ratio: float = Field(1.0, ge=0, le=1)
+    otel_timeout_s: float = Field(5.0, gt=0)
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:

@@ -29,6 +29,8 @@ from typing import Any
 
 import httpx
 
+from sendscript import tracing
+
 DEVICE_BUSY = 409  # the device is running another script: try again later
 RETRYABLE_STATUS = frozenset({408, DEVICE_BUSY, 429})
 SICK_STATUS = frozenset({408, 429})  # with 5xx: central-control is unwell, not the device
@@ -167,12 +169,16 @@ class CentralClient:
         )
 
     async def send_script(
-        self, *, device_id: str, task_id: str, record_id: str, script: dict[str, Any]
+        self, *, device_id: str, task_id: str, record_id: str, script: dict[str, Any],
+        trace: dict[str, str] | None = None,
     ) -> None:
+        """`trace`: the send's trace context, passed on as W3C `traceparent` (and
+        `tracestate`) headers."""
         body = {"deviceId": device_id, "taskId": task_id, "recordId": record_id,
                 "script": script}
         try:
-            response = await self._http.post("/api/script/send", json=body)
+            response = await self._http.post("/api/script/send", json=body,
+                                             headers=tracing.headers(trace) or None)
         except httpx.TransportError as exc:
             raise transport_error(exc) from exc
         check_response(response)

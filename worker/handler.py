@@ -44,6 +44,7 @@ import redis.asyncio
 from loguru import logger
 from pymongo.asynchronous.database import AsyncDatabase
 
+from sendscript import tracing
 from sendscript.backoff import OutageLog
 from sendscript.failover import ride_out
 from sendscript.fencing import MongoEpochs
@@ -117,6 +118,26 @@ class ScriptHandler:
         self.adaptive = any(v.partition("~")[1] for v in settings.rate_limits.values())
 
     async def handle(self, h: TaskHandle) -> TaskDone:
+        if not tracing.ON or not h.trace:
+            return await self._handle(h, None)
+        # One span an attempt, child of the task's context: the POST carries it to
+        # central-control and the exec record keeps it for the result's span.
+        span = tracing.start("sendscript.send", h.trace, {
+            "sendscript.task_id": h.task_id, "sendscript.device_id": h.device_id,
+            "sendscript.attempt": h.attempt + 1, "sendscript.queue": h.queue,
+            "sendscript.worker": self.worker_name})
+        try:
+            done = await self._handle(h, tracing.carrier(span))
+        except BaseException as exc:
+            tracing.end(span, error=repr(exc))
+            raise
+        tracing.end(span, {"sendscript.outcome": done.outcome,
+                           "http.response.status_code": done.status,
+                           "sendscript.send_s": done.send_s},
+                    error=done.error if done.outcome in ("failed", "error") else None)
+        return done
+
+    async def _handle(self, h: TaskHandle, trace: dict[str, str] | None) -> TaskDone:
         if h.attempt > h.max_retries:
             return await self._exhausted(h)
         if self._past_deadline(h):
@@ -143,7 +164,7 @@ class ScriptHandler:
         record = ExecRecord(
             _id=record_id, task_id=h.task_id, attempt=attempt, device_id=h.device_id,
             lock_value=fence, worker=self.worker_name, started_at=started,
-            deadline=h.deadline,
+            deadline=h.deadline, trace=trace,
         )
         try:
             stored = await self._insert(record)
@@ -158,7 +179,8 @@ class ScriptHandler:
         posted = time.monotonic()
         try:
             await self.central.send_script(
-                device_id=h.device_id, task_id=h.task_id, record_id=record_id, script=h.script
+                device_id=h.device_id, task_id=h.task_id, record_id=record_id, script=h.script,
+                trace=trace,
             )
             crash_point("after-send", h.device_id)
         except CentralError as exc:

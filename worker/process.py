@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 from loguru import logger
 
-from sendscript import connect, roundtrips, runtime
+from sendscript import connect, roundtrips, runtime, tracing
 from sendscript.backoff import OutageLog
 from sendscript.ipc import (
     Shutdown,
@@ -51,6 +51,8 @@ def main(worker_id: int, conn: Connection, settings_data: dict[str, Any]) -> Non
     except Exception:
         logger.exception("worker crashed")
         raise SystemExit(1) from None
+    finally:
+        tracing.shutdown()
 
 
 class WorkerProcess:

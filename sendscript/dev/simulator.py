@@ -35,6 +35,7 @@ from pydantic import BaseModel, Field
 
 from sendscript.backoff import Backoff
 from sendscript.pulsar_log import pulsar_logger
+from sendscript.tracing import TRACEPARENT, TRACESTATE
 
 
 class FarmConfig(BaseModel):
@@ -58,6 +59,9 @@ class FarmConfig(BaseModel):
     capacity: float | None = Field(None, gt=0)
     capacity_window_s: float = Field(1.0, gt=0, le=60)
     retry_after_s: float | None = Field(None, ge=0, le=300)
+    # A farm that keeps the send's trace context: the W3C `traceparent` and
+    # `tracestate` headers of the send come back as the task log's message properties.
+    keep_trace: bool = True
 
 
 @dataclass
@@ -79,6 +83,7 @@ class Run:
     ended: float | None = None
     outcome: str | None = None
     script: Any = None  # what the device was sent (a test checks which spec ran)
+    trace: dict[str, str] = field(default_factory=dict)  # the send's trace headers
 
 
 @dataclass
@@ -214,6 +219,9 @@ class Simulator:
             except ValueError:
                 body = None
             status, payload, run = self.farm.accept(body)
+            if run is not None:
+                run.trace = {k: v for k in (TRACEPARENT, TRACESTATE)
+                             if (v := request.headers.get(k))}
             headers = None
             if status == 429:
                 headers = {"Retry-After": f"{payload['retry_after_s']:g}"}
@@ -252,9 +260,10 @@ class Simulator:
     async def _run(self, run: Run) -> None:
         duration = self.farm.run_time_s()
         outcome = self.farm.outcome(run.device_id)
+        props = run.trace if self.farm.config.keep_trace else {}
         if self.farm.config.progress and duration > 0.05:
             await asyncio.sleep(duration / 2)
-            await self._publish(log_message(run, "PROGRESS", "halfway"))
+            await self._publish(log_message(run, "PROGRESS", "halfway"), props)
             await asyncio.sleep(duration / 2)
         else:
             await asyncio.sleep(duration)
@@ -266,12 +275,12 @@ class Simulator:
                 "SYSTEM_ERROR": "device system error"}[outcome]
         code = self.farm.config.error_code if outcome == "ERROR" else None
         data = log_message(run, outcome, text, code)
-        await self._publish(data)
+        await self._publish(data, props)
         if self.farm.rand.random() < self.farm.config.duplicate_rate:
             self.farm.counters["duplicates"] += 1
-            await self._publish(data)
+            await self._publish(data, props)
 
-    async def _publish(self, data: bytes) -> None:
+    async def _publish(self, data: bytes, properties: dict[str, str] | None = None) -> None:
         backoff = Backoff(base_s=0.2, cap_s=5.0)
         while True:
             try:
@@ -280,7 +289,7 @@ class Simulator:
                         await self._connect()
                 producer = self.producer
                 assert producer is not None
-                await producer.send(data)
+                await producer.send(data, properties=properties or None)
                 self.farm.counters["published"] += 1
                 backoff.succeeded("simulator publish")
                 return
