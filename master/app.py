@@ -221,8 +221,15 @@ class Master:
             self.bus.emit(MasterStopping(why))
 
     async def _restore(self) -> None:
-        """Tasks this master held queued when it last stopped or died."""
-        held = await self.tasks.held_by(self.settings.master_id, TaskStatus.PENDING)
+        """Tasks this master held queued when it last stopped or died, and those its
+        workers then held that provably were never sent (`return_unsent_attempts`:
+        back to pending at once, ours again); one that may have been sent waits for
+        its result or its result timeout."""
+        me = self.settings.master_id
+        inflight = await self.recovery.return_unsent_attempts(
+            me, skip_workers={slot.name for slot in self.pool.slots.values()})
+        await self.tasks.adopt(inflight.released, me)
+        held = await self.tasks.held_by(me, TaskStatus.PENDING)
         if held:
             logger.info("restoring {} queued task(s) held before restart", len(held))
             self.bus.emit(TasksTaken(held, "restore"))

@@ -33,6 +33,7 @@ dead worker's task at once when it provably was not sent:
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -60,25 +61,48 @@ from worker.central import THROTTLED, CentralClient, CentralError
 
 # Test-only crash points, for the recovery tests: the variable names a file holding
 # "<point> <device_id>" (points: CRASH_POINTS). The first worker to reach that point
-# with a task for that device removes the file and SIGKILLs itself there. Unset in
-# production; nothing reads the file then.
+# with a task for that device removes the file and SIGKILLs itself there. A file
+# "<that path>.hold-<point>-<device_id>" parks the first worker to reach that point
+# with a task for that device instead: it renames the file to "<name>.held" and waits
+# there (its loop still running) until the file is removed, or it is killed with its
+# master's process group. Unset in production; nothing reads the files then.
 CRASH_POINT_ENV = "SENDSCRIPT_TEST_CRASH_POINT"
 CRASH_POINTS = ("before-record", "before-send", "after-send")
 
 
-def crash_point(point: str, device_id: str) -> None:
+async def crash_point(point: str, device_id: str) -> None:
+    parked = _reach(point, device_id)
+    # Polled, not awaited on an event: the test that removes the file is another process.
+    while parked is not None and _exists(parked):  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def _reach(point: str, device_id: str) -> str | None:
+    """SIGKILL here if the crash file names this point and device; the file to wait
+    on if a hold file does; else None."""
     path = os.environ.get(CRASH_POINT_ENV)
     if not path:
-        return
+        return None
+    hold = f"{path}.hold-{point}-{device_id}"
+    try:
+        os.rename(hold, f"{hold}.held")  # one worker parks: whoever renames it first
+        return f"{hold}.held"
+    except OSError:
+        pass
     try:
         with open(path) as f:
             wanted = f.read().split()
         if wanted != [point, device_id]:
-            return
+            return None
         os.unlink(path)  # one crash: whoever removes it first
     except OSError:
-        return
+        return None
     os.kill(os.getpid(), signal.SIGKILL)
+    return None
 
 
 class ScriptHandler:
@@ -122,7 +146,8 @@ class ScriptHandler:
         if self._past_deadline(h):
             return await self._expire_pending(h)
         try:
-            fence = await self._acquire((h.device_id, self._lock_ttl_ms(h)))
+            # The task named as the lock's owner: recovery then knows whose lock it is.
+            fence = await self._acquire((h.device_id, self._lock_ttl_ms(h), h.task_id))
         except Exception as exc:
             return self._done(h, "error", error=f"lock: {exc!r}")
         if not fence:
@@ -138,7 +163,7 @@ class ScriptHandler:
             await self._release_quietly(h.device_id, fence)
             return self._done(h, "stale")
         attempt = h.attempt + 1
-        crash_point("before-record", h.device_id)
+        await crash_point("before-record", h.device_id)
         started = utcnow()
         record = ExecRecord(
             _id=record_id, task_id=h.task_id, attempt=attempt, device_id=h.device_id,
@@ -148,19 +173,21 @@ class ScriptHandler:
         try:
             stored = await self._insert(record)
         except Exception as exc:
-            return await self._unclaim(h, fence, attempt, f"record: {exc!r}")
-        if not stored:
-            return await self._unclaim(h, fence, attempt, "record exists for this attempt")
+            return await self._unclaim(h, fence, attempt, record_id, f"record: {exc!r}")
+        if not stored:  # another record holds this attempt or our record's id: a
+            # recovery that took the attempt as never sent (master/recovery.py)
+            return await self._unclaim(h, fence, attempt, record_id,
+                                       "record exists for this attempt")
         if self._past_deadline(h):  # the steps above may have taken a while
             return await self._undo(h, fence, attempt, record_id, TaskStatus.EXPIRED,
                                     self._expired_reason(h), "expired")
-        crash_point("before-send", h.device_id)
+        await crash_point("before-send", h.device_id)
         posted = time.monotonic()
         try:
             await self.central.send_script(
                 device_id=h.device_id, task_id=h.task_id, record_id=record_id, script=h.script
             )
-            crash_point("after-send", h.device_id)
+            await crash_point("after-send", h.device_id)
         except CentralError as exc:
             seen = {"send_s": time.monotonic() - posted, "status": exc.status,
                     "retry_after_s": exc.retry_after_s}
@@ -252,12 +279,15 @@ class ScriptHandler:
         except Exception as exc:  # the lock's TTL frees the device in the end
             self.writes.failed(f"lock of {device_id} (fence {fence}) not released: {exc!r}")
 
-    async def _unclaim(self, h: TaskHandle, fence: int, attempt: int, error: str) -> TaskDone:
-        """Nothing was sent: give the task back as pending for another attempt."""
+    async def _unclaim(self, h: TaskHandle, fence: int, attempt: int, record_id: str,
+                       error: str) -> TaskDone:
+        """Nothing was sent: give the task back as pending for another attempt. Only
+        our own claim (its record id): a recovery may have given the attempt back
+        already, and a new claim of the same attempt number is someone else's."""
         try:
             await self._cas(*task_cas(
                 h.task_id, TaskStatus.RUNNING, TaskStatus.PENDING, utcnow(), attempt=attempt,
-                set_={"last_error": error},
+                extra_filter={"record_id": record_id}, set_={"last_error": error},
             ))
         except Exception as exc:
             # The sweeps give back a task stuck running with no send behind it.
