@@ -46,6 +46,7 @@ from master.pauses import Pausing
 from master.pool import WorkerPool
 from master.queue_caps import QueueCaps
 from master.quota import QuotaSignal
+from master.reconcile import HeldTasks
 from master.recovery import Recovery
 from master.retention import Retention
 from master.scheduler import Scheduler
@@ -116,6 +117,8 @@ class Master:
         self.sweeper = Sweeper(s, self.redis, self.recovery, self._ingest_for, self.lease)
         self.scheduler = Scheduler(s, self.db, self.tasks, self._taken("schedule"),
                                    self.started_at)
+        self.held = HeldTasks(s, self.redis, self.tasks, self.board.holds,
+                              self._taken("reconcile"))
         self.heartbeat = Heartbeat(self.redis, s, self.report, self.started_at)
         self.identity = MasterIdentity(self.redis, s, self.request_stop)
         self.metering = Metering(s, self.redis)
@@ -153,7 +156,8 @@ class Master:
         self.loops: dict[str, Loop] = {
             "intake": self.intake, "device-free": self.listener, "lock-check": self.checker,
             "heartbeat": self.heartbeat, "identity": self.identity, "delayed": self.delayed,
-            "scheduler": self.scheduler, "expiry": self.expiry, "leader": self.lease,
+            "scheduler": self.scheduler, "reconcile": self.held, "expiry": self.expiry,
+            "leader": self.lease,
             "sweeper": self.sweeper,
             "alerts": self.alerting, "watches": self.watches,
             "pausing": self.pausing, "benching": self.benching,
@@ -299,7 +303,8 @@ class Master:
         under its name."""
         report: dict[str, Any] = {"events": dict(self.bus.emitted)}
         for part in (self.pool, self.dispatcher, self.intake, self.metering, self.listener,
-                     self.checker, self.delayed, self.scheduler, self.expiry, self.sweeper):
+                     self.checker, self.delayed, self.scheduler, self.held, self.expiry,
+                     self.sweeper):
             report.update(part.report())
         report.update({
             "benching": self.benching.report(),
