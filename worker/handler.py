@@ -11,7 +11,9 @@ uses no attempt). A task whose deadline (`TaskHandle.deadline`: its expire_at or
 its queue's max_wait) has passed is not sent: checked before the lock and again
 right before the POST; past it, the task becomes `expired` (a claimed one loses
 its record and gets its attempt counter back: nothing was sent) and the answer is
-`expired`.
+`expired`. A worker that reaches the POST later than `send_window_s` after taking
+the lock (stalled by a slow store) does not send: its lock may have expired or been
+freed as orphaned; the attempt is undone and the answer is `error`.
 Each Mongo and Redis step is coalesced across the tasks the worker holds at once
 (group commit), so a busy worker pays one round trip per step per batch, not per
 task.
@@ -121,6 +123,14 @@ class ScriptHandler:
         self.settings = settings
         self.worker_name = worker_name
         self.lock_margin_s = settings.lock_margin_s
+        # The longest a POST may follow the lock: its TTL must still cover the run
+        # (timeout_s of the TTL's timeout_s + margin), and the orphaned-lock sweep may
+        # free a lock whose record it has not seen for its grace. Half of the shorter,
+        # for the clocks of two processes and the POST's own way. A worker stalled
+        # longer (riding out a slow Mongo) undoes the attempt instead of sending
+        # without its lock.
+        grace = settings.orphan_lock_grace_s or settings.lock_margin_s
+        self.send_window_s = min(settings.lock_margin_s, grace) / 2
         self.central = central
         self.tasks = TaskStore(db)
         self.records = RecordStore(db)
@@ -145,6 +155,7 @@ class ScriptHandler:
             return await self._exhausted(h)
         if self._past_deadline(h):
             return await self._expire_pending(h)
+        asked = time.monotonic()  # the lock's TTL runs from no earlier than this
         try:
             # The task named as the lock's owner: recovery then knows whose lock it is.
             fence = await self._acquire((h.device_id, self._lock_ttl_ms(h), h.task_id))
@@ -182,6 +193,11 @@ class ScriptHandler:
             return await self._undo(h, fence, attempt, record_id, TaskStatus.EXPIRED,
                                     self._expired_reason(h), "expired")
         await crash_point("before-send", h.device_id)
+        if (held := time.monotonic() - asked) > self.send_window_s:
+            return await self._undo(h, fence, attempt, record_id, TaskStatus.PENDING,
+                                    f"not sent: {held:.1f}s since the device lock was taken "
+                                    f"(at most {self.send_window_s:g}s: the lock may no longer "
+                                    "cover the run)", "error")
         posted = time.monotonic()
         try:
             await self.central.send_script(
