@@ -50,7 +50,7 @@ from master.leadership import Fence
 from sendscript import device_health
 from sendscript.device_health import BenchPolicy, Outcome
 from sendscript.keys import Keys
-from sendscript.locks import DeviceLocks
+from sendscript.locks import DeviceLocks, lock_owner
 from sendscript.models import DEFAULT_QUEUE, DEFAULT_TIMEOUT_S, ExecRecord, Task, utcnow
 from sendscript.queue import Entry, IntakeQueue, push_refs, ref_item
 from sendscript.replicas import ReplicaWait
@@ -169,8 +169,8 @@ class Recovery:
           previous life), with no exec record for the claimed attempt: no POST left
           yet. `take_unsent_attempt` makes sure none ever will; then the task is
           pending again with its attempt counter as before, and its device lock,
-          if still held for this task (`DeviceLocks.owners`), is released. It runs
-          again now.
+          if still the one that worker took for this task (`DeviceLocks.owners`),
+          is released. It runs again now.
         - Claimed, with a record: a send may have reached central-control. It stays
           running, lock held: its result or its result timeout ends it.
         `fenced`: each write is checked against the leader's token first (the leader,
@@ -188,8 +188,9 @@ class Recovery:
         if not claimed:
             return out
         records = await self.records.find_many(t.record_id for t in claimed if t.record_id)
-        # Read while the tasks are still claimed: a lock held for one of them now is
-        # its dead worker's (module docstring of sendscript.locks).
+        # A lock its dead worker took for the task, still held, is the claimed
+        # attempt's: the claim came after the lock, and while that lock held no
+        # other could be taken, by this worker or another (sendscript.locks).
         owners = await self.locks.owners([t.device_id for t in claimed])
         now = utcnow()
         releases: list[tuple[str, int]] = []
@@ -208,8 +209,7 @@ class Recovery:
             )):
                 continue  # moved on meanwhile (another recovery, a timeout, a cancel)
             out.released.append(task.id)
-            if owner is not None and owner[1] == task.id and self._lock_is_the_claim_s(
-                    task, now):
+            if owner is not None and owner[1] == lock_owner(task.id, task.worker or ""):
                 releases.append((task.device_id, owner[0]))
         if fenced and releases:
             await self._guard(f"release dead master {master_id}'s unsent attempts' locks")
@@ -246,14 +246,6 @@ class Recovery:
         except DuplicateKeyError:
             stored = await self.records.col.find_one({"_id": task.record_id}, {"attempt": 1})
             return stored is not None and stored.get("attempt") == -task.attempt
-
-    @staticmethod
-    def _lock_is_the_claim_s(task: Task, now: datetime) -> bool:
-        """Whether a lock held for `task` must be its claimed attempt's: the worker took
-        it just before claiming, for longer than the task's timeout (plus the lock
-        margin), so within the timeout no other lock of the device can exist. Past it
-        the result timeout sweep decides; a lock left then is the orphan sweep's."""
-        return now < task.updated_at + timedelta(seconds=task.timeout_s)
 
     # -- result timeouts ---------------------------------------------------------------
     async def time_out_results(self, now: datetime, found: Found, dry: bool = False) -> None:

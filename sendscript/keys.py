@@ -45,8 +45,8 @@ class Keys:
 
     @property
     def lock_owners(self) -> str:
-        """Hash device_id -> "<fence> <task id>": what the device's lock was taken for
-        (sendscript/locks.py)."""
+        """Hash device_id -> "<fence> <task id> <worker>": what the device's lock was
+        taken for (sendscript/locks.py)."""
         return f"{self.prefix}:lock:owners"
 
     @property

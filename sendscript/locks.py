@@ -4,7 +4,8 @@
 the holder of that value can delete it (compare-and-delete in Lua), so a late or
 repeated release can never free a device another attempt has since locked.
 
-An acquire may name what the lock is for (the worker names its task): the hash
+An acquire may name what the lock is for (the worker names its task and itself,
+`lock_owner`): the hash
 `{prefix}:lock:owners` then maps the device to "<fence> <owner>", set in the same
 script as the lock, so recovery can tell whether a device is still locked by the
 attempt of a task whose process died (`owners`) and release that lock at once. An
@@ -119,6 +120,12 @@ for i = 1, #KEYS do
 end
 return released
 """
+
+def lock_owner(task_id: str, worker: str) -> str:
+    """The owner a worker names when it locks a device for a task: recovery releases a
+    dead worker's lock only where the lock is still the one it took for that task."""
+    return f"{task_id} {worker}"
+
 
 # (device_id, ttl_ms) or (device_id, ttl_ms, owner): one lock to take.
 LockRequest = tuple[str, int] | tuple[str, int, str]

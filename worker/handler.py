@@ -51,7 +51,7 @@ from sendscript.backoff import OutageLog
 from sendscript.failover import ride_out
 from sendscript.fencing import MongoEpochs
 from sendscript.ipc import TaskDone, TaskHandle
-from sendscript.locks import DeviceLocks
+from sendscript.locks import DeviceLocks, lock_owner
 from sendscript.models import ExecRecord, utcnow
 from sendscript.replicas import ReplicaWait
 from sendscript.retry import decide, failure_cas
@@ -157,8 +157,9 @@ class ScriptHandler:
             return await self._expire_pending(h)
         asked = time.monotonic()  # the lock's TTL runs from no earlier than this
         try:
-            # The task named as the lock's owner: recovery then knows whose lock it is.
-            fence = await self._acquire((h.device_id, self._lock_ttl_ms(h), h.task_id))
+            # Named as the lock's owner: recovery then knows whose lock it is.
+            fence = await self._acquire((h.device_id, self._lock_ttl_ms(h),
+                                         lock_owner(h.task_id, self.worker_name)))
         except Exception as exc:
             return self._done(h, "error", error=f"lock: {exc!r}")
         if not fence:

@@ -13,7 +13,7 @@ import redis.asyncio
 from pymongo.asynchronous.database import AsyncDatabase
 
 from master.recovery import NEVER_SENT, Found, Recovery
-from sendscript.locks import DeviceLocks
+from sendscript.locks import DeviceLocks, lock_owner
 from sendscript.models import ExecRecord, Task, new_id, utcnow
 from sendscript.settings import Settings
 from sendscript.status import RecordStatus, TaskStatus
@@ -40,7 +40,7 @@ async def claimed(db: AsyncDatabase, locks: DeviceLocks, device: str, *,
     """A task its worker locked (naming it as the lock's owner, as workers do) and
     claimed, with its exec record (the pre-send marker) or not: (task, record id, fence)."""
     task_id, record_id = new_id(), new_id()
-    [fence] = await locks.acquire_many([(device, 600_000, task_id)])
+    [fence] = await locks.acquire_many([(device, 600_000, lock_owner(task_id, worker))])
     assert fence > 0
     doc = Task(_id=task_id, device_id=device, script={"id": "tap"}, status=TaskStatus.RUNNING,
                attempt=attempt, timeout_s=120, record_id=record_id, worker=worker,
@@ -131,9 +131,10 @@ async def test_the_restarting_master_skips_its_live_workers_and_a_lock_taken_sin
 ) -> None:
     mine, _, mine_fence = await claimed(db, locks, "dev-a", worker=f"{DEAD}/w0:9999")
     old, _, old_fence = await claimed(db, locks, "dev-b")
-    # The old worker's lock expired and another task's attempt locked the device.
+    # The old worker's lock expired and another worker locked the device for the same
+    # task (a copy of it another master's board held): not the dead worker's lock.
     await redis_client.delete(settings.keys.device_lock("dev-b"))
-    [newer] = await locks.acquire_many([("dev-b", 60_000, "another-task")])
+    [newer] = await locks.acquire_many([("dev-b", 60_000, lock_owner(old, "m-other/w1:5"))])
 
     inflight = await recovery.return_unsent_attempts(DEAD, skip_workers={f"{DEAD}/w0:9999"})
 
