@@ -19,7 +19,9 @@ running it stays the claim's compare-and-set.
 
 Cost: one query per interval that the embedded server serves from its
 `(status, run_at)` or `updated_at` index (it reads the pending tasks changed before
-the cutoff); nothing more while nothing is missing.
+the cutoff, the board's own included: with tens of thousands queued that is a
+fraction of a second of the embedded server's CPU, hence the 30 s default, the
+orphan sweep's cadence); nothing more while nothing is missing.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from sendscript.settings import Settings
 from sendscript.status import TaskStatus
 from sendscript.store import TaskStore
 
-LIMIT = 10_000  # candidates one look reads at most; the rest wait for the next
+LIMIT = 10_000  # candidates one look reads at most, the longest unchanged first
 
 
 @dataclass
@@ -87,7 +89,7 @@ class HeldTasks:
         cutoff = utcnow() - timedelta(seconds=grace)
         ids = [d["_id"] async for d in self.tasks.col.find(
             {"status": str(TaskStatus.PENDING), "master": me, "updated_at": {"$lte": cutoff},
-             "mode": {"$ne": "pull"}}, {"_id": 1}).limit(LIMIT)]
+             "mode": {"$ne": "pull"}}, {"_id": 1}).sort("updated_at", 1).limit(LIMIT)]
         missing = [t for t in ids if not self.holds(t)]
         sure = self.suspects.look(missing, time.monotonic(), grace)
         if not sure:
