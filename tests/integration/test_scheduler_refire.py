@@ -22,7 +22,8 @@ async def test_a_retried_fire_queues_what_its_failed_try_stored(
     fire_at = now - timedelta(seconds=0.5)
     schedule = Schedule.model_validate({
         "_id": "refire", "interval_s": 60.0, "template": {"script": {"id": "x"}},
-        "device_ids": ["d-mine", "d-theirs", "d-new"], "next_fire_at": fire_at})
+        "device_ids": ["d-mine", "d-theirs", "d-new"], "next_fire_at": fire_at,
+        "anchor": fire_at})  # one fire due: the next is a minute on
     await db[SCHEDULES].insert_one(schedule.to_doc())
     tasks = TaskStore(db)
     mine, theirs, _ = fire_tasks(schedule, fire_at, ["d-mine", "d-theirs", "d-new"],
