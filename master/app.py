@@ -46,6 +46,7 @@ from master.pauses import Pausing
 from master.pool import WorkerPool
 from master.queue_caps import QueueCaps
 from master.quota import QuotaSignal
+from master.reconcile import HeldTasks
 from master.recovery import Recovery
 from master.retention import Retention
 from master.scheduler import Scheduler
@@ -117,6 +118,8 @@ class Master:
         self.sweeper = Sweeper(s, self.redis, self.recovery, self._ingest_for, self.lease)
         self.scheduler = Scheduler(s, self.db, self.tasks, self._taken("schedule"),
                                    self.started_at)
+        self.held = HeldTasks(s, self.redis, self.tasks, self.board.holds,
+                              self._taken("reconcile"))
         self.heartbeat = Heartbeat(self.redis, s, self.report, self.started_at)
         self.identity = MasterIdentity(self.redis, s, self.request_stop)
         self.metering = Metering(s, self.redis)
@@ -155,7 +158,8 @@ class Master:
         self.loops: dict[str, Loop] = {
             "intake": self.intake, "device-free": self.listener, "lock-check": self.checker,
             "heartbeat": self.heartbeat, "identity": self.identity, "delayed": self.delayed,
-            "scheduler": self.scheduler, "expiry": self.expiry, "leader": self.lease,
+            "scheduler": self.scheduler, "reconcile": self.held, "expiry": self.expiry,
+            "leader": self.lease,
             "sweeper": self.sweeper,
             "alerts": self.alerting, "watches": self.watches,
             "pausing": self.pausing, "benching": self.benching,
@@ -223,8 +227,15 @@ class Master:
             self.bus.emit(MasterStopping(why))
 
     async def _restore(self) -> None:
-        """Tasks this master held queued when it last stopped or died."""
-        held = await self.tasks.held_by(self.settings.master_id, TaskStatus.PENDING)
+        """Tasks this master held queued when it last stopped or died, and those its
+        workers then held that provably were never sent (`return_unsent_attempts`:
+        back to pending at once, ours again); one that may have been sent waits for
+        its result or its result timeout."""
+        me = self.settings.master_id
+        inflight = await self.recovery.return_unsent_attempts(
+            me, skip_workers={slot.name for slot in self.pool.slots.values()})
+        await self.tasks.adopt(inflight.released, me)
+        held = await self.tasks.held_by(me, TaskStatus.PENDING)
         if held:
             logger.info("restoring {} queued task(s) held before restart", len(held))
             self.bus.emit(TasksTaken(held, "restore"))
@@ -294,8 +305,8 @@ class Master:
         under its name."""
         report: dict[str, Any] = {"events": dict(self.bus.emitted)}
         for part in (self.pool, self.dispatcher, self.intake, self.metering, self.listener,
-                     self.checker, self.delayed, self.scheduler, self.expiry, self.sweeper,
-                     self.traces):
+                     self.checker, self.delayed, self.scheduler, self.held, self.expiry,
+                     self.sweeper, self.traces):
             report.update(part.report())
         report.update({
             "benching": self.benching.report(),

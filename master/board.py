@@ -256,6 +256,12 @@ class DeviceBoard:
     def contains(self, task_id: str) -> bool:
         return task_id in self._queued
 
+    def holds(self, task_id: str) -> bool:
+        """Queued, in flight, or following its own in-flight copy."""
+        return task_id in self._queued or any(
+            t is not None and t.id == task_id
+            for d in self.devices.values() for t in (d.inflight, d.successor))
+
     # -- internals ---------------------------------------------------------------
     def _device(self, device_id: str) -> Device:
         device = self.devices.get(device_id)

@@ -18,6 +18,14 @@
   hung): those it provably never sent (claimed, no exec record) go back to
   pending with their attempt unused and their lock released, at once; those it
   may have sent wait for their result or result timeout. Run by their master.
+- `return_unsent_attempts`: the attempts a dead master's workers held (the master
+  died with what its workers told it): each one whose pre-send marker (its exec
+  record) is missing is taken from its worker for good (`take_unsent_attempt`:
+  recovery stores the record id as never sent, so a worker that outlived its
+  master cannot send it any more), goes back to pending with its attempt unused
+  and its device lock released, at once; one with a record may have been sent and
+  waits for its result or result timeout. Run by the master restarting under that
+  id (for its previous life's workers) and by the leader in `recover_dead_master`.
 
 Every step is a compare-and-set or an idempotent move, so two masters running
 one by mistake, or a crash half way, do no harm. The leader runs them
@@ -28,32 +36,50 @@ write. `sendscript recover` runs them by hand, unfenced.
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import redis.asyncio
 from loguru import logger
+from pymongo.errors import DuplicateKeyError
 
 from master.leadership import Fence
 from sendscript import device_health
 from sendscript.device_health import BenchPolicy, Outcome
 from sendscript.keys import Keys
-from sendscript.locks import DeviceLocks
+from sendscript.locks import DeviceLocks, lock_owner
 from sendscript.models import DEFAULT_QUEUE, DEFAULT_TIMEOUT_S, ExecRecord, Task, utcnow
 from sendscript.queue import Entry, IntakeQueue, push_refs, ref_item
 from sendscript.replicas import ReplicaWait
 from sendscript.retry import decide, failure_cas
 from sendscript.settings import Settings
-from sendscript.status import SCHEDULED, RecordStatus, TaskStatus, record_cas, task_cas
+from sendscript.status import (
+    RETENTION,
+    SCHEDULED,
+    RecordStatus,
+    TaskStatus,
+    record_cas,
+    task_cas,
+)
 from sendscript.store import RecordStore, TaskStore
 
 OPEN = [str(TaskStatus.RUNNING), str(TaskStatus.SENT)]
+NEVER_SENT = "never sent: taken back by recovery before its worker sent it"
 # Given a dead master's id: a function that stores entries of its processing list
 # and acknowledges them there.
 IngestFor = Callable[[str], Callable[[list[Entry]], Awaitable[None]]]
 OPEN_RECORD = frozenset({RecordStatus.RUNNING, RecordStatus.SENT})
+
+@dataclass
+class InFlight:
+    """A dead master's attempts in flight, as `return_unsent_attempts` left them."""
+
+    released: list[str] = field(default_factory=list)  # never sent: pending again
+    waiting: list[str] = field(default_factory=list)  # may have been sent
+
 
 @dataclass
 class Found:
@@ -65,10 +91,11 @@ class Found:
     adopted_entries: int = 0
     requeued: list[str] = field(default_factory=list)
     orphan_locks: list[tuple[str, int]] = field(default_factory=list)
+    unsent: list[str] = field(default_factory=list)  # a dead master's, never sent
 
     def any(self) -> bool:
         return bool(self.timed_out or self.dead_masters or self.adopted_entries
-                    or self.requeued or self.orphan_locks)
+                    or self.requeued or self.orphan_locks or self.unsent)
 
 
 class Recovery:
@@ -129,6 +156,96 @@ class Recovery:
                            "their result or result timeout", waiting, worker)
         return [t for t in await self.tasks.find_many(task_ids)
                 if t.status == TaskStatus.PENDING]
+
+    # -- a dead master's attempts in flight -----------------------------------------------
+    async def return_unsent_attempts(self, master_id: str, *, skip_workers: Collection[str] = (),
+                                     fenced: bool = False) -> InFlight:
+        """The attempts the workers of dead master `master_id` held, by what they left
+        behind (their master, and the fences they told it, are gone with it; the
+        workers themselves may be gone too or still finishing what they hold).
+
+        - Claimed by one of its workers (running, `worker` named `{master_id}/...`,
+          none of `skip_workers`: the live pool of a master recovering its own
+          previous life), with no exec record for the claimed attempt: no POST left
+          yet. `take_unsent_attempt` makes sure none ever will; then the task is
+          pending again with its attempt counter as before, and its device lock,
+          if still the one that worker took for this task (`DeviceLocks.owners`),
+          is released. It runs again now.
+        - Claimed, with a record: a send may have reached central-control. It stays
+          running, lock held: its result or its result timeout ends it.
+        `fenced`: each write is checked against the leader's token first (the leader,
+        in `recover_dead_master`); a master recovering its own id owns these tasks.
+        Every write is a compare-and-set or an insert under a unique id, so doing it
+        twice is doing it once.
+        """
+        out = InFlight()
+        prefix = f"{master_id}/"
+        docs = [d async for d in self.tasks.col.find(
+            {"status": str(TaskStatus.RUNNING), "mode": {"$ne": "pull"},
+             "worker": {"$regex": f"^{re.escape(prefix)}"}})]
+        claimed = [t for t in (Task.model_validate(d) for d in docs)
+                   if t.record_id and t.worker not in skip_workers]
+        if not claimed:
+            return out
+        records = await self.records.find_many(t.record_id for t in claimed if t.record_id)
+        # A lock its dead worker took for the task, still held, is the claimed
+        # attempt's: the claim came after the lock, and while that lock held no
+        # other could be taken, by this worker or another (sendscript.locks).
+        owners = await self.locks.owners([t.device_id for t in claimed])
+        now = utcnow()
+        releases: list[tuple[str, int]] = []
+        for task, owner in zip(claimed, owners, strict=True):
+            if fenced and task.record_id not in records:
+                await self._guard(f"take back dead master {master_id}'s unsent attempts")
+            if task.record_id in records or not await self.take_unsent_attempt(task, now):
+                out.waiting.append(task.id)
+                continue
+            if not await self.tasks.cas(*task_cas(
+                task.id, TaskStatus.RUNNING, TaskStatus.PENDING, now, attempt=task.attempt,
+                extra_filter={"worker": task.worker, "record_id": task.record_id},
+                inc={"attempt": -1}, unset=("record_id", "worker", "master"),
+                set_={"last_error": f"master {master_id} died before its worker sent "
+                                    "it; attempt not used"},
+            )):
+                continue  # moved on meanwhile (another recovery, a timeout, a cancel)
+            out.released.append(task.id)
+            if owner is not None and owner[1] == lock_owner(task.id, task.worker or ""):
+                releases.append((task.device_id, owner[0]))
+        if fenced and releases:
+            await self._guard(f"release dead master {master_id}'s unsent attempts' locks")
+        await self.locks.release_many(releases)
+        if out.released or out.waiting:
+            logger.warning("dead master {}: {} attempt(s) in flight never sent, back to "
+                           "pending now; {} may have been sent and wait for their result",
+                           master_id, len(out.released), len(out.waiting))
+        return out
+
+    async def take_unsent_attempt(self, task: Task, now: datetime) -> bool:
+        """Make sure the claimed attempt of `task` is never sent: store a record under
+        the claim's record id, closed as never sent. The worker writes its record
+        under that id as the last step before its POST (`worker.handler`), so exactly
+        one of the two inserts lands: True if ours did (or an earlier pass's), and
+        the worker, should it still run, finds the id taken and gives up; False if
+        the worker's did, and the attempt may have been sent.
+
+        The record is filed under attempt `-attempt`: its real attempt number stays
+        free for the task's next claim (the attempt is given back), and a negative
+        attempt reads as "this one was never sent" in the task's history. If an
+        earlier recovery of the same attempt number holds that slot, nothing can be
+        stored: False, and the task waits as if sent (its sweeps end it)."""
+        assert task.record_id is not None and task.worker is not None
+        mark = ExecRecord(
+            _id=task.record_id, task_id=task.id, attempt=-task.attempt,
+            device_id=task.device_id, lock_value=0, worker=task.worker, started_at=now,
+            finished_at=now, status=RecordStatus.CANCELLED, error=NEVER_SENT,
+        ).to_doc()
+        mark["purge_at"] = RETENTION.purge_at(RecordStatus.CANCELLED, now)
+        try:
+            await self.records.col.insert_one(mark)
+            return True
+        except DuplicateKeyError:
+            stored = await self.records.col.find_one({"_id": task.record_id}, {"attempt": 1})
+            return stored is not None and stored.get("attempt") == -task.attempt
 
     # -- result timeouts ---------------------------------------------------------------
     async def time_out_results(self, now: datetime, found: Found, dry: bool = False) -> None:
@@ -273,6 +390,10 @@ class Recovery:
             # Mongo is its own again, and its board may hold it already.
             logger.info("master {} is back; its held tasks stay its own", dead_id)
             return
+        # Its workers' attempts in flight: those never sent run again now (pushed
+        # below with its queued tasks); those that may have been sent wait.
+        inflight = await self.return_unsent_attempts(dead_id, fenced=True)
+        found.unsent += inflight.released
         # What it held in Mongo is nobody's now. Pushed: what is due or soon due, so a
         # master takes it at once; the loaders find later delayed tasks in time.
         soon = utcnow() + timedelta(seconds=self.settings.delay_horizon_s)
@@ -290,7 +411,7 @@ class Recovery:
                                          {"$unset": {"master": ""},
                                           "$set": {"updated_at": utcnow()}})
         held = [d["_id"] for d in docs if d["status"] == str(TaskStatus.PENDING)
-                or d.get("run_at") is None or d["run_at"] <= soon]
+                or d.get("run_at") is None or d["run_at"] <= soon] + inflight.released
         await self._push(held)
         found.requeued += held
         if await self.redis.llen(self.keys.processing(dead_id)):

@@ -3,8 +3,11 @@
 At a schedule's fire time a master creates the fire's tasks (ids derived from the
 schedule, the fire time and the device, so a second master creating the same fire
 finds them stored and queues nothing), queues those it created, then moves the
-schedule's `next_fire_at` on by compare-and-set. A master that was down over
-several fire times applies the schedule's misfire policy when it comes back.
+schedule's `next_fire_at` on by compare-and-set. A fire retried after an error
+queues the tasks its failed try stored under this master (their insert landed though
+its answer was lost); one that failed for good is left to `master.reconcile`. A
+master that was down over several fire times applies the schedule's misfire policy
+when it comes back.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from sendscript.groups import devices_of
 from sendscript.models import Task, utcnow
 from sendscript.schedules import Schedule, fire_tasks
 from sendscript.settings import Settings
+from sendscript.status import TaskStatus
 from sendscript.store import GROUPS, SCHEDULES, TaskStore
 
 MAX_SLEEP_S = 1.0
@@ -103,7 +107,7 @@ class Scheduler:
             tasks = fire_tasks(schedule, fire_at, devices, self.settings.key_prefix,
                                self.settings.master_id, now)
             stored = await self.tasks.store(tasks)
-            created += stored.created
+            created += stored.created + await self._ours_unqueued(stored.stored_before)
         moved = await self.schedules.update_one(
             {"_id": schedule.name, "next_fire_at": schedule.next_fire_at},
             {"$set": {"next_fire_at": p.next_fire_at, "updated_at": now,
@@ -118,6 +122,16 @@ class Scheduler:
         elif moved.matched_count:
             logger.debug("schedule {}: fire already created by another master", schedule.name)
         return len(created)
+
+    async def _ours_unqueued(self, stored_before: list[Task]) -> list[Task]:
+        """Tasks of this fire found stored already that this master created: an earlier
+        try of this fire stored them and then failed (its answer lost, a Mongo timeout),
+        so nothing queued them. Those another master created are its own."""
+        if not stored_before:
+            return []
+        me = self.settings.master_id
+        return [t for t in await self.tasks.find_many(t.id for t in stored_before)
+                if t.master == me and t.status == TaskStatus.PENDING]
 
     async def _targets(self, schedule: Schedule) -> list[str]:
         if schedule.device_ids is not None:

@@ -75,6 +75,7 @@ class Sweeper:
             "timed_out": len(found.timed_out), "retried": len(found.retried),
             "dead_masters": len(found.dead_masters), "adopted_entries": found.adopted_entries,
             "requeued": len(found.requeued), "orphan_locks": len(found.orphan_locks),
+            "unsent": len(found.unsent),
         })
         return found
 

@@ -50,6 +50,12 @@ class Keys:
         return f"{self.prefix}:lock:device:{device_id}"
 
     @property
+    def lock_owners(self) -> str:
+        """Hash device_id -> "<fence> <task id> <worker>": what the device's lock was
+        taken for (sendscript/locks.py)."""
+        return f"{self.prefix}:lock:owners"
+
+    @property
     def device_lock_pattern(self) -> str:
         return f"{self.prefix}:lock:device:*"
 

@@ -4,6 +4,14 @@
 the holder of that value can delete it (compare-and-delete in Lua), so a late or
 repeated release can never free a device another attempt has since locked.
 
+An acquire may name what the lock is for (the worker names its task and itself,
+`lock_owner`): the hash
+`{prefix}:lock:owners` then maps the device to "<fence> <owner>", set in the same
+script as the lock, so recovery can tell whether a device is still locked by the
+attempt of a task whose process died (`owners`) and release that lock at once. An
+entry whose fence is not the lock's any more says nothing; the next acquire of the
+device overwrites it, so the hash holds at most one entry per device.
+
 Fences only ever increase, even across a Redis restart that lost its last
 writes: the acquire script hands out no fence until the running Redis (its run
 id) has adopted a fence epoch, and adopting one raises the counter to the
@@ -34,12 +42,14 @@ from sendscript.replicas import NotReplicated, ReplicaWait
 # The run id of the server running the script: new on every Redis restart.
 _RUN_ID = "string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')"
 
-# KEYS[1] fence counter, KEYS[2] epoch hash, KEYS[3..] lock keys; ARGV[1] the lowest
-# epoch the caller accepts (1 with an epoch source, 0 without), ARGV[i + 1] the TTL
-# (ms) of lock KEYS[i + 2].
+# KEYS[1] fence counter, KEYS[2] epoch hash, KEYS[3] owners hash, KEYS[4..] lock
+# keys; ARGV[1] the lowest epoch the caller accepts (1 with an epoch source, 0
+# without), then per lock KEYS[i + 3]: ARGV[3i - 1] its TTL (ms), ARGV[3i] its
+# device id, ARGV[3i + 1] its owner ("" for none).
 # Returns, per lock, the new fence, or 0 where the device is already locked; or,
 # when this Redis run has adopted no epoch (or only one below ARGV[1]) yet,
-# {-1, run_id} and changes nothing.
+# {-1, run_id} and changes nothing. A lock taken for an owner sets the owners hash
+# entry of its device to "<fence> <owner>".
 ACQUIRE = f"""
 local run_id = {_RUN_ID}
 local adopted = redis.call('HMGET', KEYS[2], 'run_id', 'epoch')
@@ -47,13 +57,16 @@ if adopted[1] ~= run_id or (tonumber(adopted[2]) or -1) < tonumber(ARGV[1]) then
   return {{-1, run_id}}
 end
 local out = {{}}
-for i = 3, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    out[i - 2] = 0
+for i = 1, #KEYS - 3 do
+  if redis.call('EXISTS', KEYS[i + 3]) == 1 then
+    out[i] = 0
   else
     local fence = redis.call('INCR', KEYS[1])
-    redis.call('SET', KEYS[i], fence, 'PX', ARGV[i - 1])
-    out[i - 2] = fence
+    redis.call('SET', KEYS[i + 3], fence, 'PX', ARGV[3 * i - 1])
+    if ARGV[3 * i + 1] ~= '' then
+      redis.call('HSET', KEYS[3], ARGV[3 * i], fence .. ' ' .. ARGV[3 * i + 1])
+    end
+    out[i] = fence
   end
 end
 return out
@@ -108,6 +121,15 @@ end
 return released
 """
 
+def lock_owner(task_id: str, worker: str) -> str:
+    """The owner a worker names when it locks a device for a task: recovery releases a
+    dead worker's lock only where the lock is still the one it took for that task."""
+    return f"{task_id} {worker}"
+
+
+# (device_id, ttl_ms) or (device_id, ttl_ms, owner): one lock to take.
+LockRequest = tuple[str, int] | tuple[str, int, str]
+
 # Restarts in a row an acquire rides out before giving up (each costs a new epoch).
 MAX_ADOPTIONS = 5
 
@@ -151,13 +173,16 @@ class DeviceLocks:
         self._release = client.register_script(RELEASE)
         self.adoptions = 0  # epochs this instance adopted (tests and logs read it)
 
-    async def acquire_many(self, requests: Sequence[tuple[str, int]]) -> list[int]:
-        """(device_id, ttl_ms) each -> fence, or 0 where the device is locked."""
+    async def acquire_many(self, requests: Sequence[LockRequest]) -> list[int]:
+        """(device_id, ttl_ms) or (device_id, ttl_ms, owner) each -> fence, or 0 where
+        the device is locked. An owner is recorded with the fence (`owners`)."""
         if not requests:
             return []
-        keys = ([self._keys.lock_fence, epoch_key(self._keys)]
-                + [self._keys.device_lock(d) for d, _ in requests])
-        args = [1 if self._epochs is not None else 0] + [int(ttl) for _, ttl in requests]
+        keys = ([self._keys.lock_fence, epoch_key(self._keys), self._keys.lock_owners]
+                + [self._keys.device_lock(r[0]) for r in requests])
+        args: list[int | str] = [1 if self._epochs is not None else 0]
+        for request in requests:
+            args += [int(request[1]), request[0], request[2] if len(request) > 2 else ""]
         for _ in range(MAX_ADOPTIONS + 1):
             fences, acked = await self._run_acquire(keys, args)
             if not (fences and int(fences[0]) == -1):
@@ -166,7 +191,8 @@ class DeviceLocks:
             await self._adopt_epoch(run_id.decode() if isinstance(run_id, bytes) else run_id)
         raise FenceEpochError(f"Redis restarted {MAX_ADOPTIONS} times during one acquire")
 
-    async def _run_acquire(self, keys: list[str], args: list[int]) -> tuple[list, object]:
+    async def _run_acquire(self, keys: list[str], args: list[int | str]
+                           ) -> tuple[list, object]:
         """The script's answer, and WAIT's (None without a ReplicaWait)."""
         if self._replicas is None:
             return await self._acquire(keys=keys, args=args), None
@@ -185,7 +211,7 @@ class DeviceLocks:
             return fences, acked
         raise RuntimeError("acquire script missing right after SCRIPT LOAD")
 
-    async def _replicated(self, requests: Sequence[tuple[str, int]], fences: list[int],
+    async def _replicated(self, requests: Sequence[LockRequest], fences: list[int],
                           acked: object) -> list[int]:
         """The fences, once enough replicas hold them; else released, NotReplicated."""
         if self._replicas is None or not any(fences):
@@ -193,7 +219,7 @@ class DeviceLocks:
         try:
             self._replicas.check(acked, "device lock")
         except NotReplicated:
-            taken = [(d, f) for (d, _), f in zip(requests, fences, strict=True) if f]
+            taken = [(r[0], f) for r, f in zip(requests, fences, strict=True) if f]
             with contextlib.suppress(Exception):  # else their TTL or the orphan sweep
                 await self.release_many(taken)
             raise
@@ -220,6 +246,22 @@ class DeviceLocks:
         for device, fence in newest.items():
             args += [int(fence), device]  # the script puts these digits into JSON as they are
         return int(await self._release(keys=keys, args=args))
+
+    async def owners(self, devices: Sequence[str]) -> list[tuple[int, str] | None]:
+        """(fence, owner) of the lock now held on each device, where it was taken for
+        an owner; None where the device is free or its lock was taken for none."""
+        if not devices:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.mget([self._keys.device_lock(d) for d in devices])
+        pipe.hmget(self._keys.lock_owners, list(devices))
+        values, owners = await pipe.execute()
+        out: list[tuple[int, str] | None] = []
+        for value, owner in zip(values, owners, strict=True):
+            fence, _, name = (owner.decode() if owner else "").partition(" ")
+            held = value is not None and fence == value.decode()
+            out.append((int(fence), name) if held else None)
+        return out
 
     async def holders(self, devices: Sequence[str]) -> list[int | None]:
         """The fence now locking each device, or None where it is free."""

@@ -130,6 +130,10 @@ class Settings(BaseSettings):
     # A device lock no open attempt holds is released once seen orphaned this long
     # (longer than a worker may take between locking and recording its attempt).
     orphan_lock_grace_s: float = Field(30.0, ge=0)
+    # Each master's own check (master/reconcile.py): a pending task it holds in Mongo
+    # but not on its board, missing on looks this far apart, is queued again.
+    reconcile_interval_s: float = Field(30.0, gt=0)
+    reconcile_grace_s: float = Field(30.0, ge=0)
 
     # Worker recycling, like gunicorn's max_requests and PM2's max_memory_restart.
     worker_max_tasks: int = Field(0, ge=0)  # 0: never

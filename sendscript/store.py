@@ -585,9 +585,12 @@ class RecordStore:
                           failover_s: float = 0.0) -> list[bool]:
         """Store records; False where that (task, attempt) has another record already.
 
-        A record refused as a duplicate of its own id is ours: an earlier try landed
-        though its answer was lost (a failover, retried for up to `failover_s`); a
-        record id is minted for one claim, so no other writer has it."""
+        A record refused as a duplicate of its own id is ours if the stored one is
+        this record (its attempt and fence): an earlier try landed though its answer
+        was lost (a failover, retried for up to `failover_s`). A record id is minted
+        for one claim, so the only other writer of it is recovery, which takes the
+        id of an attempt it found never sent (`Recovery.take_unsent_attempt`): that
+        stored record says the attempt must not be sent, and the insert is refused."""
         if not records:
             return []
         docs = [r.to_doc() for r in records]
@@ -603,10 +606,14 @@ class RecordStore:
         if dups:
             ids = [records[i].id for i in dups]
 
-            async def ours() -> set[str]:
-                return {d["_id"] async for d in self.col.find({"_id": {"$in": ids}}, {"_id": 1})}
+            async def stored() -> dict[str, tuple[Any, Any]]:
+                return {d["_id"]: (d.get("attempt"), d.get("lock_value"))
+                        async for d in self.col.find({"_id": {"$in": ids}},
+                                                     {"attempt": 1, "lock_value": 1})}
 
-            dups -= {i for i in dups if records[i].id in await ride_out(ours, failover_s)}
+            found = await ride_out(stored, failover_s)
+            dups -= {i for i in dups
+                     if found.get(records[i].id) == (records[i].attempt, records[i].lock_value)}
         return [i not in dups for i in range(len(records))]
 
     async def find_many(self, record_ids: Iterable[str]) -> dict[str, ExecRecord]:

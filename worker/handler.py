@@ -11,7 +11,9 @@ uses no attempt). A task whose deadline (`TaskHandle.deadline`: its expire_at or
 its queue's max_wait) has passed is not sent: checked before the lock and again
 right before the POST; past it, the task becomes `expired` (a claimed one loses
 its record and gets its attempt counter back: nothing was sent) and the answer is
-`expired`.
+`expired`. A worker that reaches the POST later than `send_window_s` after taking
+the lock (stalled by a slow store) does not send: its lock may have expired or been
+freed as orphaned; the attempt is undone and the answer is `error`.
 Each Mongo and Redis step is coalesced across the tasks the worker holds at once
 (group commit), so a busy worker pays one round trip per step per batch, not per
 task.
@@ -33,6 +35,7 @@ dead worker's task at once when it provably was not sent:
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -49,7 +52,7 @@ from sendscript.backoff import OutageLog
 from sendscript.failover import ride_out
 from sendscript.fencing import MongoEpochs
 from sendscript.ipc import TaskDone, TaskHandle
-from sendscript.locks import DeviceLocks
+from sendscript.locks import DeviceLocks, lock_owner
 from sendscript.models import ExecRecord, utcnow
 from sendscript.replicas import ReplicaWait
 from sendscript.retry import decide, failure_cas
@@ -61,25 +64,48 @@ from worker.central import THROTTLED, CentralClient, CentralError
 
 # Test-only crash points, for the recovery tests: the variable names a file holding
 # "<point> <device_id>" (points: CRASH_POINTS). The first worker to reach that point
-# with a task for that device removes the file and SIGKILLs itself there. Unset in
-# production; nothing reads the file then.
+# with a task for that device removes the file and SIGKILLs itself there. A file
+# "<that path>.hold-<point>-<device_id>" parks the first worker to reach that point
+# with a task for that device instead: it renames the file to "<name>.held" and waits
+# there (its loop still running) until the file is removed, or it is killed with its
+# master's process group. Unset in production; nothing reads the files then.
 CRASH_POINT_ENV = "SENDSCRIPT_TEST_CRASH_POINT"
 CRASH_POINTS = ("before-record", "before-send", "after-send")
 
 
-def crash_point(point: str, device_id: str) -> None:
+async def crash_point(point: str, device_id: str) -> None:
+    parked = _reach(point, device_id)
+    # Polled, not awaited on an event: the test that removes the file is another process.
+    while parked is not None and _exists(parked):  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def _reach(point: str, device_id: str) -> str | None:
+    """SIGKILL here if the crash file names this point and device; the file to wait
+    on if a hold file does; else None."""
     path = os.environ.get(CRASH_POINT_ENV)
     if not path:
-        return
+        return None
+    hold = f"{path}.hold-{point}-{device_id}"
+    try:
+        os.rename(hold, f"{hold}.held")  # one worker parks: whoever renames it first
+        return f"{hold}.held"
+    except OSError:
+        pass
     try:
         with open(path) as f:
             wanted = f.read().split()
         if wanted != [point, device_id]:
-            return
+            return None
         os.unlink(path)  # one crash: whoever removes it first
     except OSError:
-        return
+        return None
     os.kill(os.getpid(), signal.SIGKILL)
+    return None
 
 
 class ScriptHandler:
@@ -98,6 +124,14 @@ class ScriptHandler:
         self.settings = settings
         self.worker_name = worker_name
         self.lock_margin_s = settings.lock_margin_s
+        # The longest a POST may follow the lock: its TTL must still cover the run
+        # (timeout_s of the TTL's timeout_s + margin), and the orphaned-lock sweep may
+        # free a lock whose record it has not seen for its grace. Half of the shorter,
+        # for the clocks of two processes and the POST's own way. A worker stalled
+        # longer (riding out a slow Mongo) undoes the attempt instead of sending
+        # without its lock.
+        grace = settings.orphan_lock_grace_s or settings.lock_margin_s
+        self.send_window_s = min(settings.lock_margin_s, grace) / 2
         self.central = central
         self.tasks = TaskStore(db)
         self.records = RecordStore(db)
@@ -142,8 +176,11 @@ class ScriptHandler:
             return await self._exhausted(h)
         if self._past_deadline(h):
             return await self._expire_pending(h)
+        asked = time.monotonic()  # the lock's TTL runs from no earlier than this
         try:
-            fence = await self._acquire((h.device_id, self._lock_ttl_ms(h)))
+            # Named as the lock's owner: recovery then knows whose lock it is.
+            fence = await self._acquire((h.device_id, self._lock_ttl_ms(h),
+                                         lock_owner(h.task_id, self.worker_name)))
         except Exception as exc:
             return self._done(h, "error", error=f"lock: {exc!r}")
         if not fence:
@@ -159,7 +196,7 @@ class ScriptHandler:
             await self._release_quietly(h.device_id, fence)
             return self._done(h, "stale")
         attempt = h.attempt + 1
-        crash_point("before-record", h.device_id)
+        await crash_point("before-record", h.device_id)
         started = utcnow()
         record = ExecRecord(
             _id=record_id, task_id=h.task_id, attempt=attempt, device_id=h.device_id,
@@ -169,20 +206,27 @@ class ScriptHandler:
         try:
             stored = await self._insert(record)
         except Exception as exc:
-            return await self._unclaim(h, fence, attempt, f"record: {exc!r}")
-        if not stored:
-            return await self._unclaim(h, fence, attempt, "record exists for this attempt")
+            return await self._unclaim(h, fence, attempt, record_id, f"record: {exc!r}")
+        if not stored:  # another record holds this attempt or our record's id: a
+            # recovery that took the attempt as never sent (master/recovery.py)
+            return await self._unclaim(h, fence, attempt, record_id,
+                                       "record exists for this attempt")
         if self._past_deadline(h):  # the steps above may have taken a while
             return await self._undo(h, fence, attempt, record_id, TaskStatus.EXPIRED,
                                     self._expired_reason(h), "expired")
-        crash_point("before-send", h.device_id)
+        await crash_point("before-send", h.device_id)
+        if (held := time.monotonic() - asked) > self.send_window_s:
+            return await self._undo(h, fence, attempt, record_id, TaskStatus.PENDING,
+                                    f"not sent: {held:.1f}s since the device lock was taken "
+                                    f"(at most {self.send_window_s:g}s: the lock may no longer "
+                                    "cover the run)", "error")
         posted = time.monotonic()
         try:
             await self.central.send_script(
                 device_id=h.device_id, task_id=h.task_id, record_id=record_id, script=h.script,
                 trace=trace,
             )
-            crash_point("after-send", h.device_id)
+            await crash_point("after-send", h.device_id)
         except CentralError as exc:
             seen = {"send_s": time.monotonic() - posted, "status": exc.status,
                     "retry_after_s": exc.retry_after_s}
@@ -274,12 +318,15 @@ class ScriptHandler:
         except Exception as exc:  # the lock's TTL frees the device in the end
             self.writes.failed(f"lock of {device_id} (fence {fence}) not released: {exc!r}")
 
-    async def _unclaim(self, h: TaskHandle, fence: int, attempt: int, error: str) -> TaskDone:
-        """Nothing was sent: give the task back as pending for another attempt."""
+    async def _unclaim(self, h: TaskHandle, fence: int, attempt: int, record_id: str,
+                       error: str) -> TaskDone:
+        """Nothing was sent: give the task back as pending for another attempt. Only
+        our own claim (its record id): a recovery may have given the attempt back
+        already, and a new claim of the same attempt number is someone else's."""
         try:
             await self._cas(*task_cas(
                 h.task_id, TaskStatus.RUNNING, TaskStatus.PENDING, utcnow(), attempt=attempt,
-                set_={"last_error": error},
+                extra_filter={"record_id": record_id}, set_={"last_error": error},
             ))
         except Exception as exc:
             # The sweeps give back a task stuck running with no send behind it.

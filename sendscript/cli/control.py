@@ -33,6 +33,8 @@ def recover(
     table.add_row("  of which retried", str(len(found.retried)), "")
     table.add_row("dead masters", str(len(found.dead_masters)), ", ".join(found.dead_masters[:3]))
     table.add_row("  queue items taken over", str(found.adopted_entries), "")
+    table.add_row("  attempts never sent, run again", str(len(found.unsent)),
+                  ", ".join(found.unsent[:3]))
     table.add_row("tasks requeued", str(len(found.requeued)), ", ".join(found.requeued[:3]))
     table.add_row("orphaned device locks", str(len(found.orphan_locks)),
                   ", ".join(f"{d} (fence {f})" for d, f in found.orphan_locks[:3]))

@@ -12,11 +12,12 @@ import time
 from collections import Counter, defaultdict
 from datetime import UTC, datetime, timedelta
 
+import httpx
 import pytest
 
 from sendscript.client import SendScriptClient
 from sendscript.dev.embedded import EmbeddedServers
-from sendscript.schedules import Schedule
+from sendscript.schedules import Schedule, fire_tasks
 from sendscript.settings import Settings
 from tests.support import Inspect, Roles, unique_settings, wait_for
 
@@ -219,6 +220,32 @@ def test_two_masters_create_each_fire_once(
     # Both masters took part.
     owners = {t["master"] for t in inspect.db.script_tasks.find({"schedule": "every-second"})}
     assert owners <= {settings.master_id, settings.master_id + "-b"}
+
+
+def test_a_fire_stored_but_never_queued_is_reconciled_and_runs_once(
+    settings: Settings, roles: Roles, inspect: Inspect
+) -> None:
+    """A fire whose insert landed though the call timed out: its task is stored under
+    the master, pending at attempt 0, on no board, and no retry of the fire will queue
+    it (that fire's time has moved on). The master's reconcile duty finds it."""
+    roles.simulator(run_ms=10, progress=False)
+    roles.consumer()
+    master = roles.master(reconcile_interval_s=0.5, reconcile_grace_s=1.0)
+    fire_at = now() - timedelta(seconds=5)
+    [task] = fire_tasks(interval_schedule("lost-fire", ["rc-1"]), fire_at, ["rc-1"],
+                        settings.key_prefix, settings.master_id, fire_at)
+    inspect.db.script_tasks.insert_one(task.to_doc())
+    wait_for(lambda: (inspect.db.script_tasks.find_one({"_id": task.id}) or {}).get(
+        "status") == "success", 20, "the lost fire's task to run")
+    runs = [r for r in httpx.get(f"{roles.central_url}/runs", timeout=10).json()
+            if r["task_id"] == task.id]
+    assert len(runs) == 1
+    assert [r["attempt"] for r in records_by_task(inspect)[task.id]] == [1]
+    assert int(inspect.redis.hget(settings.keys.stats, "reconciled") or 0) == 1
+    time.sleep(1.5)  # more looks: nothing is queued again
+    assert int(inspect.redis.hget(settings.keys.stats, "reconciled") or 0) == 1
+    log = master.log_path.read_text() if master.log_path else ""
+    assert "were on no board" in log
 
 
 def test_misfire_policies_after_a_master_outage(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -473,3 +474,43 @@ async def test_the_retry_delay_takes_the_task_then_the_queue_then_the_default_ba
     assert done.outcome == "retry" and done.run_at is not None
     assert before + timedelta(seconds=low) <= done.run_at
     assert done.run_at <= utcnow() + timedelta(seconds=high)
+
+
+async def test_a_worker_stalled_past_its_send_window_undoes_instead_of_sending(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase,
+    central: Central, locks: DeviceLocks, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Between its record and its POST a worker stalls (here parked by the test-only
+    hold file; in production a slow store ridden out) longer than its lock can be
+    trusted: the lock's margin, or the orphaned-lock sweep's grace, may have run out
+    and another attempt may hold the device. It undoes the attempt and sends nothing."""
+    point = tmp_path / "point"
+    monkeypatch.setenv("SENDSCRIPT_TEST_CRASH_POINT", str(point))
+    held = Path(f"{point}.hold-before-send-dev-1.held")
+    Path(f"{point}.hold-before-send-dev-1").write_text("")  # noqa: ASYNC240 (a test's file)
+    client = CentralClient(central.url, connect_timeout_s=2, timeout_s=5)
+    handler = ScriptHandler(
+        redis_client=redis_client, db=db, central=client, worker_name=WORKER,
+        settings=settings.model_copy(update={"lock_margin_s": 0.8, "orphan_lock_grace_s": 30}))
+    assert handler.send_window_s == 0.4
+    h = await stored_task(db)
+    try:
+        running = asyncio.create_task(handler.handle(h))
+        for _ in range(200):
+            if held.exists():  # noqa: ASYNC240
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the handler did not reach the send")
+        await asyncio.sleep(0.6)  # past the window
+        held.unlink()  # noqa: ASYNC240
+        done = await asyncio.wait_for(running, 10)
+    finally:
+        await client.aclose()
+
+    assert done.outcome == "error" and "since the device lock was taken" in (done.error or "")
+    assert central.requests == []
+    task = await db[TASKS].find_one({"_id": h.task_id})
+    assert task is not None and task["status"] == "pending" and task["attempt"] == 0
+    assert await db[RECORDS].count_documents({"task_id": h.task_id}) == 0
+    assert await locks.holders(["dev-1"]) == [None]

@@ -44,6 +44,24 @@ async def test_acquire_gives_increasing_fences_and_zero_when_locked(
     assert await locks.holders([]) == []
 
 
+async def test_a_lock_taken_for_an_owner_says_whose_it_is_while_it_holds(
+    settings: Settings, redis_client: redis.asyncio.Redis
+) -> None:
+    locks = DeviceLocks(redis_client, settings.keys)
+    [a, _, c] = await locks.acquire_many([("dev-a", TTL_MS, "task-1"), ("dev-b", TTL_MS),
+                                          ("dev-c", TTL_MS, "task-3")])
+    # Locked already: the holder's owner stays.
+    assert await locks.acquire_many([("dev-a", TTL_MS, "task-2")]) == [0]
+    assert await locks.owners(["dev-a", "dev-b", "dev-c", "dev-free"]) == [
+        (a, "task-1"), None, (c, "task-3"), None]
+    # Released, or locked again for no owner: the old entry says nothing any more.
+    await locks.release_many([("dev-a", a), ("dev-c", c)])
+    [c2] = await locks.acquire_many([("dev-c", TTL_MS)])
+    assert c2 > c
+    assert await locks.owners(["dev-a", "dev-c"]) == [None, None]
+    assert await locks.owners([]) == []
+
+
 async def test_acquire_sets_the_ttl(settings: Settings, redis_client: redis.asyncio.Redis) -> None:
     locks = DeviceLocks(redis_client, settings.keys)
     await locks.acquire_many([("dev-short", 5_000), ("dev-long", 600_000)])
