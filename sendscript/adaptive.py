@@ -8,6 +8,12 @@ and 100, as TCP CUBIC moves its window:
   central-control or when the mean send latency of a look exceeds
   `rate_limit_adapt_latency_s` (off by default); at most once a duration, since the
   429s of one overshoot arrive together;
+- but a 429 met while probing at or above the curve's plateau (the highest value
+  the farm last took) only brings it back to one below that plateau, when that is
+  higher: the edge was found where it was, and a full cut there would leave the
+  steady state swinging by a tenth of the capacity at every probe; a second 429
+  (below the plateau now) cuts multiplicatively, so a capacity that fell is
+  followed down as fast as before;
 - nothing is granted under it until a 429's `Retry-After` has passed (`hold`), on
   every master: the reservation script reads the hold;
 - up, while the limit holds tasks back and no hold is in force, along a cubic
@@ -98,7 +104,10 @@ def decide(limit: RateLimit, state: AdaptState, seen: Signals, params: AdaptPara
     if down is not None:
         if now_ms - state.down_at_ms < limit.duration_ms or state.value <= floor:
             return None
-        value = max(floor, state.value * params.decrease)
+        value = state.value * params.decrease
+        if seen.throttled and state.epoch_ms and state.value >= state.plateau:
+            value = max(value, state.plateau - 1)  # a probe past the edge: back below it
+        value = max(floor, value)
         return Change(value, down, True, plateau=max(value, state.value - 1))
     if not state.epoch_ms:  # a curve to climb along, from the value it starts at
         return Change(state.value, state.why, False, plateau=state.value)

@@ -85,6 +85,23 @@ def test_a_held_limit_climbs_back_fast_lingers_below_the_429_then_probes_faster(
     assert climb(DOWN, 60) == 100.0  # never above the ceiling
 
 
+def test_a_429_while_probing_past_the_plateau_goes_back_just_below_it() -> None:
+    # Probing at 41 over a plateau of 40: back to 39, not 36.9; the new plateau is 40.
+    probing = AdaptState(41.0, 8, at_ms=T, down_at_ms=T - 9000, plateau=40.0, base=36.9,
+                         epoch_ms=T - 9000)
+    change = decide(LIM, probing, Signals(throttled=2), AIMD, T)
+    assert change is not None and change.value == 39.0 and change.plateau == 40.0
+    # A 429 again a duration later, below the plateau now: the capacity fell, and the
+    # cut is multiplicative as before.
+    after = AdaptState(39.0, 9, at_ms=T, down_at_ms=T, plateau=40.0, base=39.0, epoch_ms=T)
+    again = decide(LIM, after, Signals(throttled=3), AIMD, T + 1000)
+    assert again is not None and again.value == pytest.approx(35.1)
+    # Far above its plateau (a climb from a low start), the usual cut.
+    high = AdaptState(60.0, 3, down_at_ms=T - 9000, plateau=30.0, base=30.0, epoch_ms=T - 9000)
+    cut = decide(LIM, high, Signals(throttled=1), AIMD, T)
+    assert cut is not None and cut.value == pytest.approx(54.0)
+
+
 def test_it_climbs_only_while_holding_tasks_back_and_never_under_a_hold() -> None:
     assert climb(DOWN, 10, Signals()) == 36.9  # the limit is not what holds tasks back
     held = AdaptState(36.9, 7, at_ms=T, down_at_ms=T, plateau=40.0, base=36.9,
