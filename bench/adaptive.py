@@ -106,6 +106,8 @@ class Run:
     throttled: int  # 429s in all
     ok: bool
     notes: list[str] = field(default_factory=list)
+    # (seconds from the first phase's start, the limit's value, why it last moved)
+    samples: list[tuple[float, float, str]] = field(default_factory=list)
 
 
 def run_all(opts: Options) -> list[Run]:
@@ -153,6 +155,7 @@ def _measure(stack: LocalStack, settings: Settings, opts: Options, masters: int,
     notes: list[str] = []
     pushed = 0
     samples: list[tuple[float, float]] = []  # (time, the limit's shared value)
+    whys: list[str] = []  # why it last moved, at each sample
     starts: list[float] = []  # each phase's start
     try:
         for capacity in opts.capacities:
@@ -167,8 +170,9 @@ def _measure(stack: LocalStack, settings: Settings, opts: Options, masters: int,
                              for n in range(pushed, pushed + FEED_CHUNK)]
                     client.lpush(settings.keys.ready, *specs)
                     pushed += FEED_CHUNK
-                cur = client.hget(settings.keys.rate_limit("global"), "cur")
+                cur, why = client.hmget(settings.keys.rate_limit("global"), "cur", "why")
                 samples.append((now, float(cur) if cur else float(opts.start)))
+                whys.append(why.decode() if why else "")
                 time.sleep(max(0.0, opts.sample_s - (time.time() - now)))
         starts.append(time.time())
         farm.post("/config", json={"capacity": None}).raise_for_status()
@@ -190,8 +194,10 @@ def _measure(stack: LocalStack, settings: Settings, opts: Options, masters: int,
               for cap, s, e in zip(opts.capacities, starts, starts[1:], strict=False)]
     success = counted.statuses.get("success", 0)
     ok = all(p.ok for p in phases) and counted.ok and success == pushed
+    t0 = starts[0]
+    trace = [(round(t - t0, 2), v, w) for (t, v), w in zip(samples, whys, strict=True)]
     return Run(masters, rule, phases, pushed, counted.statuses, counted.as_dict(),
-               counted.line(), attempts_above_1, len(throttled), ok, notes)
+               counted.line(), attempts_above_1, len(throttled), ok, notes, trace)
 
 
 def phase(opts: Options, capacity: float, samples: list[tuple[float, float]],

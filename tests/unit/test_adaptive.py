@@ -58,9 +58,9 @@ def test_latency_above_the_target_lowers_it_and_the_first_look_anchors_a_curve()
 
 
 # After a 429 at 41: down to 36.9, a curve through 36.9 that lingers at 40. With
-# step 0.025 and ceiling 100 it climbs 2.5 tokens in 5 s past its plateau; it
-# reaches the plateau k = (3.1 / 0.02) ** (1/3) = 5.37 s after the decrease.
-AIMD = AdaptParams(decrease=0.9, step=0.025)
+# step 0.0625 of that plateau it climbs 2.5 tokens in 5 s past it; it reaches the
+# plateau k = (3.1 / 0.02) ** (1/3) = 5.37 s after the decrease.
+AIMD = AdaptParams(decrease=0.9, step=0.0625)
 DOWN = AdaptState(36.9, 7, at_ms=T, down_at_ms=T, plateau=40.0, base=36.9, epoch_ms=T)
 
 
@@ -79,7 +79,7 @@ def test_a_held_limit_climbs_back_fast_lingers_below_the_429_then_probes_faster(
     # Near the plateau, for seconds: the value the farm last took without a 429.
     at_plateau = [climb(DOWN, t) for t in (4.5, 5.0, 5.5, 6.0)]
     assert all(39.9 <= v <= 40.05 for v in at_plateau), at_plateau
-    # Past it, ever faster: 2.5 tokens 5 s on (step x ceiling), 8x that 10 s on.
+    # Past it, ever faster: 2.5 tokens 5 s on (step x plateau), 8x that 10 s on.
     assert climb(DOWN, 5.37 + 5) == pytest.approx(42.5, abs=0.1)
     assert climb(DOWN, 5.37 + 10) == pytest.approx(60.0, abs=0.2)
     assert climb(DOWN, 60) == 100.0  # never above the ceiling
@@ -100,6 +100,20 @@ def test_a_429_while_probing_past_the_plateau_goes_back_just_below_it() -> None:
     high = AdaptState(60.0, 3, down_at_ms=T - 9000, plateau=30.0, base=30.0, epoch_ms=T - 9000)
     cut = decide(LIM, high, Signals(throttled=1), AIMD, T)
     assert cut is not None and cut.value == pytest.approx(54.0)
+
+
+def test_the_climb_scales_with_the_plateau_not_the_ceiling() -> None:
+    # The same curve in durations, a farm that takes 20 a second against one that
+    # takes 40: half the tokens at every point past the plateau.
+    def past_plateau(plateau: float, after_s: float) -> float:
+        base = plateau * 0.9
+        state = AdaptState(base, 7, at_ms=T, down_at_ms=T, plateau=plateau, base=base,
+                           epoch_ms=T)
+        k = ((plateau - base) / (0.0625 * plateau / 125)) ** (1 / 3)
+        return climb(state, k + after_s) - plateau
+    assert past_plateau(20, 5) == pytest.approx(1.25, abs=0.06)
+    assert past_plateau(40, 5) == pytest.approx(2.5, abs=0.06)
+    assert past_plateau(20, 10) == pytest.approx(10.0, abs=0.1)
 
 
 def test_it_climbs_only_while_holding_tasks_back_and_never_under_a_hold() -> None:
