@@ -22,9 +22,9 @@ and 100, as TCP CUBIC moves its window:
   there, then probes above it ever faster, so that a farm that took more finds the
   limit again within seconds while a steady farm sees a 429 only every few
   durations. Past its plateau the curve climbs `rate_limit_adapt_step` x the
-  plateau in 5 durations (default 0.02), 8 times that in 10, and in proportion to
-  the value as it grows: the probe scales with the capacity found, so a slow farm
-  is not overshot by a fast climb. Time on the curve counts
+  plateau in 5 durations (default 0.02), 8 times that in 10 (+166 % in 22): the
+  probe scales with the capacity found, so a slow farm is not overshot by a fast
+  climb, and a farm that took three times more is found within about 30 durations. Time on the curve counts
   from the decrease or the end of its hold, whichever is later.
 
 The value lives in the limit's Redis hash (`sendscript.limits`), shared by every
@@ -116,11 +116,10 @@ def decide(limit: RateLimit, state: AdaptState, seen: Signals, params: AdaptPara
     if not seen.held or now_ms < state.hold_ms or state.value >= ceil:
         return None
     t = (now_ms - max(state.epoch_ms, state.hold_ms)) / limit.duration_ms
-    # The climb scales with where the limit works (its plateau, or the value once past
-    # it), not with its ceiling: a farm taking 20 a second is probed by tenths of a
-    # token, one taking 80 by tokens, and a farm that took far more is caught up with
-    # in proportion.
-    scale = max(state.value, state.plateau, floor, 1.0)
+    # The climb scales with where the limit works (its plateau), not with its ceiling:
+    # a farm taking 20 a second is probed by tenths of a token, one taking 80 by tokens.
+    # (Scaled with the value instead, it compounds: a long climb runs away.)
+    scale = max(state.plateau, floor, 1.0)
     target = min(ceil, curve(state, params.step * scale / CURVE_DURATIONS ** 3, t))
     if math.floor(target) <= math.floor(state.value):  # the tokens in force: unchanged
         return None

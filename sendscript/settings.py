@@ -222,8 +222,8 @@ class Settings(BaseSettings):
     # Retry-After holds the limit on every master; while the limit holds tasks back
     # and no hold is in force it climbs along a cubic curve (back to just below the
     # value that drew the 429, then past it by rate_limit_adapt_step x that plateau
-    # in 5 durations, ever faster, in proportion to the value). Each master looks
-    # every rate_limit_adapt_tick_s (at once on a 429).
+    # in 5 durations, ever faster). Each master looks every rate_limit_adapt_tick_s
+    # (at once on a 429).
     rate_limit_adapt_decrease: float = Field(0.9, gt=0, lt=1)
     rate_limit_adapt_step: float = Field(0.02, gt=0, le=1)
     rate_limit_adapt_latency_s: float | None = Field(None, gt=0)
