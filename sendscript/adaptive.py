@@ -24,8 +24,9 @@ and 100, as TCP CUBIC moves its window:
   durations. Past its plateau the curve climbs `rate_limit_adapt_step` x the
   plateau in 5 durations (default 0.02), 8 times that in 10 (+166 % in 22): the
   probe scales with the capacity found, so a slow farm is not overshot by a fast
-  climb, and a farm that took three times more is found within about 30 durations. Time on the curve counts
-  from the decrease or the end of its hold, whichever is later.
+  climb, and a farm that took three times more is found within about 30
+  durations. Time on the curve counts from the decrease or the end of its hold,
+  whichever is later.
 
 The value lives in the limit's Redis hash (`sendscript.limits`), shared by every
 master and changed live: each master proposes a change as a compare-and-set on the
