@@ -65,13 +65,17 @@ class CpuQuota:
     def create(self, name: str, cpus: float) -> Path:
         group = self.root / name
         group.mkdir()
+        self.set(group, cpus)
+        return group
+
+    def set(self, group: Path, cpus: float) -> None:
+        """The group's quota, now: members keep running under the new one."""
         quota = max(1000, int(cpus * PERIOD_US))
         if self.version == 2:
             (group / "cpu.max").write_text(f"{quota} {PERIOD_US}\n")
         else:
             (group / "cpu.cfs_period_us").write_text(f"{PERIOD_US}\n")
             (group / "cpu.cfs_quota_us").write_text(f"{quota}\n")
-        return group
 
     @staticmethod
     def stat(group: Path) -> dict[str, int]:
@@ -164,6 +168,13 @@ class Hosts:
         self.quota = backend
         for name, cpus in self.cpu.items():
             self.groups[name] = backend.create(f"sendscript-{self.tag}-{name}", cpus)
+
+    def set_cpu(self, name: str, cpus: float) -> None:
+        """Change host `name`'s CPU quota (a no-op where no quota could be set)."""
+        group = self.groups.get(name)
+        if group is not None and self.quota is not None:
+            self.quota.set(group, cpus)
+            self.cpu[name] = cpus
 
     def command(self, name: str, argv: Sequence[str]) -> list[str]:
         """argv run in host `name`: inside its cgroup (children too), then its namespace.

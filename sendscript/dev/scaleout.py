@@ -56,6 +56,7 @@ from sendscript.dev.chaos import (
     check_refusals,
     print_report,
 )
+from sendscript.dev.cputime import CpuTimes
 from sendscript.dev.embedded import MongoServer, PulsarServer, free_port
 from sendscript.dev.fires import FireTally, KeptTally, check_fires, check_kept
 from sendscript.dev.hosts import Hosts
@@ -64,6 +65,7 @@ from sendscript.dev.readback import tasks_by_arg
 from sendscript.dev.topologies import MongoReplicaSet, SentinelGroup
 from sendscript.schedules import Schedule
 from sendscript.settings import Settings
+from sendscript.store import TASKS
 
 CRON = "*/2 * * * * *"
 CRON_INTERVAL_S = 2.0
@@ -88,6 +90,9 @@ class Options:
     scaling: bool = True
     scale_tasks: int = 1500
     scale_devices: int = 300
+    # A master host's quota while throughput is measured: small enough that the masters,
+    # not the shared servers (Mongo above all) nor the rest of a 2-core machine, decide.
+    scale_master_cpu: float = 0.1
     min_ratio: float = 0.8
     seed: int = 1
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -129,6 +134,8 @@ class ScaleRow:
     throttled: float  # share of the master hosts' CPU periods that hit the quota
     statuses: dict[str, int]
     lost: int
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds by role, server
+    ready_max: int = 0  # the most items seen waiting in the ready list
 
 
 class Cluster:
@@ -180,6 +187,18 @@ class Cluster:
         self.mongo = MongoServer(self.workdir / "servers-scaling")
         self.mongo.host = self.hosts.bridge_ip
         self.mongo.start()
+
+    def cpu_roots(self) -> dict[str, int]:
+        """The pids whose process trees the CPU split names: roles and servers."""
+        roots = {n: r.pid for n, r in self.roles.items() if r.running}
+        servers: list[tuple[str, Any]] = [("mongo", self.mongo), ("pulsar", self.pulsar)]
+        if self.group is not None:
+            servers += [("redis", self.group.master), ("redis", self.group.replica)]
+            servers += [("sentinels", s) for s in self.group.sentinels]
+        for i, (name, server) in enumerate(servers):
+            if server is not None and server.running:
+                roots[name if name not in roots else f"{name}.{i}"] = server.proc.pid
+        return roots
 
     def env(self, settings: Settings) -> dict[str, str]:
         return {**os.environ, **settings.to_env(), **self.opts.extra_env}
@@ -493,6 +512,8 @@ def measure_scaling(cluster: Cluster, hosts: int, opts: Options) -> ScaleRow:
             wait_until(lambda n=name: cluster.master_up(settings, n), 120, 0.3,
                        what=f"master {name}")
         before = {m: cluster.hosts.throttled(m) or (0, 0) for m in masters}
+        roots = cluster.cpu_roots()
+        cpu_before = CpuTimes.take(roots)
         items = [json.dumps({"device_id": f"dev-{n % opts.scale_devices:03d}",
                              "script": {"id": "scale", "args": {"n": n}}, "timeout_s": 30})
                  for n in range(opts.scale_tasks)]
@@ -503,7 +524,12 @@ def measure_scaling(cluster: Cluster, hosts: int, opts: Options) -> ScaleRow:
                 client.lpush(settings.keys.ready, *items[i:i + 500])
         finally:
             client.close()
-        docs = _wait_read_back(settings, opts.scale_tasks, opts.settle_timeout_s)
+        depth = _DepthWatch(settings)
+        try:
+            docs = _wait_read_back(settings, opts.scale_tasks, opts.settle_timeout_s)
+        finally:
+            depth.stop()
+        cpu = CpuTimes.take(roots).since(cpu_before)
         after = {m: cluster.hosts.throttled(m) or (0, 0) for m in masters}
     finally:
         cluster.stop_roles(masters + consumers + ["farm"])
@@ -518,10 +544,41 @@ def measure_scaling(cluster: Cluster, hosts: int, opts: Options) -> ScaleRow:
         statuses[d["status"]] = statuses.get(d["status"], 0) + 1
     return ScaleRow(hosts, len(finished), seconds, len(finished) / seconds,
                     throttled / periods if periods else 0.0, statuses,
-                    opts.scale_tasks - len(docs))
+                    opts.scale_tasks - len(docs), cpu, depth.most)
+
+
+class _DepthWatch:
+    """The ready list's length, twice a second, in a thread: items waiting there mean
+    the masters do not keep up with the producer."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.most = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        client = connect.redis_sync(self.settings)
+        try:
+            while not self._stop.wait(0.5):
+                try:
+                    self.most = max(self.most, int(client.llen(self.settings.keys.ready)))
+                except redis.RedisError:
+                    pass
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 def _wait_read_back(settings: Settings, count: int, timeout_s: float) -> dict[Any, Any]:
+    """Every task read back once all are terminal (or at the deadline). The wait polls a
+    count over the status index: reading the documents back costs SecantusDB about a
+    second of CPU for 1,000 tasks, and polling that way made the harness, not the
+    masters, the bottleneck of the measurement."""
     from pymongo import MongoClient
 
     client: MongoClient[dict[str, Any]] = MongoClient(settings.mongo_url,
@@ -529,12 +586,13 @@ def _wait_read_back(settings: Settings, count: int, timeout_s: float) -> dict[An
     db = client.get_default_database()
     try:
         deadline = time.monotonic() + timeout_s
-        while True:
-            docs = tasks_by_arg(db, "n", range(count), ("status", "finished_at"))
-            done = sum(1 for d in docs.values() if d[0]["status"] in TERMINAL)
-            if done == count or time.monotonic() > deadline:
-                return docs
-            time.sleep(2.0)
+        while time.monotonic() < deadline:
+            # Each row has a database of its own: its tasks are the only ones counted.
+            done = db[TASKS].count_documents({"status": {"$in": sorted(TERMINAL)}})
+            if done >= count:
+                break
+            time.sleep(1.0)
+        return tasks_by_arg(db, "n", range(count), ("status", "finished_at"))
     finally:
         client.close()
 
@@ -566,34 +624,44 @@ def run(workdir: Path, opts: Options) -> Result:
         cluster.start()
         quota = (f"cgroup v{cluster.hosts.quota.version} at {cluster.hosts.quota.root}"
                  if cluster.hosts.quota else f"none: {cluster.hosts.quota_refused}")
-        fault_run = FaultRun(cluster, opts)
-        try:
-            fault_run.start()
-            report = fault_run.run_faults()
-        except Exception:
-            print(cluster.log_tails(), file=sys.stderr)
-            raise
-        finally:
-            if fault_run.report.tasks and fault_run.problems():
-                print(cluster.log_tails(), file=sys.stderr)
-            cluster.stop_roles()
-        result = Result(report, fault_run.faults, fault_run.fires, fault_run.kept,
-                        fault_run.problems(), [], quota)
-        print_faults(result, opts)  # before the scaling phase: it takes minutes
-        sys.stdout.flush()
+        result = Result(Report(), Faults(), FireTally(), KeptTally(), [], [], quota)
+        if opts.tasks > 0:
+            result = run_faults(cluster, opts, quota)
+            print_faults(result, opts)  # before the scaling phase: it takes minutes
+            sys.stdout.flush()
         scaling = []
         if opts.scaling:
             cluster.use_standalone_mongo()
+            for name in cluster.hosts.names:
+                if name.startswith("m"):
+                    cluster.hosts.set_cpu(name, opts.scale_master_cpu)
             for n in range(1, opts.masters + 1):
                 scaling.append(measure_scaling(cluster, n, opts))
-        return Result(report, fault_run.faults, fault_run.fires, fault_run.kept,
-                      fault_run.problems(), scaling, quota)
+        result.scaling = scaling
+        return result
     finally:
         cluster.stop()
 
 
+def run_faults(cluster: Cluster, opts: Options, quota: str) -> Result:
+    fault_run = FaultRun(cluster, opts)
+    try:
+        fault_run.start()
+        report = fault_run.run_faults()
+    except Exception:
+        print(cluster.log_tails(), file=sys.stderr)
+        raise
+    finally:
+        if fault_run.report.tasks and fault_run.problems():
+            print(cluster.log_tails(), file=sys.stderr)
+        cluster.stop_roles()
+    return Result(report, fault_run.faults, fault_run.fires, fault_run.kept,
+                  fault_run.problems(), [], quota)
+
+
 def print_result(result: Result, opts: Options) -> None:
-    print_faults(result, opts)
+    if opts.tasks > 0:
+        print_faults(result, opts)
     print_scaling(result, opts)
 
 
@@ -624,11 +692,16 @@ def print_faults(result: Result, opts: Options) -> None:
 
 def print_scaling(result: Result, opts: Options) -> None:
     if result.scaling:
-        print("scaling (read back from Mongo; the machine is shared and loaded):")
+        print(f"scaling ({opts.scale_tasks} tasks pushed at once, {opts.scale_devices} "
+              f"devices; CPU quota {opts.scale_master_cpu} CPU a master host; read back "
+              "from Mongo; the machine is shared and loaded):")
         print("  hosts  tasks  seconds  tasks/s  ratio to N x 1 host  quota throttled")
         for row, ratio in zip(result.scaling, ratios(result.scaling), strict=False):
             print(f"  {row.hosts:>5}  {row.tasks:>5}  {row.seconds:>7.1f}  {row.rate:>7.1f}  "
                   f"{ratio:>19.2f}  {row.throttled:>14.0%}")
+            cpu = ", ".join(f"{k} {v:.1f}" for k, v in sorted(row.cpu.items(),
+                                                               key=lambda kv: -kv[1]))
+            print(f"         CPU s: {cpu}; ready list at most {row.ready_max}")
             if row.lost or set(row.statuses) - {"success"}:
                 print(f"         statuses {row.statuses}, lost {row.lost}")
     print("OK" if result.ok(opts.min_ratio) else "FAILED: " + "; ".join(
@@ -641,7 +714,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path | None]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--masters", type=int, default=d.masters)
     p.add_argument("--consumers", type=int, default=d.consumers)
-    p.add_argument("--tasks", type=int, default=d.tasks, help="tasks in the fault run")
+    p.add_argument("--tasks", type=int, default=d.tasks,
+                   help="tasks in the fault run (0: no fault run, the scaling phase alone)")
     p.add_argument("--rate", type=float, default=d.rate, help="tasks submitted per second")
     p.add_argument("--devices", type=int, default=d.devices)
     p.add_argument("--master-cpu", type=float, default=d.master_cpu,
@@ -653,6 +727,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path | None]:
     p.add_argument("--no-scaling", dest="scaling", action="store_false")
     p.add_argument("--scale-tasks", type=int, default=d.scale_tasks)
     p.add_argument("--scale-devices", type=int, default=d.scale_devices)
+    p.add_argument("--scale-master-cpu", type=float, default=d.scale_master_cpu,
+                   help="CPU quota of a master host in the scaling phase")
     p.add_argument("--min-ratio", type=float, default=d.min_ratio)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -660,9 +736,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path | None]:
     p.add_argument("--workdir", type=Path, help="keep data and logs here")
     a = p.parse_args(argv)
     extra = dict(e.split("=", 1) for e in a.env)
-    opts = Options(a.masters, a.consumers, a.tasks, a.rate, a.devices, a.master_cpu,
-                   a.consumer_cpu, a.workers, a.fault_gap, a.settle_timeout, a.scaling,
-                   a.scale_tasks, a.scale_devices, a.min_ratio, a.seed, extra)
+    opts = Options(masters=a.masters, consumers=a.consumers, tasks=a.tasks, rate=a.rate,
+                   devices=a.devices, master_cpu=a.master_cpu, consumer_cpu=a.consumer_cpu,
+                   workers=a.workers, fault_gap_s=a.fault_gap,
+                   settle_timeout_s=a.settle_timeout, scaling=a.scaling,
+                   scale_tasks=a.scale_tasks, scale_devices=a.scale_devices,
+                   scale_master_cpu=a.scale_master_cpu, min_ratio=a.min_ratio,
+                   seed=a.seed, extra_env=extra)
     return opts, a.workdir
 
 
