@@ -27,8 +27,16 @@ dead worker's task at once when it provably was not sent:
 - the fence it took is said to the master (`on_locked`, a `TaskLocked` on the
   pipe) before the claim;
 - the exec record is the pre-send marker: it is inserted last before the POST,
-  with nothing in between but a local deadline check. No record for the claimed
-  attempt (`task.record_id`) means no POST left; a record means one may have.
+  with nothing in between but local checks. No record for the claimed attempt
+  (`task.record_id`) means no POST left; a record means one may have.
+
+The leader's sweeps take for a dead worker's leftovers a lock that no open record
+holds for `orphan_lock_grace_s` (released) and a task running without its record
+for `running_stuck_s` (pending again). A live worker slower than that between its
+lock and its record (a Mongo failover ridden out in place, a starved CPU) may have
+lost both, and another worker may hold the device: so a record stored later than
+`send_window_s` after the lock was asked for is not followed by a POST; the attempt
+is undone (pending, attempt counter as before, outcome `error`).
 """
 
 from __future__ import annotations
@@ -64,6 +72,20 @@ from worker.central import THROTTLED, CentralClient, CentralError
 # production; nothing reads the file then.
 CRASH_POINT_ENV = "SENDSCRIPT_TEST_CRASH_POINT"
 CRASH_POINTS = ("before-record", "before-send", "after-send")
+
+
+SEND_WINDOW_SHARE = 0.75  # of the shorter sweep grace: the rest is the margin
+
+
+def send_window_s(settings: Settings) -> float | None:
+    """How long after asking for a lock a worker may still store its record and send:
+    three quarters of the shorter of the sweeps' graces (the orphaned-lock one and the
+    stuck-running one). None when a grace is 0: such a sweep never waits, and no
+    window would be safe."""
+    graces = (settings.orphan_lock_grace_s, settings.running_stuck_s)
+    if min(graces) <= 0:
+        return None
+    return SEND_WINDOW_SHARE * min(graces)
 
 
 def crash_point(point: str, device_id: str) -> None:
@@ -115,12 +137,14 @@ class ScriptHandler:
         # Best-effort writes after a step that counts: their failures say "down" once.
         self.writes = OutageLog("worker: bookkeeping writes")
         self.adaptive = any(v.partition("~")[1] for v in settings.rate_limits.values())
+        self.send_window_s = send_window_s(settings)
 
     async def handle(self, h: TaskHandle) -> TaskDone:
         if h.attempt > h.max_retries:
             return await self._exhausted(h)
         if self._past_deadline(h):
             return await self._expire_pending(h)
+        asked = time.monotonic()  # before the lock exists: the window errs on the safe side
         try:
             fence = await self._acquire((h.device_id, self._lock_ttl_ms(h)))
         except Exception as exc:
@@ -154,6 +178,13 @@ class ScriptHandler:
         if self._past_deadline(h):  # the steps above may have taken a while
             return await self._undo(h, fence, attempt, record_id, TaskStatus.EXPIRED,
                                     self._expired_reason(h), "expired")
+        took = time.monotonic() - asked
+        if self.send_window_s is not None and took > self.send_window_s:
+            reason = (f"not sent: {took:.1f}s from lock to record, past the "
+                      f"{self.send_window_s:.1f}s within which the sweeps leave a lock alone")
+            logger.warning("task {} on {}: {}", h.task_id, h.device_id, reason)
+            return await self._undo(h, fence, attempt, record_id, TaskStatus.PENDING, reason,
+                                    "error")
         crash_point("before-send", h.device_id)
         posted = time.monotonic()
         try:
