@@ -439,7 +439,6 @@ class Chaos:
         client: SendScriptClient | None = None
         n = 0
         pending_raw: list[str] | None = None  # a raw batch whose push may have failed
-        interval = 10 / self.rate  # a batch of 10 every interval
         next_at = time.monotonic()
         while not self._stop_load.is_set() or pending_raw is not None:
             # A short result timeout: a silent device holds its lock seconds, not minutes.
@@ -478,7 +477,7 @@ class Chaos:
                 client = None
                 time.sleep(0.5)
                 continue
-            next_at += interval
+            next_at += 10 / self.rate  # a batch of 10; the rate may change
             time.sleep(max(0.0, next_at - time.monotonic()))
         if client is not None:
             client.close()

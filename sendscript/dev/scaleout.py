@@ -90,10 +90,13 @@ class Options:
     tasks: int = 5000
     # Tasks submitted per second in the fault run, and the devices they go to: below
     # what the cluster settles on a loaded 2-core machine with SecantusDB as a replica
-    # set (every retryable write recorded, each write slower past 10,000), and about
-    # 0.2 tasks/s a device, so that the busiest device's queue drains within the bound.
-    rate: float = 25.0
+    # set (every retryable write recorded, each write slower past 10,000; at 40 tasks/s
+    # a worker's lock-to-record step took 4-30 s), and about 0.1 task/s a device.
+    rate: float = 12.0
     devices: int = 120
+    # Once `tasks` are submitted, the load goes on at this rate until the last fault is
+    # over: every fault strikes under load, and a short run stays short.
+    trickle_rate: float = 2.0
     master_cpu: float = 0.25  # CPUs per master host
     consumer_cpu: float = 0.5
     workers: int = 2
@@ -148,6 +151,13 @@ class ScaleRow:
     lost: int
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds by role, server
     ready_max: int = 0  # the most items seen waiting in the ready list
+
+
+# The fault run's sweep graces: a worker sends only within 3/4 of the shorter one from
+# its lock (worker/handler.py), and on a loaded machine with the replica-set Mongo the
+# lock-to-record step takes seconds; at the quick chaos graces (8 s, 6 s) the workers
+# undid hundreds of attempts a minute. The recoveries these graces time take longer.
+FAULT_RUN_GRACES = {"orphan_lock_grace_s": 30.0, "running_stuck_s": 30.0}
 
 
 class Cluster:
@@ -303,7 +313,7 @@ class FaultRun(Chaos):
 
     def start(self) -> None:  # the servers are the cluster's
         c = self.cluster
-        self.settings = c.settings("scaleout")
+        self.settings = c.settings("scaleout", **FAULT_RUN_GRACES)
         self.env = c.env(self.settings)
         farm = []
         for key, value in FARM.items():
@@ -343,6 +353,8 @@ class FaultRun(Chaos):
         # fault strikes under load.
         while (len(self.sdk_ids) + self.raw_sent < self.opts.tasks
                or faults.is_alive()) and load.is_alive():
+            if len(self.sdk_ids) + self.raw_sent >= self.opts.tasks:
+                self.rate = min(self.rate, self.opts.trickle_rate)
             self._supervise()
             time.sleep(0.2)
         self._stop_load.set()
@@ -730,6 +742,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path | None]:
                    help="tasks in the fault run (0: no fault run, the scaling phase alone)")
     p.add_argument("--rate", type=float, default=d.rate, help="tasks submitted per second")
     p.add_argument("--devices", type=int, default=d.devices)
+    p.add_argument("--trickle-rate", type=float, default=d.trickle_rate,
+                   help="tasks/s after --tasks are submitted, until the last fault is over")
     p.add_argument("--master-cpu", type=float, default=d.master_cpu,
                    help="CPU quota of a master host, in CPUs")
     p.add_argument("--consumer-cpu", type=float, default=d.consumer_cpu)
@@ -749,7 +763,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path | None]:
     a = p.parse_args(argv)
     extra = dict(e.split("=", 1) for e in a.env)
     opts = Options(masters=a.masters, consumers=a.consumers, tasks=a.tasks, rate=a.rate,
-                   devices=a.devices, master_cpu=a.master_cpu, consumer_cpu=a.consumer_cpu,
+                   devices=a.devices, trickle_rate=a.trickle_rate,
+                   master_cpu=a.master_cpu, consumer_cpu=a.consumer_cpu,
                    workers=a.workers, fault_gap_s=a.fault_gap,
                    settle_timeout_s=a.settle_timeout, scaling=a.scaling,
                    scale_tasks=a.scale_tasks, scale_devices=a.scale_devices,
