@@ -104,6 +104,11 @@ class Scheduler:
                                self.settings.master_id, now)
             stored = await self.tasks.store(tasks)
             created += stored.created
+            # Stored under this master's id, they are its own to queue whatever follows:
+            # a schedule update that fails next (a Mongo step-down) must not leave them
+            # pending under a live master that holds them nowhere, where no sweep looks.
+            if stored.created:
+                self.on_tasks(stored.created)
         moved = await self.schedules.update_one(
             {"_id": schedule.name, "next_fire_at": schedule.next_fire_at},
             {"$set": {"next_fire_at": p.next_fire_at, "updated_at": now,
@@ -114,7 +119,6 @@ class Scheduler:
             self.fired += len(p.fires)
             logger.info("schedule {} fired at {}: {} task(s)", schedule.name,
                         [f.isoformat() for f in p.fires], len(created))
-            self.on_tasks(created)
         elif moved.matched_count:
             logger.debug("schedule {}: fire already created by another master", schedule.name)
         return len(created)

@@ -170,6 +170,44 @@ def _push(r: redis.Redis, settings: Settings, start: int, n: int) -> None:
     r.lpush(settings.keys.ready, *items)
 
 
+async def test_a_fire_whose_schedule_update_fails_still_queues_its_stored_tasks(
+    stores, settings, rs: MongoReplicaSet,  # type: ignore[no-untyped-def]
+) -> None:
+    """The fire's tasks are stored under this master's id, then the schedule's update
+    fails (a step-down). The retried fire finds them stored (dedupe) and creates none:
+    unless the first one queued them, they stay pending under a live master that holds
+    them nowhere, and no sweep looks there (seen in the multi-host run: 3 cron tasks
+    pending for 12 minutes)."""
+    from datetime import timedelta
+
+    from master.scheduler import Scheduler
+    from sendscript.models import TaskTemplate
+    from sendscript.schedules import Schedule
+    from sendscript.store import SCHEDULES
+
+    tasks, _ = stores
+    now = utcnow()
+    due = now.replace(microsecond=0) - timedelta(seconds=1)
+    schedule = Schedule(_id="every-minute", cron="* * * * *", device_ids=["c0", "c1"],
+                        template=TaskTemplate(script={"id": "cron"}), next_fire_at=due)
+    client = connect.mongo_async(settings)
+    queued: list[Task] = []
+    try:
+        db = connect.database(client)
+        await db[SCHEDULES].insert_one(schedule.to_doc())
+        scheduler = Scheduler(settings, db, tasks, queued.extend, now - timedelta(minutes=5))
+        rs.fail_command(["update"], NOT_WRITABLE_PRIMARY, times=2)  # the driver retries once
+        with pytest.raises(Exception, match=r"10107|not primary|NotWritablePrimary"):
+            await scheduler.fire(schedule, now)
+        assert sorted(t.device_id for t in queued) == ["c0", "c1"]
+        assert await scheduler.fire(schedule, utcnow()) == 0, "the retry creates none"
+        stored = [d async for d in db["script_tasks"].find({"schedule": "every-minute"})]
+        assert sorted(d["_id"] for d in stored) == sorted(t.id for t in queued)
+        assert {d["master"] for d in stored} == {settings.master_id}
+    finally:
+        await client.close()
+
+
 def test_every_task_succeeds_once_through_step_downs_and_injected_failover_errors(
         servers: EmbeddedServers, rs: MongoReplicaSet, tmp_path: Path) -> None:
     settings = rs_settings(servers, rs, heartbeat_interval_s=0.5, worker_concurrency=16)
