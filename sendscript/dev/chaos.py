@@ -365,6 +365,7 @@ class Chaos:
         self.workdir = workdir
         self.devices = devices
         self.rate = rate
+        self.task_timeout_s = 6.0  # each submitted task's result timeout
         self.server_stop = server_stop
         self.rand = random.Random(seed)
         self.servers = EmbeddedServers(workdir / "servers")
@@ -443,7 +444,8 @@ class Chaos:
         while not self._stop_load.is_set() or pending_raw is not None:
             # A short result timeout: a silent device holds its lock seconds, not minutes.
             specs = [{"device_id": f"dev-{self.rand.randrange(self.devices):03d}",
-                      "script": {"id": "chaos", "args": {"n": n + i}}, "timeout_s": 6.0}
+                      "script": {"id": "chaos", "args": {"n": n + i}},
+                      "timeout_s": self.task_timeout_s}
                      for i in range(10)]
             try:
                 if client is None:
