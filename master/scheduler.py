@@ -19,6 +19,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from sendscript.backoff import Backoff
 from sendscript.cron import plan
+from sendscript.failover import ride_out
 from sendscript.groups import devices_of
 from sendscript.models import Task, utcnow
 from sendscript.schedules import Schedule, fire_tasks
@@ -109,12 +110,15 @@ class Scheduler:
             # pending under a live master that holds them nowhere, where no sweep looks.
             if stored.created:
                 self.on_tasks(stored.created)
-        moved = await self.schedules.update_one(
+        # A compare-and-set on next_fire_at: run twice, the second matches nothing. Ridden
+        # out through a failover, or the fire time it moves past would count as missed
+        # on the next try, which fires a catch-up besides the fire stored here.
+        moved = await ride_out(lambda: self.schedules.update_one(
             {"_id": schedule.name, "next_fire_at": schedule.next_fire_at},
             {"$set": {"next_fire_at": p.next_fire_at, "updated_at": now,
                       **({"last_fire_at": p.fires[-1]} if p.fires else {})},
              "$inc": {"fires": len(p.fires), "missed": p.missed}},
-        )
+        ), self.settings.mongo_failover_s)
         if created:
             self.fired += len(p.fires)
             logger.info("schedule {} fired at {}: {} task(s)", schedule.name,
