@@ -184,7 +184,8 @@ async def _fire_through_update_failures(settings: Settings, tasks: TaskStore,
 
     now = utcnow()
     due = now.replace(microsecond=0) - timedelta(seconds=1)
-    schedule = Schedule(_id="every-minute", cron="* * * * *", device_ids=["c0", "c1"],
+    # Yearly: no second fire time can fall between `due` and the fire.
+    schedule = Schedule(_id="yearly", cron="0 0 1 1 *", device_ids=["c0", "c1"],
                         template=TaskTemplate(script={"id": "cron"}), next_fire_at=due)
     db = connect.database(connect.mongo_async(settings))
     await db[SCHEDULES].insert_one(schedule.to_doc())
@@ -206,7 +207,7 @@ async def test_a_fire_rides_out_a_failed_schedule_update(
 ) -> None:
     outcome, queued, db = await _fire_through_update_failures(settings, stores[0], rs)
     assert outcome == 2 and sorted(t.device_id for t in queued) == ["c0", "c1"]
-    doc = await db["schedules"].find_one({"_id": "every-minute"})
+    doc = await db["schedules"].find_one({"_id": "yearly"})
     assert doc["fires"] == 1 and doc["missed"] == 0, "one fire, none counted missed"
     await db.client.close()
 
@@ -225,7 +226,7 @@ async def test_a_fire_whose_schedule_update_fails_still_queues_its_stored_tasks(
     assert "10107" in str(error) or "not primary" in str(error).lower()
     assert second == 0, "the retried fire creates none"
     assert sorted(t.device_id for t in queued) == ["c0", "c1"]
-    stored = [d async for d in db["script_tasks"].find({"schedule": "every-minute"})]
+    stored = [d async for d in db["script_tasks"].find({"schedule": "yearly"})]
     assert sorted(d["_id"] for d in stored) == sorted(t.id for t in queued)
     assert {d["master"] for d in stored} == {settings.master_id}
     await db.client.close()
