@@ -82,6 +82,12 @@ SCALING_INTERVALS = {key: Settings.model_fields[key].default for key in (
     "running_stuck_s", "orphan_lock_grace_s")}
 FAST_FARM = ["--run-ms", "20", "--jitter", "0.2", "--no-progress", "--seed", "3"]
 
+# The tasks' result timeout in the fault run: on the loaded machine a result took up to
+# 21 s from the device to Mongo, and at 6 s the result timeout retried tasks whose
+# success was on its way (two runs and, by a race in the timeout sweep, two success
+# records). A silent device (2 % of runs) holds its lock this long.
+FAULT_RUN_TASK_TIMEOUT_S = 30.0
+
 
 @dataclass
 class Options:
@@ -97,6 +103,7 @@ class Options:
     # Once `tasks` are submitted, the load goes on at this rate until the last fault is
     # over: every fault strikes under load, and a short run stays short.
     trickle_rate: float = 2.0
+    task_timeout_s: float = FAULT_RUN_TASK_TIMEOUT_S  # each task's result timeout
     master_cpu: float = 0.25  # CPUs per master host
     consumer_cpu: float = 0.5
     workers: int = 2
@@ -158,11 +165,6 @@ class ScaleRow:
 # lock-to-record step takes seconds; at the quick chaos graces (8 s, 6 s) the workers
 # undid hundreds of attempts a minute. The recoveries these graces time take longer.
 FAULT_RUN_GRACES = {"orphan_lock_grace_s": 30.0, "running_stuck_s": 30.0}
-# The tasks' result timeout in the fault run: on the loaded machine a result took up to
-# 21 s from the device to Mongo, and at 6 s the result timeout retried tasks whose
-# success was on its way (two runs and, by a race in the timeout sweep, two success
-# records). A silent device (2 % of runs) holds its lock this long.
-FAULT_RUN_TASK_TIMEOUT_S = 30.0
 
 
 class Cluster:
@@ -309,7 +311,7 @@ class FaultRun(Chaos):
 
     def __init__(self, cluster: Cluster, opts: Options) -> None:
         super().__init__(cluster.workdir, devices=opts.devices, rate=opts.rate, seed=opts.seed)
-        self.task_timeout_s = FAULT_RUN_TASK_TIMEOUT_S
+        self.task_timeout_s = opts.task_timeout_s
         self.cluster = cluster
         self.opts = opts
         self.faults = Faults()
@@ -335,7 +337,7 @@ class FaultRun(Chaos):
 
         client = SendScriptClient(self.settings)
         try:
-            template = TaskTemplate(script={"id": "cron"}, timeout_s=FAULT_RUN_TASK_TIMEOUT_S)
+            template = TaskTemplate(script={"id": "cron"}, timeout_s=self.opts.task_timeout_s)
             client.schedule_add(Schedule(_id=SCHEDULE, cron=CRON, device_ids=CRON_DEVICES,
                                          template=template))
         finally:
