@@ -22,6 +22,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from sendscript.backoff import Backoff
 from sendscript.cron import plan
+from sendscript.failover import ride_out
 from sendscript.groups import devices_of
 from sendscript.models import Task, utcnow
 from sendscript.schedules import Schedule, fire_tasks
@@ -107,18 +108,27 @@ class Scheduler:
             tasks = fire_tasks(schedule, fire_at, devices, self.settings.key_prefix,
                                self.settings.master_id, now)
             stored = await self.tasks.store(tasks)
-            created += stored.created + await self._ours_unqueued(stored.stored_before)
-        moved = await self.schedules.update_one(
+            # Ours to queue whatever follows: those it created now, and those an earlier
+            # try of this fire stored under this master and never queued. A schedule
+            # update that fails next (a Mongo step-down) must not leave them pending
+            # under a live master that holds them nowhere, where no sweep looks.
+            mine = stored.created + await self._ours_unqueued(stored.stored_before)
+            created += mine
+            if mine:
+                self.on_tasks(mine)
+        # A compare-and-set on next_fire_at: run twice, the second matches nothing. Ridden
+        # out through a failover, or the fire time it moves past would count as missed
+        # on the next try, which fires a catch-up besides the fire stored here.
+        moved = await ride_out(lambda: self.schedules.update_one(
             {"_id": schedule.name, "next_fire_at": schedule.next_fire_at},
             {"$set": {"next_fire_at": p.next_fire_at, "updated_at": now,
                       **({"last_fire_at": p.fires[-1]} if p.fires else {})},
              "$inc": {"fires": len(p.fires), "missed": p.missed}},
-        )
+        ), self.settings.mongo_failover_s)
         if created:
             self.fired += len(p.fires)
             logger.info("schedule {} fired at {}: {} task(s)", schedule.name,
                         [f.isoformat() for f in p.fires], len(created))
-            self.on_tasks(created)
         elif moved.matched_count:
             logger.debug("schedule {}: fire already created by another master", schedule.name)
         return len(created)

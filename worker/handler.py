@@ -11,9 +11,7 @@ uses no attempt). A task whose deadline (`TaskHandle.deadline`: its expire_at or
 its queue's max_wait) has passed is not sent: checked before the lock and again
 right before the POST; past it, the task becomes `expired` (a claimed one loses
 its record and gets its attempt counter back: nothing was sent) and the answer is
-`expired`. A worker that reaches the POST later than `send_window_s` after taking
-the lock (stalled by a slow store) does not send: its lock may have expired or been
-freed as orphaned; the attempt is undone and the answer is `error`.
+`expired`.
 Each Mongo and Redis step is coalesced across the tasks the worker holds at once
 (group commit), so a busy worker pays one round trip per step per batch, not per
 task.
@@ -29,8 +27,17 @@ dead worker's task at once when it provably was not sent:
 - the fence it took is said to the master (`on_locked`, a `TaskLocked` on the
   pipe) before the claim;
 - the exec record is the pre-send marker: it is inserted last before the POST,
-  with nothing in between but a local deadline check. No record for the claimed
-  attempt (`task.record_id`) means no POST left; a record means one may have.
+  with nothing in between but local checks. No record for the claimed attempt
+  (`task.record_id`) means no POST left; a record means one may have.
+
+The leader's sweeps take for a dead worker's leftovers a lock that no open record
+holds for `orphan_lock_grace_s` (released) and a task running without its record
+for `running_stuck_s` (pending again). A live worker slower than that between its
+lock and its record (a Mongo failover ridden out in place, a starved CPU) may have
+lost both (or its lock's TTL may have run out), and another worker may hold the
+device: so a worker that reaches the POST later than `send_window_s` (half the
+shortest of the lock margin and those graces) after asking for the lock does not
+send; the attempt is undone (pending, attempt counter as before, outcome `error`).
 """
 
 from __future__ import annotations
@@ -71,6 +78,21 @@ from worker.central import THROTTLED, CentralClient, CentralError
 # master's process group. Unset in production; nothing reads the files then.
 CRASH_POINT_ENV = "SENDSCRIPT_TEST_CRASH_POINT"
 CRASH_POINTS = ("before-record", "before-send", "after-send")
+
+
+SEND_WINDOW_SHARE = 0.5  # of the shortest of the margin and the sweeps' graces
+
+
+def send_window_s(settings: Settings) -> float:
+    """How long after asking for its lock a worker may still send: half the shortest
+    of the lock's margin (its TTL is the task's timeout plus that margin) and the
+    sweeps' graces (the orphaned-lock one frees a lock no record holds, the
+    stuck-running one takes back a task running without its record). The other half
+    is for the two processes' clocks and the POST's own way. A grace of 0 (that
+    sweep never waits) leaves the others to bound it."""
+    bounds = [b for b in (settings.lock_margin_s, settings.orphan_lock_grace_s,
+                          settings.running_stuck_s) if b > 0]
+    return SEND_WINDOW_SHARE * min(bounds)
 
 
 async def crash_point(point: str, device_id: str) -> None:
@@ -124,14 +146,6 @@ class ScriptHandler:
         self.settings = settings
         self.worker_name = worker_name
         self.lock_margin_s = settings.lock_margin_s
-        # The longest a POST may follow the lock: its TTL must still cover the run
-        # (timeout_s of the TTL's timeout_s + margin), and the orphaned-lock sweep may
-        # free a lock whose record it has not seen for its grace. Half of the shorter,
-        # for the clocks of two processes and the POST's own way. A worker stalled
-        # longer (riding out a slow Mongo) undoes the attempt instead of sending
-        # without its lock.
-        grace = settings.orphan_lock_grace_s or settings.lock_margin_s
-        self.send_window_s = min(settings.lock_margin_s, grace) / 2
         self.central = central
         self.tasks = TaskStore(db)
         self.records = RecordStore(db)
@@ -150,6 +164,7 @@ class ScriptHandler:
         # Best-effort writes after a step that counts: their failures say "down" once.
         self.writes = OutageLog("worker: bookkeeping writes")
         self.adaptive = any(v.partition("~")[1] for v in settings.rate_limits.values())
+        self.send_window_s = send_window_s(settings)
 
     async def handle(self, h: TaskHandle) -> TaskDone:
         if not tracing.ON or not h.trace:
@@ -216,10 +231,12 @@ class ScriptHandler:
                                     self._expired_reason(h), "expired")
         await crash_point("before-send", h.device_id)
         if (held := time.monotonic() - asked) > self.send_window_s:
-            return await self._undo(h, fence, attempt, record_id, TaskStatus.PENDING,
-                                    f"not sent: {held:.1f}s since the device lock was taken "
-                                    f"(at most {self.send_window_s:g}s: the lock may no longer "
-                                    "cover the run)", "error")
+            reason = (f"not sent: {held:.1f}s since the device lock was asked for, past "
+                      f"the {self.send_window_s:g}s within which its TTL and the sweeps "
+                      "leave it alone")
+            logger.warning("task {} on {}: {}", h.task_id, h.device_id, reason)
+            return await self._undo(h, fence, attempt, record_id, TaskStatus.PENDING, reason,
+                                    "error")
         posted = time.monotonic()
         try:
             await self.central.send_script(

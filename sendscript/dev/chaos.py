@@ -365,6 +365,7 @@ class Chaos:
         self.workdir = workdir
         self.devices = devices
         self.rate = rate
+        self.task_timeout_s = 6.0  # each submitted task's result timeout
         self.server_stop = server_stop
         self.rand = random.Random(seed)
         self.servers = EmbeddedServers(workdir / "servers")
@@ -439,12 +440,12 @@ class Chaos:
         client: SendScriptClient | None = None
         n = 0
         pending_raw: list[str] | None = None  # a raw batch whose push may have failed
-        interval = 10 / self.rate  # a batch of 10 every interval
         next_at = time.monotonic()
         while not self._stop_load.is_set() or pending_raw is not None:
             # A short result timeout: a silent device holds its lock seconds, not minutes.
             specs = [{"device_id": f"dev-{self.rand.randrange(self.devices):03d}",
-                      "script": {"id": "chaos", "args": {"n": n + i}}, "timeout_s": 6.0}
+                      "script": {"id": "chaos", "args": {"n": n + i}},
+                      "timeout_s": self.task_timeout_s}
                      for i in range(10)]
             try:
                 if client is None:
@@ -478,7 +479,7 @@ class Chaos:
                 client = None
                 time.sleep(0.5)
                 continue
-            next_at += interval
+            next_at += 10 / self.rate  # a batch of 10; the rate may change
             time.sleep(max(0.0, next_at - time.monotonic()))
         if client is not None:
             client.close()

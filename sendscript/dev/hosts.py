@@ -13,24 +13,38 @@ cgroup are killed first, since a cgroup with members cannot be removed.
 
 CPU quotas use cgroup v2 `cpu.max` where the unified hierarchy has the cpu controller,
 else cgroup v1 `cpu.cfs_quota_us` (a hybrid host binds cpu to v1, and v2 then cannot
-take it). Root and `ip` (iproute2) are needed; `unavailable()` says why not.
+take it); where neither can be written (a read-only cgroup mount in a container) the
+hosts run without quotas and `quota_refused` says why. Root and `ip` (iproute2) are
+needed, and a kernel and privileges that let them make a namespace, a bridge and a
+veth pair: `unavailable()` tries exactly that once and says why not.
+
+The bridge carries the pid of the process that made it (its alias): a run killed
+before it could clean up (SIGKILL, a test timeout) leaves a bridge, namespaces and
+cgroups whose owner is dead, and the next run removes them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import os
 import shutil
 import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PERIOD_US = 100_000
 SUBNET_BASE = "10.251"
+ALIAS = "sendscript-hosts pid "
+# Held while a subnet is picked and claimed: two runs at once on one machine (tests in
+# parallel) would otherwise both see N free and put the same subnet on two bridges.
+LOCK_PATH = (Path("/run") if Path("/run").is_dir() else Path("/tmp")) / "sendscript-hosts.lock"
 
 
 def unavailable() -> str | None:
@@ -39,7 +53,30 @@ def unavailable() -> str | None:
         return "network namespaces need root"
     if shutil.which("ip") is None:
         return "the `ip` command (iproute2) is missing"
-    return None
+    return _probe()
+
+
+@functools.cache
+def _probe() -> str | None:
+    """Make and remove a namespace, a bridge and a veth pair: the kernel (bridge, veth
+    modules) and the privileges (CAP_SYS_ADMIN, CAP_NET_ADMIN) either allow it or the
+    failing command's message says why not."""
+    tag = f"ssprobe{os.getpid() % 100000}"
+    steps = [("netns", "add", tag), ("link", "add", tag + "b", "type", "bridge"),
+             ("link", "add", tag + "v", "type", "veth", "peer", "name", tag + "p"),
+             ("link", "set", tag + "v", "netns", tag)]
+    try:
+        for step in steps:
+            done = ip(*step, check=False)
+            if done.returncode != 0:
+                return f"`ip {' '.join(step)}` failed: {done.stderr.strip()}"
+        return None
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"`ip` could not run: {exc!r}"
+    finally:
+        ip("link", "del", tag + "p", check=False)
+        ip("link", "del", tag + "b", check=False)
+        ip("netns", "del", tag, check=False)
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -65,13 +102,17 @@ class CpuQuota:
     def create(self, name: str, cpus: float) -> Path:
         group = self.root / name
         group.mkdir()
+        self.set(group, cpus)
+        return group
+
+    def set(self, group: Path, cpus: float) -> None:
+        """The group's quota, now: members keep running under the new one."""
         quota = max(1000, int(cpus * PERIOD_US))
         if self.version == 2:
             (group / "cpu.max").write_text(f"{quota} {PERIOD_US}\n")
         else:
             (group / "cpu.cfs_period_us").write_text(f"{PERIOD_US}\n")
             (group / "cpu.cfs_quota_us").write_text(f"{quota}\n")
-        return group
 
     @staticmethod
     def stat(group: Path) -> dict[str, int]:
@@ -139,9 +180,12 @@ class Hosts:
             raise
 
     def _network(self) -> None:
-        self.net = free_subnet(ip("-4", "addr").stdout)
-        ip("link", "add", self.bridge, "type", "bridge")
-        ip("addr", "add", f"{self.bridge_ip}/24", "dev", self.bridge)
+        with _machine_lock():
+            remove_abandoned()
+            self.net = free_subnet(ip("-4", "addr").stdout)
+            ip("link", "add", self.bridge, "type", "bridge")
+            ip("link", "set", self.bridge, "alias", f"{ALIAS}{os.getpid()}")
+            ip("addr", "add", f"{self.bridge_ip}/24", "dev", self.bridge)
         ip("link", "set", self.bridge, "up")
         for name in self.names:
             ns, veth, peer = self.netns[name], self.veth[name], self.veth[name] + "p"
@@ -161,9 +205,23 @@ class Hosts:
         if isinstance(backend, str):
             self.quota_refused = backend
             return
+        try:
+            for name, cpus in self.cpu.items():
+                self.groups[name] = backend.create(f"sendscript-{self.tag}-{name}", cpus)
+        except OSError as exc:  # e.g. a cgroup mount that is read-only here
+            for group in self.groups.values():
+                _remove_group(group)
+            self.groups.clear()
+            self.quota_refused = f"cannot make a cgroup under {backend.root}: {exc}"
+            return
         self.quota = backend
-        for name, cpus in self.cpu.items():
-            self.groups[name] = backend.create(f"sendscript-{self.tag}-{name}", cpus)
+
+    def set_cpu(self, name: str, cpus: float) -> None:
+        """Change host `name`'s CPU quota (a no-op where no quota could be set)."""
+        group = self.groups.get(name)
+        if group is not None and self.quota is not None:
+            self.quota.set(group, cpus)
+            self.cpu[name] = cpus
 
     def command(self, name: str, argv: Sequence[str]) -> list[str]:
         """argv run in host `name`: inside its cgroup (children too), then its namespace.
@@ -194,19 +252,10 @@ class Hosts:
     def stop(self) -> None:
         """Remove what was made; each step tolerates what an earlier failure left."""
         for group in self.groups.values():
-            _kill_members(group)
-            for _ in range(50):
-                try:
-                    group.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:  # members still exiting
-                    time.sleep(0.1)
+            _remove_group(group)
         self.groups.clear()
         for name in self.names:
-            _kill_netns_members(self.netns[name])
-            ip("netns", "del", self.netns[name], check=False)  # takes its veth along
+            _remove_netns(self.netns[name])
         ip("link", "del", self.bridge, check=False)
 
     def __enter__(self) -> Hosts:
@@ -215,6 +264,68 @@ class Hosts:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def _machine_lock() -> Iterator[None]:
+    with open(LOCK_PATH, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def remove_abandoned() -> list[str]:
+    """Remove the bridges, namespaces and cgroups of runs whose process is dead; the
+    tags removed."""
+    removed = []
+    for line in ip("-o", "link", "show", "type", "bridge", check=False).stdout.splitlines():
+        name = line.split(":", 2)[1].strip().split("@")[0]
+        alias = line.partition(f"alias {ALIAS}")[2].split()
+        if not name.startswith("ssbr") or not alias or not alias[0].isdigit():
+            continue
+        if _alive(int(alias[0])):
+            continue
+        tag = name.removeprefix("ssbr")
+        for ns in ip("netns", "list", check=False).stdout.split():
+            if ns.startswith(f"ss-{tag}-"):
+                _remove_netns(ns)
+        backend = cpu_quota_backend()
+        if isinstance(backend, CpuQuota):
+            for group in backend.root.glob(f"sendscript-{tag}-*"):
+                _remove_group(group)
+        ip("link", "del", name, check=False)
+        removed.append(tag)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_group(group: Path) -> None:
+    """Kill the group's members, then remove it (a cgroup with members cannot go)."""
+    _kill_members(group)
+    for _ in range(50):
+        try:
+            group.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:  # members still exiting
+            time.sleep(0.1)
+
+
+def _remove_netns(ns: str) -> None:
+    _kill_netns_members(ns)
+    ip("netns", "del", ns, check=False)  # takes its veth along
 
 
 def _kill_members(group: Path) -> None:

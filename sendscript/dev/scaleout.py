@@ -56,6 +56,7 @@ from sendscript.dev.chaos import (
     check_refusals,
     print_report,
 )
+from sendscript.dev.cputime import CpuTimes
 from sendscript.dev.embedded import MongoServer, PulsarServer, free_port
 from sendscript.dev.fires import FireTally, KeptTally, check_fires, check_kept
 from sendscript.dev.hosts import Hosts
@@ -64,13 +65,28 @@ from sendscript.dev.readback import tasks_by_arg
 from sendscript.dev.topologies import MongoReplicaSet, SentinelGroup
 from sendscript.schedules import Schedule
 from sendscript.settings import Settings
+from sendscript.store import TASKS
 
 CRON = "*/2 * * * * *"
 CRON_INTERVAL_S = 2.0
 CRON_DEVICES = ["cron-0", "cron-1", "cron-2"]
 SCHEDULE = "scaleout-cron"
 # The farm for the scaling phase: no failures, short runs, so the masters' work decides.
+# The periodic duties at their production intervals and the sweeps at their production
+# graces, not the fault run's quick ones: at those an idle master spends about 0.02 CPU,
+# a large share of a small quota, and a worker starved by the quota may take longer from
+# lock to record than the quick graces let it send (it then undoes the attempt).
+SCALING_INTERVALS = {key: Settings.model_fields[key].default for key in (
+    "heartbeat_interval_s", "heartbeat_ttl_s", "free_check_interval_s",
+    "delay_load_interval_s", "sweep_interval_s", "leader_lease_s", "orphan_grace_s",
+    "running_stuck_s", "orphan_lock_grace_s")}
 FAST_FARM = ["--run-ms", "20", "--jitter", "0.2", "--no-progress", "--seed", "3"]
+
+# The tasks' result timeout in the fault run: on the loaded machine a result took up to
+# 21 s from the device to Mongo, and at 6 s the result timeout retried tasks whose
+# success was on its way (two runs and, by a race in the timeout sweep, two success
+# records). A silent device (2 % of runs) holds its lock this long.
+FAULT_RUN_TASK_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -78,16 +94,27 @@ class Options:
     masters: int = 3
     consumers: int = 2
     tasks: int = 5000
-    rate: float = 40.0  # tasks submitted per second in the fault run
-    devices: int = 60
+    # Tasks submitted per second in the fault run, and the devices they go to: below
+    # what the cluster settles on a loaded 2-core machine with SecantusDB as a replica
+    # set (every retryable write recorded, each write slower past 10,000; at 40 tasks/s
+    # a worker's lock-to-record step took 4-30 s), and about 0.1 task/s a device.
+    rate: float = 12.0
+    devices: int = 120
+    # Once `tasks` are submitted, the load goes on at this rate until the last fault is
+    # over: every fault strikes under load, and a short run stays short.
+    trickle_rate: float = 2.0
+    task_timeout_s: float = FAULT_RUN_TASK_TIMEOUT_S  # each task's result timeout
     master_cpu: float = 0.25  # CPUs per master host
     consumer_cpu: float = 0.5
     workers: int = 2
     fault_gap_s: float = 6.0  # between one fault's end and the next
-    settle_timeout_s: float = 240.0
+    settle_timeout_s: float = 300.0
     scaling: bool = True
-    scale_tasks: int = 1500
+    scale_tasks: int = 1000
     scale_devices: int = 300
+    # A master host's quota while throughput is measured: small enough that the masters,
+    # not the shared servers (Mongo above all) nor the rest of a 2-core machine, decide.
+    scale_master_cpu: float = 0.05
     min_ratio: float = 0.8
     seed: int = 1
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -129,6 +156,16 @@ class ScaleRow:
     throttled: float  # share of the master hosts' CPU periods that hit the quota
     statuses: dict[str, int]
     lost: int
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds by role, server
+    ready_max: int = 0  # the most items seen waiting in the ready list
+
+
+# The fault run's sweep graces: a worker sends only within half the shortest of them and
+# the lock margin from its lock (worker/handler.py), and on a loaded machine with the
+# replica-set Mongo the lock-to-record step takes seconds; at the quick chaos graces (8 s, 6 s) the workers
+# undid hundreds of attempts a minute. The recoveries these graces time take longer.
+FAULT_RUN_GRACES = {"orphan_lock_grace_s": 30.0, "running_stuck_s": 30.0,
+                    "lock_margin_s": 30.0}
 
 
 class Cluster:
@@ -159,7 +196,7 @@ class Cluster:
         self.pulsar.host = ip
         self.pulsar.start()
 
-    def settings(self, prefix: str) -> Settings:
+    def settings(self, prefix: str, **overrides: Any) -> Settings:
         assert self.group and self.mongo and self.pulsar
         mongo_url = (self.mongo.database_url(prefix) if isinstance(self.mongo, MongoReplicaSet)
                      else f"{self.mongo.url}{prefix}")
@@ -168,7 +205,7 @@ class Cluster:
                         central_url=f"http://{self.hosts.bridge_ip}:{free_port()}",
                         key_prefix=prefix, master_id=f"{prefix}-none",
                         task_log_topic=f"persistent://public/default/{prefix}-log",
-                        **{**CHAOS_SETTINGS, "workers": self.opts.workers})
+                        **{**CHAOS_SETTINGS, "workers": self.opts.workers, **overrides})
 
     def use_standalone_mongo(self) -> None:
         """A fresh standalone SecantusDB in place of the replica set, for the scaling
@@ -180,6 +217,18 @@ class Cluster:
         self.mongo = MongoServer(self.workdir / "servers-scaling")
         self.mongo.host = self.hosts.bridge_ip
         self.mongo.start()
+
+    def cpu_roots(self) -> dict[str, int]:
+        """The pids whose process trees the CPU split names: roles and servers."""
+        roots = {n: r.pid for n, r in self.roles.items() if r.running}
+        servers: list[tuple[str, Any]] = [("mongo", self.mongo), ("pulsar", self.pulsar)]
+        if self.group is not None:
+            servers += [("redis", self.group.master), ("redis", self.group.replica)]
+            servers += [("sentinels", s) for s in self.group.sentinels]
+        for i, (name, server) in enumerate(servers):
+            if server is not None and server.running:
+                roots[name if name not in roots else f"{name}.{i}"] = server.proc.pid
+        return roots
 
     def env(self, settings: Settings) -> dict[str, str]:
         return {**os.environ, **settings.to_env(), **self.opts.extra_env}
@@ -263,6 +312,7 @@ class FaultRun(Chaos):
 
     def __init__(self, cluster: Cluster, opts: Options) -> None:
         super().__init__(cluster.workdir, devices=opts.devices, rate=opts.rate, seed=opts.seed)
+        self.task_timeout_s = opts.task_timeout_s
         self.cluster = cluster
         self.opts = opts
         self.faults = Faults()
@@ -272,7 +322,7 @@ class FaultRun(Chaos):
 
     def start(self) -> None:  # the servers are the cluster's
         c = self.cluster
-        self.settings = c.settings("scaleout")
+        self.settings = c.settings("scaleout", **FAULT_RUN_GRACES)
         self.env = c.env(self.settings)
         farm = []
         for key, value in FARM.items():
@@ -288,9 +338,9 @@ class FaultRun(Chaos):
 
         client = SendScriptClient(self.settings)
         try:
+            template = TaskTemplate(script={"id": "cron"}, timeout_s=self.opts.task_timeout_s)
             client.schedule_add(Schedule(_id=SCHEDULE, cron=CRON, device_ids=CRON_DEVICES,
-                                         template=TaskTemplate(script={"id": "cron"},
-                                                               timeout_s=6.0)))
+                                         template=template))
         finally:
             client.close()
 
@@ -312,6 +362,8 @@ class FaultRun(Chaos):
         # fault strikes under load.
         while (len(self.sdk_ids) + self.raw_sent < self.opts.tasks
                or faults.is_alive()) and load.is_alive():
+            if len(self.sdk_ids) + self.raw_sent >= self.opts.tasks:
+                self.rate = min(self.rate, self.opts.trickle_rate)
             self._supervise()
             time.sleep(0.2)
         self._stop_load.set()
@@ -481,7 +533,7 @@ class FaultRun(Chaos):
 def measure_scaling(cluster: Cluster, hosts: int, opts: Options) -> ScaleRow:
     """`scale_tasks` raw items pushed at once to `hosts` running masters; read back."""
     prefix = f"scale{hosts}"
-    settings = cluster.settings(prefix)
+    settings = cluster.settings(prefix, **SCALING_INTERVALS)
     env = cluster.env(settings)
     masters = [f"m{i + 1}" for i in range(hosts)]
     consumers = [n for n in cluster.hosts.names if n.startswith("c")]
@@ -493,6 +545,8 @@ def measure_scaling(cluster: Cluster, hosts: int, opts: Options) -> ScaleRow:
             wait_until(lambda n=name: cluster.master_up(settings, n), 120, 0.3,
                        what=f"master {name}")
         before = {m: cluster.hosts.throttled(m) or (0, 0) for m in masters}
+        roots = cluster.cpu_roots()
+        cpu_before = CpuTimes.take(roots)
         items = [json.dumps({"device_id": f"dev-{n % opts.scale_devices:03d}",
                              "script": {"id": "scale", "args": {"n": n}}, "timeout_s": 30})
                  for n in range(opts.scale_tasks)]
@@ -503,7 +557,12 @@ def measure_scaling(cluster: Cluster, hosts: int, opts: Options) -> ScaleRow:
                 client.lpush(settings.keys.ready, *items[i:i + 500])
         finally:
             client.close()
-        docs = _wait_read_back(settings, opts.scale_tasks, opts.settle_timeout_s)
+        depth = _DepthWatch(settings)
+        try:
+            docs = _wait_read_back(settings, opts.scale_tasks, opts.settle_timeout_s)
+        finally:
+            depth.stop()
+        cpu = CpuTimes.take(roots).since(cpu_before)
         after = {m: cluster.hosts.throttled(m) or (0, 0) for m in masters}
     finally:
         cluster.stop_roles(masters + consumers + ["farm"])
@@ -518,10 +577,41 @@ def measure_scaling(cluster: Cluster, hosts: int, opts: Options) -> ScaleRow:
         statuses[d["status"]] = statuses.get(d["status"], 0) + 1
     return ScaleRow(hosts, len(finished), seconds, len(finished) / seconds,
                     throttled / periods if periods else 0.0, statuses,
-                    opts.scale_tasks - len(docs))
+                    opts.scale_tasks - len(docs), cpu, depth.most)
+
+
+class _DepthWatch:
+    """The ready list's length, twice a second, in a thread: items waiting there mean
+    the masters do not keep up with the producer."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.most = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        client = connect.redis_sync(self.settings)
+        try:
+            while not self._stop.wait(0.5):
+                try:
+                    self.most = max(self.most, int(client.llen(self.settings.keys.ready)))
+                except redis.RedisError:
+                    pass
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 def _wait_read_back(settings: Settings, count: int, timeout_s: float) -> dict[Any, Any]:
+    """Every task read back once all are terminal (or at the deadline). The wait polls a
+    count over the status index: reading the documents back costs SecantusDB about a
+    second of CPU for 1,000 tasks, and polling that way made the harness, not the
+    masters, the bottleneck of the measurement."""
     from pymongo import MongoClient
 
     client: MongoClient[dict[str, Any]] = MongoClient(settings.mongo_url,
@@ -529,12 +619,13 @@ def _wait_read_back(settings: Settings, count: int, timeout_s: float) -> dict[An
     db = client.get_default_database()
     try:
         deadline = time.monotonic() + timeout_s
-        while True:
-            docs = tasks_by_arg(db, "n", range(count), ("status", "finished_at"))
-            done = sum(1 for d in docs.values() if d[0]["status"] in TERMINAL)
-            if done == count or time.monotonic() > deadline:
-                return docs
-            time.sleep(2.0)
+        while time.monotonic() < deadline:
+            # Each row has a database of its own: its tasks are the only ones counted.
+            done = db[TASKS].count_documents({"status": {"$in": sorted(TERMINAL)}})
+            if done >= count:
+                break
+            time.sleep(1.0)
+        return tasks_by_arg(db, "n", range(count), ("status", "finished_at"))
     finally:
         client.close()
 
@@ -566,34 +657,44 @@ def run(workdir: Path, opts: Options) -> Result:
         cluster.start()
         quota = (f"cgroup v{cluster.hosts.quota.version} at {cluster.hosts.quota.root}"
                  if cluster.hosts.quota else f"none: {cluster.hosts.quota_refused}")
-        fault_run = FaultRun(cluster, opts)
-        try:
-            fault_run.start()
-            report = fault_run.run_faults()
-        except Exception:
-            print(cluster.log_tails(), file=sys.stderr)
-            raise
-        finally:
-            if fault_run.report.tasks and fault_run.problems():
-                print(cluster.log_tails(), file=sys.stderr)
-            cluster.stop_roles()
-        result = Result(report, fault_run.faults, fault_run.fires, fault_run.kept,
-                        fault_run.problems(), [], quota)
-        print_faults(result, opts)  # before the scaling phase: it takes minutes
-        sys.stdout.flush()
+        result = Result(Report(), Faults(), FireTally(), KeptTally(), [], [], quota)
+        if opts.tasks > 0:
+            result = run_faults(cluster, opts, quota)
+            print_faults(result, opts)  # before the scaling phase: it takes minutes
+            sys.stdout.flush()
         scaling = []
         if opts.scaling:
             cluster.use_standalone_mongo()
+            for name in cluster.hosts.names:
+                if name.startswith("m"):
+                    cluster.hosts.set_cpu(name, opts.scale_master_cpu)
             for n in range(1, opts.masters + 1):
                 scaling.append(measure_scaling(cluster, n, opts))
-        return Result(report, fault_run.faults, fault_run.fires, fault_run.kept,
-                      fault_run.problems(), scaling, quota)
+        result.scaling = scaling
+        return result
     finally:
         cluster.stop()
 
 
+def run_faults(cluster: Cluster, opts: Options, quota: str) -> Result:
+    fault_run = FaultRun(cluster, opts)
+    try:
+        fault_run.start()
+        report = fault_run.run_faults()
+    except Exception:
+        print(cluster.log_tails(), file=sys.stderr)
+        raise
+    finally:
+        if fault_run.report.tasks and fault_run.problems():
+            print(cluster.log_tails(), file=sys.stderr)
+        cluster.stop_roles()
+    return Result(report, fault_run.faults, fault_run.fires, fault_run.kept,
+                  fault_run.problems(), [], quota)
+
+
 def print_result(result: Result, opts: Options) -> None:
-    print_faults(result, opts)
+    if opts.tasks > 0:
+        print_faults(result, opts)
     print_scaling(result, opts)
 
 
@@ -624,11 +725,16 @@ def print_faults(result: Result, opts: Options) -> None:
 
 def print_scaling(result: Result, opts: Options) -> None:
     if result.scaling:
-        print("scaling (read back from Mongo; the machine is shared and loaded):")
+        print(f"scaling ({opts.scale_tasks} tasks pushed at once, {opts.scale_devices} "
+              f"devices; CPU quota {opts.scale_master_cpu} CPU a master host; read back "
+              "from Mongo; the machine is shared and loaded):")
         print("  hosts  tasks  seconds  tasks/s  ratio to N x 1 host  quota throttled")
         for row, ratio in zip(result.scaling, ratios(result.scaling), strict=False):
             print(f"  {row.hosts:>5}  {row.tasks:>5}  {row.seconds:>7.1f}  {row.rate:>7.1f}  "
                   f"{ratio:>19.2f}  {row.throttled:>14.0%}")
+            cpu = ", ".join(f"{k} {v:.1f}" for k, v in sorted(row.cpu.items(),
+                                                               key=lambda kv: -kv[1]))
+            print(f"         CPU s: {cpu}; ready list at most {row.ready_max}")
             if row.lost or set(row.statuses) - {"success"}:
                 print(f"         statuses {row.statuses}, lost {row.lost}")
     print("OK" if result.ok(opts.min_ratio) else "FAILED: " + "; ".join(
@@ -641,9 +747,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path | None]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--masters", type=int, default=d.masters)
     p.add_argument("--consumers", type=int, default=d.consumers)
-    p.add_argument("--tasks", type=int, default=d.tasks, help="tasks in the fault run")
+    p.add_argument("--tasks", type=int, default=d.tasks,
+                   help="tasks in the fault run (0: no fault run, the scaling phase alone)")
     p.add_argument("--rate", type=float, default=d.rate, help="tasks submitted per second")
     p.add_argument("--devices", type=int, default=d.devices)
+    p.add_argument("--trickle-rate", type=float, default=d.trickle_rate,
+                   help="tasks/s after --tasks are submitted, until the last fault is over")
     p.add_argument("--master-cpu", type=float, default=d.master_cpu,
                    help="CPU quota of a master host, in CPUs")
     p.add_argument("--consumer-cpu", type=float, default=d.consumer_cpu)
@@ -653,6 +762,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path | None]:
     p.add_argument("--no-scaling", dest="scaling", action="store_false")
     p.add_argument("--scale-tasks", type=int, default=d.scale_tasks)
     p.add_argument("--scale-devices", type=int, default=d.scale_devices)
+    p.add_argument("--scale-master-cpu", type=float, default=d.scale_master_cpu,
+                   help="CPU quota of a master host in the scaling phase")
     p.add_argument("--min-ratio", type=float, default=d.min_ratio)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -660,9 +771,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[Options, Path | None]:
     p.add_argument("--workdir", type=Path, help="keep data and logs here")
     a = p.parse_args(argv)
     extra = dict(e.split("=", 1) for e in a.env)
-    opts = Options(a.masters, a.consumers, a.tasks, a.rate, a.devices, a.master_cpu,
-                   a.consumer_cpu, a.workers, a.fault_gap, a.settle_timeout, a.scaling,
-                   a.scale_tasks, a.scale_devices, a.min_ratio, a.seed, extra)
+    opts = Options(masters=a.masters, consumers=a.consumers, tasks=a.tasks, rate=a.rate,
+                   devices=a.devices, trickle_rate=a.trickle_rate,
+                   master_cpu=a.master_cpu, consumer_cpu=a.consumer_cpu,
+                   workers=a.workers, fault_gap_s=a.fault_gap,
+                   settle_timeout_s=a.settle_timeout, scaling=a.scaling,
+                   scale_tasks=a.scale_tasks, scale_devices=a.scale_devices,
+                   scale_master_cpu=a.scale_master_cpu, min_ratio=a.min_ratio,
+                   seed=a.seed, extra_env=extra)
     return opts, a.workdir
 
 

@@ -161,8 +161,6 @@ class SentinelGroup:
         self.host = host
         self.master = RedisNode(data_dir, "primary", [], host=host)
         self.replica = RedisNode(data_dir, "replica", [], host=host)
-        self.replica.extra = ["--replicaof", host, str(self.master.port),
-                              "--replica-announce-ip", host]
         quorum = sentinels // 2 + 1
         self.sentinels = [SentinelNode(data_dir, "sentinel" if sentinels == 1 else
                                        f"sentinel{i}", self.master.port, down_after_ms,
@@ -177,11 +175,16 @@ class SentinelGroup:
                 + ",".join(f"{self.host}:{s.port}" for s in self.sentinels) + f"/{SERVICE}")
 
     def start(self) -> None:
+        # The master's port is known once it listens (a start that finds its picked port
+        # taken picks another): the replica and the Sentinels are pointed at it then.
         self.master.start()
+        self.replica.extra = ["--replicaof", self.host, str(self.master.port),
+                              "--replica-announce-ip", self.host]
         self.replica.start()
         self._until(lambda: self._role(self.replica) == "slave"
                     and self._link_up(self.replica), "replica in sync")
         for sentinel in self.sentinels:
+            sentinel.master_port = self.master.port
             sentinel.start()
         self._until(lambda: all(self.master_port(s) == self.master.port
                                 for s in self.sentinels), "sentinels see master")

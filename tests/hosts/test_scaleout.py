@@ -18,10 +18,12 @@ pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))]
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(360)
 def test_faults_across_hosts_keep_the_invariants(tmp_path: Path) -> None:
-    opts = Options(tasks=250, rate=30.0, devices=40, fault_gap_s=1.0,
-                   settle_timeout_s=90.0, scaling=False)
+    # 200 tasks at 10/s, then 2/s until the last fault is over (each strikes under load).
+    # 10 s result timeouts: a silent device (2 % of runs) holds its lock 10 s, not 30.
+    opts = Options(tasks=200, rate=10.0, trickle_rate=2.0, devices=40, fault_gap_s=1.0,
+                   settle_timeout_s=150.0, scaling=False, task_timeout_s=10.0)
     result = run(tmp_path, opts)  # prints the tally
     report, faults = result.report, result.faults
     assert faults.errors == []

@@ -345,6 +345,50 @@ async def test_a_connection_refused_undoes_the_attempt(
     assert freed["device_id"] == "dev-1"
 
 
+async def test_a_record_stored_past_the_sweeps_window_is_not_sent(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase, central: Central,
+    locks: DeviceLocks,
+) -> None:
+    """A worker slower from its lock to its record than the leader's sweeps wait may
+    have lost its lock to the orphaned-lock sweep (and its task to the stuck-running
+    one): it must not send. The window here is a microsecond, so every real lock,
+    claim and insert outlast it; in a multi-host run under a CPU quota and a Mongo
+    failover, a worker took 16 s against an 8 s grace and two scripts met on a device."""
+    slow = settings.model_copy(update={"orphan_lock_grace_s": 1e-6, "running_stuck_s": 60.0})
+    client = CentralClient(central.url, connect_timeout_s=2, timeout_s=5)
+    handler = ScriptHandler(redis_client=redis_client, db=db, central=client, settings=slow,
+                            worker_name=WORKER)
+    try:
+        h = await stored_task(db, attempt=1, max_retries=3)
+        done = await handler.handle(h)
+    finally:
+        await client.aclose()
+    assert done.outcome == "error" and done.attempt == 1
+    assert done.error is not None and "since the device lock was asked for" in done.error
+    assert central.requests == []
+    task = await db[TASKS].find_one({"_id": h.task_id})
+    assert task is not None
+    assert task["status"] == "pending" and task["attempt"] == 1, "no attempt used"
+    assert "record_id" not in task and "worker" not in task
+    assert await db[RECORDS].count_documents({"task_id": h.task_id}) == 0
+    assert await locks.holders(["dev-1"]) == [None]
+
+
+def test_the_send_window_is_half_the_shortest_of_the_margin_and_the_graces(
+        settings: Settings) -> None:
+    from worker.handler import send_window_s
+
+    assert send_window_s(settings.model_copy(update={
+        "lock_margin_s": 60.0, "orphan_lock_grace_s": 8.0, "running_stuck_s": 6.0})) == 3.0
+    assert send_window_s(settings.model_copy(update={
+        "lock_margin_s": 60.0, "orphan_lock_grace_s": 30.0, "running_stuck_s": 60.0})) == 15.0
+    assert send_window_s(settings.model_copy(update={
+        "lock_margin_s": 5.0, "orphan_lock_grace_s": 30.0, "running_stuck_s": 60.0})) == 2.5
+    # A sweep that never waits (grace 0) leaves the others to bound it.
+    assert send_window_s(settings.model_copy(update={
+        "lock_margin_s": 60.0, "orphan_lock_grace_s": 0.0, "running_stuck_s": 40.0})) == 20.0
+
+
 async def test_central_unreachable_for_a_while_uses_no_attempt(
     settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase, locks: DeviceLocks,
 ) -> None:
