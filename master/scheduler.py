@@ -94,7 +94,8 @@ class Scheduler:
         return min(wait, MAX_SLEEP_S) if schedules else max(0.05, wait)
 
     async def fire(self, schedule: Schedule, now: datetime) -> int:
-        """Create the due fire(s) of one schedule; how many tasks this master created."""
+        """Create the due fire(s) of one schedule; how many of their tasks this master
+        queued (created now, or stored under it by a failed try of the same fire)."""
         assert schedule.next_fire_at is not None
         p = plan(schedule.rule(), schedule.next_fire_at, now, schedule.misfire,
                  self.settings.misfire_grace_s, self.online_since)

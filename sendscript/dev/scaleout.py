@@ -162,8 +162,9 @@ class ScaleRow:
 
 # The fault run's sweep graces: a worker sends only within half the shortest of them and
 # the lock margin from its lock (worker/handler.py), and on a loaded machine with the
-# replica-set Mongo the lock-to-record step takes seconds; at the quick chaos graces (8 s, 6 s) the workers
-# undid hundreds of attempts a minute. The recoveries these graces time take longer.
+# replica-set Mongo the lock-to-record step takes seconds; at the quick chaos graces
+# (8 s, 6 s) the workers undid hundreds of attempts a minute. The recoveries these
+# graces time take longer.
 FAULT_RUN_GRACES = {"orphan_lock_grace_s": 30.0, "running_stuck_s": 30.0,
                     "lock_margin_s": 30.0}
 

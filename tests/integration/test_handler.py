@@ -552,7 +552,7 @@ async def test_a_worker_stalled_past_its_send_window_undoes_instead_of_sending(
     finally:
         await client.aclose()
 
-    assert done.outcome == "error" and "since the device lock was taken" in (done.error or "")
+    assert done.outcome == "error" and "since the device lock was asked for" in (done.error or "")
     assert central.requests == []
     task = await db[TASKS].find_one({"_id": h.task_id})
     assert task is not None and task["status"] == "pending" and task["attempt"] == 0

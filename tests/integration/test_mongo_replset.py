@@ -224,10 +224,13 @@ async def test_a_fire_whose_schedule_update_fails_still_queues_its_stored_tasks(
     outcome, queued, db = await _fire_through_update_failures(no_window, stores[0], rs)
     error, second = outcome
     assert "10107" in str(error) or "not primary" in str(error).lower()
-    assert second == 0, "the retried fire creates none"
-    assert sorted(t.device_id for t in queued) == ["c0", "c1"]
+    # The retry creates none; it queues its own stored tasks once more (its failed try
+    # may not have: its store's answer may be what was lost), which the board ignores.
+    assert second == 2
+    assert sorted({t.device_id for t in queued}) == ["c0", "c1"]
     stored = [d async for d in db["script_tasks"].find({"schedule": "yearly"})]
-    assert sorted(d["_id"] for d in stored) == sorted(t.id for t in queued)
+    assert len(stored) == 2
+    assert sorted(d["_id"] for d in stored) == sorted({t.id for t in queued})
     assert {d["master"] for d in stored} == {settings.master_id}
     await db.client.close()
 
