@@ -8,10 +8,7 @@ the delay heap; a fan-out item becomes one task per device under one batch id.
 
 A fan-out is stored a chunk a round (`intake_fanout_chunk` devices, in device-id
 order), between the items taken behind it, so one big item cannot hold the intake:
-it is acknowledged with its last chunk, and between rounds that store nothing but
-chunks the intake rests as long as the round took (an item pushed meanwhile ends
-the rest), so storing it leaves the store half its time for the dispatch. The last
-device stored is kept in Redis
+it is acknowledged with its last chunk. The last device stored is kept in Redis
 with the acknowledgements, so a restarted master goes on from there; a chunk stored
 twice (a crash between the store and the cursor) finds its tasks by their ids.
 
@@ -24,7 +21,6 @@ with the reason and the rest of its batch is stored. Only errors retrying can cu
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -54,7 +50,6 @@ from sendscript.status import SCHEDULED, TaskStatus
 from sendscript.store import TaskStore
 
 WAIT_S = 1.0  # how long one blocking wait lasts; bounds how fast a stop is noticed
-MIN_REST_S = 0.01  # a blocking wait of 0 would never end
 Item = TaskSpec | FanoutSpec | TaskRef
 
 
@@ -166,13 +161,7 @@ class Intake:
                     batch, chunk = self.throttle.room(batch), self.throttle.room(chunk)
                 entries = await self.queue.take(batch)
                 if entries or self._fanouts:
-                    started = time.monotonic()
                     await self.ingest_round(entries, chunk)
-                    if self._fanouts and not entries:
-                        # Only a fan-out's chunks: rest as long as the round took, so a
-                        # big fan-out takes at most half of the store from the dispatch.
-                        # An item pushed meanwhile ends the rest at once.
-                        await self.queue.wait(max(MIN_REST_S, time.monotonic() - started))
                 else:
                     await self.queue.wait(WAIT_S)
                 backoff.succeeded("intake")
