@@ -38,10 +38,9 @@ import asyncio
 import json
 import random
 import shutil
-import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import fleet_view
+from bench.timing import median_ms
 from console.search import (
     NEWEST_FIRST,
     SearchPage,
@@ -73,14 +73,6 @@ MIX = [("success", 0.90), ("failed", 0.04), ("expired", 0.01), ("cancelled", 0.0
 QUEUES = ["default", "default", "default", "bulk", "high"]
 TERMINAL = {"success", "failed", "expired", "cancelled"}
 
-
-def median_ms(call: Callable[[], Any], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - started) * 1000)
-    return round(statistics.median(times), 1)
 
 
 def make_docs(start: int, n: int, total: int, now: datetime, days: float, devices: int,

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from bench.cpu import tree_cpu_s
+from bench.timing import median_ms
 from console.data import Stores
 from console.fleet import FleetQuery, ensure_index, fleet_page
 from console.search import BUDGET_MS
@@ -26,15 +26,6 @@ from sendscript import pauses
 from sendscript.fleet import DeviceResult, device_updates
 from sendscript.settings import Settings
 from sendscript.store import DEVICES, GROUPS, RECORDS
-
-
-def median_ms(call: Callable[[], Any], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - started) * 1000)
-    return round(statistics.median(times), 1)
 
 
 def device_name(i: int) -> str:
