@@ -76,8 +76,8 @@ class Fanout:
     item: FanoutSpec
     batch_id: str
     todo: list[str]  # sorted
-    stored: int = 0  # devices stored so far (by this master, since it took the item)
-    cursor_kept: bool = False  # a cursor is in Redis: drop it with the acknowledgement
+    # Some of its devices are stored and a cursor says which: dropped with the ack.
+    cursor_kept: bool = False
 
 
 @dataclass
@@ -313,7 +313,7 @@ class Intake:
             reason = next((refused[i] for i in chunk.task_ids if i in refused), None)
             last = len(chunk.devices) == len(fanout.todo)
             if reason is not None:
-                if fanout.stored or fanout.cursor_kept:
+                if fanout.cursor_kept:
                     reason += " (the devices before it in id order were stored)"
                 batch.bad.append((fanout.entry, reason))
             elif last:
@@ -322,7 +322,7 @@ class Intake:
                 batch.cursors[tag] = chunk.devices[-1]
                 continue
             finished.add(tag)
-            if fanout.cursor_kept or fanout.stored:
+            if fanout.cursor_kept:
                 batch.cursors[tag] = None
         return finished
 
@@ -334,7 +334,6 @@ class Intake:
                 self._fanouts.pop(tag, None)
                 continue
             chunk.fanout.todo = chunk.fanout.todo[len(chunk.devices):]
-            chunk.fanout.stored += len(chunk.devices)
             chunk.fanout.cursor_kept = True
 
     async def _groups(self, names: set[str | None]) -> dict[str, list[str]]:
