@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -21,11 +22,11 @@ from loguru import logger
 from pymongo.asynchronous.database import AsyncDatabase
 
 from sendscript.backoff import Backoff
-from sendscript.cron import plan
+from sendscript.cron import Plan, plan
 from sendscript.failover import ride_out
 from sendscript.groups import devices_of
 from sendscript.models import Task, utcnow
-from sendscript.schedules import Schedule, fire_tasks
+from sendscript.schedules import Schedule, fire_batch_id, fire_tasks
 from sendscript.settings import Settings
 from sendscript.status import TaskStatus
 from sendscript.store import GROUPS, SCHEDULES, TaskStore
@@ -97,8 +98,9 @@ class Scheduler:
         """Create the due fire(s) of one schedule; how many of their tasks this master
         queued (created now, or stored under it by a failed try of the same fire)."""
         assert schedule.next_fire_at is not None
-        p = plan(schedule.rule(), schedule.next_fire_at, now, schedule.misfire,
-                 self.settings.misfire_grace_s, self.online_since)
+        p = await self._fired_already(schedule, plan(
+            schedule.rule(), schedule.next_fire_at, now, schedule.misfire,
+            self.settings.misfire_grace_s, self.online_since))
         if p.missed:
             logger.warning("schedule {}: {} fire time(s) missed; policy {}: {} catch-up run",
                            schedule.name, p.missed, schedule.misfire,
@@ -133,6 +135,22 @@ class Scheduler:
         elif moved.matched_count:
             logger.debug("schedule {}: fire already created by another master", schedule.name)
         return len(created)
+
+    async def _fired_already(self, schedule: Schedule, p: Plan) -> Plan:
+        """A late fire time whose tasks are stored was fired, not missed: a master
+        stored them and died (or lost Mongo) before it moved the schedule on. It is
+        fired again, which creates nothing and queues what that try left unqueued, and
+        counted as a fire, so the schedule's count matches the fires its tasks show."""
+        skipped = [t for t in p.late if t not in p.fires]
+        if not skipped:
+            return p
+        prefix = self.settings.key_prefix
+        found = [t for t in skipped if await self.tasks.batch_exists(
+            fire_batch_id(schedule.name, t, prefix))]
+        if not found:
+            return p
+        return replace(p, fires=sorted([*p.fires, *found]), missed=p.missed - len(found),
+                       late=tuple(t for t in p.late if t not in found))
 
     async def _ours_unqueued(self, stored_before: list[Task]) -> list[Task]:
         """Tasks of this fire found stored already that this master created: an earlier

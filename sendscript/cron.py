@@ -9,7 +9,7 @@ master computes the same fire times.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -62,6 +62,9 @@ class Plan:
     fires: list[datetime]  # fire times to create tasks for now
     next_fire_at: datetime  # the first fire time still in the future
     missed: int  # fire times that were due, late beyond grace
+    # Those fire times (a catch-up may fire the last of them); not part of equality:
+    # what a plan fires and counts is what compares.
+    late: tuple[datetime, ...] = field(default=(), compare=False)
 
 
 def plan(rule: Rule, next_fire_at: datetime, now: datetime, misfire: Misfire,
@@ -90,4 +93,4 @@ def plan(rule: Rule, next_fire_at: datetime, now: datetime, misfire: Misfire,
     late = [t for t in due if missed(t)]
     on_time = [t for t in due if not missed(t)]
     catch_up = [late[-1]] if late and misfire == "fire_once" else []
-    return Plan(catch_up + on_time, upcoming, len(late))
+    return Plan(catch_up + on_time, upcoming, len(late), tuple(late))

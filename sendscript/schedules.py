@@ -67,11 +67,21 @@ class Schedule(BaseModel):
         return self.model_dump(by_alias=True)
 
 
+def fire_stamp(fire_at: datetime) -> str:
+    """A fire time as it appears in its tasks' ids, dedupe keys and batch id."""
+    return fire_at.isoformat(timespec="milliseconds")
+
+
+def fire_batch_id(schedule: str, fire_at: datetime, prefix: str) -> str:
+    """The batch id the tasks of one fire share."""
+    return id_from_tag(prefix, f"schedule:{schedule}:{fire_stamp(fire_at)}")
+
+
 def fire_tasks(schedule: Schedule, fire_at: datetime, devices: list[str], prefix: str,
                master_id: str | None, now: datetime) -> list[Task]:
     """The tasks of one fire, one per device, with ids every master derives alike."""
-    stamp = fire_at.isoformat(timespec="milliseconds")
-    batch_id = id_from_tag(prefix, f"schedule:{schedule.name}:{stamp}")
+    stamp = fire_stamp(fire_at)
+    batch_id = fire_batch_id(schedule.name, fire_at, prefix)
     # One fire, one trace (as a fan-out): its tasks share the fire's span.
     trace = tracing.entry_span("sendscript.schedule_fire", None, {
         "sendscript.schedule": schedule.name, "sendscript.batch_id": batch_id,

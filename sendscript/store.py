@@ -423,6 +423,10 @@ class TaskStore:
         doc = await self.col.find_one({"_id": task_id})
         return Task.model_validate(doc) if doc else None
 
+    async def batch_exists(self, batch_id: str) -> bool:
+        """Whether any task of the batch is stored (read through the batch index)."""
+        return await self.col.find_one({"batch_id": batch_id}, {"_id": 1}) is not None
+
     async def find_many(self, task_ids: Iterable[str]) -> list[Task]:
         return [Task.model_validate(d) for part in chunks(task_ids)
                 async for d in self.col.find({"_id": {"$in": part}})]

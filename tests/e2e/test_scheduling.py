@@ -448,9 +448,14 @@ def test_retention_deletes_finished_tasks_records_and_logs(
             ok = client.submit("ret-1", {"id": "x"}).task_id
             kept = client.submit("ret-2", {"id": "y"}, run_at=time.time() + 3600).task_id
             assert client.cancel(kept) == "waiting"  # cancelled: kept 600 s
+        wait_for(lambda: view.db.task_exec_records.count_documents({"task_id": ok}) > 0, 30,
+                 "the successful task's exec record")
+        # Tasks and records are swept one after the other, and a record's purge time
+        # is set a moment after its task's: wait for both to go.
         wait_for(lambda: view.db.script_tasks.find_one({"_id": ok}, {"status": 1}) is None, 30,
                  "retention to delete the successful task")
-        assert view.db.task_exec_records.count_documents({"task_id": ok}) == 0
+        wait_for(lambda: view.db.task_exec_records.count_documents({"task_id": ok}) == 0, 10,
+                 "retention to delete the successful task's records")
         assert view.db.script_tasks.find_one({"_id": kept})["status"] == "cancelled"
         indexes = view.db.task_logs.index_information()
         assert any(i.get("expireAfterSeconds") == 600 for i in indexes.values())

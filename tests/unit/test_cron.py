@@ -86,3 +86,9 @@ def test_on_time_fires_after_online_since_are_unaffected_by_it() -> None:
 def test_six_field_cron_with_online_since(misfire: Misfire, fires: list[datetime]) -> None:
     out = plan(EVERY_5S_CRON, s(0), s(12), misfire, 100.0, online_since=s(7))
     assert out == Plan(fires, s(15), 2)
+
+
+def test_the_plan_names_its_late_fire_times() -> None:
+    out = plan(EVERY_10S, s(0), s(21), "fire_once", 2.0, online_since=s(5))
+    assert out.late == (s(0), s(10))
+    assert plan(EVERY_10S, s(20), s(21), "skip", 2.0, online_since=s(15)).late == ()
