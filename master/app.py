@@ -50,6 +50,7 @@ from master.reconcile import HeldTasks
 from master.recovery import Recovery
 from master.retention import Retention
 from master.scheduler import Scheduler
+from master.sharing import WorkSharing
 from master.sweeper import Sweeper
 from master.tracing import TaskTraces
 from master.watches import Watches
@@ -111,7 +112,9 @@ class Master:
         self.queue_caps = QueueCaps(s, bus, self.redis)
         self.adaptive = AdaptiveLimits(s, self.redis, self.rate_limits)
         self.intake = self._intake(self.queue, "intake")
-        self.intake.throttle = self.backpressure  # only the ready list's intake waits
+        self.sharing = WorkSharing(s, self.board, self.recovery.live_peers)
+        # Only the ready list's intake waits: the memory bound, then the peers' share.
+        self.intake.throttles = [self.backpressure, self.sharing]
         self.listener = DeviceFreeListener(self.redis, s.keys.device_free_channel, bus)
         self.checker = LockChecker(self.recovery.locks, self.board.waiting_on_locks, bus,
                                    self.jobs, s.free_check_interval_s)
@@ -149,7 +152,8 @@ class Master:
         """Subscriptions in this order (handlers of one event run in it), then the gates."""
         self.bus.attach(
             self.dispatcher, self.lost_work, self.expiry, self.benching, self.alerting,
-            self.watches, self.pausing, self.backpressure, self.breaker, self.drop_rate,
+            self.watches, self.pausing, self.backpressure, self.sharing, self.breaker,
+            self.drop_rate,
             self.quota, self.queue_caps, self.rate_limits, self.adaptive, self.delayed,
             self.metering, self.checker, self.traces)
         for gate in self.gates():
@@ -163,7 +167,8 @@ class Master:
             "sweeper": self.sweeper,
             "alerts": self.alerting, "watches": self.watches,
             "pausing": self.pausing, "benching": self.benching,
-            "backpressure": self.backpressure, "rate-limits": self.rate_limits,
+            "backpressure": self.backpressure, "sharing": self.sharing,
+            "rate-limits": self.rate_limits,
             "queue-caps": self.queue_caps, "adaptive-limits": self.adaptive,
             "breaker": self.breaker, "drop-rate": self.drop_rate,
             "metrics": self.metering, "counts": self.counts,
@@ -312,7 +317,7 @@ class Master:
             "benching": self.benching.report(),
             "pauses": self.pausing.report(),
             "alerts": {**self.alerting.report(), **self.watches.report()},
-            "backpressure": self.backpressure.report(),
+            "backpressure": {**self.backpressure.report(), **self.sharing.report()},
             "rate_limits": {**self.rate_limits.report(), "adaptive": self.adaptive.report()},
             "queue_caps": self.queue_caps.report(),
             "breaker": {**self.breaker.report(), "drop_rate": self.drop_rate.report(),

@@ -103,7 +103,8 @@ class Batch:
 
 
 class Throttle(Protocol):
-    """What backpressure tells intake (master/backpressure.py)."""
+    """What backpressure (master/backpressure.py) and work sharing (master/sharing.py)
+    tell intake."""
 
     async def wait_open(self, stop: asyncio.Event) -> bool: ...
 
@@ -120,7 +121,7 @@ class Intake:
         on_tasks: Callable[[list[Task]], None],
         on_scheduled: Callable[[list[Task]], Awaitable[None]],
         on_count: Callable[[str, int], Awaitable[None]],
-        throttle: Throttle | None = None,
+        throttles: list[Throttle] | None = None,
     ) -> None:
         self.settings = settings
         self.queue = queue
@@ -129,7 +130,8 @@ class Intake:
         self.on_tasks = on_tasks
         self.on_scheduled = on_scheduled
         self.on_count = on_count
-        self.throttle = throttle  # backpressure: when and how much intake may take
+        # When and how much intake may take: each must be open, the least room decides.
+        self.throttles = throttles or []
         self.taken = 0
         self.quarantined = 0
         self.deduplicated = 0
@@ -155,11 +157,11 @@ class Intake:
                     await self._drain()
                     return
                 batch, chunk = self.settings.intake_batch, self.settings.intake_fanout_chunk
-                if self.throttle is not None:
-                    if not await self.throttle.wait_open(stop):
-                        continue  # stopping (the drain above runs next)
-                    batch, chunk = self.throttle.room(batch), self.throttle.room(chunk)
-                entries = await self.queue.take(batch)
+                if not await self._open(stop):
+                    continue  # stopping (the drain above runs next), or closed again
+                for throttle in self.throttles:
+                    batch, chunk = throttle.room(batch), throttle.room(chunk)
+                entries = await self.queue.take(batch) if batch else []
                 if entries or self._fanouts:
                     await self.ingest_round(entries, chunk)
                 else:
@@ -168,6 +170,13 @@ class Intake:
             except Exception as exc:
                 self._recheck = True  # the batch stays in processing: take it again
                 await backoff.failed("intake", exc)
+
+    async def _open(self, stop: asyncio.Event) -> bool:
+        """Each throttle open at once (one may close while another is awaited)."""
+        for throttle in self.throttles:
+            if not await throttle.wait_open(stop):
+                return False
+        return all([t.room(1) for t in self.throttles])
 
     async def _drain(self) -> None:
         """On stop: store what a last wait moved into staging, leave nothing behind.

@@ -352,7 +352,15 @@ class Recovery:
         """The other masters whose heartbeat is gone."""
         return await self.dead_masters(exclude=self.settings.master_id)
 
+    async def live_peers(self) -> int:
+        """How many other masters have a heartbeat."""
+        return sum(up for _, up in await self._masters(exclude=self.settings.master_id))
+
     async def dead_masters(self, exclude: str | None = None) -> list[str]:
+        return [i for i, up in await self._masters(exclude) if not up]
+
+    async def _masters(self, exclude: str | None) -> list[tuple[str, bool]]:
+        """Every master the masters hash names (but `exclude`), and whether it is alive."""
         ids = [k.decode() for k in await self.redis.hkeys(self.keys.masters)]
         ids = [i for i in ids if i != exclude]
         if not ids:
@@ -361,7 +369,7 @@ class Recovery:
         for master_id in ids:
             pipe.exists(self.keys.master_alive(master_id))
         alive = await pipe.execute()
-        return [i for i, up in zip(ids, alive, strict=True) if not up]
+        return [(i, bool(up)) for i, up in zip(ids, alive, strict=True)]
 
     async def recover_dead_master(self, dead_id: str, ingest_for: IngestFor, found: Found,
                                   dry: bool = False) -> None:

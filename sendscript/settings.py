@@ -175,6 +175,11 @@ class Settings(BaseSettings):
     high_water: int = Field(25_000, ge=0)
     low_water: int = Field(5_000, ge=0)
     ready_max: int = Field(0, ge=0)
+    # Work sharing (master/sharing.py): while other masters are alive, a master takes
+    # from the ready list only while its board holds fewer than this many tasks, and
+    # leaves the rest to whichever master has room first. None: four times its send
+    # slots (workers x worker_concurrency); 0: off (take up to high water, as alone).
+    share_prefetch: int | None = Field(None, ge=0)
 
     # Alerts (sendscript/alerts.py, master/alerts.py): a WeCom group robot
     # (its full webhook URL, key included) and/or a JSON webhook; neither set: alerts

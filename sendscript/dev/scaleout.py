@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -158,6 +159,7 @@ class ScaleRow:
     lost: int
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds by role, server
     ready_max: int = 0  # the most items seen waiting in the ready list
+    by_master: dict[str, int] = field(default_factory=dict)  # finished tasks by holder
 
 
 # The fault run's sweep graces: a worker sends only within half the shortest of them and
@@ -545,6 +547,9 @@ def measure_scaling(cluster: Cluster, hosts: int, opts: Options) -> ScaleRow:
         for name in masters:
             wait_until(lambda n=name: cluster.master_up(settings, n), 120, 0.3,
                        what=f"master {name}")
+        for name in masters:  # each counts its peers before the burst (work sharing)
+            wait_until(lambda n=name: _peers_seen(settings, n) >= hosts - 1, 60, 0.3,
+                       what=f"master {name} to see its peers")
         before = {m: cluster.hosts.throttled(m) or (0, 0) for m in masters}
         roots = cluster.cpu_roots()
         cpu_before = CpuTimes.take(roots)
@@ -576,9 +581,17 @@ def measure_scaling(cluster: Cluster, hosts: int, opts: Options) -> ScaleRow:
     statuses: dict[str, int] = {}
     for d in found:
         statuses[d["status"]] = statuses.get(d["status"], 0) + 1
+    # Which master held each task: a burst left on one board ends when that one does.
+    by_master = dict(sorted(Counter(str(d.get("master")) for d in found
+                                    if d.get("finished_at")).items()))
     return ScaleRow(hosts, len(finished), seconds, len(finished) / seconds,
                     throttled / periods if periods else 0.0, statuses,
-                    opts.scale_tasks - len(docs), cpu, depth.most)
+                    opts.scale_tasks - len(docs), cpu, depth.most, by_master)
+
+
+def _peers_seen(settings: Settings, name: str) -> int:
+    info = heartbeat(settings, name) or {}
+    return int(info.get("backpressure", {}).get("live_peers") or 0)
 
 
 class _DepthWatch:
@@ -626,7 +639,7 @@ def _wait_read_back(settings: Settings, count: int, timeout_s: float) -> dict[An
             if done >= count:
                 break
             time.sleep(1.0)
-        return tasks_by_arg(db, "n", range(count), ("status", "finished_at"))
+        return tasks_by_arg(db, "n", range(count), ("status", "finished_at", "master"))
     finally:
         client.close()
 
@@ -736,6 +749,7 @@ def print_scaling(result: Result, opts: Options) -> None:
             cpu = ", ".join(f"{k} {v:.1f}" for k, v in sorted(row.cpu.items(),
                                                                key=lambda kv: -kv[1]))
             print(f"         CPU s: {cpu}; ready list at most {row.ready_max}")
+            print(f"         tasks by master: {row.by_master}")
             if row.lost or set(row.statuses) - {"success"}:
                 print(f"         statuses {row.statuses}, lost {row.lost}")
     print("OK" if result.ok(opts.min_ratio) else "FAILED: " + "; ".join(

@@ -70,7 +70,7 @@ async def test_throttled_intake_takes_back_its_processing_list_waits_and_stops(
     throttle = Watched(backpressure)
     queue = IntakeQueue(redis_client, settings.keys, settings.master_id)
     intake = Intake(settings, queue, TaskStore(db), db[GROUPS], board, nothing, nothing,
-                    throttle=throttle)
+                    throttles=[throttle])
     ready = settings.keys.ready
     # A crash left one item in processing, and the master already holds its high water.
     await redis_client.lpush(ready, spec(0))

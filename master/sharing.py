@@ -1,0 +1,114 @@
+"""Work sharing: with other masters alive, a master leaves in the ready list what it
+cannot start soon.
+
+The ready list is shared by every master; a task taken in sits on one master's
+board until that master dispatches it. Alone, a master takes up to its high-water
+mark (`master.backpressure`): nobody else could run those tasks. With peers, a
+burst taken greedily by the master that woke first would wait on its board while
+the others sat idle, and the burst would end when that one master finished. So
+while other masters are alive a master takes only while its board holds fewer than
+its share mark (`SENDSCRIPT_SHARE_PREFETCH`; by default four times its send
+slots, workers x worker_concurrency), and the rest waits in Redis for whichever
+master has room first.
+
+`ShareMark` is the rule (pure). `WorkSharing` drives it: the board's count from
+the bus events that change it, the number of live peers from their heartbeats.
+Intake awaits its `open` event before a take, as it does backpressure's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from master.backpressure import Board
+from master.bus import Subscription
+from master.events import TaskAnswered, TaskDispatched, TasksQueued, TasksWithdrawn, WorkRecovered
+from sendscript.backoff import every
+from sendscript.settings import Settings
+
+
+@dataclass
+class ShareMark:
+    """How many tasks one take may bring, given the tasks queued on the board and
+    whether other masters are alive. `prefetch == 0` turns sharing off. Pure."""
+
+    prefetch: int
+    peers: int = 0
+
+    @property
+    def sharing(self) -> bool:
+        return self.prefetch > 0 and self.peers > 0
+
+    def room(self, queued: int, batch: int) -> int:
+        if not self.sharing:
+            return batch
+        return max(0, min(batch, self.prefetch - queued))
+
+
+def share_prefetch(settings: Settings) -> int:
+    """The share mark: the setting, or four times the master's send slots."""
+    if settings.share_prefetch is not None:
+        return settings.share_prefetch
+    return 4 * settings.workers * settings.worker_concurrency
+
+
+class WorkSharing:
+    """The share mark on the master's bus, and the `open` event intake waits on."""
+
+    def __init__(self, settings: Settings, board: Board,
+                 live_peers: Callable[[], Awaitable[int]]) -> None:
+        self.settings = settings
+        self.board = board
+        self.live_peers = live_peers  # other masters with a heartbeat (a read-only view)
+        self.mark = ShareMark(share_prefetch(settings))
+        self.open = asyncio.Event()
+        self.open.set()
+        self.waits = 0  # times intake found the board at the mark
+
+    def subscriptions(self) -> list[Subscription]:
+        # The board's count moves on these: tasks queued, dispatched, withdrawn, put
+        # back (a busy device's answer), a lost worker's tasks back.
+        return [(kind, self._on_event) for kind in (
+            TasksQueued, TaskDispatched, TasksWithdrawn, TaskAnswered, WorkRecovered)]
+
+    def _on_event(self, _event: object) -> None:
+        self.update()
+
+    def update(self) -> None:
+        if self.mark.room(self.board.queued, 1):
+            self.open.set()
+        else:
+            self.open.clear()
+
+    async def wait_open(self, stop: asyncio.Event) -> bool:
+        """Until intake may take (True) or the master stops (False)."""
+        self.update()
+        if not self.open.is_set():
+            self.waits += 1
+            opened = asyncio.ensure_future(self.open.wait())
+            stopped = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait({opened, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                opened.cancel()
+                stopped.cancel()
+        return self.open.is_set() and not stop.is_set()
+
+    def room(self, batch: int) -> int:
+        return self.mark.room(self.board.queued, batch)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Count the live peers once a heartbeat: a peer that starts or dies turns
+        sharing on or off within one interval."""
+        async def count() -> None:
+            self.mark.peers = await self.live_peers()
+            self.update()
+
+        await every(stop, self.settings.heartbeat_interval_s, "peer count", count)
+
+    def report(self) -> dict[str, Any]:
+        return {"sharing": self.mark.sharing, "share_prefetch": self.mark.prefetch,
+                "live_peers": self.mark.peers, "share_waits": self.waits}
