@@ -175,13 +175,14 @@ class Dispatcher:
     def _send(self, task: Task) -> None:
         slot = self.pool.select(task.device_id)
         handle = task_handle(task, self.max_wait)
+        left_ns = time.time_ns()
         if slot is None or not self.pool.dispatch(slot, handle):
             self._cool_down(task, ERROR_COOLDOWN_S)
             return
         now = time.monotonic()
         waited = now - self._queued_at.pop(task.id, now)
         self._dispatched[task.id] = (now, waited)
-        self.bus.emit(TaskDispatched(task, slot.name, waited))
+        self.bus.emit(TaskDispatched(task, slot.name, waited, left_ns))
 
     def _put_back(self, task: Task, how: Callable[[Task], None]) -> None:
         self._queued_at[task.id] = time.monotonic()

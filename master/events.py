@@ -38,6 +38,9 @@ class TaskDispatched:
     task: Task
     worker: str
     waited_s: float  # on the board, since it was queued (or put back)
+    # When it left the board (wall clock, ns), taken before the hand-off to the worker:
+    # the worker may start on it before this event is emitted.
+    left_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)

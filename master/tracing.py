@@ -106,7 +106,7 @@ class TaskTraces:
         waiting = self._waiting.pop(event.task.id, None)
         if waiting is None:
             return
-        now = _now_ns()
+        now = event.left_ns or _now_ns()  # the worker's spans may start before the event
         self._end_hold(event.task, waiting, now)
         self._record("sendscript.wait.queued", event.task, waiting.since_ns, now,
                      {"sendscript.worker": event.worker})

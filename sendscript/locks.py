@@ -252,10 +252,10 @@ class DeviceLocks:
         an owner; None where the device is free or its lock was taken for none."""
         if not devices:
             return []
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.mget([self._keys.device_lock(d) for d in devices])
-        pipe.hmget(self._keys.lock_owners, list(devices))
-        values, owners = await pipe.execute()
+        # Two calls, not one pipeline: a cluster client refuses MGET in a pipeline. The
+        # two were never atomic; only a lock whose fence matches its owner entry counts.
+        values = await self._redis.mget([self._keys.device_lock(d) for d in devices])
+        owners = await self._redis.hmget(self._keys.lock_owners, list(devices))
         out: list[tuple[int, str] | None] = []
         for value, owner in zip(values, owners, strict=True):
             fence, _, name = (owner.decode() if owner else "").partition(" ")

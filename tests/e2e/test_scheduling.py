@@ -140,8 +140,17 @@ def test_restarted_master_takes_back_its_delayed_tasks_at_once(
         wait_for(lambda: succeeded(delayed) >= 10, 30, "the first delayed tasks", 0.05)
         assert (roles.master_info() or {}).get("delayed_held", 0) > 0
         first.kill()  # SIGKILL: its claims stay in Mongo
-        held_at_kill = view.db.script_tasks.count_documents(
-            {"master": settings.master_id, "status": {"$in": ["waiting", "retry_waiting"]}})
+
+        def held() -> int:
+            return view.db.script_tasks.count_documents(
+                {"master": settings.master_id, "status": {"$in": ["waiting", "retry_waiting"]}})
+
+        # What it held once its last writes landed: one sent just before the kill, or
+        # by a worker yet to notice the kill, may still move a task.
+        counts = [held()]
+        wait_for(lambda: counts.append(held()) or counts[-1] == counts[-2], 15,
+                 "the dead master's last writes to land", 1.0)
+        held_at_kill = counts[-1]
         assert held_at_kill >= len(retries)  # the retries are due well after the restart
         second = roles.master("master-2")  # the same master id, at once
         wait_for(lambda: succeeded(every) == len(every), 90, "every delayed task", 0.5)
