@@ -171,8 +171,12 @@ async def test_expired_lock_frees_the_device(
 DEVICES = [f"dev-{i}" for i in range(4)]
 
 
-async def run_id_of(client: redis.asyncio.Redis) -> str:
-    return str((await client.info("server"))["run_id"])
+async def run_id_of(client: redis.asyncio.Redis, settings: Settings) -> str:
+    """The run id of the server that holds the epoch hash, as the scripts read it (on a
+    cluster, INFO from the client answers for any one node)."""
+    script = "return string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')"
+    run_id = await client.eval(script, 1, epoch_key(settings.keys))
+    return run_id.decode() if isinstance(run_id, bytes) else str(run_id)
 
 
 async def stage_restart(client: redis.asyncio.Redis, settings: Settings,
@@ -200,7 +204,7 @@ async def test_first_acquire_adopts_an_epoch_then_stays_one_round_trip(
     assert first == fence_floor(1) + 1
     assert await stored_epoch(db, settings) == 1
     assert await redis_client.hgetall(epoch_key(settings.keys)) == {
-        b"run_id": (await run_id_of(redis_client)).encode(), b"epoch": b"1"}
+        b"run_id": (await run_id_of(redis_client, settings)).encode(), b"epoch": b"1"}
     assert locks.adoptions == 1
 
     # Adopted: later acquires neither bump the epoch nor run the adopt script.
@@ -237,7 +241,7 @@ async def test_a_restart_raises_fences_above_all_handed_out_before(
     assert after[0] == fence_floor(2) + 1
     assert await stored_epoch(db, settings) == 2
     assert await redis_client.hget(epoch_key(settings.keys), "run_id") == (
-        await run_id_of(redis_client)).encode()
+        await run_id_of(redis_client, settings)).encode()
 
     # The hazard itself: a stale release by a fence of before frees nothing now.
     assert await locks.release_many(list(zip(DEVICES * 4, before, strict=True))) == 0
@@ -287,7 +291,7 @@ async def test_adopt_refuses_a_run_it_did_not_see_and_never_lowers_the_counter(
     assert await redis_client.exists(epoch_key(settings.keys)) == 0
     assert int(await redis_client.get(settings.keys.lock_fence)) == fence_floor(7) + 10
 
-    run_id = await run_id_of(redis_client)
+    run_id = await run_id_of(redis_client, settings)
     # A lower epoch than the counter already passed: adopted, counter kept.
     assert await adopt(keys=keys, args=[run_id, 3, fence_floor(3)]) == 1
     assert int(await redis_client.get(settings.keys.lock_fence)) == fence_floor(7) + 10

@@ -239,7 +239,7 @@ def test_every_task_succeeds_once_through_step_downs_and_injected_failover_error
         servers: EmbeddedServers, rs: MongoReplicaSet, tmp_path: Path) -> None:
     settings = rs_settings(servers, rs, heartbeat_interval_s=0.5, worker_concurrency=16)
     roles = Roles(settings, tmp_path / "logs")
-    r = redis.Redis.from_url(settings.redis_url or "")
+    r = connect.redis_sync(settings)
     view = MongoClient(settings.mongo_url, directConnection=True)
     db = view.get_default_database()
     faults: list[str] = []
