@@ -6,9 +6,17 @@ Starts a fresh embedded SecantusDB, creates the service's indexes and runs the
 hot path of an immediate task that succeeds through the service's own stores,
 state machines and batch functions, step by step in group-committed batches as
 the roles run it: store (intake), claim, exec record, mark sent, save the log,
-read the records, apply the result. For each step: the server's CPU per task
-(from /proc), the commands sent per task, and the wall time. The client has the
-roles' options (connect.py) unless `--retry-writes` overrides them.
+read the records, apply the result, keep the fleet view (the devices' last
+results, as the consumer does). For each step: the server's CPU per task (from
+/proc), the commands sent per task, and the wall time. The client has the roles'
+options (connect.py) unless `--retry-writes` overrides them.
+
+What each index costs: `--without-index script_tasks.updated_at_1` (repeatable)
+drops that index after the service's are made; `--per-index` runs once with every
+index and once without each index of the hot path's collections, a fresh server a
+run, and prints the server ms/task each index adds to each step (the embedded
+server rewrites every index entry of a document on every update, whichever fields
+changed; a partial index costs only the documents its filter holds).
 
 What is timed is store steps, so the run verifies that the steps did what they
 were timed doing, from the store itself once they are done: every task read back
@@ -27,6 +35,7 @@ import sys
 import tempfile
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -35,13 +44,14 @@ from pymongo import ASCENDING, IndexModel, MongoClient
 
 from bench.cpu import tree_cpu_s
 from consumers.rules import result_updates
-from sendscript import connect, roundtrips
+from sendscript import connect, fleet, roundtrips
 from sendscript.dev import tally
 from sendscript.dev.embedded import MongoServer
 from sendscript.models import ExecRecord, LogType, Task, TaskLogMessage, TaskSpec, utcnow
 from sendscript.settings import Settings
 from sendscript.status import TaskStatus, record_sent, task_cas
 from sendscript.store import (
+    DEVICES,
     LOGS,
     RECORDS,
     TASKS,
@@ -49,6 +59,7 @@ from sendscript.store import (
     LogStore,
     RecordStore,
     TaskStore,
+    all_indexes,
     ensure_indexes,
 )
 
@@ -78,9 +89,15 @@ PEER_INDEXES = {TASKS: [IndexModel([("status", ASCENDING)])],
                 LOGS: [IndexModel([("task_id", ASCENDING)])]}
 
 
+# The collections the hot path writes: --per-index drops each of their indexes in turn.
+HOT_COLLECTIONS = (TASKS, RECORDS, LOGS, DEVICES)
+
+
 async def hot_path(settings: Settings, steps: Steps, tasks: int, batch: int,
-                   devices: int, indexes: str = "service") -> tuple[list[str], list[str]]:
-    """Run the steps; the ids of the tasks and exec records written."""
+                   devices: int, indexes: str = "service",
+                   without: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+    """Run the steps; the ids of the tasks and exec records written. `without`:
+    indexes ("collection.name") dropped before the run."""
     task_ids: list[str] = []
     record_ids: list[str] = []
     client = connect.mongo_async(settings)
@@ -90,7 +107,11 @@ async def hot_path(settings: Settings, steps: Steps, tasks: int, batch: int,
     else:
         for name, models in PEER_INDEXES.items():
             await db[name].create_indexes(models)
+    for qualified in without:
+        collection, _, index = qualified.partition(".")
+        await db[collection].drop_index(index)
     store, records, logs = TaskStore(db), RecordStore(db), LogStore(db)
+    written = fleet.WrittenThisHour()
     try:
         for start in range(0, tasks, batch):
             n = min(batch, tasks - start)
@@ -135,6 +156,15 @@ async def hot_path(settings: Settings, steps: Steps, tasks: int, batch: int,
                 await store.run_updates(writes.successes())
                 await records.run_updates(writes.records)
             await steps.run("7 apply result (task, record)", apply)
+
+            async def keep_fleet(m: list[TaskLogMessage] = msgs, f: dict = found) -> None:
+                # as consumers/task_log.py's _keep_fleet (its Redis side aside)
+                now = utcnow()
+                updates = fleet.device_updates(fleet.device_results(m, f), now,
+                                               written.current(now))
+                await db[DEVICES].bulk_write(updates, ordered=True)
+                written.written(now, [r.device_id for r in fleet.device_results(m, f)])
+            await steps.run("8 keep fleet (devices)", keep_fleet)
     finally:
         await client.close()
     return task_ids, record_ids
@@ -157,18 +187,17 @@ def read_back(settings: Settings, task_ids: list[str], record_ids: list[str]
             f"written ({records.lost} missing); logs: {logs} of {n} saved"], ok
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.mongo_cost", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", type=int, default=3000)
-    p.add_argument("--batch", type=int, default=32, help="tasks per group commit (32)")
-    p.add_argument("--devices", type=int, default=200)
-    p.add_argument("--retry-writes", choices=("url", "true", "false"), default="url",
-                   help="retryWrites on the client: as connect.py decides (url), or forced")
-    p.add_argument("--indexes", choices=("service", "peers"), default="service",
-                   help="the service's indexes (store.py), or the peers' one a collection")
-    p.add_argument("--json", action="store_true")
-    a = p.parse_args(argv)
+@dataclass
+class Run:
+    """One run of the hot path on a fresh server."""
+
+    steps: Steps
+    elapsed: float
+    verified: list[str]
+    ok: bool
+
+
+def measure(a: argparse.Namespace, without: Sequence[str] = ()) -> Run:
     data = Path(tempfile.mkdtemp(prefix="sendscript-mongocost-"))
     server = MongoServer(data)
     server.start()
@@ -181,29 +210,101 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps = Steps(server.proc.pid)
         t0 = perf_counter()
         task_ids, record_ids = asyncio.run(hot_path(settings, steps, a.tasks, a.batch,
-                                                    a.devices, a.indexes))
+                                                    a.devices, a.indexes, without))
         elapsed = perf_counter() - t0
         verified, ok = read_back(settings, task_ids, record_ids)
     finally:
         server.stop()
         shutil.rmtree(data, ignore_errors=True)
+    return Run(steps, elapsed, verified, ok)
+
+
+def hot_indexes() -> list[str]:
+    """The service's indexes on the hot path's collections, as "collection.name"."""
+    return [f"{name}.{model.document['name']}"
+            for name, models in all_indexes(30 * 86400).items() if name in HOT_COLLECTIONS
+            for model in models]
+
+
+def print_run(a: argparse.Namespace, run: Run, without: Sequence[str]) -> None:
+    steps = run.steps
     total_cpu = sum(steps.cpu.values())
+    dropped = f" without {', '.join(without)}" if without else ""
     print(f"{a.tasks} tasks, batches of {a.batch}, retryWrites={a.retry_writes}, "
-          f"{a.indexes} indexes: "
-          f"{a.tasks / elapsed:.0f} tasks/s, server CPU {total_cpu / a.tasks * 1000:.2f} ms/task, "
+          f"{a.indexes} indexes{dropped}: "
+          f"{a.tasks / run.elapsed:.0f} tasks/s, "
+          f"server CPU {total_cpu / a.tasks * 1000:.2f} ms/task, "
           f"{sum(steps.cmds.values()) / a.tasks:.3f} commands/task")
     print(f"{'step':34} {'server ms/task':>15} {'cmds/task':>10} {'wall ms/task':>13}")
     for name in sorted(steps.cpu):
         print(f"{name:34} {steps.cpu[name] / a.tasks * 1000:15.3f} "
               f"{steps.cmds[name] / a.tasks:10.3f} {steps.wall[name] / a.tasks * 1000:13.3f}")
-    for line in verified:
+    for line in run.verified:
         print(line)
+
+
+def ms(run: Run, tasks: int) -> dict[str, float]:
+    return {k: v / tasks * 1000 for k, v in run.steps.cpu.items()}
+
+
+def per_index(a: argparse.Namespace) -> tuple[dict[str, float], dict[str, dict[str, float]], bool]:
+    """Server ms/task by step with every index, and what each index adds (the run
+    with it less the run without it) by step; whether every run verified."""
+    base = measure(a)
+    print_run(a, base, ())
+    full = ms(base, a.tasks)
+    added: dict[str, dict[str, float]] = {}
+    ok = base.ok
+    for index in hot_indexes():
+        run = measure(a, [index])
+        ok = ok and run.ok
+        without = ms(run, a.tasks)
+        added[index] = {k: full[k] - without.get(k, 0.0) for k in full}
+        print(f"without {index}: {sum(without.values()):.2f} ms/task "
+              f"({sum(added[index].values()):+.2f} for the index)", flush=True)
+    steps = sorted(full)
+    print(f"\nserver ms/task each index adds, by step (all indexes: "
+          f"{sum(full.values()):.2f} ms/task)")
+    print(f"{'index':46} {'total':>6} " + " ".join(f"{k.split()[0]:>6}" for k in steps))
+    print(f"{'(all, by step)':46} {sum(full.values()):6.2f} "
+          + " ".join(f"{full[k]:6.2f}" for k in steps))
+    for index, by_step in added.items():
+        print(f"{index:46} {sum(by_step.values()):6.2f} "
+              + " ".join(f"{by_step[k]:6.2f}" for k in steps))
+    print("steps: " + "; ".join(steps))
+    return full, added, ok
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.mongo_cost", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=32, help="tasks per group commit (32)")
+    p.add_argument("--devices", type=int, default=200)
+    p.add_argument("--retry-writes", choices=("url", "true", "false"), default="url",
+                   help="retryWrites on the client: as connect.py decides (url), or forced")
+    p.add_argument("--indexes", choices=("service", "peers"), default="service",
+                   help="the service's indexes (store.py), or the peers' one a collection")
+    p.add_argument("--without-index", action="append", default=[], metavar="COLL.NAME",
+                   help="drop this index (e.g. script_tasks.updated_at_1) before the run")
+    p.add_argument("--per-index", action="store_true",
+                   help="one run with every index, then one without each index "
+                        f"of {', '.join(HOT_COLLECTIONS)}; prints what each adds")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    if a.per_index:
+        full, added, ok = per_index(a)
+        if a.json:
+            print(json.dumps({"tasks": a.tasks, "batch": a.batch, "server_ms_per_task": full,
+                              "index_adds_ms_per_task": added, "verified": ok}))
+        return 0 if ok else 1
+    run = measure(a, a.without_index)
+    print_run(a, run, a.without_index)
     if a.json:
         print(json.dumps({"tasks": a.tasks, "batch": a.batch, "retry_writes": a.retry_writes,
-                          "server_ms_per_task": {k: v / a.tasks * 1000
-                                                 for k, v in steps.cpu.items()},
-                          "verified": ok}))
-    return 0 if ok else 1
+                          "without": a.without_index, "server_ms_per_task": ms(run, a.tasks),
+                          "verified": run.ok}))
+    return 0 if run.ok else 1
 
 
 if __name__ == "__main__":
