@@ -13,10 +13,12 @@ options (connect.py) unless `--retry-writes` overrides them.
 
 What each index costs: `--without-index script_tasks.updated_at_1` (repeatable)
 drops that index after the service's are made; `--per-index` runs once with every
-index and once without each index of the hot path's collections, a fresh server a
-run, and prints the server ms/task each index adds to each step (the embedded
-server rewrites every index entry of a document on every update, whichever fields
-changed; a partial index costs only the documents its filter holds).
+index and once without each index of the hot path's collections, each run on a
+fresh server of its own and all at once, a batch on each in turn (so the noise of
+a shared machine falls on them alike), and prints the server ms/task each index
+adds to each step (the embedded server rewrites every index entry of a document on
+every update, whichever fields changed; a partial index costs only the documents
+its filter holds).
 
 What is timed is store steps, so the run verifies that the steps did what they
 were timed doing, from the store itself once they are done: every task read back
@@ -93,81 +95,99 @@ PEER_INDEXES = {TASKS: [IndexModel([("status", ASCENDING)])],
 HOT_COLLECTIONS = (TASKS, RECORDS, LOGS, DEVICES)
 
 
-async def hot_path(settings: Settings, steps: Steps, tasks: int, batch: int,
-                   devices: int, indexes: str = "service",
-                   without: Sequence[str] = ()) -> tuple[list[str], list[str]]:
-    """Run the steps; the ids of the tasks and exec records written. `without`:
-    indexes ("collection.name") dropped before the run."""
-    task_ids: list[str] = []
-    record_ids: list[str] = []
-    client = connect.mongo_async(settings)
-    db = connect.database(client)
-    if indexes == "service":
-        await ensure_indexes(db)
-    else:
-        for name, models in PEER_INDEXES.items():
-            await db[name].create_indexes(models)
-    for qualified in without:
-        collection, _, index = qualified.partition(".")
-        await db[collection].drop_index(index)
-    store, records, logs = TaskStore(db), RecordStore(db), LogStore(db)
-    written = fleet.WrittenThisHour()
+class Lane:
+    """One server's run of the hot path: its database, indexes, steps and writes."""
+
+    def __init__(self, settings: Settings, steps: Steps, indexes: str = "service",
+                 without: Sequence[str] = ()) -> None:
+        self.settings = settings
+        self.steps = steps
+        self.indexes = indexes
+        self.without = list(without)  # indexes ("collection.name") dropped before the run
+        self.client = connect.mongo_async(settings)
+        self.db = connect.database(self.client)
+        self.store, self.records = TaskStore(self.db), RecordStore(self.db)
+        self.logs = LogStore(self.db)
+        self.written = fleet.WrittenThisHour()
+        self.task_ids: list[str] = []
+        self.record_ids: list[str] = []
+
+    async def setup(self) -> None:
+        if self.indexes == "service":
+            await ensure_indexes(self.db)
+        else:
+            for name, models in PEER_INDEXES.items():
+                await self.db[name].create_indexes(models)
+        for qualified in self.without:
+            collection, _, index = qualified.partition(".")
+            await self.db[collection].drop_index(index)
+
+    async def batch(self, batch_tasks: list[Task], first_fence: int) -> None:
+        steps, store, records = self.steps, self.store, self.records
+        n = len(batch_tasks)
+        await steps.run("1 store tasks (insert)", lambda: store.store(batch_tasks))
+        claims = [Claim(t.id, 0, "w-1") for t in batch_tasks]
+        rids = await steps.run("2 claim (pending->running)",
+                               lambda: store.claim_many(claims, utcnow()))
+        assert all(rids)
+        self.task_ids += [t.id for t in batch_tasks]
+        self.record_ids += rids
+        recs = [ExecRecord(_id=rid, task_id=t.id, attempt=1, device_id=t.device_id,
+                           lock_value=first_fence + i, worker="w-1", started_at=utcnow())
+                for i, (rid, t) in enumerate(zip(rids, batch_tasks, strict=True))]
+        await steps.run("3 exec record (insert)", lambda: records.insert_many(recs))
+
+        async def mark_sent() -> None:
+            # as worker/handler.py's _mark_sent_batch
+            sent = utcnow()
+            await store.run_updates([task_cas(t.id, TaskStatus.RUNNING, TaskStatus.SENT,
+                                              sent, attempt=1, extra_filter={"record_id": r})
+                                     for t, r in zip(batch_tasks, rids, strict=True)])
+            await records.run_updates([record_sent(r, sent, None) for r in rids])
+        await steps.run("4 mark sent (task, record)", mark_sent)
+        stamp = int(utcnow().timestamp() * 1000)
+        msgs = [TaskLogMessage(record_id=r, task_id=t.id, device_id=t.device_id,
+                               log_type=LogType.SUCCESS, message="done", timestamp=stamp)
+                for r, t in zip(rids, batch_tasks, strict=True)]
+        got = await steps.run("5 save logs (insert)",
+                              lambda: self.logs.insert_many([x.to_doc(utcnow()) for x in msgs]))
+        assert got == n
+        found = await steps.run("6 read records", lambda: records.find_many(rids))
+
+        async def apply() -> None:
+            writes = result_updates(msgs, found, {}, self.settings, utcnow())
+            await store.run_updates(writes.successes())
+            await records.run_updates(writes.records)
+        await steps.run("7 apply result (task, record)", apply)
+
+        async def keep_fleet() -> None:
+            # as consumers/task_log.py's _keep_fleet (its Redis side aside)
+            now = utcnow()
+            results = fleet.device_results(msgs, found)
+            updates = fleet.device_updates(results, now, self.written.current(now))
+            await self.db[DEVICES].bulk_write(updates, ordered=True)
+            self.written.written(now, [r.device_id for r in results])
+        await steps.run("8 keep fleet (devices)", keep_fleet)
+
+
+async def hot_path(lanes: Sequence[Lane], tasks: int, batch: int, devices: int) -> None:
+    """Run the steps on every lane, a batch at a time on each in turn (the first lane
+    of a round rotates), so that lanes compared share the machine's moments alike."""
     try:
-        for start in range(0, tasks, batch):
+        for lane in lanes:
+            await lane.setup()
+        for round_no, start in enumerate(range(0, tasks, batch)):
             n = min(batch, tasks - start)
             now = utcnow()
             batch_tasks = [Task.from_spec(TaskSpec(
                 device_id=f"phone-{(start + i) % devices:05d}",
                 script={"id": "bench", "args": {"n": start + i}}), now=now) for i in range(n)]
-            await steps.run("1 store tasks (insert)", lambda t=batch_tasks: store.store(t))
-            claims = [Claim(t.id, 0, "w-1") for t in batch_tasks]
-            rids = await steps.run("2 claim (pending->running)",
-                                   lambda c=claims: store.claim_many(c, utcnow()))
-            assert all(rids)
-            task_ids += [t.id for t in batch_tasks]
-            record_ids += rids
-            recs = [ExecRecord(_id=rid, task_id=t.id, attempt=1, device_id=t.device_id,
-                               lock_value=start + i + 1, worker="w-1", started_at=utcnow())
-                    for i, (rid, t) in enumerate(zip(rids, batch_tasks, strict=True))]
-            await steps.run("3 exec record (insert)", lambda r=recs: records.insert_many(r))
-
-            async def mark_sent(ts: list[Task] = batch_tasks, rs: list = rids) -> None:
-                # as worker/handler.py's _mark_sent_batch
-                sent = utcnow()
-                await store.run_updates([task_cas(t.id, TaskStatus.RUNNING, TaskStatus.SENT,
-                                                  sent, attempt=1,
-                                                  extra_filter={"record_id": r})
-                                         for t, r in zip(ts, rs, strict=True)])
-                await records.run_updates([record_sent(r, sent, None) for r in rs])
-            await steps.run("4 mark sent (task, record)", mark_sent)
-            msgs = [TaskLogMessage(record_id=r, task_id=t.id,
-                                   device_id=t.device_id, log_type=LogType.SUCCESS,
-                                   message="done", timestamp=int(now.timestamp() * 1000))
-                    for r, t in zip(rids, batch_tasks, strict=True)]
-            got = await steps.run("5 save logs (insert)",
-                                  lambda m=msgs: logs.insert_many([x.to_doc(utcnow())
-                                                                   for x in m]))
-            assert got == n
-            found = await steps.run("6 read records",
-                                    lambda rs=rids: records.find_many(rs))
-
-            async def apply(m: list[TaskLogMessage] = msgs, f: dict = found) -> None:
-                writes = result_updates(m, f, {}, settings, utcnow())
-                await store.run_updates(writes.successes())
-                await records.run_updates(writes.records)
-            await steps.run("7 apply result (task, record)", apply)
-
-            async def keep_fleet(m: list[TaskLogMessage] = msgs, f: dict = found) -> None:
-                # as consumers/task_log.py's _keep_fleet (its Redis side aside)
-                now = utcnow()
-                updates = fleet.device_updates(fleet.device_results(m, f), now,
-                                               written.current(now))
-                await db[DEVICES].bulk_write(updates, ordered=True)
-                written.written(now, [r.device_id for r in fleet.device_results(m, f)])
-            await steps.run("8 keep fleet (devices)", keep_fleet)
+            turn = round_no % len(lanes)
+            for lane in [*lanes[turn:], *lanes[:turn]]:
+                await lane.batch(batch_tasks, start + 1)
     finally:
-        await client.close()
-    return task_ids, record_ids
+        for lane in lanes:
+            await lane.client.close()
 
 
 def read_back(settings: Settings, task_ids: list[str], record_ids: list[str]
@@ -189,7 +209,7 @@ def read_back(settings: Settings, task_ids: list[str], record_ids: list[str]
 
 @dataclass
 class Run:
-    """One run of the hot path on a fresh server."""
+    """One lane's run of the hot path, on a fresh server of its own."""
 
     steps: Steps
     elapsed: float
@@ -197,26 +217,32 @@ class Run:
     ok: bool
 
 
-def measure(a: argparse.Namespace, without: Sequence[str] = ()) -> Run:
+def measure(a: argparse.Namespace, variants: Sequence[Sequence[str]] = ((),)) -> list[Run]:
+    """One run a variant (the indexes it drops), all at once, interleaved by batch."""
     data = Path(tempfile.mkdtemp(prefix="sendscript-mongocost-"))
-    server = MongoServer(data)
-    server.start()
+    servers = [MongoServer(data / str(i)) for i in range(len(variants))]
     try:
-        url = server.url
-        if a.retry_writes != "url":
-            url += f"?retryWrites={a.retry_writes}"
-        settings = Settings(mongo_url=url)
-        assert server.proc is not None
-        steps = Steps(server.proc.pid)
+        lanes = []
+        for server, without in zip(servers, variants, strict=True):
+            server.start()
+            url = server.url
+            if a.retry_writes != "url":
+                url += f"?retryWrites={a.retry_writes}"
+            assert server.proc is not None
+            lanes.append(Lane(Settings(mongo_url=url), Steps(server.proc.pid), a.indexes,
+                              without))
         t0 = perf_counter()
-        task_ids, record_ids = asyncio.run(hot_path(settings, steps, a.tasks, a.batch,
-                                                    a.devices, a.indexes, without))
+        asyncio.run(hot_path(lanes, a.tasks, a.batch, a.devices))
         elapsed = perf_counter() - t0
-        verified, ok = read_back(settings, task_ids, record_ids)
+        runs = []
+        for lane in lanes:
+            verified, ok = read_back(lane.settings, lane.task_ids, lane.record_ids)
+            runs.append(Run(lane.steps, elapsed / len(lanes), verified, ok))
+        return runs
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
         shutil.rmtree(data, ignore_errors=True)
-    return Run(steps, elapsed, verified, ok)
 
 
 def hot_indexes() -> list[str]:
@@ -250,13 +276,13 @@ def ms(run: Run, tasks: int) -> dict[str, float]:
 def per_index(a: argparse.Namespace) -> tuple[dict[str, float], dict[str, dict[str, float]], bool]:
     """Server ms/task by step with every index, and what each index adds (the run
     with it less the run without it) by step; whether every run verified."""
-    base = measure(a)
+    indexes = hot_indexes()
+    base, *others = measure(a, [(), *[[index] for index in indexes]])
     print_run(a, base, ())
     full = ms(base, a.tasks)
     added: dict[str, dict[str, float]] = {}
     ok = base.ok
-    for index in hot_indexes():
-        run = measure(a, [index])
+    for index, run in zip(indexes, others, strict=True):
         ok = ok and run.ok
         without = ms(run, a.tasks)
         added[index] = {k: full[k] - without.get(k, 0.0) for k in full}
@@ -298,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"tasks": a.tasks, "batch": a.batch, "server_ms_per_task": full,
                               "index_adds_ms_per_task": added, "verified": ok}))
         return 0 if ok else 1
-    run = measure(a, a.without_index)
+    run, = measure(a, [a.without_index])
     print_run(a, run, a.without_index)
     if a.json:
         print(json.dumps({"tasks": a.tasks, "batch": a.batch, "retry_writes": a.retry_writes,
