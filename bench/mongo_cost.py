@@ -274,29 +274,33 @@ def ms(run: Run, tasks: int) -> dict[str, float]:
 
 
 def per_index(a: argparse.Namespace) -> tuple[dict[str, float], dict[str, dict[str, float]], bool]:
-    """Server ms/task by step with every index, and what each index adds (the run
-    with it less the run without it) by step; whether every run verified."""
+    """Server ms/task by step with every index, and what each index adds (the runs
+    with it less the run without it) by step; whether every run verified. Two runs
+    have every index, the first lane and the last: their mean is the base, and
+    their difference says how far apart two runs of one thing come out."""
     indexes = hot_indexes()
-    base, *others = measure(a, [(), *[[index] for index in indexes]])
-    print_run(a, base, ())
-    full = ms(base, a.tasks)
+    first, *others, last = measure(a, [(), *[[index] for index in indexes], ()])
+    print_run(a, first, ())
+    a_ms, b_ms = ms(first, a.tasks), ms(last, a.tasks)
+    full = {k: (a_ms[k] + b_ms.get(k, 0.0)) / 2 for k in a_ms}
     added: dict[str, dict[str, float]] = {}
-    ok = base.ok
+    ok = first.ok and last.ok
     for index, run in zip(indexes, others, strict=True):
         ok = ok and run.ok
         without = ms(run, a.tasks)
         added[index] = {k: full[k] - without.get(k, 0.0) for k in full}
-        print(f"without {index}: {sum(without.values()):.2f} ms/task "
-              f"({sum(added[index].values()):+.2f} for the index)", flush=True)
     steps = sorted(full)
-    print(f"\nserver ms/task each index adds, by step (all indexes: "
-          f"{sum(full.values()):.2f} ms/task)")
-    print(f"{'index':46} {'total':>6} " + " ".join(f"{k.split()[0]:>6}" for k in steps))
-    print(f"{'(all, by step)':46} {sum(full.values()):6.2f} "
-          + " ".join(f"{full[k]:6.2f}" for k in steps))
+    print(f"\nserver ms/task each index adds, by step (every index: "
+          f"{sum(full.values()):.2f} ms/task, the mean of two runs)")
+    print(f"{'index':52} {'total':>6} " + " ".join(f"{k.split()[0]:>5}" for k in steps))
+    print(f"{'(every index, by step)':52} {sum(full.values()):6.2f} "
+          + " ".join(f"{full[k]:5.2f}" for k in steps))
+    print(f"{'(noise: first run less last, both every index)':52} "
+          f"{sum(a_ms.values()) - sum(b_ms.values()):6.2f} "
+          + " ".join(f"{a_ms[k] - b_ms.get(k, 0.0):5.2f}" for k in steps))
     for index, by_step in added.items():
-        print(f"{index:46} {sum(by_step.values()):6.2f} "
-              + " ".join(f"{by_step[k]:6.2f}" for k in steps))
+        print(f"{index:52} {sum(by_step.values()):6.2f} "
+              + " ".join(f"{by_step[k]:5.2f}" for k in steps))
     print("steps: " + "; ".join(steps))
     return full, added, ok
 
