@@ -24,7 +24,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 from loguru import logger
 from pymongo.asynchronous.database import AsyncDatabase
@@ -33,13 +34,15 @@ from master.leadership import Fence, NotLeading
 from sendscript.backoff import every
 from sendscript.models import utcnow
 from sendscript.settings import Settings
-from sendscript.store import LOGS, RECORDS, TASKS
+from sendscript.store import LOGS, PURGE_FLOOR, RECORDS, TASKS
 
 BATCH = 1000  # documents one query returns, and one delete removes, at most
 READS = 200  # reads of one collection per sweep at most: the rest waits for the next
 # Nothing due can be older than this: a window starts here on a new leader, and
 # doubles across the empty years in a few queries.
-EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+# The partial expiry index holds nothing before it either (store.PURGE_INDEX): a window
+# from here is proved to lie within the index.
+EARLIEST = PURGE_FLOOR
 FIRST_WIDTH = timedelta(hours=1)
 MIN_WIDTH = timedelta(milliseconds=1)
 MAX_WIDTH = timedelta(days=3650)
@@ -101,6 +104,12 @@ def targets(settings: Settings) -> list[Target]:
             Target(LOGS, "received_at", lambda now: now - log_keep)]
 
 
+def due_in(key: str, lo: datetime, hi: datetime) -> dict[str, Any]:
+    """The documents of one window. `lo` is never before EARLIEST, so a server proves
+    that the window lies within the partial expiry index (store.PURGE_INDEX)."""
+    return {key: {"$gte": lo, "$lt": hi}}
+
+
 class Retention:
     """The leader's retention sweep, every `SENDSCRIPT_RETENTION_SWEEP_S` seconds."""
 
@@ -149,8 +158,8 @@ class Retention:
                 target.window.pos = None
                 break
             lo, hi = window
-            due = {target.key: {"$gte": lo, "$lt": hi}}
-            ids = [d["_id"] async for d in col.find(due, {"_id": 1}).limit(BATCH)]
+            ids = [d["_id"] async for d in col.find(due_in(target.key, lo, hi),
+                                                   {"_id": 1}).limit(BATCH)]
             if ids:
                 # Still due as the delete runs: a task retried meanwhile has no purge_at.
                 if self.fence is not None:
