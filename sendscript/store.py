@@ -48,15 +48,19 @@ MIN_FIELDS = {"_id": 1, "run_at": 1, "status": 1, "master": 1}
 # The expiry of finished tasks and records, read by the leader's retention sweep
 # (master/retention.py: windows `{purge_at: {$gte: lo, $lt: hi}}`, lo >= PURGE_FLOOR,
 # which a server proves implies the filter) and by MongoDB's TTL monitor. Partial:
-# only finished documents carry purge_at, and a server may rewrite every entry of a
-# document on each update (the embedded one does), so an open task or record, whose
-# missing purge_at a full index would hold as null, pays nothing for it.
+# only finished documents carry purge_at, so an open task or record, whose missing
+# purge_at a full index would hold as null (rewritten on each update by the embedded
+# server), has no entry in it; the index holds only what retention will delete.
 PURGE_FLOOR = datetime(2000, 1, 1, tzinfo=UTC)
 PURGE_INDEX = IndexModel([("purge_at", ASCENDING)], expireAfterSeconds=0,
                          name="purge_at_1_finished",
                          partialFilterExpression={"purge_at": {"$gte": PURGE_FLOOR}})
 
-# Few indexes on purpose: every index is paid on every status change.
+# Few indexes on purpose. MongoDB pays an index on a write that changes its keys; the
+# embedded SecantusDB pays every index of a collection on every write of any of its
+# documents, partial or not (it reads the index catalog and rewrites the document's
+# entries each time): about 0.25 ms of its CPU a task an index on script_tasks, whether
+# the task is in it or not (`python -m bench.mongo_cost --per-index`).
 TASK_INDEXES = [
     # due and delayed tasks, sweeps by status, restore of a master's pending tasks
     IndexModel([("status", ASCENDING), ("run_at", ASCENDING)]),
@@ -74,17 +78,17 @@ TASK_INDEXES = [
     PURGE_INDEX,
     # pull tasks (agents/): the lease query (pending, best first), the lease sweep
     # (running by deadline) and an agent's heartbeat (its cancelled leases); only pull
-    # tasks carry `mode`, so pushed tasks pay nothing for these
+    # tasks carry `mode`, so on MongoDB pushed tasks pay nothing for these
     IndexModel([("mode", ASCENDING), ("status", ASCENDING), ("priority", DESCENDING),
                 ("created_at", ASCENDING)], partialFilterExpression={"mode": {"$type": "string"}}),
     IndexModel([("lease.agent", ASCENDING)],
                partialFilterExpression={"lease.agent": {"$type": "string"}}),
     # What moved since a time: the leader's task counts (sendscript/counts.py). The one
-    # index here that every status change pays for.
+    # index here that every status change pays for on MongoDB.
     IndexModel([("updated_at", ASCENDING)]),
     # Task search (sendscript/search.py): newest first within a time window, alone or
-    # for a device (or a group's devices). created_at never changes: inserts pay for
-    # these, status changes do not.
+    # for a device (or a group's devices). created_at never changes: on MongoDB inserts
+    # pay for these, status changes do not.
     IndexModel([("created_at", DESCENDING)]),
     IndexModel([("device_id", ASCENDING), ("created_at", DESCENDING)]),
 ]
