@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from loguru import logger
@@ -34,15 +34,13 @@ from master.leadership import Fence, NotLeading
 from sendscript.backoff import every
 from sendscript.models import utcnow
 from sendscript.settings import Settings
-from sendscript.store import LOGS, PURGE_FLOOR, RECORDS, TASKS
+from sendscript.store import LOGS, RECORDS, TASKS
 
 BATCH = 1000  # documents one query returns, and one delete removes, at most
 READS = 200  # reads of one collection per sweep at most: the rest waits for the next
 # Nothing due can be older than this: a window starts here on a new leader, and
 # doubles across the empty years in a few queries.
-# The partial expiry index holds nothing before it either (store.PURGE_INDEX): a window
-# from here is proved to lie within the index.
-EARLIEST = PURGE_FLOOR
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 FIRST_WIDTH = timedelta(hours=1)
 MIN_WIDTH = timedelta(milliseconds=1)
 MAX_WIDTH = timedelta(days=3650)
@@ -105,8 +103,7 @@ def targets(settings: Settings) -> list[Target]:
 
 
 def due_in(key: str, lo: datetime, hi: datetime) -> dict[str, Any]:
-    """The documents of one window. `lo` is never before EARLIEST, so a server proves
-    that the window lies within the partial expiry index (store.PURGE_INDEX)."""
+    """The documents of one window: a range of the expiry field's index."""
     return {key: {"$gte": lo, "$lt": hi}}
 
 

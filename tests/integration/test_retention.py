@@ -11,9 +11,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from master.retention import BATCH, EARLIEST, Retention, due_in
 from sendscript.models import utcnow
 from sendscript.settings import Settings
-from sendscript.store import LOGS, PURGE_INDEX, RECORDS, TASKS, ensure_indexes
-
-PURGE_INDEX_NAME = PURGE_INDEX.document["name"]
+from sendscript.store import LOGS, RECORDS, TASKS
 
 
 async def test_the_sweep_deletes_what_is_due_and_keeps_the_rest(
@@ -63,7 +61,7 @@ def index_names(plan: dict[str, Any]) -> set[str]:
     return names
 
 
-async def test_a_window_of_the_sweep_reads_the_partial_expiry_index(db: AsyncDatabase) -> None:
+async def test_a_window_of_the_sweep_reads_the_expiry_index(db: AsyncDatabase) -> None:
     now = utcnow()
     for collection in (TASKS, RECORDS):
         # task_id, attempt: a record's unique pair
@@ -75,20 +73,6 @@ async def test_a_window_of_the_sweep_reads_the_partial_expiry_index(db: AsyncDat
         for lo in (EARLIEST, now - timedelta(hours=1)):
             explained = await db[collection].find(due_in("purge_at", lo, now),
                                                   {"_id": 1}).limit(BATCH).explain()
-            assert index_names(explained["queryPlanner"]["winningPlan"]) == {PURGE_INDEX_NAME}
+            assert index_names(explained["queryPlanner"]["winningPlan"]) == {"purge_at_1"}
         assert await db[collection].count_documents(due_in("purge_at", EARLIEST, now)) == 4
 
-
-async def test_ensure_indexes_replaces_the_full_expiry_index(db: AsyncDatabase) -> None:
-    """A database made by an earlier version has purge_at_1, which held every open
-    task and record as null: the upgrade drops it for the partial one."""
-    for collection in (TASKS, RECORDS):
-        await db[collection].drop_index(PURGE_INDEX_NAME)
-        await db[collection].create_index("purge_at", expireAfterSeconds=0)
-    await ensure_indexes(db)
-    for collection in (TASKS, RECORDS):
-        info = await db[collection].index_information()
-        assert "purge_at_1" not in info
-        assert info[PURGE_INDEX_NAME]["key"] == [("purge_at", 1)]
-        assert info[PURGE_INDEX_NAME]["expireAfterSeconds"] == 0
-        assert "partialFilterExpression" in info[PURGE_INDEX_NAME]
