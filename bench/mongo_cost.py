@@ -6,9 +6,19 @@ Starts a fresh embedded SecantusDB, creates the service's indexes and runs the
 hot path of an immediate task that succeeds through the service's own stores,
 state machines and batch functions, step by step in group-committed batches as
 the roles run it: store (intake), claim, exec record, mark sent, save the log,
-read the records, apply the result. For each step: the server's CPU per task
-(from /proc), the commands sent per task, and the wall time. The client has the
-roles' options (connect.py) unless `--retry-writes` overrides them.
+read the records, apply the result, keep the fleet view (the devices' last
+results, as the consumer does). For each step: the server's CPU per task (from
+/proc), the commands sent per task, and the wall time. The client has the roles'
+options (connect.py) unless `--retry-writes` overrides them.
+
+What each index costs: `--without-index script_tasks.updated_at_1` (repeatable)
+drops that index after the service's are made; `--per-index` runs once with every
+index and once without each index of the hot path's collections, each run on a
+fresh server of its own and all at once, a batch on each in turn (so the noise of
+a shared machine falls on them alike), and prints the server ms/task each index
+adds to each step (the embedded server rewrites every index entry of a document on
+every update, whichever fields changed; a partial index costs only the documents
+its filter holds).
 
 What is timed is store steps, so the run verifies that the steps did what they
 were timed doing, from the store itself once they are done: every task read back
@@ -27,6 +37,7 @@ import sys
 import tempfile
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -35,13 +46,14 @@ from pymongo import ASCENDING, IndexModel, MongoClient
 
 from bench.cpu import tree_cpu_s
 from consumers.rules import result_updates
-from sendscript import connect, roundtrips
+from sendscript import connect, fleet, roundtrips
 from sendscript.dev import tally
 from sendscript.dev.embedded import MongoServer
 from sendscript.models import ExecRecord, LogType, Task, TaskLogMessage, TaskSpec, utcnow
 from sendscript.settings import Settings
 from sendscript.status import TaskStatus, record_sent, task_cas
 from sendscript.store import (
+    DEVICES,
     LOGS,
     RECORDS,
     TASKS,
@@ -49,6 +61,7 @@ from sendscript.store import (
     LogStore,
     RecordStore,
     TaskStore,
+    all_indexes,
     ensure_indexes,
 )
 
@@ -78,66 +91,103 @@ PEER_INDEXES = {TASKS: [IndexModel([("status", ASCENDING)])],
                 LOGS: [IndexModel([("task_id", ASCENDING)])]}
 
 
-async def hot_path(settings: Settings, steps: Steps, tasks: int, batch: int,
-                   devices: int, indexes: str = "service") -> tuple[list[str], list[str]]:
-    """Run the steps; the ids of the tasks and exec records written."""
-    task_ids: list[str] = []
-    record_ids: list[str] = []
-    client = connect.mongo_async(settings)
-    db = connect.database(client)
-    if indexes == "service":
-        await ensure_indexes(db)
-    else:
-        for name, models in PEER_INDEXES.items():
-            await db[name].create_indexes(models)
-    store, records, logs = TaskStore(db), RecordStore(db), LogStore(db)
+# The collections the hot path writes: --per-index drops each of their indexes in turn.
+HOT_COLLECTIONS = (TASKS, RECORDS, LOGS, DEVICES)
+
+
+class Lane:
+    """One server's run of the hot path: its database, indexes, steps and writes."""
+
+    def __init__(self, settings: Settings, steps: Steps, indexes: str = "service",
+                 without: Sequence[str] = ()) -> None:
+        self.settings = settings
+        self.steps = steps
+        self.indexes = indexes
+        self.without = list(without)  # indexes ("collection.name") dropped before the run
+        self.client = connect.mongo_async(settings)
+        self.db = connect.database(self.client)
+        self.store, self.records = TaskStore(self.db), RecordStore(self.db)
+        self.logs = LogStore(self.db)
+        self.written = fleet.WrittenThisHour()
+        self.task_ids: list[str] = []
+        self.record_ids: list[str] = []
+
+    async def setup(self) -> None:
+        if self.indexes == "service":
+            await ensure_indexes(self.db)
+        else:
+            for name, models in PEER_INDEXES.items():
+                await self.db[name].create_indexes(models)
+        for qualified in self.without:
+            collection, _, index = qualified.partition(".")
+            await self.db[collection].drop_index(index)
+
+    async def batch(self, batch_tasks: list[Task], first_fence: int) -> None:
+        steps, store, records = self.steps, self.store, self.records
+        n = len(batch_tasks)
+        await steps.run("1 store tasks (insert)", lambda: store.store(batch_tasks))
+        claims = [Claim(t.id, 0, "w-1") for t in batch_tasks]
+        rids = await steps.run("2 claim (pending->running)",
+                               lambda: store.claim_many(claims, utcnow()))
+        assert all(rids)
+        self.task_ids += [t.id for t in batch_tasks]
+        self.record_ids += rids
+        recs = [ExecRecord(_id=rid, task_id=t.id, attempt=1, device_id=t.device_id,
+                           lock_value=first_fence + i, worker="w-1", started_at=utcnow())
+                for i, (rid, t) in enumerate(zip(rids, batch_tasks, strict=True))]
+        await steps.run("3 exec record (insert)", lambda: records.insert_many(recs))
+
+        async def mark_sent() -> None:
+            # as worker/handler.py's _mark_sent_batch
+            sent = utcnow()
+            await store.run_updates([task_cas(t.id, TaskStatus.RUNNING, TaskStatus.SENT,
+                                              sent, attempt=1, extra_filter={"record_id": r})
+                                     for t, r in zip(batch_tasks, rids, strict=True)])
+            await records.run_updates([record_sent(r, sent, None) for r in rids])
+        await steps.run("4 mark sent (task, record)", mark_sent)
+        stamp = int(utcnow().timestamp() * 1000)
+        msgs = [TaskLogMessage(record_id=r, task_id=t.id, device_id=t.device_id,
+                               log_type=LogType.SUCCESS, message="done", timestamp=stamp)
+                for r, t in zip(rids, batch_tasks, strict=True)]
+        got = await steps.run("5 save logs (insert)",
+                              lambda: self.logs.insert_many([x.to_doc(utcnow()) for x in msgs]))
+        assert got == n
+        found = await steps.run("6 read records", lambda: records.find_many(rids))
+
+        async def apply() -> None:
+            writes = result_updates(msgs, found, {}, self.settings, utcnow())
+            await store.run_updates(writes.successes())
+            await records.run_updates(writes.records)
+        await steps.run("7 apply result (task, record)", apply)
+
+        async def keep_fleet() -> None:
+            # as consumers/task_log.py's _keep_fleet (its Redis side aside)
+            now = utcnow()
+            results = fleet.device_results(msgs, found)
+            updates = fleet.device_updates(results, now, self.written.current(now))
+            await self.db[DEVICES].bulk_write(updates, ordered=True)
+            self.written.written(now, [r.device_id for r in results])
+        await steps.run("8 keep fleet (devices)", keep_fleet)
+
+
+async def hot_path(lanes: Sequence[Lane], tasks: int, batch: int, devices: int) -> None:
+    """Run the steps on every lane, a batch at a time on each in turn (the first lane
+    of a round rotates), so that lanes compared share the machine's moments alike."""
     try:
-        for start in range(0, tasks, batch):
+        for lane in lanes:
+            await lane.setup()
+        for round_no, start in enumerate(range(0, tasks, batch)):
             n = min(batch, tasks - start)
             now = utcnow()
             batch_tasks = [Task.from_spec(TaskSpec(
                 device_id=f"phone-{(start + i) % devices:05d}",
                 script={"id": "bench", "args": {"n": start + i}}), now=now) for i in range(n)]
-            await steps.run("1 store tasks (insert)", lambda t=batch_tasks: store.store(t))
-            claims = [Claim(t.id, 0, "w-1") for t in batch_tasks]
-            rids = await steps.run("2 claim (pending->running)",
-                                   lambda c=claims: store.claim_many(c, utcnow()))
-            assert all(rids)
-            task_ids += [t.id for t in batch_tasks]
-            record_ids += rids
-            recs = [ExecRecord(_id=rid, task_id=t.id, attempt=1, device_id=t.device_id,
-                               lock_value=start + i + 1, worker="w-1", started_at=utcnow())
-                    for i, (rid, t) in enumerate(zip(rids, batch_tasks, strict=True))]
-            await steps.run("3 exec record (insert)", lambda r=recs: records.insert_many(r))
-
-            async def mark_sent(ts: list[Task] = batch_tasks, rs: list = rids) -> None:
-                # as worker/handler.py's _mark_sent_batch
-                sent = utcnow()
-                await store.run_updates([task_cas(t.id, TaskStatus.RUNNING, TaskStatus.SENT,
-                                                  sent, attempt=1,
-                                                  extra_filter={"record_id": r})
-                                         for t, r in zip(ts, rs, strict=True)])
-                await records.run_updates([record_sent(r, sent, None) for r in rs])
-            await steps.run("4 mark sent (task, record)", mark_sent)
-            msgs = [TaskLogMessage(record_id=r, task_id=t.id,
-                                   device_id=t.device_id, log_type=LogType.SUCCESS,
-                                   message="done", timestamp=int(now.timestamp() * 1000))
-                    for r, t in zip(rids, batch_tasks, strict=True)]
-            got = await steps.run("5 save logs (insert)",
-                                  lambda m=msgs: logs.insert_many([x.to_doc(utcnow())
-                                                                   for x in m]))
-            assert got == n
-            found = await steps.run("6 read records",
-                                    lambda rs=rids: records.find_many(rs))
-
-            async def apply(m: list[TaskLogMessage] = msgs, f: dict = found) -> None:
-                writes = result_updates(m, f, {}, settings, utcnow())
-                await store.run_updates(writes.successes())
-                await records.run_updates(writes.records)
-            await steps.run("7 apply result (task, record)", apply)
+            turn = round_no % len(lanes)
+            for lane in [*lanes[turn:], *lanes[:turn]]:
+                await lane.batch(batch_tasks, start + 1)
     finally:
-        await client.close()
-    return task_ids, record_ids
+        for lane in lanes:
+            await lane.client.close()
 
 
 def read_back(settings: Settings, task_ids: list[str], record_ids: list[str]
@@ -157,6 +207,104 @@ def read_back(settings: Settings, task_ids: list[str], record_ids: list[str]
             f"written ({records.lost} missing); logs: {logs} of {n} saved"], ok
 
 
+@dataclass
+class Run:
+    """One lane's run of the hot path, on a fresh server of its own."""
+
+    steps: Steps
+    elapsed: float
+    verified: list[str]
+    ok: bool
+
+
+def measure(a: argparse.Namespace, variants: Sequence[Sequence[str]] = ((),)) -> list[Run]:
+    """One run a variant (the indexes it drops), all at once, interleaved by batch."""
+    data = Path(tempfile.mkdtemp(prefix="sendscript-mongocost-"))
+    servers = [MongoServer(data / str(i)) for i in range(len(variants))]
+    try:
+        lanes = []
+        for server, without in zip(servers, variants, strict=True):
+            server.start()
+            url = server.url
+            if a.retry_writes != "url":
+                url += f"?retryWrites={a.retry_writes}"
+            assert server.proc is not None
+            lanes.append(Lane(Settings(mongo_url=url), Steps(server.proc.pid), a.indexes,
+                              without))
+        t0 = perf_counter()
+        asyncio.run(hot_path(lanes, a.tasks, a.batch, a.devices))
+        elapsed = perf_counter() - t0
+        runs = []
+        for lane in lanes:
+            verified, ok = read_back(lane.settings, lane.task_ids, lane.record_ids)
+            runs.append(Run(lane.steps, elapsed / len(lanes), verified, ok))
+        return runs
+    finally:
+        for server in servers:
+            server.stop()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def hot_indexes() -> list[str]:
+    """The service's indexes on the hot path's collections, as "collection.name"."""
+    return [f"{name}.{model.document['name']}"
+            for name, models in all_indexes(30 * 86400).items() if name in HOT_COLLECTIONS
+            for model in models]
+
+
+def print_run(a: argparse.Namespace, run: Run, without: Sequence[str]) -> None:
+    steps = run.steps
+    total_cpu = sum(steps.cpu.values())
+    dropped = f" without {', '.join(without)}" if without else ""
+    print(f"{a.tasks} tasks, batches of {a.batch}, retryWrites={a.retry_writes}, "
+          f"{a.indexes} indexes{dropped}: "
+          f"{a.tasks / run.elapsed:.0f} tasks/s, "
+          f"server CPU {total_cpu / a.tasks * 1000:.2f} ms/task, "
+          f"{sum(steps.cmds.values()) / a.tasks:.3f} commands/task")
+    print(f"{'step':34} {'server ms/task':>15} {'cmds/task':>10} {'wall ms/task':>13}")
+    for name in sorted(steps.cpu):
+        print(f"{name:34} {steps.cpu[name] / a.tasks * 1000:15.3f} "
+              f"{steps.cmds[name] / a.tasks:10.3f} {steps.wall[name] / a.tasks * 1000:13.3f}")
+    for line in run.verified:
+        print(line)
+
+
+def ms(run: Run, tasks: int) -> dict[str, float]:
+    return {k: v / tasks * 1000 for k, v in run.steps.cpu.items()}
+
+
+def per_index(a: argparse.Namespace) -> tuple[dict[str, float], dict[str, dict[str, float]], bool]:
+    """Server ms/task by step with every index, and what each index adds (the runs
+    with it less the run without it) by step; whether every run verified. Two runs
+    have every index, the first lane and the last: their mean is the base, and
+    their difference says how far apart two runs of one thing come out."""
+    indexes = hot_indexes()
+    first, *others, last = measure(a, [(), *[[index] for index in indexes], ()])
+    print_run(a, first, ())
+    a_ms, b_ms = ms(first, a.tasks), ms(last, a.tasks)
+    full = {k: (a_ms[k] + b_ms.get(k, 0.0)) / 2 for k in a_ms}
+    added: dict[str, dict[str, float]] = {}
+    ok = first.ok and last.ok
+    for index, run in zip(indexes, others, strict=True):
+        ok = ok and run.ok
+        without = ms(run, a.tasks)
+        added[index] = {k: full[k] - without.get(k, 0.0) for k in full}
+    steps = sorted(full)
+    print(f"\nserver ms/task each index adds, by step (every index: "
+          f"{sum(full.values()):.2f} ms/task, the mean of two runs)")
+    print(f"{'index':52} {'total':>6} " + " ".join(f"{k.split()[0]:>5}" for k in steps))
+    print(f"{'(every index, by step)':52} {sum(full.values()):6.2f} "
+          + " ".join(f"{full[k]:5.2f}" for k in steps))
+    print(f"{'(noise: first run less last, both every index)':52} "
+          f"{sum(a_ms.values()) - sum(b_ms.values()):6.2f} "
+          + " ".join(f"{a_ms[k] - b_ms.get(k, 0.0):5.2f}" for k in steps))
+    for index, by_step in added.items():
+        print(f"{index:52} {sum(by_step.values()):6.2f} "
+              + " ".join(f"{by_step[k]:5.2f}" for k in steps))
+    print("steps: " + "; ".join(steps))
+    return full, added, ok
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.mongo_cost", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,43 +315,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="retryWrites on the client: as connect.py decides (url), or forced")
     p.add_argument("--indexes", choices=("service", "peers"), default="service",
                    help="the service's indexes (store.py), or the peers' one a collection")
+    p.add_argument("--without-index", action="append", default=[], metavar="COLL.NAME",
+                   help="drop this index (e.g. script_tasks.updated_at_1) before the run")
+    p.add_argument("--per-index", action="store_true",
+                   help="one run with every index, then one without each index "
+                        f"of {', '.join(HOT_COLLECTIONS)}; prints what each adds")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    data = Path(tempfile.mkdtemp(prefix="sendscript-mongocost-"))
-    server = MongoServer(data)
-    server.start()
-    try:
-        url = server.url
-        if a.retry_writes != "url":
-            url += f"?retryWrites={a.retry_writes}"
-        settings = Settings(mongo_url=url)
-        assert server.proc is not None
-        steps = Steps(server.proc.pid)
-        t0 = perf_counter()
-        task_ids, record_ids = asyncio.run(hot_path(settings, steps, a.tasks, a.batch,
-                                                    a.devices, a.indexes))
-        elapsed = perf_counter() - t0
-        verified, ok = read_back(settings, task_ids, record_ids)
-    finally:
-        server.stop()
-        shutil.rmtree(data, ignore_errors=True)
-    total_cpu = sum(steps.cpu.values())
-    print(f"{a.tasks} tasks, batches of {a.batch}, retryWrites={a.retry_writes}, "
-          f"{a.indexes} indexes: "
-          f"{a.tasks / elapsed:.0f} tasks/s, server CPU {total_cpu / a.tasks * 1000:.2f} ms/task, "
-          f"{sum(steps.cmds.values()) / a.tasks:.3f} commands/task")
-    print(f"{'step':34} {'server ms/task':>15} {'cmds/task':>10} {'wall ms/task':>13}")
-    for name in sorted(steps.cpu):
-        print(f"{name:34} {steps.cpu[name] / a.tasks * 1000:15.3f} "
-              f"{steps.cmds[name] / a.tasks:10.3f} {steps.wall[name] / a.tasks * 1000:13.3f}")
-    for line in verified:
-        print(line)
+    if a.per_index:
+        full, added, ok = per_index(a)
+        if a.json:
+            print(json.dumps({"tasks": a.tasks, "batch": a.batch, "server_ms_per_task": full,
+                              "index_adds_ms_per_task": added, "verified": ok}))
+        return 0 if ok else 1
+    run, = measure(a, [a.without_index])
+    print_run(a, run, a.without_index)
     if a.json:
         print(json.dumps({"tasks": a.tasks, "batch": a.batch, "retry_writes": a.retry_writes,
-                          "server_ms_per_task": {k: v / a.tasks * 1000
-                                                 for k, v in steps.cpu.items()},
-                          "verified": ok}))
-    return 0 if ok else 1
+                          "without": a.without_index, "server_ms_per_task": ms(run, a.tasks),
+                          "verified": run.ok}))
+    return 0 if run.ok else 1
 
 
 if __name__ == "__main__":

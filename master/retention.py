@@ -25,6 +25,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from loguru import logger
 from pymongo.asynchronous.database import AsyncDatabase
@@ -101,6 +102,11 @@ def targets(settings: Settings) -> list[Target]:
             Target(LOGS, "received_at", lambda now: now - log_keep)]
 
 
+def due_in(key: str, lo: datetime, hi: datetime) -> dict[str, Any]:
+    """The documents of one window: a range of the expiry field's index."""
+    return {key: {"$gte": lo, "$lt": hi}}
+
+
 class Retention:
     """The leader's retention sweep, every `SENDSCRIPT_RETENTION_SWEEP_S` seconds."""
 
@@ -149,8 +155,8 @@ class Retention:
                 target.window.pos = None
                 break
             lo, hi = window
-            due = {target.key: {"$gte": lo, "$lt": hi}}
-            ids = [d["_id"] async for d in col.find(due, {"_id": 1}).limit(BATCH)]
+            ids = [d["_id"] async for d in col.find(due_in(target.key, lo, hi),
+                                                   {"_id": 1}).limit(BATCH)]
             if ids:
                 # Still due as the delete runs: a task retried meanwhile has no purge_at.
                 if self.fence is not None:

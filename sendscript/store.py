@@ -45,7 +45,11 @@ DUPLICATE_KEY = 11000
 INDEX_NOT_FOUND = 27
 MIN_FIELDS = {"_id": 1, "run_at": 1, "status": 1, "master": 1}
 
-# Few indexes on purpose: every index is paid on every status change.
+# Few indexes on purpose. MongoDB pays an index on a write that changes its keys; the
+# embedded SecantusDB pays every index of a collection on every write of any of its
+# documents, partial or not (it reads the index catalog and rewrites the document's
+# entries each time): about 0.25 ms of its CPU a task an index on script_tasks, whether
+# the task is in it or not (`python -m bench.mongo_cost --per-index`).
 TASK_INDEXES = [
     # due and delayed tasks, sweeps by status, restore of a master's pending tasks
     IndexModel([("status", ASCENDING), ("run_at", ASCENDING)]),
@@ -59,21 +63,23 @@ TASK_INDEXES = [
     # `$type`: a server proves `{batch_id: "b1"}` implies it and uses the index.
     IndexModel([("batch_id", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)],
                partialFilterExpression={"batch_id": {"$gt": ""}}),
-    # retention: set when a task finishes
+    # retention: set when a task finishes. Full, not partial on finished tasks: on the
+    # embedded server a partial index costs a write what a full one does (measured: the
+    # same server CPU a task either way), and MongoDB's range scans skip the nulls.
     IndexModel([("purge_at", ASCENDING)], expireAfterSeconds=0),
     # pull tasks (agents/): the lease query (pending, best first), the lease sweep
     # (running by deadline) and an agent's heartbeat (its cancelled leases); only pull
-    # tasks carry `mode`, so pushed tasks pay nothing for these
+    # tasks carry `mode`, so on MongoDB pushed tasks pay nothing for these
     IndexModel([("mode", ASCENDING), ("status", ASCENDING), ("priority", DESCENDING),
                 ("created_at", ASCENDING)], partialFilterExpression={"mode": {"$type": "string"}}),
     IndexModel([("lease.agent", ASCENDING)],
                partialFilterExpression={"lease.agent": {"$type": "string"}}),
     # What moved since a time: the leader's task counts (sendscript/counts.py). The one
-    # index here that every status change pays for.
+    # index here that every status change pays for on MongoDB.
     IndexModel([("updated_at", ASCENDING)]),
     # Task search (sendscript/search.py): newest first within a time window, alone or
-    # for a device (or a group's devices). created_at never changes: inserts pay for
-    # these, status changes do not.
+    # for a device (or a group's devices). created_at never changes: on MongoDB inserts
+    # pay for these, status changes do not.
     IndexModel([("created_at", DESCENDING)]),
     IndexModel([("device_id", ASCENDING), ("created_at", DESCENDING)]),
 ]

@@ -4,10 +4,11 @@ what is due in tasks, records and logs, and nothing else."""
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
 
-from master.retention import BATCH, Retention
+from master.retention import BATCH, EARLIEST, Retention, due_in
 from sendscript.models import utcnow
 from sendscript.settings import Settings
 from sendscript.store import LOGS, RECORDS, TASKS
@@ -49,3 +50,29 @@ async def test_the_sweep_deletes_what_is_due_and_keeps_the_rest(
     await db[TASKS].update_one({"_id": "kept-0"}, {"$set": {"purge_at": utcnow()}})
     assert (await retention.sweep())[TASKS] == 1
     assert await db[TASKS].count_documents({"_id": "kept-0"}) == 0
+
+
+def index_names(plan: dict[str, Any]) -> set[str]:
+    """The indexes a winning plan (explain's queryPlanner.winningPlan) reads."""
+    names = {plan["indexName"]} if "indexName" in plan else set()
+    for child in [plan.get("inputStage"), *plan.get("inputStages", [])]:
+        if child:
+            names |= index_names(child)
+    return names
+
+
+async def test_a_window_of_the_sweep_reads_the_expiry_index(db: AsyncDatabase) -> None:
+    now = utcnow()
+    for collection in (TASKS, RECORDS):
+        # task_id, attempt: a record's unique pair
+        await db[collection].insert_many(
+            [{"_id": f"done-{i}", "task_id": f"done-{i}", "attempt": 1, "status": "success",
+              "purge_at": now - timedelta(minutes=i)} for i in range(5)]
+            + [{"_id": f"open-{i}", "task_id": f"open-{i}", "attempt": 1, "status": "pending"}
+               for i in range(5)])
+        for lo in (EARLIEST, now - timedelta(hours=1)):
+            explained = await db[collection].find(due_in("purge_at", lo, now),
+                                                  {"_id": 1}).limit(BATCH).explain()
+            assert index_names(explained["queryPlanner"]["winningPlan"]) == {"purge_at_1"}
+        assert await db[collection].count_documents(due_in("purge_at", EARLIEST, now)) == 4
+
