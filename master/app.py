@@ -112,7 +112,8 @@ class Master:
         self.queue_caps = QueueCaps(s, bus, self.redis)
         self.adaptive = AdaptiveLimits(s, self.redis, self.rate_limits)
         self.intake = self._intake(self.queue, "intake")
-        self.sharing = WorkSharing(s, self.board, self.recovery.live_peers)
+        self.sharing = WorkSharing(s, self.board, self.pool.free_capacity,
+                                   self.recovery.live_peers)
         # Only the ready list's intake waits: the memory bound, then the peers' share.
         self.intake.throttles = [self.backpressure, self.sharing]
         self.listener = DeviceFreeListener(self.redis, s.keys.device_free_channel, bus)

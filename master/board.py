@@ -250,6 +250,12 @@ class DeviceBoard:
         return len(self._queued)
 
     @property
+    def ready(self) -> int:
+        """Devices ready to dispatch now (free, with a task), waiting for a send slot.
+        An upper bound: an entry gone stale is dropped only when dispatch reaches it."""
+        return len(self._ready)
+
+    @property
     def held_devices(self) -> int:
         return sum(1 for d in self.devices.values() if not d.free)
 

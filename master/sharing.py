@@ -11,9 +11,15 @@ its share mark (`SENDSCRIPT_SHARE_PREFETCH`; by default four times its send
 slots, workers x worker_concurrency), and the rest waits in Redis for whichever
 master has room first.
 
-`ShareMark` is the rule (pure). `WorkSharing` drives it: the board's count from
-the bus events that change it, the number of live peers from their heartbeats.
-Intake awaits its `open` event before a take, as it does backpressure's.
+Tasks on the board that cannot go now (a paused queue, a held or busy device) must
+not shut a master out of work it could do: whenever it has send slots free with no
+device ready to fill them, it takes as many as it has free slots, share mark or
+not. Memory stays bounded by the high-water mark.
+
+`ShareMark` is the rule (pure). `WorkSharing` drives it: the board's counts from
+the bus events that change them (and a re-check each second), the number of live
+peers from their heartbeats. Intake awaits its `open` event before a take, as it
+does backpressure's.
 """
 
 from __future__ import annotations
@@ -21,19 +27,26 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from master.backpressure import Board
 from master.bus import Subscription
-from master.events import TaskAnswered, TaskDispatched, TasksQueued, TasksWithdrawn, WorkRecovered
+from master.events import (
+    TaskAnswered,
+    TaskDispatched,
+    TaskHeld,
+    TasksQueued,
+    TasksWithdrawn,
+    WorkRecovered,
+)
 from sendscript.backoff import every
 from sendscript.settings import Settings
+
+RECHECK_S = 1.0
 
 
 @dataclass
 class ShareMark:
-    """How many tasks one take may bring, given the tasks queued on the board and
-    whether other masters are alive. `prefetch == 0` turns sharing off. Pure."""
+    """How many tasks one take may bring. `prefetch == 0` turns sharing off. Pure."""
 
     prefetch: int
     peers: int = 0
@@ -42,10 +55,21 @@ class ShareMark:
     def sharing(self) -> bool:
         return self.prefetch > 0 and self.peers > 0
 
-    def room(self, queued: int, batch: int) -> int:
+    def room(self, load: Load, batch: int) -> int:
         if not self.sharing:
             return batch
-        return max(0, min(batch, self.prefetch - queued))
+        below_mark = self.prefetch - load.queued
+        idle_slots = load.free_slots - load.ready  # slots no ready device will fill
+        return max(0, min(batch, max(below_mark, idle_slots)))
+
+
+@dataclass(frozen=True)
+class Load:
+    """What the board and the pool hold now."""
+
+    queued: int  # tasks on the board, whether they can go now or not
+    ready: int  # devices ready to dispatch, waiting for a send slot
+    free_slots: int  # send slots free in the pool
 
 
 def share_prefetch(settings: Settings) -> int:
@@ -55,14 +79,23 @@ def share_prefetch(settings: Settings) -> int:
     return 4 * settings.workers * settings.worker_concurrency
 
 
+class Board(Protocol):
+    @property
+    def queued(self) -> int: ...
+
+    @property
+    def ready(self) -> int: ...
+
+
 class WorkSharing:
     """The share mark on the master's bus, and the `open` event intake waits on."""
 
-    def __init__(self, settings: Settings, board: Board,
+    def __init__(self, settings: Settings, board: Board, free_slots: Callable[[], int],
                  live_peers: Callable[[], Awaitable[int]]) -> None:
         self.settings = settings
-        self.board = board
-        self.live_peers = live_peers  # other masters with a heartbeat (a read-only view)
+        self.board = board  # read-only views: the board's counts, the pool's free slots
+        self.free_slots = free_slots
+        self.live_peers = live_peers  # other masters with a heartbeat
         self.mark = ShareMark(share_prefetch(settings))
         self.open = asyncio.Event()
         self.open.set()
@@ -72,13 +105,17 @@ class WorkSharing:
         # The board's count moves on these: tasks queued, dispatched, withdrawn, put
         # back (a busy device's answer), a lost worker's tasks back.
         return [(kind, self._on_event) for kind in (
-            TasksQueued, TaskDispatched, TasksWithdrawn, TaskAnswered, WorkRecovered)]
+            TasksQueued, TaskDispatched, TasksWithdrawn, TaskAnswered, WorkRecovered,
+            TaskHeld)]
 
     def _on_event(self, _event: object) -> None:
         self.update()
 
+    def load(self) -> Load:
+        return Load(self.board.queued, self.board.ready, self.free_slots())
+
     def update(self) -> None:
-        if self.mark.room(self.board.queued, 1):
+        if self.mark.room(self.load(), 1):
             self.open.set()
         else:
             self.open.clear()
@@ -98,16 +135,22 @@ class WorkSharing:
         return self.open.is_set() and not stop.is_set()
 
     def room(self, batch: int) -> int:
-        return self.mark.room(self.board.queued, batch)
+        return self.mark.room(self.load(), batch)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Count the live peers once a heartbeat: a peer that starts or dies turns
-        sharing on or off within one interval."""
+        """Count the live peers once a heartbeat (a peer that starts or dies turns
+        sharing on or off within one interval), and re-check the mark each second for
+        the changes no event announces (a held device's hold ending, a worker back)."""
         async def count() -> None:
             self.mark.peers = await self.live_peers()
             self.update()
 
-        await every(stop, self.settings.heartbeat_interval_s, "peer count", count)
+        async def recheck() -> None:
+            self.update()
+
+        await asyncio.gather(
+            every(stop, self.settings.heartbeat_interval_s, "peer count", count),
+            every(stop, RECHECK_S, "share mark re-check", recheck, wait_first=True))
 
     def report(self) -> dict[str, Any]:
         return {"sharing": self.mark.sharing, "share_prefetch": self.mark.prefetch,

@@ -548,3 +548,17 @@ def test_stale_ready_entry_does_not_lend_priority_to_a_lower_head() -> None:
     board.add(mid)
     assert take(board) is mid
     assert take(board) is low
+
+
+def test_ready_counts_free_devices_with_a_task_not_busy_ones() -> None:
+    board = board_with(task("a"), task("a"), task("b"), task("c"))
+    assert (board.queued, board.ready) == (4, 3)
+    first = take(board)  # its device is in flight: its second task cannot go
+    assert (board.queued, board.ready) == (3, 2)
+    board.sent(first.device_id, 7)
+    assert board.ready == 2  # held by our lock until the fence is freed
+    assert board.freed(first.device_id, 7)
+    assert board.ready == 3
+    while board.next() is not None:
+        pass
+    assert board.ready == 0

@@ -1,32 +1,49 @@
-"""ShareMark: how much a take may bring while other masters are alive (pure)."""
+"""ShareMark: how much a take may bring while other masters are alive (pure), and
+WorkSharing's open/closed event."""
 
 from __future__ import annotations
 
 import asyncio
 
-from master.sharing import ShareMark, WorkSharing, share_prefetch
+from master.sharing import Load, ShareMark, WorkSharing, share_prefetch
 from sendscript.settings import Settings
+
+
+def load(queued: int, ready: int = 0, free_slots: int = 0) -> Load:
+    return Load(queued, ready, free_slots)
 
 
 def test_alone_a_master_takes_whole_batches() -> None:
     mark = ShareMark(prefetch=8, peers=0)
     assert not mark.sharing
-    assert mark.room(queued=1000, batch=200) == 200
+    assert mark.room(load(1000), batch=200) == 200
 
 
 def test_with_peers_a_take_fills_the_board_to_the_mark_and_no_further() -> None:
     mark = ShareMark(prefetch=8, peers=2)
     assert mark.sharing
-    assert mark.room(queued=0, batch=200) == 8
-    assert mark.room(queued=5, batch=200) == 3
-    assert mark.room(queued=5, batch=2) == 2
-    assert mark.room(queued=8, batch=200) == 0
-    assert mark.room(queued=30, batch=200) == 0  # a fan-out overshot: nothing more
+    assert mark.room(load(0), batch=200) == 8
+    assert mark.room(load(5, ready=5), batch=200) == 3
+    assert mark.room(load(5), batch=2) == 2
+    assert mark.room(load(8, ready=8), batch=200) == 0
+    assert mark.room(load(30, ready=30), batch=200) == 0  # a fan-out overshot
+
+
+def test_idle_slots_with_nothing_ready_take_past_the_mark() -> None:
+    # 300 tasks of a paused queue sit on the board: none can go, the slots are idle.
+    mark = ShareMark(prefetch=8, peers=1)
+    assert mark.room(load(300, ready=0, free_slots=16), batch=200) == 16
+    # Some ready: only the slots they will not fill.
+    assert mark.room(load(300, ready=10, free_slots=16), batch=200) == 6
+    # Enough ready for every free slot: nothing.
+    assert mark.room(load(300, ready=20, free_slots=16), batch=200) == 0
+    # Below the mark, the larger of the two rooms.
+    assert mark.room(load(2, ready=2, free_slots=3), batch=200) == 6
 
 
 def test_prefetch_zero_turns_sharing_off() -> None:
     mark = ShareMark(prefetch=0, peers=3)
-    assert not mark.sharing and mark.room(queued=10_000, batch=50) == 50
+    assert not mark.sharing and mark.room(load(10_000), batch=50) == 50
 
 
 def test_the_default_mark_is_four_times_the_send_slots() -> None:
@@ -37,36 +54,51 @@ def test_the_default_mark_is_four_times_the_send_slots() -> None:
 
 class Board:
     queued = 0
+    ready = 0
+
+
+async def peers() -> int:
+    return 1
+
+
+def sharing_of(board: Board, free_slots: list[int]) -> WorkSharing:
+    sharing = WorkSharing(Settings(share_prefetch=4), board, lambda: free_slots[0], peers)
+    sharing.mark.peers = 1
+    return sharing
 
 
 async def test_intake_waits_at_the_mark_until_the_board_drains() -> None:
-    board = Board()
-
-    async def peers() -> int:
-        return 1
-
-    sharing = WorkSharing(Settings(share_prefetch=4), board, peers)
-    sharing.mark.peers = 1
+    board, slots = Board(), [0]
+    sharing = sharing_of(board, slots)
     stop = asyncio.Event()
-    board.queued = 4
+    board.queued = board.ready = 4
     waiting = asyncio.ensure_future(sharing.wait_open(stop))
     await asyncio.sleep(0.01)
     assert not waiting.done() and sharing.room(10) == 0
-    board.queued = 1
+    board.queued = board.ready = 1
     sharing.update()  # what a TaskDispatched makes it do
     assert await asyncio.wait_for(waiting, 1) is True
     assert sharing.room(10) == 3 and sharing.waits == 1
 
 
+async def test_slots_freed_with_nothing_ready_open_the_wait() -> None:
+    board, slots = Board(), [0]
+    sharing = sharing_of(board, slots)
+    stop = asyncio.Event()
+    board.queued, board.ready = 50, 0  # held tasks: none can go
+    waiting = asyncio.ensure_future(sharing.wait_open(stop))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    slots[0] = 5  # answers came back; nothing on the board can use the slots
+    sharing.update()
+    assert await asyncio.wait_for(waiting, 1) is True
+    assert sharing.room(100) == 5
+
+
 async def test_a_stop_ends_the_wait() -> None:
-    board = Board()
-    board.queued = 9
-
-    async def peers() -> int:
-        return 1
-
-    sharing = WorkSharing(Settings(share_prefetch=4), board, peers)
-    sharing.mark.peers = 1
+    board, slots = Board(), [0]
+    board.queued = board.ready = 9
+    sharing = sharing_of(board, slots)
     stop = asyncio.Event()
     waiting = asyncio.ensure_future(sharing.wait_open(stop))
     await asyncio.sleep(0.01)
