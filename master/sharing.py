@@ -11,10 +11,11 @@ its share mark (`SENDSCRIPT_SHARE_PREFETCH`; by default four times its send
 slots, workers x worker_concurrency), and the rest waits in Redis for whichever
 master has room first.
 
-Tasks on the board that cannot go now (a paused queue, a held or busy device) must
-not shut a master out of work it could do: whenever it has send slots free with no
-device ready to fill them, it takes as many as it has free slots, share mark or
-not. Memory stays bounded by the high-water mark.
+Once at the mark, a master takes again when its board is down to half of it, a
+batch at a time. Tasks on the board that cannot go now (a paused queue, a held or
+busy device) must not shut a master out of work it could do: whenever it has send
+slots free and no device ready to fill them, it takes as many as it has free
+slots, share mark or not. Memory stays bounded by the high-water mark.
 
 `ShareMark` is the rule (pure). `WorkSharing` drives it: the board's counts from
 the bus events that change them (and a re-check each second), the number of live
@@ -46,20 +47,34 @@ RECHECK_S = 1.0
 
 @dataclass
 class ShareMark:
-    """How many tasks one take may bring. `prefetch == 0` turns sharing off. Pure."""
+    """How many tasks one take may bring. `prefetch == 0` turns sharing off. Pure.
+
+    Closed at the mark, open again once the board is down to half of it: a master
+    that took one task per dispatch would pay a whole intake round (its Redis calls,
+    a store, an acknowledgement) for each, and its CPU a task would grow with the
+    number of masters."""
 
     prefetch: int
     peers: int = 0
+    open: bool = True
 
     @property
     def sharing(self) -> bool:
         return self.prefetch > 0 and self.peers > 0
 
+    def observe(self, queued: int) -> None:
+        if queued >= self.prefetch:
+            self.open = False
+        elif queued <= self.prefetch // 2:
+            self.open = True
+
     def room(self, load: Load, batch: int) -> int:
         if not self.sharing:
             return batch
-        below_mark = self.prefetch - load.queued
-        idle_slots = load.free_slots - load.ready  # slots no ready device will fill
+        self.observe(load.queued)
+        below_mark = self.prefetch - load.queued if self.open else 0
+        # Nothing on the board can go and slots are free: take what fills them.
+        idle_slots = load.free_slots if load.ready == 0 else 0
         return max(0, min(batch, max(below_mark, idle_slots)))
 
 

@@ -24,21 +24,29 @@ def test_with_peers_a_take_fills_the_board_to_the_mark_and_no_further() -> None:
     assert mark.sharing
     assert mark.room(load(0), batch=200) == 8
     assert mark.room(load(5, ready=5), batch=200) == 3
-    assert mark.room(load(5), batch=2) == 2
+    assert mark.room(load(5, ready=5), batch=2) == 2
     assert mark.room(load(8, ready=8), batch=200) == 0
     assert mark.room(load(30, ready=30), batch=200) == 0  # a fan-out overshot
+
+
+def test_at_the_mark_it_takes_again_at_half_of_it() -> None:
+    mark = ShareMark(prefetch=8, peers=1)
+    assert mark.room(load(8, ready=8), batch=200) == 0
+    assert mark.room(load(7, ready=7), batch=200) == 0  # not one task a dispatch
+    assert mark.room(load(5, ready=5), batch=200) == 0
+    assert mark.room(load(4, ready=4), batch=200) == 4  # half: a batch again
+    assert mark.room(load(6, ready=6), batch=200) == 2  # open until the mark
 
 
 def test_idle_slots_with_nothing_ready_take_past_the_mark() -> None:
     # 300 tasks of a paused queue sit on the board: none can go, the slots are idle.
     mark = ShareMark(prefetch=8, peers=1)
     assert mark.room(load(300, ready=0, free_slots=16), batch=200) == 16
-    # Some ready: only the slots they will not fill.
-    assert mark.room(load(300, ready=10, free_slots=16), batch=200) == 6
-    # Enough ready for every free slot: nothing.
-    assert mark.room(load(300, ready=20, free_slots=16), batch=200) == 0
+    assert mark.room(load(300, ready=0, free_slots=16), batch=10) == 10
+    # A device ready: dispatch fills the slots first.
+    assert mark.room(load(300, ready=1, free_slots=16), batch=200) == 0
     # Below the mark, the larger of the two rooms.
-    assert mark.room(load(2, ready=2, free_slots=3), batch=200) == 6
+    assert mark.room(load(0, ready=0, free_slots=30), batch=200) == 30
 
 
 def test_prefetch_zero_turns_sharing_off() -> None:
@@ -75,10 +83,14 @@ async def test_intake_waits_at_the_mark_until_the_board_drains() -> None:
     waiting = asyncio.ensure_future(sharing.wait_open(stop))
     await asyncio.sleep(0.01)
     assert not waiting.done() and sharing.room(10) == 0
-    board.queued = board.ready = 1
-    sharing.update()  # what a TaskDispatched makes it do
+    board.queued = board.ready = 3
+    sharing.update()  # what a TaskDispatched makes it do: above half the mark
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    board.queued = board.ready = 2
+    sharing.update()
     assert await asyncio.wait_for(waiting, 1) is True
-    assert sharing.room(10) == 3 and sharing.waits == 1
+    assert sharing.room(10) == 2 and sharing.waits == 1
 
 
 async def test_slots_freed_with_nothing_ready_open_the_wait() -> None:
