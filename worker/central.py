@@ -155,10 +155,14 @@ class CentralClient:
         connect_timeout_s: float = 3.0,
         timeout_s: float = 10.0,
         max_connections: int = 100,
+        pool_timeout_s: float | None = None,
     ) -> None:
+        # A send waits for a pooled connection at most `pool_timeout_s` (by default
+        # `timeout_s`), and gives up without writing anything (never sent).
+        pool = timeout_s if pool_timeout_s is None else pool_timeout_s
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
-            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s, pool=pool),
             # An idle connection is dropped well before common servers close theirs
             # (uvicorn, node: 5 s): a request written as the server closes it fails
             # with a ReadError, which must count as maybe sent, locking the device

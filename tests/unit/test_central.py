@@ -288,10 +288,12 @@ async def test_send_script_read_timeout_is_maybe_sent() -> None:
 
 async def test_send_script_waiting_for_a_pooled_connection_is_never_sent() -> None:
     # One connection, held by a request that is never answered: the second send
-    # waits for the pool and gives up before writing anything.
+    # waits for the pool and gives up before writing anything. The pool wait ends
+    # well before the first request's read timeout frees the connection.
     canned = Canned(answer=False)
     async with http_server(canned) as url:
-        c = CentralClient(url, connect_timeout_s=1.0, timeout_s=0.5, max_connections=1)
+        c = CentralClient(url, connect_timeout_s=1.0, timeout_s=2.0, max_connections=1,
+                          pool_timeout_s=0.3)
         try:
             first = asyncio.create_task(c.send_script(**SEND))
             await asyncio.wait_for(canned.arrived.wait(), 5)
