@@ -38,7 +38,7 @@ from master.events import (
     TasksWithdrawn,
     WorkRecovered,
 )
-from sendscript.backoff import every
+from sendscript.backoff import every, opened_before_stop
 from sendscript.settings import Settings
 
 HIGH_WATER = "high_water"  # the incident's kind
@@ -163,16 +163,7 @@ class Backpressure:
     async def wait_open(self, stop: asyncio.Event) -> bool:
         """Until intake may take (True) or the master stops (False)."""
         self.update()
-        if self.open.is_set():
-            return True
-        opened = asyncio.ensure_future(self.open.wait())
-        stopped = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({opened, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            opened.cancel()
-            stopped.cancel()
-        return self.open.is_set() and not stop.is_set()
+        return await opened_before_stop(self.open, stop)
 
     def room(self, batch: int) -> int:
         return self.marks.room(self.count(), batch)

@@ -39,7 +39,7 @@ from master.events import (
     TasksWithdrawn,
     WorkRecovered,
 )
-from sendscript.backoff import every
+from sendscript.backoff import every, opened_before_stop
 from sendscript.settings import Settings
 
 RECHECK_S = 1.0
@@ -140,14 +140,7 @@ class WorkSharing:
         self.update()
         if not self.open.is_set():
             self.waits += 1
-            opened = asyncio.ensure_future(self.open.wait())
-            stopped = asyncio.ensure_future(stop.wait())
-            try:
-                await asyncio.wait({opened, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                opened.cancel()
-                stopped.cancel()
-        return self.open.is_set() and not stop.is_set()
+        return await opened_before_stop(self.open, stop)
 
     def room(self, batch: int) -> int:
         return self.mark.room(self.load(), batch)

@@ -101,6 +101,18 @@ async def stopped_within(stop: asyncio.Event, seconds: float) -> bool:
         return False
 
 
+async def opened_before_stop(opened: asyncio.Event, stop: asyncio.Event) -> bool:
+    """Wait until `opened` or `stop` is set; True if open and not stopping."""
+    if not opened.is_set():
+        waits = {asyncio.ensure_future(opened.wait()), asyncio.ensure_future(stop.wait())}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+    return opened.is_set() and not stop.is_set()
+
+
 async def every(stop: asyncio.Event, interval_s: float, what: str,
                 step: Callable[[], Awaitable[Any]], *, wait_first: bool = False) -> None:
     """Run `step` every `interval_s` until `stop` is set. A failing step is retried
