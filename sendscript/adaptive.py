@@ -46,7 +46,7 @@ from typing import Any
 import redis.asyncio
 
 from sendscript.keys import Keys
-from sendscript.limits import RateLimit
+from sendscript.limits import ADAPTIVE_KEEP_MS, RateLimit
 
 MAX_HOLD_S = 300.0  # a Retry-After longer than this is taken as this
 CURVE_DURATIONS = 5  # past its plateau the curve climbs step x ceiling in this many
@@ -182,10 +182,11 @@ for i, key in ipairs(KEYS) do
     end
     applied = 1
   end
+  if redis.call('PTTL', key) < KEEP_MS then redis.call('PEXPIRE', key, KEEP_MS) end
   out[#out + 1] = applied
 end
 return out
-"""
+""".replace("KEEP_MS", str(ADAPTIVE_KEEP_MS))
 
 
 @dataclass(frozen=True, slots=True)

@@ -141,6 +141,9 @@ def parse_limits(value: str | Mapping[str, Any]) -> dict[str, RateLimit]:
     return limits
 
 
+# How long an adaptive limit keeps its value without a send: a day.
+ADAPTIVE_KEEP_MS = 86_400_000
+
 # KEYS per limit, 2 each: its hash and its grants' sorted set. ARGV per limit, 6 each:
 # max, duration (ms), want (tokens asked for), back (unspent tokens given back),
 # back_grant (the member of the grant they belong to, "" none), spend (ms: the
@@ -149,11 +152,14 @@ def parse_limits(value: str | Mapping[str, Any]) -> dict[str, RateLimit]:
 # window ended a duration ago or more) leave the sum; a count kept for another
 # duration is dropped; tokens given back leave their grant; an adaptive limit's `cur`
 # replaces max and its `hold` grants nothing before it ends; then up to `want` are
-# granted, never past max, as one new grant. Keys live twice duration + spend.
+# granted, never past max, as one new grant. Keys live twice duration + spend; an
+# adaptive limit's (with a `cur`) live ADAPTIVE_KEEP_MS, so that what it learned of the
+# farm outlasts an idle spell (its grants' log cleans itself on each call).
 # Returns {now_ms, then per limit: grant member ("" none), granted, used, max in force,
 # end of the spending window, when the oldest counted grant stops counting (0: none),
 # hold (0: none)}.
 RESERVE = """
+local ADAPTIVE_KEEP_MS = {keep}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {now}
@@ -201,8 +207,10 @@ for i = 1, #KEYS / 2 do
     used = used + grant
   end
   redis.call('HSET', hash, 'd', dur, 'used', used)
-  redis.call('PEXPIRE', hash, math.max((dur + spend) * 2, hold - now))
-  redis.call('PEXPIRE', log, (dur + spend) * 2)
+  local keep = (dur + spend) * 2
+  if stored[3] then keep = math.max(keep, ADAPTIVE_KEEP_MS) end
+  redis.call('PEXPIRE', hash, math.max(keep, hold - now))
+  redis.call('PEXPIRE', log, keep)
   local first = redis.call('ZRANGE', log, 0, 0, 'WITHSCORES')
   local frees = 0
   if first[2] then frees = tonumber(first[2]) + dur end
@@ -211,7 +219,7 @@ for i = 1, #KEYS / 2 do
   end
 end
 return out
-"""
+""".replace("{keep}", str(ADAPTIVE_KEEP_MS))
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,22 +84,26 @@ def _dedupe_counts(stats: dict[str, int]) -> str:
 
 
 def _watch_status(settings: Settings) -> None:
-    import time
+    import signal
+    import threading
 
     from rich.live import Live
 
     from sendscript.report import gather
 
-    with Live(status_view(gather(settings)), console=console, auto_refresh=False) as live:
-        try:
-            while True:
-                time.sleep(1.0)
+    # Ctrl-C ends the watch between two draws. As a KeyboardInterrupt it could land
+    # inside a client's connect or close, and leave the process hanging at exit.
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        with Live(status_view(gather(settings)), console=console, auto_refresh=False) as live:
+            while not stop.wait(1.0):
                 try:
                     live.update(status_view(gather(settings)), refresh=True)
                 except Exception as exc:  # a server away: say so, keep watching
                     live.update(f"[red]status unavailable: {exc!r}[/red]", refresh=True)
-        except KeyboardInterrupt:
-            pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def pauses_view(pauses: dict[str, Any]) -> RenderableType:

@@ -40,3 +40,24 @@ async def test_changes_are_shared_compared_and_read_by_the_reservation(
     finally:
         sync.close()
     assert view["current"] == 10.0 and view["why"] == "429 x3" and view["hold_s"] > 59
+
+
+async def test_an_adaptive_limit_keeps_its_value_through_an_idle_spell(
+    settings: Settings, redis_client: redis.asyncio.Redis
+) -> None:
+    # The window's keys of a fixed limit go two durations after the last send; an
+    # adaptive limit's value must outlast that, or the next burst starts over its
+    # farm's capacity again.
+    short = RateLimit("short", 20, 1000, 2, 100)
+    fixed = RateLimit("fixed", 20, 1000)
+    store, limiter = AdaptiveStore(redis_client, settings.keys), RateLimiter(
+        redis_client, settings.keys)
+    _, [state] = await store.read([short])
+    assert await store.write([Proposal(short, state.version, Change(7.0, "429 x1", True))])
+    await limiter.reserve([Ask(short, 1), Ask(fixed, 1)])
+    keep = await redis_client.pttl(settings.keys.rate_limit("short"))
+    assert keep > 3_600_000
+    assert await redis_client.pttl(settings.keys.rate_limit_grants("short")) > 3_600_000
+    assert 0 < await redis_client.pttl(settings.keys.rate_limit("fixed")) <= 2 * 1100
+    _, [state] = await store.read([short])
+    assert state.value == 7.0
