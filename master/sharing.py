@@ -117,8 +117,8 @@ class WorkSharing:
         self.waits = 0  # times intake found the board at the mark
 
     def subscriptions(self) -> list[Subscription]:
-        # The board's count moves on these: tasks queued, dispatched, withdrawn, put
-        # back (a busy device's answer), a lost worker's tasks back.
+        # The board's counts move on these: tasks queued, dispatched, withdrawn, put
+        # back (a busy device's answer), a lost worker's tasks back, a device held.
         return [(kind, self._on_event) for kind in (
             TasksQueued, TaskDispatched, TasksWithdrawn, TaskAnswered, WorkRecovered,
             TaskHeld)]
@@ -130,7 +130,8 @@ class WorkSharing:
         return Load(self.board.queued, self.board.ready, self.free_slots())
 
     def update(self) -> None:
-        if self.mark.room(self.load(), 1):
+        # Alone (the common case) nothing is counted: this runs on every dispatch.
+        if not self.mark.sharing or self.mark.room(self.load(), 1):
             self.open.set()
         else:
             self.open.clear()
@@ -143,7 +144,7 @@ class WorkSharing:
         return await opened_before_stop(self.open, stop)
 
     def room(self, batch: int) -> int:
-        return self.mark.room(self.load(), batch)
+        return self.mark.room(self.load(), batch) if self.mark.sharing else batch
 
     async def run(self, stop: asyncio.Event) -> None:
         """Count the live peers once a heartbeat (a peer that starts or dies turns

@@ -159,6 +159,7 @@ return out
 # A change applies only if the version is unchanged (no other master moved it since);
 # a hold applies always and only ever lengthens. Returns the changes applied (1/0).
 WRITE = """
+local KEEP_MS = {keep}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
@@ -186,7 +187,7 @@ for i, key in ipairs(KEYS) do
   out[#out + 1] = applied
 end
 return out
-""".replace("KEEP_MS", str(ADAPTIVE_KEEP_MS))
+""".replace("{keep}", str(ADAPTIVE_KEEP_MS))
 
 
 @dataclass(frozen=True, slots=True)
