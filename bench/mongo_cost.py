@@ -20,6 +20,14 @@ adds to each step (the embedded server rewrites every index entry of a document 
 every update, whichever fields changed; a partial index costs only the documents
 its filter holds).
 
+What one document write costs by the indexes of its collection: `--shapes` updates
+`--tasks` task documents (status pending -> running) in statements of `--batch`
+documents (one update_many over their ids, as the hot path's merged writes) and
+one statement a document, on a collection with no index but `_id` and on one with
+the service's `script_tasks` indexes, each on the same fresh server; it prints the
+server CPU per document write and what each secondary index adds to it, and reads
+every document back (all running) before it answers.
+
 What is timed is store steps, so the run verifies that the steps did what they
 were timed doing, from the store itself once they are done: every task read back
 by its id with the status the last step gave it (success), every exec record
@@ -42,7 +50,7 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-from pymongo import ASCENDING, IndexModel, MongoClient
+from pymongo import ASCENDING, IndexModel, MongoClient, UpdateOne
 
 from bench.cpu import tree_cpu_s
 from consumers.rules import result_updates
@@ -56,6 +64,7 @@ from sendscript.store import (
     DEVICES,
     LOGS,
     RECORDS,
+    TASK_INDEXES,
     TASKS,
     Claim,
     LogStore,
@@ -305,6 +314,63 @@ def per_index(a: argparse.Namespace) -> tuple[dict[str, float], dict[str, dict[s
     return full, added, ok
 
 
+def shapes(a: argparse.Namespace) -> tuple[list[dict[str, Any]], bool]:
+    """Server CPU per document of a status update, by statement shape and indexes."""
+    data = Path(tempfile.mkdtemp(prefix="sendscript-mongocost-"))
+    server = MongoServer(data / "shapes")
+    rows: list[dict[str, Any]] = []
+    ok = True
+    try:
+        server.start()
+        assert server.proc is not None
+        with MongoClient(server.url, socketTimeoutMS=120_000) as mongo:
+            db = mongo["shapes"]
+            for n_case, (indexes, shape) in enumerate(
+                    (i, s) for i in ("none", "service") for s in ("update_many", "update_one")):
+                col = db[f"c{n_case}"]
+                if indexes == "service":
+                    col.create_indexes(TASK_INDEXES)
+                now = utcnow()
+                docs = [Task.from_spec(TaskSpec(device_id=f"phone-{i % a.devices:05d}",
+                                                script={"id": "bench", "args": {"n": i}}),
+                                       now=now).to_doc() for i in range(a.tasks)]
+                col.insert_many(docs)
+                ids = [d["_id"] for d in docs]
+                update = {"$set": {"status": "running", "updated_at": now, "worker": "w-1"}}
+                before = tree_cpu_s(server.proc.pid)
+                for start in range(0, len(ids), a.batch):
+                    part = ids[start:start + a.batch]
+                    if shape == "update_many":
+                        col.update_many({"_id": {"$in": part}, "status": "pending"}, update)
+                    else:
+                        col.bulk_write([UpdateOne({"_id": i, "status": "pending"}, update)
+                                        for i in part])
+                cpu_ms = (tree_cpu_s(server.proc.pid) - before) * 1000 / a.tasks
+                done = col.count_documents({"status": "running"})
+                ok = ok and done == a.tasks
+                rows.append({"indexes": indexes, "shape": shape, "secondary": len(
+                    col.index_information()) - 1, "server_ms_per_doc": round(cpu_ms, 3),
+                    "updated": done})
+    finally:
+        server.stop()
+        shutil.rmtree(data, ignore_errors=True)
+    return rows, ok
+
+
+def print_shapes(a: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    print(f"{a.tasks} task documents, pending -> running, {a.batch} a statement or one "
+          f"each: server CPU per document write")
+    print(f"{'statement':12} {'indexes':10} {'secondary':>9} {'ms/doc':>7} {'updated':>8}")
+    for r in rows:
+        print(f"{r['shape']:12} {r['indexes']:10} {r['secondary']:9d} "
+              f"{r['server_ms_per_doc']:7.3f} {r['updated']:8d}")
+    for shape in ("update_many", "update_one"):
+        bare, full = (next(r for r in rows if r["shape"] == shape and r["indexes"] == i)
+                      for i in ("none", "service"))
+        per = (full["server_ms_per_doc"] - bare["server_ms_per_doc"]) / max(full["secondary"], 1)
+        print(f"{shape}: each secondary index adds {per:.3f} ms a document write")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.mongo_cost", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -320,8 +386,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--per-index", action="store_true",
                    help="one run with every index, then one without each index "
                         f"of {', '.join(HOT_COLLECTIONS)}; prints what each adds")
+    p.add_argument("--shapes", action="store_true",
+                   help="what a document write costs by statement shape and indexes")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    if a.shapes:
+        rows, ok = shapes(a)
+        print_shapes(a, rows)
+        if a.json:
+            print(json.dumps({"tasks": a.tasks, "batch": a.batch, "shapes": rows,
+                              "verified": ok}))
+        return 0 if ok else 1
     if a.per_index:
         full, added, ok = per_index(a)
         if a.json:
