@@ -94,6 +94,12 @@ def _max(values: list[float | None]) -> float | None:
         v for v in values if v is not None)
 
 
+def chunk_of(env: dict[str, str], settings: Settings) -> int:
+    """The fan-out chunk the roles run with: an `--env` override, else the setting's."""
+    raw = env.get("SENDSCRIPT_INTAKE_FANOUT_CHUNK")
+    return settings.intake_fanout_chunk if raw is None else int(raw)
+
+
 def run(opts: Options) -> Result:
     env = {"SENDSCRIPT_LOG_LEVEL": "WARNING", **opts.env}
     base = Settings(redis_url=None, mongo_url=None, pulsar_url=None, central_url=None,
@@ -152,7 +158,7 @@ def _measure(stack: LocalStack, opts: Options) -> Result:
         return round(at - start, 3) if at is not None else None
 
     result = Result(
-        devices=opts.devices, singles=opts.singles, chunk=settings.intake_fanout_chunk,
+        devices=opts.devices, singles=opts.singles, chunk=chunk_of(opts.env, settings),
         singles_stored_s=[since(singles_at, t) for t in stored],
         singles_done_s=[since(singles_at, t) for t in done],
         fanout_stored_s=since(fan_at, fan_stored_at), fanout_done_s=since(fan_at, fan_done_at),
