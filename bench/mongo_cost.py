@@ -172,10 +172,8 @@ class Lane:
         async def keep_fleet() -> None:
             # as consumers/task_log.py's _keep_fleet (its Redis side aside)
             now = utcnow()
-            results = fleet.device_results(msgs, found)
-            updates = fleet.device_updates(results, now, self.written.current(now))
-            await self.db[DEVICES].bulk_write(updates, ordered=True)
-            self.written.written(now, [r.device_id for r in results])
+            await fleet.write_results(self.db[DEVICES], fleet.device_results(msgs, found), now,
+                                      self.written)
         await steps.run("8 keep fleet (devices)", keep_fleet)
 
 

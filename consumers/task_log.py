@@ -377,12 +377,10 @@ class TaskLogConsumer:
         results = fleet.device_results(finals, records)
         if not results:
             return
-        devices = [r.device_id for r in results]
-        updates = fleet.device_updates(results, now, self.fleet_written.current(now))
         try:
-            await asyncio.gather(self.devices.bulk_write(updates, ordered=True),
-                                 fleet.note(self.redis, self.settings.keys, devices))
-            self.fleet_written.written(now, devices)
+            await asyncio.gather(
+                fleet.write_results(self.devices, results, now, self.fleet_written),
+                fleet.note(self.redis, self.settings.keys, [r.device_id for r in results]))
         except Exception as exc:
             logger.warning("consumer: the fleet view missed a batch of {} results: {!r}",
                            len(results), exc)

@@ -35,6 +35,7 @@ from typing import Any
 import redis
 import redis.asyncio
 from pymongo import UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
 
 from sendscript.keys import Keys
 from sendscript.models import ExecRecord, LogType, TaskLogMessage
@@ -135,6 +136,14 @@ def device_updates(results: Sequence[DeviceResult], now: datetime,
              "$setOnInsert": {f"{slot}.h": hour, "first_seen": now, "device_id": device}},
             upsert=True))
     return out
+
+
+async def write_results(col: AsyncCollection, results: Sequence[DeviceResult], now: datetime,
+                        written: WrittenThisHour) -> None:
+    """A batch's results into `devices` in one bulk write (`device_updates`); the
+    devices are then known to hold this hour's slot."""
+    await col.bulk_write(device_updates(results, now, written.current(now)), ordered=True)
+    written.written(now, [r.device_id for r in results])
 
 
 class WrittenThisHour:

@@ -1,22 +1,22 @@
 """The devices' documents on the real server, written as the consumer writes them
-(sendscript/fleet.py): a device's first batch of the hour resets its slot and counts,
-later batches only count. Across batches, hours and a slot that comes round a day
-later, each document holds what the pure arithmetic (add_to_hours) says."""
+(sendscript/fleet.py's write_results): a device's first batch of the hour resets
+its slot and counts, later batches only count. Across batches, hours and a slot
+that comes round a day later, each document holds what the pure arithmetic
+(add_to_hours) says."""
 
 from __future__ import annotations
 
 import random
 from datetime import UTC, datetime, timedelta
 
-from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
 from sendscript.fleet import (
     DeviceResult,
     WrittenThisHour,
     add_to_hours,
-    device_updates,
     hour_of,
+    write_results,
 )
 from sendscript.store import DEVICES
 
@@ -26,13 +26,6 @@ NOW = datetime(2026, 12, 6, 5, 30, tzinfo=UTC)
 def _result(i: int, device: str, ok: bool) -> DeviceResult:
     return DeviceResult(device, f"t{i}", f"r{i}", "SUCCESS" if ok else "ERROR",
                         "" if ok else f"$err {i} {{$set: 1}}")  # text, never an operator
-
-
-async def _write(col: AsyncCollection, batch: list[DeviceResult], at: datetime,
-                 written: WrittenThisHour) -> None:
-    """As the consumer's _keep_fleet."""
-    await col.bulk_write(device_updates(batch, at, written.current(at)), ordered=True)
-    written.written(at, [r.device_id for r in batch])
 
 
 async def test_batches_count_every_result_once(db: AsyncDatabase) -> None:
@@ -50,7 +43,7 @@ async def test_batches_count_every_result_once(db: AsyncDatabase) -> None:
             for _ in range(rng.randrange(1, 40)):
                 i += 1
                 batch.append(_result(i, f"p{rng.randrange(12)}", rng.random() < 0.7))
-            await _write(col, batch, at, written)
+            await write_results(col, batch, at, written)
             for r in batch:
                 want[r.device_id] = add_to_hours(want.get(r.device_id, {}), hour_of(at),
                                                  int(r.ok), int(not r.ok))
@@ -69,11 +62,11 @@ async def test_batches_count_every_result_once(db: AsyncDatabase) -> None:
 async def test_a_device_whose_document_went_is_made_again(db: AsyncDatabase) -> None:
     col = db[DEVICES]
     written = WrittenThisHour()
-    await _write(col, [_result(1, "gone", True), _result(2, "kept", True)], NOW, written)
+    await write_results(col, [_result(1, "gone", True), _result(2, "kept", True)], NOW, written)
     await col.delete_one({"_id": "gone"})
     # This process wrote both this hour (no reset is sent): the count's upsert makes
     # the document again, with this hour in its slot and the result counted once.
-    await _write(col, [_result(3, "gone", False), _result(4, "kept", True)], NOW, written)
+    await write_results(col, [_result(3, "gone", False), _result(4, "kept", True)], NOW, written)
     gone = await col.find_one({"_id": "gone"})
     kept = await col.find_one({"_id": "kept"})
     assert gone is not None and kept is not None
