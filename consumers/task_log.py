@@ -90,6 +90,8 @@ class TaskLogConsumer:
         self.metrics = metrics.setup("consumer", self.name)
         self.subscribed = False
         self.fleet_written = fleet.WrittenThisHour()
+        self.fleet_held = fleet.FleetBuffer(settings.fleet_write_interval_s)
+        self.fleet_lock = asyncio.Lock()  # one write at a time: a device's last result last
 
     async def run(self) -> int:
         s = self.settings
@@ -196,6 +198,7 @@ class TaskLogConsumer:
 
     async def _close(self) -> None:
         """Flush and close within what is left of the grace, whatever is down."""
+        await self._quietly(self._write_fleet(), "writing the fleet view")
         await self._quietly(self._flush_counters(), "flushing counters")
         await self._quietly(self.redis.hdel(self.settings.keys.consumers, self.name),
                             "removing the heartbeat")
@@ -209,6 +212,7 @@ class TaskLogConsumer:
         buffer: asyncio.Queue[pulsar.Message] = asyncio.Queue(self.settings.consumer_batch)
         receiver = asyncio.create_task(self._receive(consumer, buffer))
         flusher = asyncio.create_task(self._flush_counters_forever())
+        fleet_writer = asyncio.create_task(self._write_fleet_forever())
         stop = asyncio.create_task(self.stop_event.wait())
         try:
             while not self.stop_event.is_set():
@@ -226,7 +230,7 @@ class TaskLogConsumer:
                     batch.append(buffer.get_nowait())
                 await self._process_within_grace(consumer, batch, stop)
         finally:
-            for task in (receiver, flusher, stop):
+            for task in (receiver, flusher, fleet_writer, stop):
                 task.cancel()
 
     async def _process_within_grace(self, consumer: apulsar.Consumer,
@@ -371,19 +375,33 @@ class TaskLogConsumer:
 
     async def _keep_fleet(self, finals: Sequence[TaskLogMessage], records: dict[str, Any],
                           now: datetime) -> None:
-        """The devices' last results and hourly counts (sendscript/fleet.py): one bulk
-        write and one ZADD a batch. A view, not a decision: a failure here is logged,
-        not a reason to deliver the batch again (its tasks are applied)."""
-        results = fleet.device_results(finals, records)
-        if not results:
-            return
-        try:
-            await asyncio.gather(
-                fleet.write_results(self.devices, results, now, self.fleet_written),
-                fleet.note(self.redis, self.settings.keys, [r.device_id for r in results]))
-        except Exception as exc:
-            logger.warning("consumer: the fleet view missed a batch of {} results: {!r}",
-                           len(results), exc)
+        """The devices' last results and hourly counts (sendscript/fleet.py): held, and
+        written with the results of the last few seconds (`FleetBuffer`)."""
+        self.fleet_held.add(fleet.device_results(finals, records), now, time.monotonic())
+        if self.fleet_held.due(time.monotonic()):
+            await self._write_fleet()
+
+    async def _write_fleet(self) -> None:
+        """The held results: one bulk write (one an hour they span) and one ZADD. A
+        view, not a decision: a failure here is logged, not a reason to deliver a batch
+        again (its tasks are applied), and the view misses those results."""
+        async with self.fleet_lock:
+            for at, results in self.fleet_held.take():
+                try:
+                    await asyncio.gather(
+                        fleet.write_results(self.devices, results, at, self.fleet_written),
+                        fleet.note(self.redis, self.settings.keys,
+                                   [r.device_id for r in results]))
+                except Exception as exc:
+                    logger.warning("consumer: the fleet view missed {} results: {!r}",
+                                   len(results), exc)
+
+    async def _write_fleet_forever(self) -> None:
+        """Write what is held once it is due, when no batch comes to do it."""
+        while True:
+            await asyncio.sleep(min(1.0, self.settings.fleet_write_interval_s) or 0.5)
+            if self.fleet_held.due(time.monotonic()):
+                await self._write_fleet()
 
     async def _dead_letter(self, msg: pulsar.Message, reason: str) -> None:
         data = msg.data()

@@ -1,8 +1,12 @@
 """The fleet's record of its devices: each one's last result and its results per hour.
 
 Mongo `devices`, one document per device (`_id` and `device_id` the device id, the
-latter indexed for the console's range reads), written by the consumer with one
-bulk write per batch of results (never by scanning tasks):
+latter indexed for the console's range reads), written by the consumer (never by
+scanning tasks) with one bulk write of the results it applied since its last write,
+at most every `SENDSCRIPT_FLEET_WRITE_INTERVAL_S` (`FleetBuffer`): a device's
+results of those seconds cost one update, not one a batch. The update is most of
+what a device document costs the embedded server (one statement and commit a
+device), so held results are worth the few seconds a view lags:
 
 - `last_task_id`, `last_record_id`, `last_result` (`SUCCESS`, `ERROR`,
   `SYSTEM_ERROR`), `last_error`, `last_finished_at`: the device's latest result
@@ -28,7 +32,7 @@ count twice: a view, not a decision).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -87,6 +91,7 @@ class DeviceResult:
     record_id: str
     result: str  # SUCCESS, ERROR, SYSTEM_ERROR
     error: str
+    applied_at: datetime | None = None  # when the consumer applied it (FleetBuffer)
 
     @property
     def ok(self) -> bool:
@@ -132,7 +137,7 @@ def device_updates(results: Sequence[DeviceResult], now: datetime,
             {"$inc": {f"{slot}.ok": ok, f"{slot}.fail": len(mine) - ok},
              "$set": {"last_task_id": last.task_id, "last_record_id": last.record_id,
                       "last_result": last.result, "last_error": last.error,
-                      "last_finished_at": now, "updated_at": now},
+                      "last_finished_at": last.applied_at or now, "updated_at": now},
              "$setOnInsert": {f"{slot}.h": hour, "first_seen": now, "device_id": device}},
             upsert=True))
     return out
@@ -144,6 +149,40 @@ async def write_results(col: AsyncCollection, results: Sequence[DeviceResult], n
     devices are then known to hold this hour's slot."""
     await col.bulk_write(device_updates(results, now, written.current(now)), ordered=True)
     written.written(now, [r.device_id for r in results])
+
+
+class FleetBuffer:
+    """Results held for the `devices` documents until the next write (pure: the
+    consumer adds each batch's results, and writes what `take` answers when `due`).
+
+    Due once the oldest result held is `interval_s` old (0: at once) or `max_held`
+    are held. A result keeps the time it was applied (`last_finished_at`) and counts
+    in that hour's slot: `take` answers the results by hour, oldest first, each group
+    to be written with the time of its last result."""
+
+    def __init__(self, interval_s: float, max_held: int = 20_000) -> None:
+        self.interval_s = interval_s
+        self.max_held = max_held
+        self.held: list[tuple[datetime, DeviceResult]] = []
+        self.since: float | None = None  # monotonic seconds: when the oldest came
+
+    def add(self, results: Sequence[DeviceResult], at: datetime, mono: float) -> None:
+        if results and self.since is None:
+            self.since = mono
+        self.held += [(at, r) for r in results]
+
+    def due(self, mono: float) -> bool:
+        if self.since is None:
+            return False
+        return len(self.held) >= self.max_held or mono - self.since >= self.interval_s
+
+    def take(self) -> list[tuple[datetime, list[DeviceResult]]]:
+        by_hour: dict[int, list[tuple[datetime, DeviceResult]]] = {}
+        for at, r in self.held:
+            by_hour.setdefault(hour_of(at), []).append((at, r))
+        self.held, self.since = [], None
+        return [(max(at for at, _ in group), [replace(r, applied_at=at) for at, r in group])
+                for _, group in sorted(by_hour.items())]
 
 
 class WrittenThisHour:

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     consumer_batch: int = Field(200, ge=1, le=10_000)
     consumer_batch_wait_ms: int = Field(20, ge=0)
     consumer_nack_delay_ms: int = Field(1000, ge=10)
+    # The fleet view's `devices` documents are written at most this often by each
+    # consumer, a device's results since the last write merged into one update
+    # (sendscript/fleet.py, FleetBuffer); 0: every batch.
+    fleet_write_interval_s: float = Field(5.0, ge=0, le=300)
     # A task log's `message` is stored cut to this many characters (a device that
     # logs megabytes must not make one document too large to store).
     task_log_max_message_chars: int = Field(65_536, ge=100)

@@ -7,7 +7,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import Any
 
 import pulsar
@@ -17,7 +17,7 @@ import redis.asyncio
 from pymongo.asynchronous.database import AsyncDatabase
 
 from consumers.task_log import TaskLogConsumer
-from sendscript.fleet import add_to_hours, hour_of, last_day, slot_of
+from sendscript.fleet import FleetBuffer, add_to_hours, hour_of, last_day, slot_of
 from sendscript.locks import DeviceLocks
 from sendscript.models import ExecRecord, Task, new_id, utcnow
 from sendscript.settings import Settings
@@ -92,6 +92,9 @@ async def rig(
     settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase,
     pulsar_client: apulsar.Client,
 ) -> AsyncIterator[Rig]:
+    # The fleet view written with every batch, as the tests read it right after one;
+    # held results are tested on their own below.
+    settings = settings.model_copy(update={"fleet_write_interval_s": 0.0})
     consumer = TaskLogConsumer(settings)
     # What run() sets up before it consumes.
     consumer.redis = redis_client
@@ -517,3 +520,39 @@ async def test_results_keep_each_devices_last_result_and_hourly_counts(rig: Rig)
     assert two["hours"] == add_to_hours(stale, hour_of(two["last_finished_at"]), 0, 1)
     known = await rig.redis.zrange(rig.settings.keys.devices_known, 0, -1)
     assert known == [b"dev-1", b"dev-2"]
+
+
+async def test_held_results_are_written_together_each_device_once(rig: Rig) -> None:
+    """With a write interval, batches' results wait: nothing is written until the
+    interval has passed, then one update a device holds every result once, and the
+    device's last result with the time its batch was applied."""
+    rig.consumer.fleet_held = FleetBuffer(3600.0)
+    sent: list[tuple[str, str, int]] = []
+    applied_at = []
+    for k in range(3):  # a task a device a batch: its lock is freed by the batch
+        batch = []
+        for i in range(3 * k, 3 * k + 3):
+            sent.append(await rig.sent_task(f"held-{i % 3}", max_retries=0))
+            t, r, _ = sent[i]
+            batch.append(log(t, r, f"held-{i % 3}", "SUCCESS" if i % 2 else "ERROR", f"e{i}"))
+        await rig.consumer.process(await rig.deliver(batch))
+        applied_at.append(utcnow())
+    assert await rig.db[DEVICES].count_documents({}) == 0
+    assert len(rig.consumer.fleet_held.held) == 9
+    await rig.consumer._write_fleet()
+    assert rig.consumer.fleet_held.held == []
+    docs = {d["_id"]: d async for d in rig.db[DEVICES].find({})}
+    now = utcnow()
+    assert sorted(docs) == ["held-0", "held-1", "held-2"]
+    for d in range(3):
+        mine = [i for i in range(9) if i % 3 == d]
+        ok = sum(i % 2 for i in mine)
+        doc = docs[f"held-{d}"]
+        assert last_day(doc["hours"], now) == (ok, len(mine) - ok)
+        last = mine[-1]
+        assert (doc["last_task_id"], doc["last_record_id"]) == sent[last][:2]
+        assert doc["last_error"] == ("" if last % 2 else f"e{last}")
+        # applied with the third batch: after the second batch's time, before the third's
+        assert applied_at[1] <= doc["last_finished_at"].replace(tzinfo=UTC) <= applied_at[2]
+    known = await rig.redis.zrange(rig.settings.keys.devices_known, 0, -1)
+    assert known == [b"held-0", b"held-1", b"held-2"]

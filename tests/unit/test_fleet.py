@@ -10,6 +10,7 @@ import pytest
 from console.fleet import decode_cursor, encode_cursor, paused_by, row
 from sendscript.fleet import (
     DeviceResult,
+    FleetBuffer,
     WrittenThisHour,
     add_to_hours,
     device_results,
@@ -129,3 +130,44 @@ def test_a_cursor_names_its_device(device: str) -> None:
 def test_a_cursor_we_did_not_give_is_refused() -> None:
     with pytest.raises(ValueError):
         decode_cursor("__not_base64__x")
+
+
+def test_buffer_is_due_after_its_interval_or_when_full() -> None:
+    buf = FleetBuffer(5.0, max_held=4)
+    assert not buf.due(100.0)  # nothing held: never due
+    buf.add([], NOW, 100.0)
+    assert not buf.due(1000.0)
+    buf.add([DeviceResult("a", "t1", "r1", "SUCCESS", "")], NOW, 100.0)
+    buf.add([DeviceResult("b", "t2", "r2", "SUCCESS", "")], NOW, 103.0)
+    assert not buf.due(104.9)  # the oldest held counts, not the newest
+    assert buf.due(105.0)
+    buf.take()
+    assert not buf.due(1000.0)
+    buf.add([DeviceResult(d, "t", "r", "SUCCESS", "") for d in "abcd"], NOW, 200.0)
+    assert buf.due(200.0)  # full
+    assert FleetBuffer(0.0).due(0.0) is False
+    zero = FleetBuffer(0.0)
+    zero.add([DeviceResult("a", "t1", "r1", "SUCCESS", "")], NOW, 7.0)
+    assert zero.due(7.0)  # no interval: every batch
+
+
+def test_buffer_gives_results_by_hour_with_their_times() -> None:
+    buf = FleetBuffer(60.0)
+    later = NOW + timedelta(minutes=40)  # the next hour
+    buf.add([DeviceResult("a", "t1", "r1", "SUCCESS", ""),
+             DeviceResult("b", "t2", "r2", "ERROR", "x")], NOW, 1.0)
+    buf.add([DeviceResult("a", "t3", "r3", "SUCCESS", "")], NOW + timedelta(seconds=2), 3.0)
+    buf.add([DeviceResult("a", "t4", "r4", "ERROR", "y")], later, 4.0)
+    groups = buf.take()
+    assert buf.held == [] and buf.since is None
+    assert [(at, [r.task_id for r in rs]) for at, rs in groups] == [
+        (NOW + timedelta(seconds=2), ["t1", "t2", "t3"]), (later, ["t4"])]
+    assert [r.applied_at for r in groups[0][1]] == [NOW, NOW, NOW + timedelta(seconds=2)]
+    # one update a device a group, the last result with the time it was applied
+    ops = [op._doc for op in device_updates(groups[0][1], groups[0][0], {"a", "b"})]
+    assert len(ops) == 2
+    a = ops[0]["$set"]
+    assert (a["last_task_id"], a["last_finished_at"]) == ("t3", NOW + timedelta(seconds=2))
+    assert ops[0]["$inc"] == {f"hours.{slot_of(hour_of(NOW))}.ok": 2,
+                              f"hours.{slot_of(hour_of(NOW))}.fail": 0}
+    assert ops[1]["$set"]["last_finished_at"] == NOW
