@@ -6,11 +6,14 @@ master reads its processing list first, and the tag-derived task ids make the
 second store find the first. Due tasks go to the device board; delayed ones to
 the delay heap; a fan-out item becomes one task per device under one batch id.
 
-A fan-out is stored a chunk a round (`intake_fanout_chunk` devices, in device-id
-order), between the items taken behind it, so one big item cannot hold the intake:
-it is acknowledged with its last chunk. The last device stored is kept in Redis
-with the acknowledgements, so a restarted master goes on from there; a chunk stored
-twice (a crash between the store and the cursor) finds its tasks by their ids.
+A fan-out is stored a chunk a round (`intake_fanout_chunk` devices at most, in
+device-id order), between the items taken behind it, so one big item cannot hold the
+intake: it is acknowledged with its last chunk. While the store is slow (a busy
+server) a chunk is cut to what it stores in `intake_fanout_budget_s` (`ChunkPace`),
+so what is pushed behind a fan-out waits a fraction of a second whatever the load.
+The last device stored is kept in Redis with the acknowledgements, so a restarted
+master goes on from there; a chunk stored twice (a crash between the store and the
+cursor) finds its tasks by their ids.
 
 No item can stall the others: one that cannot be parsed, or whose task the store
 refuses for good (too large, not encodable, refused by the server), is quarantined
@@ -21,6 +24,7 @@ with the reason and the rest of its batch is stored. Only errors retrying can cu
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -102,6 +106,28 @@ class Batch:
     cursors: dict[str, str | None] = field(default_factory=dict)  # tag -> last device / drop
 
 
+@dataclass
+class ChunkPace:
+    """How many devices of the fan-outs the next round stores: as many as the store
+    takes about `budget_s` for at the rate the last chunks went (smoothed), at least
+    `floor`, at most the setting; the setting until a chunk was timed. Pure."""
+
+    budget_s: float
+    floor: int = 50
+    rate: float | None = None  # devices a second
+
+    def stored(self, devices: int, elapsed_s: float) -> None:
+        if devices <= 0 or elapsed_s <= 0:
+            return
+        rate = devices / elapsed_s
+        self.rate = rate if self.rate is None else (self.rate + rate) / 2
+
+    def size(self, most: int) -> int:
+        if self.budget_s <= 0 or self.rate is None:
+            return most
+        return min(most, max(self.floor, int(self.rate * self.budget_s)))
+
+
 class Throttle(Protocol):
     """What backpressure (master/backpressure.py) and work sharing (master/sharing.py)
     tell intake."""
@@ -137,6 +163,7 @@ class Intake:
         self.deduplicated = 0
         self._recheck = True
         self._fanouts: dict[str, Fanout] = {}  # by entry tag, in the order they are served
+        self.pace = ChunkPace(settings.intake_fanout_budget_s)
 
     def report(self) -> dict[str, Any]:
         return {"taken": self.taken, "quarantined": self.quarantined}
@@ -156,7 +183,8 @@ class Intake:
                 if stop.is_set():
                     await self._drain()
                     return
-                batch, chunk = self.settings.intake_batch, self.settings.intake_fanout_chunk
+                batch = self.settings.intake_batch
+                chunk = self.pace.size(self.settings.intake_fanout_chunk)
                 if not await self._open(stop):
                     continue  # stopping (the drain above runs next), or closed again
                 for throttle in self.throttles:
@@ -202,7 +230,9 @@ class Intake:
         if self._fanouts:
             chunks = Batch()
             self._carve(chunks, chunk or self.settings.intake_fanout_chunk)
+            began = time.monotonic()
             await self._settle(chunks)
+            self.pace.stored(len(chunks.fresh), time.monotonic() - began)
 
     async def _settle(self, batch: Batch) -> None:
         """Store a batch's tasks, acknowledge its items, hand its tasks on."""

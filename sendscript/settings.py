@@ -37,8 +37,10 @@ class Settings(BaseSettings):
     workers: int = Field(2, ge=1, le=64)
     worker_concurrency: int = Field(32, ge=1, le=1000)
     intake_batch: int = Field(200, ge=1, le=10_000)
-    # A fan-out is stored this many devices a round, between the items behind it.
+    # A fan-out is stored this many devices a round at most, between the items behind
+    # it; fewer while a chunk that size would hold the intake longer than the budget.
     intake_fanout_chunk: int = Field(500, ge=1, le=100_000)
+    intake_fanout_budget_s: float = Field(0.25, ge=0, le=60)
     lock_margin_s: float = Field(60.0, gt=0)
     free_check_interval_s: float = Field(5.0, gt=0)
     heartbeat_interval_s: float = Field(2.0, gt=0)
