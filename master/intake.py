@@ -110,10 +110,13 @@ class Batch:
 class ChunkPace:
     """How many devices of the fan-outs the next round stores: as many as the store
     takes about `budget_s` for at the rate the last chunks went (smoothed), at least
-    `floor`, at most the setting; the setting until a chunk was timed. Pure."""
+    `floor`, at most the setting. Until a chunk was timed, `first`: a first chunk of
+    the full setting on a busy server held what was pushed behind it over a second.
+    Pure."""
 
     budget_s: float
     floor: int = 50
+    first: int = 100
     rate: float | None = None  # devices a second
 
     def stored(self, devices: int, elapsed_s: float) -> None:
@@ -123,8 +126,10 @@ class ChunkPace:
         self.rate = rate if self.rate is None else (self.rate + rate) / 2
 
     def size(self, most: int) -> int:
-        if self.budget_s <= 0 or self.rate is None:
+        if self.budget_s <= 0:
             return most
+        if self.rate is None:
+            return min(most, self.first)
         return min(most, max(self.floor, int(self.rate * self.budget_s)))
 
 

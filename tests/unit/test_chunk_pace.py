@@ -1,17 +1,18 @@
-"""How much of a fan-out an intake round stores: the setting until a chunk was
-timed, then what the store does in the budget at the rate seen, within bounds."""
+"""How much of a fan-out an intake round stores: a small first chunk, then what the
+store does in the budget at the rate seen, within bounds."""
 
 from __future__ import annotations
 
 from master.intake import ChunkPace
 
 
-def test_the_setting_until_a_chunk_was_timed() -> None:
-    pace = ChunkPace(0.25)
-    assert pace.size(500) == 500
+def test_a_small_first_chunk_until_one_was_timed() -> None:
+    pace = ChunkPace(0.25, first=100)
+    assert pace.size(500) == 100
+    assert pace.size(30) == 30
     pace.stored(0, 1.0)  # nothing stored, nothing learnt
     pace.stored(100, 0.0)
-    assert pace.rate is None and pace.size(500) == 500
+    assert pace.rate is None and pace.size(500) == 100
 
 
 def test_a_slow_store_cuts_the_chunk_to_the_budget_and_a_fast_one_restores_it() -> None:
