@@ -71,6 +71,7 @@ class Result:
     devices: int
     singles: int
     chunk: int
+    budget_s: float
     singles_stored_s: list[float | None]  # per single: push -> stored
     singles_done_s: list[float | None]  # per single: push -> success
     fanout_stored_s: float | None  # fan-out push -> every one of its tasks stored
@@ -98,6 +99,12 @@ def chunk_of(env: dict[str, str], settings: Settings) -> int:
     """The fan-out chunk the roles run with: an `--env` override, else the setting's."""
     raw = env.get("SENDSCRIPT_INTAKE_FANOUT_CHUNK")
     return settings.intake_fanout_chunk if raw is None else int(raw)
+
+
+def budget_of(env: dict[str, str], settings: Settings) -> float:
+    """The time budget of a fan-out round the roles run with (as `chunk_of`)."""
+    raw = env.get("SENDSCRIPT_INTAKE_FANOUT_BUDGET_S")
+    return settings.intake_fanout_budget_s if raw is None else float(raw)
 
 
 def run(opts: Options) -> Result:
@@ -159,6 +166,7 @@ def _measure(stack: LocalStack, opts: Options) -> Result:
 
     result = Result(
         devices=opts.devices, singles=opts.singles, chunk=chunk_of(opts.env, settings),
+        budget_s=budget_of(opts.env, settings),
         singles_stored_s=[since(singles_at, t) for t in stored],
         singles_done_s=[since(singles_at, t) for t in done],
         fanout_stored_s=since(fan_at, fan_stored_at), fanout_done_s=since(fan_at, fan_done_at),
@@ -208,7 +216,8 @@ def render(r: Result, out: Console | None = None) -> None:
     out = out or Console()
     t = Table(title=f"fair intake: {r.singles} singles behind a {r.devices:,}-device fan-out",
               show_header=False)
-    t.add_row("fan-out chunk", f"{r.chunk} devices a round (SENDSCRIPT_INTAKE_FANOUT_CHUNK)")
+    t.add_row("fan-out chunk", f"at most {r.chunk} devices a round, fewer beyond "
+              f"{r.budget_s:g} s a round (SENDSCRIPT_INTAKE_FANOUT_CHUNK, _BUDGET_S)")
     t.add_row("singles stored (push ->)", _spread(r.singles_stored_s)
               + f"  target <= {STORED_TARGET_S:g} s")
     t.add_row("singles done (push ->)", _spread(r.singles_done_s)
