@@ -376,9 +376,11 @@ class TaskLogConsumer:
     async def _keep_fleet(self, finals: Sequence[TaskLogMessage], records: dict[str, Any],
                           now: datetime) -> None:
         """The devices' last results and hourly counts (sendscript/fleet.py): held, and
-        written with the results of the last few seconds (`FleetBuffer`)."""
+        written with the results of the last few seconds (`FleetBuffer`) by the timer,
+        not here: a batch that paid for seconds of results would hold its devices'
+        locks that much longer. With no interval, written with each batch."""
         self.fleet_held.add(fleet.device_results(finals, records), now, time.monotonic())
-        if self.fleet_held.due(time.monotonic()):
+        if self.settings.fleet_write_interval_s <= 0 and self.fleet_held.due(time.monotonic()):
             await self._write_fleet()
 
     async def _write_fleet(self) -> None:
@@ -397,9 +399,9 @@ class TaskLogConsumer:
                                    len(results), exc)
 
     async def _write_fleet_forever(self) -> None:
-        """Write what is held once it is due, when no batch comes to do it."""
+        """Write what is held once it is due (or too much is held)."""
         while True:
-            await asyncio.sleep(min(1.0, self.settings.fleet_write_interval_s) or 0.5)
+            await asyncio.sleep(min(0.5, self.settings.fleet_write_interval_s) or 0.5)
             if self.fleet_held.due(time.monotonic()):
                 await self._write_fleet()
 

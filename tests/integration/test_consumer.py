@@ -556,3 +556,22 @@ async def test_held_results_are_written_together_each_device_once(rig: Rig) -> N
         assert applied_at[1] <= doc["last_finished_at"].replace(tzinfo=UTC) <= applied_at[2]
     known = await rig.redis.zrange(rig.settings.keys.devices_known, 0, -1)
     assert known == [b"held-0", b"held-1", b"held-2"]
+
+
+async def test_held_results_are_left_to_the_timer_which_writes_them_once_due(rig: Rig) -> None:
+    rig.consumer.settings = rig.settings.model_copy(update={"fleet_write_interval_s": 0.2})
+    rig.consumer.fleet_held = FleetBuffer(0.2)
+    t, r, _ = await rig.sent_task("timed-1")
+    await rig.consumer.process(await rig.deliver([log(t, r, "timed-1", "SUCCESS")]))
+    assert await rig.db[DEVICES].count_documents({}) == 0  # the batch did not write it
+    writer = asyncio.create_task(rig.consumer._write_fleet_forever())
+    try:
+        deadline = time.monotonic() + 10
+        while await rig.db[DEVICES].find_one({"_id": "timed-1"}) is None:
+            assert time.monotonic() < deadline, "the held result was never written"
+            await asyncio.sleep(0.05)
+    finally:
+        writer.cancel()
+    assert rig.consumer.fleet_held.held == []
+    doc = await rig.db[DEVICES].find_one({"_id": "timed-1"})
+    assert doc is not None and (doc["last_task_id"], doc["last_result"]) == (t, "SUCCESS")
