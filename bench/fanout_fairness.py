@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter
 from pymongo import MongoClient
 from rich.console import Console
 from rich.table import Table
@@ -95,16 +96,12 @@ def _max(values: list[float | None]) -> float | None:
         v for v in values if v is not None)
 
 
-def chunk_of(env: dict[str, str], settings: Settings) -> int:
-    """The fan-out chunk the roles run with: an `--env` override, else the setting's."""
-    raw = env.get("SENDSCRIPT_INTAKE_FANOUT_CHUNK")
-    return settings.intake_fanout_chunk if raw is None else int(raw)
-
-
-def budget_of(env: dict[str, str], settings: Settings) -> float:
-    """The time budget of a fan-out round the roles run with (as `chunk_of`)."""
-    raw = env.get("SENDSCRIPT_INTAKE_FANOUT_BUDGET_S")
-    return settings.intake_fanout_budget_s if raw is None else float(raw)
+def role_setting(env: dict[str, str], settings: Settings, name: str) -> Any:
+    """A setting as the roles run with it: an `--env` override, else the setting's."""
+    raw = env.get(f"SENDSCRIPT_{name.upper()}")
+    if raw is None:
+        return getattr(settings, name)
+    return TypeAdapter(Settings.model_fields[name].annotation).validate_python(raw)
 
 
 def run(opts: Options) -> Result:
@@ -165,8 +162,9 @@ def _measure(stack: LocalStack, opts: Options) -> Result:
         return round(at - start, 3) if at is not None else None
 
     result = Result(
-        devices=opts.devices, singles=opts.singles, chunk=chunk_of(opts.env, settings),
-        budget_s=budget_of(opts.env, settings),
+        devices=opts.devices, singles=opts.singles,
+        chunk=role_setting(opts.env, settings, "intake_fanout_chunk"),
+        budget_s=role_setting(opts.env, settings, "intake_fanout_budget_s"),
         singles_stored_s=[since(singles_at, t) for t in stored],
         singles_done_s=[since(singles_at, t) for t in done],
         fanout_stored_s=since(fan_at, fan_stored_at), fanout_done_s=since(fan_at, fan_done_at),

@@ -380,7 +380,7 @@ class TaskLogConsumer:
         not here: a batch that paid for seconds of results would hold its devices'
         locks that much longer. With no interval, written with each batch."""
         self.fleet_held.add(fleet.device_results(finals, records), now, time.monotonic())
-        if self.settings.fleet_write_interval_s <= 0 and self.fleet_held.due(time.monotonic()):
+        if self.fleet_held.interval_s <= 0 and self.fleet_held.due(time.monotonic()):
             await self._write_fleet()
 
     async def _write_fleet(self) -> None:
@@ -401,7 +401,7 @@ class TaskLogConsumer:
     async def _write_fleet_forever(self) -> None:
         """Write what is held once it is due (or too much is held)."""
         while True:
-            await asyncio.sleep(min(0.5, self.settings.fleet_write_interval_s) or 0.5)
+            await asyncio.sleep(min(0.5, self.fleet_held.interval_s) or 0.5)
             if self.fleet_held.due(time.monotonic()):
                 await self._write_fleet()
 

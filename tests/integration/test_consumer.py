@@ -559,7 +559,6 @@ async def test_held_results_are_written_together_each_device_once(rig: Rig) -> N
 
 
 async def test_held_results_are_left_to_the_timer_which_writes_them_once_due(rig: Rig) -> None:
-    rig.consumer.settings = rig.settings.model_copy(update={"fleet_write_interval_s": 0.2})
     rig.consumer.fleet_held = FleetBuffer(0.2)
     t, r, _ = await rig.sent_task("timed-1")
     await rig.consumer.process(await rig.deliver([log(t, r, "timed-1", "SUCCESS")]))
