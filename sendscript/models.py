@@ -221,7 +221,10 @@ class TaskSpec(TaskTemplate, Traced):
 class FanoutSpec(TaskTemplate, Traced):
     """One submission for many devices: a list, or a device group by name."""
 
-    device_ids: list[str] | None = Field(None, min_length=1, max_length=100_000)
+    # Each id as a single task's `device_id` takes it: an id a task would refuse must
+    # refuse the item here, not stall the intake when its chunk is carved.
+    device_ids: list[Annotated[str, Field(max_length=200)]] | None = Field(
+        None, min_length=1, max_length=100_000)
     group: str | None = Field(None, min_length=1, max_length=200)
 
     @model_validator(mode="after")

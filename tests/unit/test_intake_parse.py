@@ -167,3 +167,11 @@ def test_a_bad_dedupe_combination_is_quarantined_with_the_reason(
     raw = json.dumps({"device_id": "d", "script": {"id": "s"}, **item}).encode()
     with pytest.raises(ValueError, match=reason):
         parse_item(raw)
+
+
+def test_a_fanout_with_a_device_id_no_task_takes_is_refused_whole() -> None:
+    """Caught when the item is parsed (quarantined), not when its chunk is carved."""
+    item = {"device_ids": ["ok-1", "x" * 201], "script": {"id": "s"}}
+    with pytest.raises(ValueError, match=r"device_ids\.1"):
+        parse_item(json.dumps(item).encode())
+    parse_item(json.dumps({"device_ids": ["ok-1", "x" * 200], "script": {"id": "s"}}).encode())
