@@ -86,11 +86,13 @@ class Fanout:
 
 @dataclass
 class Chunk:
-    """The devices of one fan-out stored in this round, and their task ids."""
+    """The devices of one fan-out stored in this round, and their task ids; or why
+    the fan-out is refused instead (a device's task would not be valid)."""
 
     fanout: Fanout
     devices: list[str]
     task_ids: list[str]
+    refused: str | None = None
 
 
 @dataclass
@@ -241,7 +243,7 @@ class Intake:
 
     async def _settle(self, batch: Batch) -> None:
         """Store a batch's tasks, acknowledge its items, hand its tasks on."""
-        if not (batch.fresh or batch.refs or batch.bad):
+        if not (batch.fresh or batch.refs or batch.bad or batch.chunks):
             return
         stored = await self.tasks.store(batch.fresh)
         for entry, task_ids in batch.owners:
@@ -307,10 +309,16 @@ class Intake:
                 batch.fresh.append(task)
                 batch.owners.append((entry, [task.id]))
             else:
-                devices = sorted(set(item.device_ids or groups.get(item.group or "") or []))
-                if not devices:
+                members = item.device_ids or groups.get(item.group or "") or []
+                if not members:
                     batch.bad.append((entry, f"device group {item.group!r} is unknown or empty"))
                     continue
+                if not all(isinstance(d, str) for d in members):
+                    # stored by another program: ids to sort and store must be strings
+                    batch.bad.append((entry, f"device group {item.group!r} holds device ids "
+                                             "that are not strings"))
+                    continue
+                devices = sorted(set(members))
                 cursor = cursors.get(entry.tag)
                 todo = [d for d in devices if cursor is None or d > cursor]
                 self._fanouts[entry.tag] = Fanout(entry, item, id_from_tag(prefix, entry.tag),
@@ -339,14 +347,29 @@ class Intake:
             if budget <= 0:
                 break
             devices = fanout.todo[:budget]
-            budget -= len(devices)
             ids = [id_from_tag(self.settings.key_prefix, f"{tag}:{d}") for d in devices]
-            batch.fresh.extend(self._task(fanout.item.for_device(d), i, fanout.batch_id, now)
-                               for d, i in zip(devices, ids, strict=True))
+            try:
+                tasks = [self._fanout_task(fanout, d, i, now)
+                         for d, i in zip(devices, ids, strict=True)]
+            except ValueError as exc:
+                # A group member or a device-suffixed dedupe key a task refuses: this
+                # fan-out is quarantined with the reason, the others go on.
+                batch.chunks.append(Chunk(fanout, [], [], refused=str(exc)))
+                continue
+            budget -= len(devices)
+            batch.fresh.extend(tasks)
             batch.chunks.append(Chunk(fanout, devices, ids))
             served.append(tag)
         for tag in served:
             self._fanouts[tag] = self._fanouts.pop(tag)
+
+    def _fanout_task(self, fanout: Fanout, device_id: str, task_id: str,
+                     now: datetime) -> Task:
+        try:
+            return self._task(fanout.item.for_device(device_id), task_id, fanout.batch_id, now)
+        except ValidationError as exc:
+            raise ValueError(f"the task for device {device_id[:80]!r} is not valid: "
+                             f"{describe_error(exc)}") from None
 
     def _settle_chunks(self, batch: Batch, refused: dict[str, str]) -> set[str]:
         """Per chunk stored: the item done (its last chunk), refused (quarantined, the
@@ -354,7 +377,8 @@ class Intake:
         finished: set[str] = set()
         for chunk in batch.chunks:
             fanout, tag = chunk.fanout, chunk.fanout.entry.tag
-            reason = next((refused[i] for i in chunk.task_ids if i in refused), None)
+            reason = chunk.refused or next(
+                (refused[i] for i in chunk.task_ids if i in refused), None)
             last = len(chunk.devices) == len(fanout.todo)
             if reason is not None:
                 if fanout.cursor_kept:

@@ -159,3 +159,36 @@ async def test_singles_pushed_behind_a_fan_out_are_stored_before_it_is(
         await asyncio.wait_for(run, 10)
     devices = await fanout_tasks(db)
     assert len(devices) == len(set(devices)) == 3000
+
+
+async def test_a_fan_out_whose_device_task_is_not_valid_is_quarantined_and_stalls_nothing(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase
+) -> None:
+    settings = settings.model_copy(update={"intake_fanout_chunk": 100})
+    intake, queue, _ = make(settings, redis_client, db)
+    # Group members are written by other programs: one id longer than a task takes,
+    # past the first chunk; members that are not strings; and a dedupe key that the
+    # device suffix makes too long for a task. Each parses, each fails when carved.
+    await db["device_groups"].insert_many([
+        {"_id": "long", "devices": [f"g{i:05d}" for i in range(150)] + ["g" + "x" * 300]},
+        {"_id": "mixed", "devices": ["m1", 7, None]},
+    ])
+    await redis_client.lpush(
+        settings.keys.ready,
+        json.dumps({"group": "long", "script": SCRIPT}).encode(),
+        json.dumps({"group": "mixed", "script": SCRIPT}).encode(),
+        json.dumps({"device_ids": ["k1", "k2"], "dedupe_key": "k" * 500,
+                    "script": SCRIPT}).encode(),
+        spec("after"))
+    await intake.ingest(await queue.take(10))
+
+    assert await db[TASKS].count_documents({"device_id": "after"}) == 1
+    assert sorted(await fanout_tasks(db, "g")) == [f"g{i:05d}" for i in range(100)]
+    assert await db[TASKS].count_documents({"device_id": {"$in": ["m1", "k1", "k2"]}}) == 0
+    reasons = sorted(r["reason"] for r in await quarantine(redis_client, settings))
+    assert len(reasons) == 3, reasons
+    assert "not strings" in reasons[0]
+    assert "'g" in reasons[1] and "device_id" in reasons[1] and "were stored" in reasons[1]
+    assert "'k1'" in reasons[2] and "dedupe_key" in reasons[2]
+    assert await queue.unfinished() == []
+    assert not await redis_client.exists(settings.keys.fanout_cursors)
