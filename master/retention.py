@@ -9,8 +9,17 @@ here, reading windows of the expiry field's index: its work is proportional to w
 expires. On MongoDB the TTL indexes stay (`store.all_indexes`); both delete the same
 documents, whichever comes first.
 
-What is due, per collection: `script_tasks` and `task_exec_records` past their
-`purge_at`; `task_logs` received more than the longest retention ago (the log TTL).
+What is due, per collection: `script_tasks` past their `purge_at`; their exec records
+with them; `task_logs` received more than the longest retention ago (the log TTL).
+
+Finished tasks are found through the `updated_at` index, which the counts keeper, the
+orphan sweep and reconciliation read as well: a finished task's `updated_at` is the
+moment it finished, and its `purge_at` that moment plus its status's retention, so
+the tasks of one retention class whose `updated_at` is older than that retention are
+the due ones (the query names the class and `purge_at` besides). An index on
+`purge_at` itself costs every write of every task on the embedded server, and one on
+the records every write of every record; neither is kept. A record is deleted with its
+task, so a task's history lasts as long as the task.
 
 Each delete is fenced by the leader lease's token (`fence.guard` right before it,
 `master.leadership`): a master that stopped leading deletes nothing more. The
@@ -34,7 +43,8 @@ from master.leadership import Fence, NotLeading
 from sendscript.backoff import every
 from sendscript.models import utcnow
 from sendscript.settings import Settings
-from sendscript.store import LOGS, RECORDS, TASKS
+from sendscript.status import TERMINAL, TaskStatus
+from sendscript.store import LOGS, RECORDS, TASKS, UPDATED_INDEX_NAME
 
 BATCH = 1000  # documents one query returns, and one delete removes, at most
 READS = 200  # reads of one collection per sweep at most: the rest waits for the next
@@ -87,18 +97,35 @@ class PurgeWindow:
 
 @dataclass
 class Target:
-    """One collection's expiry: documents whose `key` is before `cutoff(now)`."""
+    """One collection's expiry: documents whose `key` is before `cutoff(now)`, that
+    match `also` as well; `hint` names the index a window reads."""
 
     collection: str
     key: str
     cutoff: Callable[[datetime], datetime]
+    also: Callable[[datetime], dict[str, Any]] = lambda now: {}
+    hint: str | None = None
     window: PurgeWindow = field(default_factory=PurgeWindow)
+
+    def due(self, lo: datetime, hi: datetime, now: datetime) -> dict[str, Any]:
+        return {**due_in(self.key, lo, hi), **self.also(now)}
+
+
+def finished_in(statuses: list[str]) -> Callable[[datetime], dict[str, Any]]:
+    """Tasks of one retention class due now (a task retried meanwhile has no purge_at)."""
+    status: Any = statuses[0] if len(statuses) == 1 else {"$in": statuses}
+    return lambda now: {"status": status, "purge_at": {"$lte": now}}
 
 
 def targets(settings: Settings) -> list[Target]:
-    log_keep = timedelta(seconds=max(settings.retention_success_s, settings.retention_failed_s))
-    return [Target(TASKS, "purge_at", lambda now: now),
-            Target(RECORDS, "purge_at", lambda now: now),
+    keep_success = timedelta(seconds=settings.retention_success_s)
+    keep_failed = timedelta(seconds=settings.retention_failed_s)
+    failed = sorted(str(s) for s in TERMINAL if s != TaskStatus.SUCCESS)
+    log_keep = max(keep_success, keep_failed)
+    return [Target(TASKS, "updated_at", lambda now: now - keep_success,
+                   finished_in([str(TaskStatus.SUCCESS)]), UPDATED_INDEX_NAME),
+            Target(TASKS, "updated_at", lambda now: now - keep_failed,
+                   finished_in(failed), UPDATED_INDEX_NAME),
             Target(LOGS, "received_at", lambda now: now - log_keep)]
 
 
@@ -118,7 +145,7 @@ class Retention:
         self.leading = leading
         self.fence = fence
         self.targets = targets(settings)
-        self.deleted: dict[str, int] = {t.collection: 0 for t in self.targets}
+        self.deleted: dict[str, int] = {TASKS: 0, RECORDS: 0, LOGS: 0}
 
     async def run(self, stop: asyncio.Event) -> None:
         async def step() -> None:
@@ -136,34 +163,43 @@ class Retention:
     async def sweep(self, stop: asyncio.Event | None = None) -> dict[str, int]:
         """Delete everything due now, window by window; answer the counts deleted."""
         now = utcnow()
-        done: dict[str, int] = {}
+        done = {TASKS: 0, RECORDS: 0, LOGS: 0}
         for target in self.targets:
-            done[target.collection] = await self._sweep_one(target, now, stop)
+            await self._sweep_one(target, now, stop, done)
         if any(done.values()):
             logger.info("retention deleted {}", {k: v for k, v in done.items() if v})
+        for name, count in done.items():
+            self.deleted[name] += count
         return done
 
     async def _sweep_one(self, target: Target, now: datetime,
-                         stop: asyncio.Event | None) -> int:
+                         stop: asyncio.Event | None, done: dict[str, int]) -> None:
         col = self.db[target.collection]
         cutoff = target.cutoff(now)
-        total = 0
         for _ in range(READS):
             if (window := target.window.next(cutoff)) is None:
                 break
             if (stop is not None and stop.is_set()) or not self.leading():
                 target.window.pos = None
                 break
-            lo, hi = window
-            ids = [d["_id"] async for d in col.find(due_in(target.key, lo, hi),
-                                                   {"_id": 1}).limit(BATCH)]
+            due = target.due(*window, now)
+            found = col.find(due, {"_id": 1}).limit(BATCH)
+            if target.hint:
+                found = found.hint(target.hint)
+            ids = [d["_id"] async for d in found]
             if ids:
-                # Still due as the delete runs: a task retried meanwhile has no purge_at.
-                if self.fence is not None:
-                    await self.fence.guard(f"retention delete in {target.collection}")
-                result = await col.delete_many({"_id": {"$in": ids},
-                                                target.key: {"$lt": hi}})
-                total += result.deleted_count
+                await self._delete(target, ids, due, done)
             target.window.read(window, len(ids), cutoff)
-        self.deleted[target.collection] += total
-        return total
+
+    async def _delete(self, target: Target, ids: list[Any], due: dict[str, Any],
+                      done: dict[str, int]) -> None:
+        if self.fence is not None:
+            await self.fence.guard(f"retention delete in {target.collection}")
+        if target.collection == TASKS:
+            # The records first: a crash between the two leaves tasks the next sweep
+            # finds again, never records no task leads to.
+            result = await self.db[RECORDS].delete_many({"task_id": {"$in": ids}})
+            done[RECORDS] += result.deleted_count
+        # Still due as the delete runs: the window's whole filter again.
+        result = await self.db[target.collection].delete_many({"_id": {"$in": ids}, **due})
+        done[target.collection] += result.deleted_count

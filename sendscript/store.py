@@ -45,6 +45,8 @@ DUPLICATE_KEY = 11000
 INDEX_NOT_FOUND = 27
 MIN_FIELDS = {"_id": 1, "run_at": 1, "status": 1, "master": 1}
 
+UPDATED_INDEX_NAME = "updated_at_1"
+
 # Few indexes on purpose. MongoDB pays an index on a write that changes its keys; the
 # embedded SecantusDB pays every index of a collection on every write of any of its
 # documents, partial or not (it reads the index catalog and rewrites the document's
@@ -63,10 +65,6 @@ TASK_INDEXES = [
     # `$type`: a server proves `{batch_id: "b1"}` implies it and uses the index.
     IndexModel([("batch_id", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)],
                partialFilterExpression={"batch_id": {"$gt": ""}}),
-    # retention: set when a task finishes. Full, not partial on finished tasks: on the
-    # embedded server a partial index costs a write what a full one does (measured: the
-    # same server CPU a task either way), and MongoDB's range scans skip the nulls.
-    IndexModel([("purge_at", ASCENDING)], expireAfterSeconds=0),
     # pull tasks (agents/): the lease query (pending, best first), the lease sweep
     # (running by deadline) and an agent's heartbeat (its cancelled leases); only pull
     # tasks carry `mode`, so on MongoDB pushed tasks pay nothing for these
@@ -74,9 +72,10 @@ TASK_INDEXES = [
                 ("created_at", ASCENDING)], partialFilterExpression={"mode": {"$type": "string"}}),
     IndexModel([("lease.agent", ASCENDING)],
                partialFilterExpression={"lease.agent": {"$type": "string"}}),
-    # What moved since a time: the leader's task counts (sendscript/counts.py). The one
-    # index here that every status change pays for on MongoDB.
-    IndexModel([("updated_at", ASCENDING)]),
+    # What moved since a time: the leader's task counts (sendscript/counts.py), the
+    # orphan sweep, and retention (master/retention.py: a finished task's updated_at is
+    # when it finished). The one index here that every status change pays for on MongoDB.
+    IndexModel([("updated_at", ASCENDING)], name=UPDATED_INDEX_NAME),
     # Task search (sendscript/search.py): newest first within a time window, alone or
     # for a device (or a group's devices). created_at never changes: on MongoDB inserts
     # pay for these, status changes do not.
@@ -88,7 +87,6 @@ RECORD_INDEXES = [
     IndexModel([("task_id", ASCENDING), ("attempt", ASCENDING)], unique=True),
     # which attempt holds a device lock (recovery of orphaned locks)
     IndexModel([("lock_value", ASCENDING)]),
-    IndexModel([("purge_at", ASCENDING)], expireAfterSeconds=0),
 ]
 
 
@@ -110,8 +108,9 @@ def all_indexes(log_retention_s: float) -> dict[str, list[IndexModel]]:
 
 
 # Indexes an earlier version made that nothing reads any more: dropped, as each costs
-# every write. batch_id_1 (partial on `$type`) was never chosen by the embedded server.
-OBSOLETE_INDEXES = {TASKS: ["batch_id_1"]}
+# every write. batch_id_1 (partial on `$type`) was never chosen by the embedded server;
+# the purge_at TTL indexes gave way to the leader's retention through updated_at.
+OBSOLETE_INDEXES = {TASKS: ["batch_id_1", "purge_at_1"], RECORDS: ["purge_at_1"]}
 
 
 async def ensure_indexes(db: AsyncDatabase, log_retention_s: float = 30 * 86400) -> None:

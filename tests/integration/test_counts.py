@@ -148,6 +148,7 @@ async def test_retention_deletes_are_counted_out(
     await keeper.run_pass()
     assert (await _kept(redis_client, settings)).get("cancelled") == 30
     # The leader's retention sweep deletes them once due.
+    settings.retention_success_s = settings.retention_failed_s = 1.0
     retention = Retention(settings, db)
     deadline = utcnow() + timedelta(seconds=30)
     while (await _aggregate(db)).get("cancelled") and utcnow() < deadline:

@@ -621,8 +621,8 @@ async def test_a_deposed_leader_deletes_nothing(
     a, b = LeaderLease(redis_client, key, "m-a", 30.0), LeaderLease(redis_client, key, "m-b", 30.0)
     await deposed(redis_client, a, b)
     due = utcnow() - timedelta(minutes=5)
-    await db[TASKS].insert_many([{"_id": f"due-{i}", "status": "success", "purge_at": due}
-                                 for i in range(5)])
+    await db[TASKS].insert_many([{"_id": f"due-{i}", "status": "success", "purge_at": due,
+                                  "updated_at": due - timedelta(days=400)} for i in range(5)])
     old = Retention(settings, db, a.is_leading, a)
     with pytest.raises(NotLeading):
         await old.sweep()

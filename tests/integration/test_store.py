@@ -49,6 +49,16 @@ async def test_ensure_indexes_is_idempotent_and_makes_records_unique(db: AsyncDa
     assert [("task_id", 1), ("timestamp", 1)] in log_keys
 
 
+async def test_ensure_indexes_drops_the_purge_at_indexes_an_earlier_version_made(
+    db: AsyncDatabase
+) -> None:
+    for name in (TASKS, RECORDS):
+        await db[name].create_index([("purge_at", 1)], expireAfterSeconds=0)
+    await ensure_indexes(db)
+    for name in (TASKS, RECORDS):
+        assert "purge_at_1" not in await db[name].index_information()
+
+
 async def put(db: AsyncDatabase, *tasks: Task) -> None:
     """Arrange: tasks stored as they are, whatever the store's own insert does."""
     await db[TASKS].insert_many([t.to_doc() for t in tasks])
