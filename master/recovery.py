@@ -11,7 +11,9 @@
   sending (no record, or its device lock not held by its attempt's fence) goes
   back to pending.
 - `requeue_orphans`: pending tasks no master holds (a producer stored one and died
-  before pushing its id) are pushed to the ready queue.
+  before pushing its id) are pushed to the ready queue; the leader pushes only
+  those stored a grace before the queue was last drained (`master.queue_drain`),
+  so ids still waiting in a deep queue are not pushed twice.
 - `release_orphan_locks`: a device lock whose fence no unfinished attempt holds,
   and held no attempt for `orphan_lock_grace_s`, is released.
 - `return_lost_tasks`: the tasks a worker held when it died (or was killed as
@@ -430,9 +432,26 @@ class Recovery:
                        dead_id, len(entries), len(held))
 
     # -- orphans ----------------------------------------------------------------------------
-    async def requeue_orphans(self, now: datetime, found: Found, dry: bool = False) -> None:
-        """Pending tasks nobody holds, older than the grace (their push may be lost)."""
-        cutoff = now - timedelta(seconds=self.settings.orphan_grace_s)
+    async def queue_position(self) -> tuple[int, int]:
+        """The intake's sequence (items ever taken) and the items waiting to be taken
+        (ready, and each live master's staging), read together (`master.queue_drain`)."""
+        masters = [m.decode() if isinstance(m, bytes) else m
+                   for m in await self.redis.hkeys(self.keys.masters)]
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.get(self.keys.intake_seq)
+        pipe.llen(self.keys.ready)
+        for master in masters:
+            pipe.llen(self.keys.staging(master))
+        seq, *waiting = await pipe.execute()
+        return int(seq or 0), sum(waiting)
+
+    async def requeue_orphans(self, now: datetime, found: Found, dry: bool = False,
+                              drained_at: datetime | None = None) -> None:
+        """Pending tasks nobody holds, older than the grace (their push may be lost).
+        With `drained_at` (when every item then in the ready queue had been taken),
+        only tasks older than the grace before it: a task whose id still waits in the
+        queue is not pushed a second time."""
+        cutoff = min(now, drained_at or now) - timedelta(seconds=self.settings.orphan_grace_s)
         ids = [d["_id"] async for d in self.tasks.col.find(
             {"status": str(TaskStatus.PENDING), "master": None, "updated_at": {"$lte": cutoff}},
             {"_id": 1}).limit(10_000)]

@@ -18,6 +18,7 @@ import redis.asyncio
 from loguru import logger
 
 from master.leadership import LeaderLease, NotLeading, leader_lease
+from master.queue_drain import QueueDrain
 from master.recovery import Found, IngestFor, Recovery
 from sendscript.backoff import every
 from sendscript.models import utcnow
@@ -36,6 +37,7 @@ class Sweeper:
         self.sweeps = 0
         self.totals: Counter[str] = Counter()
         self._orphans_checked: datetime | None = None
+        self.drain = QueueDrain()  # when the ready queue was last drained
 
     def report(self) -> dict[str, Any]:
         return {**self.lease.report(), "sweeps": self.sweeps,
@@ -66,8 +68,9 @@ class Sweeper:
             if not self.lease.is_leading():
                 raise NotLeading("recover a dead master: the local deadline passed")
             await r.recover_dead_master(dead, self.ingest_for, found)
-        if self._orphans_due(now):
-            await r.requeue_orphans(now, found)
+        drained_at = self.drain.observe(now, *await r.queue_position())
+        if self._orphans_due(now) and drained_at is not None:
+            await r.requeue_orphans(now, found, drained_at=drained_at)
             self._orphans_checked = now
         await r.release_orphan_locks(found)
         self.sweeps += 1

@@ -23,7 +23,7 @@ from master.sweeper import Sweeper
 from sendscript.dev.embedded import free_port
 from sendscript.locks import DeviceLocks
 from sendscript.models import ExecRecord, Task, TaskSpec, id_from_tag, new_id, utcnow
-from sendscript.queue import Entry, IntakeQueue
+from sendscript.queue import Entry, IntakeQueue, push_refs
 from sendscript.settings import Settings
 from sendscript.status import RecordStatus, TaskStatus
 from sendscript.store import GROUPS, RECORDS, TASKS, RecordStore, TaskStore
@@ -412,6 +412,37 @@ async def test_pending_tasks_nobody_holds_are_requeued_once_after_the_grace(
     third = Found()
     await recovery.requeue_orphans(now + timedelta(seconds=31), third)
     assert sorted(third.requeued) == sorted([orphan, null_master])
+
+
+async def test_ids_still_waiting_in_a_deep_queue_are_not_pushed_again(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase,
+) -> None:
+    # A producer stored 40 tasks and pushed their ids behind items no master has
+    # taken yet; another stored one and died before its push: the one orphan.
+    s = recovery_settings(settings, orphan_grace_s=1.0, master_id="m-live")
+    sweeper = Sweeper(s, redis_client, Recovery(s, redis_client, TaskStore(db),
+                                                RecordStore(db)), lambda _dead: None)
+    old = utcnow() - timedelta(minutes=5)
+    queued = [await put_task(db, f"q-{i}", TaskStatus.PENDING, updated_at=old)
+              for i in range(40)]
+    orphan = await put_task(db, "lost", TaskStatus.PENDING, updated_at=old)
+    await redis_client.lpush(settings.keys.ready, *[json.dumps({"n": i}) for i in range(20)])
+    await push_refs(redis_client, settings.keys.ready, queued)
+
+    for _ in range(3):  # three sweeps a grace apart: the queue has not moved
+        found = await sweeper.sweep()
+        assert found.requeued == [], "a new leader does not know the queue was drained"
+        sweeper._orphans_checked = None
+    # Pushed behind them all, the first sweep after all 60 are taken finds the orphan:
+    # its id was never in the queue.
+    queue = IntakeQueue(redis_client, settings.keys, "m-live")
+    await queue.take(59)
+    assert (await sweeper.sweep()).requeued == []
+    await queue.take(10)
+    await TaskStore(db).adopt(queued, "m-live")  # as the intake does with what it takes
+    sweeper._orphans_checked = None
+    assert (await sweeper.sweep()).requeued == [orphan]
+    assert await ready(redis_client, settings) == [orphan]
 
 
 # -- orphaned locks ----------------------------------------------------------------------------
