@@ -17,6 +17,11 @@ with their drivers' defaults (no journal, retryable writes), sendscript with
 before each run (same data directory and port), so no run inherits another's
 retryable-write records.
 
+With `--rounds N` every system runs N times, round after round (each round all
+systems back to back), and a last table gives the medians: each ratio to
+sendscript is taken within its round, so the drift of the machine's speed between
+rounds does not enter it.
+
 Printed: tasks/s of each (first submit -> last done, progress from Redis
 counters), its ratio to sendscript at the same durability, and CPU ms per task
 by process group from
@@ -40,6 +45,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,6 +85,7 @@ class Run:
     ok: bool
     note: str = ""
     read_back: str = ""  # the tally's line (sendscript/dev/tally.py)
+    round: int = 1
 
 
 def peer_command(system: str) -> list[str]:
@@ -239,12 +246,12 @@ def _run_sendscript(servers: EmbeddedServers, central_url: str, sim_pid: int,
                cpu, r.ok, note, tally.Tally.from_dict(r.tally).line())
 
 
-def render(runs: list[Run]) -> None:
+def render(runs: list[Run], label: str = "") -> None:
     out = Console(width=160)
     # each run against sendscript (untraced) at the same durability
     base = {r.durable: r.tasks_per_s for r in runs if r.system == "sendscript"}
     table = Table(title="the reference job: tasks/s and CPU ms per task by process "
-                        "(x sendscript: at the same durability)")
+                        f"(x sendscript: at the same durability){label}")
     for col in ("system", "durability", "tasks/s", "x sendscript", *GROUPS, "all", "ok"):
         table.add_column(col, justify="left" if col in ("system", "durability") else "right")
     for r in runs:
@@ -262,6 +269,37 @@ def render(runs: list[Run]) -> None:
                   markup=False, highlight=False, soft_wrap=True)
 
 
+def paired_ratio(runs: list[Run], run: Run) -> float | None:
+    """`run`'s tasks/s over sendscript's in the same round at the same durability."""
+    base = next((r for r in runs if r.system == "sendscript" and r.round == run.round
+                 and r.durable == run.durable), None)
+    return run.tasks_per_s / base.tasks_per_s if base and base.tasks_per_s else None
+
+
+def render_rounds(runs: list[Run]) -> None:
+    """Medians over the rounds: the machine's speed drifts between runs, so each ratio
+    is taken within a round (systems back to back) and the median of those is shown."""
+    out = Console(width=170)
+    rounds = max(r.round for r in runs)
+    table = Table(title=f"medians of {rounds} rounds (min-max); x sendscript: the median of "
+                        "each round's ratio at the same durability")
+    for col in ("system", "durability", "tasks/s", "x sendscript", *GROUPS, "all", "ok"):
+        table.add_column(col, justify="left" if col in ("system", "durability") else "right")
+    keys = list(dict.fromkeys((r.system, r.durable) for r in runs))
+    for system, durable in keys:
+        mine = [r for r in runs if (r.system, r.durable) == (system, durable)]
+        rates = [r.tasks_per_s for r in mine]
+        ratios = [x for r in mine if (x := paired_ratio(runs, r)) is not None]
+        cpu = [statistics.median(r.cpu_ms_per_task.get(g, 0.0) for r in mine) for g in GROUPS]
+        table.add_row(system, "j=true" if durable else "as they come",
+                      f"{statistics.median(rates):.1f} ({min(rates):.0f}-{max(rates):.0f})",
+                      f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+                      if ratios else "-",
+                      *[f"{c:.2f}" for c in cpu], f"{sum(cpu):.2f}",
+                      "yes" if all(r.ok for r in mine) else "[red]no[/red]")
+    out.print(table)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -277,6 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="sendscript untraced, with end-to-end traces on (every role and the "
                         "producer exporting to an OTLP receiver in this process), or both, "
                         "back to back: the cost of tracing")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every system this many times, round after round, and print "
+                        "the medians too (each ratio taken within its round)")
     p.add_argument("--json", action="store_true")
     opts = p.parse_args(argv)
     # A background run ignores SIGINT: SIGTERM ends it through the finally blocks, which
@@ -308,16 +349,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                     plan.append((name, True))
                 if opts.durability in ("driver", "both"):
                     plan.append((name, False))
-        for system, durable in plan:
-            servers["mongo"].restart()
-            console.print(f"[bold]{system}[/bold] ({'j=true' if durable else 'as they come'})")
-            if system in ("sendscript", TRACED):
-                run = run_sendscript(servers, central_url, sim.pid, opts, log_dir, durable,
-                                     traced=system == TRACED)
-            else:
-                run = run_peer(system, durable, servers, central_url, sim.pid, opts, log_dir)
-            console.print(f"  {run.tasks_per_s:.1f} tasks/s")
-            runs.append(run)
+        for round_ in range(1, max(1, opts.rounds) + 1):
+            for system, durable in plan:
+                servers["mongo"].restart()
+                console.print(f"[bold]{system}[/bold] "
+                              f"({'j=true' if durable else 'as they come'}), round {round_}")
+                if system in ("sendscript", TRACED):
+                    run = run_sendscript(servers, central_url, sim.pid, opts, log_dir,
+                                         durable, traced=system == TRACED)
+                else:
+                    run = run_peer(system, durable, servers, central_url, sim.pid, opts,
+                                   log_dir)
+                run.round = round_
+                console.print(f"  {run.tasks_per_s:.1f} tasks/s")
+                runs.append(run)
         ok = all(r.ok for r in runs)
     finally:
         if sim is not None:
@@ -327,7 +372,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(data_dir, ignore_errors=True)
         else:
             console.print(f"logs kept in {log_dir}")
-    render(runs)
+    for round_ in sorted({r.round for r in runs}):
+        render([r for r in runs if r.round == round_],
+               f", round {round_}" if opts.rounds > 1 else "")
+    if opts.rounds > 1 and runs:
+        render_rounds(runs)
     if opts.json:
         print(json.dumps([asdict(r) for r in runs]))
     return 0 if ok else 1
