@@ -125,8 +125,9 @@ def sender(system: str) -> Callable[[list[tuple[str, str, int]]], None]:
 
 
 def run_peer(system: str, durable: bool, servers: EmbeddedServers, central_url: str,
-             sim_pid: int, opts: argparse.Namespace, log_dir: Path) -> Run:
-    name = f"{system}{'' if durable else '_driver'}"
+             sim_pid: int, opts: argparse.Namespace, log_dir: Path, round_: int = 1) -> Run:
+    # a database and key prefix per run, as sendscript's: no run stores into another's
+    name = f"{system}{'' if durable else '_driver'}" + (f"_r{round_}" if round_ > 1 else "")
     env = {"PEER_REDIS_URL": servers["redis"].url, "PEER_MONGO_URL": servers["mongo"].url,
            "PEER_CENTRAL_URL": central_url, "PEER_NAME": name,
            "PEER_DURABLE": "1" if durable else "0"}
@@ -191,7 +192,7 @@ def server_groups(servers: EmbeddedServers) -> dict[str, list[int]]:
 
 def run_sendscript(servers: EmbeddedServers, central_url: str, sim_pid: int,
                    opts: argparse.Namespace, log_dir: Path, durable: bool = True,
-                   traced: bool = False) -> Run:
+                   traced: bool = False, round_: int = 1) -> Run:
     """sendscript as shipped (journaled writes), or with `SENDSCRIPT_MONGO_JOURNAL=false`
     (acknowledged by the server, not yet on disk: the peers' driver defaults). `traced`:
     with tracing on in every role and the producer, exporting to a receiver here."""
@@ -199,7 +200,7 @@ def run_sendscript(servers: EmbeddedServers, central_url: str, sim_pid: int,
         with OtlpReceiver() as receiver:
             try:
                 run = _run_sendscript(servers, central_url, sim_pid, opts, log_dir, durable,
-                                      receiver.endpoint)
+                                      receiver.endpoint, round_)
             finally:
                 tracing.shutdown()  # the producer's (this process): the next runs untraced
             wait_until(lambda: len(receiver.received()) >= run.tasks, 10,
@@ -209,15 +210,15 @@ def run_sendscript(servers: EmbeddedServers, central_url: str, sim_pid: int,
             run.note += (f"; spans received: {spans} ({spans / max(1, run.tasks):.1f} a task,"
                          f" {len(receiver.traces())} traces)")
             return run
-    return _run_sendscript(servers, central_url, sim_pid, opts, log_dir, durable, None)
+    return _run_sendscript(servers, central_url, sim_pid, opts, log_dir, durable, None, round_)
 
 
 def _run_sendscript(servers: EmbeddedServers, central_url: str, sim_pid: int,
                     opts: argparse.Namespace, log_dir: Path, durable: bool,
-                    otel_endpoint: str | None) -> Run:
+                    otel_endpoint: str | None, round_: int = 1) -> Run:
     # a database and key prefix per run: the second run must not count the first's tasks
     tag = ("sendscript" if durable else "sendscript_unjournaled") + \
-        ("_traced" if otel_endpoint else "")
+        ("_traced" if otel_endpoint else "") + (f"_r{round_}" if round_ > 1 else "")
     otel = {"otel_enabled": True, "otel_endpoint": otel_endpoint} if otel_endpoint else {}
     base = Settings(redis_url=servers["redis"].url, mongo_url=servers["mongo"].url + tag,
                     pulsar_url=servers["pulsar"].url, central_url=central_url, workers=2,
@@ -356,10 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                               f"({'j=true' if durable else 'as they come'}), round {round_}")
                 if system in ("sendscript", TRACED):
                     run = run_sendscript(servers, central_url, sim.pid, opts, log_dir,
-                                         durable, traced=system == TRACED)
+                                         durable, traced=system == TRACED, round_=round_)
                 else:
                     run = run_peer(system, durable, servers, central_url, sim.pid, opts,
-                                   log_dir)
+                                   log_dir, round_)
                 run.round = round_
                 console.print(f"  {run.tasks_per_s:.1f} tasks/s")
                 runs.append(run)

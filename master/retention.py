@@ -6,8 +6,8 @@ once a minute. With about 700,000 tasks stored that froze the server for 11-15 s
 minute, and the freeze grows with what is stored, not with what expires. So the
 embedded server runs with its sweeper off, and the leader master deletes what is due
 here, reading windows of the expiry field's index: its work is proportional to what
-expires. On MongoDB the TTL indexes stay (`store.all_indexes`); both delete the same
-documents, whichever comes first.
+expires. On MongoDB the logs' TTL index stays (`store.all_indexes`) and deletes the
+same logs, whichever comes first; tasks and records have no TTL index.
 
 What is due, per collection: `script_tasks` past their `purge_at`; their exec records
 with them; `task_logs` received more than the longest retention ago (the log TTL).
@@ -44,7 +44,7 @@ from sendscript.backoff import every
 from sendscript.models import utcnow
 from sendscript.settings import Settings
 from sendscript.status import TERMINAL, TaskStatus
-from sendscript.store import LOGS, RECORDS, TASKS, UPDATED_INDEX_NAME
+from sendscript.store import LOGS, RECORDS, TASKS, UPDATED_INDEX_NAME, chunks
 
 BATCH = 1000  # documents one query returns, and one delete removes, at most
 READS = 200  # reads of one collection per sweep at most: the rest waits for the next
@@ -195,11 +195,14 @@ class Retention:
                       done: dict[str, int]) -> None:
         if self.fence is not None:
             await self.fence.guard(f"retention delete in {target.collection}")
-        if target.collection == TASKS:
-            # The records first: a crash between the two leaves tasks the next sweep
-            # finds again, never records no task leads to.
-            result = await self.db[RECORDS].delete_many({"task_id": {"$in": ids}})
-            done[RECORDS] += result.deleted_count
-        # Still due as the delete runs: the window's whole filter again.
-        result = await self.db[target.collection].delete_many({"_id": {"$in": ids}, **due})
-        done[target.collection] += result.deleted_count
+        # In parts: the embedded server matches each document against the whole `$in`.
+        for part in chunks(ids):
+            if target.collection == TASKS:
+                # The records first: a crash between the two leaves tasks the next
+                # sweep finds again, never records no task leads to.
+                result = await self.db[RECORDS].delete_many({"task_id": {"$in": part}})
+                done[RECORDS] += result.deleted_count
+            # Still due as the delete runs: the window's whole filter again.
+            result = await self.db[target.collection].delete_many(
+                {"_id": {"$in": part}, **due})
+            done[target.collection] += result.deleted_count

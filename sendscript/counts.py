@@ -15,7 +15,7 @@ here instead. How they stay exact without a hook in every compare-and-set:
   and the totals moved by the difference, atomically (Lua, below).
 - Retention deletes tasks without touching `updated_at`: each bucket keeps the
   time its next task is due to be purged (`{prefix}:counts:purge`), and is
-  recounted once that time and the TTL monitor's lag have passed.
+  recounted once that time and retention's lag (`SENDSCRIPT_COUNTS_PURGE_LAG_S`) have passed.
 - A missing or lost state (first start, a Redis flush, tasks inserted straight
   into Mongo) is rebuilt once by one pass over the collection.
 
