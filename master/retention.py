@@ -193,10 +193,10 @@ class Retention:
 
     async def _delete(self, target: Target, ids: list[Any], due: dict[str, Any],
                       done: dict[str, int]) -> None:
-        if self.fence is not None:
-            await self.fence.guard(f"retention delete in {target.collection}")
         # In parts: the embedded server matches each document against the whole `$in`.
         for part in chunks(ids):
+            if self.fence is not None:  # right before each part's deletes
+                await self.fence.guard(f"retention delete in {target.collection}")
             if target.collection == TASKS:
                 # The records first: a crash between the two leaves tasks the next
                 # sweep finds again, never records no task leads to.

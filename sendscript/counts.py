@@ -40,14 +40,12 @@ from typing import Any
 import redis
 import redis.asyncio
 from loguru import logger
-from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.database import AsyncDatabase
 
 from sendscript.settings import Settings
-from sendscript.store import TASKS
+from sendscript.store import TASKS, UPDATED_INDEX
 
 NO_TIME = 0  # the bucket of tasks without created_at (written by other programs)
-UPDATED_INDEX = IndexModel([("updated_at", ASCENDING)])
 FIELDS = {"_id": 0, "created_at": 1, "status": 1, "purge_at": 1}
 RANGE_BUCKETS = 64  # buckets recounted by one range query at most
 REBUILD_WINDOW_S = 3600

@@ -46,6 +46,10 @@ INDEX_NOT_FOUND = 27
 MIN_FIELDS = {"_id": 1, "run_at": 1, "status": 1, "master": 1}
 
 UPDATED_INDEX_NAME = "updated_at_1"
+# What moved since a time: the leader's task counts (sendscript/counts.py), the orphan
+# sweep, and retention (master/retention.py: a finished task's updated_at is when it
+# finished). The one task index that every status change pays for on MongoDB.
+UPDATED_INDEX = IndexModel([("updated_at", ASCENDING)], name=UPDATED_INDEX_NAME)
 
 # Few indexes on purpose. MongoDB pays an index on a write that changes its keys; the
 # embedded SecantusDB pays every index of a collection on every write of any of its
@@ -72,10 +76,7 @@ TASK_INDEXES = [
                 ("created_at", ASCENDING)], partialFilterExpression={"mode": {"$type": "string"}}),
     IndexModel([("lease.agent", ASCENDING)],
                partialFilterExpression={"lease.agent": {"$type": "string"}}),
-    # What moved since a time: the leader's task counts (sendscript/counts.py), the
-    # orphan sweep, and retention (master/retention.py: a finished task's updated_at is
-    # when it finished). The one index here that every status change pays for on MongoDB.
-    IndexModel([("updated_at", ASCENDING)], name=UPDATED_INDEX_NAME),
+    UPDATED_INDEX,  # what moved since a time (above)
     # Task search (sendscript/search.py): newest first within a time window, alone or
     # for a device (or a group's devices). created_at never changes: on MongoDB inserts
     # pay for these, status changes do not.
