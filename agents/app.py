@@ -24,7 +24,7 @@ from sendscript import connect
 from sendscript.backoff import Backoff
 from sendscript.serving import GracefulServer, allowed_hosts, guard_hosts, proxy_options
 from sendscript.settings import Settings
-from sendscript.store import ensure_indexes
+from sendscript.store import ensure_indexes, ensure_pull_indexes
 
 
 class AgentsRole:
@@ -70,6 +70,7 @@ def create_app(settings: Settings) -> FastAPI:
         s = settings
         log_retention = max(s.retention_success_s, s.retention_failed_s)
         await ensure_indexes(role["role"].db, log_retention)
+        await ensure_pull_indexes(role["role"].db)
         await role["role"].registry.ensure_indexes()
         sweep = asyncio.create_task(role["role"].sweep_loop(), name="agents-sweep")
         yield

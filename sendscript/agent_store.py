@@ -143,6 +143,10 @@ def agents_sync(db: Database, ttl_s: float, limit: int = 0) -> list[dict[str, An
 def leases_held_sync(db: Database, limit: int = 0) -> dict[str, list[dict[str, Any]]]:
     """Running pull tasks per leasing agent (the mode/status index bounds the read)."""
     held: dict[str, list[dict[str, Any]]] = {}
+    if db[AGENTS].find_one({}, {"_id": 1}) is None:
+        # No agent ever registered: no lease, and maybe no pull index to read it by
+        # (the agents role makes them), so no scan of every task to find none.
+        return held
     for doc in db[TASKS].find(
             {"mode": PULL, "status": "running"},
             {"lease.agent": 1, "lease.deadline": 1, "lease.cap": 1, "device_id": 1}

@@ -69,19 +69,23 @@ TASK_INDEXES = [
     # `$type`: a server proves `{batch_id: "b1"}` implies it and uses the index.
     IndexModel([("batch_id", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)],
                partialFilterExpression={"batch_id": {"$gt": ""}}),
-    # pull tasks (agents/): the lease query (pending, best first), the lease sweep
-    # (running by deadline) and an agent's heartbeat (its cancelled leases); only pull
-    # tasks carry `mode`, so on MongoDB pushed tasks pay nothing for these
-    IndexModel([("mode", ASCENDING), ("status", ASCENDING), ("priority", DESCENDING),
-                ("created_at", ASCENDING)], partialFilterExpression={"mode": {"$type": "string"}}),
-    IndexModel([("lease.agent", ASCENDING)],
-               partialFilterExpression={"lease.agent": {"$type": "string"}}),
     UPDATED_INDEX,  # what moved since a time (above)
     # Task search (sendscript/search.py): newest first within a time window, alone or
     # for a device (or a group's devices). created_at never changes: on MongoDB inserts
     # pay for these, status changes do not.
     IndexModel([("created_at", DESCENDING)]),
     IndexModel([("device_id", ASCENDING), ("created_at", DESCENDING)]),
+]
+# Pull tasks (agents/): the lease query (pending, best first), the lease sweep (running
+# by deadline) and an agent's heartbeat (its cancelled leases). Only pull tasks carry
+# `mode` and `lease`, so on MongoDB pushed tasks pay nothing for these; on the embedded
+# server every task write would (above). So the agents role makes them
+# (`ensure_pull_indexes`), and a farm that runs no agents does without.
+PULL_TASK_INDEXES = [
+    IndexModel([("mode", ASCENDING), ("status", ASCENDING), ("priority", DESCENDING),
+                ("created_at", ASCENDING)], partialFilterExpression={"mode": {"$type": "string"}}),
+    IndexModel([("lease.agent", ASCENDING)],
+               partialFilterExpression={"lease.agent": {"$type": "string"}}),
 ]
 RECORD_INDEXES = [
     # one record per attempt, and a task's history
@@ -112,6 +116,10 @@ def all_indexes(log_retention_s: float) -> dict[str, list[IndexModel]]:
 # every write. batch_id_1 (partial on `$type`) was never chosen by the embedded server;
 # the purge_at TTL indexes gave way to the leader's retention through updated_at.
 OBSOLETE_INDEXES = {TASKS: ["batch_id_1", "purge_at_1"], RECORDS: ["purge_at_1"]}
+
+
+async def ensure_pull_indexes(db: AsyncDatabase) -> None:
+    await db[TASKS].create_indexes(PULL_TASK_INDEXES)
 
 
 async def ensure_indexes(db: AsyncDatabase, log_retention_s: float = 30 * 86400) -> None:

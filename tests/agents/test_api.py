@@ -11,10 +11,11 @@ import pytest
 import redis
 
 from sendscript import connect, pauses
+from sendscript.agent_store import AGENTS, leases_held_sync
 from sendscript.client import SendScriptClient
 from sendscript.models import PULL_HOLDER
 from sendscript.settings import Settings
-from sendscript.store import RECORDS, TASKS
+from sendscript.store import PULL_TASK_INDEXES, RECORDS, TASKS
 from tests.agents.support import Api, db_of, new_token, start_agents
 from tests.support import Roles, wait_for
 
@@ -62,6 +63,10 @@ def agent(url: str, token: str, agent_id: str, **register: Any) -> Api:
 def test_lease_progress_complete_and_stale_tokens(settings: Settings,
                                                   api: tuple[str, str]) -> None:
     url, token = api
+    client, db = db_of(settings)
+    with client:  # the role made the pull indexes its lease queries read
+        made = set(db[TASKS].index_information())
+    assert {m.document["name"] for m in PULL_TASK_INDEXES} <= made
     [tid] = submit(settings, labels=["chrome"])
     plain = agent(url, token, "plain")
     assert plain.ok("lease", limit=5)["tasks"] == []  # lacks the label
@@ -299,3 +304,15 @@ def test_an_until_start_pull_task_frees_its_key_at_its_lease(settings: Settings,
     assert "dedupe_active" not in task(settings, first)
     [second] = submit(settings, **keyed)
     assert second != first and task(settings, second)["dedupe_active"] == "pk"
+
+
+def test_leases_are_read_only_once_an_agent_has_registered(settings: Settings) -> None:
+    # Without agents, the pull indexes may not exist: the read must not scan the tasks.
+    lease = {"agent": "a", "token": "t", "deadline": time.time() + 60, "cap": None}
+    client, db = db_of(settings)
+    with client:
+        db[TASKS].insert_one({"_id": "pulled", "mode": "pull", "status": "running",
+                              "device_id": "phone-1", "lease": lease})
+        assert leases_held_sync(db) == {}
+        db[AGENTS].insert_one({"_id": "a", "name": "a"})
+        assert [t["task_id"] for t in leases_held_sync(db)["a"]] == ["pulled"]

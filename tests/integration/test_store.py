@@ -13,6 +13,7 @@ from sendscript.models import ExecRecord, LogType, Task, TaskLogMessage, new_id,
 from sendscript.status import RETENTION, TaskStatus, task_cas
 from sendscript.store import (
     LOGS,
+    PULL_TASK_INDEXES,
     RECORDS,
     TASKS,
     Claim,
@@ -20,6 +21,7 @@ from sendscript.store import (
     RecordStore,
     TaskStore,
     ensure_indexes,
+    ensure_pull_indexes,
 )
 
 
@@ -47,6 +49,18 @@ async def test_ensure_indexes_is_idempotent_and_makes_records_unique(db: AsyncDa
     assert [("status", 1), ("run_at", 1)] in task_keys
     log_keys = [spec["key"] for spec in (await db[LOGS].index_information()).values()]
     assert [("task_id", 1), ("timestamp", 1)] in log_keys
+
+
+async def test_the_pull_indexes_are_made_by_the_agents_role_alone(db: AsyncDatabase) -> None:
+    def names(info: dict[str, object]) -> set[str]:
+        return set(info) - {"_id_"}
+
+    pull = {model.document["name"] for model in PULL_TASK_INDEXES}
+    await ensure_indexes(db)
+    assert not pull & names(await db[TASKS].index_information())
+    await ensure_pull_indexes(db)
+    await ensure_pull_indexes(db)  # idempotent, as each agents role starts
+    assert pull <= names(await db[TASKS].index_information())
 
 
 async def test_ensure_indexes_drops_the_purge_at_indexes_an_earlier_version_made(
