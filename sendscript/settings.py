@@ -344,12 +344,14 @@ class Settings(BaseSettings):
     # Monitoring. Task counts (sendscript/counts.py): buckets of
     # created_at this wide, the leader's pass this often, changes re-read this far
     # back (clocks apart, writes in flight), a purged bucket recounted this long after
-    # its purge time (the TTL monitor's lag). Health endpoints (sendscript/health.py):
+    # its purge time (the TTL monitor's lag), a bucket the keeper remembers read whole
+    # again this often. Health endpoints (sendscript/health.py):
     # /healthz and /readyz on health_host at a port per role, 0 = off.
     counts_bucket_s: int = Field(10, ge=1, le=86400)
     counts_interval_s: float = Field(5.0, gt=0)
     counts_overlap_s: float = Field(15.0, ge=0)
     counts_purge_lag_s: float = Field(120.0, ge=0)
+    counts_refresh_s: float = Field(60.0, gt=0)
     health_host: str = "127.0.0.1"
     master_health_port: int = Field(0, ge=0, le=65535)
     consumer_health_port: int = Field(0, ge=0, le=65535)

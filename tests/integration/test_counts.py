@@ -158,3 +158,48 @@ async def test_retention_deletes_are_counted_out(
     assert retention.deleted[TASKS] == 30
     await keeper.run_pass()
     assert await _kept(redis_client, settings) == await _aggregate(db)
+
+
+async def test_buckets_that_keep_moving_are_read_whole_once_then_from_memory(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase
+) -> None:
+    settings.counts_overlap_s = 2.0
+    settings.counts_refresh_s = 3600.0
+    store = TaskStore(db)
+    now = utcnow()
+    tasks = [Task.from_spec(TaskSpec(device_id=f"d{i}", script={"id": "s"}), now=now)
+             for i in range(60)]
+    for i, t in enumerate(tasks):  # two buckets, 30 tasks each
+        t.created_at = now - timedelta(seconds=600 if i % 2 else 1200)
+    await store.store(tasks)
+    keeper = counts.CountKeeper(settings, redis_client, db)
+    assert (await keeper.run_pass()).rebuilt
+
+    async def move(ids: list[str], src: S, dst: S, **fields: Any) -> None:
+        flt, upd = task_cas(ids, src, dst, utcnow())
+        upd["$set"].update(fields)
+        await db[TASKS].update_many(flt, upd)
+
+    ids = [t.id for t in tasks]
+    await move(ids[:40], S.PENDING, S.RUNNING)
+    first = await keeper.run_pass()
+    assert (first.recounted, first.read_whole) == (2, 2)  # not known yet: read whole
+    for src, dst in ((S.RUNNING, S.SENT), (S.SENT, S.SUCCESS)):
+        await move(ids[:20], src, dst)
+        report = await keeper.run_pass()
+        assert (report.recounted, report.read_whole) == (2, 0)  # from memory
+        assert await _kept(redis_client, settings) == await _aggregate(db)
+    # A write that did not set updated_at is seen once the bucket is next read whole.
+    await db[TASKS].update_one({"_id": ids[59]}, {"$set": {"status": "cancelled"}})
+    keeper.book.refresh_s = 0.0
+    await move(ids[20:22], S.RUNNING, S.SENT)
+    assert (await keeper.run_pass()).read_whole == 2
+    assert await _kept(redis_client, settings) == await _aggregate(db)
+    # Another keeper passed in between (a leader came and went): ours read whole again.
+    keeper.book.refresh_s = 3600.0
+    await counts.CountKeeper(settings, redis_client, db).run_pass()
+    await move(ids[22:24], S.RUNNING, S.SENT)
+    assert (await keeper.run_pass()).read_whole == 2
+    await move(ids[24:26], S.RUNNING, S.SENT)
+    assert (await keeper.run_pass()).read_whole == 0
+    assert await _kept(redis_client, settings) == await _aggregate(db)
