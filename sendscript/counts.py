@@ -9,9 +9,11 @@ here instead. How they stay exact without a hook in every compare-and-set:
   status (`{prefix}:counts:buckets`) and their sum (`{prefix}:counts:total`).
 - Every status change sets `updated_at` (`sendscript.status.task_cas`, inserts,
   manual retries). The leader master's keeper asks Mongo, through the index on
-  `updated_at`, which tasks changed since its last pass (less an overlap that
-  covers clocks apart and writes in flight), and recounts just their buckets:
-  one bounded range query on `created_at` each. The bucket's counts are replaced
+  `updated_at`, which tasks changed since its last pass, and once more, an overlap
+  later, which changed in that pass's window (clocks apart and writes in flight:
+  a change that became visible up to `SENDSCRIPT_COUNTS_OVERLAP_S` after the time
+  it carries is read then), and recounts just their buckets: one bounded range
+  query on `created_at` each. The bucket's counts are replaced
   and the totals moved by the difference, atomically (Lua, below).
 - Retention deletes tasks without touching `updated_at`: each bucket keeps the
   time its next task is due to be purged (`{prefix}:counts:purge`), and is
@@ -80,8 +82,10 @@ class CountKeys:
 
     @property
     def meta(self) -> str:
-        """since (the updated_at watermark, epoch s), at (last pass), built, passes,
-        recounted (buckets in the last pass), took_s."""
+        """since (the updated_at watermark, epoch s), late (where the next re-read of
+        late changes starts), at (last pass), built, passes,
+        recounted (buckets in the last pass), read_whole (of them, read whole),
+        changed_tasks and read_tasks (task documents read), took_s, by (the keeper)."""
         return f"{self.prefix}:counts:meta"
 
     def all(self) -> list[str]:
@@ -251,6 +255,7 @@ def _entry(doc: dict[str, Any]) -> tuple[str, float | None]:
 class PassReport:
     recounted: int = 0  # buckets whose counts were replaced
     read_whole: int = 0  # of them, read whole (the others from the keeper's memory)
+    read_tasks: int = 0  # task documents the pass read (changed ones and whole buckets)
     changed_tasks: int = 0
     rebuilt: bool = False
     took_s: float = 0.0
@@ -298,11 +303,15 @@ class CountKeeper:
         if not meta.get(b"built"):
             report = await self.rebuild()
         else:
-            report = await self._incremental(float(meta.get(b"since", 0.0)))
+            since = float(meta.get(b"since", 0.0))
+            # late missing (an earlier version's state): re-read one whole overlap
+            late = float(meta.get(b"late", since - self.settings.counts_overlap_s))
+            report = await self._incremental(since, late)
         report.took_s = round(time.monotonic() - started, 3)
         await self.client.hset(self.keys.meta, mapping={
             "at": time.time(), "recounted": report.recounted, "took_s": report.took_s,
             "changed_tasks": report.changed_tasks, "read_whole": report.read_whole,
+            "read_tasks": report.read_tasks,
             "by": self.me})
         await self.client.hincrby(self.keys.meta, "passes", 1)
         self.last = report
@@ -337,18 +346,26 @@ class CountKeeper:
         await pipe.execute()
         await self._apply(tallies, read_at)
         since = read_at - self.settings.counts_overlap_s
-        await self.client.hset(self.keys.meta, mapping={"since": since, "built": 1})
+        await self.client.hset(self.keys.meta, mapping={
+            "since": since, "late": since - self.settings.counts_overlap_s, "built": 1})
         logger.info("task counts rebuilt over {} bucket(s)", len(tallies))
         return PassReport(recounted=len(tallies), rebuilt=True)
 
-    async def _incremental(self, since: float) -> PassReport:
+    async def _incremental(self, since: float, late: float) -> PassReport:
+        """Tasks changed since the last pass (`since`), and again those of the windows
+        that are now an overlap old (`late` to `since` less the overlap): each change
+        read twice, not once a pass for as long as an overlap reaching back would."""
         read_at = time.time()
-        lookback = _dt(since - self.settings.counts_overlap_s)
+        late_to = since - self.settings.counts_overlap_s
         changed: dict[int, list[dict[str, Any]]] = defaultdict(list)
         n = 0
-        async for d in self.col.find({"updated_at": {"$gt": lookback}}, FIELDS):
-            changed[bucket_of(d.get("created_at"), self.width)].append(d)
-            n += 1
+        windows = [{"$gt": _dt(since)}]
+        if late_to > late:
+            windows.append({"$gt": _dt(late), "$lte": _dt(late_to)})
+        for window in windows:
+            async for d in self.col.find({"updated_at": window}, FIELDS):
+                changed[bucket_of(d.get("created_at"), self.width)].append(d)
+                n += 1
         purged = {int(b) for b in await self.client.zrangebyscore(self.keys.purge, "-inf",
                                                                     read_at)}
         dirty = set(changed) | purged
@@ -356,14 +373,16 @@ class CountKeeper:
         whole = self.book.to_read(dirty, purged, now)
         for b in dirty - whole:  # read whole below: newer than these
             self.book.note(b, changed[b], now)
-        await self.recount(whole, now)
+        read = await self.recount(whole, now)
         await self._apply({b: self.book.tally(b) for b in dirty}, read_at)
         self.book.forget(now)
-        await self.client.hset(self.keys.meta, "since", read_at)
-        return PassReport(recounted=len(dirty), read_whole=len(whole), changed_tasks=n)
+        await self.client.hset(self.keys.meta, mapping={"since": read_at,
+                                                        "late": max(late, late_to)})
+        return PassReport(recounted=len(dirty), read_whole=len(whole), changed_tasks=n,
+                          read_tasks=n + read)
 
-    async def recount(self, buckets: set[int], now: float) -> None:
-        """Read these buckets whole into the keeper's memory."""
+    async def recount(self, buckets: set[int], now: float) -> int:
+        """Read these buckets whole into the keeper's memory; the tasks read."""
         read: dict[int, list[dict[str, Any]]] = {b: [] for b in buckets}  # empty: removed
         for lo, hi in ranges(buckets, self.width):
             async for d in self.col.find({"created_at": {"$gte": _dt(lo), "$lt": _dt(hi)}},
@@ -375,6 +394,7 @@ class CountKeeper:
             read[NO_TIME] = [d async for d in self.col.find({"created_at": None}, FIELDS)]
         for b, docs in read.items():
             self.book.load(b, docs, now)
+        return sum(len(docs) for docs in read.values())
 
     async def _apply(self, tallies: dict[int, Tally], read_at: float) -> None:
         items = list(tallies.items())

@@ -342,8 +342,8 @@ class Settings(BaseSettings):
     agent_cors_origins: str = "*"
 
     # Monitoring. Task counts (sendscript/counts.py): buckets of
-    # created_at this wide, the leader's pass this often, changes re-read this far
-    # back (clocks apart, writes in flight), a purged bucket recounted this long after
+    # created_at this wide, the leader's pass this often, changes read again this
+    # much later (clocks apart, writes in flight), a purged bucket recounted this long after
     # its purge time (the TTL monitor's lag), a bucket the keeper remembers read whole
     # again this often. Health endpoints (sendscript/health.py):
     # /healthz and /readyz on health_host at a port per role, 0 = off.

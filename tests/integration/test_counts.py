@@ -5,6 +5,7 @@ tasks put back, tasks moved while the keeper was away, and retention's deletes."
 
 from __future__ import annotations
 
+import asyncio
 import random
 from datetime import timedelta
 from typing import Any
@@ -184,10 +185,12 @@ async def test_buckets_that_keep_moving_are_read_whole_once_then_from_memory(
     await move(ids[:40], S.PENDING, S.RUNNING)
     first = await keeper.run_pass()
     assert (first.recounted, first.read_whole) == (2, 2)  # not known yet: read whole
+    assert first.read_tasks == first.changed_tasks + 60
     for src, dst in ((S.RUNNING, S.SENT), (S.SENT, S.SUCCESS)):
         await move(ids[:20], src, dst)
         report = await keeper.run_pass()
         assert (report.recounted, report.read_whole) == (2, 0)  # from memory
+        assert report.read_tasks == report.changed_tasks
         assert await _kept(redis_client, settings) == await _aggregate(db)
     # A write that did not set updated_at is seen once the bucket is next read whole.
     await db[TASKS].update_one({"_id": ids[59]}, {"$set": {"status": "cancelled"}})
@@ -203,3 +206,30 @@ async def test_buckets_that_keep_moving_are_read_whole_once_then_from_memory(
     await move(ids[24:26], S.RUNNING, S.SENT)
     assert (await keeper.run_pass()).read_whole == 0
     assert await _kept(redis_client, settings) == await _aggregate(db)
+
+
+async def test_a_change_visible_after_the_pass_its_time_belongs_to_is_read_an_overlap_later(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase
+) -> None:
+    settings.counts_overlap_s = 1.0
+    store = TaskStore(db)
+    now = utcnow()
+    tasks = [Task.from_spec(TaskSpec(device_id=f"d{i}", script={"id": "s"}), now=now)
+             for i in range(10)]
+    await store.store(tasks)
+    keeper = counts.CountKeeper(settings, redis_client, db)
+    await keeper.run_pass()  # rebuild
+    await keeper.run_pass()
+    # A write stamped before the last pass read but committed after it: a writer's
+    # clock behind, or a write in flight. The next pass reads only what is newer...
+    flt, upd = task_cas(tasks[0].id, S.PENDING, S.CANCELLED, utcnow() - timedelta(seconds=0.3))
+    await db[TASKS].update_one(flt, upd)
+    report = await keeper.run_pass()
+    assert report.changed_tasks == 0
+    assert (await _kept(redis_client, settings)).get("cancelled") is None
+    # ... and the passes after it read the window again once it is an overlap old.
+    await asyncio.sleep(1.2)
+    await keeper.run_pass()
+    await keeper.run_pass()
+    assert await _kept(redis_client, settings) == await _aggregate(db) == {
+        "pending": 9, "cancelled": 1}
