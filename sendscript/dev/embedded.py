@@ -75,16 +75,21 @@ class ServerProcess:
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for attempt in range(START_ATTEMPTS):
-            if self._start_once():
+            # Another process listening there would answer for us (two picks can even
+            # return one port: nothing holds it between the pick and the bind).
+            if _port_open(self.port, self.host):
+                why = f"port {self.port} is taken by another process"
+            elif self._start_once():
                 self.port_chosen = False  # clients know it now: a restart comes back here
                 return
+            else:
+                assert self.proc is not None
+                why = (f"exited with {self.proc.returncode}; its log "
+                       f"({self.data_dir / 'server.log'}) ends:\n{self.log_tail()}")
             if not self.port_chosen or attempt == START_ATTEMPTS - 1:
                 break
             self.port = free_port(self.host)
-        assert self.proc is not None
-        raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; "
-                           f"its log ({self.data_dir / 'server.log'}) ends:\n"
-                           f"{self.log_tail()}")
+        raise RuntimeError(f"{self.name}: {why}")
 
     def _start_once(self) -> bool:
         """Spawn and wait until it answers: False if it exited first (its log says why)."""
