@@ -147,11 +147,12 @@ class Tally:
     next_purge: float | None = None
 
     def add(self, doc: dict[str, Any]) -> None:
-        self.counts[str(doc.get("status"))] += 1
-        purge = doc.get("purge_at")
-        if isinstance(purge, datetime):
-            ts = _epoch(purge)
-            self.next_purge = ts if self.next_purge is None else min(self.next_purge, ts)
+        self.add_entry(*_entry(doc))
+
+    def add_entry(self, status: str, purge: float | None) -> None:
+        self.counts[status] += 1
+        if purge is not None:
+            self.next_purge = purge if self.next_purge is None else min(self.next_purge, purge)
 
 
 def tally(docs: Iterable[dict[str, Any]], width_s: int) -> dict[int, Tally]:
@@ -219,9 +220,7 @@ class KnownBuckets:
     def tally(self, bucket: int) -> Tally:
         t = Tally()
         for status, purge in self._tasks.get(bucket, {}).values():
-            t.counts[status] += 1
-            if purge is not None:
-                t.next_purge = purge if t.next_purge is None else min(t.next_purge, purge)
+            t.add_entry(status, purge)
         return t
 
     def forget(self, now: float) -> None:
