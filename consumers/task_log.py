@@ -342,13 +342,16 @@ class TaskLogConsumer:
                         if m.record_id in records and m.log_type != LogType.SUCCESS}
         tasks = await self.tasks.retry_fields(failed_tasks)
         writes = result_updates(finals, records, tasks, self.settings, now)
-        # Results first, then the devices: freeing a device starts its next task, and
-        # a task its dead worker left pending must be marked done before that, or it
-        # would be sent again. A crash between the two leaves the locks to the
-        # redelivery (or the orphan-lock sweep).
-        result.applied, _, _ = await asyncio.gather(
+        # The exec records first, then the tasks: a task's status is what its readers
+        # wait on, so once it says done its record says so too. A crash between the
+        # two leaves the tasks to the redelivery (a record's CAS then matches nothing).
+        # Results before the devices: freeing a device starts its next task, and a task
+        # its dead worker left pending must be marked done before that, or it would be
+        # sent again. A crash between the two leaves the locks to the redelivery (or
+        # the orphan-lock sweep).
+        await self.records.run_updates(writes.records)
+        result.applied, _ = await asyncio.gather(
             self.tasks.run_updates(writes.successes()),
-            self.records.run_updates(writes.records),
             self._keep_fleet(finals, records, now),
         )
         succeeded = result.applied
