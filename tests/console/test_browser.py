@@ -73,7 +73,9 @@ def test_operator_and_viewer_in_the_browser(roles: Roles, inspect: Inspect,
     def login(token: str) -> None:
         d.delete_all_cookies()
         d.get(f"{c.url}/login")
-        d.find_element(By.ID, "token").send_keys(token)
+        # Waited for, not looked up at once: on a loaded machine the form was once not
+        # there yet when `get` returned.
+        wait.until(lambda drv: drv.find_elements(By.ID, "token"))[0].send_keys(token)
         d.find_element(By.ID, "login").click()
         wait.until(lambda drv: drv.find_elements(By.ID, "overview"))
 
