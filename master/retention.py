@@ -23,8 +23,8 @@ whole hinted index and decode every document it holds (half a second at 20,000
 tasks, every read of every sweep); MongoDB's planner tries the indexes the filter
 can use and keeps the one that answers first. An index on `purge_at` itself costs
 every write of every task on the embedded server, and one on the records every write
-of every record; neither is kept. A record is deleted with its
-task, so a task's history lasts as long as the task.
+of every record; neither is kept. A record is deleted with its task, so a task's
+history lasts as long as the task.
 
 Each delete is fenced by the leader lease's token (`fence.guard` right before it,
 `master.leadership`): a master that stopped leading deletes nothing more. The

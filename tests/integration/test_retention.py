@@ -9,7 +9,7 @@ from typing import Any
 from pymongo import AsyncMongoClient, monitoring
 from pymongo.asynchronous.database import AsyncDatabase
 
-from master.retention import BATCH, Retention
+from master.retention import BATCH, EARLIEST, Retention, targets
 from sendscript import connect
 from sendscript.models import utcnow
 from sendscript.settings import Settings
@@ -112,8 +112,12 @@ async def test_a_window_of_the_sweep_reads_the_expiry_index(
         + [{"_id": f"open-{i}", "status": "pending", "updated_at": now - timedelta(hours=2)}
            for i in range(5)])
     await ensure_indexes(db)
-    finds = Finds()
-    client: AsyncMongoClient = AsyncMongoClient(settings.mongo_url, event_listeners=[finds])
+    [success, _] = [t for t in targets(settings) if t.collection == TASKS]
+    assert await db[TASKS].count_documents(success.due(EARLIEST, now, now)) == 4
+    finds = Finds()  # on a client with the roles' options, listened to besides
+    options = connect._mongo_kwargs(settings)
+    options["event_listeners"] = [*options.get("event_listeners", []), finds]
+    client: AsyncMongoClient = AsyncMongoClient(settings.mongo_url, **options)
     try:
         settings.retention_success_s = settings.retention_failed_s = 0.001
         done = await Retention(settings, connect.database(client)).sweep()
