@@ -66,7 +66,7 @@ from sendscript.retry import decide, failure_cas
 from sendscript.settings import Settings
 from sendscript.status import RecordStatus, TaskStatus, record_sent, task_cas
 from sendscript.store import Claim, RecordStore, TaskStore
-from worker.batching import Coalescer
+from worker.batching import Coalescer, Lane
 from worker.central import THROTTLED, CentralClient, CentralError
 
 # Test-only crash points, for the recovery tests: the variable names a file holding
@@ -158,9 +158,11 @@ class ScriptHandler:
         self._acquire = Coalescer(locks.acquire_many)
         self._release = Coalescer(self._release_batch)
         self._locks = locks
-        self._claim = Coalescer(self._claim_batch)
-        self._insert = Coalescer(self._insert_batch)
-        self._mark_sent = Coalescer(self._mark_sent_batch)
+        # One Mongo statement of this worker at a time (worker/batching.py: Lane).
+        mongo = Lane()
+        self._claim = Coalescer(self._claim_batch, lane=mongo)
+        self._insert = Coalescer(self._insert_batch, lane=mongo)
+        self._mark_sent = Coalescer(self._mark_sent_batch, lane=mongo)
         # Best-effort writes after a step that counts: their failures say "down" once.
         self.writes = OutageLog("worker: bookkeeping writes")
         self.adaptive = any(v.partition("~")[1] for v in settings.rate_limits.values())

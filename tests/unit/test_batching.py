@@ -1,4 +1,4 @@
-"""Coalescer: group commit of concurrent calls made in one loop tick."""
+"""Coalescer: group commit of concurrent calls made in one loop tick, and lanes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from worker.batching import Coalescer
+from worker.batching import Coalescer, Lane
 
 
 class Recorder:
@@ -138,3 +138,60 @@ async def test_wrong_result_count_fails_callers_instead_of_hanging() -> None:
     for t in pending:
         t.cancel()
     assert not pending, "callers left hanging"
+
+
+async def test_coalescers_sharing_a_lane_run_one_batch_at_a_time() -> None:
+    lane = Lane()
+    first, second = Recorder(), Recorder()
+    gate = asyncio.Event()
+    first.gate = gate
+    a: Coalescer[int, int] = Coalescer(first, lane=lane)
+    b: Coalescer[int, int] = Coalescer(second, lane=lane)
+    held = asyncio.create_task(a(1))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert first.batches == [[1]]  # blocked in its batch, holding the lane
+    waiting = [asyncio.create_task(b(i)) for i in (2, 3)]
+    late = asyncio.create_task(a(4))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert second.batches == []  # the lane is taken
+    gate.set()
+    assert await asyncio.gather(held, *waiting, late) == [10, 20, 30, 40]
+    assert second.batches == [[2, 3]]
+    assert first.batches == [[1], [4]]
+
+
+async def test_a_batch_is_cut_when_the_lane_frees_so_late_callers_join_it() -> None:
+    lane = Lane()
+    first, second = Recorder(), Recorder()
+    gate = asyncio.Event()
+    first.gate = gate
+    a: Coalescer[int, int] = Coalescer(first, lane=lane)
+    b: Coalescer[int, int] = Coalescer(second, lane=lane)
+    held = asyncio.create_task(a(1))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    early = asyncio.create_task(b(2))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    later = [asyncio.create_task(b(i)) for i in (3, 4)]  # while b's drainer waits
+    for _ in range(5):
+        await asyncio.sleep(0)
+    gate.set()
+    assert await asyncio.gather(held, early, *later) == [10, 20, 30, 40]
+    assert second.batches == [[2, 3, 4]]
+
+
+async def test_without_a_lane_coalescers_run_side_by_side() -> None:
+    first, second = Recorder(), Recorder()
+    gate = asyncio.Event()
+    first.gate = gate
+    a: Coalescer[int, int] = Coalescer(first)
+    b: Coalescer[int, int] = Coalescer(second)
+    held = asyncio.create_task(a(1))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert await asyncio.wait_for(b(2), timeout=1.0) == 20  # not behind a's batch
+    gate.set()
+    assert await held == 10
