@@ -140,58 +140,56 @@ async def test_wrong_result_count_fails_callers_instead_of_hanging() -> None:
     assert not pending, "callers left hanging"
 
 
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+class TwoSteps:
+    """Two coalescers, on one lane or none; `a`'s first batch (of 1) blocks on `gate`."""
+
+    def __init__(self, lane: Lane | None) -> None:
+        self.first, self.second = Recorder(), Recorder()
+        self.gate = asyncio.Event()
+        self.first.gate = self.gate
+        self.a: Coalescer[int, int] = Coalescer(self.first, lane=lane)
+        self.b: Coalescer[int, int] = Coalescer(self.second, lane=lane)
+
+    async def hold_a(self) -> asyncio.Task[int]:
+        held = asyncio.create_task(self.a(1))
+        await settle()
+        assert self.first.batches == [[1]]  # blocked in its batch
+        return held
+
+
 async def test_coalescers_sharing_a_lane_run_one_batch_at_a_time() -> None:
-    lane = Lane()
-    first, second = Recorder(), Recorder()
-    gate = asyncio.Event()
-    first.gate = gate
-    a: Coalescer[int, int] = Coalescer(first, lane=lane)
-    b: Coalescer[int, int] = Coalescer(second, lane=lane)
-    held = asyncio.create_task(a(1))
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert first.batches == [[1]]  # blocked in its batch, holding the lane
-    waiting = [asyncio.create_task(b(i)) for i in (2, 3)]
-    late = asyncio.create_task(a(4))
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert second.batches == []  # the lane is taken
-    gate.set()
+    steps = TwoSteps(Lane())
+    held = await steps.hold_a()
+    waiting = [asyncio.create_task(steps.b(i)) for i in (2, 3)]
+    late = asyncio.create_task(steps.a(4))
+    await settle()
+    assert steps.second.batches == []  # the lane is taken
+    steps.gate.set()
     assert await asyncio.gather(held, *waiting, late) == [10, 20, 30, 40]
-    assert second.batches == [[2, 3]]
-    assert first.batches == [[1], [4]]
+    assert steps.second.batches == [[2, 3]]
+    assert steps.first.batches == [[1], [4]]
 
 
 async def test_a_batch_is_cut_when_the_lane_frees_so_late_callers_join_it() -> None:
-    lane = Lane()
-    first, second = Recorder(), Recorder()
-    gate = asyncio.Event()
-    first.gate = gate
-    a: Coalescer[int, int] = Coalescer(first, lane=lane)
-    b: Coalescer[int, int] = Coalescer(second, lane=lane)
-    held = asyncio.create_task(a(1))
-    for _ in range(5):
-        await asyncio.sleep(0)
-    early = asyncio.create_task(b(2))
-    for _ in range(5):
-        await asyncio.sleep(0)
-    later = [asyncio.create_task(b(i)) for i in (3, 4)]  # while b's drainer waits
-    for _ in range(5):
-        await asyncio.sleep(0)
-    gate.set()
+    steps = TwoSteps(Lane())
+    held = await steps.hold_a()
+    early = asyncio.create_task(steps.b(2))
+    await settle()
+    later = [asyncio.create_task(steps.b(i)) for i in (3, 4)]  # while b's drainer waits
+    await settle()
+    steps.gate.set()
     assert await asyncio.gather(held, early, *later) == [10, 20, 30, 40]
-    assert second.batches == [[2, 3, 4]]
+    assert steps.second.batches == [[2, 3, 4]]
 
 
 async def test_without_a_lane_coalescers_run_side_by_side() -> None:
-    first, second = Recorder(), Recorder()
-    gate = asyncio.Event()
-    first.gate = gate
-    a: Coalescer[int, int] = Coalescer(first)
-    b: Coalescer[int, int] = Coalescer(second)
-    held = asyncio.create_task(a(1))
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert await asyncio.wait_for(b(2), timeout=1.0) == 20  # not behind a's batch
-    gate.set()
+    steps = TwoSteps(None)
+    held = await steps.hold_a()
+    assert await asyncio.wait_for(steps.b(2), timeout=1.0) == 20  # not behind a's batch
+    steps.gate.set()
     assert await held == 10
