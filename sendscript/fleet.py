@@ -1,7 +1,7 @@
 """The fleet's record of its devices: each one's last result and its results per hour.
 
-Mongo `devices`, one document per device (`_id` and `device_id` the device id, the
-latter indexed for the console's range reads), written by the consumer (never by
+Mongo `devices`, one document per device (`_id` and `device_id` the device id; no
+index but `_id`, which the console reads a page by), written by the consumer (never by
 scanning tasks) with one bulk write of the results it applied since its last write,
 at most every `SENDSCRIPT_FLEET_WRITE_INTERVAL_S` (`FleetBuffer`): a device's
 results of those seconds cost one update, not one a batch. The update is most of

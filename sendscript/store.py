@@ -95,11 +95,6 @@ RECORD_INDEXES = [
 ]
 
 
-# The fleet view reads a page of devices documents as one range of device ids: on the
-# embedded server a range costs what it holds, a long `$in` much more.
-DEVICE_INDEXES = [IndexModel([("device_id", ASCENDING)])]
-
-
 def log_indexes(retention_s: float) -> list[IndexModel]:
     return [
         IndexModel([("task_id", ASCENDING), ("timestamp", ASCENDING)]),
@@ -108,14 +103,18 @@ def log_indexes(retention_s: float) -> list[IndexModel]:
 
 
 def all_indexes(log_retention_s: float) -> dict[str, list[IndexModel]]:
-    return {TASKS: TASK_INDEXES, RECORDS: RECORD_INDEXES, LOGS: log_indexes(log_retention_s),
-            DEVICES: DEVICE_INDEXES}
+    """The indexes of each collection. `devices` has none but `_id` (the device id): the
+    fleet view reads a page by its ids in short `$in` lists (console/fleet.py), and a
+    secondary index would cost every update of a device on the embedded server."""
+    return {TASKS: TASK_INDEXES, RECORDS: RECORD_INDEXES, LOGS: log_indexes(log_retention_s)}
 
 
 # Indexes an earlier version made that nothing reads any more: dropped, as each costs
 # every write. batch_id_1 (partial on `$type`) was never chosen by the embedded server;
-# the purge_at TTL indexes gave way to the leader's retention through updated_at.
-OBSOLETE_INDEXES = {TASKS: ["batch_id_1", "purge_at_1"], RECORDS: ["purge_at_1"]}
+# the purge_at TTL indexes gave way to the leader's retention through updated_at;
+# devices' device_id_1 to reads by `_id`.
+OBSOLETE_INDEXES = {TASKS: ["batch_id_1", "purge_at_1"], RECORDS: ["purge_at_1"],
+                    DEVICES: ["device_id_1"]}
 
 
 async def ensure_pull_indexes(db: AsyncDatabase) -> None:

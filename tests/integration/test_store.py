@@ -12,6 +12,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from sendscript.models import ExecRecord, LogType, Task, TaskLogMessage, new_id, utcnow
 from sendscript.status import RETENTION, TaskStatus, task_cas
 from sendscript.store import (
+    DEVICES,
     LOGS,
     PULL_TASK_INDEXES,
     RECORDS,
@@ -71,6 +72,14 @@ async def test_ensure_indexes_drops_the_purge_at_indexes_an_earlier_version_made
     await ensure_indexes(db)
     for name in (TASKS, RECORDS):
         assert "purge_at_1" not in await db[name].index_information()
+
+
+async def test_devices_keep_no_index_but_their_id(db: AsyncDatabase) -> None:
+    """The fleet view reads devices by `_id`; the device_id index an earlier version
+    made is dropped, as it cost every update of a device."""
+    await db[DEVICES].create_index([("device_id", 1)])
+    await ensure_indexes(db)
+    assert set(await db[DEVICES].index_information()) == {"_id_"}
 
 
 async def put(db: AsyncDatabase, *tasks: Task) -> None:
