@@ -3,10 +3,12 @@
 A pending task whose `master` is this master is expected on its board (queued or in
 flight). One that is not was dropped between a store and the event that queues it:
 a schedule's fire whose insert landed though the call failed (a Mongo timeout) and
-whose retry found the tasks stored already, or an intake batch that died between
-adopting and queueing. Nothing else would ever queue it: the leader's orphan sweep
-takes only unheld tasks, and dead-master recovery only a dead master's. It would
-stay `pending` at its attempt forever.
+whose retry found the tasks stored already, an intake batch that died between
+adopting and queueing, or a task the SDK stored held by this master (sendscript/
+client.py) whose push was lost or never made (its producer died). Nothing else
+would ever queue it: the leader's orphan sweep takes only unheld tasks, and
+dead-master recovery only a dead master's. It would stay `pending` at its attempt
+forever.
 
 Every `reconcile_interval_s` this master lists its pending tasks last changed more
 than `reconcile_grace_s` ago, and keeps those its board does not hold and no
@@ -21,7 +23,9 @@ Cost: one query per interval that the embedded server serves from its
 `(status, run_at)` or `updated_at` index (it reads the pending tasks changed before
 the cutoff, the board's own included: with tens of thousands queued that is a
 fraction of a second of the embedded server's CPU, hence the 30 s default, the
-orphan sweep's cadence); nothing more while nothing is missing.
+orphan sweep's cadence); nothing more while nothing is missing. Tasks the SDK
+stored held by this master that wait on the ready list for longer than the grace
+(a deep backlog) cost a read of that list a look (`_on_ready_list`).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from sendscript.status import TaskStatus
 from sendscript.store import TaskStore
 
 LIMIT = 10_000  # candidates one look reads at most, the longest unchanged first
+READY_READ_MAX = 50_000  # ready-list items a look reads to tell what is queued
 
 
 @dataclass
@@ -108,9 +113,14 @@ class HeldTasks:
         return found
 
     async def _on_ready_list(self, task_ids: list[str]) -> set[str]:
-        """The ids a reference on the ready list names (as pushed by sendscript)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for task_id in task_ids:
-            pipe.lpos(self.settings.keys.ready, ref_item(task_id))
-        found = await pipe.execute()
-        return {t for t, at in zip(task_ids, found, strict=True) if at is not None}
+        """The ids a reference on the ready list names (as pushed by sendscript): the
+        list read once, not searched once an id (which costs Redis the list's length
+        each). A list longer than `READY_READ_MAX` counts every id as on it: tasks the
+        SDK stored held by this master wait there behind a deep backlog, and the
+        intake brings them; the next look checks again."""
+        key = self.settings.keys.ready
+        if await self.redis.llen(key) > READY_READ_MAX:
+            return set(task_ids)
+        refs = {item.decode() if isinstance(item, bytes) else item
+                for item in await self.redis.lrange(key, 0, READY_READ_MAX)}
+        return {t for t in task_ids if ref_item(t) in refs}
