@@ -6,7 +6,14 @@
         print(sub.task_id)
 
 Storing before pushing means a crash between the two leaves a stored `pending`
-task that the master's orphan sweep finds; pushing first could lose it.
+task that a master finds; pushing first could lose it. A task due now is stored
+held by a live master (`master`, one of those whose heartbeat is fresh), so the
+master that takes it (that one, when it runs alone) need not write it again to
+hold it; that master's own check (master/reconcile.py) queues it if its push is
+lost, and the leader recovers it with the master's other tasks if that master
+dies. Checked again after the push: if that master is no longer alive then, the
+tasks are stored unheld (as with no master alive at all), for the leader's orphan
+sweep.
 
 A spec the store would refuse for good (a script over SENDSCRIPT_MAX_SCRIPT_BYTES,
 a value BSON cannot hold, a document the server refuses) raises ValueError and
@@ -23,7 +30,8 @@ With SENDSCRIPT_REDIS_MIN_REPLICAS set, each push waits for that many replicas
 (SENDSCRIPT_REDIS_WAIT_TIMEOUT_MS at most) and raises `NotReplicated` if fewer
 confirmed: the tasks are stored and pushed, but the push may be lost if the Redis
 master fails now. Do not submit them again: a stored task whose push is lost is
-pushed again by the masters' orphan sweep (after SENDSCRIPT_ORPHAN_GRACE_S).
+queued by the master it is held by (after SENDSCRIPT_RECONCILE_GRACE_S) or, held by
+none, pushed again by the masters' orphan sweep (after SENDSCRIPT_ORPHAN_GRACE_S).
 `NotReplicated.task_ids` names them; `push_raw` items have no stored task behind
 them, so a raw item it raises for may be gone.
 """
@@ -31,16 +39,21 @@ them, so a raw item it raises for may be gone.
 from __future__ import annotations
 
 import json
+import random
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+from loguru import logger
 from pymongo import DESCENDING
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from sendscript import connect, fleet, roundtrips, tracing
 from sendscript import pauses as flags
 from sendscript.groups import check_name
+from sendscript.heartbeat import live_masters
 from sendscript.models import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_PRIORITY,
@@ -77,6 +90,8 @@ from sendscript.store import (
     run_plan_sync,
     store_plan,
 )
+
+HOLDER_KEPT_S = 1.0  # how long the SDK keeps the live master it chose
 
 
 @dataclass(frozen=True)
@@ -126,6 +141,7 @@ class SendScriptClient:
         configure_retention(self.settings.retention_success_s, self.settings.retention_failed_s,
                             self.settings.dedupe_window_s)
         self._context = {MAX_SCRIPT_BYTES: self.settings.max_script_bytes}
+        self._holder: tuple[float, str | None] = (0.0, None)  # (when chosen, master)
         # The dedupe key's unique index must exist before the first task is stored.
         retention = max(self.settings.retention_success_s, self.settings.retention_failed_s)
         for name, indexes in all_indexes(retention).items():
@@ -282,6 +298,14 @@ class SendScriptClient:
         `resumable`, ids are derived and a task stored before is a resumed submission:
         answered `created=False` and pushed again (its push may be what was cut)."""
         self.check_room()
+        holder = self._hold(tasks)
+        try:
+            return self._store_and_push_held(tasks, resumable)
+        finally:
+            if holder is not None:
+                self._confirm_holder(holder, [t.id for t in tasks if t.master == holder])
+
+    def _store_and_push_held(self, tasks: list[Task], resumable: bool) -> list[Submitted | str]:
         window = self.settings.dedupe_window_s
         stored = run_plan_sync(self._db[TASKS], store_plan(tasks, utcnow(), window))
         if stored.stored_before and not resumable:  # fresh ObjectIds never collide
@@ -304,6 +328,47 @@ class SendScriptClient:
         pushed = [t.id for t in tasks if t.id in created or t.id in before]
         self._push_refs(pushed)
         return out
+
+    def _hold(self, tasks: list[Task]) -> str | None:
+        """Name a live master the holder of the tasks due now (those no master or
+        agent holds yet); which one, or None when no master is alive (or Redis does
+        not answer). The choice is kept for a second: `_confirm_holder` checks it
+        after each push all the same."""
+        due = [t for t in tasks if t.master is None and t.status == TaskStatus.PENDING]
+        if not due:
+            return None
+        at, holder = self._holder
+        if holder is None or time.monotonic() - at > HOLDER_KEPT_S:
+            try:
+                live = live_masters(self._redis, self._keys)
+            except redis.RedisError:
+                live = []
+            holder = random.choice(live) if live else None
+            self._holder = (time.monotonic(), holder)
+        for task in due:
+            task.master = holder
+        return holder
+
+    def _confirm_holder(self, holder: str, task_ids: list[str]) -> None:
+        """After the push: the holder named is still alive, or its tasks are stored
+        unheld again. A master that dies after this check finds them its own for the
+        leader's recovery of it, which looks in Mongo only once the master is seen
+        dead; one dead before it could have been recovered already."""
+        try:
+            if self._redis.exists(self._keys.master_alive(holder)):
+                return
+        except redis.RedisError:
+            pass
+        self._holder = (0.0, None)
+        try:
+            self._db[TASKS].update_many(
+                {"_id": {"$in": task_ids}, "master": holder,
+                 "status": str(TaskStatus.PENDING)},
+                {"$unset": {"master": ""}})
+        except PyMongoError as exc:
+            logger.warning("tasks stored held by master {}, which is not alive, and not "
+                           "unheld ({!r}): its recovery or its return takes them: {}",
+                           holder, exc, task_ids[:10])
 
     def _push_refs(self, task_ids: list[str]) -> None:
         """Push stored tasks' ids; NotReplicated names them all (each is stored)."""

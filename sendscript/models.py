@@ -273,7 +273,8 @@ class Task(BaseModel):
     updated_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
     last_error: str | None = None
-    # Extensions beyond the contract: which master holds it queued, the current
+    # Extensions beyond the contract: which master holds it queued (or, stored by the
+    # SDK due now, the live master it named to take it), the current
     # attempt's record and worker, its fan-out batch, the dedupe key while it holds
     # it (a unique index: while unfinished, and SENDSCRIPT_DEDUPE_WINDOW_S after),
     # and when retention deletes it.

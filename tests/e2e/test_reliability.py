@@ -160,6 +160,34 @@ def test_dead_master_processing_list_and_orphans_recovered(
     assert info is not None and info["recovered"]["dead_masters"] == 1
 
 
+def test_tasks_a_producer_stored_held_but_never_pushed_run_once_by_their_master(
+    settings: Settings, roles: Roles, inspect: Inspect
+) -> None:
+    """The SDK stores tasks due now held by a live master. A producer that dies
+    between its store and its push leaves them pending, held by that master, on no
+    board and on no list, where the leader's orphan sweep does not look: that
+    master's reconcile queues them."""
+    roles.simulator(run_ms=20, progress=False)
+    roles.consumer()
+    roles.master(reconcile_interval_s=0.5, reconcile_grace_s=1.0)
+    wait_for(lambda: inspect.redis.exists(settings.keys.master_alive(settings.master_id)),
+             20, "the master's heartbeat")
+    client = SendScriptClient(settings)
+    client._push_refs = lambda task_ids: None  # type: ignore[method-assign]  # dies here
+    try:
+        subs = client.submit_many([TaskSpec(device_id=f"pd-{i}", script={"id": "p"})
+                                   for i in range(3)])
+    finally:
+        client.close()
+    held = {d["_id"]: d.get("master") for d in inspect.db.script_tasks.find({})}
+    assert held == {s.task_id: settings.master_id for s in subs}
+    assert inspect.redis.llen(settings.keys.ready) == 0
+    wait_for(lambda: inspect.count("success") == 3, 30, "the three tasks")
+    ran = [r["task_id"] for r in roles.farm("runs")]
+    assert sorted(ran) == sorted(s.task_id for s in subs)
+    assert int(inspect.redis.hget(settings.keys.stats, "reconciled") or 0) == 3
+
+
 def test_worker_recycling_by_task_count_and_by_memory(
     servers: EmbeddedServers, tmp_path: Path
 ) -> None:

@@ -204,3 +204,60 @@ def test_the_sdk_debounces_and_answers_which_task_took_the_spec(sdk: SendScriptC
     assert refs(sdk) == [first.task_id]  # the later one pushed nothing
     with pytest.raises(ValueError, match="debounce_max_s must be at least debounce_s"):
         sdk.submit("p1", {"id": "sync"}, dedupe_key="k", debounce_s=5, debounce_max_s=1)
+
+
+def alive(client: SendScriptClient, master_id: str) -> None:
+    """A master whose heartbeat is fresh, as master/heartbeat.py writes it."""
+    keys = client.settings.keys
+    client._redis.hset(keys.masters, master_id, json.dumps({"updated_at": "now"}))
+    client._redis.set(keys.master_alive(master_id), "now", px=60_000)
+
+
+def holders(client: SendScriptClient) -> dict[str, str | None]:
+    return {d["_id"]: d.get("master") for d in client._db[TASKS].find({}, {"master": 1})}
+
+
+def test_tasks_due_now_are_stored_held_by_a_live_master(sdk: SendScriptClient) -> None:
+    """The master that takes them need not write them again to hold them; a delayed
+    task stays unheld (the loaders of whichever master take it in time)."""
+    keys = sdk.settings.keys
+    sdk._redis.hset(keys.masters, "gone", "{}")  # listed, not alive
+    alive(sdk, "m1")
+    try:
+        now = sdk.submit_many([TaskSpec(device_id=f"d{i}", script={}) for i in range(3)])
+        later = sdk.submit("d9", {}, run_at=utcnow() + timedelta(hours=1))
+        kept = holders(sdk)
+        assert [kept[s.task_id] for s in now] == ["m1"] * 3
+        assert kept[later.task_id] is None
+        assert refs(sdk) == [s.task_id for s in now] + [later.task_id]
+    finally:
+        sdk._redis.delete(keys.masters, keys.master_alive("m1"))
+
+
+def test_with_no_master_alive_tasks_are_stored_unheld(sdk: SendScriptClient) -> None:
+    sdk._redis.hset(sdk.settings.keys.masters, "gone", "{}")
+    try:
+        sub = sdk.submit("d1", {})
+        assert holders(sdk)[sub.task_id] is None
+    finally:
+        sdk._redis.delete(sdk.settings.keys.masters)
+
+
+def test_a_holder_dead_by_the_push_leaves_its_tasks_unheld(
+        sdk: SendScriptClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The master named may die between the choice and the store; its recovery may
+    have looked in Mongo already. Seen dead after the push, the tasks are stored
+    unheld again: the orphan sweep's."""
+    keys = sdk.settings.keys
+    monkeypatch.setattr("sendscript.client.HOLDER_KEPT_S", 3600.0)
+    alive(sdk, "m1")
+    first = sdk.submit("d0", {})  # m1 chosen, and kept
+    assert holders(sdk)[first.task_id] == "m1"
+    sdk._redis.delete(keys.master_alive("m1"))  # m1 dies
+    try:
+        subs = sdk.submit_many([TaskSpec(device_id=f"d{i}", script={}) for i in (1, 2)])
+        kept = holders(sdk)
+        assert [kept[s.task_id] for s in subs] == [None, None]
+        assert refs(sdk)[-2:] == [s.task_id for s in subs]
+    finally:
+        sdk._redis.delete(keys.masters)

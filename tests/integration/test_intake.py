@@ -199,6 +199,33 @@ async def test_refs_are_adopted_unknown_refs_quarantined(
     assert intake.quarantined == 1
 
 
+async def test_a_ref_to_a_task_held_by_this_master_is_taken_without_adopting_it(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase
+) -> None:
+    """The SDK stores a task due now held by a live master: that master, taking its
+    reference, writes nothing more to hold it; a task held by none is adopted."""
+    await db[TASKS].insert_many([t.to_doc() for t in (
+        Task(_id="held", device_id="d1", script={"id": "s"}, master=settings.master_id),
+        Task(_id="unheld", device_id="d2", script={"id": "s"}),
+    )])
+    intake, queue, board = make(settings, redis_client, db)
+    adopted: list[str] = []
+    adopt = intake.tasks.adopt
+
+    async def counted(task_ids: Sequence[str], master_id: str) -> None:
+        adopted.extend(task_ids)
+        await adopt(task_ids, master_id)
+
+    intake.tasks.adopt = counted  # type: ignore[method-assign]
+    await redis_client.lpush(settings.keys.ready,
+                             *[json.dumps({"task_id": t}) for t in ("held", "unheld")])
+    await intake.ingest(await queue.take(10))
+    assert sorted(board.ids) == ["held", "unheld"]
+    assert adopted == ["unheld"]
+    docs = {d["_id"]: d async for d in db[TASKS].find({})}
+    assert {d["master"] for d in docs.values()} == {settings.master_id}
+
+
 async def test_malformed_items_are_quarantined_with_reasons(
     settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase
 ) -> None:
