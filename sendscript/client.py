@@ -351,9 +351,10 @@ class SendScriptClient:
 
     def _confirm_holder(self, holder: str, task_ids: list[str]) -> None:
         """After the push: the holder named is still alive, or its tasks are stored
-        unheld again. A master that dies after this check finds them its own for the
-        leader's recovery of it, which looks in Mongo only once the master is seen
-        dead; one dead before it could have been recovered already."""
+        unheld again. Tasks held by a master that dies after this check are among its
+        own when the leader recovers it (that recovery reads Mongo only once the
+        master is seen dead); one dead before the check may have been recovered
+        before they were stored, and would hold them for nobody."""
         try:
             if self._redis.exists(self._keys.master_alive(holder)):
                 return
@@ -366,9 +367,9 @@ class SendScriptClient:
                  "status": str(TaskStatus.PENDING)},
                 {"$unset": {"master": ""}})
         except PyMongoError as exc:
-            logger.warning("tasks stored held by master {}, which is not alive, and not "
-                           "unheld ({!r}): its recovery or its return takes them: {}",
-                           holder, exc, task_ids[:10])
+            logger.warning("tasks held by master {}, which is not alive, could not be "
+                           "stored unheld ({!r}); its return or its recovery queues them: "
+                           "{}", holder, exc, task_ids[:10])
 
     def _push_refs(self, task_ids: list[str]) -> None:
         """Push stored tasks' ids; NotReplicated names them all (each is stored)."""

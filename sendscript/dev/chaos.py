@@ -138,7 +138,8 @@ class Report:
     raw_pushes_retried: int = 0
     raw_duplicates: int = 0
     # Tasks the SDK stored though the call raised (the push after the store failed):
-    # not counted as submitted, found and run by the orphan sweep all the same.
+    # not counted as submitted, found and run all the same (by the reconcile of the
+    # master the SDK named as holder, or by the orphan sweep).
     stored_unreported: int = 0
     # What was killed or restarted when (epoch seconds, as the farm's run times).
     timeline: list[str] = field(default_factory=list)
@@ -745,7 +746,8 @@ def print_report(report: Report) -> None:
           f"{report.fence_repeats_same_device})")
     for line in report.fence_repeat_samples:
         print(f"    {line}")
-    print(f"  tasks the SDK stored though its call failed (run by the orphan sweep): "
+    print(f"  tasks the SDK stored though its call failed (run by their master's reconcile "
+          f"or the orphan sweep): "
           f"{report.stored_unreported}")
     print(f"  raw items stored twice {report.raw_duplicates} (pushed again by the producer "
           f"after a lost answer: {report.raw_pushes_retried})")
