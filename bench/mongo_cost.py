@@ -17,8 +17,9 @@ index and once without each index of the hot path's collections, each run on a
 fresh server of its own and all at once, a batch on each in turn (so the noise of
 a shared machine falls on them alike), and prints the server ms/task each index
 adds to each step (the embedded server rewrites every index entry of a document on
-every update, whichever fields changed; a partial index costs only the documents
-its filter holds).
+every update, whichever fields changed; a partial index holds entries only for the
+documents its filter matches, but the server reads every index's definition for
+each document it writes, so even one that no document is in costs a little).
 
 What one document write costs by the indexes of its collection: `--shapes` updates
 `--tasks` task documents (status pending -> running) in statements of `--batch`
