@@ -29,6 +29,14 @@ the service's `script_tasks` indexes, each on the same fresh server; it prints t
 server CPU per document write and what each secondary index adds to it, and reads
 every document back (all running) before it answers.
 
+The lead over the peers that the server allows: `--bound` runs, each durability,
+sendscript's hot path (batches of `--batch`) with the service's indexes, the same
+with the peers' one index a collection, and the peers' job itself (eight commands
+a task, through bench/peer_jobs/job.py's own write functions and client options),
+each on a fresh server of its own, a batch on each in turn; it prints the server's
+CPU a task of each and the peers' over each lane's: while the server is the
+bottleneck of both (bench.peers), sendscript cannot lead by more than that.
+
 What is timed is store steps, so the run verifies that the steps did what they
 were timed doing, from the store itself once they are done: every task read back
 by its id with the status the last step gave it (success), every exec record
@@ -51,9 +59,10 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-from pymongo import ASCENDING, IndexModel, MongoClient, UpdateOne
+from pymongo import IndexModel, MongoClient, UpdateOne
 
 from bench.cpu import tree_cpu_s
+from bench.peer_jobs import job
 from consumers.rules import result_updates
 from sendscript import connect, fleet, roundtrips
 from sendscript.dev import tally
@@ -96,9 +105,8 @@ class Steps:
 
 
 # What-if: one index a collection besides _id, as the peers' job has (bench/peer_jobs).
-PEER_INDEXES = {TASKS: [IndexModel([("status", ASCENDING)])],
-                RECORDS: [IndexModel([("task_id", ASCENDING)])],
-                LOGS: [IndexModel([("task_id", ASCENDING)])]}
+PEER_INDEXES = {ours: [IndexModel(job.INDEXES[theirs])] for ours, theirs in
+                ((TASKS, "tasks"), (RECORDS, "records"), (LOGS, "logs"))}
 
 
 # The collections the hot path writes: --per-index drops each of their indexes in turn.
@@ -121,6 +129,12 @@ class Lane:
         self.written = fleet.WrittenThisHour()
         self.task_ids: list[str] = []
         self.record_ids: list[str] = []
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    def read_back(self) -> tuple[list[str], bool]:
+        return read_back(self.settings, self.task_ids, self.record_ids)
 
     async def setup(self) -> None:
         if self.indexes == "service":
@@ -178,7 +192,56 @@ class Lane:
         await steps.run("8 keep fleet (devices)", keep_fleet)
 
 
-async def hot_path(lanes: Sequence[Lane], tasks: int, batch: int, devices: int) -> None:
+class PeerLane:
+    """The peers' job on a server of its own: its eight writes a task, each a command
+    of its own, on its collections with one index besides `_id` each, through the
+    client the peers have at that durability (bench/peer_jobs/job.py, the same
+    functions the peers run)."""
+
+    def __init__(self, url: str, steps: Steps, journal: bool) -> None:
+        self.url, self.steps = url, steps
+        self.mongo: MongoClient[Any] = MongoClient(
+            url, event_listeners=[roundtrips.MongoCommandCounter()],
+            **job.mongo_options(url, journal))
+        self.db = self.mongo["peers_bound"]
+        self.task_ids: list[str] = []
+        self.record_ids: list[str] = []
+
+    async def setup(self) -> None:
+        job.ensure_indexes(self.db)
+
+    async def batch(self, batch_tasks: list[Task], first_fence: int) -> None:
+        sent: list[tuple[str, str, str]] = []
+
+        async def before() -> None:
+            for i, t in enumerate(batch_tasks):
+                rid = job.before_send(self.db, t.id, t.device_id, i, first_fence + i)
+                sent.append((t.id, t.device_id, rid))
+        await self.steps.run("peer job: before its POST (3 writes)", before)
+
+        async def after() -> None:
+            for task_id, device_id, rid in sent:
+                job.after_send(self.db, task_id, device_id, rid)
+        await self.steps.run("peer job: after its POST (5 writes)", after)
+        self.task_ids += [t for t, _, _ in sent]
+        self.record_ids += [r for _, _, r in sent]
+
+    def read_back(self) -> tuple[list[str], bool]:
+        with MongoClient(self.url, socketTimeoutMS=120_000) as mongo:
+            db = mongo[self.db.name]
+            tasks = tally.by_ids(db, self.task_ids, "tasks")
+            records = tally.by_ids(db, self.record_ids, "records")
+            logs = db.logs.count_documents({})
+        n = len(self.task_ids)
+        ok = (tasks.ok and tasks.statuses == {"success": n} and records.ok
+              and records.statuses == {"success": n} and logs == n)
+        return [tasks.line(), f"exec records: {records.statuses} of {n}; logs: {logs} of {n}"], ok
+
+    async def close(self) -> None:
+        self.mongo.close()
+
+
+async def hot_path(lanes: Sequence[Lane | PeerLane], tasks: int, batch: int, devices: int) -> None:
     """Run the steps on every lane, a batch at a time on each in turn (the first lane
     of a round rotates), so that lanes compared share the machine's moments alike."""
     try:
@@ -195,7 +258,7 @@ async def hot_path(lanes: Sequence[Lane], tasks: int, batch: int, devices: int) 
                 await lane.batch(batch_tasks, start + 1)
     finally:
         for lane in lanes:
-            await lane.client.close()
+            await lane.close()
 
 
 def read_back(settings: Settings, task_ids: list[str], record_ids: list[str]
@@ -244,13 +307,74 @@ def measure(a: argparse.Namespace, variants: Sequence[Sequence[str]] = ((),)) ->
         elapsed = perf_counter() - t0
         runs = []
         for lane in lanes:
-            verified, ok = read_back(lane.settings, lane.task_ids, lane.record_ids)
+            verified, ok = lane.read_back()
             runs.append(Run(lane.steps, elapsed / len(lanes), verified, ok))
         return runs
     finally:
         for server in servers:
             server.stop()
         shutil.rmtree(data, ignore_errors=True)
+
+
+BOUND_LANES = ("sendscript", "sendscript, peers' indexes", "peers' job")
+
+
+def bound(a: argparse.Namespace) -> tuple[list[dict[str, Any]], bool]:
+    """The lead over the peers that the server's cost a task allows, each durability:
+    sendscript's hot path (batches of `--batch`) with its indexes and with the peers'
+    one a collection, and the peers' job (eight commands a task), each on a fresh
+    server of its own, all at once, a batch on each in turn."""
+    data = Path(tempfile.mkdtemp(prefix="sendscript-mongocost-"))
+    durabilities = (("journaled", True), ("as they come", False))
+    servers = [MongoServer(data / f"{j}-{k}") for j in range(2) for k in range(3)]
+    rows: list[dict[str, Any]] = []
+    ok = True
+    try:
+        lanes: list[Lane | PeerLane] = []
+        for server in servers:
+            server.start()
+        for j, (_, journal) in enumerate(durabilities):
+            ours, with_peers, theirs = servers[3 * j:3 * j + 3]
+            for server, indexes in ((ours, "service"), (with_peers, "peers")):
+                assert server.proc is not None
+                lanes.append(Lane(Settings(mongo_url=server.url, mongo_journal=journal),
+                                  Steps(server.proc.pid), indexes))
+            assert theirs.proc is not None
+            lanes.append(PeerLane(theirs.url, Steps(theirs.proc.pid), journal))
+        asyncio.run(hot_path(lanes, a.tasks, a.batch, a.devices))
+        for j, (durability, _) in enumerate(durabilities):
+            for name, lane in zip(BOUND_LANES, lanes[3 * j:3 * j + 3], strict=True):
+                verified, lane_ok = lane.read_back()
+                ok = ok and lane_ok
+                rows.append({"durability": durability, "lane": name,
+                             "server_ms_per_task": round(sum(lane.steps.cpu.values())
+                                                         / a.tasks * 1000, 3),
+                             "commands_per_task": round(sum(lane.steps.cmds.values())
+                                                        / a.tasks, 3),
+                             "verified": verified})
+    finally:
+        for server in servers:
+            server.stop()
+        shutil.rmtree(data, ignore_errors=True)
+    return rows, ok
+
+
+def print_bound(a: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    print(f"{a.tasks} tasks, sendscript's in batches of {a.batch}: the embedded server's "
+          f"CPU a task")
+    print(f"{'durability':14} {'lane':28} {'server ms/task':>15} {'cmds/task':>10} "
+          f"{'peers / it':>11}")
+    for r in rows:
+        peer = next(x for x in rows if x["durability"] == r["durability"]
+                    and x["lane"] == BOUND_LANES[2])
+        lead = peer["server_ms_per_task"] / r["server_ms_per_task"]
+        print(f"{r['durability']:14} {r['lane']:28} {r['server_ms_per_task']:15.3f} "
+              f"{r['commands_per_task']:10.3f} {lead:10.2f}x")
+    print("peers / it: the peers' job's server CPU a task over this lane's: the most this "
+          "lane can lead the peers by while the server is the bottleneck")
+    for r in rows:
+        for line in r["verified"]:
+            print(f"{r['durability']}, {r['lane']}: {line}")
 
 
 def hot_indexes() -> list[str]:
@@ -387,8 +511,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"of {', '.join(HOT_COLLECTIONS)}; prints what each adds")
     p.add_argument("--shapes", action="store_true",
                    help="what a document write costs by statement shape and indexes")
+    p.add_argument("--bound", action="store_true",
+                   help="the lead over the peers' job the server's cost a task allows")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    if a.bound:
+        rows, ok = bound(a)
+        print_bound(a, rows)
+        if a.json:
+            print(json.dumps({"tasks": a.tasks, "batch": a.batch, "bound": rows,
+                              "verified": ok}))
+        return 0 if ok else 1
     if a.shapes:
         rows, ok = shapes(a)
         print_shapes(a, rows)

@@ -48,23 +48,37 @@ class Context:
         self.prefix = f"peers:{self.name}"
         self.redis = redis.Redis.from_url(env["PEER_REDIS_URL"], socket_timeout=10)
         url = env["PEER_MONGO_URL"]
-        kwargs: dict[str, Any] = {"serverSelectionTimeoutMS": 10000, "socketTimeoutMS": 10000}
-        if env.get("PEER_DURABLE", "1") == "1":
-            kwargs["journal"] = True
-            retry = retry_writes(url)
-            if retry is not None:
-                kwargs["retryWrites"] = retry
-        self.mongo: MongoClient[Any] = MongoClient(url, **kwargs)
+        self.mongo: MongoClient[Any] = MongoClient(
+            url, **mongo_options(url, env.get("PEER_DURABLE", "1") == "1"))
         self.db = self.mongo[f"peers_{self.name}"]
         self.http = httpx.Client(base_url=env["PEER_CENTRAL_URL"], timeout=10,
                                  limits=httpx.Limits(keepalive_expiry=2.0))
         self.release = self.redis.register_script(RELEASE)
 
     def ensure_indexes(self) -> None:
-        """Two indexes a collection, as the peers have them: _id and one."""
-        self.db.tasks.create_index([("status", ASCENDING)])
-        self.db.records.create_index([("task_id", ASCENDING)])
-        self.db.logs.create_index([("task_id", ASCENDING)])
+        ensure_indexes(self.db)
+
+
+def mongo_options(url: str, durable: bool) -> dict[str, Any]:
+    """The job's client: durable, journaled writes and retryWrites as sendscript
+    decides from the URL; else the driver's defaults."""
+    kwargs: dict[str, Any] = {"serverSelectionTimeoutMS": 10000, "socketTimeoutMS": 10000}
+    if durable:
+        kwargs["journal"] = True
+        retry = retry_writes(url)
+        if retry is not None:
+            kwargs["retryWrites"] = retry
+    return kwargs
+
+
+# Two indexes a collection, as the peers have them: _id and one.
+INDEXES = {"tasks": [("status", ASCENDING)], "records": [("task_id", ASCENDING)],
+           "logs": [("task_id", ASCENDING)]}
+
+
+def ensure_indexes(db: Any) -> None:
+    for collection, keys in INDEXES.items():
+        db[collection].create_index(keys)
 
 
 _ctx: Context | None = None
@@ -90,40 +104,53 @@ def run_job(task_id: str, device_id: str, n: int) -> None:
             raise RuntimeError(f"device {device_id} stayed busy")
         time.sleep(0.002)
     try:
-        now = _now()
-        try:
-            db.tasks.insert_one({"_id": task_id, "device_id": device_id,
-                                 "script": {"id": "bench", "args": {"n": n}},
-                                 "status": "pending", "attempt": 0, "created_at": now,
-                                 "updated_at": now})
-        except DuplicateKeyError:  # a redelivery: the task is there already
-            pass
-        db.tasks.update_one({"_id": task_id, "status": "pending"},
-                            {"$set": {"status": "running", "attempt": 1, "updated_at": _now()}})
-        record_id = str(ObjectId())
-        db.records.insert_one({"_id": record_id, "task_id": task_id, "attempt": 1,
-                               "device_id": device_id, "lock_value": fence,
-                               "status": "running", "started_at": _now()})
+        record_id = before_send(db, task_id, device_id, n, fence)
         answer = ctx.http.post("/api/script/send", json={
             "deviceId": device_id, "taskId": task_id, "recordId": record_id,
             "script": {"id": "bench", "args": {"n": n}}})
         answer.raise_for_status()
-        sent = _now()
-        db.tasks.update_one({"_id": task_id, "status": "running"},
-                            {"$set": {"status": "sent", "updated_at": sent}})
-        db.records.update_one({"_id": record_id, "status": "running"},
-                              {"$set": {"status": "sent", "sent_at": sent}})
-        # The device answers at once: its log and result, saved as a consumer saves them.
-        db.logs.insert_one({"_id": f"{record_id}:success", "record_id": record_id,
-                            "task_id": task_id, "device_id": device_id,
-                            "log_type": "SUCCESS", "message": "done", "timestamp": sent,
-                            "received_at": _now()})
-        done = _now()
-        db.tasks.update_one({"_id": task_id, "status": "sent"},
-                            {"$set": {"status": "success", "updated_at": done,
-                                      "finished_at": done}})
-        db.records.update_one({"_id": record_id, "status": "sent"},
-                              {"$set": {"status": "success", "finished_at": done}})
+        after_send(db, task_id, device_id, record_id)
     finally:
         ctx.release(keys=[lock_key], args=[fence])
     r.incr(f"{ctx.prefix}:done")
+
+
+def before_send(db: Any, task_id: str, device_id: str, n: int, fence: int) -> str:
+    """The job's writes before its POST: the task inserted and running, the exec
+    record inserted. Its record id."""
+    now = _now()
+    try:
+        db.tasks.insert_one({"_id": task_id, "device_id": device_id,
+                             "script": {"id": "bench", "args": {"n": n}},
+                             "status": "pending", "attempt": 0, "created_at": now,
+                             "updated_at": now})
+    except DuplicateKeyError:  # a redelivery: the task is there already
+        pass
+    db.tasks.update_one({"_id": task_id, "status": "pending"},
+                        {"$set": {"status": "running", "attempt": 1, "updated_at": _now()}})
+    record_id = str(ObjectId())
+    db.records.insert_one({"_id": record_id, "task_id": task_id, "attempt": 1,
+                           "device_id": device_id, "lock_value": fence,
+                           "status": "running", "started_at": _now()})
+    return record_id
+
+
+def after_send(db: Any, task_id: str, device_id: str, record_id: str) -> None:
+    """The job's writes after its POST: sent (task and record), the log, success
+    (task and record)."""
+    sent = _now()
+    db.tasks.update_one({"_id": task_id, "status": "running"},
+                        {"$set": {"status": "sent", "updated_at": sent}})
+    db.records.update_one({"_id": record_id, "status": "running"},
+                          {"$set": {"status": "sent", "sent_at": sent}})
+    # The device answers at once: its log and result, saved as a consumer saves them.
+    db.logs.insert_one({"_id": f"{record_id}:success", "record_id": record_id,
+                        "task_id": task_id, "device_id": device_id,
+                        "log_type": "SUCCESS", "message": "done", "timestamp": sent,
+                        "received_at": _now()})
+    done = _now()
+    db.tasks.update_one({"_id": task_id, "status": "sent"},
+                        {"$set": {"status": "success", "updated_at": done,
+                                  "finished_at": done}})
+    db.records.update_one({"_id": record_id, "status": "sent"},
+                          {"$set": {"status": "success", "finished_at": done}})
