@@ -30,12 +30,13 @@ server CPU per document write and what each secondary index adds to it, and read
 every document back (all running) before it answers.
 
 The lead over the peers that the server allows: `--bound` runs, each durability,
-sendscript's hot path (batches of `--batch`) with the service's indexes, the same
-with the peers' one index a collection, and the peers' job itself (eight commands
-a task, through bench/peer_jobs/job.py's own write functions and client options),
-each on a fresh server of its own, a batch on each in turn; it prints the server's
-CPU a task of each and the peers' over each lane's: while the server is the
-bottleneck of both (bench.peers), sendscript cannot lead by more than that.
+sendscript's hot path (batches of `--batch`) with the service's indexes (less any
+`--without-index`), the same with the peers' one index a collection, and the
+peers' job itself (eight commands a task, through bench/peer_jobs/job.py's own
+write functions and client options), each on a fresh server of its own, a batch
+on each in turn; it prints the server's CPU a task of each and the peers' over
+each lane's: while the server is the bottleneck of both (bench.peers), sendscript
+cannot lead by more than that.
 
 What is timed is store steps, so the run verifies that the steps did what they
 were timed doing, from the store itself once they are done: every task read back
@@ -335,10 +336,11 @@ def bound(a: argparse.Namespace) -> tuple[list[dict[str, Any]], bool]:
             server.start()
         for j, (_, journal) in enumerate(durabilities):
             ours, with_peers, theirs = servers[3 * j:3 * j + 3]
-            for server, indexes in ((ours, "service"), (with_peers, "peers")):
+            for server, indexes, without in ((ours, "service", a.without_index),
+                                             (with_peers, "peers", [])):
                 assert server.proc is not None
                 lanes.append(Lane(Settings(mongo_url=server.url, mongo_journal=journal),
-                                  Steps(server.proc.pid), indexes))
+                                  Steps(server.proc.pid), indexes, without))
             assert theirs.proc is not None
             lanes.append(PeerLane(theirs.url, Steps(theirs.proc.pid), journal))
         asyncio.run(hot_path(lanes, a.tasks, a.batch, a.devices))
@@ -360,8 +362,9 @@ def bound(a: argparse.Namespace) -> tuple[list[dict[str, Any]], bool]:
 
 
 def print_bound(a: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    dropped = f" (sendscript without {', '.join(a.without_index)})" if a.without_index else ""
     print(f"{a.tasks} tasks, sendscript's in batches of {a.batch}: the embedded server's "
-          f"CPU a task")
+          f"CPU a task{dropped}")
     print(f"{'durability':14} {'lane':28} {'server ms/task':>15} {'cmds/task':>10} "
           f"{'peers / it':>11}")
     for r in rows:
