@@ -518,20 +518,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the lead over the peers' job the server's cost a task allows")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    if a.bound:
-        rows, ok = bound(a)
-        print_bound(a, rows)
-        if a.json:
-            print(json.dumps({"tasks": a.tasks, "batch": a.batch, "bound": rows,
-                              "verified": ok}))
-        return 0 if ok else 1
-    if a.shapes:
-        rows, ok = shapes(a)
-        print_shapes(a, rows)
-        if a.json:
-            print(json.dumps({"tasks": a.tasks, "batch": a.batch, "shapes": rows,
-                              "verified": ok}))
-        return 0 if ok else 1
+    for flag, measure_rows, print_rows in (("bound", bound, print_bound),
+                                           ("shapes", shapes, print_shapes)):
+        if getattr(a, flag):
+            rows, ok = measure_rows(a)
+            print_rows(a, rows)
+            if a.json:
+                print(json.dumps({"tasks": a.tasks, "batch": a.batch, flag: rows,
+                                  "verified": ok}))
+            return 0 if ok else 1
     if a.per_index:
         full, added, ok = per_index(a)
         if a.json:
