@@ -135,7 +135,9 @@ class Lane:
         await self.client.close()
 
     def read_back(self) -> tuple[list[str], bool]:
-        return read_back(self.settings, self.task_ids, self.record_ids)
+        with MongoClient(self.settings.mongo_url, socketTimeoutMS=120_000) as mongo:
+            return read_back(connect.database(mongo), self.task_ids, self.record_ids,
+                             (TASKS, RECORDS, LOGS))
 
     async def setup(self) -> None:
         if self.indexes == "service":
@@ -229,14 +231,8 @@ class PeerLane:
 
     def read_back(self) -> tuple[list[str], bool]:
         with MongoClient(self.url, socketTimeoutMS=120_000) as mongo:
-            db = mongo[self.db.name]
-            tasks = tally.by_ids(db, self.task_ids, "tasks")
-            records = tally.by_ids(db, self.record_ids, "records")
-            logs = db.logs.count_documents({})
-        n = len(self.task_ids)
-        ok = (tasks.ok and tasks.statuses == {"success": n} and records.ok
-              and records.statuses == {"success": n} and logs == n)
-        return [tasks.line(), f"exec records: {records.statuses} of {n}; logs: {logs} of {n}"], ok
+            return read_back(mongo[self.db.name], self.task_ids, self.record_ids,
+                             ("tasks", "records", "logs"))
 
     async def close(self) -> None:
         self.mongo.close()
@@ -262,15 +258,15 @@ async def hot_path(lanes: Sequence[Lane | PeerLane], tasks: int, batch: int, dev
             await lane.close()
 
 
-def read_back(settings: Settings, task_ids: list[str], record_ids: list[str]
-              ) -> tuple[list[str], bool]:
+def read_back(db: Any, task_ids: list[str], record_ids: list[str],
+              collections: tuple[str, str, str]) -> tuple[list[str], bool]:
     """Every write of the steps, from the store: each task and record success (the
-    last step's), and a log a task. The lines to print, and whether all are there."""
-    with MongoClient(settings.mongo_url, socketTimeoutMS=120_000) as mongo:
-        db = connect.database(mongo)
-        tasks = tally.by_ids(db, task_ids)
-        records = tally.by_ids(db, record_ids, RECORDS)
-        logs = db[LOGS].count_documents({})  # a fresh server: only this run's
+    last step's), and a log a task, in `collections` (tasks, records, logs). The
+    lines to print, and whether all are there."""
+    tasks_at, records_at, logs_at = collections
+    tasks = tally.by_ids(db, task_ids, tasks_at)
+    records = tally.by_ids(db, record_ids, records_at)
+    logs = db[logs_at].count_documents({})  # a fresh server: only this run's
     n = len(task_ids)
     ok = (tasks.statuses == {"success": n} and tasks.ok and records.ok
           and records.statuses == {"success": n} and logs == n)
