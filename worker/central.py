@@ -23,6 +23,8 @@ honour.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -147,6 +149,49 @@ def check_response(response: httpx.Response) -> None:
 KEEPALIVE_EXPIRY_S = 2.0
 
 
+class Lanes:
+    """Connections to central-control, each an `httpx.AsyncClient` of one connection
+    (a lane), lent to one send at a time.
+
+    Why not one client with a pool of `max_connections`: httpx's pool looks over every
+    connection it holds, for each request waiting, on every request and every answer
+    (a poll and a getpeername of each idle one). At 32 connections that costs more CPU
+    than the rest of the request (`python -m bench.central_client`). A lane is made
+    when none is free and fewer than `size` exist; the most recently used is lent
+    first, so the rest go idle and close after `KEEPALIVE_EXPIRY_S`."""
+
+    def __init__(self, make: Callable[[], httpx.AsyncClient], size: int,
+                 wait_s: float) -> None:
+        self._make = make
+        self._size = size
+        self._wait_s = wait_s
+        self._free: asyncio.LifoQueue[httpx.AsyncClient] = asyncio.LifoQueue()
+        self._all: list[httpx.AsyncClient] = []
+
+    async def take(self) -> httpx.AsyncClient:
+        """A free lane; `httpx.PoolTimeout` when none came free within `wait_s` (the
+        send never left)."""
+        if not self._free.empty():
+            return self._free.get_nowait()
+        if len(self._all) < self._size:
+            lane = self._make()
+            self._all.append(lane)
+            return lane
+        try:
+            return await asyncio.wait_for(self._free.get(), self._wait_s)
+        except TimeoutError:
+            raise httpx.PoolTimeout(
+                f"no connection to central-control came free in {self._wait_s:g} s"
+            ) from None
+
+    def give_back(self, lane: httpx.AsyncClient) -> None:
+        self._free.put_nowait(lane)
+
+    async def aclose(self) -> None:
+        for lane in self._all:
+            await lane.aclose()
+
+
 class CentralClient:
     def __init__(
         self,
@@ -157,20 +202,25 @@ class CentralClient:
         max_connections: int = 100,
         pool_timeout_s: float | None = None,
     ) -> None:
-        # A send waits for a pooled connection at most `pool_timeout_s` (by default
+        # A send waits for a free connection at most `pool_timeout_s` (by default
         # `timeout_s`), and gives up without writing anything (never sent).
         pool = timeout_s if pool_timeout_s is None else pool_timeout_s
-        self._http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"),
-            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s, pool=pool),
-            # An idle connection is dropped well before common servers close theirs
-            # (uvicorn, node: 5 s): a request written as the server closes it fails
-            # with a ReadError, which must count as maybe sent, locking the device
-            # until the result timeout. httpx's default (5 s) races uvicorn's.
-            limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections,
-                                keepalive_expiry=KEEPALIVE_EXPIRY_S),
-        )
+        tls = httpx.create_ssl_context()  # one for all lanes: each would load the CAs
+
+        def lane() -> httpx.AsyncClient:
+            return httpx.AsyncClient(
+                base_url=base_url.rstrip("/"), verify=tls,
+                timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s, pool=pool),
+                # An idle connection is dropped well before common servers close
+                # theirs (uvicorn, node: 5 s): a request written as the server closes
+                # it fails with a ReadError, which must count as maybe sent, locking
+                # the device until the result timeout. httpx's default (5 s) races
+                # uvicorn's.
+                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1,
+                                    keepalive_expiry=KEEPALIVE_EXPIRY_S),
+            )
+
+        self._lanes = Lanes(lane, max_connections, pool)
 
     async def send_script(
         self, *, device_id: str, task_id: str, record_id: str, script: dict[str, Any],
@@ -181,11 +231,15 @@ class CentralClient:
         body = {"deviceId": device_id, "taskId": task_id, "recordId": record_id,
                 "script": script}
         try:
-            response = await self._http.post("/api/script/send", json=body,
-                                             headers=tracing.headers(trace) or None)
+            lane = await self._lanes.take()
+            try:
+                response = await lane.post("/api/script/send", json=body,
+                                           headers=tracing.headers(trace) or None)
+            finally:
+                self._lanes.give_back(lane)
         except httpx.TransportError as exc:
             raise transport_error(exc) from exc
         check_response(response)
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._lanes.aclose()

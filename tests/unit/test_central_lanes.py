@@ -1,0 +1,125 @@
+"""The central-control client's connections (lanes), against a real keep-alive HTTP
+server on 127.0.0.1 that counts the connections it is given."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from worker.central import CentralClient, CentralError
+
+ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+          b"Content-Length: 17\r\n\r\n{\"success\": true}")
+
+
+@dataclass
+class Farm:
+    connections: int = 0  # accepted, ever
+    open_now: int = 0
+    most_open: int = 0
+    answered: list[str] = field(default_factory=list)
+    hold: set[str] = field(default_factory=set)  # task ids read but never answered
+    held: asyncio.Event = field(default_factory=asyncio.Event)
+    pause_s: float = 0.0  # before each answer, so sends overlap
+
+
+@asynccontextmanager
+async def keep_alive_server(farm: Farm) -> AsyncIterator[str]:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        farm.connections += 1
+        farm.open_now += 1
+        farm.most_open = max(farm.most_open, farm.open_now)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                body = await reader.readexactly(length)
+                task_id = json.loads(body)["taskId"]
+                if task_id in farm.hold:
+                    farm.held.set()
+                    await reader.read()  # until the client closes
+                    return
+                await asyncio.sleep(farm.pause_s)
+                farm.answered.append(task_id)
+                writer.write(ANSWER)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, StopIteration):
+            pass
+        finally:
+            farm.open_now -= 1
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+def send(task_id: str) -> dict[str, Any]:
+    return {"device_id": "dev-1", "task_id": task_id, "record_id": f"r-{task_id}",
+            "script": {"id": "s"}}
+
+
+async def test_sends_one_after_another_ride_one_connection() -> None:
+    farm = Farm()
+    async with keep_alive_server(farm) as url:
+        c = CentralClient(url, connect_timeout_s=1.0, timeout_s=2.0, max_connections=8)
+        try:
+            for i in range(10):
+                await c.send_script(**send(f"t-{i}"))
+        finally:
+            await c.aclose()
+    assert farm.answered == [f"t-{i}" for i in range(10)]
+    assert farm.connections == 1
+
+
+async def test_concurrent_sends_open_at_most_max_connections_and_reuse_them() -> None:
+    farm = Farm(pause_s=0.01)
+    async with keep_alive_server(farm) as url:
+        c = CentralClient(url, connect_timeout_s=1.0, timeout_s=5.0, max_connections=4)
+        try:
+            await asyncio.gather(*(c.send_script(**send(f"t-{i}")) for i in range(40)))
+        finally:
+            await c.aclose()
+    assert sorted(farm.answered) == sorted(f"t-{i}" for i in range(40))
+    assert farm.most_open <= 4 and farm.connections == 4
+
+
+async def test_a_cancelled_send_gives_its_connection_back() -> None:
+    farm = Farm(hold={"t-held"})
+    async with keep_alive_server(farm) as url:
+        c = CentralClient(url, connect_timeout_s=1.0, timeout_s=5.0, max_connections=1,
+                          pool_timeout_s=0.5)
+        try:
+            held = asyncio.create_task(c.send_script(**send("t-held")))
+            await asyncio.wait_for(farm.held.wait(), 5)
+            held.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await held
+            await c.send_script(**send("t-next"))  # not a PoolTimeout
+        finally:
+            await c.aclose()
+    assert farm.answered == ["t-next"]
+
+
+async def test_a_failed_send_gives_its_connection_back() -> None:
+    farm = Farm(hold={"t-slow"})
+    async with keep_alive_server(farm) as url:
+        c = CentralClient(url, connect_timeout_s=1.0, timeout_s=0.3, max_connections=1,
+                          pool_timeout_s=0.3)
+        try:
+            with pytest.raises(CentralError) as info:
+                await c.send_script(**send("t-slow"))
+            assert info.value.maybe_sent is True
+            await c.send_script(**send("t-next"))
+        finally:
+            await c.aclose()
+    assert farm.answered == ["t-next"]
