@@ -158,7 +158,8 @@ class Lanes:
     (a poll and a getpeername of each idle one). At 32 connections that costs more CPU
     than the rest of the request (`python -m bench.central_client`). A lane is made
     when none is free and fewer than `size` exist; the most recently used is lent
-    first, so the rest go idle and close after `KEEPALIVE_EXPIRY_S`."""
+    first, so the fewest connections stay warm. A lane's connection idle longer than
+    `KEEPALIVE_EXPIRY_S` is not reused: its next send opens a new one."""
 
     def __init__(self, make: Callable[[], httpx.AsyncClient], size: int,
                  wait_s: float) -> None:
