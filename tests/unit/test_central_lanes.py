@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from worker.central import CentralClient, CentralError
+from worker.central import KEEPALIVE_EXPIRY_S, CentralClient, CentralError
 
 ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
           b"Content-Length: 17\r\n\r\n{\"success\": true}")
@@ -123,3 +123,24 @@ async def test_a_failed_send_gives_its_connection_back() -> None:
         finally:
             await c.aclose()
     assert farm.answered == ["t-next"]
+
+
+async def test_a_connection_idle_past_the_keepalive_expiry_is_not_reused() -> None:
+    """uvicorn and node close idle keep-alive connections after 5 s; a request written on
+    one as it closes fails with a ReadError, counted as maybe sent (the device stays
+    locked until the result timeout). httpx keeps them 5 s by default: a race. The
+    client drops them sooner."""
+    assert KEEPALIVE_EXPIRY_S < 5.0
+    farm = Farm()
+    async with keep_alive_server(farm) as url:
+        c = CentralClient(url, connect_timeout_s=1.0, timeout_s=2.0, max_connections=4)
+        try:
+            await c.send_script(**send("t-1"))
+            await c.send_script(**send("t-2"))
+            assert farm.connections == 1
+            await asyncio.sleep(KEEPALIVE_EXPIRY_S + 0.3)
+            await c.send_script(**send("t-3"))
+        finally:
+            await c.aclose()
+    assert farm.answered == ["t-1", "t-2", "t-3"]
+    assert farm.connections == 2
