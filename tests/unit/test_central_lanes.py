@@ -68,60 +68,53 @@ def send(task_id: str) -> dict[str, Any]:
             "script": {"id": "s"}}
 
 
-async def test_sends_one_after_another_ride_one_connection() -> None:
-    farm = Farm()
+@asynccontextmanager
+async def central(farm: Farm, **options: Any) -> AsyncIterator[CentralClient]:
+    """A client of the farm's server, closed after."""
     async with keep_alive_server(farm) as url:
-        c = CentralClient(url, connect_timeout_s=1.0, timeout_s=2.0, max_connections=8)
+        c = CentralClient(url, connect_timeout_s=1.0, **options)
         try:
-            for i in range(10):
-                await c.send_script(**send(f"t-{i}"))
+            yield c
         finally:
             await c.aclose()
+
+
+async def test_sends_one_after_another_ride_one_connection() -> None:
+    farm = Farm()
+    async with central(farm, timeout_s=2.0, max_connections=8) as c:
+        for i in range(10):
+            await c.send_script(**send(f"t-{i}"))
     assert farm.answered == [f"t-{i}" for i in range(10)]
     assert farm.connections == 1
 
 
 async def test_concurrent_sends_open_at_most_max_connections_and_reuse_them() -> None:
     farm = Farm(pause_s=0.01)
-    async with keep_alive_server(farm) as url:
-        c = CentralClient(url, connect_timeout_s=1.0, timeout_s=5.0, max_connections=4)
-        try:
-            await asyncio.gather(*(c.send_script(**send(f"t-{i}")) for i in range(40)))
-        finally:
-            await c.aclose()
+    async with central(farm, timeout_s=5.0, max_connections=4) as c:
+        await asyncio.gather(*(c.send_script(**send(f"t-{i}")) for i in range(40)))
     assert sorted(farm.answered) == sorted(f"t-{i}" for i in range(40))
     assert farm.most_open <= 4 and farm.connections == 4
 
 
 async def test_a_cancelled_send_gives_its_connection_back() -> None:
     farm = Farm(hold={"t-held"})
-    async with keep_alive_server(farm) as url:
-        c = CentralClient(url, connect_timeout_s=1.0, timeout_s=5.0, max_connections=1,
-                          pool_timeout_s=0.5)
-        try:
-            held = asyncio.create_task(c.send_script(**send("t-held")))
-            await asyncio.wait_for(farm.held.wait(), 5)
-            held.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await held
-            await c.send_script(**send("t-next"))  # not a PoolTimeout
-        finally:
-            await c.aclose()
+    async with central(farm, timeout_s=5.0, max_connections=1, pool_timeout_s=0.5) as c:
+        held = asyncio.create_task(c.send_script(**send("t-held")))
+        await asyncio.wait_for(farm.held.wait(), 5)
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        await c.send_script(**send("t-next"))  # not a PoolTimeout
     assert farm.answered == ["t-next"]
 
 
 async def test_a_failed_send_gives_its_connection_back() -> None:
     farm = Farm(hold={"t-slow"})
-    async with keep_alive_server(farm) as url:
-        c = CentralClient(url, connect_timeout_s=1.0, timeout_s=0.3, max_connections=1,
-                          pool_timeout_s=0.3)
-        try:
-            with pytest.raises(CentralError) as info:
-                await c.send_script(**send("t-slow"))
-            assert info.value.maybe_sent is True
-            await c.send_script(**send("t-next"))
-        finally:
-            await c.aclose()
+    async with central(farm, timeout_s=0.3, max_connections=1, pool_timeout_s=0.3) as c:
+        with pytest.raises(CentralError) as info:
+            await c.send_script(**send("t-slow"))
+        assert info.value.maybe_sent is True
+        await c.send_script(**send("t-next"))
     assert farm.answered == ["t-next"]
 
 
@@ -132,15 +125,11 @@ async def test_a_connection_idle_past_the_keepalive_expiry_is_not_reused() -> No
     client drops them sooner."""
     assert KEEPALIVE_EXPIRY_S < 5.0
     farm = Farm()
-    async with keep_alive_server(farm) as url:
-        c = CentralClient(url, connect_timeout_s=1.0, timeout_s=2.0, max_connections=4)
-        try:
-            await c.send_script(**send("t-1"))
-            await c.send_script(**send("t-2"))
-            assert farm.connections == 1
-            await asyncio.sleep(KEEPALIVE_EXPIRY_S + 0.3)
-            await c.send_script(**send("t-3"))
-        finally:
-            await c.aclose()
+    async with central(farm, timeout_s=2.0, max_connections=4) as c:
+        await c.send_script(**send("t-1"))
+        await c.send_script(**send("t-2"))
+        assert farm.connections == 1
+        await asyncio.sleep(KEEPALIVE_EXPIRY_S + 0.3)
+        await c.send_script(**send("t-3"))
     assert farm.answered == ["t-1", "t-2", "t-3"]
     assert farm.connections == 2
