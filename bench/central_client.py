@@ -33,7 +33,13 @@ from typing import Any
 import httpx
 
 from sendscript.dev.embedded import free_port
-from worker.central import KEEPALIVE_EXPIRY_S, CentralClient, check_response
+from worker.central import (
+    KEEPALIVE_EXPIRY_S,
+    SEND_PATH,
+    CentralClient,
+    check_response,
+    send_body,
+)
 
 BODY = b'{"success": true}'
 ANSWER = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
@@ -78,13 +84,18 @@ def serve(port: int, answer_ms: float) -> None:
 Send = Callable[[int], Awaitable[None]]
 
 
+def sent(i: int) -> dict[str, Any]:
+    """The i-th send's arguments, the same both ways."""
+    return {"device_id": f"phone-{i % 200:05d}", "task_id": f"t-{i}", "record_id": f"r-{i}",
+            "script": {"id": "bench", "args": {"n": i}}}
+
+
 def lanes(url: str, concurrency: int) -> tuple[Send, Callable[[], Awaitable[None]]]:
     client = CentralClient(url, connect_timeout_s=3.0, timeout_s=10.0,
                            max_connections=concurrency)
 
     async def send(i: int) -> None:
-        await client.send_script(device_id=f"phone-{i % 200:05d}", task_id=f"t-{i}",
-                                 record_id=f"r-{i}", script={"id": "bench", "args": {"n": i}})
+        await client.send_script(**sent(i))
     return send, client.aclose
 
 
@@ -96,9 +107,7 @@ def one_pool(url: str, concurrency: int) -> tuple[Send, Callable[[], Awaitable[N
                             keepalive_expiry=KEEPALIVE_EXPIRY_S))
 
     async def send(i: int) -> None:
-        body = {"deviceId": f"phone-{i % 200:05d}", "taskId": f"t-{i}", "recordId": f"r-{i}",
-                "script": {"id": "bench", "args": {"n": i}}}
-        check_response(await client.post("/api/script/send", json=body))
+        check_response(await client.post(SEND_PATH, json=send_body(**sent(i))))
     return send, client.aclose
 
 

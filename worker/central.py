@@ -147,6 +147,13 @@ def check_response(response: httpx.Response) -> None:
 
 
 KEEPALIVE_EXPIRY_S = 2.0
+SEND_PATH = "/api/script/send"
+
+
+def send_body(device_id: str, task_id: str, record_id: str,
+              script: dict[str, Any]) -> dict[str, Any]:
+    """The JSON body of a send (the contract's names)."""
+    return {"deviceId": device_id, "taskId": task_id, "recordId": record_id, "script": script}
 
 
 class Lanes:
@@ -229,12 +236,11 @@ class CentralClient:
     ) -> None:
         """`trace`: the send's trace context, passed on as W3C `traceparent` (and
         `tracestate`) headers."""
-        body = {"deviceId": device_id, "taskId": task_id, "recordId": record_id,
-                "script": script}
+        body = send_body(device_id, task_id, record_id, script)
         try:
             lane = await self._lanes.take()
             try:
-                response = await lane.post("/api/script/send", json=body,
+                response = await lane.post(SEND_PATH, json=body,
                                            headers=tracing.headers(trace) or None)
             finally:
                 self._lanes.give_back(lane)
