@@ -25,8 +25,17 @@ from sendscript.dedupe import describe as describe_dedupe
 from sendscript.keys import Keys
 from sendscript.models import PULL
 from sendscript.report import breaker_view
+from sendscript.search_reads import batch_counts, newest
 from sendscript.settings import Settings
-from sendscript.store import DEVICES, GROUPS, LOGS, RECORDS, SCHEDULES, TASKS
+from sendscript.store import (
+    DEVICES,
+    GROUPS,
+    LOGS,
+    RECORDS,
+    SCHEDULES,
+    TASKS,
+)
+from sendscript.task_search import SEARCH
 
 AUDIT = "audit"
 MAX_LOGS = 500
@@ -304,8 +313,7 @@ def device_detail(stores: Stores, device_id: str) -> dict[str, Any]:
         if rec is not None:
             running = {"task_id": rec.get("task_id"), "attempt": rec.get("attempt"),
                        "record_id": rec.get("_id"), "status": rec.get("status")}
-    recent = list(db[TASKS].find({"device_id": device_id}, TASK_ROW)
-                  .sort([("created_at", DESCENDING), ("_id", DESCENDING)]).limit(20))
+    recent = newest(db, 20, {"device_id": device_id}, projection=TASK_ROW)
     health = _json(r.hget(keys.device_health, device_id)) if r.hexists(
         keys.device_health, device_id) else {}
     groups = [d["_id"] for d in db[GROUPS].find({"devices": device_id}, {"_id": 1}).limit(100)]
@@ -368,17 +376,16 @@ def schedules(stores: Stores) -> list[dict[str, Any]]:
 
 def batches(stores: Stores, limit: int = 20) -> list[dict[str, Any]]:
     """The newest fan-out batches with their progress per status."""
-    col = stores.db[TASKS]
     seen: dict[str, Any] = {}
-    for d in col.find({"batch_id": {"$type": "string"}}, {"batch_id": 1, "created_at": 1}) \
+    for d in stores.db[SEARCH].find({"batch_id": {"$type": "string"}},
+                                    {"batch_id": 1, "created_at": 1}) \
             .sort("created_at", DESCENDING).limit(5000):
         seen.setdefault(d["batch_id"], d.get("created_at"))
         if len(seen) >= limit:
             break
     out = []
     for batch_id, created in seen.items():
-        counts = {r["_id"]: r["n"] for r in col.aggregate([
-            {"$match": {"batch_id": batch_id}}, {"$group": {"_id": "$status", "n": {"$sum": 1}}}])}
+        counts = batch_counts(stores.db, batch_id)
         total = sum(counts.values())
         done = sum(n for s, n in counts.items() if s in ("success", "failed", "cancelled",
                                                           "expired"))

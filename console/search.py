@@ -10,11 +10,14 @@ reads every document an index range names, sorts in memory and only then limits)
 
 - Paging is by cursor (`after`: the last item's created_at and id), so a deep page
   costs what the first one does.
-- Each query is one *window* of created_at, newest first, with the whole filter:
-  the server returns only the page's matches. A window rides the narrowest index
-  there is for it (`store.TASK_INDEXES`): device + created_at for a device, batch +
-  created_at (+ id, for a fan-out's ties) for a batch, created_at for the rest, where
-  the server reads the window and filters it.
+- Each query is one *window* of created_at, newest first, over the tasks' search
+  documents (`sendscript/task_search.py`), with what they answer of the filter
+  (device, batch, queue, script). A window rides the narrowest index there is for
+  it: device + created_at for a device, batch + created_at (+ id, for a fan-out's
+  ties) for a batch, created_at for the rest, where the server reads the window and
+  filters it. A status or error, which change, are matched on the tasks themselves,
+  read by id for the window's ids; a search for a few statuses alone reads the
+  tasks' (status, run_at) index instead (`_plan_by_status`).
 - Windows widen from `FIRST_WINDOW_S` as fast as the matches found so far say
   they must to fill the page, and no faster than the time the last window took
   says the remaining budget allows.
@@ -41,7 +44,8 @@ from pymongo.errors import ExecutionTimeout
 
 from sendscript.models import EARLIEST_DUE
 from sendscript.status import TaskStatus
-from sendscript.store import GROUPS, TASKS
+from sendscript.store import GROUPS, TASKS, chunks
+from sendscript.task_search import SEARCH
 
 MAX_LIMIT = 200
 MAX_DEVICES = 1000
@@ -205,6 +209,7 @@ class Read:
     limit: int
     budgeted: bool = True
     fields: dict[str, Any] | None = None  # the projection; None: LIST_FIELDS
+    search: bool = False  # of the search documents (LISTED_FIELDS), not the tasks
 
 
 class Widths:
@@ -263,26 +268,34 @@ def _plan(q: TaskQuery, flt: dict[str, Any], now: datetime) -> Plan:
 
 
 def _plan_windows(q: TaskQuery, flt: dict[str, Any], now: datetime) -> Plan:
-    """Windows of created_at with the whole filter. A cursor's ties (tasks created in
-    the same millisecond, e.g. a fan-out) are read first, by id, whatever the budget
-    (they cannot be skipped); then windows back to the range's start."""
+    """Windows of created_at over the tasks' search documents, then the tasks by id. A
+    cursor's ties (tasks created in the same millisecond, e.g. a fan-out) are read
+    first, by id, whatever the budget (they cannot be skipped); then windows back to
+    the range's start. What a task is found by (device, batch, queue, script) is in
+    its search document; what changes (status, error) is matched on the task, read by
+    id for the window's ids. The page's tasks are read by id at the end."""
     limit = _limit(q)
     lo, hi, cursor = _bounds(q, now)
+    found_by, changing = _split(flt)
     items: list[dict[str, Any]] = []
     queries = 0
     if cursor is not None:
         at, task_id = cursor
         hi = min(hi, at)
         if lo <= at and task_id:
-            got = yield Read({**_indexed_first(flt, at), "_id": {"$lt": task_id}}, limit + 1,
-                             budgeted=False)
+            got = yield Read({**_indexed_first(found_by, at), "_id": {"$lt": task_id}},
+                             0 if changing else limit + 1, budgeted=False, search=True)
             queries += 1
-            items += got[0] if got else []
+            docs = got[0] if got else []
+            if changing and docs:
+                kept = yield from _tasks_matching(docs, changing, budgeted=False)
+                queries += len(chunks(docs))
+                docs = kept[0] if kept else []
+            items += docs
     # A device list is matched here, not by the server: the embedded one spends
-    # ~45 us a document on a 50-value $in. Its windows return ids and devices only;
-    # the page's documents are read by id at the end.
-    listed = flt.get("device_id") if isinstance(flt.get("device_id"), dict) else None
-    served = {k: v for k, v in flt.items() if k != "device_id"} if listed else flt
+    # ~45 us a document on a 50-value $in.
+    listed = found_by.get("device_id") if isinstance(found_by.get("device_id"), dict) else None
+    served = {k: v for k, v in found_by.items() if k != "device_id"} if listed else found_by
     widths = Widths()
     width = widths.width
     top = hi
@@ -290,25 +303,63 @@ def _plan_windows(q: TaskQuery, flt: dict[str, Any], now: datetime) -> Plan:
     while top > lo and len(items) <= limit and queries < MAX_WINDOWS:
         bottom = max(lo, top - width)
         window = _indexed_first(served, {**_at_or_after(bottom), "$lt": top})
-        got = yield (Read(window, 0, fields=LISTED_FIELDS) if listed
-                     else Read(window, limit + 1 - len(items)))
+        whole = listed is not None or bool(changing)  # every id of the window is wanted
+        got = yield Read(window, 0 if whole else limit + 1 - len(items), search=True)
         queries += 1
         if got is None:
             page = _page(items, limit, flt, queries, top=top, partial_at=top)
             break
         docs, took_ms, left_ms = got
         found = [d for d in docs if matches({"device_id": listed}, d)] if listed else docs
+        if changing and found:
+            kept = yield from _tasks_matching(found, changing)
+            queries += len(chunks(found))
+            if kept is None:
+                page = _page(items, limit, flt, queries, top=top, partial_at=top)
+                break
+            found, took_ms, left_ms = kept[0], took_ms + kept[1], kept[2]
         items += found
         width = widths.next(top - bottom, len(found), limit + 1 - len(items), took_ms, left_ms)
         top = bottom
     if page is None:
         page = _page(items, limit, flt, queries, top=top if top > lo else None)
-    if listed and page.items:
+    if page.items:
         got = yield Read({"_id": {"$in": [d["_id"] for d in page.items]}}, 0, budgeted=False)
         full = {d["_id"]: d for d in (got[0] if got else [])}
+        # A search document whose task is not there (yet, or any more) lists nothing.
         page.items = [full[d["_id"]] for d in page.items if d["_id"] in full]
         page.queries += 1
     return page
+
+
+# Filter fields a task's search document carries (sendscript/task_search.py), by the
+# name the task has them under: they never change, so the search document answers them.
+FOUND_BY = {"batch_id": "batch_id", "device_id": "device_id", "queue": "queue",
+            "script.id": "script_id"}
+
+
+def _split(flt: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`flt` as (what the search documents answer, by their names; what only the task
+    does: its status and error, which change)."""
+    found_by = {FOUND_BY[k]: v for k, v in flt.items() if k in FOUND_BY}
+    return found_by, {k: v for k, v in flt.items() if k not in FOUND_BY}
+
+
+def _tasks_matching(docs: list[dict[str, Any]], changing: dict[str, Any],
+                    budgeted: bool = True) -> Generator[Read, Answer, Answer]:
+    """Of the search documents `docs`, those whose task matches `changing`, read by id
+    in chunks; with the ms the reads took and the ms left (None: the budget ran out)."""
+    wanted: set[str] = set()
+    took_ms = left_ms = 0.0
+    for ids in chunks([d["_id"] for d in docs]):
+        got = yield Read({"_id": {"$in": ids}, **changing}, 0, budgeted=budgeted,
+                         fields={"_id": 1})
+        if got is None:
+            return None
+        wanted.update(d["_id"] for d in got[0])
+        took_ms += got[1]
+        left_ms = got[2]
+    return [d for d in docs if d["_id"] in wanted], took_ms, left_ms
 
 
 def _by_status(flt: dict[str, Any]) -> list[str] | None:
@@ -422,8 +473,11 @@ class _Budget:
         return (self.deadline - time.monotonic()) * 1000
 
     def cursor(self, db: Any, read: Read) -> Any | None:
-        cursor = db[TASKS].find(read.filter, read.fields or LIST_FIELDS) \
-            .sort(NEWEST_FIRST).limit(read.limit)
+        if read.search:
+            found = db[SEARCH].find(read.filter, LISTED_FIELDS)
+        else:
+            found = db[TASKS].find(read.filter, read.fields or LIST_FIELDS)
+        cursor = found.sort(NEWEST_FIRST).limit(read.limit)
         self.started = time.monotonic()
         if not read.budgeted:
             return cursor

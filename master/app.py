@@ -50,6 +50,7 @@ from master.reconcile import HeldTasks
 from master.recovery import Recovery
 from master.retention import Retention
 from master.scheduler import Scheduler
+from master.search_upkeep import SearchUpkeep
 from master.sharing import WorkSharing
 from master.sweeper import Sweeper
 from master.tracing import TaskTraces
@@ -131,6 +132,7 @@ class Master:
         self.counts = CountKeeper(s, self.redis, self.db, self.lease.is_leading,
                                   self.lease.guard)
         self.retention = Retention(s, self.db, self.lease.is_leading, self.lease)
+        self.search_upkeep = SearchUpkeep(s, self.db, self.lease.is_leading)
         if s.master_health_port:
             self.health = HealthServer(s.health_host, s.master_health_port,
                                        master_checks(self), "master")
@@ -173,7 +175,7 @@ class Master:
             "queue-caps": self.queue_caps, "adaptive-limits": self.adaptive,
             "breaker": self.breaker, "drop-rate": self.drop_rate,
             "metrics": self.metering, "counts": self.counts,
-            "retention": self.retention,
+            "retention": self.retention, "search-upkeep": self.search_upkeep,
         }
         if self.settings.master_health_port:
             self.loops["health"] = self.health

@@ -10,7 +10,8 @@ expires. On MongoDB the logs' TTL index stays (`store.all_indexes`) and deletes 
 same logs, whichever comes first; tasks and records have no TTL index.
 
 What is due, per collection: `script_tasks` past their `purge_at`; their exec records
-with them; `task_logs` received more than the longest retention ago (the log TTL).
+and search documents with them; `task_logs` received more than the longest retention
+ago (the log TTL).
 
 Finished tasks are found through the `updated_at` index, which the counts keeper, the
 orphan sweep and reconciliation read as well: a finished task's `updated_at` is the
@@ -50,6 +51,7 @@ from sendscript.models import utcnow
 from sendscript.settings import Settings
 from sendscript.status import TERMINAL, TaskStatus
 from sendscript.store import LOGS, RECORDS, TASKS, chunks
+from sendscript.task_search import SEARCH
 
 BATCH = 1000  # documents one query returns, and one delete removes, at most
 READS = 200  # reads of one collection per sweep at most: the rest waits for the next
@@ -208,3 +210,18 @@ class Retention:
             result = await self.db[target.collection].delete_many(
                 {"_id": {"$in": part}, **due})
             done[target.collection] += result.deleted_count
+            if target.collection == TASKS:
+                await self._delete_search(part, result.deleted_count)
+
+    async def _delete_search(self, ids: list[Any], deleted: int) -> None:
+        """The search documents of the tasks just deleted. After the tasks: a crash
+        between leaves search documents no task answers, which readers skip, never a
+        task search cannot find. A task that stopped being due under the delete (retried
+        by hand) was kept, and so is its search document."""
+        gone = ids
+        if deleted < len(ids):
+            kept = {d["_id"] async for d in self.db[TASKS].find({"_id": {"$in": ids}},
+                                                                {"_id": 1})}
+            gone = [i for i in ids if i not in kept]
+        if gone:
+            await self.db[SEARCH].delete_many({"_id": {"$in": gone}})

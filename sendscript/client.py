@@ -72,6 +72,7 @@ from sendscript.models import (
 from sendscript.queue import push_refs
 from sendscript.replicas import NotReplicated, ReplicaWait, push
 from sendscript.schedules import Schedule
+from sendscript.search_reads import batch_counts, batch_ids, newest
 from sendscript.settings import Settings
 from sendscript.status import (
     CANCELLABLE,
@@ -83,6 +84,7 @@ from sendscript.status import (
 )
 from sendscript.store import (
     GROUPS,
+    ID_CHUNK,
     RECORDS,
     SCHEDULES,
     TASKS,
@@ -92,6 +94,7 @@ from sendscript.store import (
 )
 
 HOLDER_KEPT_S = 1.0  # how long the SDK keeps the live master it chose
+RARE_STATUS = 20  # fewer tasks of a status than this times a list's limit: read them all
 
 
 @dataclass(frozen=True)
@@ -407,9 +410,17 @@ class SendScriptClient:
         return list(self._db[RECORDS].find({"task_id": task_id}).sort("attempt", 1))
 
     def list(self, status: str | None = None, limit: int = 50) -> list[Task]:
-        flt = {"status": status} if status else {}
-        cursor = self._db[TASKS].find(flt).sort("created_at", DESCENDING).limit(limit)
-        return [Task.model_validate(d) for d in cursor]
+        """The newest `limit` tasks (of a status), newest first. A status that few
+        tasks have is read through its index and sorted here; a common one by walking
+        the tasks newest first until `limit` of it are found: either way the reads are
+        bounded by about RARE_STATUS times `limit`."""
+        if status and self._db[TASKS].count_documents(
+                {"status": status}, limit=limit * RARE_STATUS) < limit * RARE_STATUS:
+            found = list(self._db[TASKS].find({"status": status})
+                         .sort([("created_at", DESCENDING), ("_id", DESCENDING)]).limit(limit))
+        else:
+            found = newest(self._db, limit, changing={"status": status} if status else None)
+        return [Task.model_validate(d) for d in found]
 
     # -- cancel -----------------------------------------------------------------------
     def cancel(self, task_id: str, reason: str = "cancelled") -> str | None:
@@ -481,17 +492,17 @@ class SendScriptClient:
         return retried, skipped
 
     def cancel_batch(self, batch_id: str, reason: str = "batch cancelled") -> int:
-        flt, update = task_cas({"batch_id": batch_id}, CANCELLABLE, TaskStatus.CANCELLED,
-                               utcnow(), set_={"last_error": reason})
-        return self._db[TASKS].update_many(flt, update).modified_count
+        """Cancel every unfinished task of a fan-out batch; how many were."""
+        cancelled = 0
+        for ids in batch_ids(self._db, batch_id, ID_CHUNK):
+            flt, update = task_cas({"_id": {"$in": ids}}, CANCELLABLE, TaskStatus.CANCELLED,
+                                   utcnow(), set_={"last_error": reason})
+            cancelled += self._db[TASKS].update_many(flt, update).modified_count
+        return cancelled
 
     def batch_info(self, batch_id: str) -> dict[str, int]:
         """Tasks of a fan-out batch by status."""
-        rows = self._db[TASKS].aggregate([
-            {"$match": {"batch_id": batch_id}},
-            {"$group": {"_id": "$status", "n": {"$sum": 1}}},
-        ])
-        return {r["_id"]: r["n"] for r in rows}
+        return batch_counts(self._db, batch_id)
 
     # -- device groups ------------------------------------------------------------------
     def group_add(self, name: str, devices: Sequence[str]) -> list[str]:

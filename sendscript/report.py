@@ -11,6 +11,7 @@ from typing import Any
 
 from sendscript import alerts, connect, counts, device_health, limits, pauses
 from sendscript.breaker import BreakerState, Circuit
+from sendscript.search_reads import batch_counts
 from sendscript.settings import Settings
 from sendscript.store import TASKS
 
@@ -158,7 +159,7 @@ TERMINAL_STATUSES = ("success", "failed", "cancelled", "expired")
 
 
 def progress_counts(settings: Settings, batch_id: str | None) -> dict[str, int]:
-    """Tasks per status: a batch's (its index bounds the aggregate), or all tasks'
+    """Tasks per status: a batch's (read through its search documents), or all tasks'
     (the kept counts)."""
     if batch_id is None:
         r = connect.redis_sync(settings)
@@ -169,9 +170,7 @@ def progress_counts(settings: Settings, batch_id: str | None) -> dict[str, int]:
     mongo = connect.mongo_sync(settings)
     try:
         db = connect.database(mongo)
-        return {d["_id"]: d["n"] for d in db[TASKS].aggregate(
-            [{"$match": {"batch_id": batch_id}},
-             {"$group": {"_id": "$status", "n": {"$sum": 1}}}])}
+        return batch_counts(db, batch_id)
     finally:
         mongo.close()
 

@@ -34,6 +34,14 @@ from sendscript.status import (
     release_dedupe,
     task_cas,
 )
+from sendscript.task_search import (
+    REPLACED_SEARCH_FIELDS,
+    SEARCH,
+    SEARCH_INDEXES,
+    batch_filter,
+    only_duplicates,
+    search_doc,
+)
 
 TASKS = "script_tasks"
 RECORDS = "task_exec_records"
@@ -63,18 +71,10 @@ TASK_INDEXES = [
     # ones within SENDSCRIPT_DEDUPE_WINDOW_S (released by the next duplicate after it)
     IndexModel([("dedupe_active", ASCENDING)], unique=True,
                partialFilterExpression={"dedupe_active": {"$type": "string"}}),
-    # a batch's tasks, newest first, and a fan-out's ties (one created_at) by id: the
-    # console's batch view and search (sendscript/search.py) and batch progress. Only
-    # fan-out tasks carry batch_id. `$gt: ""` (any non-empty string) rather than
-    # `$type`: a server proves `{batch_id: "b1"}` implies it and uses the index.
-    IndexModel([("batch_id", ASCENDING), ("created_at", DESCENDING), ("_id", DESCENDING)],
-               partialFilterExpression={"batch_id": {"$gt": ""}}),
     UPDATED_INDEX,  # what moved since a time (above)
-    # Task search (sendscript/search.py): newest first within a time window, alone or
-    # for a device (or a group's devices). created_at never changes: on MongoDB inserts
-    # pay for these, status changes do not.
-    IndexModel([("created_at", DESCENDING)]),
-    IndexModel([("device_id", ASCENDING), ("created_at", DESCENDING)]),
+    # Search newest first (by created_at, alone, for a device or for a batch) is served
+    # by the tasks' search documents and their indexes (sendscript/task_search.py), so
+    # that no status change pays for them.
 ]
 # Pull tasks (agents/): the lease query (pending, best first), the lease sweep (running
 # by deadline) and an agent's heartbeat (its cancelled leases). Only pull tasks carry
@@ -106,7 +106,8 @@ def all_indexes(log_retention_s: float) -> dict[str, list[IndexModel]]:
     """The indexes of each collection. `devices` has none but `_id` (the device id): the
     fleet view reads a page by its ids in short `$in` lists (console/fleet.py), and a
     secondary index would cost every update of a device on the embedded server."""
-    return {TASKS: TASK_INDEXES, RECORDS: RECORD_INDEXES, LOGS: log_indexes(log_retention_s)}
+    return {TASKS: TASK_INDEXES, RECORDS: RECORD_INDEXES, LOGS: log_indexes(log_retention_s),
+            SEARCH: SEARCH_INDEXES}
 
 
 # Indexes an earlier version made that nothing reads any more: dropped, as each costs
@@ -185,6 +186,14 @@ class InsertOp:
 
 
 @dataclass(frozen=True, slots=True)
+class SearchInsertOp:
+    """insert_many of search documents, unordered; one stored before is left as it is
+    (it is the same: a search document never changes). Answers None."""
+
+    docs: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
 class FindOp:
     """find; answers the list of documents."""
 
@@ -194,20 +203,24 @@ class FindOp:
 
 @dataclass(frozen=True, slots=True)
 class UpdateOp:
-    """update_one; answers the matched count."""
+    """update_one (of a task, or with `search` of a search document); answers the
+    matched count."""
 
     filter: dict[str, Any]
     update: dict[str, Any] | list[dict[str, Any]]  # a document, or a pipeline
+    search: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class DeleteOp:
-    """delete_many; answers the deleted count."""
+    """delete_many (of tasks, or with `search` of search documents); answers the
+    deleted count."""
 
     filter: dict[str, Any]
+    search: bool = False
 
 
-StoreOp = InsertOp | FindOp | UpdateOp | DeleteOp
+StoreOp = InsertOp | SearchInsertOp | FindOp | UpdateOp | DeleteOp
 StorePlan = Generator[StoreOp, Any, Stored]
 # A key may change hands between our insert and our look-up (its holder finished with
 # no window, or another producer released it first), or a debouncing holder may move
@@ -247,14 +260,26 @@ def store_plan(
             refused.setdefault(_unit(task), reason)
     inserted: set[str] = set()
     same_id: set[str] = set()
+    searched: set[str] = set()  # ids whose search document we wrote
     for start in range(0, len(tasks), chunk):
         part = [(t, d) for t, d in zip(tasks[start:start + chunk], docs[start:start + chunk],
                                        strict=True) if _unit(t) not in refused]
-        yield from _store_chunk(part, now, window_s, out, refused, inserted, same_id)
+        yield from _store_chunk(part, now, window_s, out, refused, inserted, same_id,
+                                searched)
     undo = [t.id for t in tasks if t.id in inserted and _unit(t) in refused]
+    kept: set[str] = set()  # siblings a worker claimed meanwhile: they stay, and run
     if undo:  # fan-out siblings of a refused task: the batch is refused whole
         for ids in chunks(undo):
-            yield DeleteOp({"_id": {"$in": ids}, "attempt": 0})
+            if (yield DeleteOp({"_id": {"$in": ids}, "attempt": 0})) < len(ids):
+                kept.update(d["_id"] for d in (yield FindOp({"_id": {"$in": ids}},
+                                                            {"_id": 1})))
+    # Search documents go in before their tasks (a task is never without one); those
+    # whose task was not stored (refused, or answered by the task holding its dedupe
+    # key) come out again. Only ours: no task has our id, or it would be `same_id`.
+    unstored = [t.id for t in tasks if t.id in searched and t.id not in same_id
+                and t.id not in kept and (t.id not in inserted or _unit(t) in refused)]
+    for ids in chunks(unstored):
+        yield DeleteOp({"_id": {"$in": ids}}, search=True)
     for task in tasks:
         unit = _unit(task)
         if unit in refused:
@@ -269,13 +294,15 @@ def store_plan(
 
 def _store_chunk(
     part: list[tuple[Task, dict[str, Any]]], now: datetime, window_s: float, out: Stored,
-    refused: dict[str, str], inserted: set[str], same_id: set[str],
+    refused: dict[str, str], inserted: set[str], same_id: set[str], searched: set[str],
 ) -> Generator[StoreOp, Any, None]:
     """Insert one chunk; note its ids inserted, stored before, deduplicated or refused."""
     todo = list(range(len(part)))
     for _ in range(DEDUPE_ROUNDS):
         if not todo:
             break
+        yield SearchInsertOp([search_doc(part[i][1]) for i in todo])
+        searched.update(part[i][0].id for i in todo)
         exc = yield InsertOp([part[i][1] for i in todo])
         errors: dict[int, dict[str, Any]] = {}
         if exc is not None:
@@ -329,6 +356,15 @@ def _debounce_into(
     task, doc = mine
     if not (yield UpdateOp(*debounce_merge(holder, doc, now))):
         return None
+    # The spec replaced may name another device, queue or script: so does the holder's
+    # search document now. (Two submissions debouncing into one task at once may write
+    # theirs in the other order than their specs landed: the later one's wins.)
+    found_by = search_doc(doc)
+    changed = {k: found_by[k] for k in REPLACED_SEARCH_FIELDS if k in found_by}
+    update: dict[str, Any] = {"$set": changed}
+    if gone := [k for k in REPLACED_SEARCH_FIELDS if k not in found_by]:
+        update["$unset"] = {k: "" for k in gone}
+    yield UpdateOp({"_id": holder["_id"]}, update, search=True)
     out.deduplicated[task.id] = out.debounced[task.id] = holder["_id"]
     out.existing_status[holder["_id"]] = holder["status"]
     return holder
@@ -348,12 +384,21 @@ async def run_plan_async(col: AsyncCollection, plan: StorePlan) -> Stored:
                 answer = None
             except BulkWriteError as exc:
                 answer = exc
+        elif isinstance(op, SearchInsertOp):
+            try:
+                await col.database[SEARCH].insert_many(op.docs, ordered=False)
+            except BulkWriteError as exc:
+                if not only_duplicates(exc):
+                    raise
+            answer = None
         elif isinstance(op, FindOp):
             answer = [d async for d in col.find(op.filter, op.projection)]
         elif isinstance(op, UpdateOp):
-            answer = (await col.update_one(op.filter, op.update)).matched_count
+            target = col.database[SEARCH] if op.search else col
+            answer = (await target.update_one(op.filter, op.update)).matched_count
         else:
-            answer = (await col.delete_many(op.filter)).deleted_count
+            target = col.database[SEARCH] if op.search else col
+            answer = (await target.delete_many(op.filter)).deleted_count
 
 
 def run_plan_sync(col: Collection, plan: StorePlan) -> Stored:
@@ -370,12 +415,21 @@ def run_plan_sync(col: Collection, plan: StorePlan) -> Stored:
                 answer = None
             except BulkWriteError as exc:
                 answer = exc
+        elif isinstance(op, SearchInsertOp):
+            try:
+                col.database[SEARCH].insert_many(op.docs, ordered=False)
+            except BulkWriteError as exc:
+                if not only_duplicates(exc):
+                    raise
+            answer = None
         elif isinstance(op, FindOp):
             answer = list(col.find(op.filter, op.projection))
         elif isinstance(op, UpdateOp):
-            answer = col.update_one(op.filter, op.update).matched_count
+            target = col.database[SEARCH] if op.search else col
+            answer = target.update_one(op.filter, op.update).matched_count
         else:
-            answer = col.delete_many(op.filter).deleted_count
+            target = col.database[SEARCH] if op.search else col
+            answer = target.delete_many(op.filter).deleted_count
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,8 +498,10 @@ class TaskStore:
         return Task.model_validate(doc) if doc else None
 
     async def batch_exists(self, batch_id: str) -> bool:
-        """Whether any task of the batch is stored (read through the batch index)."""
-        return await self.col.find_one({"batch_id": batch_id}, {"_id": 1}) is not None
+        """Whether a store of the batch began: a search document of it is stored (they
+        go in before their tasks), read through its batch index."""
+        return await self.col.database[SEARCH].find_one(
+            batch_filter(batch_id), {"_id": 1}) is not None
 
     async def find_many(self, task_ids: Iterable[str]) -> list[Task]:
         return [Task.model_validate(d) for part in chunks(task_ids)

@@ -11,7 +11,17 @@ from pymongo.errors import BulkWriteError
 
 from sendscript.models import Task
 from sendscript.queue import QUARANTINE_ITEM_BYTES, quarantine_record, ref_item
-from sendscript.store import DeleteOp, FindOp, InsertOp, Stored, StorePlan, UpdateOp, store_plan
+from sendscript.store import (
+    DeleteOp,
+    FindOp,
+    InsertOp,
+    SearchInsertOp,
+    Stored,
+    StorePlan,
+    UpdateOp,
+    store_plan,
+)
+from sendscript.task_search import search_doc
 
 NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -26,13 +36,22 @@ def refusal(*errors: dict[str, Any]) -> BulkWriteError:
                            "nInserted": 0})
 
 
-def drive(plan: StorePlan, answers: list[Any]) -> tuple[list[Any], Stored]:
-    """Run a plan on scripted answers; the operations it asked for and its result."""
+def drive(plan: StorePlan, answers: list[Any],
+          search: list[Any] | None = None) -> tuple[list[Any], Stored]:
+    """Run a plan on scripted answers; the operations it asked for and its result. The
+    writes of search documents are answered here and kept apart, in `search`."""
     ops: list[Any] = []
     answer: Any = None
     try:
         while True:
-            ops.append(plan.send(answer))
+            op = plan.send(answer)
+            if isinstance(op, SearchInsertOp) or (isinstance(op, DeleteOp | UpdateOp)
+                                                  and op.search):
+                if search is not None:
+                    search.append(op)
+                answer = None if isinstance(op, SearchInsertOp) else 1
+                continue
+            ops.append(op)
             answer = answers.pop(0)
     except StopIteration as done:
         return ops, done.value
@@ -108,6 +127,43 @@ def test_a_key_that_keeps_changing_hands_is_an_error_to_retry() -> None:
         drive(store_plan([mine], NOW, 3600), answers)
 
 
+def test_search_documents_go_in_before_their_tasks() -> None:
+    a, b = task("a", queue="q"), task("b", batch_id="bt")
+    search: list[Any] = []
+    plan = store_plan([a, b], NOW, 3600)
+    first = plan.send(None)
+    assert first == SearchInsertOp([search_doc(a.to_doc()), search_doc(b.to_doc())])
+    assert search_doc(b.to_doc()) == {"_id": "b", "created_at": b.created_at,
+                                      "device_id": "d", "queue": "default",
+                                      "batch_id": "bt", "script_id": "s"}
+    assert isinstance(plan.send(None), InsertOp)
+    drive(store_plan([a, b], NOW, 3600), [None], search)
+    assert search == [first]  # and none taken out: both were stored
+
+
+def test_the_search_documents_of_tasks_not_stored_come_out_again() -> None:
+    # a refused fan-out (its siblings too), a duplicate of a dedupe key's holder, and
+    # one stored before (a re-ingest: the search document is that task's, and stays)
+    part = [task("f1", batch_id="b"), task("f2", batch_id="b"),
+            task("dup", dedupe_key="k", dedupe_active="k"), task("again"), task("x")]
+    holder = {"_id": "old", "dedupe_active": "k", "status": "pending"}
+    bad = refusal({"index": 1, "code": 10334, "errmsg": "object to insert too large"},
+                  dup_key(2), {"index": 3, "code": 11000, "keyPattern": {"_id": 1},
+                               "errmsg": "E11000 duplicate key error _id"})
+    search: list[Any] = []
+    _, stored = drive(store_plan(part, NOW, 3600), [bad, [holder], 1], search)
+    assert [t.id for t in stored.created] == ["x"]
+    assert [type(o) for o in search] == [SearchInsertOp, DeleteOp]
+    assert search[1] == DeleteOp({"_id": {"$in": ["f1", "f2", "dup"]}}, search=True)
+
+
+def test_a_document_the_encoder_refuses_has_no_search_document_written() -> None:
+    wide = Task(_id="w", device_id="d", script={"n": 2**70})
+    search: list[Any] = []
+    drive(store_plan([task("a"), wide], NOW, 3600), [None], search)
+    assert [[d["_id"] for d in op.docs] for op in search] == [["a"]]
+
+
 def test_the_ref_item_is_the_contracts() -> None:
     assert ref_item("t1") == '{"task_id": "t1"}'
 
@@ -126,7 +182,11 @@ def test_a_large_quarantined_item_is_kept_truncated_with_its_size() -> None:
 def test_a_fanout_refused_in_a_later_chunk_is_taken_back_from_the_earlier_ones() -> None:
     part = [task(f"f{i}", batch_id="b") for i in range(4)] + [task("x")]
     bad = refusal({"index": 0, "code": 121, "errmsg": "Document failed validation"})
-    ops, stored = drive(store_plan(part, NOW, 3600, chunk=2), [None, bad, None, 2])
-    assert [type(o) for o in ops] == [InsertOp, InsertOp, InsertOp, DeleteOp]
+    # f3 was claimed by a worker meanwhile: it is not deleted, and keeps its search doc
+    search: list[Any] = []
+    ops, stored = drive(store_plan(part, NOW, 3600, chunk=2),
+                        [None, bad, None, 2, [{"_id": "f3"}]], search)
+    assert [type(o) for o in ops] == [InsertOp, InsertOp, InsertOp, DeleteOp, FindOp]
     assert ops[3] == DeleteOp({"_id": {"$in": ["f0", "f1", "f3"]}, "attempt": 0})
     assert [t.id for t in stored.created] == ["x"] and len(stored.refused) == 4
+    assert search[-1] == DeleteOp({"_id": {"$in": ["f0", "f1", "f2"]}}, search=True)
