@@ -84,6 +84,7 @@ from sendscript.store import (
     all_indexes,
     ensure_indexes,
 )
+from sendscript.task_search import SEARCH
 
 
 class Steps:
@@ -111,7 +112,7 @@ PEER_INDEXES = {ours: [IndexModel(job.INDEXES[theirs])] for ours, theirs in
 
 
 # The collections the hot path writes: --per-index drops each of their indexes in turn.
-HOT_COLLECTIONS = (TASKS, RECORDS, LOGS, DEVICES)
+HOT_COLLECTIONS = (TASKS, SEARCH, RECORDS, LOGS, DEVICES)
 
 
 class Lane:
