@@ -23,12 +23,12 @@ from typing import Any
 from loguru import logger
 from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, OperationFailure
+from pymongo.errors import BulkWriteError
 
 from sendscript.backoff import every
 from sendscript.models import utcnow
 from sendscript.settings import Settings
-from sendscript.store import INDEX_NOT_FOUND, TASKS, chunks
+from sendscript.store import TASKS, chunks, drop_index
 from sendscript.task_search import (
     BACKFILL_BATCH,
     MOVED_INDEXES,
@@ -116,11 +116,7 @@ async def backfill_search(db: AsyncDatabase, stop: asyncio.Event | None = None) 
                 return written
     written += await _insert_search(db, part)
     for name in moved:
-        try:
-            await db[TASKS].drop_index(name)
-        except OperationFailure as exc:
-            if exc.code != INDEX_NOT_FOUND:  # another pass dropped it first
-                raise
+        await drop_index(db[TASKS], name)
     return written
 
 

@@ -13,13 +13,17 @@ here instead. How they stay exact without a hook in every compare-and-set:
   later, which changed in that pass's window (clocks apart and writes in flight:
   a change that became visible up to `SENDSCRIPT_COUNTS_OVERLAP_S` after the time
   it carries is read then), and recounts just their buckets: one bounded range
-  query on `created_at` each. The bucket's counts are replaced
-  and the totals moved by the difference, atomically (Lua, below).
+  of `created_at` each, read through the tasks' search documents (their index on
+  `created_at`: sendscript/task_search.py), the tasks then read by id. The
+  bucket's counts are replaced and the totals moved by the difference, atomically
+  (Lua, below).
 - Retention deletes tasks without touching `updated_at`: each bucket keeps the
   time its next task is due to be purged (`{prefix}:counts:purge`), and is
   recounted once that time and retention's lag (`SENDSCRIPT_COUNTS_PURGE_LAG_S`) have passed.
 - A missing or lost state (first start, a Redis flush, tasks inserted straight
-  into Mongo) is rebuilt once by one pass over the collection.
+  into Mongo with their search documents) is rebuilt once by one pass over the
+  collection. A task stored without a search document (by another program) is
+  not counted, as it is not found by search either.
 - The keeper remembers the status of each task of the buckets it read whole
   (`KnownBuckets`, in its memory). While a bucket keeps moving, the next passes
   apply the moved tasks it read anyway (status and all) to that memory instead of
@@ -43,7 +47,7 @@ import json
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -54,7 +58,8 @@ from loguru import logger
 from pymongo.asynchronous.database import AsyncDatabase
 
 from sendscript.settings import Settings
-from sendscript.store import TASKS, UPDATED_INDEX
+from sendscript.store import TASKS, UPDATED_INDEX, chunks
+from sendscript.task_search import SEARCH
 
 NO_TIME = 0  # the bucket of tasks without created_at (written by other programs)
 FIELDS = {"_id": 1, "created_at": 1, "status": 1, "purge_at": 1}
@@ -269,6 +274,7 @@ class CountKeeper:
         self.settings = settings
         self.client = client
         self.col = db[TASKS]
+        self.search = db[SEARCH]
         self.keys = CountKeys(settings.keys.prefix)
         self.leading = leading
         # The leader's token check (master.leadership) before the rebuild's delete:
@@ -326,15 +332,14 @@ class CountKeeper:
         # stored when we began is counted, or past any retention.
         stored = await self.col.estimated_document_count()
         seen = 0
-        async for doc in self.col.find({"created_at": None}, FIELDS):
+        async for doc in self._created({"created_at": None}):
             tallies[NO_TIME].add(doc)
             seen += 1
         top = _dt(read_at + 3600)
         floor = _dt(read_at - REBUILD_FLOOR_S)
         while seen < stored and top > floor:
             bottom = top - timedelta(seconds=REBUILD_WINDOW_S)
-            async for doc in self.col.find({"created_at": {"$gte": bottom, "$lt": top}},
-                                           FIELDS):
+            async for doc in self._created({"created_at": {"$gte": bottom, "$lt": top}}):
                 tallies[bucket_of(doc.get("created_at"), self.width)].add(doc)
                 seen += 1
             top = bottom
@@ -384,16 +389,23 @@ class CountKeeper:
         """Read these buckets whole into the keeper's memory; the tasks read."""
         read: dict[int, list[dict[str, Any]]] = {b: [] for b in buckets}  # empty: removed
         for lo, hi in ranges(buckets, self.width):
-            async for d in self.col.find({"created_at": {"$gte": _dt(lo), "$lt": _dt(hi)}},
-                                         FIELDS):
+            async for d in self._created({"created_at": {"$gte": _dt(lo), "$lt": _dt(hi)}}):
                 b = bucket_of(d.get("created_at"), self.width)
                 if b in read:
                     read[b].append(d)
         if NO_TIME in buckets:
-            read[NO_TIME] = [d async for d in self.col.find({"created_at": None}, FIELDS)]
+            read[NO_TIME] = [d async for d in self._created({"created_at": None})]
         for b, docs in read.items():
             self.book.load(b, docs, now)
         return sum(len(docs) for docs in read.values())
+
+    async def _created(self, created: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The tasks whose search documents match `created` (a condition on created_at,
+        read through their created_at index: script_tasks has none), read by id."""
+        ids = [d["_id"] async for d in self.search.find(created, {"_id": 1})]
+        for part in chunks(ids):
+            async for doc in self.col.find({"_id": {"$in": part}}, FIELDS):
+                yield doc
 
     async def _apply(self, tallies: dict[int, Tally], read_at: float) -> None:
         items = list(tallies.items())

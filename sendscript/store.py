@@ -129,11 +129,16 @@ async def ensure_indexes(db: AsyncDatabase, log_retention_s: float = 30 * 86400)
         present = await db[name].index_information()
         for index in obsolete:
             if index in present:
-                try:
-                    await db[name].drop_index(index)
-                except OperationFailure as exc:
-                    if exc.code != INDEX_NOT_FOUND:  # another process dropped it first
-                        raise
+                await drop_index(db[name], index)
+
+
+async def drop_index(col: AsyncCollection, name: str) -> None:
+    """Drop an index, unless another process dropped it first."""
+    try:
+        await col.drop_index(name)
+    except OperationFailure as exc:
+        if exc.code != INDEX_NOT_FOUND:
+            raise
 
 
 # Long `$in` lists are slow on some servers (quadratic on the embedded one): queries

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pulsar
@@ -17,8 +17,10 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from sendscript import connect
+from sendscript.client import SendScriptClient
 from sendscript.dev.embedded import EmbeddedServers
 from sendscript.settings import Settings
+from sendscript.status import RETENTION
 from sendscript.store import ensure_indexes
 
 
@@ -171,3 +173,15 @@ async def central() -> AsyncIterator[Central]:
     await server.start()
     yield server
     await server.stop()
+
+
+@pytest.fixture
+def sdk(settings: Settings) -> Iterator[SendScriptClient]:
+    """The producer SDK on the test's servers; its database dropped after."""
+    window = RETENTION.dedupe_window_s  # the client configures this process's window
+    client = SendScriptClient(settings)
+    yield client
+    client._mongo.drop_database(client._db.name)
+    client._redis.delete(settings.keys.ready)
+    client.close()
+    RETENTION.dedupe_window_s = window

@@ -6,7 +6,6 @@ themselves, read back from Mongo."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 
@@ -15,22 +14,11 @@ from sendscript import report
 from sendscript.client import SendScriptClient
 from sendscript.models import utcnow
 from sendscript.settings import Settings
-from sendscript.status import RETENTION, TaskStatus, task_cas
+from sendscript.status import TaskStatus, task_cas
 from sendscript.store import TASKS
 from sendscript.task_search import SEARCH
 
 FAN_OUT = 30
-
-
-@pytest.fixture
-def sdk(settings: Settings) -> Iterator[SendScriptClient]:
-    window = RETENTION.dedupe_window_s  # the client configures this process's window
-    client = SendScriptClient(settings)
-    yield client
-    client._mongo.drop_database(client._db.name)
-    client._redis.delete(settings.keys.ready)
-    client.close()
-    RETENTION.dedupe_window_s = window
 
 
 def newest(client: SendScriptClient, flt: dict | None = None) -> list[str]:

@@ -6,7 +6,6 @@ without them, and retention deleting them with their tasks."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,7 +19,7 @@ from sendscript import connect
 from sendscript.client import SendScriptClient
 from sendscript.models import Task, TaskSpec, new_id, utcnow
 from sendscript.settings import Settings
-from sendscript.status import RETENTION, TaskStatus, task_cas
+from sendscript.status import TaskStatus, task_cas
 from sendscript.store import (
     TASKS,
     DeleteOp,
@@ -136,17 +135,6 @@ async def test_the_search_indexes_are_on_task_search_and_not_on_script_tasks(
     assert on_search["batch_id_1_created_at_-1__id_-1"]["partialFilterExpression"] == {
         "batch_id": {"$gt": ""}}
     assert sorted(MOVED_INDEXES) == sorted(SEARCH_KEYS)
-
-
-@pytest.fixture
-def sdk(settings: Settings) -> Iterator[SendScriptClient]:
-    window = RETENTION.dedupe_window_s  # the client configures this process's window
-    client = SendScriptClient(settings)
-    yield client
-    client._mongo.drop_database(client._db.name)
-    client._redis.delete(settings.keys.ready)
-    client.close()
-    RETENTION.dedupe_window_s = window
 
 
 def test_the_sdks_submissions_get_their_search_documents(sdk: SendScriptClient) -> None:
