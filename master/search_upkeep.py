@@ -23,18 +23,16 @@ from typing import Any
 from loguru import logger
 from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError
 
 from sendscript.backoff import every
 from sendscript.models import utcnow
 from sendscript.settings import Settings
-from sendscript.store import TASKS, chunks, drop_index
+from sendscript.store import TASKS, chunks, drop_index, insert_search
 from sendscript.task_search import (
     BACKFILL_BATCH,
     MOVED_INDEXES,
     SEARCH,
     SEARCH_PROJECTION,
-    only_duplicates,
     search_doc,
 )
 
@@ -110,11 +108,11 @@ async def backfill_search(db: AsyncDatabase, stop: asyncio.Event | None = None) 
     async for doc in db[TASKS].find({}, SEARCH_PROJECTION, batch_size=BACKFILL_BATCH):
         part.append(search_doc(doc))
         if len(part) >= BACKFILL_BATCH:
-            written += await _insert_search(db, part)
+            written += await insert_search(db, part)
             part = []
             if stop is not None and stop.is_set():
                 return written
-    written += await _insert_search(db, part)
+    written += await insert_search(db, part)
     for name in moved:
         await drop_index(db[TASKS], name)
     return written
@@ -148,13 +146,3 @@ async def drop_orphan_search(db: AsyncDatabase, after: datetime,
     # the whole read was that one instant (a fan-out wider than a read): then past it.
     return len(gone), last if last > after else last + timedelta(milliseconds=1)
 
-
-async def _insert_search(db: AsyncDatabase, docs: list[dict[str, Any]]) -> int:
-    if not docs:
-        return 0
-    try:
-        return len((await db[SEARCH].insert_many(docs, ordered=False)).inserted_ids)
-    except BulkWriteError as exc:
-        if not only_duplicates(exc):
-            raise
-        return int(exc.details.get("nInserted", 0))

@@ -39,8 +39,8 @@ def batch_counts(db: Database, batch_id: str) -> dict[str, int]:
 
 
 def newest(db: Database, limit: int, found_by: dict[str, Any] | None = None,
-                changing: dict[str, Any] | None = None,
-                projection: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+           changing: dict[str, Any] | None = None,
+           projection: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The newest `limit` tasks whose search documents match `found_by` (fields of
     task_search.FIELDS, and script_id) and whose documents match `changing` (their
     status, say), newest first: the search documents in that order, their tasks read by
@@ -69,5 +69,3 @@ def _tasks_in_order(db: Database, ids: list[str], changing: dict[str, Any] | Non
     tasks = {d["_id"]: d for d in db[TASKS].find({"_id": {"$in": ids}, **(changing or {})},
                                                  projection)}
     return [tasks[i] for i in ids if i in tasks]
-
-

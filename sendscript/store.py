@@ -35,6 +35,7 @@ from sendscript.status import (
     task_cas,
 )
 from sendscript.task_search import (
+    DUPLICATE_KEY,
     REPLACED_SEARCH_FIELDS,
     SEARCH,
     SEARCH_INDEXES,
@@ -49,7 +50,6 @@ LOGS = "task_logs"
 SCHEDULES = "schedules"
 GROUPS = "device_groups"
 DEVICES = "devices"  # one per device: its last result and hourly counts (sendscript/fleet.py)
-DUPLICATE_KEY = 11000
 INDEX_NOT_FOUND = 27
 MIN_FIELDS = {"_id": 1, "run_at": 1, "status": 1, "master": 1}
 
@@ -139,6 +139,19 @@ async def drop_index(col: AsyncCollection, name: str) -> None:
     except OperationFailure as exc:
         if exc.code != INDEX_NOT_FOUND:
             raise
+
+
+async def insert_search(db: AsyncDatabase, docs: list[dict[str, Any]]) -> int:
+    """Insert search documents; one stored before is left as it is (a search document
+    of a task is the same each time it is made). Answers how many were new."""
+    if not docs:
+        return 0
+    try:
+        return len((await db[SEARCH].insert_many(docs, ordered=False)).inserted_ids)
+    except BulkWriteError as exc:
+        if not only_duplicates(exc):
+            raise
+        return int(exc.details.get("nInserted", 0))
 
 
 # Long `$in` lists are slow on some servers (quadratic on the embedded one): queries
@@ -306,8 +319,10 @@ def _store_chunk(
     for _ in range(DEDUPE_ROUNDS):
         if not todo:
             break
-        yield SearchInsertOp([search_doc(part[i][1]) for i in todo])
-        searched.update(part[i][0].id for i in todo)
+        # A dedupe round inserts again what its key refused: its search document is in.
+        if fresh := [i for i in todo if part[i][0].id not in searched]:
+            yield SearchInsertOp([search_doc(part[i][1]) for i in fresh])
+            searched.update(part[i][0].id for i in fresh)
         exc = yield InsertOp([part[i][1] for i in todo])
         errors: dict[int, dict[str, Any]] = {}
         if exc is not None:
@@ -390,11 +405,7 @@ async def run_plan_async(col: AsyncCollection, plan: StorePlan) -> Stored:
             except BulkWriteError as exc:
                 answer = exc
         elif isinstance(op, SearchInsertOp):
-            try:
-                await col.database[SEARCH].insert_many(op.docs, ordered=False)
-            except BulkWriteError as exc:
-                if not only_duplicates(exc):
-                    raise
+            await insert_search(col.database, op.docs)
             answer = None
         elif isinstance(op, FindOp):
             answer = [d async for d in col.find(op.filter, op.projection)]
