@@ -36,10 +36,11 @@ from sendscript.status import (
 )
 from sendscript.task_search import (
     DUPLICATE_KEY,
-    REPLACED_SEARCH_FIELDS,
     SEARCH,
     SEARCH_INDEXES,
+    SEARCH_PROJECTION,
     batch_filter,
+    follow_spec,
     only_duplicates,
     search_doc,
 )
@@ -377,14 +378,11 @@ def _debounce_into(
     if not (yield UpdateOp(*debounce_merge(holder, doc, now))):
         return None
     # The spec replaced may name another device, queue or script: so does the holder's
-    # search document now. (Two submissions debouncing into one task at once may write
-    # theirs in the other order than their specs landed: the later one's wins.)
-    found_by = search_doc(doc)
-    changed = {k: found_by[k] for k in REPLACED_SEARCH_FIELDS if k in found_by}
-    update: dict[str, Any] = {"$set": changed}
-    if gone := [k for k in REPLACED_SEARCH_FIELDS if k not in found_by]:
-        update["$unset"] = {k: "" for k in gone}
-    yield UpdateOp({"_id": holder["_id"]}, update, search=True)
+    # search document now, as the task holds it (another submission may have replaced
+    # ours already).
+    now_held = yield FindOp({"_id": holder["_id"]}, SEARCH_PROJECTION)
+    if now_held:
+        yield UpdateOp(*follow_spec(now_held[0]), search=True)
     out.deduplicated[task.id] = out.debounced[task.id] = holder["_id"]
     out.existing_status[holder["_id"]] = holder["status"]
     return holder

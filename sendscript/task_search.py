@@ -54,7 +54,10 @@ BACKFILL_BATCH = 1000
 # (`dedupe.REPLACED_FIELDS`), as its search document names them: updated with it.
 REPLACED_SEARCH_FIELDS = ("device_id", "queue", "script_id")
 # What a task document gives its search document.
-SEARCH_PROJECTION = {**{name: 1 for name in FIELDS}, "script.id": 1}
+# How many later submissions a debounced task took (the task's own count), on its
+# search document too: the spec written with a higher count wins.
+MERGES = "debounce_seq"
+SEARCH_PROJECTION = {**{name: 1 for name in FIELDS}, "script.id": 1, MERGES: 1}
 DUPLICATE_KEY = 11000
 
 
@@ -67,7 +70,25 @@ def search_doc(task: dict[str, Any]) -> dict[str, Any]:
     script = task.get("script")
     if isinstance(script, dict) and script.get("id") is not None:
         doc["script_id"] = script["id"]
+    if task.get(MERGES) is not None:
+        doc[MERGES] = task[MERGES]
     return doc
+
+
+def follow_spec(task: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(filter, update) bringing a debounced task's search document to the spec the
+    task document read (`SEARCH_PROJECTION`) holds. Two submissions
+    debouncing into one task at once may read it and write in either order: the
+    filter lets a search document move only to a spec that took more submissions, so
+    it ends with the task's last one."""
+    found_by = search_doc(task)
+    merges = int(task.get(MERGES) or 0)
+    update: dict[str, Any] = {"$set": {MERGES: merges, **{
+        k: found_by[k] for k in REPLACED_SEARCH_FIELDS if k in found_by}}}
+    if gone := [k for k in REPLACED_SEARCH_FIELDS if k not in found_by]:
+        update["$unset"] = {k: "" for k in gone}
+    older = {"$or": [{MERGES: {"$lt": merges}}, {MERGES: {"$exists": False}}]}
+    return {"_id": task["_id"], **older}, update
 
 
 def only_duplicates(exc: BulkWriteError) -> bool:

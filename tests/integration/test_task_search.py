@@ -76,6 +76,8 @@ def expected(doc: dict[str, Any]) -> dict[str, Any]:
         out["script_id"] = doc["script"]["id"]
     if "batch_id" in doc:
         out["batch_id"] = doc["batch_id"]
+    if "debounce_seq" in doc:
+        out["debounce_seq"] = doc["debounce_seq"]
     return out
 
 
@@ -294,6 +296,44 @@ async def test_a_debounced_submission_that_moves_the_task_moves_its_search_docum
     assert doc["device_id"] == "p2" and doc["script"] == {"id": "sync2"}
     search = await db[SEARCH].find_one({"_id": first.id})
     assert (search["device_id"], search["script_id"]) == ("p2", "sync2")
+
+
+def finishing_first(plan: StorePlan, other: StorePlan) -> StorePlan:
+    """The store's plan, with all of `other` run right before the plan's first write
+    of a search document: another producer's submission that overtakes this one."""
+    answer: Any = None
+    overtaken = False
+    while True:
+        try:
+            op = plan.send(answer)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        if isinstance(op, UpdateOp) and op.search and not overtaken:
+            overtaken = True
+            yield from other
+        answer = yield op
+
+
+async def test_two_submissions_debouncing_at_once_leave_the_search_document_on_the_last_spec(
+    db: AsyncDatabase,
+) -> None:
+    """The one whose spec lands first writes its search document last: it must not
+    take the task's search document back to its own device and script."""
+    tasks = TaskStore(db, dedupe_window_s=3600)
+    first = debounced("k", "p1", "sync")
+    await tasks.store([first])
+    early, late = debounced("k", "p2", "early"), debounced("k", "p3", "late")
+    plan = finishing_first(store_plan([early], utcnow(), 3600.0),
+                           store_plan([late], utcnow(), 3600.0))
+
+    result = await run_plan_async(db[TASKS], plan)
+
+    assert result.debounced == {early.id: first.id}
+    doc = await db[TASKS].find_one({"_id": first.id})
+    assert (doc["device_id"], doc["script"], doc["debounce_seq"]) == ("p3", {"id": "late"}, 2)
+    search = await db[SEARCH].find_one({"_id": first.id})
+    assert (search["device_id"], search["script_id"]) == ("p3", "late")
+    assert set(await searched(db)) == {first.id}
 
 
 # --- 4. tasks refused for good --------------------------------------------------------

@@ -175,10 +175,14 @@ def later_task(task_id: str, version: int) -> Task:
 
 def test_the_plan_replaces_a_debouncing_holders_spec() -> None:
     mine = later_task("x", 2)
+    search: list[Any] = []
     ops, stored = drive(store_plan([mine], NOW + 2 * S, 3600),
-                        [refusal(dup_key(0)), [holder()], 1])
-    assert [type(o) for o in ops] == [InsertOp, FindOp, UpdateOp]
+                        [refusal(dup_key(0)), [holder()], 1,
+                         [holder(script={"v": 2}, debounce_seq=1)]], search)
+    assert [type(o) for o in ops] == [InsertOp, FindOp, UpdateOp, FindOp]
     assert ops[2].update[0]["$set"]["script"] == {"$literal": {"v": 2}}
+    assert ops[3].filter == {"_id": "h"}  # the spec the task holds now, read back
+    assert [u.update["$set"]["debounce_seq"] for u in search if isinstance(u, UpdateOp)] == [1]
     assert stored.debounced == {"x": "h"} and stored.deduplicated == {"x": "h"}
     assert stored.existing_status == {"h": "waiting"} and not stored.created
 
@@ -198,7 +202,8 @@ def test_the_plan_looks_again_when_the_holder_moved_on() -> None:
 def test_several_of_one_batch_replace_in_order() -> None:
     first, second = later_task("x", 2), later_task("y", 3)
     ops, stored = drive(store_plan([first, second], NOW + 2 * S, 3600),
-                        [refusal(dup_key(0), dup_key(1)), [holder()], 1, 1])
+                        [refusal(dup_key(0), dup_key(1)), [holder()], 1,
+                         [holder(debounce_seq=1)], 1, [holder(debounce_seq=2)]])
     updates = [o for o in ops if isinstance(o, UpdateOp)]
     assert [u.update[0]["$set"]["script"] for u in updates] == [
         {"$literal": {"v": 2}}, {"$literal": {"v": 3}}]
