@@ -111,28 +111,39 @@ class Batch:
 @dataclass
 class ChunkPace:
     """How many devices of the fan-outs the next round stores: as many as the store
-    takes about `budget_s` for at the rate the last chunks went (smoothed), at least
-    `floor`, at most the setting. Until a chunk was timed, `first`: a first chunk of
-    the full setting on a busy server held what was pushed behind it over a second.
-    Pure."""
+    takes about `budget_s` for at the rate the last chunks went, at least `floor`, at
+    most the setting. Until a chunk was timed, `first`: a first chunk of the full
+    setting on a busy server held what was pushed behind it over a second.
+
+    A chunk's rate speaks of the load before it: the tasks of the chunks stored just
+    before are dispatched while it is stored, and their writes slow the next one (a
+    first chunk timed on a quiet server went five times as fast as the second). So a
+    slower rate is believed at once and a faster one only halfway, and a chunk is at
+    most `growth` times the last one timed. Pure."""
 
     budget_s: float
     floor: int = 50
     first: int = 100
+    growth: float = 1.5
     rate: float | None = None  # devices a second
+    last: int | None = None  # devices of the last chunk timed
 
     def stored(self, devices: int, elapsed_s: float) -> None:
         if devices <= 0 or elapsed_s <= 0:
             return
         rate = devices / elapsed_s
-        self.rate = rate if self.rate is None else (self.rate + rate) / 2
+        self.rate = rate if self.rate is None or rate < self.rate else (self.rate + rate) / 2
+        self.last = devices
 
     def size(self, most: int) -> int:
         if self.budget_s <= 0:
             return most
         if self.rate is None:
             return min(most, self.first)
-        return min(most, max(self.floor, int(self.rate * self.budget_s)))
+        fits = int(self.rate * self.budget_s)
+        if self.last is not None:
+            fits = min(fits, int(self.last * self.growth))
+        return min(most, max(self.floor, fits))
 
 
 class Throttle(Protocol):
