@@ -53,10 +53,10 @@ BACKFILL_BATCH = 1000
 # What a debounced submission may change of the task it replaces the spec of
 # (`dedupe.REPLACED_FIELDS`), as its search document names them: updated with it.
 REPLACED_SEARCH_FIELDS = ("device_id", "queue", "script_id")
-# What a task document gives its search document.
 # How many later submissions a debounced task took (the task's own count), on its
 # search document too: the spec written with a higher count wins.
 MERGES = "debounce_seq"
+# What a task document gives its search document.
 SEARCH_PROJECTION = {**{name: 1 for name in FIELDS}, "script.id": 1, MERGES: 1}
 DUPLICATE_KEY = 11000
 
@@ -77,10 +77,10 @@ def search_doc(task: dict[str, Any]) -> dict[str, Any]:
 
 def follow_spec(task: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(filter, update) bringing a debounced task's search document to the spec the
-    task document read (`SEARCH_PROJECTION`) holds. Two submissions
-    debouncing into one task at once may read it and write in either order: the
-    filter lets a search document move only to a spec that took more submissions, so
-    it ends with the task's last one."""
+    task document read (`SEARCH_PROJECTION`) holds. Two submissions debouncing into
+    one task at once may read it and write in either order: the filter lets a search
+    document move only to a spec that took more submissions, so it ends with the
+    task's last one."""
     found_by = search_doc(task)
     merges = int(task.get(MERGES) or 0)
     update: dict[str, Any] = {"$set": {MERGES: merges, **{
