@@ -6,6 +6,7 @@ without them, and retention deleting them with their tasks."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Generator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,6 +24,7 @@ from sendscript.status import TaskStatus, task_cas
 from sendscript.store import (
     TASKS,
     DeleteOp,
+    StoreOp,
     StorePlan,
     TaskStore,
     UpdateOp,
@@ -298,20 +300,27 @@ async def test_a_debounced_submission_that_moves_the_task_moves_its_search_docum
     assert (search["device_id"], search["script_id"]) == ("p2", "sync2")
 
 
-def finishing_first(plan: StorePlan, other: StorePlan) -> StorePlan:
-    """The store's plan, with all of `other` run right before the plan's first write
-    of a search document: another producer's submission that overtakes this one."""
+def interposing(plan: StorePlan, before: Callable[[StoreOp], bool],
+                other: Generator[StoreOp, Any, Any]) -> StorePlan:
+    """The store's plan, with the operations of `other` run right before the first of
+    the plan's own for which `before` is true."""
     answer: Any = None
-    overtaken = False
+    done_other = False
     while True:
         try:
             op = plan.send(answer)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
-        if isinstance(op, UpdateOp) and op.search and not overtaken:
-            overtaken = True
+        if not done_other and before(op):
+            done_other = True
             yield from other
         answer = yield op
+
+
+def finishing_first(plan: StorePlan, other: StorePlan) -> StorePlan:
+    """The store's plan, with all of `other` run right before the plan's first write
+    of a search document: another producer's submission that overtakes this one."""
+    return interposing(plan, lambda op: isinstance(op, UpdateOp) and op.search, other)
 
 
 async def test_two_submissions_debouncing_at_once_leave_the_search_document_on_the_last_spec(
@@ -386,18 +395,11 @@ async def test_a_server_refusal_takes_back_the_search_documents_of_the_whole_fan
 def claiming_before_the_undo(plan: StorePlan, task_id: str) -> StorePlan:
     """The store's plan, with a worker's claim of `task_id` run right before the plan
     takes back the stored siblings of a refused fan-out (its first delete of tasks)."""
-    answer: Any = None
-    claimed = False
-    while True:
-        try:
-            op = plan.send(answer)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
-        if isinstance(op, DeleteOp) and not op.search and not claimed:
-            claimed = True
-            yield UpdateOp(*task_cas(task_id, TaskStatus.PENDING, TaskStatus.RUNNING, utcnow(),
-                                     attempt=0, set_={"attempt": 1, "worker": "w1"}))
-        answer = yield op
+    def claim() -> Generator[StoreOp, Any, None]:
+        yield UpdateOp(*task_cas(task_id, TaskStatus.PENDING, TaskStatus.RUNNING, utcnow(),
+                                 attempt=0, set_={"attempt": 1, "worker": "w1"}))
+
+    return interposing(plan, lambda op: isinstance(op, DeleteOp) and not op.search, claim())
 
 
 async def test_a_sibling_claimed_before_the_take_back_keeps_its_search_document(
