@@ -2,9 +2,11 @@
 
     python -m bench.peers --tasks 5000 --devices 200
 
-Starts one set of embedded servers (Redis, SecantusDB, pulsar-lite) and one
-simulated farm whose devices answer at once, then runs the reference job through
-each system in turn, back to back: sendscript (`bench.throughput --run-ms 0`:
+Starts one set of embedded servers (Redis, SecantusDB, pulsar-lite), then runs
+the reference job through each system in turn, back to back, each run with a
+simulated farm of its own whose devices answer at once and report on a Pulsar
+topic of the run's own (no sendscript consumer reads the reports of the peers'
+jobs, which nothing reads): sendscript (`bench.throughput --run-ms 0`:
 master, 2 workers, consumer), Dramatiq (2 processes x 8 threads), Celery
 (prefork, 2 processes) and the same job body in 2 plain processes
 (bench/peer_jobs/). A peer's job locks the device, makes 8 document writes (the
@@ -50,7 +52,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -124,12 +127,47 @@ def sender(system: str) -> Callable[[list[tuple[str, str, int]]], None]:
     return send_plain
 
 
-def run_peer(system: str, durable: bool, servers: EmbeddedServers, central_url: str,
-             sim_pid: int, opts: argparse.Namespace, log_dir: Path, round_: int = 1) -> Run:
+@dataclass(frozen=True)
+class Farm:
+    """A run's simulated farm: where jobs POST, its process, the topic it reports on."""
+
+    url: str
+    pid: int
+    topic: str
+
+
+@contextmanager
+def farm_for(name: str, servers: EmbeddedServers, log_dir: Path) -> Iterator[Farm]:
+    """A farm for one run, reporting on a topic of that run's own. With one farm for
+    all, the peers' results (which their jobs never read) piled up in the sendscript
+    consumer's subscription and were applied (saved as logs of unknown records) at
+    the start of its next run."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
+    topic = f"persistent://public/default/peers-{safe}-task-log"
+    url = f"http://127.0.0.1:{free_port()}"
+    env = child_env({**servers.env(), "SENDSCRIPT_LOG_LEVEL": "WARNING",
+                     "SENDSCRIPT_TASK_LOG_TOPIC": topic})
+    sim = RoleProcess(f"simulator-{name}",
+                      ["simulate", "--port", url.rsplit(":", 1)[1], "--run-ms", "0"],
+                      env, log_dir).start()
+    try:
+        wait_until(lambda: _up(url), 60, what="the simulator")
+        yield Farm(url, sim.pid, topic)
+    finally:
+        sim.stop(timeout_s=20)
+
+
+def run_name(system: str, durable: bool, round_: int) -> str:
+    """A run's name: a peer's database, key prefix and log file, and every run's farm."""
+    return f"{system}{'' if durable else '_driver'}" + (f"_r{round_}" if round_ > 1 else "")
+
+
+def run_peer(system: str, durable: bool, servers: EmbeddedServers, farm: Farm,
+             opts: argparse.Namespace, log_dir: Path, round_: int = 1) -> Run:
     # a database and key prefix per run, as sendscript's: no run stores into another's
-    name = f"{system}{'' if durable else '_driver'}" + (f"_r{round_}" if round_ > 1 else "")
+    name = run_name(system, durable, round_)
     env = {"PEER_REDIS_URL": servers["redis"].url, "PEER_MONGO_URL": servers["mongo"].url,
-           "PEER_CENTRAL_URL": central_url, "PEER_NAME": name,
+           "PEER_CENTRAL_URL": farm.url, "PEER_NAME": name,
            "PEER_DURABLE": "1" if durable else "0"}
     os.environ.update(env)  # this process's senders and the job module read them
     from bench.peer_jobs import job
@@ -148,7 +186,7 @@ def run_peer(system: str, durable: bool, servers: EmbeddedServers, central_url: 
         send([("warmup-" + name, "warmup", -1)])
         wait_until(lambda: int(ctx.redis.get(done_key) or 0) >= 1, 90, 0.2,
                    what=f"{name}'s warm-up task")
-        meter = CpuMeter({"own": [proc.pid], **server_groups(servers), "simulator": [sim_pid]})
+        meter = CpuMeter({"own": [proc.pid], **server_groups(servers), "simulator": [farm.pid]})
         meter.start()
         t0 = time.time()
         for start in range(0, opts.tasks, 100):
@@ -190,16 +228,16 @@ def server_groups(servers: EmbeddedServers) -> dict[str, list[int]]:
     return out
 
 
-def run_sendscript(servers: EmbeddedServers, central_url: str, sim_pid: int,
-                   opts: argparse.Namespace, log_dir: Path, durable: bool = True,
-                   traced: bool = False, round_: int = 1) -> Run:
+def run_sendscript(servers: EmbeddedServers, farm: Farm, opts: argparse.Namespace,
+                   log_dir: Path, durable: bool = True, traced: bool = False,
+                   round_: int = 1) -> Run:
     """sendscript as shipped (journaled writes), or with `SENDSCRIPT_MONGO_JOURNAL=false`
     (acknowledged by the server, not yet on disk: the peers' driver defaults). `traced`:
     with tracing on in every role and the producer, exporting to a receiver here."""
     if traced:
         with OtlpReceiver() as receiver:
             try:
-                run = _run_sendscript(servers, central_url, sim_pid, opts, log_dir, durable,
+                run = _run_sendscript(servers, farm, opts, log_dir, durable,
                                       receiver.endpoint, round_)
             finally:
                 tracing.shutdown()  # the producer's (this process): the next runs untraced
@@ -210,23 +248,24 @@ def run_sendscript(servers: EmbeddedServers, central_url: str, sim_pid: int,
             run.note += (f"; spans received: {spans} ({spans / max(1, run.tasks):.1f} a task,"
                          f" {len(receiver.traces())} traces)")
             return run
-    return _run_sendscript(servers, central_url, sim_pid, opts, log_dir, durable, None, round_)
+    return _run_sendscript(servers, farm, opts, log_dir, durable, None, round_)
 
 
-def _run_sendscript(servers: EmbeddedServers, central_url: str, sim_pid: int,
-                    opts: argparse.Namespace, log_dir: Path, durable: bool,
-                    otel_endpoint: str | None, round_: int = 1) -> Run:
+def _run_sendscript(servers: EmbeddedServers, farm: Farm, opts: argparse.Namespace,
+                    log_dir: Path, durable: bool, otel_endpoint: str | None,
+                    round_: int = 1) -> Run:
     # a database and key prefix per run: the second run must not count the first's tasks
     tag = ("sendscript" if durable else "sendscript_unjournaled") + \
         ("_traced" if otel_endpoint else "") + (f"_r{round_}" if round_ > 1 else "")
     otel = {"otel_enabled": True, "otel_endpoint": otel_endpoint} if otel_endpoint else {}
     base = Settings(redis_url=servers["redis"].url, mongo_url=servers["mongo"].url + tag,
-                    pulsar_url=servers["pulsar"].url, central_url=central_url, workers=2,
+                    pulsar_url=servers["pulsar"].url, central_url=farm.url, workers=2,
                     heartbeat_interval_s=opts.heartbeat, mongo_journal=durable, key_prefix=tag,
-                    **otel)
+                    task_log_topic=farm.topic, **otel)
     stack = LocalStack(base, workers=2, data_dir=log_dir.parent, extra_env={
         "SENDSCRIPT_LOG_LEVEL": "WARNING", "SENDSCRIPT_MONGO_JOURNAL": str(durable).lower(),
         "SENDSCRIPT_HEARTBEAT_INTERVAL_S": str(opts.heartbeat),
+        "SENDSCRIPT_TASK_LOG_TOPIC": farm.topic,
         **{f"SENDSCRIPT_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)
            for k, v in otel.items()}})
     topts = throughput.Options(
@@ -236,7 +275,7 @@ def _run_sendscript(servers: EmbeddedServers, central_url: str, sim_pid: int,
     stack.start(log_dir=log_dir)
     try:
         r = throughput._measure(stack, topts, {**server_groups(servers),
-                                               "simulator": [sim_pid]})
+                                               "simulator": [farm.pid]})
     finally:
         stack.stop()
     cpu = dict(r.cpu_ms_per_task)
@@ -330,15 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: list[Run] = []
     servers = EmbeddedServers(data_dir)
     ok = False
-    sim: RoleProcess | None = None
     try:
         servers.start()
-        port = free_port()
-        central_url = f"http://127.0.0.1:{port}"
-        env = child_env({**servers.env(), "SENDSCRIPT_LOG_LEVEL": "WARNING"})
-        sim = RoleProcess("simulator", ["simulate", "--port", str(port), "--run-ms", "0"],
-                          env, log_dir).start()
-        wait_until(lambda: _up(central_url), 60, what="the simulator")
         plan: list[tuple[str, bool]] = []
         for system in opts.systems.split(","):
             runs_of = [system]
@@ -355,19 +387,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 servers["mongo"].restart()
                 console.print(f"[bold]{system}[/bold] "
                               f"({'j=true' if durable else 'as they come'}), round {round_}")
-                if system in ("sendscript", TRACED):
-                    run = run_sendscript(servers, central_url, sim.pid, opts, log_dir,
-                                         durable, traced=system == TRACED, round_=round_)
-                else:
-                    run = run_peer(system, durable, servers, central_url, sim.pid, opts,
-                                   log_dir, round_)
+                with farm_for(run_name(system, durable, round_), servers, log_dir) as farm:
+                    if system in ("sendscript", TRACED):
+                        run = run_sendscript(servers, farm, opts, log_dir, durable,
+                                             traced=system == TRACED, round_=round_)
+                    else:
+                        run = run_peer(system, durable, servers, farm, opts, log_dir, round_)
                 run.round = round_
                 console.print(f"  {run.tasks_per_s:.1f} tasks/s")
                 runs.append(run)
         ok = all(r.ok for r in runs)
     finally:
-        if sim is not None:
-            sim.stop(timeout_s=20)
         servers.stop()
         if ok:
             shutil.rmtree(data_dir, ignore_errors=True)
