@@ -16,8 +16,8 @@ with sendscript's default durability (journaled writes, retryWrites as the URL
 decides) and, with `--durability both` (default), again unjournaled: the peers
 with their drivers' defaults (no journal, retryable writes), sendscript with
 `SENDSCRIPT_MONGO_JOURNAL=false`, marked "as they come". SecantusDB is restarted
-before each run (same data directory and port), so no run inherits another's
-retryable-write records.
+empty before each run (same port), so no run pays for another's data or inherits
+its retryable-write records.
 
 With `--rounds N` every system runs N times, round after round (each round all
 systems back to back), and a last table gives the medians: each ratio to
@@ -66,7 +66,7 @@ from bench import throughput
 from bench.cpu import CpuMeter
 from sendscript import tracing
 from sendscript.dev import tally
-from sendscript.dev.embedded import EmbeddedServers, child_env, free_port
+from sendscript.dev.embedded import EmbeddedServers, ServerProcess, child_env, free_port
 from sendscript.dev.otlp import OtlpReceiver
 from sendscript.dev.processes import RoleProcess, wait_until
 from sendscript.dev.stack import LocalStack
@@ -217,6 +217,15 @@ def run_peer(system: str, durable: bool, servers: EmbeddedServers, farm: Farm,
                {k: v * 1000 / max(1, finished) for k, v in cpu.items()}, counted.ok,
                "" if counted.ok else f"only {counted.terminal} of {opts.tasks} finished",
                counted.line())
+
+
+def start_empty(mongo: ServerProcess) -> None:
+    """SecantusDB restarted on an empty data directory (same port): no run pays for
+    another's data (its tables, their checkpoints) or inherits its retryable-write
+    records, whichever systems ran before it."""
+    mongo.stop()
+    shutil.rmtree(mongo.data_dir / "db", ignore_errors=True)
+    mongo.start()
 
 
 def server_groups(servers: EmbeddedServers) -> dict[str, list[int]]:
@@ -384,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     plan.append((name, False))
         for round_ in range(1, max(1, opts.rounds) + 1):
             for system, durable in plan:
-                servers["mongo"].restart()
+                start_empty(servers["mongo"])
                 console.print(f"[bold]{system}[/bold] "
                               f"({'j=true' if durable else 'as they come'}), round {round_}")
                 with farm_for(run_name(system, durable, round_), servers, log_dir) as farm:
