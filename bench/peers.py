@@ -144,11 +144,11 @@ def farm_for(name: str, servers: EmbeddedServers, log_dir: Path) -> Iterator[Far
     the start of its next run."""
     safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
     topic = f"persistent://public/default/peers-{safe}-task-log"
-    url = f"http://127.0.0.1:{free_port()}"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
     env = child_env({**servers.env(), "SENDSCRIPT_LOG_LEVEL": "WARNING",
                      "SENDSCRIPT_TASK_LOG_TOPIC": topic})
-    sim = RoleProcess(f"simulator-{name}",
-                      ["simulate", "--port", url.rsplit(":", 1)[1], "--run-ms", "0"],
+    sim = RoleProcess(f"simulator-{name}", ["simulate", "--port", str(port), "--run-ms", "0"],
                       env, log_dir).start()
     try:
         wait_until(lambda: _up(url), 60, what="the simulator")
