@@ -43,7 +43,7 @@ from agents.rules import (
 )
 from sendscript.dedupe import released_at_start
 from sendscript.fencing import MongoEpochs
-from sendscript.locks import DeviceLocks
+from sendscript.locks import DeviceLocks, LockRequest, lock_owner
 from sendscript.models import ANY_DEVICE, PULL, PULL_HOLDER, new_id, utcnow
 from sendscript.replicas import NotReplicated, ReplicaWait
 from sendscript.retry import decide, failure_cas
@@ -155,7 +155,7 @@ class Leases:
         # Off the cache before any await: another call on this loop never bids for them.
         self._cache = [d for d in self._cache if d["_id"] not in taken]
         now = utcnow()
-        fences = await self._lock(picks)
+        fences = await self._lock(picks, f"agent:{agent.id}")
         locked = [(d, f) for d, f in zip(picks, fences, strict=True) if f is not None]
         admitted = await self.gates.admit([d for d, _ in locked][:limit])
         ids = {d["_id"] for d in admitted}
@@ -179,12 +179,14 @@ class Leases:
             self.stats.leased += len(answers)
         return answers
 
-    async def _lock(self, picks: list[dict[str, Any]]) -> list[int | None]:
+    async def _lock(self, picks: list[dict[str, Any]], worker: str) -> list[int | None]:
         """Per pick: the device lock's fence, 0 for a task naming no device, None where
-        the device is busy."""
-        devices = [(d["device_id"], int((d.get("timeout_s", 300) + self.settings.lock_margin_s)
-                                        * 1000))
-                   for d in picks if d.get("device_id", ANY_DEVICE) != ANY_DEVICE]
+        the device is busy. Each lock names its task as owner, as a worker's does: what
+        holds it is read through the task (sendscript/lock_holders.py)."""
+        devices: list[LockRequest] = [
+            (d["device_id"], int((d.get("timeout_s", 300) + self.settings.lock_margin_s) * 1000),
+             lock_owner(d["_id"], worker))
+            for d in picks if d.get("device_id", ANY_DEVICE) != ANY_DEVICE]
         try:
             fences = iter(await self.locks.acquire_many(devices) if devices else [])
         except NotReplicated as exc:  # released already: their tasks wait, as if busy

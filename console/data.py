@@ -23,6 +23,14 @@ from sendscript import alerts, connect, counts, device_health, fleet, limits, pa
 from sendscript.agent_store import agents_sync, leases_held_sync
 from sendscript.dedupe import describe as describe_dedupe
 from sendscript.keys import Keys
+from sendscript.lock_holders import (
+    RECORD_FIELDS,
+    TASK_FIELDS,
+    holding,
+    owner_task,
+    record_query,
+    task_queries,
+)
 from sendscript.models import PULL
 from sendscript.report import breaker_view
 from sendscript.search_reads import batch_counts, newest
@@ -303,13 +311,27 @@ def _locks(stores: Stores, devices: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def lock_holders(stores: Stores, held: dict[str, int]) -> dict[str, Any]:
+    """device -> the open exec record holding its lock (`held`: device -> fence), read
+    through the lock's owner and the tasks running on it (sendscript/lock_holders.py)."""
+    if not held:
+        return {}
+    entries = stores.redis.hmget(stores.keys.lock_owners, list(held))
+    owned = {d: owner_task(e, held[d]) for d, e in zip(held, entries, strict=True)}
+    tasks = [t for q in task_queries(held, owned)
+             for t in stores.db[TASKS].find(q, TASK_FIELDS)]
+    query = record_query(tasks)
+    if query is None:
+        return {}
+    return dict(holding(held, stores.db[RECORDS].find(query, RECORD_FIELDS)))
+
+
 def device_detail(stores: Stores, device_id: str) -> dict[str, Any]:
     r, keys, db = stores.redis, stores.keys, stores.db
     lock = _locks(stores, [device_id]).get(device_id)
     running = None
-    if lock is not None:
-        rec = db[RECORDS].find_one({"lock_value": int(lock["fence"])}
-                                   if lock["fence"].isdigit() else {"lock_value": lock["fence"]})
+    if lock is not None and lock["fence"].isdigit():
+        rec = lock_holders(stores, {device_id: int(lock["fence"])}).get(device_id)
         if rec is not None:
             running = {"task_id": rec.get("task_id"), "attempt": rec.get("attempt"),
                        "record_id": rec.get("_id"), "status": rec.get("status")}

@@ -4,8 +4,9 @@ A page costs the same with 20,000 devices as with 20: its ids come from the Redi
 index of device ids (ZRANGEBYLEX from a prefix or the cursor; a group's members
 from its document), its figures from the `devices` documents of those ids (one read
 by id), its live state from Redis for those ids only (one pipelined read: lock,
-bench, failure streak, pauses) and, for the locked ones, the running task from
-their exec records (one read by fence). Nothing scans tasks. See sendscript/fleet.py
+bench, failure streak, pauses) and, for the locked ones, the running task (its
+lock's owner, the tasks running on those devices and their open exec records: three
+reads by index, sendscript/lock_holders.py). Nothing scans tasks. See sendscript/fleet.py
 for what the consumer keeps.
 """
 
@@ -23,10 +24,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from console.data import Stores
+from console.data import Stores, lock_holders
 from sendscript import fleet
 from sendscript.groups import GROUP_NAME
-from sendscript.store import DEVICES, GROUPS, RECORDS
+from sendscript.store import DEVICES, GROUPS
 
 MAX_PAGE = 200
 MAX_GROUPS = 1000
@@ -164,13 +165,8 @@ def live_state(stores: Stores, ids: list[str]) -> tuple[list[Any], list[Any], li
 
 def running_tasks(stores: Stores, fences: dict[str, int]) -> dict[str, dict[str, Any]]:
     """device -> the attempt holding its lock now (task id, attempt), by the fence."""
-    if not fences:
-        return {}
-    found = stores.db[RECORDS].find({"lock_value": {"$in": list(fences.values())}},
-                                    {"task_id": 1, "attempt": 1, "device_id": 1,
-                                     "lock_value": 1})
-    return {d["device_id"]: {"task_id": d.get("task_id"), "attempt": d.get("attempt")}
-            for d in found if fences.get(d.get("device_id")) == d.get("lock_value")}
+    return {device: {"task_id": d.get("task_id"), "attempt": d.get("attempt")}
+            for device, d in lock_holders(stores, fences).items()}
 
 
 def fleet_page(stores: Stores, q: FleetQuery, now: datetime | None = None) -> dict[str, Any]:

@@ -52,6 +52,14 @@ from master.leadership import Fence
 from sendscript import device_health
 from sendscript.device_health import BenchPolicy, Outcome
 from sendscript.keys import Keys
+from sendscript.lock_holders import (
+    RECORD_FIELDS,
+    TASK_FIELDS,
+    holding,
+    owner_task,
+    record_query,
+    task_queries,
+)
 from sendscript.locks import DeviceLocks, lock_owner
 from sendscript.models import DEFAULT_QUEUE, DEFAULT_TIMEOUT_S, ExecRecord, Task, utcnow
 from sendscript.queue import Entry, IntakeQueue, push_refs, ref_item
@@ -479,10 +487,7 @@ class Recovery:
                 held[device] = int(value)
         # A fence is in use while its exec record is open; a fence with no record is a
         # worker that died between taking the lock and recording the attempt.
-        fenced = {(r["device_id"], r["lock_value"]) async for r in self.records.col.find(
-            {"lock_value": {"$in": list(held.values())},
-             "status": {"$in": [str(s) for s in OPEN_RECORD]}},
-            {"device_id": 1, "lock_value": 1})} if held else set()
+        fenced = {(d, held[d]) for d in await self._held_by_attempts(held)}
         orphans = {(d, f) for d, f in held.items() if (d, f) not in fenced}
         now = time.monotonic()
         self._suspect_locks = {o: self._suspect_locks.get(o, now) for o in orphans}
@@ -498,6 +503,21 @@ class Recovery:
             for o in sure:
                 self._suspect_locks.pop(o, None)
             logger.warning("released {} orphaned device lock(s): {}", len(sure), sure[:10])
+
+    async def _held_by_attempts(self, held: dict[str, int]) -> set[str]:
+        """The devices of `held` (device -> fence) whose lock an open exec record
+        holds, found through its task (sendscript/lock_holders.py)."""
+        if not held:
+            return set()
+        entries = await self.redis.hmget(self.keys.lock_owners, list(held))
+        owned = {d: owner_task(e, held[d]) for d, e in zip(held, entries, strict=True)}
+        tasks = [t for q in task_queries(held, owned)
+                 async for t in self.tasks.col.find(q, TASK_FIELDS)]
+        query = record_query(tasks)
+        if query is None:
+            return set()
+        return set(holding(held, [r async for r in self.records.col.find(query,
+                                                                          RECORD_FIELDS)]))
 
     async def _guard(self, what: str) -> None:
         if self.fence is not None:

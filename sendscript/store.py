@@ -89,10 +89,10 @@ PULL_TASK_INDEXES = [
                partialFilterExpression={"lease.agent": {"$type": "string"}}),
 ]
 RECORD_INDEXES = [
-    # one record per attempt, and a task's history
+    # one record per attempt, and a task's history. Which attempt holds a device lock
+    # is read through the lock's owner and its task (sendscript/lock_holders.py), not
+    # by an index on the fence that every write of a record would pay for.
     IndexModel([("task_id", ASCENDING), ("attempt", ASCENDING)], unique=True),
-    # which attempt holds a device lock (recovery of orphaned locks)
-    IndexModel([("lock_value", ASCENDING)]),
 ]
 
 
@@ -114,9 +114,10 @@ def all_indexes(log_retention_s: float) -> dict[str, list[IndexModel]]:
 # Indexes an earlier version made that nothing reads any more: dropped, as each costs
 # every write. batch_id_1 (partial on `$type`) was never chosen by the embedded server;
 # the purge_at TTL indexes gave way to the leader's retention through updated_at;
-# devices' device_id_1 to reads by `_id`.
-OBSOLETE_INDEXES = {TASKS: ["batch_id_1", "purge_at_1"], RECORDS: ["purge_at_1"],
-                    DEVICES: ["device_id_1"]}
+# devices' device_id_1 to reads by `_id`; records' lock_value_1 to reads through the
+# lock's owner (sendscript/lock_holders.py).
+OBSOLETE_INDEXES = {TASKS: ["batch_id_1", "purge_at_1"],
+                    RECORDS: ["purge_at_1", "lock_value_1"], DEVICES: ["device_id_1"]}
 
 
 async def ensure_pull_indexes(db: AsyncDatabase) -> None:

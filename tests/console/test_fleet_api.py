@@ -11,7 +11,7 @@ from pymongo import UpdateOne
 from sendscript.client import SendScriptClient
 from sendscript.fleet import DeviceResult, device_updates
 from sendscript.models import utcnow
-from sendscript.store import DEVICES, RECORDS
+from sendscript.store import DEVICES, RECORDS, TASKS
 from tests.console.conftest import ConsoleRole
 from tests.support import Inspect
 
@@ -31,9 +31,14 @@ def test_every_device_paged_searched_with_its_state(console_role: ConsoleRole,
     with SendScriptClient(c.settings) as client:  # group-only devices: phone-02, phone-09
         client.group_add("rack", ["phone-02", "phone-09"])
     inspect.redis.delete(keys.devices_known)  # Redis lost the index: rebuilt from Mongo
+    # A worker's lock names its task; the task points at its open exec record.
     inspect.redis.set(keys.device_lock("phone-01"), 42)
+    inspect.redis.hset(keys.lock_owners, "phone-01", "42 t-run m-1/w-0")
+    inspect.db[TASKS].insert_one({"_id": "t-run", "device_id": "phone-01",
+                                  "status": "sent", "attempt": 2, "record_id": "r-run"})
     inspect.db[RECORDS].insert_one({"_id": "r-run", "task_id": "t-run", "attempt": 2,
-                                    "device_id": "phone-01", "lock_value": 42})
+                                    "device_id": "phone-01", "lock_value": 42,
+                                    "status": "sent"})
     inspect.redis.zadd(keys.devices_benched, {"phone-03": int(time.time() * 1000) + 60_000})
     op = c.token("ops", "operator")
     with c.client(op) as api:
@@ -54,6 +59,13 @@ def test_every_device_paged_searched_with_its_state(console_role: ConsoleRole,
         running = rows["phone-01"]
         assert running["state"] == "running"
         assert running["running"] == {"task_id": "t-run", "attempt": 2}
+        detail = api.get("/api/devices/phone-01").json()
+        assert detail["running"] == {"task_id": "t-run", "attempt": 2, "record_id": "r-run",
+                                     "status": "sent"}
+        # Once the record closes, the lock (until released) is held by no attempt.
+        inspect.db[RECORDS].update_one({"_id": "r-run"}, {"$set": {"status": "success"}})
+        assert api.get("/api/devices/phone-01").json()["running"] is None
+        inspect.db[RECORDS].update_one({"_id": "r-run"}, {"$set": {"status": "sent"}})
         assert (rows["phone-02"]["state"], rows["phone-02"]["paused"]) == ("paused",
                                                                           ["group:rack"])
         assert rows["phone-03"]["state"] == "benched" and rows["phone-03"]["benched_left_s"] > 0

@@ -21,7 +21,7 @@ from master.recovery import Found, Recovery
 from master.retention import Retention
 from master.sweeper import Sweeper
 from sendscript.dev.embedded import free_port
-from sendscript.locks import DeviceLocks
+from sendscript.locks import DeviceLocks, lock_owner
 from sendscript.models import ExecRecord, Task, TaskSpec, id_from_tag, new_id, utcnow
 from sendscript.queue import Entry, IntakeQueue, push_refs
 from sendscript.settings import Settings
@@ -474,6 +474,45 @@ async def test_orphaned_locks_are_released_on_the_second_pass(
     await recovery.release_orphan_locks(third, grace_s=0.5)
     assert third.orphan_locks == []
     assert await locks.holders(["dev-held"]) == [held]
+
+
+async def test_a_lock_is_read_through_its_owner_and_its_task(
+    recovery: Recovery, db: AsyncDatabase, locks: DeviceLocks,
+) -> None:
+    """No index on the records' fences: a lock is held by the open record its owner's
+    task points at. A task cancelled after it was sent still runs on its device, so its
+    lock stays; a lock with no owner is matched among the tasks running or sent."""
+    now = utcnow()
+    fences: dict[str, int] = {}
+    records: dict[str, str] = {}
+    for device, status, owned in [("dev-sent", TaskStatus.SENT, True),
+                                  ("dev-cancelled", TaskStatus.CANCELLED, True),
+                                  ("dev-finished", TaskStatus.SUCCESS, True),
+                                  ("dev-unowned", TaskStatus.RUNNING, False),
+                                  ("dev-unowned-cancelled", TaskStatus.CANCELLED, False)]:
+        task_id, record_id = new_id(), new_id()
+        [fence] = await locks.acquire_many(
+            [(device, 600_000, lock_owner(task_id, "m-1/w-0"))] if owned
+            else [(device, 600_000)])
+        fences[device], records[device] = fence, record_id
+        await db[TASKS].insert_one(Task(
+            _id=task_id, device_id=device, script=SCRIPT, status=status, attempt=1,
+            record_id=record_id, worker="m-1/w-0", master="m-1").to_doc())
+        await db[RECORDS].insert_one(ExecRecord(
+            _id=record_id, task_id=task_id, attempt=1, device_id=device, lock_value=fence,
+            worker="m-1/w-0", started_at=now, sent_at=now,
+            status=RecordStatus.SUCCESS if status == TaskStatus.SUCCESS
+            else RecordStatus.SENT).to_doc())
+
+    found = Found()
+    await recovery.release_orphan_locks(found, confirm=False)
+    # Without an owner, the cancelled task's lock cannot be told from an orphan: an
+    # earlier version took agents' locks so, and such a lock goes after the grace.
+    assert found.orphan_locks == sorted([("dev-finished", fences["dev-finished"]),
+                                         ("dev-unowned-cancelled",
+                                          fences["dev-unowned-cancelled"])])
+    kept = ["dev-sent", "dev-cancelled", "dev-unowned"]
+    assert await locks.holders(kept) == [fences[d] for d in kept]
 
 
 async def test_a_lock_taken_anew_between_passes_is_not_released(

@@ -74,6 +74,15 @@ async def test_ensure_indexes_drops_the_purge_at_indexes_an_earlier_version_made
         assert "purge_at_1" not in await db[name].index_information()
 
 
+async def test_records_keep_no_index_on_their_fence(db: AsyncDatabase) -> None:
+    """Which attempt holds a lock is read through its owner and task; the lock_value
+    index an earlier version made is dropped, as it cost every write of a record."""
+    await db[RECORDS].create_index([("lock_value", 1)])
+    await ensure_indexes(db)
+    info = await db[RECORDS].index_information()
+    assert "lock_value_1" not in info and "task_id_1_attempt_1" in info
+
+
 async def test_devices_keep_no_index_but_their_id(db: AsyncDatabase) -> None:
     """The fleet view reads devices by `_id`; the device_id index an earlier version
     made is dropped, as it cost every update of a device."""
