@@ -5,7 +5,8 @@ result. Run by `python -m bench.console` (its `fleet` part).
 Seeded the way the service writes them: `devices` documents through the consumer's
 own updates (sendscript/fleet.py), the Redis index of ids rebuilt from them as the
 console does when Redis lost it, a group of every device and one of 50, a tenth of
-the devices locked with the exec records that hold the locks, some benched, one
+the devices locked (the owner, the task and the open exec record that hold each
+lock, as a worker leaves them), some benched, one
 group paused. Each page timed is checked: its ids are exactly the next ids of the
 seeded set in order, and every locked device on it says which task runs.
 """
@@ -25,7 +26,7 @@ from console.search import BUDGET_MS
 from sendscript import pauses
 from sendscript.fleet import DeviceResult, device_updates
 from sendscript.settings import Settings
-from sendscript.store import DEVICES, GROUPS, RECORDS
+from sendscript.store import DEVICES, GROUPS, RECORDS, TASKS
 
 
 def device_name(i: int) -> str:
@@ -56,13 +57,19 @@ def seed(stores: Stores, n: int, batch: int) -> dict[str, Any]:
                            upsert=True)
     locked = everyone[::10]
     pipe = r.pipeline(transaction=False)
-    for i, device in enumerate(locked):
+    for i, device in enumerate(locked):  # as a worker locks: the owner names the task
         pipe.set(keys.device_lock(device), 1_000_000 + i, px=600_000)
+        pipe.hset(keys.lock_owners, device, f"{1_000_000 + i} run-{device} bench/w-0")
     pipe.zadd(keys.devices_benched, {d: int(time.time() * 1000) + 600_000
                                      for d in everyone[5::97]})
     pipe.execute()
+    db[TASKS].delete_many({"_id": {"$in": [f"run-{d}" for d in locked]}})
+    db[TASKS].insert_many([{"_id": f"run-{device}", "device_id": device, "status": "sent",
+                            "attempt": 1, "record_id": f"run-{i}"}
+                           for i, device in enumerate(locked)])
     db[RECORDS].insert_many([{"_id": f"run-{i}", "task_id": f"run-{device}", "attempt": 1,
-                              "device_id": device, "lock_value": 1_000_000 + i}
+                              "device_id": device, "lock_value": 1_000_000 + i,
+                              "status": "sent"}
                              for i, device in enumerate(locked)])
     pauses.pause_sync(r, keys, "group:rack-7", "bench")
     started = time.perf_counter()
@@ -160,5 +167,7 @@ def run(settings: Settings, n: int, repeat: int, deep: int, batch: int,
         out["upkeep"] = bench_upkeep(stores, batch, repeat, mongo_pid)
         out["budget_ms"] = BUDGET_MS
         return out
-    finally:
+    finally:  # the tasks holding the locks are the view's, not the task search's
+        stores.db[TASKS].delete_many(
+            {"_id": {"$in": [f"run-{device_name(i)}" for i in range(0, n, 10)]}})
         stores.close()
