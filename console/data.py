@@ -26,10 +26,11 @@ from sendscript.keys import Keys
 from sendscript.lock_holders import (
     RECORD_FIELDS,
     TASK_FIELDS,
+    current_records,
     holding,
+    owned_records,
     owner_task,
-    record_query,
-    task_queries,
+    unowned_tasks,
 )
 from sendscript.models import PULL
 from sendscript.report import breaker_view
@@ -313,17 +314,17 @@ def _locks(stores: Stores, devices: list[str]) -> dict[str, dict[str, Any]]:
 
 def lock_holders(stores: Stores, held: dict[str, int]) -> dict[str, Any]:
     """device -> the open exec record holding its lock (`held`: device -> fence), read
-    through the lock's owner and the tasks running on it (sendscript/lock_holders.py)."""
+    through the task the lock was taken for (sendscript/lock_holders.py)."""
     if not held:
         return {}
     entries = stores.redis.hmget(stores.keys.lock_owners, list(held))
     owned = {d: owner_task(e, held[d]) for d, e in zip(held, entries, strict=True)}
-    tasks = [t for q in task_queries(held, owned)
-             for t in stores.db[TASKS].find(q, TASK_FIELDS)]
-    query = record_query(tasks)
-    if query is None:
-        return {}
-    return dict(holding(held, stores.db[RECORDS].find(query, RECORD_FIELDS)))
+    reads = [q for q in [owned_records(held, owned)] if q is not None]
+    if (query := unowned_tasks(held, owned)) is not None:
+        tasks = list(stores.db[TASKS].find(query, TASK_FIELDS))
+        reads += [q for q in [current_records(tasks)] if q is not None]
+    return dict(holding(held, [r for q in reads
+                               for r in stores.db[RECORDS].find(q, RECORD_FIELDS)]))
 
 
 def device_detail(stores: Stores, device_id: str) -> dict[str, Any]:

@@ -4,9 +4,9 @@ A page costs the same with 20,000 devices as with 20: its ids come from the Redi
 index of device ids (ZRANGEBYLEX from a prefix or the cursor; a group's members
 from its document), its figures from the `devices` documents of those ids (one read
 by id), its live state from Redis for those ids only (one pipelined read: lock,
-bench, failure streak, pauses) and, for the locked ones, the running task (its
-lock's owner, the tasks running on those devices and their open exec records: three
-reads by index, sendscript/lock_holders.py). Nothing scans tasks. See sendscript/fleet.py
+bench, failure streak, pauses) and, for the locked ones, the running task (the
+open exec records of the tasks their locks name as owners: one read by index,
+sendscript/lock_holders.py). Nothing scans tasks. See sendscript/fleet.py
 for what the consumer keeps.
 """
 

@@ -55,10 +55,11 @@ from sendscript.keys import Keys
 from sendscript.lock_holders import (
     RECORD_FIELDS,
     TASK_FIELDS,
+    current_records,
     holding,
+    owned_records,
     owner_task,
-    record_query,
-    task_queries,
+    unowned_tasks,
 )
 from sendscript.locks import DeviceLocks, lock_owner
 from sendscript.models import DEFAULT_QUEUE, DEFAULT_TIMEOUT_S, ExecRecord, Task, utcnow
@@ -506,18 +507,17 @@ class Recovery:
 
     async def _held_by_attempts(self, held: dict[str, int]) -> set[str]:
         """The devices of `held` (device -> fence) whose lock an open exec record
-        holds, found through its task (sendscript/lock_holders.py)."""
+        holds, found through the lock's task (sendscript/lock_holders.py)."""
         if not held:
             return set()
         entries = await self.redis.hmget(self.keys.lock_owners, list(held))
         owned = {d: owner_task(e, held[d]) for d, e in zip(held, entries, strict=True)}
-        tasks = [t for q in task_queries(held, owned)
-                 async for t in self.tasks.col.find(q, TASK_FIELDS)]
-        query = record_query(tasks)
-        if query is None:
-            return set()
-        return set(holding(held, [r async for r in self.records.col.find(query,
-                                                                          RECORD_FIELDS)]))
+        reads = [q for q in [owned_records(held, owned)] if q is not None]
+        if (query := unowned_tasks(held, owned)) is not None:
+            tasks = [t async for t in self.tasks.col.find(query, TASK_FIELDS)]
+            reads += [q for q in [current_records(tasks)] if q is not None]
+        records = [r for q in reads async for r in self.records.col.find(q, RECORD_FIELDS)]
+        return set(holding(held, records))
 
     async def _guard(self, what: str) -> None:
         if self.fence is not None:

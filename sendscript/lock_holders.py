@@ -1,19 +1,19 @@
 """Which attempt holds a device lock: pure parts of the read, no I/O.
 
 A device lock is held by the open exec record (running or sent) that carries its
-fence as `lock_value`. That record is the current attempt (`record_id`) of its
-task, and the task is found two ways, both by indexes every task write pays for
-already:
+fence as `lock_value`. The record is found through the task the lock was taken for,
+with no index on the fence, which every write of a record would pay for (the
+embedded server rewrites every index entry of a document on each of its writes):
 
-- by the lock's owner (`{prefix}:lock:owners`, sendscript/locks.py): the task the
-  worker or agent took the lock for. This also finds a task cancelled after it was
-  sent, whose attempt still runs on the device and still holds the lock;
-- for a lock taken without an owner (an earlier version took an agent's so), among
-  the tasks running or sent on its device (the status index).
+- a lock names its task as owner (`{prefix}:lock:owners`, sendscript/locks.py): the
+  open records of those tasks, by the records' (task, attempt) index. This also
+  finds a task cancelled after it was sent, whose attempt still runs on the device
+  and still holds the lock;
+- a lock taken without an owner (an earlier version took an agent's so): the tasks
+  running or sent on its device (the status index), then their current records by
+  id.
 
-Then the records by id. Reading the holders of N locks is two reads by id, and no
-write of an exec record pays for an index on its fence: the embedded
-server rewrites every index entry of a document on each of its writes.
+Each record read fetches about the records it finds, as the read by fence did.
 """
 
 from __future__ import annotations
@@ -41,25 +41,28 @@ def owner_task(entry: bytes | str | None, fence: int) -> str | None:
     return parts[1]
 
 
-def task_queries(held: Mapping[str, int],
-                 owned: Mapping[str, str | None]) -> list[dict[str, Any]]:
-    """The task reads that find every candidate holder of the `held` locks (device ->
-    fence), given the task each lock's owner names (`owned`: device -> task id or
-    None): the owners' tasks by id, and for the locks with no owner the tasks running
-    or sent on their devices (a read of every running task: rare, and only for
-    those)."""
-    queries: list[dict[str, Any]] = []
+def owned_records(held: Mapping[str, int],
+                  owned: Mapping[str, str | None]) -> dict[str, Any] | None:
+    """The read of the open records of the tasks the `held` locks (device -> fence)
+    name as owners (`owned`: device -> task id or None); None when none names one."""
     ids = sorted({t for d, t in owned.items() if t and d in held})
-    if ids:
-        queries.append({"_id": {"$in": ids}})
+    if not ids:
+        return None
+    return {"task_id": {"$in": ids}, "status": {"$in": OPEN_RECORDS}}
+
+
+def unowned_tasks(held: Mapping[str, int],
+                  owned: Mapping[str, str | None]) -> dict[str, Any] | None:
+    """The read of the tasks running or sent on the devices whose lock names no owner
+    (a read of every running task: rare, and only for those); None when there are none."""
     unowned = sorted(d for d in held if not owned.get(d))
-    if unowned:
-        queries.append({"status": {"$in": OPEN_TASKS}, "device_id": {"$in": unowned}})
-    return queries
+    if not unowned:
+        return None
+    return {"status": {"$in": OPEN_TASKS}, "device_id": {"$in": unowned}}
 
 
-def record_query(tasks: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """The open records those tasks point at; None when they point at none."""
+def current_records(tasks: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The read of the open records those tasks point at; None when they point at none."""
     ids = sorted({str(t["record_id"]) for t in tasks if t.get("record_id")})
     if not ids:
         return None

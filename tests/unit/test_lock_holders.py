@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from sendscript.lock_holders import holding, owner_task, record_query, task_queries
+from sendscript.lock_holders import (
+    current_records,
+    holding,
+    owned_records,
+    owner_task,
+    unowned_tasks,
+)
 
 
 def test_an_owner_entry_counts_only_for_the_fence_it_was_written_with() -> None:
@@ -15,22 +21,25 @@ def test_an_owner_entry_counts_only_for_the_fence_it_was_written_with() -> None:
     assert owner_task(b"42  w", 42) is None
 
 
-def test_owned_locks_are_read_by_task_id_and_only_unowned_ones_by_status() -> None:
+def test_owned_locks_are_read_by_their_tasks_records_and_only_unowned_by_status() -> None:
     held = {"d1": 5, "d2": 6, "d3": 7}
-    assert task_queries(held, {"d1": "t-1", "d2": "t-2", "d3": "t-1"}) == [
-        {"_id": {"$in": ["t-1", "t-2"]}}]
-    assert task_queries(held, {"d1": "t-1", "d2": None}) == [
-        {"_id": {"$in": ["t-1"]}},
-        {"status": {"$in": ["running", "sent"]}, "device_id": {"$in": ["d2", "d3"]}}]
-    assert task_queries(held, {}) == [
-        {"status": {"$in": ["running", "sent"]}, "device_id": {"$in": ["d1", "d2", "d3"]}}]
-    assert task_queries({}, {"d9": "t-9"}) == []
+    owned: dict[str, str | None] = {"d1": "t-1", "d2": "t-2", "d3": "t-1", "d9": "t-9"}
+    assert owned_records(held, owned) == {"task_id": {"$in": ["t-1", "t-2"]},
+                                          "status": {"$in": ["running", "sent"]}}
+    assert unowned_tasks(held, owned) is None
+    assert owned_records(held, {"d1": "t-1", "d2": None}) == {
+        "task_id": {"$in": ["t-1"]}, "status": {"$in": ["running", "sent"]}}
+    assert unowned_tasks(held, {"d1": "t-1", "d2": None}) == {
+        "status": {"$in": ["running", "sent"]}, "device_id": {"$in": ["d2", "d3"]}}
+    assert owned_records(held, {}) is None
+    assert owned_records({}, {"d9": "t-9"}) is None and unowned_tasks({}, {}) is None
 
 
-def test_the_records_read_are_the_open_current_attempts_of_those_tasks() -> None:
-    assert record_query([{"_id": "t-1"}, {"_id": "t-2", "record_id": None}]) is None
-    assert record_query([{"_id": "t-1", "record_id": "r-b"}, {"_id": "t-2", "record_id": "r-a"},
-                         {"_id": "t-1", "record_id": "r-b"}]) == {
+def test_an_unowned_locks_task_leads_to_its_current_record() -> None:
+    assert current_records([{"_id": "t-1"}, {"_id": "t-2", "record_id": None}]) is None
+    assert current_records([{"_id": "t-1", "record_id": "r-b"},
+                            {"_id": "t-2", "record_id": "r-a"},
+                            {"_id": "t-1", "record_id": "r-b"}]) == {
         "_id": {"$in": ["r-a", "r-b"]}, "status": {"$in": ["running", "sent"]}}
 
 
