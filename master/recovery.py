@@ -49,18 +49,9 @@ from loguru import logger
 from pymongo.errors import DuplicateKeyError
 
 from master.leadership import Fence
-from sendscript import device_health
+from sendscript import device_health, lock_holders
 from sendscript.device_health import BenchPolicy, Outcome
 from sendscript.keys import Keys
-from sendscript.lock_holders import (
-    RECORD_FIELDS,
-    TASK_FIELDS,
-    current_records,
-    holding,
-    owned_records,
-    owner_task,
-    unowned_tasks,
-)
 from sendscript.locks import DeviceLocks, lock_owner
 from sendscript.models import DEFAULT_QUEUE, DEFAULT_TIMEOUT_S, ExecRecord, Task, utcnow
 from sendscript.queue import Entry, IntakeQueue, push_refs, ref_item
@@ -511,13 +502,14 @@ class Recovery:
         if not held:
             return set()
         entries = await self.redis.hmget(self.keys.lock_owners, list(held))
-        owned = {d: owner_task(e, held[d]) for d, e in zip(held, entries, strict=True)}
-        reads = [q for q in [owned_records(held, owned)] if q is not None]
-        if (query := unowned_tasks(held, owned)) is not None:
-            tasks = [t async for t in self.tasks.col.find(query, TASK_FIELDS)]
-            reads += [q for q in [current_records(tasks)] if q is not None]
-        records = [r for q in reads async for r in self.records.col.find(q, RECORD_FIELDS)]
-        return set(holding(held, records))
+        owned = {d: lock_holders.owner_task(e, held[d]) for d, e in zip(held, entries, strict=True)}
+        reads = [q for q in [lock_holders.owned_records(held, owned)] if q is not None]
+        if (query := lock_holders.unowned_tasks(held, owned)) is not None:
+            tasks = [t async for t in self.tasks.col.find(query, lock_holders.TASK_FIELDS)]
+            reads += [q for q in [lock_holders.current_records(tasks)] if q is not None]
+        records = [r for q in reads
+                   async for r in self.records.col.find(q, lock_holders.RECORD_FIELDS)]
+        return set(lock_holders.holding(held, records))
 
     async def _guard(self, what: str) -> None:
         if self.fence is not None:
