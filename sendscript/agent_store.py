@@ -51,9 +51,17 @@ def token_doc(name: str, prefixes: Iterable[str] = (), groups: Iterable[str] = (
         if not PREFIX.match(prefix):
             raise ValueError(f"invalid device prefix {prefix!r}")
     groups = sorted({check_name(g.strip()) for g in groups if g.strip()})
-    secret = secrets.token_urlsafe(24)
+    secret = new_secret()
     return secret, {"_id": hash_secret(secret), "name": name, "created_at": utcnow(),
                     "scope": {"prefixes": prefixes, "groups": groups}}
+
+
+def new_secret() -> str:
+    """An agent's token: URL-safe, and never starting with "-", which a command line
+    (`--token -x...`) would take for an option."""
+    while (secret := secrets.token_urlsafe(24)).startswith("-"):
+        pass
+    return secret
 
 
 def add_token_sync(db: Database, name: str, prefixes: Iterable[str] = (),

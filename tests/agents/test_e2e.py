@@ -51,7 +51,7 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 
 def start_agent(settings: Settings, url: str, token: str, agent_id: str, log_dir: Path,
                 devices: str = "") -> RoleProcess:
-    args = ["--url", url, "--token", token, "--id", agent_id, "--labels", "py,chrome",
+    args = ["--url", url, f"--token={token}", "--id", agent_id, "--labels", "py,chrome",
             "--devices", devices, "--log", str(log_dir / f"{agent_id}.jsonl")]
     proc = RoleProcess(agent_id, args, settings_env(settings), log_dir)
     proc.args = args
