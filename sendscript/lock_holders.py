@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from sendscript.locks import owner_entry
 from sendscript.status import RecordStatus, TaskStatus
 
 OPEN_TASKS = [str(TaskStatus.RUNNING), str(TaskStatus.SENT)]
@@ -32,13 +33,8 @@ RECORD_FIELDS = {"task_id": 1, "attempt": 1, "device_id": 1, "lock_value": 1, "s
 def owner_task(entry: bytes | str | None, fence: int) -> str | None:
     """The task an owners-hash entry ("<fence> <task id> <worker>") names, if it was
     written for this fence; an entry of an earlier lock of the device says nothing."""
-    if not entry:
-        return None
-    text = entry.decode() if isinstance(entry, bytes) else entry
-    parts = text.split(" ")
-    if len(parts) < 2 or parts[0] != str(fence) or not parts[1]:
-        return None
-    return parts[1]
+    found = owner_entry(entry, fence)
+    return (found[1].partition(" ")[0] or None) if found else None
 
 
 def owned_records(held: Mapping[str, int],

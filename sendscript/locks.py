@@ -127,6 +127,19 @@ def lock_owner(task_id: str, worker: str) -> str:
     return f"{task_id} {worker}"
 
 
+def owner_entry(entry: bytes | str | None,
+                fence: bytes | str | int | None) -> tuple[int, str] | None:
+    """(fence, owner) from an owners-hash entry ("<fence> <owner>") written for the lock
+    that now holds `fence`; None where the device is free, or the entry is another
+    lock's or missing."""
+    if entry is None or fence is None:
+        return None
+    text = entry.decode() if isinstance(entry, bytes) else entry
+    held = fence.decode() if isinstance(fence, bytes) else str(fence)
+    written, _, owner = text.partition(" ")
+    return (int(written), owner) if written == held and owner else None
+
+
 # (device_id, ttl_ms) or (device_id, ttl_ms, owner): one lock to take.
 LockRequest = tuple[str, int] | tuple[str, int, str]
 
@@ -256,12 +269,7 @@ class DeviceLocks:
         # two were never atomic; only a lock whose fence matches its owner entry counts.
         values = await self._redis.mget([self._keys.device_lock(d) for d in devices])
         owners = await self._redis.hmget(self._keys.lock_owners, list(devices))
-        out: list[tuple[int, str] | None] = []
-        for value, owner in zip(values, owners, strict=True):
-            fence, _, name = (owner.decode() if owner else "").partition(" ")
-            held = value is not None and fence == value.decode()
-            out.append((int(fence), name) if held else None)
-        return out
+        return [owner_entry(owner, value) for value, owner in zip(values, owners, strict=True)]
 
     async def holders(self, devices: Sequence[str]) -> list[int | None]:
         """The fence now locking each device, or None where it is free."""

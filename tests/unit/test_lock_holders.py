@@ -9,6 +9,7 @@ from sendscript.lock_holders import (
     owner_task,
     unowned_tasks,
 )
+from sendscript.locks import owner_entry
 
 
 def test_an_owner_entry_counts_only_for_the_fence_it_was_written_with() -> None:
@@ -53,3 +54,11 @@ def test_a_record_holds_a_lock_only_while_open_and_with_the_locks_fence() -> Non
         {"_id": "r5", "device_id": "d9", "lock_value": 8, "status": "running"},  # not held
     ]
     assert {d: r["_id"] for d, r in holding(held, records).items()} == {"d1": "r1", "d4": "r4"}
+
+
+def test_an_owner_entry_is_read_as_the_locks_do() -> None:
+    assert owner_entry(b"42 t-1 m-1/w-0", b"42") == (42, "t-1 m-1/w-0")
+    assert owner_entry("42 t-1 m-1/w-0", 42) == (42, "t-1 m-1/w-0")
+    assert owner_entry(b"41 t-1 m-1/w-0", b"42") is None
+    assert owner_entry(b"42 t-1 m-1/w-0", None) is None  # the device is free
+    assert owner_entry(None, b"42") is None
