@@ -48,7 +48,7 @@ from sendscript.models import ANY_DEVICE, PULL, PULL_HOLDER, new_id, utcnow
 from sendscript.replicas import NotReplicated, ReplicaWait
 from sendscript.retry import decide, failure_cas
 from sendscript.settings import Settings
-from sendscript.status import SCHEDULED, RecordStatus, TaskStatus, record_cas, task_cas
+from sendscript.status import RECORD_OPEN, SCHEDULED, RecordStatus, TaskStatus, record_cas, task_cas
 from sendscript.store import RECORDS, TASKS, duplicate_indexes
 
 S = TaskStatus
@@ -56,7 +56,6 @@ CACHE_SIZE = 500
 # A cache that still has candidates is read again this often (new tasks of a higher
 # priority); one that has none for a caller, every SENDSCRIPT_AGENT_POLL_INTERVAL_S.
 CACHE_MAX_AGE_S = 1.0
-OPEN_RECORD = {RecordStatus.RUNNING, RecordStatus.SENT}
 LEASE_FIELDS = ("lease", "worker", "record_id")
 
 
@@ -399,7 +398,7 @@ class Leases:
         fields: dict[str, Any] = {}
         if error:
             fields["error"] = error
-        flt, upd = record_cas(parts.record_id, OPEN_RECORD, to, now, set_=fields or None)
+        flt, upd = record_cas(parts.record_id, RECORD_OPEN, to, now, set_=fields or None)
         await self.records.update_one(flt, upd)
         if parts.fence:
             await self._free_fence(parts.record_id, parts.fence)

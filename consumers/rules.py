@@ -24,7 +24,7 @@ from sendscript.refusals import (
 )
 from sendscript.retry import Decision, decide, failure_cas, log_retryable
 from sendscript.settings import Settings
-from sendscript.status import RecordStatus, TaskStatus, record_cas, task_cas
+from sendscript.status import IN_FLIGHT, RECORD_OPEN, RecordStatus, TaskStatus, record_cas, task_cas
 
 # A result for attempt k applies while the task is still on attempt k. SUCCESS
 # also applies to a task put back after its worker died mid-send: the device did
@@ -32,10 +32,9 @@ from sendscript.status import RecordStatus, TaskStatus, record_cas, task_cas
 APPLIES_TO = {
     LogType.SUCCESS: frozenset({TaskStatus.RUNNING, TaskStatus.SENT, TaskStatus.PENDING,
                                 TaskStatus.RETRY_WAITING}),
-    LogType.ERROR: frozenset({TaskStatus.RUNNING, TaskStatus.SENT}),
-    LogType.SYSTEM_ERROR: frozenset({TaskStatus.RUNNING, TaskStatus.SENT}),
+    LogType.ERROR: IN_FLIGHT,
+    LogType.SYSTEM_ERROR: IN_FLIGHT,
 }
-OPEN_RECORD = frozenset({RecordStatus.RUNNING, RecordStatus.SENT})
 
 # A dead letter keeps this much of the refused message: the dead-letter topic has
 # the same message size limit as the task-log topic, and the payload adds to it.
@@ -145,7 +144,7 @@ def result_updates(
         if msg.log_type == LogType.SUCCESS:
             out.tasks.append(task_cas(record.task_id, APPLIES_TO[msg.log_type],
                                       TaskStatus.SUCCESS, now, attempt=record.attempt))
-            out.records.append(record_cas(msg.record_id, OPEN_RECORD, RecordStatus.SUCCESS, now,
+            out.records.append(record_cas(msg.record_id, RECORD_OPEN, RecordStatus.SUCCESS, now,
                                           set_=late))
             continue
         error = f"{msg.log_type}{f' [{msg.code}]' if msg.code else ''}: {msg.message}"[:1000]
@@ -161,6 +160,6 @@ def result_updates(
         out.failures.append((len(out.tasks), record.task_id, decision.retry))
         out.tasks.append(failure_cas(record.task_id, APPLIES_TO[msg.log_type], record.attempt,
                                      decision, now))
-        out.records.append(record_cas(msg.record_id, OPEN_RECORD, RecordStatus.FAILED, now,
+        out.records.append(record_cas(msg.record_id, RECORD_OPEN, RecordStatus.FAILED, now,
                                       set_={"error": error, **late}))
     return out

@@ -59,6 +59,8 @@ from sendscript.replicas import ReplicaWait
 from sendscript.retry import decide, failure_cas
 from sendscript.settings import Settings
 from sendscript.status import (
+    IN_FLIGHT,
+    RECORD_OPEN,
     RETENTION,
     SCHEDULED,
     RecordStatus,
@@ -68,12 +70,11 @@ from sendscript.status import (
 )
 from sendscript.store import RecordStore, TaskStore
 
-OPEN = [str(TaskStatus.RUNNING), str(TaskStatus.SENT)]
+OPEN = sorted(str(s) for s in IN_FLIGHT)
 NEVER_SENT = "never sent: taken back by recovery before its worker sent it"
 # Given a dead master's id: a function that stores entries of its processing list
 # and acknowledges them there.
 IngestFor = Callable[[str], Callable[[list[Entry]], Awaitable[None]]]
-OPEN_RECORD = frozenset({RecordStatus.RUNNING, RecordStatus.SENT})
 
 @dataclass
 class InFlight:
@@ -274,11 +275,11 @@ class Recovery:
                                                 doc.get("queue", DEFAULT_QUEUE),
                                                 doc.get("retry_base_s"))
             decision = decide(policy, doc["attempt"], True, reason, now)
-            task_updates.append(failure_cas(doc["_id"], [TaskStatus(s) for s in OPEN],
+            task_updates.append(failure_cas(doc["_id"], IN_FLIGHT,
                                             doc["attempt"], decision, now))
             record: ExecRecord | None = records.get(doc.get("record_id", ""))
             if record is not None:
-                record_updates.append(record_cas(record.id, OPEN_RECORD, RecordStatus.TIMEOUT,
+                record_updates.append(record_cas(record.id, RECORD_OPEN, RecordStatus.TIMEOUT,
                                                  now, set_={"error": reason}))
                 releases.append((record.device_id, record.lock_value))
             if decision.retry:

@@ -40,6 +40,7 @@ from loguru import logger
 from sendscript.backoff import OutageLog
 from sendscript.keys import Keys
 from sendscript.models import ExecRecord, LogType, TaskLogMessage
+from sendscript.status import RECORD_OPEN
 
 OK = "ok"
 FAIL = "fail"
@@ -231,8 +232,7 @@ def result_outcomes(finals: Sequence[TaskLogMessage], records: Mapping[str, Exec
     seen: set[str] = set()
     for msg in finals:
         record = records.get(msg.record_id)
-        if record is None or msg.record_id in seen or record.status not in (
-                "running", "sent"):
+        if record is None or msg.record_id in seen or record.status not in RECORD_OPEN:
             continue
         seen.add(msg.record_id)
         late += is_late(record, now)

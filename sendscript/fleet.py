@@ -43,9 +43,9 @@ from pymongo.asynchronous.collection import AsyncCollection
 
 from sendscript.keys import Keys
 from sendscript.models import ExecRecord, LogType, TaskLogMessage
+from sendscript.status import RECORD_OPEN
 
 HOURS = 24
-OPEN = ("running", "sent")
 
 
 # -- the arithmetic, pure ---------------------------------------------------------------
@@ -105,7 +105,7 @@ def device_results(finals: Sequence[TaskLogMessage], records: Mapping[str, ExecR
     seen: set[str] = set()
     for msg in finals:
         record = records.get(msg.record_id)
-        if record is None or msg.record_id in seen or record.status not in OPEN:
+        if record is None or msg.record_id in seen or record.status not in RECORD_OPEN:
             continue
         seen.add(msg.record_id)
         error = "" if msg.log_type == LogType.SUCCESS else msg.message[:300]

@@ -22,10 +22,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sendscript.locks import owner_entry
-from sendscript.status import RecordStatus, TaskStatus
+from sendscript.status import IN_FLIGHT, RECORD_OPEN
 
-OPEN_TASKS = [str(TaskStatus.RUNNING), str(TaskStatus.SENT)]
-OPEN_RECORDS = [str(RecordStatus.RUNNING), str(RecordStatus.SENT)]
+OPEN_TASKS = sorted(str(s) for s in IN_FLIGHT)
+OPEN_RECORDS = sorted(str(s) for s in RECORD_OPEN)
 TASK_FIELDS = {"record_id": 1}
 RECORD_FIELDS = {"task_id": 1, "attempt": 1, "device_id": 1, "lock_value": 1, "status": 1}
 

@@ -36,6 +36,8 @@ from prometheus_client.core import (
     Metric,
 )
 
+from sendscript.status import RECORD_OPEN
+
 PREFIX = "sendscript"
 # Labels whose values are bounded by configuration, never by the data.
 ALLOWED_LABELS = frozenset({"queue", "outcome", "source", "reason", "role", "instance",
@@ -305,7 +307,7 @@ def observe_results(m: RoleMetrics, finals: Iterable[Any], records: dict[str, An
     m.retries.labels("result").inc(retried)
     for msg in finals:
         record = records.get(msg.record_id)
-        if record is None or str(record.status) not in ("running", "sent"):
+        if record is None or str(record.status) not in RECORD_OPEN:
             continue
         result_s = msg.timestamp / 1000.0 if msg.timestamp else now.timestamp()
         # A fast device reports before its worker stamps sent_at: the record's start

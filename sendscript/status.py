@@ -38,6 +38,8 @@ class RecordStatus(StrEnum):
 S = TaskStatus
 TERMINAL: frozenset[TaskStatus] = frozenset({S.SUCCESS, S.FAILED, S.CANCELLED, S.EXPIRED})
 ACTIVE: frozenset[TaskStatus] = frozenset(TaskStatus) - TERMINAL
+# A task with an attempt in a worker's or an agent's hands: its device is locked for it.
+IN_FLIGHT: frozenset[TaskStatus] = frozenset({S.RUNNING, S.SENT})
 
 # A device result for attempt k may arrive after the master put the task back
 # (its worker died mid-send) while the attempt number is still k: applying it
@@ -61,6 +63,9 @@ TASK_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
 
 R = RecordStatus
 RECORD_TERMINAL: frozenset[RecordStatus] = frozenset({R.SUCCESS, R.FAILED, R.TIMEOUT, R.CANCELLED})
+# An attempt that may still run on its device: its record holds the device's lock, and a
+# result for it counts.
+RECORD_OPEN: frozenset[RecordStatus] = frozenset(RecordStatus) - RECORD_TERMINAL
 RECORD_TRANSITIONS: dict[RecordStatus, frozenset[RecordStatus]] = {
     R.RUNNING: frozenset({R.SENT, R.SUCCESS, R.FAILED, R.TIMEOUT, R.CANCELLED}),
     R.SENT: frozenset({R.SUCCESS, R.FAILED, R.TIMEOUT, R.CANCELLED}),

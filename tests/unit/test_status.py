@@ -9,6 +9,9 @@ from typing import Any
 import pytest
 
 from sendscript.status import (
+    IN_FLIGHT,
+    RECORD_OPEN,
+    RECORD_TRANSITIONS,
     RETENTION,
     TASK_TRANSITIONS,
     TERMINAL,
@@ -50,6 +53,17 @@ ALL_RECORD_PAIRS = [(a, b) for a in RecordStatus for b in RecordStatus]
 
 def test_terminal_statuses_are_the_contracts() -> None:
     assert {S.SUCCESS, S.FAILED, S.CANCELLED, S.EXPIRED} == TERMINAL
+
+
+def test_the_statuses_that_hold_a_device() -> None:
+    """A task running or sent, and a record running or sent: written out from the
+    design; an open record is one that can still be closed, by any of the endings."""
+    assert {S.RUNNING, S.SENT} == IN_FLIGHT
+    assert {R.RUNNING, R.SENT} == RECORD_OPEN
+    assert {frm for frm, to in EXPECTED_RECORD_EDGES if to == R.TIMEOUT} == RECORD_OPEN
+    assert all(RECORD_TRANSITIONS[r] for r in RECORD_OPEN)
+    # a status string read from Mongo is matched as the member is
+    assert "sent" in RECORD_OPEN and "success" not in RECORD_OPEN and "running" in IN_FLIGHT
 
 
 @pytest.mark.parametrize("status", sorted(TERMINAL))
