@@ -13,6 +13,7 @@ import redis
 from sendscript import connect, pauses
 from sendscript.agent_store import AGENTS, leases_held_sync
 from sendscript.client import SendScriptClient
+from sendscript.locks import lock_owner, owner_entry
 from sendscript.models import PULL_HOLDER
 from sendscript.settings import Settings
 from sendscript.store import PULL_TASK_INDEXES, RECORDS, TASKS
@@ -179,6 +180,10 @@ def test_devices_pauses_and_lost_agents(settings: Settings, api: tuple[str, str]
     fence = int(r.get(settings.keys.device_lock("phone-1")))
     assert one["lease_token"].split(".")[1] == str(fence)
     assert records(settings, one["task_id"])[0]["lock_value"] == fence
+    # The lock names its task (and the agent) as owner: the orphan sweep finds the
+    # lease's record through it, also once the task is cancelled while leased.
+    entry = r.hget(settings.keys.lock_owners, "phone-1")
+    assert owner_entry(entry, fence) == (fence, lock_owner(one["task_id"], "agent:a"))
     # A device pause holds the other task; resume lets it go.
     pauses.pause_sync(r, settings.keys, "device:phone-1", "test")
     a.ok("complete", task_id=one["task_id"], lease_token=one["lease_token"], result={})

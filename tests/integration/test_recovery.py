@@ -484,7 +484,6 @@ async def test_a_lock_is_read_through_its_owner_and_its_task(
     lock stays; a lock with no owner is matched among the tasks running or sent."""
     now = utcnow()
     fences: dict[str, int] = {}
-    records: dict[str, str] = {}
     for device, status, owned in [("dev-sent", TaskStatus.SENT, True),
                                   ("dev-cancelled", TaskStatus.CANCELLED, True),
                                   ("dev-finished", TaskStatus.SUCCESS, True),
@@ -494,7 +493,7 @@ async def test_a_lock_is_read_through_its_owner_and_its_task(
         [fence] = await locks.acquire_many(
             [(device, 600_000, lock_owner(task_id, "m-1/w-0"))] if owned
             else [(device, 600_000)])
-        fences[device], records[device] = fence, record_id
+        fences[device] = fence
         await db[TASKS].insert_one(Task(
             _id=task_id, device_id=device, script=SCRIPT, status=status, attempt=1,
             record_id=record_id, worker="m-1/w-0", master="m-1").to_doc())
