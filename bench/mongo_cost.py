@@ -29,6 +29,16 @@ the service's `script_tasks` indexes, each on the same fresh server; it prints t
 server CPU per document write and what each secondary index adds to it, and reads
 every document back (all running) before it answers.
 
+What a long `$in` list costs: `--in-lists` reads and then updates (pending ->
+running) `--tasks` task documents by id, in statements naming 16, 32, 64, 250 and
+2,000 ids (`--in-sizes`), each size on a fresh server of its own with the service's
+indexes, a batch of 2,000 tasks on each in turn; it prints the server CPU per
+document read and written at each size, marks the size the service's reads and
+writes by id go in (`store.ID_CHUNK`), and reads every document back (all
+running) before it answers. The embedded server matches each document a statement
+fetches against the statement's whole list, so a document costs more the longer
+the list.
+
 The lead over the peers that the server allows: `--bound` runs, each durability,
 sendscript's hot path (batches of `--batch`) with the service's indexes (less any
 `--without-index`), the same with the peers' one index a collection, and the
@@ -73,6 +83,7 @@ from sendscript.settings import Settings
 from sendscript.status import TaskStatus, record_sent, task_cas
 from sendscript.store import (
     DEVICES,
+    ID_CHUNK,
     LOGS,
     RECORDS,
     TASK_INDEXES,
@@ -480,6 +491,70 @@ def shapes(a: argparse.Namespace) -> tuple[list[dict[str, Any]], bool]:
     return rows, ok
 
 
+IN_BATCH = 2000  # tasks stored, read and updated on each lane in turn
+
+
+def in_lists(a: argparse.Namespace) -> tuple[list[dict[str, Any]], bool]:
+    """Server CPU per document of reads and updates by `_id $in`, by the list's length:
+    a fresh server a length, the same documents on each, a batch on each in turn."""
+    data = Path(tempfile.mkdtemp(prefix="sendscript-mongocost-"))
+    servers = [MongoServer(data / f"in-{k}") for k in a.in_sizes]
+    cpu = {k: {"read": 0.0, "update": 0.0} for k in a.in_sizes}
+    ok = True
+    try:
+        cols = []
+        for server in servers:
+            server.start()
+            assert server.proc is not None
+            mongo: MongoClient[Any] = MongoClient(server.url, socketTimeoutMS=300_000)
+            cols.append((mongo, mongo["inlists"][TASKS], server.proc.pid))
+            cols[-1][1].create_indexes(TASK_INDEXES)
+        for start in range(0, a.tasks, IN_BATCH):
+            now = utcnow()
+            docs = [Task.from_spec(TaskSpec(device_id=f"phone-{i % a.devices:05d}",
+                                            script={"id": "bench", "args": {"n": i}}),
+                                   now=now).to_doc() for i in range(start, min(a.tasks,
+                                                                              start + IN_BATCH))]
+            ids = [d["_id"] for d in docs]
+            for k, (_, col, pid) in zip(a.in_sizes, cols, strict=True):
+                col.insert_many(docs)
+                parts = [ids[i:i + k] for i in range(0, len(ids), k)]
+                before = tree_cpu_s(pid)
+                read = sum(len(list(col.find({"_id": {"$in": part}}, {"status": 1})))
+                           for part in parts)
+                cpu[k]["read"] += tree_cpu_s(pid) - before
+                ok = ok and read == len(ids)
+                before = tree_cpu_s(pid)
+                for part in parts:
+                    flt, update = task_cas(part, TaskStatus.PENDING, TaskStatus.RUNNING, now,
+                                           attempt=0, set_={"attempt": 1, "worker": "w-1"})
+                    col.update_many(flt, update)
+                cpu[k]["update"] += tree_cpu_s(pid) - before
+        rows = []
+        for k, (mongo, col, _) in zip(a.in_sizes, cols, strict=True):
+            running = col.count_documents({"status": "running", "attempt": 1})
+            ok = ok and running == a.tasks
+            rows.append({"ids_a_statement": k, "read_ms_per_doc": round(
+                cpu[k]["read"] * 1000 / a.tasks, 3), "update_ms_per_doc": round(
+                cpu[k]["update"] * 1000 / a.tasks, 3), "running": running})
+            mongo.close()
+    finally:
+        for server in servers:
+            server.stop()
+        shutil.rmtree(data, ignore_errors=True)
+    return rows, ok
+
+
+def print_in_lists(a: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    print(f"{a.tasks} task documents read, then updated pending -> running, by `_id $in` "
+          f"lists of each length: server CPU per document")
+    print(f"{'ids a statement':>16} {'read ms/doc':>12} {'update ms/doc':>14} {'running':>8}")
+    for r in rows:
+        mark = "  <- store.ID_CHUNK" if r["ids_a_statement"] == ID_CHUNK else ""
+        print(f"{r['ids_a_statement']:16d} {r['read_ms_per_doc']:12.3f} "
+              f"{r['update_ms_per_doc']:14.3f} {r['running']:8d}{mark}")
+
+
 def print_shapes(a: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     print(f"{a.tasks} task documents, pending -> running, {a.batch} a statement or one "
           f"each: server CPU per document write")
@@ -511,12 +586,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"of {', '.join(HOT_COLLECTIONS)}; prints what each adds")
     p.add_argument("--shapes", action="store_true",
                    help="what a document write costs by statement shape and indexes")
+    p.add_argument("--in-lists", action="store_true",
+                   help="what a read and an update by id cost by the length of the $in list")
+    p.add_argument("--in-sizes", type=lambda v: [int(x) for x in v.split(",")],
+                   default=[16, 32, 64, 250, 2000], help="the lengths --in-lists compares")
     p.add_argument("--bound", action="store_true",
                    help="the lead over the peers' job the server's cost a task allows")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     for flag, measure_rows, print_rows in (("bound", bound, print_bound),
-                                           ("shapes", shapes, print_shapes)):
+                                           ("shapes", shapes, print_shapes),
+                                           ("in_lists", in_lists, print_in_lists)):
         if getattr(a, flag):
             rows, ok = measure_rows(a)
             print_rows(a, rows)

@@ -319,10 +319,9 @@ def lock_holders(stores: Stores, held: dict[str, int]) -> dict[str, Any]:
         return {}
     entries = stores.redis.hmget(stores.keys.lock_owners, list(held))
     owned = {d: owner_task(e, held[d]) for d, e in zip(held, entries, strict=True)}
-    reads = [q for q in [owned_records(held, owned)] if q is not None]
-    if (query := unowned_tasks(held, owned)) is not None:
-        tasks = list(stores.db[TASKS].find(query, TASK_FIELDS))
-        reads += [q for q in [current_records(tasks)] if q is not None]
+    reads = owned_records(held, owned)
+    tasks = [t for q in unowned_tasks(held, owned) for t in stores.db[TASKS].find(q, TASK_FIELDS)]
+    reads += current_records(tasks)
     return dict(holding(held, [r for q in reads
                                for r in stores.db[RECORDS].find(q, RECORD_FIELDS)]))
 

@@ -68,7 +68,7 @@ from sendscript.status import (
     record_cas,
     task_cas,
 )
-from sendscript.store import RecordStore, TaskStore
+from sendscript.store import RecordStore, TaskStore, chunks
 
 OPEN = sorted(str(s) for s in IN_FLIGHT)
 NEVER_SENT = "never sent: taken back by recovery before its worker sent it"
@@ -462,8 +462,9 @@ class Recovery:
         if not dry:
             # Touch them, so the next sweep waits a grace again before pushing twice.
             await self._guard("requeue orphans")
-            await self.tasks.col.update_many({"_id": {"$in": ids}, "master": None},
-                                             {"$set": {"updated_at": now}})
+            for part in chunks(ids):
+                await self.tasks.col.update_many({"_id": {"$in": part}, "master": None},
+                                                 {"$set": {"updated_at": now}})
             await self._push(ids)
             logger.warning("requeued {} pending task(s) no master held", len(ids))
 
@@ -504,10 +505,10 @@ class Recovery:
             return set()
         entries = await self.redis.hmget(self.keys.lock_owners, list(held))
         owned = {d: lock_holders.owner_task(e, held[d]) for d, e in zip(held, entries, strict=True)}
-        reads = [q for q in [lock_holders.owned_records(held, owned)] if q is not None]
-        if (query := lock_holders.unowned_tasks(held, owned)) is not None:
-            tasks = [t async for t in self.tasks.col.find(query, lock_holders.TASK_FIELDS)]
-            reads += [q for q in [lock_holders.current_records(tasks)] if q is not None]
+        reads = lock_holders.owned_records(held, owned)
+        tasks = [t for q in lock_holders.unowned_tasks(held, owned)
+                 async for t in self.tasks.col.find(q, lock_holders.TASK_FIELDS)]
+        reads += lock_holders.current_records(tasks)
         records = [r for q in reads
                    async for r in self.records.col.find(q, lock_holders.RECORD_FIELDS)]
         return set(lock_holders.holding(held, records))

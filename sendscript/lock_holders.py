@@ -13,7 +13,9 @@ embedded server rewrites every index entry of a document on each of its writes):
   running or sent on its device (the status index), then their current records by
   id.
 
-Each record read fetches about the records it finds, as the read by fence did.
+Each record read fetches about the records it finds, as the read by fence did. The
+reads go in chunks of ids (`store.chunks`): a server may match a long `$in` list
+against every document it fetches, and a sweep names every lock held.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 from sendscript.locks import owner_entry
 from sendscript.status import IN_FLIGHT, RECORD_OPEN
+from sendscript.store import chunks
 
 OPEN_TASKS = sorted(str(s) for s in IN_FLIGHT)
 OPEN_RECORDS = sorted(str(s) for s in RECORD_OPEN)
@@ -38,31 +41,26 @@ def owner_task(entry: bytes | str | None, fence: int) -> str | None:
 
 
 def owned_records(held: Mapping[str, int],
-                  owned: Mapping[str, str | None]) -> dict[str, Any] | None:
-    """The read of the open records of the tasks the `held` locks (device -> fence)
-    name as owners (`owned`: device -> task id or None); None when none names one."""
+                  owned: Mapping[str, str | None]) -> list[dict[str, Any]]:
+    """The reads of the open records of the tasks the `held` locks (device -> fence)
+    name as owners (`owned`: device -> task id or None); none when none names one."""
     ids = sorted({t for d, t in owned.items() if t and d in held})
-    if not ids:
-        return None
-    return {"task_id": {"$in": ids}, "status": {"$in": OPEN_RECORDS}}
+    return [{"task_id": {"$in": part}, "status": {"$in": OPEN_RECORDS}} for part in chunks(ids)]
 
 
 def unowned_tasks(held: Mapping[str, int],
-                  owned: Mapping[str, str | None]) -> dict[str, Any] | None:
-    """The read of the tasks running or sent on the devices whose lock names no owner
-    (a read of every running task: rare, and only for those); None when there are none."""
+                  owned: Mapping[str, str | None]) -> list[dict[str, Any]]:
+    """The reads of the tasks running or sent on the devices whose lock names no owner
+    (a read of every running task: rare, and only for those); none when there are none."""
     unowned = sorted(d for d in held if not owned.get(d))
-    if not unowned:
-        return None
-    return {"status": {"$in": OPEN_TASKS}, "device_id": {"$in": unowned}}
+    return [{"status": {"$in": OPEN_TASKS}, "device_id": {"$in": part}}
+            for part in chunks(unowned)]
 
 
-def current_records(tasks: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """The read of the open records those tasks point at; None when they point at none."""
+def current_records(tasks: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The reads of the open records those tasks point at; none when they point at none."""
     ids = sorted({str(t["record_id"]) for t in tasks if t.get("record_id")})
-    if not ids:
-        return None
-    return {"_id": {"$in": ids}, "status": {"$in": OPEN_RECORDS}}
+    return [{"_id": {"$in": part}, "status": {"$in": OPEN_RECORDS}} for part in chunks(ids)]
 
 
 def holding(held: Mapping[str, int],

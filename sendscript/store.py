@@ -156,9 +156,13 @@ async def insert_search(db: AsyncDatabase, docs: list[dict[str, Any]]) -> int:
         return int(exc.details.get("nInserted", 0))
 
 
-# Long `$in` lists are slow on some servers (quadratic on the embedded one): queries
-# by id go in chunks of this many.
-ID_CHUNK = 250
+# Reads and writes by id go in `$in` lists of at most this many. The embedded server
+# matches each document a statement fetches against the statement's whole list, so a
+# document costs it more the longer the list: a read by id 0.08 ms of its CPU in lists
+# of 32, 0.22 in lists of 250, 1.7 in lists of 2,000, and an update 0.43, 0.69 and
+# 3.8 (`python -m bench.mongo_cost --in-lists`). Shorter lists than 32 save no more,
+# and each statement has a cost of its own.
+ID_CHUNK = 32
 
 
 def chunks(ids: Iterable[str], size: int = ID_CHUNK) -> list[list[str]]:
@@ -344,8 +348,10 @@ def _store_chunk(
         keys: dict[str, list[int]] = {}  # several of ours may share a key
         for i in dedupe:
             keys.setdefault(str(part[i][0].dedupe_active), []).append(i)
-        holders = yield FindOp({"dedupe_active": {"$in": list(keys)}}, HOLDER_FIELDS)
-        held = {d["dedupe_active"]: d for d in holders}
+        held: dict[str, Any] = {}
+        for named in chunks(keys):
+            held.update({d["dedupe_active"]: d for d in (
+                yield FindOp({"dedupe_active": {"$in": named}}, HOLDER_FIELDS))})
         for key, mine in keys.items():
             doc = held.get(key)
             hold_s = holder_hold_s(doc, window_s) if doc is not None else 0.0
@@ -648,8 +654,8 @@ class TaskStore:
         ids = list({c.task_id for c in claims})
 
         async def read() -> dict[str, Any]:
-            return {d["_id"]: d.get("record_id")
-                    async for d in self.col.find({"_id": {"$in": ids}}, {"record_id": 1})}
+            return {d["_id"]: d.get("record_id") for part in chunks(ids)
+                    async for d in self.col.find({"_id": {"$in": part}}, {"record_id": 1})}
 
         current = await ride_out(read, failover_s)
         return [e if current.get(c.task_id) == e else None
@@ -702,8 +708,8 @@ class RecordStore:
             ids = [records[i].id for i in dups]
 
             async def stored() -> dict[str, tuple[Any, Any]]:
-                return {d["_id"]: (d.get("attempt"), d.get("lock_value"))
-                        async for d in self.col.find({"_id": {"$in": ids}},
+                return {d["_id"]: (d.get("attempt"), d.get("lock_value")) for part in chunks(ids)
+                        async for d in self.col.find({"_id": {"$in": part}},
                                                      {"attempt": 1, "lock_value": 1})}
 
             found = await ride_out(stored, failover_s)

@@ -10,6 +10,7 @@ from sendscript.lock_holders import (
     unowned_tasks,
 )
 from sendscript.locks import owner_entry
+from sendscript.store import ID_CHUNK
 
 
 def test_an_owner_entry_counts_only_for_the_fence_it_was_written_with() -> None:
@@ -25,23 +26,38 @@ def test_an_owner_entry_counts_only_for_the_fence_it_was_written_with() -> None:
 def test_owned_locks_are_read_by_their_tasks_records_and_only_unowned_by_status() -> None:
     held = {"d1": 5, "d2": 6, "d3": 7}
     owned: dict[str, str | None] = {"d1": "t-1", "d2": "t-2", "d3": "t-1", "d9": "t-9"}
-    assert owned_records(held, owned) == {"task_id": {"$in": ["t-1", "t-2"]},
-                                          "status": {"$in": ["running", "sent"]}}
-    assert unowned_tasks(held, owned) is None
-    assert owned_records(held, {"d1": "t-1", "d2": None}) == {
-        "task_id": {"$in": ["t-1"]}, "status": {"$in": ["running", "sent"]}}
-    assert unowned_tasks(held, {"d1": "t-1", "d2": None}) == {
-        "status": {"$in": ["running", "sent"]}, "device_id": {"$in": ["d2", "d3"]}}
-    assert owned_records(held, {}) is None
-    assert owned_records({}, {"d9": "t-9"}) is None and unowned_tasks({}, {}) is None
+    assert owned_records(held, owned) == [{"task_id": {"$in": ["t-1", "t-2"]},
+                                           "status": {"$in": ["running", "sent"]}}]
+    assert unowned_tasks(held, owned) == []
+    assert owned_records(held, {"d1": "t-1", "d2": None}) == [{
+        "task_id": {"$in": ["t-1"]}, "status": {"$in": ["running", "sent"]}}]
+    assert unowned_tasks(held, {"d1": "t-1", "d2": None}) == [{
+        "status": {"$in": ["running", "sent"]}, "device_id": {"$in": ["d2", "d3"]}}]
+    assert owned_records(held, {}) == []
+    assert owned_records({}, {"d9": "t-9"}) == [] and unowned_tasks({}, {}) == []
+
+
+def test_a_sweep_of_many_locks_reads_in_short_id_lists() -> None:
+    """Every lock held is named in a sweep: its reads go in chunks, each id once."""
+    held = {f"d{i:04d}": i for i in range(1, 2001)}
+    owned: dict[str, str | None] = {d: (f"t{d}" if i % 4 else None)
+                                    for i, d in enumerate(held)}
+    for reads, field, expected in [
+            (owned_records(held, owned), "task_id", {t for t in owned.values() if t}),
+            (unowned_tasks(held, owned), "device_id", {d for d, t in owned.items() if not t})]:
+        named = [q[field]["$in"] for q in reads]
+        assert max(map(len, named)) <= ID_CHUNK and len(reads) > 1
+        assert sorted(x for part in named for x in part) == sorted(expected)
+    tasks = [{"_id": f"t{i}", "record_id": f"r{i}"} for i in range(300)]
+    assert sum(len(q["_id"]["$in"]) for q in current_records(tasks)) == 300
 
 
 def test_an_unowned_locks_task_leads_to_its_current_record() -> None:
-    assert current_records([{"_id": "t-1"}, {"_id": "t-2", "record_id": None}]) is None
+    assert current_records([{"_id": "t-1"}, {"_id": "t-2", "record_id": None}]) == []
     assert current_records([{"_id": "t-1", "record_id": "r-b"},
                             {"_id": "t-2", "record_id": "r-a"},
-                            {"_id": "t-1", "record_id": "r-b"}]) == {
-        "_id": {"$in": ["r-a", "r-b"]}, "status": {"$in": ["running", "sent"]}}
+                            {"_id": "t-1", "record_id": "r-b"}]) == [{
+        "_id": {"$in": ["r-a", "r-b"]}, "status": {"$in": ["running", "sent"]}}]
 
 
 def test_a_record_holds_a_lock_only_while_open_and_with_the_locks_fence() -> None:

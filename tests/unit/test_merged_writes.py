@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from pymongo import UpdateMany, UpdateOne
 
 from sendscript.status import RecordStatus, TaskStatus, record_cas, record_sent, task_cas
-from sendscript.store import merged_writes
+from sendscript.store import ID_CHUNK, merged_writes
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -61,4 +61,6 @@ def test_long_batches_go_in_chunks() -> None:
     updates = [task_cas(f"t{i}", TaskStatus.SENT, TaskStatus.SUCCESS, NOW, attempt=1)
                for i in range(600)]
     ops = merged_writes(updates)
-    assert [len(op._filter["_id"]["$in"]) for op in ops] == [250, 250, 100]
+    full, rest = divmod(600, ID_CHUNK)
+    assert [len(op._filter["_id"]["$in"]) for op in ops] == [ID_CHUNK] * full + [rest]
+    assert [i for op in ops for i in op._filter["_id"]["$in"]] == [f"t{i}" for i in range(600)]
