@@ -208,6 +208,43 @@ async def test_buckets_that_keep_moving_are_read_whole_once_then_from_memory(
     assert await _kept(redis_client, settings) == await _aggregate(db)
 
 
+async def test_buckets_begun_after_the_watch_are_never_read_whole(
+    settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase
+) -> None:
+    """Tasks stored after the keeper began watching are each read as they change: their
+    buckets are counted from memory alone, and the counts still equal an aggregate."""
+    settings.counts_overlap_s = 2.0
+    settings.counts_refresh_s = 3600.0
+    settings.counts_bucket_s = 1  # the buckets of the tasks below begin after the watch
+    store = TaskStore(db)
+    old = [Task.from_spec(TaskSpec(device_id=f"d{i}", script={"id": "s"}),
+                          now=utcnow() - timedelta(seconds=600)) for i in range(20)]
+    await store.store(old)
+    keeper = counts.CountKeeper(settings, redis_client, db)
+    assert (await keeper.run_pass()).rebuilt
+    await keeper.run_pass()  # the watch begins
+    steps = [(S.PENDING, S.RUNNING), (S.RUNNING, S.SENT), (S.SENT, S.SUCCESS)]
+    batches: list[list[str]] = []
+    for _ in range(4):
+        new = [Task.from_spec(TaskSpec(device_id=f"d{i}", script={"id": "s"}), now=utcnow())
+               for i in range(15)]
+        await store.store(new)
+        batches.append([t.id for t in new])
+        # each batch a step on: claimed, then sent, then done
+        for ids, (src, dst) in zip(reversed(batches), steps, strict=False):
+            await db[TASKS].update_many(*task_cas(ids[:10], src, dst, utcnow()))
+        report = await keeper.run_pass()
+        assert report.read_whole == 0 and report.changed_tasks > 0
+        assert report.read_tasks == report.changed_tasks
+        assert await _kept(redis_client, settings) == await _aggregate(db)
+        await asyncio.sleep(0.3)
+    # The bucket of the tasks stored before the watch moves: read whole.
+    flt, upd = task_cas(old[0].id, S.PENDING, S.CANCELLED, utcnow())
+    await db[TASKS].update_one(flt, upd)
+    assert (await keeper.run_pass()).read_whole == 1
+    assert await _kept(redis_client, settings) == await _aggregate(db)
+
+
 async def test_a_change_visible_after_the_pass_its_time_belongs_to_is_read_an_overlap_later(
     settings: Settings, redis_client: redis.asyncio.Redis, db: AsyncDatabase
 ) -> None:
