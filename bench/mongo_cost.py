@@ -297,6 +297,13 @@ class Run:
     ok: bool
 
 
+def stop_all(servers: Sequence[MongoServer], data: Path) -> None:
+    """Stop a run's servers and remove their data."""
+    for server in servers:
+        server.stop()
+    shutil.rmtree(data, ignore_errors=True)
+
+
 def measure(a: argparse.Namespace, variants: Sequence[Sequence[str]] = ((),)) -> list[Run]:
     """One run a variant (the indexes it drops), all at once, interleaved by batch."""
     data = Path(tempfile.mkdtemp(prefix="sendscript-mongocost-"))
@@ -320,9 +327,7 @@ def measure(a: argparse.Namespace, variants: Sequence[Sequence[str]] = ((),)) ->
             runs.append(Run(lane.steps, elapsed / len(lanes), verified, ok))
         return runs
     finally:
-        for server in servers:
-            server.stop()
-        shutil.rmtree(data, ignore_errors=True)
+        stop_all(servers, data)
 
 
 BOUND_LANES = ("sendscript", "sendscript, peers' indexes", "peers' job")
@@ -363,9 +368,7 @@ def bound(a: argparse.Namespace) -> tuple[list[dict[str, Any]], bool]:
                                                         / a.tasks, 3),
                              "verified": verified})
     finally:
-        for server in servers:
-            server.stop()
-        shutil.rmtree(data, ignore_errors=True)
+        stop_all(servers, data)
     return rows, ok
 
 
@@ -486,8 +489,7 @@ def shapes(a: argparse.Namespace) -> tuple[list[dict[str, Any]], bool]:
                     col.index_information()) - 1, "server_ms_per_doc": round(cpu_ms, 3),
                     "updated": done})
     finally:
-        server.stop()
-        shutil.rmtree(data, ignore_errors=True)
+        stop_all([server], data)
     return rows, ok
 
 
@@ -539,9 +541,7 @@ def in_lists(a: argparse.Namespace) -> tuple[list[dict[str, Any]], bool]:
                 cpu[k]["update"] * 1000 / a.tasks, 3), "running": running})
             mongo.close()
     finally:
-        for server in servers:
-            server.stop()
-        shutil.rmtree(data, ignore_errors=True)
+        stop_all(servers, data)
     return rows, ok
 
 
