@@ -76,6 +76,7 @@ NEVER_SENT = "never sent: taken back by recovery before its worker sent it"
 # and acknowledges them there.
 IngestFor = Callable[[str], Callable[[list[Entry]], Awaitable[None]]]
 
+
 @dataclass
 class InFlight:
     """A dead master's attempts in flight, as `return_unsent_attempts` left them."""
