@@ -15,9 +15,11 @@ reads every document an index range names, sorts in memory and only then limits)
   (device, batch, queue, script). A window rides the narrowest index there is for
   it: device + created_at for a device, batch + created_at (+ id, for a fan-out's
   ties) for a batch, created_at for the rest, where the server reads the window and
-  filters it. A status or error, which change, are matched on the tasks themselves,
-  read by id for the window's ids; a search for a few statuses alone reads the
-  tasks' (status, run_at) index instead (`_plan_by_status`).
+  filters it. A group (a list of devices) of up to `READ_EACH_DEVICE` is read a
+  device at a time through each one's index, the window's reads merged. A status
+  or error, which change, are matched on the tasks themselves, read by id for the
+  window's ids; a search for a few statuses alone reads the tasks' (status,
+  run_at) index instead (`_plan_by_status`).
 - Windows widen from `FIRST_WINDOW_S` as fast as the matches found so far say
   they must to fill the page, and no faster than the time the last window took
   says the remaining budget allows.
@@ -58,7 +60,13 @@ EMPTY_CAP = timedelta(minutes=15)  # ... up to this: the next may be dense,
 IDLE_SPAN = timedelta(hours=6)  # ... for this long; past it, the data may have ended
 LONGEST = timedelta(days=36500)
 EMPTY_READ_MS = 3.0  # a read this fast read (next to) no documents
-MAX_WINDOWS = 240  # reads of a page at most (the time budget ends most sooner)
+MAX_WINDOWS = 240  # windows of a page at most (the time budget ends most sooner)
+# A device list this short is read device by device, each through its own index: the
+# embedded server reads every document of a window of created_at, so a window read
+# whole costs what all the devices' tasks in it do, the group's or not.
+READ_EACH_DEVICE = 64
+EACH_DEVICE_FIRST_S = 900.0  # ... its first window
+EACH_DEVICE_GROWTH = 64  # ... a window at most this many times wider than the one before
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 # No task is older or younger than these: the windows' arithmetic (a bound less a width
 # of up to LONGEST, less EARLIEST_DUE) stays inside the years a datetime holds, whatever
@@ -219,10 +227,17 @@ class Widths:
     times the last, and no wider than the time left allows at the last read's speed.
     Across a stretch with no tasks at all (reads of a millisecond or two) it grows
     by `EMPTY_GROWTH` up to `EMPTY_CAP` for `IDLE_SPAN`, so the first window into busy
-    history after idle hours stays small, then doubles (the tasks may have ended)."""
+    history after idle hours stays small, then doubles (the tasks may have ended).
 
-    def __init__(self) -> None:
-        self.width = timedelta(seconds=FIRST_WINDOW_S)
+    Read a device at a time (`each_device`), a window costs a read a device, whatever
+    its width, and its documents are only the devices' own: it grows by up to
+    `EACH_DEVICE_GROWTH`, after an empty one too, and `took_ms` is to be the reads'
+    time past the fixed cost of a read (`_each_device`)."""
+
+    def __init__(self, each_device: bool = False) -> None:
+        self.max_growth = EACH_DEVICE_GROWTH if each_device else MAX_GROWTH
+        self.idle_steps = not each_device
+        self.width = timedelta(seconds=EACH_DEVICE_FIRST_S if each_device else FIRST_WINDOW_S)
         self.searched = timedelta(0)
         self.found = 0
         self.idle = timedelta(0)  # the stretch of empty reads just crossed
@@ -231,7 +246,7 @@ class Widths:
              left_ms: float) -> timedelta:
         self.searched += last
         self.found += found
-        if took_ms <= EMPTY_READ_MS and not found:
+        if self.idle_steps and took_ms <= EMPTY_READ_MS and not found:
             # Nothing there says nothing of what comes next: the window into history
             # after idle hours must not be as wide as those hours. Past IDLE_SPAN the
             # tasks may simply have ended, and the windows double to the range's start.
@@ -245,9 +260,9 @@ class Widths:
             rate = self.found / max(self.searched.total_seconds(), 1e-3)
             grow = (wanted * 1.5 / rate) / max(last.total_seconds(), 1e-3)
         else:
-            grow = MAX_GROWTH
+            grow = self.max_growth
         grow = min(grow, left_ms * 0.5 / max(took_ms, EMPTY_READ_MS))
-        grow = max(0.5, min(grow, MAX_GROWTH))
+        grow = max(0.5, min(grow, self.max_growth))
         self.width = max(last * grow, timedelta(milliseconds=1))
         return self.width
 
@@ -277,6 +292,8 @@ def _plan_windows(q: TaskQuery, flt: dict[str, Any], now: datetime) -> Plan:
     limit = _limit(q)
     lo, hi, cursor = _bounds(q, now)
     found_by, changing = _split(flt)
+    if found_by.get("device_id") == {"$in": []}:  # an empty group
+        return _page([], limit, flt, 0, top=None)
     items: list[dict[str, Any]] = []
     queries = 0
     if cursor is not None:
@@ -292,20 +309,31 @@ def _plan_windows(q: TaskQuery, flt: dict[str, Any], now: datetime) -> Plan:
                 queries += len(chunks(docs))
                 docs = kept[0] if kept else []
             items += docs
-    # A device list is matched here, not by the server: the embedded one spends
-    # ~45 us a document on a 50-value $in.
     listed = found_by.get("device_id") if isinstance(found_by.get("device_id"), dict) else None
     served = {k: v for k, v in found_by.items() if k != "device_id"} if listed else found_by
-    widths = Widths()
+    # Only a device list alone: a batch's index is narrower than a device's, and the
+    # embedded server reads a device's index for its every task when the filter
+    # holds more than the device and created_at.
+    each = list(dict.fromkeys(listed["$in"])) if listed and not served else None
+    if each is not None and len(each) > READ_EACH_DEVICE:
+        each = None
+    widths = Widths(each_device=each is not None)
     width = widths.width
     top = hi
+    windows = 0
     page: SearchPage | None = None
-    while top > lo and len(items) <= limit and queries < MAX_WINDOWS:
+    while top > lo and len(items) <= limit and windows < MAX_WINDOWS:
         bottom = max(lo, top - width)
-        window = _indexed_first(served, {**_at_or_after(bottom), "$lt": top})
-        whole = listed is not None or bool(changing)  # every id of the window is wanted
-        got = yield Read(window, 0 if whole else limit + 1 - len(items), search=True)
-        queries += 1
+        created = {**_at_or_after(bottom), "$lt": top}
+        if each is not None:
+            got = yield from _each_device(served, each, created)
+            queries += len(each)
+        else:
+            whole = listed is not None or bool(changing)  # every id of the window is wanted
+            got = yield Read(_indexed_first(served, created),
+                             0 if whole else limit + 1 - len(items), search=True)
+            queries += 1
+        windows += 1
         if got is None:
             page = _page(items, limit, flt, queries, top=top, partial_at=top)
             break
@@ -343,6 +371,28 @@ def _split(flt: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     does: its status and error, which change)."""
     found_by = {FOUND_BY[k]: v for k, v in flt.items() if k in FOUND_BY}
     return found_by, {k: v for k, v in flt.items() if k not in FOUND_BY}
+
+
+def _each_device(found_by: dict[str, Any], devices: list[str], created: dict[str, Any]
+                 ) -> Generator[Read, Answer, Answer]:
+    """The window `created` of each device's search documents, through the device's
+    index, merged newest first (None: the budget ran out). With the ms the reads took
+    past the fastest one's, each (what the window's documents cost, as `Widths`
+    wants it), and the ms left less a window's reads at the fastest one's."""
+    docs: list[dict[str, Any]] = []
+    took: list[float] = []
+    left_ms = 0.0
+    for device in devices:
+        got = yield Read(_indexed_first({**found_by, "device_id": device}, created), 0,
+                         search=True)
+        if got is None:
+            return None
+        docs += got[0]
+        took.append(got[1])
+        left_ms = got[2]
+    docs.sort(key=_key, reverse=True)
+    fixed = min(took, default=0.0)
+    return docs, sum(took) - fixed * len(took), left_ms - fixed * len(took)
 
 
 def _tasks_matching(docs: list[dict[str, Any]], changing: dict[str, Any],
@@ -400,7 +450,9 @@ def _plan_by_status(q: TaskQuery, flt: dict[str, Any], statuses: list[str],
     width = widths.width
     top = upper[0]
     read_down_to: datetime | None = None  # run_at at and above this has been read
-    while top > lo and len(items) <= limit and queries < MAX_WINDOWS:
+    windows = 0
+    while top > lo and len(items) <= limit and windows < MAX_WINDOWS:
+        windows += 1
         bottom = max(lo, top - width)
         run_at: dict[str, Any] = _at_or_after(bottom - EARLIEST_DUE)
         if read_down_to is not None:

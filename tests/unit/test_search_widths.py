@@ -47,3 +47,14 @@ def test_an_idle_stretch_is_crossed_in_capped_steps_then_doubling() -> None:
     for _ in range(3):  # idle past IDLE_SPAN: the tasks may have ended
         width = w.next(width, 0, 51, took_ms=1.0, left_ms=200)
     assert width == EMPTY_CAP * 8
+
+
+def test_read_a_device_at_a_time_an_empty_window_grows_fully() -> None:
+    from console.search import EACH_DEVICE_GROWTH
+
+    # 50 reads of nothing: the fixed cost of a read is taken out (took_ms ~0), and
+    # the next window is as wide as the growth allows, not an idle step.
+    w = Widths(each_device=True)
+    assert w.next(MINUTE, 0, 51, took_ms=0.5, left_ms=10_000) == MINUTE * EACH_DEVICE_GROWTH
+    w = Widths()
+    assert w.next(MINUTE, 0, 51, took_ms=0.5, left_ms=10_000) == MINUTE * EMPTY_GROWTH
