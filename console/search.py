@@ -309,11 +309,13 @@ def _plan_windows(q: TaskQuery, flt: dict[str, Any], now: datetime) -> Plan:
                 queries += len(chunks(docs))
                 docs = kept[0] if kept else []
             items += docs
+    # A device list read in whole windows is matched here, not by the server: the
+    # embedded one spends ~45 us a document on a 50-value $in.
     listed = found_by.get("device_id") if isinstance(found_by.get("device_id"), dict) else None
     served = {k: v for k, v in found_by.items() if k != "device_id"} if listed else found_by
-    # Only a device list alone: a batch's index is narrower than a device's, and the
-    # embedded server reads a device's index for its every task when the filter
-    # holds more than the device and created_at.
+    # A device at a time only for a device list alone: a batch's index is narrower
+    # than a device's, and the embedded server reads a device's index for its every
+    # task when the filter holds more than the device and created_at.
     each = list(dict.fromkeys(listed["$in"])) if listed and not served else None
     if each is not None and len(each) > READ_EACH_DEVICE:
         each = None
