@@ -230,9 +230,10 @@ class Widths:
     history after idle hours stays small, then doubles (the tasks may have ended).
 
     Read a device at a time (`each_device`), a window costs a read a device, whatever
-    its width, and its documents are only the devices' own: it grows by up to
-    `EACH_DEVICE_GROWTH`, after an empty one too, and `took_ms` is to be the reads'
-    time past the fixed cost of a read (`_each_device`)."""
+    its width, and its documents are only the devices' own: the first window is
+    `EACH_DEVICE_FIRST_S` wide, each grows by up to `EACH_DEVICE_GROWTH`, after an
+    empty one too, and `took_ms` is to be the reads' time past the fixed cost of a
+    read (`_each_device`)."""
 
     def __init__(self, each_device: bool = False) -> None:
         self.max_growth = EACH_DEVICE_GROWTH if each_device else MAX_GROWTH
