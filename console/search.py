@@ -329,7 +329,7 @@ def _plan_windows(q: TaskQuery, flt: dict[str, Any], now: datetime) -> Plan:
         bottom = max(lo, top - width)
         created = {**_at_or_after(bottom), "$lt": top}
         if each is not None:
-            got = yield from _each_device(served, each, created)
+            got = yield from _each_device(each, created)
             queries += len(each)
         else:
             whole = listed is not None or bool(changing)  # every id of the window is wanted
@@ -341,7 +341,9 @@ def _plan_windows(q: TaskQuery, flt: dict[str, Any], now: datetime) -> Plan:
             page = _page(items, limit, flt, queries, top=top, partial_at=top)
             break
         docs, took_ms, left_ms = got
-        found = [d for d in docs if matches({"device_id": listed}, d)] if listed else docs
+        # read a device at a time, every document is the devices' own already
+        whole_window = listed is not None and each is None
+        found = [d for d in docs if matches({"device_id": listed}, d)] if whole_window else docs
         if changing and found:
             kept = yield from _tasks_matching(found, changing)
             queries += len(chunks(found))
@@ -376,8 +378,7 @@ def _split(flt: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return found_by, {k: v for k, v in flt.items() if k not in FOUND_BY}
 
 
-def _each_device(found_by: dict[str, Any], devices: list[str], created: dict[str, Any]
-                 ) -> Generator[Read, Answer, Answer]:
+def _each_device(devices: list[str], created: dict[str, Any]) -> Generator[Read, Answer, Answer]:
     """The window `created` of each device's search documents, through the device's
     index, merged newest first (None: the budget ran out). With the ms the reads took
     past the fastest one's, each (what the window's documents cost, as `Widths`
@@ -386,8 +387,7 @@ def _each_device(found_by: dict[str, Any], devices: list[str], created: dict[str
     took: list[float] = []
     left_ms = 0.0
     for device in devices:
-        got = yield Read(_indexed_first({**found_by, "device_id": device}, created), 0,
-                         search=True)
+        got = yield Read({"device_id": device, "created_at": created}, 0, search=True)
         if got is None:
             return None
         docs += got[0]
