@@ -114,3 +114,20 @@ def test_a_device_named_twice_is_read_once() -> None:
         d["_id"] for d in sorted((d for d in docs if d["device_id"] in ("d1", "d2")),
                                  key=lambda d: (d["created_at"], d["_id"]), reverse=True)]
     assert all(named == ["d1", "d2"] for named in _by_window(reads).values())
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_up_to_64_devices_are_read_one_by_one(extra: int) -> None:
+    """The README's bound, with the real constant: 64 devices a device at a time,
+    65 in whole windows."""
+    assert search.READ_EACH_DEVICE == 64
+    listed = search.READ_EACH_DEVICE + extra
+    devices = [f"d{i}" for i in range(listed)]
+    docs = _docs(devices=listed + 3, n=180)
+    page, reads = _drive(TaskQuery(devices=devices, limit=200), docs, devices)
+    assert [d["_id"] for d in page.items] == [
+        d["_id"] for d in sorted((d for d in docs if d["device_id"] in devices),
+                                 key=lambda d: (d["created_at"], d["_id"]), reverse=True)]
+    for named in _by_window(reads).values():
+        assert named == devices if not extra else (
+            len(named) == 1 and not isinstance(named[0], str))
